@@ -1,0 +1,49 @@
+"""Flax NNX ports of the Stable Diffusion models, loading diffusers/transformers weight folders."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jaxdream.models.attention import dot_product_attention
+from jaxdream.models.config import ConfigError
+from jaxdream.models.autoencoder_kl import AutoencoderKL, DiagonalGaussian
+from jaxdream.models.clip_text import CLIPTextModel
+from jaxdream.models.unet_2d_condition import UNet2DConditionModel
+from jaxdream.models.weights import (WeightsError, abstract_model, count_params, init_model, load_state_dict,
+                                     read_config, read_weights, save_folder, state_dict)
+
+
+def load_component(cls, path: str, *, dtype=jnp.float32, attention_impl: str = 'auto',
+                   allow_pickle: bool = False):
+  """Load a model class from its component folder (config.json + weights).
+
+  The config is validated first and the model built shape-only, so a bad folder fails in seconds
+  without allocating or compiling anything.
+  """
+  config = read_config(path, cls.CONFIG_NAME)
+  cls.resolve_config(config)
+  model = abstract_model(lambda rngs: cls(config, dtype=dtype, attention_impl=attention_impl, rngs=rngs))
+  weights = read_weights(path, cls.WEIGHTS_NAME, allow_pickle=allow_pickle)
+  load_state_dict(model, weights, source=path, renames=getattr(cls, 'LEGACY_RENAMES', ()),
+                  ignore=getattr(cls, 'IGNORED_KEYS', ()))
+  return model
+
+
+def save_component(model, path: str):
+  """Write `model` as a diffusers/transformers component folder (config + safetensors)."""
+  config = dict(model.config)
+  config.setdefault('_class_name', model.CLASS_NAME)
+  save_folder(path, model.export_config() if hasattr(model, 'export_config') else config,
+              state_dict(model), model.WEIGHTS_NAME, model.CONFIG_NAME)
+
+
+def load_unet(path: str, **kwargs) -> UNet2DConditionModel:
+  return load_component(UNet2DConditionModel, path, **kwargs)
+
+
+def load_text_encoder(path: str, **kwargs) -> CLIPTextModel:
+  return load_component(CLIPTextModel, path, **kwargs)
+
+
+def load_vae(path: str, **kwargs) -> AutoencoderKL:
+  return load_component(AutoencoderKL, path, **kwargs)

@@ -1,0 +1,103 @@
+"""Blocks shared by the UNet and the VAE, named as diffusers names them (resnet.py, attention_processor.py)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdream.models.attention import dot_product_attention
+from jaxdream.models.layers import Conv2d, GroupNorm, Linear, activation, module_list
+
+
+class Attention(nnx.Module):
+  """diffusers' `Attention`: to_q/to_k/to_v, to_out.0, optional group norm and residual (VAE mid block)."""
+
+  def __init__(self, query_dim: int, *, heads: int, dim_head: int, cross_attention_dim: int | None = None,
+               bias: bool = False, upcast: bool = False, norm_num_groups: int | None = None,
+               eps: float = 1e-5, residual: bool = False, attention_impl: str = 'auto',
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    inner = heads * dim_head
+    kv_dim = cross_attention_dim or query_dim
+    self.group_norm = (GroupNorm(norm_num_groups, query_dim, eps=eps, dtype=dtype)
+                       if norm_num_groups else None)
+    self.to_q = Linear(query_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
+    self.to_k = Linear(kv_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
+    self.to_v = Linear(kv_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
+    self.to_out = module_list([Linear(inner, query_dim, dtype=dtype, rngs=rngs)])
+    self.heads, self.upcast, self.residual, self.attention_impl = heads, upcast, residual, attention_impl
+
+  def __call__(self, x, context=None):
+    """x: (B, L, C) tokens, or (B, H, W, C) for the VAE's spatial attention."""
+    shape = x.shape
+    residual = x
+    if self.group_norm is not None:
+      x = self.group_norm(x)
+    x = x.reshape(shape[0], -1, shape[-1])
+    context = x if context is None else context
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, -1)
+    out = dot_product_attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)),
+                                implementation=self.attention_impl, upcast=self.upcast)
+    out = self.to_out[0](out.reshape(out.shape[0], out.shape[1], -1)).reshape(shape)
+    return out + residual if self.residual else out
+
+
+class ResnetBlock2D(nnx.Module):
+
+  def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int | None, groups: int,
+               eps: float, act_fn: str = 'silu', output_scale_factor: float = 1.0,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    self.norm1 = GroupNorm(groups, in_channels, eps=eps, dtype=dtype)
+    self.conv1 = Conv2d(in_channels, out_channels, 3, dtype=dtype, rngs=rngs)
+    self.time_emb_proj = (Linear(temb_channels, out_channels, dtype=dtype, rngs=rngs)
+                          if temb_channels else None)
+    self.norm2 = GroupNorm(groups, out_channels, eps=eps, dtype=dtype)
+    self.conv2 = Conv2d(out_channels, out_channels, 3, dtype=dtype, rngs=rngs)
+    self.conv_shortcut = (Conv2d(in_channels, out_channels, 1, padding=0, dtype=dtype, rngs=rngs)
+                          if in_channels != out_channels else None)
+    self.act_fn, self.output_scale_factor = act_fn, output_scale_factor
+
+  def __call__(self, x, temb=None):
+    act = activation(self.act_fn)
+    h = self.conv1(act(self.norm1(x)))
+    if self.time_emb_proj is not None and temb is not None:
+      h = h + self.time_emb_proj(act(temb))[:, None, None, :]
+    h = self.conv2(act(self.norm2(h)))
+    if self.conv_shortcut is not None:
+      x = self.conv_shortcut(x)
+    out = x + h
+    return out / self.output_scale_factor if self.output_scale_factor != 1.0 else out
+
+
+class Downsample2D(nnx.Module):
+
+  def __init__(self, channels: int, out_channels: int, *, padding: int, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.conv = Conv2d(channels, out_channels, 3, stride=2, padding=padding, dtype=dtype, rngs=rngs)
+    self.padding = padding
+
+  def __call__(self, x):
+    if self.padding == 0:  # diffusers pads right and bottom only, then convolves without padding
+      x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    return self.conv(x)
+
+
+def upsample_nearest(x, size):
+  """Nearest-neighbour resize of NHWC `x` to `size` (H, W), index rule of torch's mode='nearest'."""
+  h, w = x.shape[1:3]
+  if size == (2 * h, 2 * w):
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  rows = np.floor(np.arange(size[0]) * (h / size[0])).astype(np.int32)
+  cols = np.floor(np.arange(size[1]) * (w / size[1])).astype(np.int32)
+  return x[:, rows][:, :, cols]
+
+
+class Upsample2D(nnx.Module):
+
+  def __init__(self, channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.conv = Conv2d(channels, channels, 3, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, size=None):
+    size = tuple(size) if size is not None else (2 * x.shape[1], 2 * x.shape[2])
+    return self.conv(upsample_nearest(x, size))
+

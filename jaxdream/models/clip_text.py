@@ -1,0 +1,133 @@
+"""CLIP text encoder (transformers' CLIPTextModel): SD1's ViT-L/14 tower and SD2's OpenCLIP ViT-H."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxdream.models.attention import dot_product_attention
+from jaxdream.models.config import resolve_config
+from jaxdream.models.layers import Embed, LayerNorm, Linear, activation, module_list
+
+DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                num_attention_heads=8, max_position_embeddings=77, hidden_act='quick_gelu',
+                layer_norm_eps=1e-5, eos_token_id=49407, attention_dropout=0.0, dropout=0.0,
+                projection_dim=512)
+SUPPORTED = dict(hidden_act=('quick_gelu', 'gelu'), attention_dropout=(0.0,), dropout=(0.0,))
+
+
+class CLIPAttention(nnx.Module):
+
+  def __init__(self, dim: int, heads: int, *, dtype, rngs):
+    self.q_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
+    self.k_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
+    self.v_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
+    self.out_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
+    self.heads = heads
+
+  def __call__(self, x, mask):
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, -1)
+    out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
+                                mask=mask, implementation='xla')
+    return self.out_proj(out.reshape(x.shape))
+
+
+class CLIPMLP(nnx.Module):
+
+  def __init__(self, dim: int, hidden: int, act: str, *, dtype, rngs):
+    self.fc1 = Linear(dim, hidden, dtype=dtype, rngs=rngs)
+    self.fc2 = Linear(hidden, dim, dtype=dtype, rngs=rngs)
+    self.act = act
+
+  def __call__(self, x):
+    return self.fc2(activation(self.act)(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nnx.Module):
+
+  def __init__(self, cfg: dict, *, dtype, rngs):
+    d, eps = cfg['hidden_size'], cfg['layer_norm_eps']
+    self.self_attn = CLIPAttention(d, cfg['num_attention_heads'], dtype=dtype, rngs=rngs)
+    self.layer_norm1 = LayerNorm(d, eps=eps, dtype=dtype)
+    self.mlp = CLIPMLP(d, cfg['intermediate_size'], cfg['hidden_act'], dtype=dtype, rngs=rngs)
+    self.layer_norm2 = LayerNorm(d, eps=eps, dtype=dtype)
+
+  def __call__(self, x, mask):
+    x = x + self.self_attn(self.layer_norm1(x), mask)
+    return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPTextEmbeddings(nnx.Module):
+
+  def __init__(self, cfg: dict, *, dtype, rngs):
+    self.token_embedding = Embed(cfg['vocab_size'], cfg['hidden_size'], dtype=dtype, rngs=rngs)
+    self.position_embedding = Embed(cfg['max_position_embeddings'], cfg['hidden_size'], dtype=dtype,
+                                    rngs=rngs)
+
+  def __call__(self, input_ids):
+    return self.token_embedding(input_ids) + self.position_embedding(jnp.arange(input_ids.shape[1]))[None]
+
+
+class CLIPEncoder(nnx.Module):
+
+  def __init__(self, cfg: dict, *, dtype, rngs):
+    self.layers = module_list([CLIPEncoderLayer(cfg, dtype=dtype, rngs=rngs)
+                               for _ in range(cfg['num_hidden_layers'])])
+
+
+class CLIPTextTransformer(nnx.Module):
+
+  def __init__(self, cfg: dict, *, dtype, rngs):
+    self.embeddings = CLIPTextEmbeddings(cfg, dtype=dtype, rngs=rngs)
+    self.encoder = CLIPEncoder(cfg, dtype=dtype, rngs=rngs)
+    self.final_layer_norm = LayerNorm(cfg['hidden_size'], eps=cfg['layer_norm_eps'], dtype=dtype)
+
+
+class CLIPTextModel(nnx.Module):
+  """`text_encoder(input_ids)` -> last hidden state (B, L, D).
+
+  clip_skip=k uses the output of the k-th layer from the end (passed through the final layer norm),
+  as diffusers' pipelines and A1111 do; forward() also gives the pooled output and every hidden state.
+  """
+
+  CONFIG_NAME = 'config.json'
+  WEIGHTS_NAME = 'model'
+  CLASS_NAME = 'CLIPTextModel'
+  IGNORED_KEYS = (r'text_model\.embeddings\.position_ids', r'text_projection\.weight')
+  # transformers 5 saves CLIPTextModel without the `text_model.` prefix; every older file has it.
+  LEGACY_RENAMES = ((r'^(embeddings|encoder|final_layer_norm)\.', r'text_model.\1.'),)
+
+  @staticmethod
+  def resolve_config(config: dict) -> dict:
+    return resolve_config(config, DEFAULTS, model='CLIPTextModel', supported=SUPPORTED, strict=False)
+
+  def __init__(self, config: dict, *, dtype=jnp.float32, attention_impl: str = 'auto', rngs: nnx.Rngs):
+    cfg = self.resolve_config(config)
+    self.config = dict(config)
+    self.eos_token_id = cfg['eos_token_id']
+    self.text_model = CLIPTextTransformer(cfg, dtype=dtype, rngs=rngs)
+
+  def forward(self, input_ids, attention_mask=None):
+    tm = self.text_model
+    b, n = input_ids.shape
+    mask = jnp.tril(jnp.ones((n, n), bool))[None, None]
+    if attention_mask is not None:
+      mask = mask & attention_mask.astype(bool)[:, None, None, :]
+    x = tm.embeddings(input_ids)
+    hidden = [x]
+    for layer in tm.encoder.layers:
+      x = layer(x, mask)
+      hidden.append(x)
+    last = tm.final_layer_norm(x)
+    # Old CLIP configs have eos_token_id=2 while the real EOS is the largest id: transformers then
+    # pools at argmax(input_ids), otherwise at the first EOS.
+    eos = (input_ids.argmax(-1) if self.eos_token_id == 2
+           else (input_ids == self.eos_token_id).astype(jnp.int32).argmax(-1))
+    pooled = last[jnp.arange(b), eos]
+    return dict(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
+
+  def __call__(self, input_ids, attention_mask=None, clip_skip: int = 0):
+    out = self.forward(input_ids, attention_mask)
+    if not clip_skip:
+      return out['last_hidden_state']
+    return self.text_model.final_layer_norm(out['hidden_states'][-(clip_skip + 1)])

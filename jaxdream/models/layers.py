@@ -1,0 +1,188 @@
+"""Basic layers shared by every model: NHWC, float32 parameters, configurable compute dtype.
+
+Parameters are stored in JAX layout (`kernel` (in, out) / HWIO, `scale`, `embedding`). Each layer
+declares in `TORCH_PARAMS` how its parameters map to the PyTorch state-dict names and layouts, which
+is all `jaxdream.models.weights` needs to load and save diffusers/transformers weight files.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Dtype = jnp.dtype
+
+
+def _linear_to_jax(w):
+  w = np.asarray(w)
+  if w.ndim == 4:  # legacy 1x1 conv weights used where a Linear is expected (old VAE attention)
+    w = w[:, :, 0, 0]
+  return w.T
+
+
+def _conv_to_jax(w):
+  return np.transpose(np.asarray(w), (2, 3, 1, 0))  # OIHW -> HWIO
+
+
+def _identity(w):
+  return np.asarray(w)
+
+
+def _uniform_init(key, shape, bound):
+  return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+class Linear(nnx.Module):
+  TORCH_PARAMS = {
+      'kernel': ('weight', _linear_to_jax, lambda k: np.asarray(k).T),
+      'bias': ('bias', _identity, _identity),
+  }
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    bound = 1.0 / math.sqrt(in_features)  # torch's default init, so random models look alike
+    self.kernel = nnx.Param(_uniform_init(rngs.params(), (in_features, out_features), bound))
+    self.bias = nnx.Param(_uniform_init(rngs.params(), (out_features,), bound)) if use_bias else None
+    self.dtype = dtype
+
+  def __call__(self, x):
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class Conv2d(nnx.Module):
+  """NHWC convolution with an HWIO kernel; `padding` is symmetric, as in torch."""
+  TORCH_PARAMS = {
+      'kernel': ('weight', _conv_to_jax, lambda k: np.transpose(np.asarray(k), (3, 2, 0, 1))),
+      'bias': ('bias', _identity, _identity),
+  }
+
+  def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
+               padding: int | None = None, use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+    bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+    self.kernel = nnx.Param(_uniform_init(
+        rngs.params(), (kernel_size, kernel_size, in_channels, out_channels), bound))
+    self.bias = nnx.Param(_uniform_init(rngs.params(), (out_channels,), bound)) if use_bias else None
+    self.stride = stride
+    self.padding = kernel_size // 2 if padding is None else padding
+    self.dtype = dtype
+
+  def __call__(self, x):
+    kernel = self.kernel[...]
+    if kernel.shape[0] == 1 and kernel.shape[1] == 1 and self.stride == 1 and self.padding == 0:
+      y = jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))  # 1x1 conv is a matmul
+    else:
+      p = self.padding
+      y = jax.lax.conv_general_dilated(
+          x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
+          ((p, p), (p, p)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+_NORM_PARAMS = {
+    'scale': ('weight', _identity, _identity),
+    'bias': ('bias', _identity, _identity),
+}
+
+
+class GroupNorm(nnx.Module):
+  """GroupNorm over the channel (last) axis, statistics in float32.
+
+  One pass over the data (per-channel sum and sum of squares, then combined per group): on CPU this is
+  twice as fast as mean-then-variance (shared/PERF_NOTES.md) and lets the affine fold into one FMA.
+  """
+  TORCH_PARAMS = _NORM_PARAMS
+
+  def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-5, dtype=jnp.float32,
+               rngs: nnx.Rngs | None = None):
+    if num_channels % num_groups:
+      raise ValueError(f'GroupNorm: {num_channels} channels do not split into {num_groups} groups')
+    self.scale = nnx.Param(jnp.ones((num_channels,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((num_channels,), jnp.float32))
+    self.num_groups = num_groups
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x):
+    c, g = x.shape[-1], self.num_groups
+    xf = x.astype(jnp.float32)
+    axes = tuple(range(1, x.ndim - 1))
+    n = math.prod(x.shape[1:-1]) * (c // g)
+    s1 = jnp.sum(xf, axes).reshape(-1, g, c // g).sum(-1)
+    s2 = jnp.sum(xf * xf, axes).reshape(-1, g, c // g).sum(-1)
+    mean = s1 / n
+    var = jnp.maximum(s2 / n - mean * mean, 0.0)
+    inv = jax.lax.rsqrt(var + self.eps)
+    mean = jnp.repeat(mean, c // g, axis=-1)  # (B, C)
+    inv = jnp.repeat(inv, c // g, axis=-1)
+    a = inv * self.scale[...]
+    b = self.bias[...] - mean * a
+    bshape = (x.shape[0],) + (1,) * (x.ndim - 2) + (c,)
+    return (xf * a.reshape(bshape) + b.reshape(bshape)).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  TORCH_PARAMS = _NORM_PARAMS
+
+  def __init__(self, num_features: int, *, eps: float = 1e-5, dtype=jnp.float32,
+               rngs: nnx.Rngs | None = None):
+    self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+    return y.astype(self.dtype)
+
+
+class Embed(nnx.Module):
+  TORCH_PARAMS = {'embedding': ('weight', _identity, _identity)}
+
+  def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.embedding = nnx.Param(jax.random.normal(rngs.params(), (num_embeddings, features)) * 0.02)
+    self.dtype = dtype
+
+  def __call__(self, ids):
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+  def attend(self, x):
+    """Logits against the embedding matrix (tied LM heads)."""
+    return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+def quick_gelu(x):
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    'silu': jax.nn.silu,
+    'swish': jax.nn.silu,
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),  # torch's default GELU is the exact one
+    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
+    'quick_gelu': quick_gelu,
+    'relu': jax.nn.relu,
+}
+
+
+def activation(name: str):
+  try:
+    return ACTIVATIONS[name]
+  except KeyError:
+    raise ValueError(f'unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}') from None
+
+
+def module_list(modules):
+  """A list attribute of submodules (nnx.List where flax has it, so the graph sees each entry)."""
+  return nnx.List(modules) if hasattr(nnx, 'List') else list(modules)

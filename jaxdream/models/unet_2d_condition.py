@@ -1,0 +1,303 @@
+"""UNet2DConditionModel (Stable Diffusion 1.x / 2.x), NHWC, named as diffusers' weights name it."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxdream.models.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
+from jaxdream.models.config import ConfigError, per_block, resolve_config
+from jaxdream.models.layers import Conv2d, GroupNorm, LayerNorm, Linear, activation, module_list
+
+# Every key diffusers writes, with its default. Keys listed in SUPPORTED accept only those values.
+DEFAULTS = dict(
+    sample_size=None, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
+    freq_shift=0,
+    down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D',
+                      'DownBlock2D'),
+    mid_block_type='UNetMidBlock2DCrossAttn',
+    up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'),
+    only_cross_attention=False, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    downsample_padding=1, mid_block_scale_factor=1.0, dropout=0.0, act_fn='silu', norm_num_groups=32,
+    norm_eps=1e-5, cross_attention_dim=1280, transformer_layers_per_block=1,
+    reverse_transformer_layers_per_block=None, encoder_hid_dim=None, encoder_hid_dim_type=None,
+    attention_head_dim=8, num_attention_heads=None, dual_cross_attention=False,
+    use_linear_projection=False, class_embed_type=None, addition_embed_type=None,
+    addition_time_embed_dim=None, num_class_embeds=None, upcast_attention=False,
+    resnet_time_scale_shift='default', resnet_skip_time_act=False, resnet_out_scale_factor=1.0,
+    time_embedding_type='positional', time_embedding_dim=None, time_embedding_act_fn=None,
+    timestep_post_act=None, time_cond_proj_dim=None, conv_in_kernel=3, conv_out_kernel=3,
+    projection_class_embeddings_input_dim=None, attention_type='default', class_embeddings_concat=False,
+    mid_block_only_cross_attention=None, cross_attention_norm=None, addition_embed_type_num_heads=64,
+)
+SUPPORTED = dict(
+    down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
+    up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'),
+    mid_block_type=('UNetMidBlock2DCrossAttn',),
+    only_cross_attention=(False,), dropout=(0.0,), act_fn=('silu', 'swish'),
+    encoder_hid_dim=(None,), encoder_hid_dim_type=(None,), num_attention_heads=(None,),
+    dual_cross_attention=(False,), class_embed_type=(None,), addition_embed_type=(None,),
+    addition_time_embed_dim=(None,), num_class_embeds=(None,), resnet_time_scale_shift=('default',),
+    resnet_skip_time_act=(False,), resnet_out_scale_factor=(1.0,), time_embedding_type=('positional',),
+    time_embedding_dim=(None,), time_embedding_act_fn=(None,), timestep_post_act=(None,),
+    time_cond_proj_dim=(None,), projection_class_embeddings_input_dim=(None,),
+    attention_type=('default',), class_embeddings_concat=(False,),
+    mid_block_only_cross_attention=(None, False), cross_attention_norm=(None,),
+    reverse_transformer_layers_per_block=(None,),
+)
+
+
+def timestep_embedding(timesteps, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
+                       max_period: float = 10000.0):
+  """Sinusoidal timestep features, float32, as diffusers' get_timestep_embedding."""
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+  args = jnp.asarray(timesteps, jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+  sin, cos = jnp.sin(args), jnp.cos(args)
+  emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+  return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+class TimestepEmbedding(nnx.Module):
+
+  def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str, *, dtype, rngs):
+    self.linear_1 = Linear(in_channels, time_embed_dim, dtype=dtype, rngs=rngs)
+    self.linear_2 = Linear(time_embed_dim, time_embed_dim, dtype=dtype, rngs=rngs)
+    self.act_fn = act_fn
+
+  def __call__(self, x):
+    return self.linear_2(activation(self.act_fn)(self.linear_1(x)))
+
+
+class _NoParams(nnx.Module):
+  """Placeholder for parameter-free torch modules that hold a list index (Dropout in ff.net)."""
+
+  def __call__(self, x):
+    return x
+
+
+class GEGLU(nnx.Module):
+
+  def __init__(self, dim: int, inner: int, *, dtype, rngs):
+    self.proj = Linear(dim, 2 * inner, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    h, gate = jnp.split(self.proj(x), 2, axis=-1)
+    return h * activation('gelu')(gate)
+
+
+class FeedForward(nnx.Module):
+
+  def __init__(self, dim: int, *, dtype, rngs, mult: int = 4):
+    self.net = module_list([GEGLU(dim, dim * mult, dtype=dtype, rngs=rngs), _NoParams(),
+                            Linear(dim * mult, dim, dtype=dtype, rngs=rngs)])
+
+  def __call__(self, x):
+    return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nnx.Module):
+
+  def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int, *,
+               upcast: bool, attention_impl: str, dtype, rngs):
+    attn = dict(heads=heads, dim_head=dim_head, upcast=upcast, attention_impl=attention_impl,
+                dtype=dtype, rngs=rngs)
+    self.norm1 = LayerNorm(dim, dtype=dtype)
+    self.attn1 = Attention(dim, **attn)
+    self.norm2 = LayerNorm(dim, dtype=dtype)
+    self.attn2 = Attention(dim, cross_attention_dim=cross_attention_dim, **attn)
+    self.norm3 = LayerNorm(dim, dtype=dtype)
+    self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, context):
+    x = self.attn1(self.norm1(x)) + x
+    x = self.attn2(self.norm2(x), context) + x
+    return self.ff(self.norm3(x)) + x
+
+
+class Transformer2DModel(nnx.Module):
+
+  def __init__(self, heads: int, channels: int, *, num_layers: int, cross_attention_dim: int,
+               groups: int, use_linear_projection: bool, upcast: bool, attention_impl: str, dtype, rngs):
+    self.norm = GroupNorm(groups, channels, eps=1e-6, dtype=dtype)
+    # A 1x1 conv and a linear projection compute the same; only the stored weight layout differs.
+    proj = (lambda i, o: Linear(i, o, dtype=dtype, rngs=rngs)) if use_linear_projection else (
+        lambda i, o: Conv2d(i, o, 1, padding=0, dtype=dtype, rngs=rngs))
+    self.proj_in = proj(channels, channels)
+    self.transformer_blocks = module_list([
+        BasicTransformerBlock(channels, heads, channels // heads, cross_attention_dim, upcast=upcast,
+                              attention_impl=attention_impl, dtype=dtype, rngs=rngs)
+        for _ in range(num_layers)])
+    self.proj_out = proj(channels, channels)
+
+  def __call__(self, x, context):
+    b, h, w, c = x.shape
+    y = self.proj_in(self.norm(x)).reshape(b, h * w, c)
+    for block in self.transformer_blocks:
+      y = block(y, context)
+    return self.proj_out(y).reshape(b, h, w, c) + x
+
+
+class DownBlock(nnx.Module):
+  """CrossAttnDownBlock2D (with `attentions`) or DownBlock2D (without)."""
+
+  def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, add_downsample: bool,
+               cross: dict | None, resnet: dict, downsample_padding: int, dtype, rngs):
+    self.resnets = module_list([
+        ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, **resnet)
+        for i in range(num_layers)])
+    self.attentions = module_list([Transformer2DModel(channels=out_channels, **cross)
+                                   for _ in range(num_layers)]) if cross else None
+    self.downsamplers = module_list([Downsample2D(out_channels, out_channels, padding=downsample_padding,
+                                                  dtype=dtype, rngs=rngs)]) if add_downsample else None
+
+  def __call__(self, x, temb, context):
+    skips = []
+    for i, resnet in enumerate(self.resnets):
+      x = resnet(x, temb)
+      if self.attentions is not None:
+        x = self.attentions[i](x, context)
+      skips.append(x)
+    if self.downsamplers is not None:
+      x = self.downsamplers[0](x)
+      skips.append(x)
+    return x, skips
+
+
+class UpBlock(nnx.Module):
+  """CrossAttnUpBlock2D (with `attentions`) or UpBlock2D (without)."""
+
+  def __init__(self, in_channels: int, prev_output_channels: int, out_channels: int, *,
+               num_layers: int, add_upsample: bool, cross: dict | None, resnet: dict, dtype, rngs):
+    self.resnets = module_list([
+        ResnetBlock2D((prev_output_channels if i == 0 else out_channels)
+                      + (in_channels if i == num_layers - 1 else out_channels), out_channels, **resnet)
+        for i in range(num_layers)])
+    self.attentions = module_list([Transformer2DModel(channels=out_channels, **cross)
+                                   for _ in range(num_layers)]) if cross else None
+    self.upsamplers = module_list([Upsample2D(out_channels, dtype=dtype, rngs=rngs)]) if add_upsample else None
+
+  def __call__(self, x, skips, temb, context, upsample_size=None):
+    for i, resnet in enumerate(self.resnets):
+      x = resnet(jnp.concatenate([x, skips[-1 - i]], axis=-1), temb)
+      if self.attentions is not None:
+        x = self.attentions[i](x, context)
+    if self.upsamplers is not None:
+      x = self.upsamplers[0](x, upsample_size)
+    return x
+
+
+class UNetMidBlock2DCrossAttn(nnx.Module):
+
+  def __init__(self, channels: int, *, cross: dict, resnet: dict):
+    self.resnets = module_list([ResnetBlock2D(channels, channels, **resnet) for _ in range(2)])
+    self.attentions = module_list([Transformer2DModel(channels=channels, **cross)])
+
+  def __call__(self, x, temb, context):
+    x = self.resnets[0](x, temb)
+    x = self.attentions[0](x, context)
+    return self.resnets[1](x, temb)
+
+
+class UNet2DConditionModel(nnx.Module):
+  """`unet(sample (B,H,W,C), timesteps (B,) or scalar, encoder_hidden_states (B,L,D))` -> (B,H,W,C_out)."""
+
+  CONFIG_NAME = 'config.json'
+  WEIGHTS_NAME = 'diffusion_pytorch_model'
+  CLASS_NAME = 'UNet2DConditionModel'
+
+  @staticmethod
+  def resolve_config(config: dict) -> dict:
+    cfg = resolve_config(config, DEFAULTS, model='UNet2DConditionModel', supported=SUPPORTED)
+    if cfg['norm_num_groups'] is None:
+      raise ConfigError('UNet2DConditionModel config norm_num_groups=None is not supported by jaxdream')
+    if len(cfg['down_block_types']) != len(cfg['up_block_types']):
+      raise ConfigError('UNet2DConditionModel config: down_block_types and up_block_types differ in length')
+    if len(cfg['block_out_channels']) != len(cfg['down_block_types']):
+      raise ConfigError('UNet2DConditionModel config: block_out_channels must have one entry per block')
+    return cfg
+
+  def __init__(self, config: dict, *, dtype=jnp.float32, attention_impl: str = 'auto',
+               rngs: nnx.Rngs):
+    cfg = self.resolve_config(config)
+    self.config = dict(config)
+    self.dtype = dtype
+    n = len(cfg['down_block_types'])
+    name = 'UNet2DConditionModel'
+    channels = list(cfg['block_out_channels'])
+    # diffusers' historical naming: in SD configs `attention_head_dim` is the number of heads.
+    heads = per_block(cfg['attention_head_dim'], n, 'attention_head_dim', name)
+    layers = per_block(cfg['layers_per_block'], n, 'layers_per_block', name)
+    cross_dim = per_block(cfg['cross_attention_dim'], n, 'cross_attention_dim', name)
+    tlayers = per_block(cfg['transformer_layers_per_block'], n, 'transformer_layers_per_block', name)
+    for i, c in enumerate(channels):
+      if c % heads[i]:
+        raise ConfigError(f'{name} config: block {i} has {c} channels, not divisible by {heads[i]} heads')
+    groups, eps = cfg['norm_num_groups'], cfg['norm_eps']
+    temb_dim = channels[0] * 4
+    resnet = dict(temb_channels=temb_dim, groups=groups, eps=eps, act_fn=cfg['act_fn'], dtype=dtype,
+                  rngs=rngs)
+
+    def cross(i, is_cross=True):
+      if not is_cross:
+        return None
+      return dict(heads=heads[i], num_layers=tlayers[i], cross_attention_dim=cross_dim[i], groups=groups,
+                  use_linear_projection=cfg['use_linear_projection'], upcast=cfg['upcast_attention'],
+                  attention_impl=attention_impl, dtype=dtype, rngs=rngs)
+
+    self.flip_sin_to_cos, self.freq_shift = cfg['flip_sin_to_cos'], cfg['freq_shift']
+    self.center_input_sample = cfg['center_input_sample']
+    self.time_proj_dim = channels[0]
+    self.conv_in = Conv2d(cfg['in_channels'], channels[0], cfg['conv_in_kernel'], dtype=dtype, rngs=rngs)
+    self.time_embedding = TimestepEmbedding(channels[0], temb_dim, cfg['act_fn'], dtype=dtype, rngs=rngs)
+
+    down, out_ch = [], channels[0]
+    for i, kind in enumerate(cfg['down_block_types']):
+      in_ch, out_ch = out_ch, channels[i]
+      down.append(DownBlock(in_ch, out_ch, num_layers=layers[i], add_downsample=i < n - 1,
+                            cross=cross(i, kind == 'CrossAttnDownBlock2D'), resnet=resnet,
+                            downsample_padding=cfg['downsample_padding'], dtype=dtype, rngs=rngs))
+    self.down_blocks = module_list(down)
+
+    mid_resnet = dict(resnet, output_scale_factor=cfg['mid_block_scale_factor'])
+    self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], cross=cross(n - 1), resnet=mid_resnet)
+
+    rev = list(reversed(range(n)))  # block index in down order for each up block
+    up, out_ch = [], channels[-1]
+    for i, kind in enumerate(cfg['up_block_types']):
+      prev, out_ch = out_ch, channels[rev[i]]
+      in_ch = channels[rev[min(i + 1, n - 1)]]
+      up.append(UpBlock(in_ch, prev, out_ch, num_layers=layers[rev[i]] + 1, add_upsample=i < n - 1,
+                        cross=cross(rev[i], kind == 'CrossAttnUpBlock2D'), resnet=resnet,
+                        dtype=dtype, rngs=rngs))
+    self.up_blocks = module_list(up)
+
+    self.conv_norm_out = GroupNorm(groups, channels[0], eps=eps, dtype=dtype)
+    self.act_fn = cfg['act_fn']
+    self.conv_out = Conv2d(channels[0], cfg['out_channels'], cfg['conv_out_kernel'], dtype=dtype, rngs=rngs)
+
+  def __call__(self, sample, timesteps, encoder_hidden_states):
+    b = sample.shape[0]
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
+    t = timestep_embedding(timesteps, self.time_proj_dim, flip_sin_to_cos=self.flip_sin_to_cos,
+                           freq_shift=self.freq_shift)
+    temb = self.time_embedding(t.astype(self.dtype))
+    context = encoder_hidden_states.astype(self.dtype)
+    if self.center_input_sample:
+      sample = 2 * sample - 1.0
+    x = self.conv_in(sample.astype(self.dtype))
+    skips = [x]
+    for block in self.down_blocks:
+      x, s = block(x, temb, context)
+      skips += s
+    x = self.mid_block(x, temb, context)
+    for block in self.up_blocks:
+      k = len(block.resnets)
+      block_skips, skips = skips[-k:], skips[:-k]
+      # Upsample to the next skip's size, so latents not divisible by 2**levels still work.
+      size = skips[-1].shape[1:3] if skips else None
+      x = block(x, block_skips, temb, context, size)
+    x = activation(self.act_fn)(self.conv_norm_out(x))
+    return self.conv_out(x)

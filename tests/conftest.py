@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny random diffusers/transformers models saved with save_pretrained (built once per
+session), and helpers to compare jaxdream with the PyTorch reference."""
+
+import os
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+torch.set_num_threads(2)
+
+# An SD1-like and an SD2-like tiny UNet: three resolution levels, both kinds of blocks.
+UNET_SD1 = dict(
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+    down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'),
+    up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'), cross_attention_dim=32,
+    attention_head_dim=4, norm_num_groups=8)
+UNET_SD2 = dict(UNET_SD1, attention_head_dim=(2, 4, 8), use_linear_projection=True, upcast_attention=True,
+                cross_attention_dim=48, layers_per_block=2, transformer_layers_per_block=(1, 2, 1),
+                flip_sin_to_cos=True, freq_shift=1)
+VAE = dict(block_out_channels=(32, 64, 64), down_block_types=('DownEncoderBlock2D',) * 3,
+           up_block_types=('UpDecoderBlock2D',) * 3, latent_channels=4, norm_num_groups=8,
+           layers_per_block=1, sample_size=32)
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def nchw(x):
+  return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+def nhwc(x):
+  return np.asarray(x).transpose(0, 2, 3, 1)
+
+
+def perturb_(module, scale=0.05, seed=0):
+  """Move every parameter off its initialisation (zero-initialised layers would hide bugs)."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in module.parameters():
+      p.add_(torch.randn(p.shape, generator=g) * scale)
+  return module.eval()
+
+
+def jit_call(model, method='__call__', **static):
+  """A jitted version of `model.method` (eager NNX is op by op, slow for a whole UNet)."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def fn(state, *args):
+    return getattr(nnx.merge(graphdef, state), method)(*args, **static)
+
+  return lambda *args: fn(state, *args)
+
+
+@pytest.fixture(scope='session')
+def torch_unet_sd1(tmp_path_factory):
+  from diffusers import UNet2DConditionModel
+  torch.manual_seed(0)
+  model = perturb_(UNet2DConditionModel(**UNET_SD1))
+  path = str(tmp_path_factory.mktemp('unet_sd1'))
+  model.save_pretrained(path)
+  return model, path
+
+
+@pytest.fixture(scope='session')
+def torch_unet_sd2(tmp_path_factory):
+  from diffusers import UNet2DConditionModel
+  torch.manual_seed(1)
+  model = perturb_(UNet2DConditionModel(**UNET_SD2), seed=1)
+  path = str(tmp_path_factory.mktemp('unet_sd2'))
+  model.save_pretrained(path)
+  return model, path
+
+
+@pytest.fixture(scope='session')
+def torch_vae(tmp_path_factory):
+  from diffusers import AutoencoderKL
+  torch.manual_seed(2)
+  model = perturb_(AutoencoderKL(**VAE), seed=2)
+  path = str(tmp_path_factory.mktemp('vae'))
+  model.save_pretrained(path)
+  return model, path
+
+
+def make_text_encoder(path, hidden_act, seed=3, **overrides):
+  from transformers import CLIPTextConfig, CLIPTextModel
+  torch.manual_seed(seed)
+  cfg = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+             num_attention_heads=4, max_position_embeddings=77, hidden_act=hidden_act, bos_token_id=998,
+             eos_token_id=999, pad_token_id=999)
+  cfg.update(overrides)
+  model = perturb_(CLIPTextModel(CLIPTextConfig(**cfg)), seed=seed)
+  model.save_pretrained(path)
+  return model
+
+
+@pytest.fixture(scope='session')
+def tiny_sd_folder(tmp_path_factory):
+  """A tiny random diffusers StableDiffusionPipeline folder with the real CLIP tokenizer."""
+  from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+  from transformers import CLIPTextConfig, CLIPTextModel
+
+  from jaxdream.tokenizer import load_tokenizer, write_clip_tokenizer
+  root = tmp_path_factory.mktemp('tiny_sd')
+  tok_dir = str(root / 'tok')
+  write_clip_tokenizer(tok_dir)
+  torch.manual_seed(4)
+  unet = perturb_(UNet2DConditionModel(**UNET_SD1), seed=4)
+  vae = perturb_(AutoencoderKL(**VAE), seed=5)
+  te = perturb_(CLIPTextModel(CLIPTextConfig(
+      vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+      max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)), seed=6)
+  sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
+                        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+  pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=te, tokenizer=load_tokenizer(tok_dir),
+                                 scheduler=sched, safety_checker=None, feature_extractor=None,
+                                 requires_safety_checker=False)
+  path = str(root / 'model')
+  pipe.save_pretrained(path)
+  return pipe, path

@@ -1,0 +1,56 @@
+"""Every attention implementation computes the same softmax attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+
+from jaxdream.models.attention import dot_product_attention
+
+
+def _reference(q, k, v, scale=None):
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  s = np.einsum('bqhd,bkhd->bhqk', q, k) * (scale or q.shape[-1] ** -0.5)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum('bhqk,bkhd->bqhd', p, v)
+
+
+@pytest.mark.parametrize('impl', ['tiled', 'xla', 'auto'])
+@pytest.mark.parametrize('lq,lk', [(300, 300), (1000, 77), (4096, 4096)])
+def test_implementations_match_exact_attention(impl, lq, lk):
+  keys = jax.random.split(jax.random.key(lq + lk), 3)
+  q = jax.random.normal(keys[0], (1, lq, 2, 16))
+  k = jax.random.normal(keys[1], (1, lk, 2, 16))
+  v = jax.random.normal(keys[2], (1, lk, 2, 16))
+  out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, implementation=impl))(q, k, v)
+  assert rel_err(out, _reference(q, k, v)) <= 1e-5
+
+
+def test_tiled_attention_gradients_match_xla():
+  keys = jax.random.split(jax.random.key(0), 3)
+  q, k, v = (jax.random.normal(kk, (2, 600, 2, 8)) for kk in keys)
+  grads = {impl: jax.grad(lambda q, k, v: dot_product_attention(q, k, v, implementation=impl).sum() ** 2,
+                          argnums=(0, 1, 2))(q, k, v) for impl in ('tiled', 'xla')}
+  for a, b in zip(grads['tiled'], grads['xla']):
+    assert rel_err(a, b) <= 1e-5
+
+
+def test_upcast_computes_in_float32_and_returns_input_dtype():
+  q = jax.random.normal(jax.random.key(0), (1, 64, 2, 16), jnp.bfloat16)
+  out = dot_product_attention(q, q, q, upcast=True, implementation='xla')
+  assert out.dtype == jnp.bfloat16
+  assert rel_err(np.asarray(out, np.float32), _reference(q, q, q)) <= 1e-2
+
+
+def test_unknown_implementation_is_an_error_listing_the_choices():
+  q = jnp.zeros((1, 4, 1, 8))
+  with pytest.raises(ValueError, match='tiled'):
+    dot_product_attention(q, q, q, implementation='flash3')
+
+
+def test_tiled_refuses_masks():
+  q = jnp.zeros((1, 4, 1, 8))
+  with pytest.raises(ValueError, match='mask'):
+    dot_product_attention(q, q, q, causal=True, implementation='tiled')
