@@ -31,6 +31,7 @@ class Pipeline:
   tokenizer: object
   scheduler_config: dict
   path: str | None = None
+  cache: dict = dataclasses.field(default_factory=dict, repr=False)  # compiled samplers of this pipeline
 
   @property
   def vae_scale_factor(self) -> int:

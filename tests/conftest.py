@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random diffusers/transformers models saved with save_pretrained (built once per
 session), and helpers to compare jaxdream with the PyTorch reference."""
 
+import json
 import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
@@ -126,4 +127,10 @@ def tiny_sd_folder(tmp_path_factory):
                                  requires_safety_checker=False)
   path = str(root / 'model')
   pipe.save_pretrained(path)
+  # SD 1.5's scheduler file also says clip_sample false; without it DDIM would default to clipping and
+  # diffusers' pipelines would silently patch that (a legacy-config fix-up) while a bare scheduler does not.
+  cfg_path = os.path.join(path, 'scheduler', 'scheduler_config.json')
+  cfg = json.load(open(cfg_path))
+  cfg['clip_sample'] = False
+  json.dump(cfg, open(cfg_path, 'w'))
   return pipe, path

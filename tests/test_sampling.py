@@ -1,0 +1,214 @@
+"""The sampler gives diffusers' images from the same noise, compiles once, and keeps images independent."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from jaxdream import load_pipeline
+from jaxdream.sampling import _ENCODE, _MASKED_ENCODE, image_noise, img2img, inpaint, txt2img
+
+PROMPTS = ['a photo of sks dog', 'a red fox in the snow']
+NEGATIVES = ['blurry', '']
+STEPS = 10
+DIFFUSERS_CLASS = {'ddim': 'DDIMScheduler', 'euler': 'EulerDiscreteScheduler',
+                   'dpmpp_2m': 'DPMSolverMultistepScheduler', 'pndm': 'PNDMScheduler'}
+
+
+@pytest.fixture(scope='module')
+def pipes(tiny_sd_folder):
+  return tiny_sd_folder[0], load_pipeline(tiny_sd_folder[1])
+
+
+def _with_scheduler(ref_pipe, pipe, name, prediction_type):
+  import diffusers
+  cls = getattr(diffusers, DIFFUSERS_CLASS[name])
+  kw = dict(prediction_type=prediction_type)
+  if name == 'dpmpp_2m':
+    kw.update(algorithm_type='dpmsolver++', solver_order=2)
+  # From the folder's scheduler_config.json, as a user loading the folder gets it (an in-memory
+  # diffusers config also remembers which keys were defaults, which the file does not).
+  ref_pipe.scheduler = cls.from_config(dict(pipe.scheduler_config), **kw)
+  ours = dataclasses.replace(pipe, scheduler_config=dict(pipe.scheduler_config, prediction_type=prediction_type),
+                             cache={})
+  return ours
+
+
+def _nchw(x):
+  return torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous()
+
+
+def _ref_uint8(images):
+  return np.round(np.clip(images, 0, 1) * 255).astype(np.int32)
+
+
+def _max_diff(a, b):
+  return int(np.abs(a.astype(np.int32) - b).max())
+
+
+@pytest.mark.parametrize('prediction_type', ['epsilon', 'v_prediction'])
+@pytest.mark.parametrize('name', ['ddim', 'euler', 'dpmpp_2m'])
+def test_txt2img_matches_diffusers_from_the_same_latents(pipes, name, prediction_type):
+  ref_pipe, pipe = pipes
+  pipe = _with_scheduler(ref_pipe, pipe, name, prediction_type)
+  latents = np.asarray(image_noise([11, 12], (16, 16, 4)))
+  ours = txt2img(pipe, PROMPTS, negative_prompts=NEGATIVES, num_inference_steps=STEPS, guidance_scale=7.5,
+                 scheduler=name, latents=latents)
+  with torch.no_grad():
+    ref = ref_pipe(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=STEPS, guidance_scale=7.5,
+                   latents=_nchw(latents), output_type='np').images
+  assert ours.shape == (2, 64, 64, 3) and ours.dtype == np.uint8
+  assert _max_diff(ours, _ref_uint8(ref)) <= 2
+
+
+def test_model_folders_own_scheduler_is_the_default(pipes):
+  ref_pipe, pipe = pipes
+  pipe = _with_scheduler(ref_pipe, pipe, 'pndm', 'epsilon')
+  latents = np.asarray(image_noise([3], (16, 16, 4)))
+  ours = txt2img(pipe, PROMPTS[:1], num_inference_steps=STEPS, latents=latents)
+  with torch.no_grad():
+    ref = ref_pipe(PROMPTS[:1], num_inference_steps=STEPS, latents=_nchw(latents), output_type='np').images
+  assert _max_diff(ours, _ref_uint8(ref)) <= 2
+
+
+def test_new_prompts_seeds_and_guidance_do_not_recompile(pipes):
+  _, pipe = pipes
+  pipe = dataclasses.replace(pipe, cache={})
+  a = txt2img(pipe, PROMPTS, num_inference_steps=3, guidance_scale=7.5, scheduler='ddim', seed=0)
+  b = txt2img(pipe, ['a cat', 'a house'], negative_prompts=['ugly', 'dark'], num_inference_steps=3,
+              guidance_scale=3.0, scheduler='ddim', seed=[42, 7])
+  (fn,) = pipe.cache['sampler'].values()
+  assert fn._cache_size() == 1
+  assert not np.array_equal(a, b)
+
+
+def test_an_image_depends_only_on_its_own_seed_and_prompt(pipes):
+  _, pipe = pipes
+  batch = txt2img(pipe, PROMPTS, num_inference_steps=4, scheduler='euler_a', seed=[5, 9])
+  alone = txt2img(pipe, PROMPTS[1:], num_inference_steps=4, scheduler='euler_a', seed=[9])
+  assert _max_diff(alone[0], batch[1].astype(np.int32)) <= 1
+  other = txt2img(pipe, PROMPTS[1:], num_inference_steps=4, scheduler='euler_a', seed=[10])
+  assert _max_diff(other[0], batch[1].astype(np.int32)) > 1
+
+
+def test_num_images_per_prompt_repeats_prompts_with_their_own_seeds(pipes):
+  _, pipe = pipes
+  images = txt2img(pipe, PROMPTS[0], num_images_per_prompt=2, num_inference_steps=2, scheduler='ddim')
+  assert images.shape[0] == 2 and not np.array_equal(images[0], images[1])
+
+
+def test_size_not_a_multiple_of_the_vae_factor_is_an_error(pipes):
+  with pytest.raises(ValueError, match='multiples of 4'):
+    txt2img(pipes[1], PROMPTS, height=66, width=64, num_inference_steps=2)
+
+
+def test_unknown_scheduler_lists_the_valid_names(pipes):
+  with pytest.raises(ValueError, match='dpmpp_2m_karras'):
+    txt2img(pipes[1], PROMPTS, scheduler='heun', num_inference_steps=2)
+
+
+class _FixedNoise:
+  """Stand-in for diffusers' randn_tensor that hands out given tensors in order."""
+
+  def __init__(self, *arrays):
+    self.queue = [_nchw(a) for a in arrays]
+
+  def __call__(self, shape, **kwargs):
+    out = self.queue.pop(0)
+    assert tuple(out.shape) == tuple(shape), (out.shape, shape)
+    return out
+
+
+def _init_image(seed=0):
+  rng = np.random.default_rng(seed)
+  base = np.linspace(0, 255, 64)[None, :, None] * np.ones((64, 64, 3))
+  return np.clip(base + rng.normal(0, 30, (64, 64, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize('name', ['ddim', 'euler'])
+def test_img2img_matches_diffusers_with_the_same_noise(pipes, monkeypatch, name):
+  import diffusers.models.autoencoders.vae as vae_module
+  import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img_module
+  from diffusers import StableDiffusionImg2ImgPipeline
+  from PIL import Image
+  ref_pipe, pipe = pipes
+  pipe = _with_scheduler(ref_pipe, pipe, name, 'epsilon')
+  image = _init_image()
+  seeds = [21]
+  noise = np.asarray(image_noise(seeds, (16, 16, 4)))
+  monkeypatch.setattr(vae_module, 'randn_tensor', _FixedNoise(image_noise(seeds, (16, 16, 4), _ENCODE)))
+  monkeypatch.setattr(img2img_module, 'randn_tensor', _FixedNoise(noise))
+  ref = StableDiffusionImg2ImgPipeline(**ref_pipe.components)
+  with torch.no_grad():
+    expected = ref(PROMPTS[0], image=Image.fromarray(image), strength=0.6, num_inference_steps=STEPS,
+                   guidance_scale=7.5, output_type='np').images
+  ours = img2img(pipe, PROMPTS[0], image, strength=0.6, num_inference_steps=STEPS, guidance_scale=7.5,
+                 scheduler=name, seed=seeds, latents=noise)
+  assert _max_diff(ours, _ref_uint8(expected)) <= 2
+
+
+def _mask():
+  m = np.zeros((64, 64), np.uint8)
+  m[16:48, 20:52] = 255
+  return m
+
+
+@pytest.mark.parametrize('strength', [1.0, 0.7])
+def test_inpainting_a_standard_model_matches_diffusers_latent_blending(pipes, monkeypatch, strength):
+  import diffusers.models.autoencoders.vae as vae_module
+  import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint_module
+  from diffusers import StableDiffusionInpaintPipeline
+  from PIL import Image
+  ref_pipe, pipe = pipes
+  pipe = _with_scheduler(ref_pipe, pipe, 'ddim', 'epsilon')
+  seeds = [31]
+  noise = np.asarray(image_noise(seeds, (16, 16, 4)))
+  monkeypatch.setattr(vae_module, 'randn_tensor', _FixedNoise(
+      image_noise(seeds, (16, 16, 4), _ENCODE), image_noise(seeds, (16, 16, 4), _MASKED_ENCODE)))
+  monkeypatch.setattr(inpaint_module, 'randn_tensor', _FixedNoise(noise))
+  ref = StableDiffusionInpaintPipeline(**ref_pipe.components)
+  with torch.no_grad():
+    expected = ref(PROMPTS[0], image=Image.fromarray(_init_image(1)), mask_image=Image.fromarray(_mask()),
+                   strength=strength, num_inference_steps=STEPS, guidance_scale=7.5, output_type='np',
+                   height=64, width=64).images
+  ours = inpaint(pipe, PROMPTS[0], _init_image(1), _mask(), strength=strength, num_inference_steps=STEPS,
+                 guidance_scale=7.5, scheduler='ddim', seed=seeds, latents=noise)
+  assert _max_diff(ours, _ref_uint8(expected)) <= 2
+
+
+def test_inpainting_with_a_nine_channel_unet_matches_diffusers(pipes, monkeypatch, tmp_path):
+  import diffusers.models.autoencoders.vae as vae_module
+  import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint_module
+  from conftest import UNET_SD1, perturb_
+  from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+  from PIL import Image
+  ref_pipe, _ = pipes
+  torch.manual_seed(8)
+  unet9 = perturb_(UNet2DConditionModel(**dict(UNET_SD1, in_channels=9)), seed=8)
+  ref = StableDiffusionInpaintPipeline(**dict(ref_pipe.components, unet=unet9))
+  ref.save_pretrained(tmp_path)
+  pipe = load_pipeline(str(tmp_path))
+  ref.scheduler = type(ref.scheduler).from_config(dict(pipe.scheduler_config))
+  seeds = [41]
+  noise = np.asarray(image_noise(seeds, (16, 16, 4)))
+  # At full strength a 9-channel model never encodes the unmasked image: only the masked one.
+  monkeypatch.setattr(vae_module, 'randn_tensor', _FixedNoise(image_noise(seeds, (16, 16, 4), _MASKED_ENCODE)))
+  monkeypatch.setattr(inpaint_module, 'randn_tensor', _FixedNoise(noise))
+  with torch.no_grad():
+    expected = ref(PROMPTS[1], image=Image.fromarray(_init_image(2)), mask_image=Image.fromarray(_mask()),
+                   num_inference_steps=STEPS, guidance_scale=7.5, output_type='np', height=64, width=64).images
+  ours = inpaint(pipe, PROMPTS[1], _init_image(2), _mask(), num_inference_steps=STEPS, guidance_scale=7.5,
+                 seed=seeds, latents=noise)
+  assert _max_diff(ours, _ref_uint8(expected)) <= 2
+
+
+def test_batch_is_split_over_a_mesh_and_gives_the_single_device_images(pipes):
+  _, pipe = pipes
+  mesh = jax.make_mesh((len(jax.devices()),), ('data',))
+  n = len(jax.devices())
+  prompts = [PROMPTS[i % 2] for i in range(n)]
+  sharded = txt2img(pipe, prompts, num_inference_steps=2, scheduler='ddim', mesh=mesh)
+  single = txt2img(pipe, prompts, num_inference_steps=2, scheduler='ddim')
+  assert _max_diff(sharded, single.astype(np.int32)) <= 1

@@ -1,0 +1,353 @@
+"""jaxdream.schedulers against diffusers' torch schedulers (CPU, float32), fed identical model outputs."""
+
+import json
+import types
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers.schedulers import scheduling_ddim, scheduling_ddpm, scheduling_euler_ancestral_discrete
+
+from jaxdream.schedulers import SCHEDULER_NAMES, NoiseSchedule, make_scheduler, scheduler_name_for_config
+
+# Stable Diffusion 1.5's scheduler_config.json.
+SD_CONFIG = {
+    '_class_name': 'PNDMScheduler', '_diffusers_version': '0.6.0', 'beta_end': 0.012,
+    'beta_schedule': 'scaled_linear', 'beta_start': 0.00085, 'num_train_timesteps': 1000,
+    'set_alpha_to_one': False, 'skip_prk_steps': True, 'steps_offset': 1, 'trained_betas': None,
+    'clip_sample': False,
+}
+# our name -> (diffusers class, the from_config kwargs the name implies)
+REFERENCE = {
+    'ddpm': (diffusers.DDPMScheduler, {}),
+    'ddim': (diffusers.DDIMScheduler, {}),
+    'pndm': (diffusers.PNDMScheduler, {}),
+    'lms': (diffusers.LMSDiscreteScheduler, {}),
+    'euler': (diffusers.EulerDiscreteScheduler, {}),
+    'euler_a': (diffusers.EulerAncestralDiscreteScheduler, {}),
+    'dpmpp_2m': (diffusers.DPMSolverMultistepScheduler, {}),
+    'dpmpp_2m_karras': (diffusers.DPMSolverMultistepScheduler, {'use_karras_sigmas': True}),
+}
+# modules whose randn_tensor a stochastic scheduler draws its noise from
+RANDN_MODULES = {'ddpm': scheduling_ddpm, 'ddim': scheduling_ddim, 'euler_a': scheduling_euler_ancestral_discrete}
+pytestmark = pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')  # diffusers' own
+
+SHAPE = (2, 8, 8, 4)  # NHWC here, NCHW on the torch side: the maths is elementwise
+KEY = jax.random.key(0)
+
+
+def to_torch(x):
+  return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
+
+
+def to_nhwc(t):
+  return t.numpy().transpose(0, 2, 3, 1)
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def build(name, n, eta=0.0, **overrides):
+  cls, implied = REFERENCE[name]
+  ref = cls.from_config(SD_CONFIG, **{**overrides, **implied})
+  ref.set_timesteps(n)
+  return ref, make_scheduler(name, SD_CONFIG, n, eta=eta, **overrides)
+
+
+def step_noise(i):
+  return jax.random.normal(jax.random.fold_in(KEY, i), SHAPE, jnp.float32)
+
+
+class PatchedRandn:
+  """Stands in for diffusers' randn_tensor, returning the noise our step `i` draws."""
+
+  def __init__(self):
+    self.noise, self.calls = None, 0
+
+  def __call__(self, shape, **kwargs):
+    assert tuple(shape) == (SHAPE[0], SHAPE[3], SHAPE[1], SHAPE[2])
+    self.calls += 1
+    return to_torch(self.noise)
+
+
+def run_diffusers(ref, x, residuals, start=0, eta=0.0, randn=None):
+  """Reference loop from step `start`, model output 0.5 * model_input + residual; per-step samples."""
+  kwargs = {'eta': eta} if isinstance(ref, diffusers.DDIMScheduler) else {}
+  xt, inputs, outputs, samples = to_torch(x), [], [], []
+  for k, t in enumerate(ref.timesteps[start:]):
+    inp = ref.scale_model_input(xt, t)
+    out = 0.5 * inp + to_torch(residuals[k])
+    if randn is not None:
+      randn.noise = step_noise(start + k)
+    xt = ref.step(out, t, xt, **kwargs).prev_sample
+    inputs.append(to_nhwc(inp))
+    outputs.append(to_nhwc(out))
+    samples.append(to_nhwc(xt))
+  return inputs, outputs, samples
+
+
+@pytest.fixture
+def patch_randn(monkeypatch):
+  def patch(name):
+    randn = PatchedRandn()
+    if name in RANDN_MODULES:
+      monkeypatch.setattr(RANDN_MODULES[name], 'randn_tensor', randn)
+    return randn
+  return patch
+
+
+def check_trajectory(name, n, patch_randn, eta=0.0, rtol=1e-5, **overrides):
+  ref, sch = build(name, n, eta=eta, **overrides)
+  randn = patch_randn(name)
+  if np.issubdtype(sch.timesteps.dtype, np.integer):
+    np.testing.assert_array_equal(sch.timesteps, ref.timesteps.numpy())
+  else:  # interpolated from log-sigmas, which carry diffusers' float32 rounding
+    assert sch.timesteps.dtype == ref.timesteps.numpy().dtype
+    np.testing.assert_allclose(sch.timesteps, ref.timesteps.numpy(), rtol=1e-4, atol=1e-5)
+  assert sch.num_steps == len(ref.timesteps)
+  np.testing.assert_allclose(sch.init_noise_sigma, float(ref.init_noise_sigma), rtol=1e-6)
+  rng = np.random.default_rng(n)
+  x = rng.standard_normal(SHAPE).astype(np.float32) * sch.init_noise_sigma
+  residuals = rng.standard_normal((sch.num_steps,) + SHAPE).astype(np.float32)
+  inputs, outputs, samples = run_diffusers(ref, x, residuals, eta=eta, randn=randn)
+
+  xj, state = jnp.asarray(x), sch.init_state(jnp.asarray(x))
+  for i, ref_sample in enumerate([x] + samples[:-1]):
+    assert rel_err(sch.scale_model_input(jnp.asarray(ref_sample), i), inputs[i]) < 1e-6, f'model input {i}'
+    xj, state = sch.step(state, jnp.asarray(outputs[i]), i, xj, jax.random.fold_in(KEY, i))
+    assert rel_err(xj, samples[i]) < rtol, f'sample after step {i}: {rel_err(xj, samples[i]):.2e}'
+  assert randn.calls == (sch.num_steps if sch.stochastic else 0) - (name == 'ddpm' and sch.timesteps[-1] == 0)
+
+
+SPACINGS = [{'prediction_type': 'v_prediction'}, {'timestep_spacing': 'leading'},
+            {'timestep_spacing': 'trailing'}, {'timestep_spacing': 'linspace'}]
+CORE_NAMES = SCHEDULER_NAMES + ('pndm_prk',)
+
+
+@pytest.mark.parametrize('n', [10, 25])
+@pytest.mark.parametrize('variant', SPACINGS, ids=lambda v: next(iter(v.values())))
+@pytest.mark.parametrize('name', CORE_NAMES)
+def test_matches_diffusers(name, variant, n, patch_randn):
+  if name == 'pndm_prk':
+    name, variant = 'pndm', {**variant, 'skip_prk_steps': False}
+  check_trajectory(name, n, patch_randn, **variant)
+
+
+@pytest.mark.parametrize('name,options', [
+    ('ddpm', {'prediction_type': 'sample', 'clip_sample': True, 'clip_sample_range': 1.5}),
+    ('ddpm', {'variance_type': 'fixed_large', 'beta_schedule': 'linear', 'beta_start': 1e-4, 'beta_end': 0.02}),
+    ('ddpm', {'thresholding': True, 'sample_max_value': 3.0, 'dynamic_thresholding_ratio': 0.9}),
+    ('ddim', {'prediction_type': 'sample'}),
+    ('ddim', {'beta_schedule': 'squaredcos_cap_v2', 'timestep_spacing': 'trailing'}),
+    ('ddim', {'clip_sample': True, 'set_alpha_to_one': True}),
+    ('ddim', {'thresholding': True, 'sample_max_value': 3.0, 'dynamic_thresholding_ratio': 0.9}),
+    ('ddim', {'eta': 1.0}),
+    ('ddim', {'rescale_betas_zero_snr': True, 'prediction_type': 'v_prediction', 'timestep_spacing': 'trailing'}),
+    ('pndm', {'trained_betas': np.linspace(1e-4, 0.02, 1000).tolist(), 'set_alpha_to_one': True}),
+    ('lms', {'use_karras_sigmas': True}),
+    ('lms', {'prediction_type': 'sample', 'timestep_spacing': 'leading'}),
+    ('euler', {'use_karras_sigmas': True, 'timestep_spacing': 'leading'}),
+    ('euler', {'use_karras_sigmas': True, 'sigma_min': 0.1, 'sigma_max': 10.0}),
+    ('euler', {'final_sigmas_type': 'sigma_min', 'prediction_type': 'sample'}),
+    ('euler', {'timestep_type': 'continuous', 'prediction_type': 'v_prediction'}),
+    # From sigma_max = 4096 the first step cancels ~40x, magnifying diffusers' own float32 rounding of
+    # the zero-SNR sigmas (with diffusers' sigma table substituted, we agree to 3e-7).
+    ('euler', {'rescale_betas_zero_snr': True, 'prediction_type': 'v_prediction', 'timestep_spacing': 'trailing',
+               'rtol': 3e-5}),
+    ('euler_a', {'beta_schedule': 'squaredcos_cap_v2', 'timestep_spacing': 'leading'}),
+    ('dpmpp_2m', {'solver_type': 'heun', 'prediction_type': 'sample'}),
+    ('dpmpp_2m', {'final_sigmas_type': 'sigma_min', 'lower_order_final': False}),
+    ('dpmpp_2m', {'final_sigmas_type': 'sigma_min', 'euler_at_final': True, 'timestep_spacing': 'leading'}),
+    ('dpmpp_2m', {'thresholding': True, 'sample_max_value': 3.0, 'prediction_type': 'sample'}),
+    ('dpmpp_2m', {'lambda_min_clipped': -5.1, 'timestep_spacing': 'leading'}),
+    ('dpmpp_2m_karras', {'rescale_betas_zero_snr': True, 'prediction_type': 'v_prediction'}),
+    ('dpmpp_2m', {'beta_schedule': 'squaredcos_cap_v2'}),
+])
+def test_options_match_diffusers(name, options, patch_randn):
+  options = dict(options)
+  eta, rtol = options.pop('eta', 0.0), options.pop('rtol', 1e-5)
+  check_trajectory(name, 20, patch_randn, eta=eta, rtol=rtol, **options)
+
+
+@pytest.mark.parametrize('name', CORE_NAMES)
+def test_jit_fori_loop(name, patch_randn):
+  """The whole loop under jit + fori_loop with a traced step index ends where diffusers does."""
+  overrides = {'skip_prk_steps': False} if name == 'pndm_prk' else {}
+  name = 'pndm' if name == 'pndm_prk' else name
+  ref, sch = build(name, 10, **overrides)
+  randn = patch_randn(name)
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal(SHAPE).astype(np.float32) * sch.init_noise_sigma
+  residuals = rng.standard_normal((sch.num_steps,) + SHAPE).astype(np.float32)
+  expected = run_diffusers(ref, x, residuals, randn=randn)[2][-1]
+
+  @jax.jit
+  def sample(x, residuals):
+    def body(i, carry):
+      x, state = carry
+      out = 0.5 * sch.scale_model_input(x, i) + residuals[i]
+      return sch.step(state, out, i, x, jax.random.fold_in(KEY, i))
+    return jax.lax.fori_loop(0, sch.num_steps, body, (x, sch.init_state(x)))[0]
+
+  assert rel_err(sample(jnp.asarray(x), jnp.asarray(residuals)), expected) < 1e-5
+
+
+@pytest.mark.parametrize('name', CORE_NAMES)
+def test_img2img_matches_diffusers(name, patch_randn):
+  """start_index, add_noise and a loop from there, as diffusers' img2img pipeline runs them."""
+  from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import \
+      StableDiffusionImg2ImgPipeline
+  overrides = {'skip_prk_steps': False} if name == 'pndm_prk' else {}
+  name = 'pndm' if name == 'pndm_prk' else name
+  n, strength = 10, 0.55
+  ref, sch = build(name, n, **overrides)
+  randn = patch_randn(name)
+  timesteps, _ = StableDiffusionImg2ImgPipeline.get_timesteps(types.SimpleNamespace(scheduler=ref), n, strength,
+                                                              None)
+  start = sch.start_index(strength)
+  assert start == len(ref.timesteps) - len(timesteps) and start > 0
+  rng = np.random.default_rng(2)
+  latents, noise = rng.standard_normal((2,) + SHAPE).astype(np.float32)
+  x = sch.add_noise(jnp.asarray(latents), jnp.asarray(noise), start)
+  x_ref = ref.add_noise(to_torch(latents), to_torch(noise), timesteps[:1].repeat(SHAPE[0]))
+  assert rel_err(x, to_nhwc(x_ref)) < 1e-6
+  residuals = rng.standard_normal((sch.num_steps - start,) + SHAPE).astype(np.float32)
+  _, outputs, samples = run_diffusers(ref, np.asarray(x), residuals, start=start, randn=randn)
+  state = sch.init_state(x)
+  for k, i in enumerate(range(start, sch.num_steps)):
+    x, state = sch.step(state, jnp.asarray(outputs[k]), i, x, jax.random.fold_in(KEY, i))
+    assert rel_err(x, samples[k]) < 1e-5, f'step {i}'
+
+
+@pytest.mark.parametrize('name', SCHEDULER_NAMES)
+def test_add_noise_every_step(name):
+  ref, sch = build(name, 25)
+  rng = np.random.default_rng(3)
+  x, noise = rng.standard_normal((2,) + SHAPE).astype(np.float32)
+  add = jax.jit(sch.add_noise)
+  for i in range(sch.num_steps):
+    if hasattr(ref, 'set_begin_index'):  # sigma schedulers look the level up by step, as in img2img
+      ref.set_begin_index(i)
+    expected = ref.add_noise(to_torch(x), to_torch(noise), ref.timesteps[i:i + 1].repeat(SHAPE[0]))
+    assert rel_err(add(jnp.asarray(x), jnp.asarray(noise), i), to_nhwc(expected)) < 1e-5, f'step {i}'
+
+
+@pytest.mark.parametrize('options', [{}, {'prediction_type': 'v_prediction', 'rescale_betas_zero_snr': True},
+                                     {'beta_schedule': 'squaredcos_cap_v2', 'prediction_type': 'sample'}])
+def test_noise_schedule_matches_ddpm(options):
+  from diffusers.training_utils import compute_snr
+  ref = diffusers.DDPMScheduler.from_config(SD_CONFIG, **options)
+  ns = NoiseSchedule.from_config(SD_CONFIG, **options)
+  assert ns.prediction_type == ref.config.prediction_type and ns.num_train_timesteps == 1000
+  assert ns.alphas_cumprod.dtype == np.float32
+  np.testing.assert_allclose(ns.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=2e-6, atol=1e-9)
+  rng = np.random.default_rng(4)
+  x0, noise = rng.standard_normal((2,) + SHAPE).astype(np.float32)
+  t = np.array([0, 999]) if options else rng.integers(0, 1000, SHAPE[0])
+  tt = torch.from_numpy(t)
+  for ours, theirs in [(ns.add_noise, ref.add_noise), (ns.get_velocity, ref.get_velocity)]:
+    assert rel_err(jax.jit(ours)(x0, noise, t), to_nhwc(theirs(to_torch(x0), to_torch(noise), tt))) < 1e-6
+  target = {'epsilon': noise, 'sample': x0}.get(ns.prediction_type)
+  target = to_nhwc(ref.get_velocity(to_torch(x0), to_torch(noise), tt)) if target is None else target
+  assert rel_err(ns.target(x0, noise, t), target) < 1e-6
+  finite = t < 999  # zero terminal SNR makes the last one 0 / 0-ish on both sides
+  np.testing.assert_allclose(np.asarray(ns.snr(t))[finite], compute_snr(ref, tt).numpy()[finite], rtol=1e-5)
+
+
+@pytest.mark.parametrize('name', SCHEDULER_NAMES)
+@pytest.mark.parametrize('config', [
+    SD_CONFIG,
+    {'_class_name': 'DDIMScheduler', 'beta_schedule': 'linear', 'timestep_spacing': 'trailing',
+     'prediction_type': 'v_prediction', 'clip_sample': False, 'use_karras_sigmas': True,
+     'solver_order': 3, 'rescale_betas_zero_snr': True, '_use_default_values': ['timestep_spacing'],
+     'some_future_key': 1},
+    {},
+], ids=['sd15', 'ddim_like', 'empty'])
+def test_config_resolution_matches_from_config(name, config):
+  """Each option takes the value diffusers' from_config gives it: ignored, defaulted or read."""
+  cls, implied = REFERENCE[name]
+  ref = cls.from_config(config, **implied)
+  sch = make_scheduler(name, config, 10)
+  forced = {'use_karras_sigmas', 'solver_order', 'algorithm_type'} if name.startswith('dpmpp') else set()
+  for key, value in sch.config.items():
+    if key not in forced:
+      assert value == ref.config[key], key
+  if forced:
+    assert sch.config['solver_order'] == 2 and sch.config['use_karras_sigmas'] == name.endswith('karras')
+
+
+@pytest.mark.parametrize('name', SCHEDULER_NAMES)
+def test_name_for_config_roundtrip(name):
+  cls, implied = REFERENCE[name]
+  config = json.loads(cls.from_config(SD_CONFIG, **implied).to_json_string())
+  assert scheduler_name_for_config(config) == name
+  assert make_scheduler(None, config, 10).name == name
+
+
+def test_name_for_config_rejects_unsupported():
+  with pytest.raises(ValueError, match='UniPCMultistepScheduler'):
+    scheduler_name_for_config({'_class_name': 'UniPCMultistepScheduler'})
+  with pytest.raises(ValueError, match='sde-dpmsolver'):
+    scheduler_name_for_config({'_class_name': 'DPMSolverMultistepScheduler', 'algorithm_type': 'sde-dpmsolver++'})
+  with pytest.raises(ValueError, match='solver_order'):
+    scheduler_name_for_config({'_class_name': 'DPMSolverMultistepScheduler', 'solver_order': 3})
+
+
+def test_unknown_name_lists_valid_names():
+  with pytest.raises(ValueError, match='unknown scheduler') as err:
+    make_scheduler('heun', SD_CONFIG, 10)
+  assert all(name in str(err.value) for name in SCHEDULER_NAMES)
+
+
+@pytest.mark.parametrize('name,options', [
+    ('euler', {'use_exponential_sigmas': True}),
+    ('euler', {'interpolation_type': 'log_linear'}),
+    ('lms', {'use_beta_sigmas': True}),
+    ('ddpm', {'variance_type': 'learned_range'}),
+    ('ddim', {'beta_schedule': 'sigmoid'}),
+    ('dpmpp_2m', {'variance_type': 'learned'}),
+    ('euler_a', {'prediction_type': 'sample'}),
+])
+def test_unsupported_options_raise(name, options):
+  with pytest.raises(NotImplementedError):
+    make_scheduler(name, SD_CONFIG, 10, **options)
+
+
+def test_stochastic_step_needs_key():
+  sch = make_scheduler('euler_a', SD_CONFIG, 10)
+  x = jnp.zeros(SHAPE)
+  with pytest.raises(ValueError, match='PRNG key'):
+    sch.step(sch.init_state(x), x, 0, x)
+
+
+def test_bfloat16_sample_keeps_dtype():
+  sch = make_scheduler('dpmpp_2m', SD_CONFIG, 10)
+  x = jax.random.normal(KEY, SHAPE)
+  run = jax.jit(lambda x: jax.lax.fori_loop(
+      0, sch.num_steps, lambda i, c: sch.step(c[1], 0.1 * c[0], i, c[0]), (x, sch.init_state(x)))[0])
+  low, full = run(x.astype(jnp.bfloat16)), run(x)
+  assert low.dtype == jnp.bfloat16
+  assert rel_err(low.astype(jnp.float32), full) < 2e-2
+
+
+@pytest.mark.parametrize('name,options', [('ddim', {'thresholding': True, 'sample_max_value': 3.0}),
+                                          ('dpmpp_2m', {'thresholding': True, 'sample_max_value': 3.0}),
+                                          ('pndm', {'skip_prk_steps': False}), ('lms', {})])
+def test_vmap_per_image_matches_batch(name, options):
+  """Pipelines may vmap `step` over images (state per image, shared step index)."""
+  sch = make_scheduler(name, SD_CONFIG, 10, **options)
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal(SHAPE).astype(np.float32) * 3)
+  batched, state = x, sch.init_state(x)
+  per_image, states = x, jax.vmap(sch.init_state)(x)
+  vstep = jax.jit(jax.vmap(sch.step, in_axes=(0, 0, None, 0)))
+  for i in range(3):
+    out = jnp.asarray(rng.standard_normal(SHAPE).astype(np.float32) * 3)
+    batched, state = sch.step(state, out, i, batched)
+    per_image, states = vstep(states, out, i, per_image)
+    assert rel_err(per_image, batched) < 1e-6
