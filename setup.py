@@ -21,6 +21,9 @@ setup(
         'transformers>=4.40',  # tokenizers and configs only; jaxdream never imports torch at run time
         'tokenizers',
         'tensorflow-datasets',
+        'importlib_resources',  # tfds needs it for builders defined outside its own package
+        'array_record',
+        'tensorboardX',
         'grain',
         'safetensors',
         'numpy',

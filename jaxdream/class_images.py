@@ -1,0 +1,64 @@
+"""Class-prior images for DreamBooth, generated with the base model through the jaxdream sampler.
+
+Generation is seeded (a class image's seed depends only on the class prompt, the run seed and its number),
+each PNG is written atomically, and a manifest records what was made, so an interrupted run resumes
+where it stopped and a rerun makes the same images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from jaxdream.data import list_images
+
+MANIFEST = 'manifest.json'
+
+
+def _base_seed(prompt: str, seed: int) -> int:
+  return int.from_bytes(hashlib.sha256(f'{seed}:{prompt}'.encode()).digest()[:4], 'little') & 0x3FFFFFFF
+
+
+def _write_json(path: str, data):
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(data, f, indent=2)
+  os.replace(tmp, path)
+
+
+def ensure_class_images(pipeline, concept: dict, *, seed: int, steps: int, guidance_scale: float,
+                        scheduler: str | None, batch_size: int, resolution: int, mesh=None,
+                        log=print) -> list[str]:
+  """Make sure `class_dir` holds `num_class_images` images of `class_prompt`; returns their paths."""
+  from jaxdream.images import save_png
+  from jaxdream.sampling import txt2img
+
+  folder, prompt, wanted = concept['class_dir'], concept['class_prompt'], concept['num_class_images']
+  os.makedirs(folder, exist_ok=True)
+  manifest_path = os.path.join(folder, MANIFEST)
+  manifest = {'prompt': prompt, 'images': []}
+  if os.path.exists(manifest_path):
+    with open(manifest_path) as f:
+      manifest = json.load(f)
+  existing = list_images(folder)
+  missing = wanted - len(existing)
+  if missing <= 0:
+    return existing[:wanted]
+  base = _base_seed(prompt, seed)
+  made = {e['number'] for e in manifest['images']}
+  numbers = [n for n in range(wanted + len(made)) if n not in made][:missing]
+  log(f'generating {missing} class image(s) of {prompt!r} in {folder}')
+  for start in range(0, len(numbers), batch_size):
+    chunk = numbers[start:start + batch_size]
+    seeds = [base + n for n in chunk]
+    images = txt2img(pipeline, [prompt] * len(chunk), num_inference_steps=steps, guidance_scale=guidance_scale,
+                     scheduler=scheduler or None, seed=seeds, height=resolution, width=resolution, mesh=mesh)
+    for n, s, image in zip(chunk, seeds, images):
+      name = f'class_{n:05d}.png'
+      save_png(os.path.join(folder, name), image,
+               f'{prompt}\nSteps: {steps}, CFG scale: {guidance_scale}, Seed: {s}, '
+               f'Size: {resolution}x{resolution}')
+      manifest['images'].append({'number': n, 'file': name, 'seed': s})
+    _write_json(manifest_path, manifest)  # after the images: a listed image always exists
+  return list_images(folder)[:wanted]

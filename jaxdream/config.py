@@ -1,0 +1,200 @@
+"""DreamBooth run configs (ml_collections) and their validation, done before anything is compiled.
+
+Config files in configs/ define `get_config()` on top of `base_config()`; any key can be overridden on
+the command line (`--config.train.num_steps=400`). The config is locked, so a misspelt key is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import ml_collections
+
+BUILTIN_TINY = 'builtin:tiny'  # a tiny random base model created in the workdir (quickstart, tests)
+
+
+class RunConfigError(ValueError):
+  """A run config that cannot work; the message lists every problem and what to fix."""
+
+
+def concept(instance_dir='', instance_prompt='', class_prompt='', class_dir='', num_class_images=100,
+            identifier='sks'):
+  return ml_collections.ConfigDict(dict(
+      instance_dir=instance_dir, instance_prompt=instance_prompt, class_prompt=class_prompt,
+      class_dir=class_dir, num_class_images=num_class_images, identifier=identifier))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = ''               # diffusers-format folder (SD 1.x/2.x), or 'builtin:tiny'
+  c.allow_pickle = False     # load .bin/.ckpt weights (unpickling can run code)
+  c.seed = 0
+  c.resolution = 512
+  c.compute_dtype = 'float32'  # or 'bfloat16' (parameters stay float32)
+  c.attention = 'auto'
+  c.resume_override = False  # resume even if the run-defining config changed
+
+  c.concepts = [concept()]
+  c.data = ml_collections.ConfigDict(dict(
+      concepts_file='',      # JSON list of concepts (same keys as `concepts`), for many subjects
+      center_crop=True,      # False: random crops
+      flip_p=0.0,            # probability of a horizontal flip
+      caption_ext='.txt',    # per-image caption sidecars: photo.jpg + photo.txt
+      caption_mode='append',  # 'append' to the instance prompt, or 'replace' it
+      on_bad_image='fail',   # or 'skip' (with a warning)
+      min_instance_images=3,
+      min_image_size=32,     # smaller images are reported as bad
+  ))
+  c.prior = ml_collections.ConfigDict(dict(
+      enabled=True, loss_weight=1.0, sample_steps=25, guidance_scale=7.5, scheduler='',
+      batch_size=4))
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=400,
+      batch_size=1,          # instance examples per step; as many prior examples come on top
+      learning_rate=5e-6,
+      train_text_encoder=False,
+      text_encoder_learning_rate=5e-6,
+      # Extra trainable groups: name -> {pattern: regex over 'unet/...'/'text_encoder/...' paths,
+      # learning_rate}. When given, they replace the default unet/text_encoder groups.
+      param_groups=ml_collections.ConfigDict(),
+      lr_schedule='constant',  # constant, warmup_constant, cosine
+      warmup_steps=0,
+      adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=1e-2,
+      max_grad_norm=1.0,     # 0 disables clipping
+      grad_accum_steps=1,
+      offset_noise=0.0,
+      snr_gamma=0.0,         # min-SNR-gamma weighting; 0 disables it
+      ema_decay=0.0,         # EMA of the trainable weights; 0 disables it
+      cache_latents=False,   # encode images once (needs center crops and no flips)
+      nan_policy='stop',     # 'stop' the run, or 'skip' the step
+  ))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=3, async_save=True))
+  c.logging = ml_collections.ConfigDict(dict(every_steps=10, tensorboard=True, wandb=False,
+                                             wandb_project='jaxdream'))
+  c.validation = ml_collections.ConfigDict(dict(
+      every_steps=0,         # 0: only at the end
+      prompts=[], negative_prompt='', num_images=2, steps=25, guidance_scale=7.5, seed=0,
+      scheduler=''))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  return c
+
+
+# Keys that define what the run computes: resuming with any of these changed is refused.
+RUN_DEFINING = ('model', 'seed', 'resolution', 'concepts', 'data', 'prior.enabled', 'prior.loss_weight',
+                'train.batch_size', 'train.learning_rate', 'train.train_text_encoder',
+                'train.text_encoder_learning_rate', 'train.param_groups', 'train.lr_schedule',
+                'train.warmup_steps', 'train.adam_b1', 'train.adam_b2', 'train.adam_eps',
+                'train.weight_decay', 'train.max_grad_norm', 'train.grad_accum_steps', 'train.offset_noise',
+                'train.snr_gamma', 'train.ema_decay')
+
+_CHOICES = {
+    'compute_dtype': ('float32', 'bfloat16'), 'attention': ('auto', 'xla', 'cudnn', 'tiled'),
+    'data.caption_mode': ('append', 'replace'), 'data.on_bad_image': ('fail', 'skip'),
+    'train.lr_schedule': ('constant', 'warmup_constant', 'cosine'), 'train.nan_policy': ('stop', 'skip'),
+}
+
+
+def _get(config, dotted):
+  for part in dotted.split('.'):
+    config = config[part]
+  return config
+
+
+def load_concepts(config) -> list[dict]:
+  """The run's concepts: `concepts` plus those listed in `data.concepts_file`."""
+  out = [dict(c) for c in config.concepts if c.instance_dir]
+  if config.data.concepts_file:
+    with open(config.data.concepts_file) as f:
+      listed = json.load(f)
+    defaults = dict(concept())
+    for i, item in enumerate(listed):
+      unknown = set(item) - set(defaults)
+      if unknown:
+        raise RunConfigError(f'{config.data.concepts_file}: concept {i} has unknown keys {sorted(unknown)} '
+                             f'(known: {sorted(defaults)})')
+      out.append({**defaults, **item})
+  return out
+
+
+def validate(config) -> list[dict]:
+  """Check a run config; return its concepts. Raises RunConfigError listing every problem."""
+  problems = []
+  for key, choices in _CHOICES.items():
+    if _get(config, key) not in choices:
+      problems.append(f'{key}={_get(config, key)!r}: choose one of {choices}')
+  if not config.model:
+    problems.append(f"model is empty: give a diffusers model folder (or '{BUILTIN_TINY}')")
+  elif config.model != BUILTIN_TINY and not os.path.isfile(os.path.join(config.model, 'model_index.json')):
+    problems.append(f'model={config.model!r}: not a diffusers model folder (no model_index.json)')
+  for key in ('resolution', 'train.num_steps', 'train.batch_size', 'train.grad_accum_steps',
+              'checkpoint.every_steps', 'checkpoint.keep', 'logging.every_steps'):
+    if _get(config, key) < 1:
+      problems.append(f'{key} must be at least 1, got {_get(config, key)}')
+  if config.resolution % 8:
+    problems.append(f'resolution must be a multiple of 8, got {config.resolution}')
+  t = config.train
+  for key in ('learning_rate', 'text_encoder_learning_rate', 'weight_decay', 'max_grad_norm',
+              'offset_noise', 'snr_gamma', 'warmup_steps'):
+    if t[key] < 0:
+      problems.append(f'train.{key} must not be negative, got {t[key]}')
+  if not 0.0 <= t.ema_decay < 1.0:
+    problems.append(f'train.ema_decay must be in [0, 1), got {t.ema_decay}')
+  if t.cache_latents and (not config.data.center_crop or config.data.flip_p > 0):
+    problems.append('train.cache_latents needs data.center_crop=True and data.flip_p=0 '
+                    '(cached latents cannot follow random crops or flips)')
+  for name, group in t.param_groups.items():
+    if not isinstance(group, ml_collections.ConfigDict) or set(group.keys()) != {'pattern', 'learning_rate'}:
+      problems.append(f'train.param_groups.{name} needs exactly pattern and learning_rate')
+      continue
+    try:
+      re.compile(group.pattern)
+    except re.error as e:
+      problems.append(f'train.param_groups.{name}.pattern is not a valid regex ({e})')
+    if re.match(group.pattern, 'vae/') or group.pattern.startswith('vae') or group.pattern.startswith('^vae'):
+      problems.append(f'train.param_groups.{name}: the VAE is always frozen')
+  try:
+    concepts = load_concepts(config)
+  except (OSError, json.JSONDecodeError, RunConfigError) as e:
+    problems.append(str(e))
+    concepts = []
+  if not concepts:
+    problems.append('no concepts: set concepts[0].instance_dir (or data.concepts_file)')
+  for i, c in enumerate(concepts):
+    where = f'concept {i} ({c["instance_dir"]})'
+    if not os.path.isdir(c['instance_dir']):
+      problems.append(f'{where}: instance_dir does not exist')
+    ident = c['identifier']
+    if not ident or not re.search(rf'(^|\W){re.escape(ident)}(\W|$)', c['instance_prompt']):
+      problems.append(f'{where}: instance_prompt {c["instance_prompt"]!r} must contain the identifier '
+                      f'{ident!r} (e.g. "a photo of {ident} dog")')
+    if config.prior.enabled:
+      if not c['class_prompt']:
+        problems.append(f'{where}: class_prompt is empty (needed for prior preservation)')
+      elif ident and re.search(rf'(^|\W){re.escape(ident)}(\W|$)', c['class_prompt']):
+        problems.append(f'{where}: class_prompt {c["class_prompt"]!r} must not contain the identifier')
+      if not c['class_dir']:
+        problems.append(f'{where}: class_dir is empty (class images are generated there)')
+      if c['num_class_images'] < 1:
+        problems.append(f'{where}: num_class_images must be at least 1')
+  if problems:
+    raise RunConfigError('the config has problems:\n  - ' + '\n  - '.join(problems))
+  return concepts
+
+
+def run_defining(config) -> dict:
+  """The part of a config that a resumed run must share with the checkpoint."""
+  d = json.loads(config.to_json_best_effort())
+  out = {}
+  for key in RUN_DEFINING:
+    node = d
+    for part in key.split('.'):
+      node = node[part]
+    out[key] = node
+  return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  return [f'{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r}'
+          for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]

@@ -1,0 +1,207 @@
+"""DreamBooth data: checking images, preparing them once into an array_record dataset, reading with grain.
+
+Images are checked (and odd ones reported by file name) before training starts. Each subject's images
+and the class-prior images are resized once (shorter side = resolution) and stored PNG-encoded in a
+tensorflow-datasets array_record dataset (two splits: 'instance' and 'class'; no TensorFlow needed).
+Training reads them with grain: shuffled over all subjects, decoded, cropped, flipped and tokenized per
+example from a seed, so the iterator state (saved in every checkpoint) replays exactly after a resume.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
+MAX_PIXELS = 64 * 1024 * 1024  # larger images are refused as possible decompression bombs
+
+
+class DataError(ValueError):
+  """Bad training data; the message names every bad file and what is wrong with it."""
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+  """An RGB image from any PIL mode: EXIF orientation applied, alpha over white, 16-bit scaled."""
+  im = ImageOps.exif_transpose(im)
+  if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
+    a = np.asarray(im, np.float64)
+    im = Image.fromarray(np.clip(a / (65535.0 if a.max() > 255 else 255.0) * 255, 0, 255).astype(np.uint8))
+  elif im.mode == 'F':
+    im = Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8))
+  if im.mode == 'P':
+    im = im.convert('RGBA')
+  if im.mode in ('RGBA', 'LA', 'PA'):
+    rgba = im.convert('RGBA')
+    background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+    im = Image.alpha_composite(background, rgba)
+  return im.convert('RGB')
+
+
+def check_image(path: str, min_size: int) -> str | None:
+  """Why `path` cannot be used as a training image, or None if it can."""
+  try:
+    with Image.open(path) as im:
+      w, h = im.size
+      if w * h > MAX_PIXELS:
+        return f'{w}x{h} pixels is over the {MAX_PIXELS} limit (possible decompression bomb)'
+      im.verify()
+    with Image.open(path) as im:
+      im.load()
+      rgb = to_rgb(im)
+  except Image.DecompressionBombError as e:
+    return f'decompression bomb ({e})'
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
+    return f'not a readable image ({type(e).__name__}: {e})'
+  if min(rgb.size) < min_size:
+    return f'{rgb.size[0]}x{rgb.size[1]} is smaller than data.min_image_size={min_size}'
+  return None
+
+
+def list_images(folder: str) -> list[str]:
+  return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                if f.lower().endswith(IMAGE_EXTS) and not f.startswith('.'))
+
+
+def scan_images(folder: str, *, min_size: int, on_bad: str) -> list[str]:
+  """The usable images of a folder. Bad ones raise DataError (on_bad='fail') or are skipped with a
+  warning (on_bad='skip'); either way every bad file is named."""
+  paths, bad = [], []
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', Image.DecompressionBombWarning)
+    for path in list_images(folder):
+      reason = check_image(path, min_size)
+      (bad.append(f'{path}: {reason}') if reason else paths.append(path))
+  if bad:
+    message = f'{len(bad)} bad image(s) in {folder}:\n  ' + '\n  '.join(bad)
+    if on_bad == 'fail':
+      raise DataError(message + "\n(set data.on_bad_image='skip' to train without them)")
+    warnings.warn(message + '\n(skipped)')
+  return paths
+
+
+def instance_prompt(path: str, concept: dict, caption_ext: str, caption_mode: str) -> str:
+  """The prompt of one instance image: the concept's prompt, with the caption sidecar if there is one."""
+  sidecar = os.path.splitext(path)[0] + caption_ext
+  if not os.path.exists(sidecar):
+    return concept['instance_prompt']
+  with open(sidecar, encoding='utf-8') as f:
+    caption = ' '.join(f.read().split())
+  if not caption:
+    return concept['instance_prompt']
+  return caption if caption_mode == 'replace' else f'{concept["instance_prompt"]}, {caption}'
+
+
+def resized_png(path: str, resolution: int) -> bytes:
+  """The image with its shorter side scaled to `resolution`, PNG-encoded."""
+  with Image.open(path) as im:
+    im = to_rgb(im)
+  scale = resolution / min(im.size)
+  size = (max(resolution, round(im.size[0] * scale)), max(resolution, round(im.size[1] * scale)))
+  im = im.resize(size, Image.BICUBIC)
+  buf = io.BytesIO()
+  im.save(buf, format='PNG')
+  return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=None)  # tfds registers builder classes by name: define it once
+def _builder_class():
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
+
+  class DreamBoothSubjects(tfds.core.GeneratorBasedBuilder):
+    """Instance and class images of a DreamBooth run, prepared by jaxdream."""
+    VERSION = tfds.core.Version('1.0.0')
+
+    def __init__(self, *, examples=None, resolution=None, **kwargs):
+      self._examples, self._resolution = examples, resolution
+      super().__init__(**kwargs)
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          'png': tfds.features.Tensor(shape=(None,), dtype=np.uint8),
+          'prompt': tfds.features.Text(), 'concept': np.int32, 'index': np.int32,
+          'file': tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {split: self._generate_examples(split) for split in ('instance', 'class')}
+
+    def _generate_examples(self, split):
+      for i, ex in enumerate(self._examples[split]):
+        yield i, dict(ex, index=i, png=np.frombuffer(resized_png(ex['file'], self._resolution), np.uint8))
+
+  return DreamBoothSubjects
+
+
+def prepare_dataset(data_dir: str, examples: dict[str, list[dict]], resolution: int) -> str:
+  """Write (or reuse, if its inputs are unchanged) the run's array_record dataset; returns its folder.
+
+  examples: split -> [{'file', 'prompt', 'concept'}]; files are read and resized here, once.
+  """
+  for split in ('instance', 'class'):
+    examples.setdefault(split, [])
+  # A fingerprint of everything the dataset is made from: a changed file or prompt rebuilds it.
+  h = hashlib.sha256(json.dumps([resolution, examples], sort_keys=True).encode())
+  for split in ('instance', 'class'):
+    for ex in examples[split]:
+      st = os.stat(ex['file'])
+      h.update(f'{st.st_size}:{st.st_mtime_ns}'.encode())
+  folder = os.path.join(data_dir, h.hexdigest()[:16])
+  if os.path.exists(os.path.join(folder, 'dream_booth_subjects', '1.0.0', 'dataset_info.json')):
+    return folder
+  cls = _builder_class()
+  builder = cls(examples=examples, resolution=resolution, data_dir=folder, file_format='array_record')
+  import absl.logging
+  verbosity = absl.logging.get_verbosity()
+  absl.logging.set_verbosity(absl.logging.WARNING)  # tfds narrates every split at INFO
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      builder.download_and_prepare()
+  finally:
+    absl.logging.set_verbosity(verbosity)
+  return folder
+
+
+def data_source(folder: str, split: str):
+  """Random-access source of a prepared split (tfds without TensorFlow)."""
+  cls = _builder_class()
+  return cls(data_dir=folder, file_format='array_record').as_data_source(split=split)
+
+
+def _crop_flip(png, resolution: int, center_crop: bool, flip_p: float, rng: np.random.Generator):
+  im = np.asarray(Image.open(io.BytesIO(np.asarray(png).tobytes())).convert('RGB'))
+  h, w = im.shape[:2]
+  if center_crop:
+    top, left = (h - resolution) // 2, (w - resolution) // 2
+  else:
+    top, left = int(rng.integers(0, h - resolution + 1)), int(rng.integers(0, w - resolution + 1))
+  im = im[top:top + resolution, left:left + resolution]
+  if flip_p > 0 and rng.random() < flip_p:
+    im = im[:, ::-1]
+  return im
+
+
+def make_iterator(source, *, batch_size: int, seed: int, resolution: int, center_crop: bool, flip_p: float,
+                  tokenize, shard_index: int = 0, shard_count: int = 1):
+  """An endless, shuffled, checkpointable iterator of batches: pixels float32 NHWC in [-1, 1],
+  input_ids int32, concept int32, index int32. Each host reads only its shard of the examples."""
+  import grain
+
+  def example(ex, rng):
+    im = _crop_flip(ex['png'], resolution, center_crop, flip_p, rng)
+    prompt = ex['prompt'].decode() if isinstance(ex['prompt'], bytes) else str(ex['prompt'])
+    return {'pixels': im.astype(np.float32) / 127.5 - 1.0, 'input_ids': tokenize([prompt])[0],
+            'concept': np.int32(ex['concept']), 'index': np.int32(ex['index'])}
+
+  ds = grain.MapDataset.source(source)
+  if shard_count > 1:
+    ds = ds[shard_index::shard_count]
+  ds = ds.shuffle(seed=seed).repeat().random_map(example, seed=seed + 1).batch(batch_size, drop_remainder=True)
+  return iter(ds)
