@@ -130,7 +130,8 @@ def _builder_class():
           'file': tfds.features.Text()}))
 
     def _split_generators(self, dl_manager):
-      return {split: self._generate_examples(split) for split in ('instance', 'class')}
+      # tfds refuses empty splits (a run without prior preservation has no class images)
+      return {split: self._generate_examples(split) for split in ('instance', 'class') if self._examples[split]}
 
     def _generate_examples(self, split):
       for i, ex in enumerate(self._examples[split]):

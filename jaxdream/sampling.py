@@ -47,7 +47,7 @@ class _Mode:
   progress: bool
 
 
-def _sampler(pipeline, sch, mode: _Mode, progress: Callable[[int], None] | None):
+def _sampler(pipeline, sch, mode: _Mode):
   """The jitted loop for one pipeline, schedule and mode (cached on the pipeline)."""
   key = (sch.name, json.dumps(sch.config, sort_keys=True, default=str), sch.num_inference_steps,
          getattr(sch, 'eta', 0.0), mode)
@@ -92,8 +92,8 @@ def _sampler(pipeline, sch, mode: _Mode, progress: Callable[[int], None] | None)
         known = jnp.where(i < n - 1, per_image_noise(image_latents, noise, jnp.minimum(i + 1, n - 1)),
                           image_latents)
         x = (1.0 - mask) * known + mask * x
-      if mode.progress:
-        jax.debug.callback(progress, i)
+      if mode.progress:  # looked up per call: the compiled loop is shared by every callback
+        jax.debug.callback(lambda i: pipeline.cache['progress'](i), i)
       return x, state
 
     x, _ = jax.lax.fori_loop(start, n, body, (x, state))
@@ -257,13 +257,14 @@ def _generate(pipeline, prompts, negative_prompts, *, num_images_per_prompt, num
                progress=progress is not None)
   if mode.init == 'noise' and init_images is not None:
     start = 0  # inpainting at full strength starts from pure noise
-  fn = _sampler(pipeline, sch, mode, progress)
+  fn = _sampler(pipeline, sch, mode)
+  pipeline.cache['progress'] = progress
   args = [_params(pipeline), jnp.asarray(pipeline.tokenize(prompts)), jnp.asarray(pipeline.tokenize(negatives)),
           noise, image_keys(seeds, _STEPS), jnp.float32(guidance_scale), jnp.int32(start),
           jnp.asarray(image_latents), jnp.asarray(mask), jnp.asarray(masked_latents)]
   if mesh is not None:
-    args = _place_on_mesh(args, mesh, b)
-  return np.asarray(fn(*args))
+    args = _place_on_mesh(args, mesh)
+  return np.asarray(fn(*args))[:b]
 
 
 def _first_size(images):
@@ -277,20 +278,18 @@ def _first_size(images):
   return np.asarray(im).shape[:2]
 
 
-def _place_on_mesh(args, mesh, batch):
-  """Parameters replicated, per-image inputs split over the mesh's data axes."""
+def _place_on_mesh(args, mesh):
+  """Parameters replicated, per-image inputs split over the mesh's data axes. A batch that does not
+  divide is padded with copies of its last image (dropped afterwards; images are independent)."""
   mesh = as_auto(mesh)
   axes = tuple(a for a in ('data', 'fsdp') if a in mesh.axis_names)
   n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-  if batch % n:
-    raise ValueError(f'batch of {batch} images does not split over {n} devices of mesh axes {axes}')
+  pad = lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], (-a.shape[0]) % n, axis=0)])
   rep = NamedSharding(mesh, P())
   split = NamedSharding(mesh, P(axes if axes else None))
-  params = jax.device_put(args[0], rep)
-  batched = [jax.device_put(a, split) for a in args[1:5]]
-  scalars = [jax.device_put(a, rep) for a in args[5:7]]
-  rest = [jax.device_put(a, split) for a in args[7:]]
-  return [params] + batched + scalars + rest
+  per_image = [jax.device_put(pad(a), split) for a in args[1:5] + args[7:]]
+  return ([jax.device_put(args[0], rep)] + per_image[:4] + [jax.device_put(a, rep) for a in args[5:7]]
+          + per_image[4:])
 
 
 def txt2img(pipeline, prompts, *, negative_prompts=None, num_inference_steps: int = 50,

@@ -1,0 +1,184 @@
+"""Writing generated images: PNGs that carry their generation parameters, plain and labelled grids.
+
+The parameters text is the "infotext" AUTOMATIC1111's web UI and SD.Next write into a PNG `parameters`
+text chunk and read back (PNG Info, drag-and-drop onto the prompt box)::
+
+  a photo of sks dog
+  Negative prompt: blurry
+  Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 1234, Size: 512x512, Model: my-model
+
+The prompt may span lines; the negative prompt line is left out when there is none; a value holding
+',', ':' or a newline is written as a JSON string, as A1111 quotes it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import numpy as np
+
+# Our scheduler names -> A1111's sampler names (A1111 >= 1.9 also reads "DPM++ 2M Karras" as sampler
+# "DPM++ 2M" with schedule type "Karras").
+SAMPLER_NAMES = {
+    'ddpm': 'DDPM', 'ddim': 'DDIM', 'pndm': 'PLMS', 'lms': 'LMS', 'euler': 'Euler', 'euler_a': 'Euler a',
+    'dpmpp_2m': 'DPM++ 2M', 'dpmpp_2m_karras': 'DPM++ 2M Karras',
+}
+NEGATIVE = 'Negative prompt:'
+# One "Key: value" field of the last line, as A1111's infotext parser matches them.
+_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def format_number(x) -> str:
+  """7.0 -> '7', 7.5 -> '7.5': whole floats without the '.0', as A1111 shows slider values."""
+  return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _quote(value) -> str:
+  text = str(value)
+  return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:\n') else text
+
+
+def format_parameters(prompt: str, negative_prompt: str = '', *, steps: int, scheduler: str,
+                      guidance: float, seed: int, width: int, height: int, model: str,
+                      strength: float | None = None) -> str:
+  """The A1111 infotext of one image; `scheduler` is our name (SAMPLER_NAMES), `strength` the
+  img2img/inpaint denoising strength (None for txt2img)."""
+  fields = {'Steps': steps, 'Sampler': SAMPLER_NAMES[scheduler], 'CFG scale': format_number(guidance),
+            'Seed': seed, 'Size': f'{width}x{height}', 'Model': model,
+            'Denoising strength': None if strength is None else format_number(strength)}
+  line = ', '.join(f'{k}: {_quote(v)}' for k, v in fields.items() if v is not None)
+  negative = f'\n{NEGATIVE} {negative_prompt}' if negative_prompt else ''
+  return f'{prompt}{negative}\n{line}'.strip()
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+  """An A1111 infotext as {'Prompt': ..., 'Negative prompt': ..., 'Steps': '20', ...} (values as text).
+
+  As A1111 reads it: the last line holds the fields if at least three parse; every line before
+  'Negative prompt:' belongs to the prompt, every line from it on to the negative prompt."""
+  *lines, last = text.strip().split('\n')
+  if len(_FIELD.findall(last)) < 3:
+    lines, last = lines + [last], ''
+  prompt, negative, in_negative = [], [], False
+  for line in lines:
+    line = line.strip()
+    if line.startswith(NEGATIVE):
+      in_negative, line = True, line[len(NEGATIVE):].strip()
+    (negative if in_negative else prompt).append(line)
+  out = {'Prompt': '\n'.join(prompt), 'Negative prompt': '\n'.join(negative)}
+  for key, value in _FIELD.findall(last):
+    if len(value) > 1 and value[0] == value[-1] == '"':
+      try:
+        value = json.loads(value)
+      except json.JSONDecodeError:
+        pass  # a value that merely looks quoted stays as written
+    out[key] = value
+  return out
+
+
+def save_png(path: str, image, parameters: str | None = None):
+  """Write a uint8 (H, W, 3) image as PNG with `parameters` in a text chunk of that name (tEXt, or
+  iTXt when the text is not Latin-1). Written to a temporary file first and moved into place, so a
+  reader never sees half an image."""
+  from PIL import Image
+  from PIL.PngImagePlugin import PngInfo
+  info = PngInfo()
+  if parameters is not None:
+    info.add_text('parameters', parameters)
+  # Beside the target (os.replace must not cross file systems), named per process; created with open()
+  # rather than mkstemp so that it gets the usual permissions, not 0600.
+  folder, name = os.path.split(os.path.abspath(path))
+  tmp = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
+  try:
+    Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format='PNG', pnginfo=info)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def read_parameters(path: str) -> str | None:
+  """The `parameters` text of a PNG (None if it has none)."""
+  from PIL import Image
+  with Image.open(path) as im:
+    return im.info.get('parameters')
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+  """(rows, cols) of a near-square grid for n images, wider than tall, as A1111 lays out batches."""
+  rows = max(1, min(n, round(math.sqrt(n))))
+  return rows, math.ceil(n / rows)
+
+
+def make_grid(images, rows: int, cols: int) -> np.ndarray:
+  """Equal-size uint8 images (N, H, W, C) tiled row by row into (rows*H, cols*W, C); empty cells black."""
+  images = np.asarray(images)
+  n, h, w, c = images.shape
+  if n > rows * cols:
+    raise ValueError(f'{n} images do not fit a {rows}x{cols} grid')
+  cells = np.zeros((rows * cols, h, w, c), images.dtype)
+  cells[:n] = images
+  return cells.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+
+
+def _font(size: int):
+  from PIL import ImageFont
+  try:
+    return ImageFont.load_default(size=size)
+  except (TypeError, ImportError, OSError):  # Pillow < 10.1, or built without FreeType: fixed bitmap font
+    return ImageFont.load_default()
+
+
+def _wrap(draw, text: str, font, width: float) -> str:
+  """Words of `text` in lines no wider than `width` (a longer single word keeps its own line)."""
+  lines, line = [], ''
+  for word in text.split():
+    trial = f'{line} {word}'.strip()
+    if line and draw.textlength(trial, font=font) > width:
+      lines.append(line)
+      trial = word
+    line = trial
+  return '\n'.join(lines + [line])
+
+
+def labelled_grid(cells, col_labels=None, row_labels=None, title: str | None = None) -> np.ndarray:
+  """An XY plot: `cells` (rows x cols nested lists of equal-size uint8 images) on a white canvas with
+  a label above each column, one left of each row, and an optional title line on top."""
+  from PIL import Image, ImageDraw
+  cells = np.asarray(cells)
+  rows, cols, h, w = cells.shape[:4]
+  size = max(12, min(h, w) // 16)
+  font, pad = _font(size), size // 2
+  draw = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+
+  def wrapped(labels, width):  # label texts wrapped to `width`, and the (width, height) of each
+    texts = [_wrap(draw, str(t), font, width) for t in labels or []]
+    return texts, [draw.multiline_textbbox((0, 0), t, font=font, align='center')[2:] for t in texts]
+
+  def margin(sizes, axis):
+    return math.ceil(max(s[axis] for s in sizes)) + 2 * pad if sizes else 0
+
+  # Small cells still get readable labels: at least a few words a line, left labels wider still.
+  col_texts, col_sizes = wrapped(col_labels, max(w - 2 * pad, 6 * size))
+  row_texts, row_sizes = wrapped(row_labels, max(w - 2 * pad, 10 * size))
+  title_texts, title_sizes = wrapped([title] if title else None, max(cols * w, 10 * size))
+  left, title_h, col_h = margin(row_sizes, 0), margin(title_sizes, 1), margin(col_sizes, 1)
+  top = title_h + col_h
+  grid = make_grid(cells.reshape(rows * cols, h, w, -1), rows, cols)
+  canvas = Image.new('RGB', (left + grid.shape[1], top + grid.shape[0]), 'white')
+  canvas.paste(Image.fromarray(grid).convert('RGB'), (left, top))
+  draw = ImageDraw.Draw(canvas)
+
+  def put(text, box, cx, cy):  # text of size `box` centred on (cx, cy)
+    draw.multiline_text((cx - box[0] / 2, cy - box[1] / 2), text, fill='black', font=font, align='center')
+
+  for t, b in zip(title_texts, title_sizes):
+    put(t, b, left + pad + b[0] / 2, title_h / 2)
+  for j, (t, b) in enumerate(zip(col_texts, col_sizes)):
+    put(t, b, left + j * w + w / 2, title_h + col_h / 2)
+  for i, (t, b) in enumerate(zip(row_texts, row_sizes)):
+    put(t, b, left / 2, top + i * h + h / 2)
+  return np.asarray(canvas)

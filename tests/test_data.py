@@ -1,0 +1,171 @@
+"""Training data: bad images are named before training, odd image modes convert, configs fail fast with
+every problem listed, and the data iterator replays exactly from a saved state."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxdream import config as config_lib
+from jaxdream.data import DataError, data_source, make_iterator, prepare_dataset, scan_images, to_rgb
+
+
+def _save(path, array, mode=None, **kw):
+  Image.fromarray(array, mode=mode).save(path, **kw) if mode else Image.fromarray(array).save(path, **kw)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+  rng = np.random.default_rng(0)
+  good = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+  _save(tmp_path / 'good.jpg', good)
+  rgba = np.zeros((40, 40, 4), np.uint8)
+  rgba[..., 0] = 255  # red, fully transparent: must come out white
+  Image.fromarray(rgba, 'RGBA').save(tmp_path / 'alpha.png')
+  Image.fromarray(good).convert('CMYK').save(tmp_path / 'cmyk.jpg')
+  Image.fromarray((np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16)).save(tmp_path / 'sixteen.png')
+  Image.fromarray(good).convert('P').save(tmp_path / 'palette.png')
+  (tmp_path / 'notes.jpg').write_text('this is not an image')
+  data = (tmp_path / 'good.jpg').read_bytes()
+  (tmp_path / 'truncated.jpg').write_bytes(data[:len(data) // 3])
+  _save(tmp_path / 'tiny.png', good[:8, :8])
+  return tmp_path
+
+
+def test_bad_images_are_named_before_training(image_folder):
+  with pytest.raises(DataError) as e:
+    scan_images(str(image_folder), min_size=32, on_bad='fail')
+  message = str(e.value)
+  for name in ('notes.jpg', 'truncated.jpg', 'tiny.png'):
+    assert name in message
+  for name in ('good.jpg', 'alpha.png', 'cmyk.jpg', 'sixteen.png', 'palette.png'):
+    assert name not in message
+  assert "on_bad_image='skip'" in message
+
+
+def test_skip_mode_warns_and_keeps_the_good_images(image_folder):
+  with pytest.warns(UserWarning, match='truncated.jpg'):
+    paths = scan_images(str(image_folder), min_size=32, on_bad='skip')
+  assert sorted(os.path.basename(p) for p in paths) == ['alpha.png', 'cmyk.jpg', 'good.jpg', 'palette.png',
+                                                        'sixteen.png']
+
+
+def test_odd_modes_become_rgb(image_folder):
+  with Image.open(image_folder / 'alpha.png') as im:
+    rgb = np.asarray(to_rgb(im))
+  assert rgb.shape == (40, 40, 3) and (rgb == 255).all()
+  with Image.open(image_folder / 'sixteen.png') as im:
+    rgb = np.asarray(to_rgb(im))
+  assert rgb.dtype == np.uint8 and rgb.max() > 200 and rgb.min() == 0  # scaled from 16 bits
+  for name in ('cmyk.jpg', 'palette.png'):
+    with Image.open(image_folder / name) as im:
+      assert to_rgb(im).mode == 'RGB'
+
+
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
+  import jaxdream.data as data
+  _save(tmp_path / 'big.png', np.zeros((64, 64, 3), np.uint8))
+  monkeypatch.setattr(data, 'MAX_PIXELS', 1000)
+  with pytest.raises(DataError, match='decompression bomb'):
+    scan_images(str(tmp_path), min_size=8, on_bad='fail')
+
+
+def _config(tmp_path, **concept):
+  c = config_lib.base_config()
+  c.model = config_lib.BUILTIN_TINY
+  c.concepts = [config_lib.concept(**concept)]
+  return c
+
+
+def test_config_problems_are_all_listed_in_one_message(tmp_path):
+  c = _config(tmp_path, instance_dir=str(tmp_path / 'missing'), instance_prompt='a photo of a dog',
+              class_prompt='a photo of sks dog', class_dir='')
+  c.train.lr_schedule = 'linear'
+  c.train.cache_latents = True
+  c.data.flip_p = 0.5
+  with pytest.raises(config_lib.RunConfigError) as e:
+    config_lib.validate(c)
+  message = str(e.value)
+  for needle in ('instance_dir does not exist', "must contain the identifier 'sks'",
+                 'must not contain the identifier', 'class_dir is empty', "train.lr_schedule='linear'",
+                 'cache_latents needs'):
+    assert needle in message
+
+
+def test_misspelt_or_mistyped_override_is_an_error_before_anything_runs(capsys):
+  from jaxdream.cli import main
+  assert main(['train', '--config', 'configs/quickstart.py', '--workdir', '/nonexistent/x',
+               '--config.train.num_stepz=3']) == 2
+  assert 'num_stepz' in capsys.readouterr().err
+  assert main(['train', '--config', 'configs/quickstart.py', '--workdir', '/nonexistent/x',
+               '--config.train.num_steps=lots']) == 2
+  assert 'num_steps' in capsys.readouterr().err
+
+
+def test_many_subjects_load_from_a_concepts_file(tmp_path):
+  folders = []
+  for i in range(3):
+    d = tmp_path / f's{i}'
+    d.mkdir()
+    folders.append({'instance_dir': str(d), 'instance_prompt': f'a photo of zq{i} toy', 'identifier': f'zq{i}',
+                    'class_prompt': 'a photo of toy', 'class_dir': str(tmp_path / 'cls')})
+  (tmp_path / 'concepts.json').write_text(json.dumps(folders))
+  c = _config(tmp_path)
+  c.concepts = []
+  c.data.concepts_file = str(tmp_path / 'concepts.json')
+  concepts = config_lib.validate(c)
+  assert [x['identifier'] for x in concepts] == ['zq0', 'zq1', 'zq2']
+
+
+@pytest.fixture(scope='module')
+def prepared(tmp_path_factory):
+  root = tmp_path_factory.mktemp('prep')
+  rng = np.random.default_rng(1)
+  examples = {'instance': [], 'class': []}
+  for i in range(12):
+    path = root / f'{i:02d}.png'
+    _save(path, rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    examples['instance'].append({'file': str(path), 'prompt': f'a photo of s{i % 3} dog', 'concept': i % 3})
+  return prepare_dataset(str(root / 'data'), examples, 32), examples, root
+
+
+def _iterator(folder, **kw):
+  return make_iterator(data_source(folder, 'instance'), batch_size=4, seed=3, resolution=32, center_crop=False,
+                       flip_p=0.5, tokenize=lambda p: np.array([[len(x)] for x in p], np.int32), **kw)
+
+
+def test_iterator_replays_exactly_from_a_saved_state(prepared):
+  prepared = prepared[0]
+  it = _iterator(prepared)
+  for _ in range(4):  # past the end of the first epoch
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  again = _iterator(prepared)
+  again.set_state(state)
+  for want in expected:
+    got = next(again)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_batches_mix_subjects_and_each_host_reads_its_own_shard(prepared):
+  prepared = prepared[0]
+  it = _iterator(prepared)
+  batch = next(it)
+  assert batch['pixels'].shape == (4, 32, 32, 3) and batch['pixels'].min() >= -1
+  seen = np.concatenate([next(it)['concept'] for _ in range(3)])
+  assert len(set(seen.tolist())) == 3
+  shards = [{int(i) for _ in range(3) for i in next(_iterator(prepared, shard_index=h, shard_count=2))['index']}
+            for h in range(2)]
+  assert not shards[0] & shards[1]
+
+
+def test_prepared_dataset_is_reused_until_an_input_changes(prepared):
+  folder, examples, root = prepared
+  assert prepare_dataset(str(root / 'data'), examples, 32) == folder
+  first = examples['instance'][0]['file']
+  os.utime(first, ns=(1, 1))  # an edited file (new mtime) means new data
+  assert prepare_dataset(str(root / 'data'), examples, 32) != folder

@@ -1,0 +1,173 @@
+"""Whole DreamBooth runs on the tiny model: the exported model loads in diffusers and jaxdream, a run killed
+at any moment resumes to bitwise-identical weights, SIGTERM saves, changed runs and NaN losses are refused."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from jaxdream import config as config_lib
+from jaxdream.models.weights import read_safetensors
+
+SAMPLE = os.path.join(os.path.dirname(config_lib.__file__), 'assets', 'sample_subject', 'dog')
+UNET_FILE = os.path.join('model', 'unet', 'diffusion_pytorch_model.safetensors')
+TE_FILE = os.path.join('model', 'text_encoder', 'model.safetensors')
+
+
+@pytest.fixture(scope='module')
+def shared(tmp_path_factory):
+  from jaxdream.tiny_model import create_tiny_pipeline
+  root = tmp_path_factory.mktemp('runs')
+  return {'base': create_tiny_pipeline(str(root / 'base')), 'class_dir': str(root / 'class_images'),
+          'root': root}
+
+
+def _config(shared, **train):
+  c = config_lib.base_config()
+  c.model = shared['base']
+  c.resolution = 64
+  c.concepts = [config_lib.concept(instance_dir=SAMPLE, instance_prompt='a photo of sks dog',
+                                   class_prompt='a photo of dog', class_dir=shared['class_dir'], num_class_images=2)]
+  c.prior.sample_steps, c.prior.batch_size = 2, 2
+  c.train.num_steps, c.train.learning_rate = 4, 1e-4
+  c.train.train_text_encoder = True
+  c.checkpoint.every_steps, c.checkpoint.async_save = 2, True
+  c.logging.every_steps = 2
+  c.validation.prompts, c.validation.num_images, c.validation.steps = ['a photo of sks dog'], 1, 2
+  c.data.flip_p = 0.5
+  c.mesh.data, c.mesh.tensor = 2, 4  # 8 simulated devices: the batch of 1 + 1 splits over 'data'
+  for k, v in train.items():
+    c.train[k] = v
+  return c
+
+
+@pytest.fixture(scope='module')
+def finished(shared):
+  from jaxdream.train import train
+  workdir = str(shared['root'] / 'finished')
+  summary = train(_config(shared), workdir)
+  return workdir, summary
+
+
+def test_run_writes_samples_logs_and_a_model_that_diffusers_and_jaxdream_load(finished):
+  import torch
+  from diffusers import StableDiffusionPipeline
+
+  from jaxdream import load_pipeline
+  from jaxdream.sampling import txt2img
+  workdir, summary = finished
+  assert summary['step'] == 4 and len(summary['losses']) == 4
+  out = summary['outputs']
+  assert os.path.exists(out['loss_curve']) and all(os.path.exists(p) for p in out['samples'].values())
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(os.path.join(workdir, 'tensorboard')))
+  ref = StableDiffusionPipeline.from_pretrained(out['model'], safety_checker=None)
+  with torch.no_grad():
+    image = ref('a photo of sks dog', num_inference_steps=2, output_type='np').images
+  assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+  ours = txt2img(load_pipeline(out['model']), 'a photo of sks dog', num_inference_steps=2)
+  assert ours.shape == (1, 64, 64, 3)
+
+
+def test_trained_weights_moved_and_the_vae_did_not(finished, shared):
+  workdir, _ = finished
+  for rel, changed in ((UNET_FILE, True), (TE_FILE, True),
+                       (os.path.join('model', 'vae', 'diffusion_pytorch_model.safetensors'), False)):
+    new = read_safetensors(os.path.join(workdir, rel))
+    old = read_safetensors(os.path.join(shared['base'], rel.split(os.sep, 1)[1]))
+    same = all(np.array_equal(new[k], old[k]) for k in old)
+    assert same != changed, rel
+
+
+def test_resuming_with_a_changed_run_is_refused_with_the_differences(finished, shared):
+  from jaxdream.train import train
+  workdir = shutil.copytree(finished[0], str(shared['root'] / 'changed'))
+  with pytest.raises(config_lib.RunConfigError, match=r'train\.learning_rate.*0\.0001.*0\.001'):
+    train(_config(shared, learning_rate=1e-3, num_steps=6), workdir)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(finished, shared):
+  from jaxdream.train import TrainingError, train
+  workdir = shutil.copytree(finished[0], str(shared['root'] / 'nan'))
+  c = _config(shared, num_steps=6, offset_noise=float('nan'))
+  c.resume_override = True
+  with pytest.raises(TrainingError, match='non-finite loss.*step 5'):
+    train(c, workdir)
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())[-1] == 4
+  c.train.nan_policy = 'skip'
+  with pytest.warns(UserWarning, match='step skipped'):
+    summary = train(c, workdir)
+  assert summary['step'] == 6 and summary['bad_steps'] == 2
+  for rel in (UNET_FILE, TE_FILE):  # the skipped steps left the step-4 weights untouched
+    a, b = read_safetensors(os.path.join(workdir, rel)), read_safetensors(os.path.join(finished[0], rel))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _write_config(shared, path, num_steps):
+  path.write_text(textwrap.dedent(f'''
+      from jaxdream.config import base_config, concept
+      def get_config():
+        c = base_config()
+        c.model = {shared['base']!r}
+        c.resolution = 64
+        c.concepts = [concept(instance_dir={SAMPLE!r}, instance_prompt='a photo of sks dog',
+                              class_prompt='a photo of dog', class_dir={shared['class_dir']!r}, num_class_images=2)]
+        c.prior.sample_steps, c.prior.batch_size = 2, 2
+        c.train.num_steps, c.train.learning_rate, c.train.train_text_encoder = {num_steps}, 1e-4, True
+        c.train.ema_decay = 0.9
+        c.checkpoint.every_steps = 1
+        c.validation.prompts, c.validation.num_images, c.validation.steps = ['a dog'], 1, 2
+        c.data.flip_p = 0.5
+        c.mesh.data, c.mesh.tensor = 2, 4
+        return c
+  '''))
+  return str(path)
+
+
+def _start(config, workdir, cache):
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             PYTHONUNBUFFERED='1')
+  return subprocess.Popen([sys.executable, '-m', 'jaxdream.cli', 'train', '--config', config, '--workdir', workdir],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(proc, workdir, step, timeout=300):
+  folder = os.path.join(workdir, 'checkpoints', str(step))
+  t0 = time.time()
+  while not os.path.isdir(folder):
+    assert proc.poll() is None, proc.stdout.read()
+    assert time.time() - t0 < timeout, 'no checkpoint in time'
+    time.sleep(0.2)
+
+
+def test_sigterm_saves_and_sigkill_at_any_moment_resumes_to_identical_weights(shared, tmp_path):
+  config = _write_config(shared, tmp_path / 'cfg.py', num_steps=10)
+  cache = str(shared['root'] / 'jax_cache')
+  straight = str(tmp_path / 'straight')
+  proc = _start(config, straight, cache)
+  assert proc.wait(timeout=600) == 0, proc.stdout.read()
+
+  interrupted = str(tmp_path / 'interrupted')
+  proc = _start(config, interrupted, cache)
+  _wait_for_checkpoint(proc, interrupted, 2)
+  proc.send_signal(signal.SIGTERM)  # preemption: save and exit cleanly
+  output = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0 and 'SIGTERM: saved the checkpoint' in output, output
+  proc = _start(config, interrupted, cache)
+  _wait_for_checkpoint(proc, interrupted, 6)
+  proc.kill()  # SIGKILL mid-run, possibly mid-save
+  proc.wait()
+  proc = _start(config, interrupted, cache)
+  output = proc.communicate(timeout=600)[0]
+  assert proc.returncode == 0 and 'resumed from the checkpoint' in output, output
+  for rel in (UNET_FILE, TE_FILE):
+    a = read_safetensors(os.path.join(straight, rel))
+    b = read_safetensors(os.path.join(interrupted, rel))
+    assert set(a) == set(b)
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
