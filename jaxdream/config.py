@@ -77,7 +77,14 @@ def base_config() -> ml_collections.ConfigDict:
       every_steps=0,         # 0: only at the end
       prompts=[], negative_prompt='', num_images=2, steps=25, guidance_scale=7.5, seed=0,
       scheduler=''))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1, tensor=1,
+      # logical axis -> mesh axis (models name logical axes only; see jaxdream/sharding.py). Empty by
+      # default: with tensor-parallel rules such as jaxdream.sharding.TENSOR_RULES some gradients on a
+      # 'tensor' axis > 1 disagree with one device (tests/test_sharding.py), so it is opt-in for now.
+      rules=(),
+      fsdp_min_size=1024,  # parameters with fewer elements stay whole under FSDP
+  ))
   return c
 
 

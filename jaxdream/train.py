@@ -33,6 +33,7 @@ from jaxdream import config as config_lib
 from jaxdream.data import DataError, data_source, instance_prompt, make_iterator, prepare_dataset, scan_images
 from jaxdream.mesh import make_mesh
 from jaxdream.schedulers import NoiseSchedule
+from jaxdream.sharding import batch_sharding, logical_axes, param_shardings, state_shardings
 
 MODELS = ('unet', 'text_encoder', 'vae')
 
@@ -312,6 +313,23 @@ def _load_base(config, workdir):
   return load_pipeline(model, dtype=dtype, attention_impl=config.attention, allow_pickle=config.allow_pickle)
 
 
+def _place(step_fn, pipeline, trainable, frozen, tx, mesh, config):
+  """Shard parameters, optimizer state and batches over the mesh; the jitted, donating step."""
+  axes = {}
+  for m in MODELS:
+    axes.update(logical_axes(getattr(pipeline, m), m + '/'))
+  rules, min_size = tuple(tuple(r) for r in config.mesh.rules), config.mesh.fsdp_min_size
+  trainable_sh = param_shardings(trainable, axes, mesh, rules, min_size)
+  frozen_sh = param_shardings(frozen, axes, mesh, rules, min_size)
+  make = lambda t: init_state(t, tx, config.seed, config.train.ema_decay > 0)
+  state_sh = state_shardings(jax.eval_shape(make, trainable), trainable_sh, mesh)
+  state = jax.jit(make, out_shardings=state_sh)(jax.device_put(trainable, trainable_sh))
+  batch_sh = batch_sharding(mesh)
+  step = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh),
+                 out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
+  return state, jax.device_put(frozen, frozen_sh), step, batch_sh
+
+
 def _set_params(pipeline, flat: dict):
   """Write flat parameters (trained or EMA ones, any subset) into the pipeline's models, in place."""
   for m in MODELS:
@@ -368,14 +386,10 @@ def train(config, workdir: str) -> dict:
                    snr_gamma=config.train.snr_gamma, offset_noise=config.train.offset_noise,
                    ema_decay=config.train.ema_decay, scaling_factor=pipeline.vae.scaling_factor,
                    shift_factor=pipeline.vae.shift_factor)
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P(('data', 'fsdp')))
-  state = jax.device_put(init_state(trainable, tx, config.seed, config.train.ema_decay > 0), replicated)
-  frozen = jax.device_put(frozen, replicated)
+  state, frozen, jstep, batch_sh = _place(step_fn, pipeline, trainable, frozen, tx, mesh, config)
   mngr = _checkpointer(workdir, config)
   state = _restore(mngr, state, iterators, config)
   start = int(state['step'])
-  jstep = jax.jit(step_fn, donate_argnums=(0,))
 
   writer = _Writer(workdir, config) if jax.process_index() == 0 else None
   preempt = _Preemption()
@@ -386,7 +400,7 @@ def train(config, workdir: str) -> dict:
     bar = tqdm(total=config.train.num_steps, initial=start, desc='train', disable=jax.process_index() != 0)
     for step in range(start, config.train.num_steps):
       batch = _next_batch(iterators, config.prior.enabled)
-      batch = jax.device_put(batch, batch_sharding)
+      batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sh, x), batch)
       state, metrics = jstep(state, frozen, batch)
       m = jax.device_get(metrics)
       done = step + 1
@@ -557,6 +571,17 @@ class _Writer:
       self.wandb.finish()
 
 
+def _init_distributed():
+  """Join a multi-host run: explicit JAXDREAM_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID (launch/
+  slurm_gpu.sbatch sets them), or JAXDREAM_DISTRIBUTED=auto where JAX detects the cluster (TPU pods)."""
+  env = os.environ
+  if env.get('JAXDREAM_COORDINATOR'):
+    jax.distributed.initialize(env['JAXDREAM_COORDINATOR'], int(env['JAXDREAM_NUM_PROCESSES']),
+                               int(env['JAXDREAM_PROCESS_ID']))
+  elif env.get('JAXDREAM_DISTRIBUTED') == 'auto':
+    jax.distributed.initialize()
+
+
 def main(argv=None):
   """`jaxdream train --config FILE --workdir DIR [--config.key=value ...]`."""
   from absl import flags
@@ -575,6 +600,7 @@ def main(argv=None):
   if fv.config is None or fv.workdir is None:
     print('jaxdream train: error: --config and --workdir are required', file=sys.stderr)
     return 2
+  _init_distributed()
   try:
     summary = train(fv.config, fv.workdir)
   except (config_lib.RunConfigError, DataError, TrainingError, ValueError, OSError) as e:

@@ -37,6 +37,8 @@ def _uniform_init(key, shape, bound):
 
 
 class Linear(nnx.Module):
+  # Logical axis names; the config's rules map them to mesh axes (jaxdream/sharding.py).
+  LOGICAL_AXES = {'kernel': ('in_features', 'out_features'), 'bias': ('out_features',)}
   TORCH_PARAMS = {
       'kernel': ('weight', _linear_to_jax, lambda k: np.asarray(k).T),
       'bias': ('bias', _identity, _identity),
@@ -58,6 +60,7 @@ class Linear(nnx.Module):
 
 class Conv2d(nnx.Module):
   """NHWC convolution with an HWIO kernel; `padding` is symmetric, as in torch."""
+  LOGICAL_AXES = {'kernel': (None, None, 'in_channels', 'out_channels'), 'bias': ('out_channels',)}
   TORCH_PARAMS = {
       'kernel': ('weight', _conv_to_jax, lambda k: np.transpose(np.asarray(k), (3, 2, 0, 1))),
       'bias': ('bias', _identity, _identity),
@@ -87,6 +90,7 @@ class Conv2d(nnx.Module):
     return y
 
 
+_NORM_AXES = {'scale': ('norm',), 'bias': ('norm',)}
 _NORM_PARAMS = {
     'scale': ('weight', _identity, _identity),
     'bias': ('bias', _identity, _identity),
@@ -100,6 +104,7 @@ class GroupNorm(nnx.Module):
   twice as fast as mean-then-variance (shared/PERF_NOTES.md) and lets the affine fold into one FMA.
   """
   TORCH_PARAMS = _NORM_PARAMS
+  LOGICAL_AXES = _NORM_AXES
 
   def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-5, dtype=jnp.float32,
                rngs: nnx.Rngs | None = None):
@@ -131,6 +136,7 @@ class GroupNorm(nnx.Module):
 
 class LayerNorm(nnx.Module):
   TORCH_PARAMS = _NORM_PARAMS
+  LOGICAL_AXES = _NORM_AXES
 
   def __init__(self, num_features: int, *, eps: float = 1e-5, dtype=jnp.float32,
                rngs: nnx.Rngs | None = None):
@@ -148,6 +154,7 @@ class LayerNorm(nnx.Module):
 
 
 class Embed(nnx.Module):
+  LOGICAL_AXES = {'embedding': ('vocab', 'embed')}
   TORCH_PARAMS = {'embedding': ('weight', _identity, _identity)}
 
   def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32, rngs: nnx.Rngs):

@@ -1,0 +1,87 @@
+"""Sharding on 8 simulated CPU devices: any mesh gives the single-device step, FSDP divides the memory,
+checkpoints move between mesh shapes."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import rel_err
+from test_train_step import _setup
+
+from jaxdream.mesh import make_mesh
+from jaxdream.sharding import TENSOR_RULES, per_device_bytes
+from jaxdream.train import _checkpointer, _place, _restore, _save
+
+
+def _batch(pipe, n=8):
+  rng = np.random.default_rng(0)
+  prompts = ['a photo of sks dog'] * (n // 2) + ['a photo of dog'] * (n // 2)
+  return {'pixels': rng.uniform(-1, 1, (n, 64, 64, 3)).astype(np.float32), 'input_ids': pipe.tokenize(prompts)}
+
+
+@pytest.fixture(scope='module')
+def setup(tiny_sd_folder):
+  pipe, config, fn, state, frozen = _setup(tiny_sd_folder[1], train_text_encoder=True)
+  fn = type(fn)(**{**fn.__dict__, 'num_instance': 4})
+  single_state, metrics = jax.jit(fn)(state, frozen, _batch(pipe))
+  return pipe, config, fn, jax.device_get(state), frozen, jax.device_get(single_state), jax.device_get(metrics)
+
+
+def _on_mesh(setup, shape, rules=None):
+  pipe, config, fn, state, frozen, _, _ = setup
+  config = config.copy_and_resolve_references()
+  if rules is not None:
+    config.mesh.rules = rules
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
+  mesh = make_mesh(*shape)
+  placed, frozen_placed, step, batch_sh = _place(fn, pipe, state['trainable'], frozen, fn.tx, mesh, config)
+  return mesh, placed, frozen_placed, step, batch_sh, config
+
+
+@pytest.mark.parametrize('shape,rules', [
+    ((8, 1, 1), None), ((1, 8, 1), None), ((2, 4, 1), None), ((2, 2, 2), None),
+    pytest.param((2, 2, 2), TENSOR_RULES, marks=pytest.mark.xfail(
+        reason='tensor-parallel rules: some gradients differ from one device (~3e-3 in the norm); '
+               'under investigation, so not the default', strict=False))])
+def test_step_on_any_mesh_equals_the_single_device_step(setup, shape, rules):
+  pipe, _, _, _, _, single, single_metrics = setup
+  _, state, frozen, step, batch_sh, _ = _on_mesh(setup, shape, rules)
+  batch = jax.device_put(_batch(pipe), batch_sh)
+  new, metrics = step(state, frozen, batch)
+  assert rel_err(metrics['loss'], single_metrics['loss']) <= 1e-5
+  assert rel_err(metrics['grad_norm'], single_metrics['grad_norm']) <= 1e-5
+  new = jax.device_get(new['trainable'])
+  ours = np.concatenate([np.ravel(new[k]) for k in sorted(new)])
+  ref = np.concatenate([np.ravel(single['trainable'][k]) for k in sorted(new)])
+  before = np.concatenate([np.ravel(setup[3]['trainable'][k]) for k in sorted(new)])
+  assert rel_err(ours, ref) <= 1e-5
+  # Adam's first update is ~lr * sign(g): where |g| is near eps, summation order alone moves it, so
+  # the updates themselves agree to 1e-3 rather than 1e-5.
+  assert rel_err(ours - before, ref - before) <= 1e-3
+
+
+def test_fsdp_divides_parameter_and_optimizer_memory_by_the_device_count(setup):
+  _, state, frozen, _, _, _ = _on_mesh(setup, (1, 8, 1))
+  held = per_device_bytes((state['trainable'], state['opt_state']))
+  total = sum(x.nbytes for x in jax.tree.leaves((state['trainable'], state['opt_state'])))
+  assert held <= 1.1 * total / 8
+  assert per_device_bytes(frozen) <= 1.1 * sum(x.nbytes for x in jax.tree.leaves(frozen)) / 8
+
+
+def test_checkpoint_written_on_one_mesh_resumes_on_others(setup, tmp_path):
+  _, written, _, step, _, config = _on_mesh(setup, (2, 4, 1))
+  config.checkpoint.async_save = False
+  mngr = _checkpointer(str(tmp_path), config)
+  _save(mngr, 3, written, {}, config)
+  mngr.wait_until_finished()
+  expected = jax.device_get(written)
+  for shape in [(8, 1, 1), (1, 1, 1)]:
+    devices = jax.devices()[:int(np.prod(shape))]
+    mesh = make_mesh(*shape, devices=devices)
+    cfg = config.copy_and_resolve_references()
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = shape
+    pipe, _, fn, state, frozen = setup[:5]
+    fresh, _, _, _ = _place(fn, pipe, state['trainable'], frozen, fn.tx, mesh, cfg)
+    restored = _restore(_checkpointer(str(tmp_path), cfg), fresh, {}, cfg)
+    assert all(len(x.sharding.device_set) == len(devices) for x in jax.tree.leaves(restored))
+    for a, b in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(expected)):
+      np.testing.assert_array_equal(a, b)
