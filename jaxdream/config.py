@@ -19,6 +19,15 @@ class RunConfigError(ValueError):
   """A run config that cannot work; the message lists every problem and what to fix."""
 
 
+def config_file(path: str) -> ml_collections.ConfigDict:
+  """get_config() of a config file (for config files built on another one)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def concept(instance_dir='', instance_prompt='', class_prompt='', class_dir='', num_class_images=100,
             identifier='sks'):
   return ml_collections.ConfigDict(dict(
@@ -68,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
       snr_gamma=0.0,         # min-SNR-gamma weighting; 0 disables it
       ema_decay=0.0,         # EMA of the trainable weights; 0 disables it
       cache_latents=False,   # encode images once (needs center crops and no flips)
+      cache_text_embeddings=False,  # encode prompts once (needs a frozen text encoder)
       nan_policy='stop',     # 'stop' the run, or 'skip' the step
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=3, async_save=True))
@@ -151,6 +161,10 @@ def validate(config) -> list[dict]:
   if t.cache_latents and (not config.data.center_crop or config.data.flip_p > 0):
     problems.append('train.cache_latents needs data.center_crop=True and data.flip_p=0 '
                     '(cached latents cannot follow random crops or flips)')
+  if t.cache_text_embeddings and (t.train_text_encoder or any(
+      'text_encoder' in g.pattern for g in t.param_groups.values() if isinstance(g, ml_collections.ConfigDict))):
+    problems.append('train.cache_text_embeddings needs a frozen text encoder (train.train_text_encoder=False '
+                    'and no param_groups over text_encoder/)')
   for name, group in t.param_groups.items():
     if not isinstance(group, ml_collections.ConfigDict) or set(group.keys()) != {'pattern', 'learning_rate'}:
       problems.append(f'train.param_groups.{name} needs exactly pattern and learning_rate')

@@ -48,32 +48,21 @@ class Pipeline:
     return tokenize(self.tokenizer, [prompts] if isinstance(prompts, str) else prompts)
 
 
-def _read_json(path: str, what: str) -> dict:
-  if not os.path.exists(path):
-    raise WeightsError(f'{path}: missing; {what}')
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise WeightsError(f'{path}: not valid JSON ({e})') from None
-
-
 def load_pipeline(path: str, *, dtype=jnp.float32, attention_impl: str = 'auto',
                   allow_pickle: bool = False) -> Pipeline:
   """Load a local diffusers-format Stable Diffusion folder. All configs are checked before any
   weights are read, so a broken folder fails at once with the file to fix."""
   if not os.path.isdir(path):
     raise WeightsError(f'{path}: no such model folder')
-  _read_json(os.path.join(path, 'model_index.json'),
-             'a diffusers model folder has model_index.json with unet/, text_encoder/, vae/, tokenizer/, '
-             'scheduler/ beside it')
+  models.read_config(path, 'model_index.json', 'a diffusers model folder has model_index.json with unet/, '
+                     'text_encoder/, vae/, tokenizer/, scheduler/ beside it')
   missing = [c for c in COMPONENTS if not os.path.isdir(os.path.join(path, c))]
   if missing:
     raise WeightsError(f'{path}: missing component folder(s) {", ".join(missing)}')
   for cls, name in ((UNet2DConditionModel, 'unet'), (CLIPTextModel, 'text_encoder'), (AutoencoderKL, 'vae')):
     cls.resolve_config(models.read_config(os.path.join(path, name)))
-  scheduler_config = _read_json(os.path.join(path, 'scheduler', 'scheduler_config.json'),
-                                'the scheduler folder needs scheduler_config.json')
+  scheduler_config = models.read_config(os.path.join(path, 'scheduler'), 'scheduler_config.json',
+                                       'the scheduler folder needs scheduler_config.json')
   kw = dict(dtype=dtype, attention_impl=attention_impl, allow_pickle=allow_pickle)
   return Pipeline(
       unet=models.load_unet(os.path.join(path, 'unet'), **kw),

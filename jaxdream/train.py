@@ -64,6 +64,16 @@ def unflatten(flat: dict[str, jax.Array], template: dict) -> dict:
   return build(template, '')
 
 
+def split_models(pipeline) -> tuple[dict, dict, dict]:
+  """(graph definitions, pure-dict parameter templates, flat parameters) of the pipeline's models."""
+  graphdefs, templates, flat = {}, {}, {}
+  for m in MODELS:
+    graphdefs[m], st = nnx.split(getattr(pipeline, m))
+    templates[m] = st.to_pure_dict()
+    flat.update(flatten(templates[m], m + '/'))
+  return graphdefs, templates, flat
+
+
 def param_groups(config) -> dict[str, tuple[str, float]]:
   """Trainable groups: name -> (regex over flat paths, learning rate). First match wins."""
   t = config.train
@@ -179,7 +189,7 @@ class StepFn:
     latents = jax.lax.stop_gradient(mean + std * r['latent_noise'])
     noise, t = r['noise'], r['timesteps']
     noisy = self.schedule.add_noise(latents, noise, t)
-    context = models['text_encoder'](batch['input_ids'])
+    context = batch['context'] if 'context' in batch else models['text_encoder'](batch['input_ids'])
     pred = models['unet'](noisy, t, context)
     target = self.schedule.target(latents, noise, t)
     loss, (inst, prior) = dreambooth_loss(pred, target, t, self.schedule, num_instance=self.num_instance,
@@ -369,12 +379,12 @@ def train(config, workdir: str) -> dict:
   splits = ['instance'] + (['class'] if config.prior.enabled else [])
   iterators = {s: make_iterator(data_source(data_folder, s), seed=config.seed + 17 * k, **common)
                for k, s in enumerate(splits)}
+  latents = (_cache_latents(pipeline, data_folder, splits, config.resolution)
+             if config.train.cache_latents else None)
+  contexts = (_cache_text_embeddings(pipeline, data_folder, splits)
+              if config.train.cache_text_embeddings else None)
 
-  graphdefs, templates, flat = {}, {}, {}
-  for m in MODELS:
-    graphdefs[m], st = nnx.split(getattr(pipeline, m))
-    templates[m] = st.to_pure_dict()
-    flat.update(flatten(templates[m], m + '/'))
+  graphdefs, templates, flat = split_models(pipeline)
   groups = param_groups(config)
   trainable, frozen, labels = split_trainable(flat, groups)
   if not trainable:
@@ -399,7 +409,7 @@ def train(config, workdir: str) -> dict:
     from tqdm import tqdm
     bar = tqdm(total=config.train.num_steps, initial=start, desc='train', disable=jax.process_index() != 0)
     for step in range(start, config.train.num_steps):
-      batch = _next_batch(iterators, config.prior.enabled)
+      batch = _next_batch(iterators, config.prior.enabled, latents, contexts)
       batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sh, x), batch)
       state, metrics = jstep(state, frozen, batch)
       m = jax.device_get(metrics)
@@ -445,13 +455,67 @@ def train(config, workdir: str) -> dict:
   return summary
 
 
-def _next_batch(iterators, prior: bool) -> dict:
-  inst = next(iterators['instance'])
-  batch = {'pixels': inst['pixels'], 'input_ids': inst['input_ids']}
-  if prior:
-    cls = next(iterators['class'])
-    batch = {k: np.concatenate([batch[k], cls[k]]) for k in batch}
-  return batch
+def _next_batch(iterators, prior: bool, latents: dict | None = None, contexts: dict | None = None) -> dict:
+  """The step's examples: instance ones first, then class ones. Cached latents replace the images by
+  their stored posterior (mean, std), cached text embeddings replace the token ids; both are looked up
+  by example index."""
+  parts = []
+  for split in ('instance', 'class') if prior else ('instance',):
+    ex = next(iterators[split])
+    part = {'pixels': ex['pixels']}
+    if latents is not None:
+      part = {'latent_mean': latents[split][0][ex['index']], 'latent_std': latents[split][1][ex['index']]}
+    part.update({'context': contexts[split][ex['index']]} if contexts is not None else
+                {'input_ids': ex['input_ids']})
+    parts.append(part)
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _cache_text_embeddings(pipeline, data_folder, splits, batch_size=16) -> dict:
+  """Every example's prompt embedding, computed once (the text encoder is frozen)."""
+  te_def, te_params = nnx.split(pipeline.text_encoder)
+  encode = jax.jit(lambda params, ids: nnx.merge(te_def, params)(ids))
+  out = {}
+  for split in splits:
+    source = data_source(data_folder, split)
+    prompts = [None] * len(source)
+    for i in range(len(source)):
+      ex = source[i]
+      p = ex['prompt']
+      prompts[int(ex['index'])] = p.decode() if isinstance(p, bytes) else str(p)
+    ids = pipeline.tokenize(prompts)
+    out[split] = np.concatenate([np.asarray(jax.device_get(encode(te_params, ids[i:i + batch_size])))
+                                 for i in range(0, len(ids), batch_size)])
+  return out
+
+
+def _cache_latents(pipeline, data_folder, splits, resolution, batch_size=8) -> dict:
+  """Every example's scaled VAE posterior (mean, std), computed once (center crops, no flips)."""
+  vae_def, vae_params = nnx.split(pipeline.vae)
+
+  @jax.jit
+  def encode(params, pixels):
+    vae = nnx.merge(vae_def, params)
+    dist = vae.encode(pixels)
+    return ((dist.mean - vae.shift_factor) * vae.scaling_factor, dist.std * vae.scaling_factor)
+
+  out = {}
+  for split in splits:
+    source = data_source(data_folder, split)
+    it = make_iterator(source, batch_size=1, seed=0, resolution=resolution, center_crop=True, flip_p=0.0,
+                       tokenize=lambda p: np.zeros((len(p), 1), np.int32))
+    pixels, order = [], []
+    for _ in range(len(source)):  # the first epoch visits every example once
+      ex = next(it)
+      pixels.append(ex['pixels'][0])
+      order.append(int(ex['index'][0]))
+    means, stds = [None] * len(order), [None] * len(order)
+    for i in range(0, len(order), batch_size):
+      m, s = jax.device_get(encode(vae_params, np.stack(pixels[i:i + batch_size])))
+      for j, idx in enumerate(order[i:i + batch_size]):
+        means[idx], stds[idx] = m[j], s[j]
+    out[split] = (np.stack(means), np.stack(stds))
+  return out
 
 
 def _load_losses(workdir) -> list:

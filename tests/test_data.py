@@ -169,3 +169,21 @@ def test_prepared_dataset_is_reused_until_an_input_changes(prepared):
   first = examples['instance'][0]['file']
   os.utime(first, ns=(1, 1))  # an edited file (new mtime) means new data
   assert prepare_dataset(str(root / 'data'), examples, 32) != folder
+
+
+@pytest.mark.parametrize('name', ['quickstart', 'dreambooth_sd15', 'dreambooth_sd21', 'multi_subject'])
+def test_shipped_configs_load_and_validate(name, tmp_path):
+  c = config_lib.config_file(os.path.join(os.path.dirname(__file__), '..', 'configs', f'{name}.py'))
+  if name != 'quickstart':
+    (tmp_path / 'model_index.json').write_text('{}')
+    c.model = str(tmp_path)
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    if name == 'multi_subject':
+      (tmp_path / 's.json').write_text(json.dumps([{'instance_dir': str(photos), 'instance_prompt': 'a zwx dog',
+                                                    'identifier': 'zwx', 'class_prompt': 'a dog',
+                                                    'class_dir': str(tmp_path / 'c')}]))
+      c.data.concepts_file = str(tmp_path / 's.json')
+    else:
+      c.concepts[0].instance_dir = str(photos)
+  assert config_lib.validate(c)

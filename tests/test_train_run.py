@@ -171,3 +171,34 @@ def test_sigterm_saves_and_sigkill_at_any_moment_resumes_to_identical_weights(sh
     assert set(a) == set(b)
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_cached_latents_and_text_embeddings_are_each_examples_own(finished):
+  import glob
+
+  import jax
+  from conftest import jit_call
+
+  from jaxdream import load_pipeline
+  from jaxdream.data import data_source, make_iterator
+  from jaxdream.train import _cache_latents, _cache_text_embeddings, _next_batch
+  workdir, _ = finished
+  folder = os.path.dirname(os.path.dirname(glob.glob(os.path.join(workdir, 'data', '*', '*', '1.0.0'))[0]))
+  pipe = load_pipeline(os.path.join(workdir, 'base_model') if os.path.isdir(os.path.join(workdir, 'base_model'))
+                       else os.path.join(workdir, 'model'))
+  cache = _cache_latents(pipe, folder, ['instance'], 64)
+  it = make_iterator(data_source(folder, 'instance'), batch_size=2, seed=5, resolution=64, center_crop=True,
+                     flip_p=0.0, tokenize=pipe.tokenize)
+  ex = next(it)
+  dist = jit_call(pipe.vae, 'encode')(ex['pixels'])
+  np.testing.assert_allclose(cache['instance'][0][ex['index']], dist.mean * pipe.vae.scaling_factor, atol=1e-5)
+  batch = _next_batch({'instance': make_iterator(data_source(folder, 'instance'), batch_size=2, seed=5,
+                                                 resolution=64, center_crop=True, flip_p=0.0,
+                                                 tokenize=pipe.tokenize)}, False, cache)
+  assert set(batch) == {'latent_mean', 'latent_std', 'input_ids'} and batch['latent_mean'].shape == (2, 16, 16, 4)
+  contexts = _cache_text_embeddings(pipe, folder, ['instance'])
+  source = data_source(folder, 'instance')
+  ex = source[0]
+  expected = jit_call(pipe.text_encoder)(pipe.tokenize([ex['prompt'].decode()]))[0]
+  np.testing.assert_allclose(contexts['instance'][int(ex['index'])], expected, atol=1e-5)
+  jax.block_until_ready(dist.mean)

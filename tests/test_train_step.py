@@ -6,30 +6,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err
+from conftest import jit_call, rel_err
 
 from jaxdream import load_pipeline
 from jaxdream.config import base_config
 from jaxdream.models import state_dict
 from jaxdream.schedulers import NoiseSchedule
-from jaxdream.train import (MODELS, StepFn, _set_params, flatten, init_state, make_optimizer, param_groups,
+from jaxdream.train import (StepFn, _set_params, init_state, make_optimizer, param_groups, split_models,
                             split_trainable)
 
 PRIOR_WEIGHT = 0.7
 
 
 def _setup(path, *, train_text_encoder, snr_gamma=0.0, offset_noise=0.0):
-  from flax import nnx
   pipe = load_pipeline(path)
   c = base_config()
   c.train.learning_rate, c.train.text_encoder_learning_rate = 1e-3, 5e-4
   c.train.train_text_encoder = train_text_encoder
   c.train.max_grad_norm = 0.5
-  graphdefs, templates, flat = {}, {}, {}
-  for m in MODELS:
-    graphdefs[m], st = nnx.split(getattr(pipe, m))
-    templates[m] = st.to_pure_dict()
-    flat.update(flatten(templates[m], m + '/'))
+  graphdefs, templates, flat = split_models(pipe)
   groups = param_groups(c)
   trainable, frozen, labels = split_trainable(flat, groups)
   tx = make_optimizer(c, groups, labels)
@@ -131,7 +126,7 @@ def test_no_gradient_is_computed_for_frozen_parameters(tiny_sd_folder):
   assert trained_te_cost - frozen_te_cost >= 1.5 * te_forward  # a backward pass costs ~2 forwards
   # The same step fed cached latents instead of pixels differs by exactly the VAE encoder's forward.
   vae_forward = _flops(lambda x: pipe.vae.encode(x), batch['pixels'])
-  dist = pipe.vae.encode(batch['pixels'])
+  dist = jit_call(pipe.vae, 'encode')(batch['pixels'])  # jitted: eager NNX compiles op by op
   cached = {'input_ids': batch['input_ids'], 'latent_mean': dist.mean * fn.scaling_factor,
             'latent_std': dist.std * fn.scaling_factor}
   with_vae = frozen_te_cost - _flops(fn, state, frozen, cached)

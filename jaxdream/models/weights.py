@@ -130,10 +130,11 @@ def read_weights(folder: str, weights_name: str, *, allow_pickle: bool = False) 
   raise WeightsError(f'{folder}: no weights file (expected {weights_name}.safetensors); found {found}')
 
 
-def read_config(folder: str, name: str = 'config.json') -> dict:
+def read_config(folder: str, name: str = 'config.json',
+                hint: str = 'is this a model component folder (e.g. <model>/unet)?') -> dict:
   path = os.path.join(folder, name)
   if not os.path.exists(path):
-    raise WeightsError(f'{folder}: missing {name}; is this a model component folder (e.g. <model>/unet)?')
+    raise WeightsError(f'{folder}: missing {name}; {hint}')
   try:
     with open(path) as f:
       return json.load(f)
