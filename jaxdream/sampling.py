@@ -153,15 +153,18 @@ def _check_size(pipeline, height, width):
   return height, width
 
 
+def _as_list(items, batch_ndims) -> list:
+  """One image, a list of them, or a batched array (ndim in `batch_ndims`) as a list."""
+  if isinstance(items, np.ndarray) and items.ndim in batch_ndims:
+    return list(items)
+  return list(items) if isinstance(items, (list, tuple)) else [items]
+
+
 def _to_images(images, height, width) -> np.ndarray:
   """Images as float32 NHWC in [-1, 1]: uint8 arrays (B,H,W,3), PIL images or paths, resized if needed."""
   from PIL import Image
-  if isinstance(images, np.ndarray) and images.ndim == 4:
-    images = list(images)
-  elif not isinstance(images, (list, tuple)):
-    images = [images]
   out = []
-  for im in images:
+  for im in _as_list(images, (4,)):
     if isinstance(im, str):
       im = Image.open(im)
     if isinstance(im, Image.Image):
@@ -177,12 +180,8 @@ def _to_images(images, height, width) -> np.ndarray:
 def _to_masks(masks, height, width) -> np.ndarray:
   """Masks as float32 (B,H,W,1), 1 where to paint: binarised at 0.5 like diffusers' mask processor."""
   from PIL import Image
-  if isinstance(masks, np.ndarray) and masks.ndim in (3, 4):
-    masks = list(masks)
-  elif not isinstance(masks, (list, tuple)):
-    masks = [masks]
   out = []
-  for m in masks:
+  for m in _as_list(masks, (3, 4)):
     if isinstance(m, str):
       m = Image.open(m)
     if isinstance(m, Image.Image):

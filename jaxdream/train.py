@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import signal
@@ -98,20 +97,22 @@ def split_trainable(flat: dict, groups: dict) -> tuple[dict, dict, dict]:
   return trainable, frozen, labels
 
 
+def lr_schedule(config, lr: float) -> optax.Schedule:
+  """The learning-rate schedule of a group whose peak rate is `lr` (also what the log reports)."""
+  t = config.train
+  if t.lr_schedule == 'constant':
+    return optax.constant_schedule(lr)
+  warmup = optax.linear_schedule(0.0, lr, max(t.warmup_steps, 1))
+  if t.lr_schedule == 'warmup_constant':
+    rest = optax.constant_schedule(lr)
+  else:
+    rest = optax.cosine_decay_schedule(lr, max(t.num_steps - t.warmup_steps, 1))
+  return optax.join_schedules([warmup, rest], [t.warmup_steps]) if t.warmup_steps else rest
+
+
 def make_optimizer(config, groups: dict, labels: dict) -> optax.GradientTransformation:
   t = config.train
-
-  def schedule(lr):
-    if t.lr_schedule == 'constant':
-      return optax.constant_schedule(lr)
-    warmup = optax.linear_schedule(0.0, lr, max(t.warmup_steps, 1))
-    if t.lr_schedule == 'warmup_constant':
-      rest = optax.constant_schedule(lr)
-    else:
-      rest = optax.cosine_decay_schedule(lr, max(t.num_steps - t.warmup_steps, 1))
-    return optax.join_schedules([warmup, rest], [t.warmup_steps]) if t.warmup_steps else rest
-
-  adamw = {name: optax.adamw(schedule(lr), b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
+  adamw = {name: optax.adamw(lr_schedule(config, lr), b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
                              weight_decay=t.weight_decay) for name, (_, lr) in groups.items()}
   tx = optax.multi_transform(adamw, labels)
   if t.max_grad_norm > 0:  # one global norm over all trainable parameters, as diffusers clips
@@ -119,20 +120,6 @@ def make_optimizer(config, groups: dict, labels: dict) -> optax.GradientTransfor
   if t.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=t.grad_accum_steps)
   return tx
-
-
-def learning_rate(config, groups: dict, step):
-  """The first group's learning rate at `step` (for logging)."""
-  t = config.train
-  lr = next(iter(groups.values()))[1]
-  if t.lr_schedule == 'constant':
-    return lr
-  if step < t.warmup_steps:
-    return lr * step / max(t.warmup_steps, 1)
-  if t.lr_schedule == 'warmup_constant':
-    return lr
-  frac = min(1.0, (step - t.warmup_steps) / max(t.num_steps - t.warmup_steps, 1))
-  return lr * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 # ----------------------------------------------------------------------------- the step
@@ -427,7 +414,7 @@ def train(config, workdir: str) -> dict:
       if writer and (done % config.logging.every_steps == 0 or done == config.train.num_steps):
         now = time.perf_counter()
         writer.scalars(done, loss=m['loss'], instance_loss=m['instance_loss'], prior_loss=m['prior_loss'],
-                       grad_norm=m['grad_norm'], learning_rate=learning_rate(config, groups, done),
+                       grad_norm=m['grad_norm'], learning_rate=lr_schedule(config, next(iter(groups.values()))[1])(done),
                        steps_per_second=(done - s_last) / max(now - t_last, 1e-9))
         t_last, s_last = now, done
       if done % config.checkpoint.every_steps == 0 or done == config.train.num_steps or preempt.requested:
