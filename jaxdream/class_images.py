@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 
+from jaxdream import multihost
 from jaxdream.data import list_images
 
 MANIFEST = 'manifest.json'
@@ -35,13 +36,17 @@ def ensure_class_images(pipeline, concept: dict, *, seed: int, steps: int, guida
   from jaxdream.sampling import txt2img
 
   folder, prompt, wanted = concept['class_dir'], concept['class_prompt'], concept['num_class_images']
-  os.makedirs(folder, exist_ok=True)
+  # With several hosts every process samples (the batch is split over the whole mesh), the primary
+  # one writes, and all wait for it before anyone lists the folder again.
+  primary = multihost.is_primary()
+  if primary:
+    os.makedirs(folder, exist_ok=True)
   manifest_path = os.path.join(folder, MANIFEST)
   manifest = {'prompt': prompt, 'images': []}
   if os.path.exists(manifest_path):
     with open(manifest_path) as f:
       manifest = json.load(f)
-  existing = list_images(folder)
+  existing = list_images(folder) if os.path.isdir(folder) else []
   missing = wanted - len(existing)
   if missing <= 0:
     return existing[:wanted]
@@ -54,6 +59,8 @@ def ensure_class_images(pipeline, concept: dict, *, seed: int, steps: int, guida
     seeds = [base + n for n in chunk]
     images = txt2img(pipeline, [prompt] * len(chunk), num_inference_steps=steps, guidance_scale=guidance_scale,
                      scheduler=scheduler or None, seed=seeds, height=resolution, width=resolution, mesh=mesh)
+    if not primary:
+      continue
     for n, s, image in zip(chunk, seeds, images):
       name = f'class_{n:05d}.png'
       save_png(os.path.join(folder, name), image,
@@ -61,4 +68,5 @@ def ensure_class_images(pipeline, concept: dict, *, seed: int, steps: int, guida
                f'Size: {resolution}x{resolution}')
       manifest['images'].append({'number': n, 'file': name, 'seed': s})
     _write_json(manifest_path, manifest)  # after the images: a listed image always exists
+  multihost.barrier(f'class-images:{folder}')
   return list_images(folder)[:wanted]

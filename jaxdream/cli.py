@@ -165,6 +165,7 @@ class _Plan:
   init: object = None  # PIL images
   mask: object = None
   total_steps: int = 0
+  mesh: object = None  # jax.sharding.Mesh splitting each batch (--devices)
 
 
 def _plan(args) -> _Plan:
@@ -204,7 +205,18 @@ def _plan(args) -> _Plan:
   jobs = [dataclasses.replace(base, **dict(zip(keys[::-1], combo)))
           for combo in itertools.product(*(a.values for a in axes[::-1]))]
   total = sum(_check_job(job, scheduler_config, args.num_images) for job in jobs)
-  return _Plan(jobs=jobs, axes=axes, size=(h, w), init=init, mask=mask, total_steps=total)
+  return _Plan(jobs=jobs, axes=axes, size=(h, w), init=init, mask=mask, total_steps=total, mesh=_sample_mesh(args))
+
+
+def _sample_mesh(args):
+  """The mesh whose 'data' axis splits each batch (None: one device)."""
+  import jax
+
+  from jaxdream.mesh import make_mesh
+  n = jax.device_count() if args.devices == -1 else args.devices
+  if not 1 <= n <= jax.device_count():
+    raise ValueError(f'--devices {args.devices}: this machine has {jax.device_count()} device(s)')
+  return make_mesh(data=n, devices=jax.devices()[:n]) if n > 1 else None
 
 
 def _load_cached(path: str, allow_pickle: bool):
@@ -221,7 +233,7 @@ def _run_job(pipe, job: _Job, plan: _Plan, args):
   from jaxdream import sampling
   kw = dict(negative_prompts=[args.negative_prompt], num_inference_steps=job.steps,
             guidance_scale=job.guidance, scheduler=job.scheduler, seed=job.seed, height=plan.size[0],
-            width=plan.size[1], num_images_per_prompt=args.num_images, progress=_ON_STEP)
+            width=plan.size[1], num_images_per_prompt=args.num_images, progress=_ON_STEP, mesh=plan.mesh)
   if plan.mask is not None:
     return sampling.inpaint(pipe, [job.prompt], plan.init, plan.mask, strength=job.strength, **kw)
   if plan.init is not None:
@@ -326,6 +338,8 @@ def _add_sample_parser(sub):
                  help='denoising strength in [0, 1] with --init-image (default 0.8; 1.0 with --mask)')
   s.add_argument('--mask', help='inpainting mask image: white (>= 50%%) is repainted; needs --init-image')
   s.add_argument('--out', required=True, help='output folder')
+  s.add_argument('--devices', type=int, default=1,
+                 help='split each batch of images over this many devices (-1: all of them; default 1)')
   s.add_argument('--sweep', action='append', metavar='KEY=V1,V2,...',
                  help=f'an XYZ plot axis; give one to three (X, Y, Z) and every combination is generated, with '
                       f'one labelled grid per Z value (xyz_grid.png, or xyz_grid_z0.png, ...). KEY: '

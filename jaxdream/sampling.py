@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxdream.mesh import as_auto
+from jaxdream.multihost import to_global, to_host
 from jaxdream.schedulers import make_scheduler
 
 # Streams derived from an image's seed, so that adding a feature never shifts another stream.
@@ -263,7 +264,7 @@ def _generate(pipeline, prompts, negative_prompts, *, num_images_per_prompt, num
           jnp.asarray(image_latents), jnp.asarray(mask), jnp.asarray(masked_latents)]
   if mesh is not None:
     args = _place_on_mesh(args, mesh)
-  return np.asarray(fn(*args))[:b]
+  return to_host(fn(*args))[:b]
 
 
 def _first_size(images):
@@ -286,9 +287,8 @@ def _place_on_mesh(args, mesh):
   pad = lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], (-a.shape[0]) % n, axis=0)])
   rep = NamedSharding(mesh, P())
   split = NamedSharding(mesh, P(axes if axes else None))
-  per_image = [jax.device_put(pad(a), split) for a in args[1:5] + args[7:]]
-  return ([jax.device_put(args[0], rep)] + per_image[:4] + [jax.device_put(a, rep) for a in args[5:7]]
-          + per_image[4:])
+  per_image = [to_global(pad(a), split) for a in args[1:5] + args[7:]]
+  return [to_global(args[0], rep)] + per_image[:4] + [to_global(a, rep) for a in args[5:7]] + per_image[4:]
 
 
 def txt2img(pipeline, prompts, *, negative_prompts=None, num_inference_steps: int = 50,

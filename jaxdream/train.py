@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import re
-import signal
 import sys
 import time
 import warnings
@@ -29,10 +28,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxdream import config as config_lib
+from jaxdream import multihost
 from jaxdream.data import DataError, data_source, instance_prompt, make_iterator, prepare_dataset, scan_images
 from jaxdream.mesh import make_mesh
 from jaxdream.schedulers import NoiseSchedule
-from jaxdream.sharding import batch_sharding, logical_axes, param_shardings, state_shardings
+from jaxdream.sharding import batch_sharding, logical_axes, param_shardings, process_rows, state_shardings
 
 MODELS = ('unet', 'text_encoder', 'vae')
 
@@ -215,7 +215,7 @@ def init_state(trainable: dict, tx, seed: int, ema: bool) -> dict:
 # ----------------------------------------------------------------------------- the run
 
 def _log(msg):
-  if jax.process_index() == 0:
+  if multihost.is_primary():
     print(msg, flush=True)
 
 
@@ -248,20 +248,6 @@ def _examples(config, concepts, pipeline, mesh) -> dict[str, list[dict]]:
           batch_size=config.prior.batch_size, resolution=config.resolution, mesh=mesh, log=_log)
       examples['class'] += [{'file': p, 'prompt': c['class_prompt'], 'concept': i} for p in paths]
   return examples
-
-
-class _Preemption:
-  """SIGTERM (preemption) asks the loop to save and stop after the current step."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    self.requested = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
 
 
 def _checkpointer(workdir, config):
@@ -305,26 +291,42 @@ def _load_base(config, workdir):
   model = config.model
   if model == config_lib.BUILTIN_TINY:
     from jaxdream.tiny_model import create_tiny_pipeline
-    model = create_tiny_pipeline(os.path.join(workdir, 'base_model'))
+    model = multihost.primary_first(lambda: create_tiny_pipeline(os.path.join(workdir, 'base_model')),
+                                    'tiny-base-model')
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.compute_dtype]
   return load_pipeline(model, dtype=dtype, attention_impl=config.attention, allow_pickle=config.allow_pickle)
 
 
-def _place(step_fn, pipeline, trainable, frozen, tx, mesh, config):
-  """Shard parameters, optimizer state and batches over the mesh; the jitted, donating step."""
+def _state_maker(tx, config):
+  return lambda trainable: init_state(trainable, tx, config.seed, config.train.ema_decay > 0)
+
+
+def step_shardings(pipeline, trainable, frozen, tx, mesh, config):
+  """Shardings of (state, frozen parameters, batch). `trainable`/`frozen` may be abstract
+  (ShapeDtypeStruct): memory planning compiles the step without any weights."""
   axes = {}
   for m in MODELS:
     axes.update(logical_axes(getattr(pipeline, m), m + '/'))
   rules, min_size = tuple(tuple(r) for r in config.mesh.rules), config.mesh.fsdp_min_size
   trainable_sh = param_shardings(trainable, axes, mesh, rules, min_size)
-  frozen_sh = param_shardings(frozen, axes, mesh, rules, min_size)
-  make = lambda t: init_state(t, tx, config.seed, config.train.ema_decay > 0)
-  state_sh = state_shardings(jax.eval_shape(make, trainable), trainable_sh, mesh)
-  state = jax.jit(make, out_shardings=state_sh)(jax.device_put(trainable, trainable_sh))
-  batch_sh = batch_sharding(mesh)
-  step = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh),
+  state_sh = state_shardings(jax.eval_shape(_state_maker(tx, config), trainable), trainable_sh, mesh)
+  return state_sh, param_shardings(frozen, axes, mesh, rules, min_size), batch_sharding(mesh)
+
+
+def jit_step(step_fn, shardings, mesh):
+  """The step under jax.jit with in/out shardings; the old state's buffers are donated."""
+  state_sh, frozen_sh, batch_sh = shardings
+  return jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh),
                  out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
-  return state, jax.device_put(frozen, frozen_sh), step, batch_sh
+
+
+def _place(step_fn, pipeline, trainable, frozen, tx, mesh, config):
+  """Shard parameters, optimizer state and batches over the mesh; the jitted, donating step."""
+  shardings = step_shardings(pipeline, trainable, frozen, tx, mesh, config)
+  state_sh, frozen_sh, batch_sh = shardings
+  trainable_sh = {k: state_sh['trainable'][k] for k in trainable}
+  state = jax.jit(_state_maker(tx, config), out_shardings=state_sh)(jax.device_put(trainable, trainable_sh))
+  return state, jax.device_put(frozen, frozen_sh), jit_step(step_fn, shardings, mesh), batch_sh
 
 
 def _set_params(pipeline, flat: dict):
@@ -346,25 +348,28 @@ def train(config, workdir: str) -> dict:
   for c in concepts:  # class images may live in the run folder
     c['class_dir'] = c['class_dir'].replace('{workdir}', workdir)
   os.makedirs(workdir, exist_ok=True)
+  multihost.check_shared_folder(workdir)
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  pipeline = _load_base(config, workdir)
-  if config.resolution % pipeline.vae_scale_factor:
-    raise config_lib.RunConfigError(f'resolution {config.resolution} is not a multiple of the VAE factor '
-                                    f'{pipeline.vae_scale_factor}')
-  examples = _examples(config, concepts, pipeline, mesh)
-  data_folder = prepare_dataset(os.path.join(workdir, 'data'), examples, config.resolution)
   b = config.train.batch_size
   n_dev = mesh.shape['data'] * mesh.shape['fsdp']
   total = b * (2 if config.prior.enabled else 1)
   if total % n_dev:
     raise config_lib.RunConfigError(f'a step\'s {total} examples (train.batch_size={b}, prior examples on '
                                     f'top) do not split over the {n_dev} devices of the data axes')
-  tokenize = pipeline.tokenize
-  common = dict(batch_size=b, resolution=config.resolution, center_crop=config.data.center_crop,
-                flip_p=config.data.flip_p, tokenize=tokenize, shard_index=jax.process_index(),
-                shard_count=jax.process_count())
+  pipeline = _load_base(config, workdir)
+  if config.resolution % pipeline.vae_scale_factor:
+    raise config_lib.RunConfigError(f'resolution {config.resolution} is not a multiple of the VAE factor '
+                                    f'{pipeline.vae_scale_factor}')
+  examples = _examples(config, concepts, pipeline, mesh)
+  data_folder = multihost.primary_first(
+      lambda: prepare_dataset(os.path.join(workdir, 'data'), examples, config.resolution), 'dataset')
+  batch_sh = batch_sharding(mesh)
+  rows = process_rows(batch_sh, total)
   splits = ['instance'] + (['class'] if config.prior.enabled else [])
-  iterators = {s: make_iterator(data_source(data_folder, s), seed=config.seed + 17 * k, **common)
+  iterators = {s: make_iterator(data_source(data_folder, s), batch_size=b, seed=config.seed + 17 * k,
+                                resolution=config.resolution, center_crop=config.data.center_crop,
+                                flip_p=config.data.flip_p, tokenize=pipeline.tokenize,
+                                rows=slice(max(rows.start - k * b, 0), max(rows.stop - k * b, 0)))
                for k, s in enumerate(splits)}
   latents = (_cache_latents(pipeline, data_folder, splits, config.resolution)
              if config.train.cache_latents else None)
@@ -383,24 +388,26 @@ def train(config, workdir: str) -> dict:
                    snr_gamma=config.train.snr_gamma, offset_noise=config.train.offset_noise,
                    ema_decay=config.train.ema_decay, scaling_factor=pipeline.vae.scaling_factor,
                    shift_factor=pipeline.vae.shift_factor)
-  state, frozen, jstep, batch_sh = _place(step_fn, pipeline, trainable, frozen, tx, mesh, config)
+  state, frozen, jstep, _ = _place(step_fn, pipeline, trainable, frozen, tx, mesh, config)
   mngr = _checkpointer(workdir, config)
   state = _restore(mngr, state, iterators, config)
   start = int(state['step'])
 
-  writer = _Writer(workdir, config) if jax.process_index() == 0 else None
-  preempt = _Preemption()
+  writer = _Writer(workdir, config) if multihost.is_primary() else None
+  preempt = multihost.Preemption()
   losses = _load_losses(workdir)
   t_last, s_last = time.perf_counter(), start
   try:
     from tqdm import tqdm
-    bar = tqdm(total=config.train.num_steps, initial=start, desc='train', disable=jax.process_index() != 0)
+    bar = tqdm(total=config.train.num_steps, initial=start, desc='train', disable=not multihost.is_primary())
     for step in range(start, config.train.num_steps):
       batch = _next_batch(iterators, config.prior.enabled, latents, contexts)
-      batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sh, x), batch)
+      batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+          batch_sh, x, (total,) + x.shape[1:]), batch)
       state, metrics = jstep(state, frozen, batch)
-      m = jax.device_get(metrics)
+      m = multihost.to_host(metrics)
       done = step + 1
+      stop = preempt.reached(done)
       if not m['finite']:
         msg = f'non-finite loss or gradient at step {done} (loss={float(m["loss"])})'
         if config.train.nan_policy == 'stop':
@@ -417,13 +424,16 @@ def train(config, workdir: str) -> dict:
                        grad_norm=m['grad_norm'], learning_rate=lr_schedule(config, next(iter(groups.values()))[1])(done),
                        steps_per_second=(done - s_last) / max(now - t_last, 1e-9))
         t_last, s_last = now, done
-      if done % config.checkpoint.every_steps == 0 or done == config.train.num_steps or preempt.requested:
+      if done % config.checkpoint.every_steps == 0 or done == config.train.num_steps or stop:
         _save(mngr, done, state, iterators, config)
-        _save_losses(workdir, losses)
-      if config.validation.every_steps and done % config.validation.every_steps == 0 and writer:
-        _set_params(pipeline, jax.device_get(state['trainable']))
-        writer.images(done, _validation_images(pipeline, config, concepts, mesh))
-      if preempt.requested:
+        if multihost.is_primary():
+          _save_losses(workdir, losses)
+      if config.validation.every_steps and done % config.validation.every_steps == 0:
+        _set_params(pipeline, multihost.to_host(state['trainable']))  # every process: a collective
+        images = _validation_images(pipeline, config, concepts, mesh)
+        if writer:
+          writer.images(done, images)
+      if stop:
         mngr.wait_until_finished()
         _log(f'\nSIGTERM: saved the checkpoint at step {done}; run the same command to resume.')
         return {'step': done, 'preempted': True}
@@ -432,13 +442,14 @@ def train(config, workdir: str) -> dict:
     preempt.restore()
     mngr.wait_until_finished()
   summary = {'step': int(state['step']), 'bad_steps': int(state['bad_steps']), 'losses': losses}
-  if jax.process_index() == 0:
-    final = state['ema'] if config.train.ema_decay > 0 else state['trainable']
-    _set_params(pipeline, jax.device_get(final))
+  final = state['ema'] if config.train.ema_decay > 0 else state['trainable']
+  _set_params(pipeline, multihost.to_host(final))  # every process: gathering is a collective
+  if multihost.is_primary():
     save_pipeline(pipeline, os.path.join(workdir, 'model'))
-    summary['outputs'] = _final_outputs(pipeline, config, concepts, workdir, losses, mesh, writer)
-    if writer:
-      writer.close()
+  summary['outputs'] = _final_outputs(pipeline, config, concepts, workdir, losses, mesh, writer)
+  if writer:
+    writer.close()
+  multihost.barrier('exported')
   return summary
 
 
@@ -537,26 +548,29 @@ def _validation_images(pipeline, config, concepts, mesh) -> dict[str, np.ndarray
     out[prompt] = txt2img(pipeline, [prompt] * v.num_images, negative_prompts=[v.negative_prompt] * v.num_images,
                           num_inference_steps=v.steps, guidance_scale=v.guidance_scale,
                           scheduler=v.scheduler or None, seed=v.seed, height=config.resolution,
-                          width=config.resolution)
+                          width=config.resolution, mesh=mesh)
   return out
 
 
 def _final_outputs(pipeline, config, concepts, workdir, losses, mesh, writer) -> dict:
-  """Validation images of every prompt side by side, and the loss curve, as PNGs in workdir/samples."""
+  """Validation images of every prompt side by side, and the loss curve, as PNGs in workdir/samples.
+  Every process samples (the batch is split over the mesh); the primary one writes."""
   from jaxdream.images import make_grid, save_png
   folder = os.path.join(workdir, 'samples')
-  os.makedirs(folder, exist_ok=True)
   images = _validation_images(pipeline, config, concepts, mesh)
-  paths = {}
+  out = {'model': os.path.join(workdir, 'model'), 'samples': {}, 'loss_curve': os.path.join(folder, 'loss_curve.png')}
+  if not multihost.is_primary():
+    return out
+  os.makedirs(folder, exist_ok=True)
+  paths = out['samples']
   for k, (prompt, ims) in enumerate(images.items()):
     path = os.path.join(folder, f'{k:02d}_' + re.sub(r'[^A-Za-z0-9]+', '_', prompt).strip('_')[:60] + '.png')
     save_png(path, make_grid(list(ims), 1, len(ims)), prompt)
     paths[prompt] = path
   if writer:
     writer.images(int(losses[-1][0]) if losses else 0, images)
-  curve = os.path.join(folder, 'loss_curve.png')
-  save_png(curve, loss_curve_image(losses), 'training loss')
-  return {'model': os.path.join(workdir, 'model'), 'samples': paths, 'loss_curve': curve}
+  save_png(out['loss_curve'], loss_curve_image(losses), 'training loss')
+  return out
 
 
 def loss_curve_image(losses, size=(640, 360)) -> np.ndarray:
@@ -622,17 +636,6 @@ class _Writer:
       self.wandb.finish()
 
 
-def _init_distributed():
-  """Join a multi-host run: explicit JAXDREAM_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID (launch/
-  slurm_gpu.sbatch sets them), or JAXDREAM_DISTRIBUTED=auto where JAX detects the cluster (TPU pods)."""
-  env = os.environ
-  if env.get('JAXDREAM_COORDINATOR'):
-    jax.distributed.initialize(env['JAXDREAM_COORDINATOR'], int(env['JAXDREAM_NUM_PROCESSES']),
-                               int(env['JAXDREAM_PROCESS_ID']))
-  elif env.get('JAXDREAM_DISTRIBUTED') == 'auto':
-    jax.distributed.initialize()
-
-
 def main(argv=None):
   """`jaxdream train --config FILE --workdir DIR [--config.key=value ...]`."""
   from absl import flags
@@ -651,7 +654,7 @@ def main(argv=None):
   if fv.config is None or fv.workdir is None:
     print('jaxdream train: error: --config and --workdir are required', file=sys.stderr)
     return 2
-  _init_distributed()
+  multihost.initialize()
   try:
     summary = train(fv.config, fv.workdir)
   except (config_lib.RunConfigError, DataError, TrainingError, ValueError, OSError) as e:

@@ -11,6 +11,9 @@
 #   PYTHON             interpreter for a new virtualenv (default python3; jaxdream needs >= 3.11)
 #   SIMULATED_DEVICES  N: run on N simulated CPU devices (tries the sharded step on one machine;
 #                      a step's examples, prior ones included, must split over them)
+#   PROCESSES          N: run N processes that stand in for N hosts (jax.distributed over localhost,
+#                      SIMULATED_DEVICES each): tries a multi-host run on one machine
+#   PORT               coordinator port for PROCESSES (default 12321)
 #   DRY_RUN=1          print the command instead of running it
 set -euo pipefail
 
@@ -51,5 +54,22 @@ if [[ -n "${SIMULATED_DEVICES:-}" ]]; then
 fi
 
 cmd=("$VENV/bin/jaxdream" train --config "$CONFIG" --workdir "$WORKDIR" ${args[@]+"${args[@]}"})
+if [[ -n "${PROCESSES:-}" ]]; then
+  export JAXDREAM_COORDINATOR="localhost:${PORT:-12321}" JAXDREAM_NUM_PROCESSES="$PROCESSES"
+  pids=()
+  for ((i = 0; i < PROCESSES; i++)); do
+    if [[ -n "${DRY_RUN:-}" ]]; then
+      echo "JAXDREAM_COORDINATOR=$JAXDREAM_COORDINATOR JAXDREAM_NUM_PROCESSES=$PROCESSES JAXDREAM_PROCESS_ID=$i"
+      run "${cmd[@]}"
+    else
+      JAXDREAM_PROCESS_ID=$i "${cmd[@]}" & pids+=($!)
+    fi
+  done
+  # SIGTERM to this script reaches one process; JAX's preemption service tells the others
+  trap 'kill -TERM "${pids[0]}" 2>/dev/null' TERM
+  status=0
+  for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid" || status=$?; done
+  exit $status
+fi
 # exec: SIGTERM (preemption) reaches the training process, which saves a checkpoint and stops
 if [[ -n "${DRY_RUN:-}" ]]; then run "${cmd[@]}"; else exec "${cmd[@]}"; fi

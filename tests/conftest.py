@@ -3,9 +3,14 @@ session), and helpers to compare jaxdream with the PyTorch reference."""
 
 import json
 import os
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent compilation cache per session, inherited by the tests' subprocesses: most of the
+# suite's time is XLA compiling the same tiny programs again (every new jax.jit object recompiles).
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='jaxdream-test-jit-cache-'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.1')
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

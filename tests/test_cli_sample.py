@@ -196,3 +196,17 @@ def test_bad_arguments_exit_2_with_a_message_before_any_output(files, tmp_path, 
   err = capsys.readouterr().err
   assert 'jaxdream sample: error:' in err and message in err and 'Traceback' not in err
   assert not (tmp_path / 'out').exists()
+
+
+def test_devices_split_the_batch_and_change_images_only_by_rounding(files, tmp_path, capsys):
+  # The single-device run is the txt2img test's (compiled once for both).
+  args = ('--model', files['model'], '--prompt', PROMPT, '--negative-prompt', 'blurry', '--steps', 2,
+          '--num-images', 2, '--seed', 1234)
+  assert sample(*args, '--out', tmp_path / 'one') == 0
+  capsys.readouterr()
+  assert sample(*args, '--devices', 2, '--out', tmp_path / 'two') == 0
+  assert '3/3' in capsys.readouterr().err  # the progress bar counts steps once, not per device
+  for i in range(2):  # another batch size per device is another compiled program: 1/255 flips at most
+    diff = np.abs(load(tmp_path / 'one' / f'{i:05d}.png').astype(int) - load(tmp_path / 'two' / f'{i:05d}.png'))
+    assert diff.max() <= 1 and diff.mean() < 0.01
+  assert sample(*args, '--devices', 99, '--out', tmp_path / 'bad') == 2

@@ -1,6 +1,8 @@
 """Sharding on 8 simulated CPU devices: any mesh gives the single-device step, FSDP divides the memory,
 checkpoints move between mesh shapes."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -85,3 +87,41 @@ def test_checkpoint_written_on_one_mesh_resumes_on_others(setup, tmp_path):
     assert all(len(x.sharding.device_set) == len(devices) for x in jax.tree.leaves(restored))
     for a, b in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(expected)):
       np.testing.assert_array_equal(a, b)
+
+
+def test_sixty_four_synthetic_subjects_train_on_the_eight_device_mesh(tiny_sd_folder, tmp_path):
+  import json
+
+  from PIL import Image
+
+  from jaxdream import config as config_lib
+  from jaxdream.data import data_source
+  from jaxdream.train import train
+  rng = np.random.default_rng(0)
+  classes = ['dog', 'cat', 'toy', 'cup']
+  concepts = []
+  for i in range(64):
+    folder = tmp_path / 'subjects' / f'{i:02d}'
+    folder.mkdir(parents=True)
+    for j in range(2):
+      Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f'{j}.png')
+    cls = classes[i % 4]
+    concepts.append({'instance_dir': str(folder), 'instance_prompt': f'a photo of s{i:02d}x {cls}',
+                     'class_prompt': f'a photo of {cls}', 'class_dir': str(tmp_path / 'class' / cls),
+                     'num_class_images': 2, 'identifier': f's{i:02d}x'})
+  (tmp_path / 'concepts.json').write_text(json.dumps(concepts))
+  c = config_lib.base_config()
+  c.model, c.resolution = tiny_sd_folder[1], 64
+  c.concepts = []
+  c.data.concepts_file, c.data.min_instance_images = str(tmp_path / 'concepts.json'), 2
+  c.prior.sample_steps, c.prior.batch_size = 2, 8
+  c.train.num_steps, c.train.batch_size, c.train.learning_rate = 2, 4, 1e-4
+  c.validation.prompts, c.validation.num_images, c.validation.steps = ['a photo of s00x dog'], 1, 2
+  c.mesh.data = 8  # 4 instance + 4 class examples per step: one per device
+  summary = train(c, str(tmp_path / 'run'))
+  assert summary['step'] == 2 and all(np.isfinite(loss) for _, loss in summary['losses'])
+  folder = next((tmp_path / 'run' / 'data').iterdir())
+  source = data_source(str(folder), 'instance')
+  assert len(source) == 128 and len({int(source[i]['concept']) for i in range(128)}) == 64
+  assert sorted(os.listdir(tmp_path / 'class')) == sorted(classes)
+  assert os.path.exists(summary['outputs']['model'])

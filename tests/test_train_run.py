@@ -129,14 +129,14 @@ def _write_config(shared, path, num_steps):
   return str(path)
 
 
-def _start(config, workdir, cache):
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             PYTHONUNBUFFERED='1')
-  return subprocess.Popen([sys.executable, '-m', 'jaxdream.cli', 'train', '--config', config, '--workdir', workdir],
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _start(config, workdir, *overrides, **env):
+  """`jaxdream train` in a subprocess (which shares the session's compilation cache)."""
+  return subprocess.Popen([sys.executable, '-m', 'jaxdream.cli', 'train', '--config', config, '--workdir', workdir,
+                           *overrides], env=dict(os.environ, PYTHONUNBUFFERED='1', **env),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for_checkpoint(proc, workdir, step, timeout=300):
+def _wait_for_checkpoint(proc, workdir, step, timeout=600):
   folder = os.path.join(workdir, 'checkpoints', str(step))
   t0 = time.time()
   while not os.path.isdir(folder):
@@ -147,22 +147,21 @@ def _wait_for_checkpoint(proc, workdir, step, timeout=300):
 
 def test_sigterm_saves_and_sigkill_at_any_moment_resumes_to_identical_weights(shared, tmp_path):
   config = _write_config(shared, tmp_path / 'cfg.py', num_steps=10)
-  cache = str(shared['root'] / 'jax_cache')
   straight = str(tmp_path / 'straight')
-  proc = _start(config, straight, cache)
+  proc = _start(config, straight)
   assert proc.wait(timeout=600) == 0, proc.stdout.read()
 
   interrupted = str(tmp_path / 'interrupted')
-  proc = _start(config, interrupted, cache)
+  proc = _start(config, interrupted)
   _wait_for_checkpoint(proc, interrupted, 2)
   proc.send_signal(signal.SIGTERM)  # preemption: save and exit cleanly
   output = proc.communicate(timeout=300)[0]
   assert proc.returncode == 0 and 'SIGTERM: saved the checkpoint' in output, output
-  proc = _start(config, interrupted, cache)
+  proc = _start(config, interrupted)
   _wait_for_checkpoint(proc, interrupted, 6)
   proc.kill()  # SIGKILL mid-run, possibly mid-save
   proc.wait()
-  proc = _start(config, interrupted, cache)
+  proc = _start(config, interrupted)
   output = proc.communicate(timeout=600)[0]
   assert proc.returncode == 0 and 'resumed from the checkpoint' in output, output
   for rel in (UNET_FILE, TE_FILE):

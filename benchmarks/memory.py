@@ -1,0 +1,369 @@
+"""Per-device memory of the DreamBooth training step by mesh shape and batch size, for SD 1.5 (512 px)
+and SD 2.1 (768 px), read from the compiled step: no weight is ever made and no step runs.
+
+The step is the one `jaxdream train` runs (built with the same functions: split_models, param_groups,
+split_trainable, make_optimizer, StepFn, step_shardings, jit_step): UNet and text encoder trained with
+AdamW, bfloat16 compute over float32 parameters, frozen VAE encoding the images, prior preservation
+(instance and class examples in one batch), global-norm clipping. The models are built shape-only
+(abstract_model) and every argument is a jax.ShapeDtypeStruct carrying its sharding, so lowering sees
+the mesh; `compile().memory_analysis()` then gives per-device sizes of the arguments (parameters,
+optimizer state, frozen VAE, batch), the outputs (the new state, which reuses the donated old state),
+and the temporaries (activations kept for the backward pass, gradients, XLA's scratch buffers).
+Total per device = arguments + temporaries + outputs that do not reuse a donated argument.
+
+  python benchmarks/memory.py                                  # sd15 and sd21, 4 meshes over 8 devices
+  python benchmarks/memory.py --models sd15 --meshes 8,1,1 1,8,1 --batch 1 2
+  python benchmarks/memory.py --devices 16 --meshes 16,1,1 4,4,1 1,16,1 --json /tmp/memory.jsonl
+  python benchmarks/memory.py --models sd15 --cached           # latents cached (no VAE encode)
+
+--batch is examples per device, instance and class examples both counting: a step's global batch is
+batch x data x fsdp examples, half of them instance examples (train.batch_size = global / 2), so
+batch x data x fsdp must be even. The devices are simulated CPU devices
+(--xla_force_host_platform_device_count, set from --devices before jax starts), so any mesh can be
+planned on one machine; a 'tensor' axis > 1 only splits anything with --tensor-rules.
+
+What the numbers are: XLA:CPU's buffer assignment for the partitioned program, an estimate of what a
+TPU or GPU compile needs, not a measurement of one. Those backends fuse differently, may rematerialise,
+and their attention kernels differ: with --attention xla (the default; 'cudnn' only compiles on a GPU)
+every attention keeps its full score matrix for the backward pass, which flash attention (cuDNN on
+GPU, Pallas/Splash on TPU) does not. SD 2.1 upcasts attention to float32, so at 768 px its scores
+dominate the temporaries; read those as an upper bound. The argument sizes are exact.
+
+How it scales beyond these meshes: the arguments (float32 parameters and AdamW's two moments, 16 bytes
+per trained parameter, and the frozen VAE) are FSDP-sharded, so they shrink about 1/fsdp (down to the
+parameters whose dimensions do not divide over fsdp, which stay whole; the script prints the
+analytic size for larger fsdp axes). Temporaries follow the examples per device, plus the gradients,
+which are whole on every device of a pure data-parallel mesh and sharded like the parameters under
+FSDP. The script works for any --devices count; more simulated devices make compiling slower.
+
+Compiling one SD 1.5 step on CPU takes minutes and several GB of host memory: the rows are compiled
+one after another, each printed when it is done, with jax's caches cleared between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import sys
+import time
+import types
+
+GIB = 2 ** 30
+AXES = ('data', 'fsdp', 'tensor')
+RESOLUTIONS = {'sd15': 512, 'sd21': 768, 'tiny': 64}
+FSDP_EXTRAPOLATION = (1, 8, 16, 32, 64, 256)  # fsdp sizes of the analytic per-device state line
+
+
+def _mesh_shape(text):
+  try:
+    sizes = tuple(int(s) for s in text.split(','))
+  except ValueError:
+    sizes = ()
+  if len(sizes) != 3:
+    raise argparse.ArgumentTypeError(f'{text!r}: a mesh is data,fsdp,tensor, e.g. 4,2,1')
+  return sizes
+
+
+def _parse(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--models', nargs='+', choices=['sd15', 'sd21', 'tiny'], default=['sd15', 'sd21'],
+                 help="'tiny' is the quickstart's miniature model, for a quick check of the script")
+  p.add_argument('--resolution', type=int, help='image size for every model (default: sd15 512, sd21 768)')
+  p.add_argument('--devices', type=int, default=8, help='simulated CPU devices')
+  p.add_argument('--meshes', nargs='+', type=_mesh_shape,
+                 help='data,fsdp,tensor sizes (one may be -1); default: every data x fsdp split of --devices')
+  p.add_argument('--batch', nargs='+', type=int, default=[1], help='examples per device (instance + class)')
+  p.add_argument('--cached', action='store_true',
+                 help='cached latents (train.cache_latents): no VAE encode in the step; with '
+                      '--freeze-text-encoder the text embeddings are cached too')
+  p.add_argument('--freeze-text-encoder', action='store_true', help='train the UNet only')
+  p.add_argument('--dtype', choices=['bfloat16', 'float32'], default='bfloat16', help='compute dtype')
+  p.add_argument('--attention', choices=['xla', 'cudnn', 'tiled', 'auto'], default='xla')
+  p.add_argument('--tensor-rules', action='store_true',
+                 help='shard over the tensor axis with jaxdream.sharding.TENSOR_RULES (off in the default config)')
+  p.add_argument('--json', help='append one JSON line per row to this file')
+  args = p.parse_args(argv)
+  if args.devices < 1 or min(args.batch) < 1:
+    p.error('--devices and --batch must be at least 1')
+  if args.meshes is None:  # every (data, fsdp) split, pure data parallel first
+    n = args.devices
+    args.meshes = [(n // f, f, 1) for f in range(1, n + 1) if n % f == 0]
+  return args
+
+
+def _use_devices(n: int):
+  """Simulated CPU devices; must run before jax is imported."""
+  flags = re.sub(r'--xla_force_host_platform_device_count=\S+', '', os.environ.get('XLA_FLAGS', ''))
+  flags += f' --xla_force_host_platform_device_count={n}'
+  # The compiled step never runs, so its machine code need not be fast: LLVM's cheap pipeline compiles
+  # SD 1.5's step in 2/3 of the time, with the same buffer assignment (memory analysis checked equal).
+  for flag in ('--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true'):
+    if flag.split('=')[0] not in flags:
+      flags += ' ' + flag
+  os.environ['XLA_FLAGS'] = flags.strip()
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+
+
+def _gib(x) -> str:
+  return f'{x / GIB:.2f}'
+
+
+def _nbytes(shape, dtype) -> int:
+  import numpy as np
+  return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+# ----------------------------------------------------------------------------- the abstract setup
+
+def _scheduler_config(model):
+  from jaxdream.tiny_model import SD15_SCHEDULER
+  # SD 2.1 (768 px) was trained with v-prediction on the same beta schedule.
+  return dict(SD15_SCHEDULER, prediction_type='v_prediction') if model == 'sd21' else dict(SD15_SCHEDULER)
+
+
+def _pipeline(model, dtype, attention):
+  """The model's pipeline with shape-only parameters (nothing allocated)."""
+  from jaxdream import tiny_model
+  from jaxdream.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel, abstract_model, presets
+  from jaxdream.pipeline import Pipeline
+  configs = {'sd15': (presets.SD15_UNET, presets.SD15_TEXT_ENCODER, presets.SD_VAE),
+             'sd21': (presets.SD21_UNET, presets.SD21_TEXT_ENCODER, presets.SD_VAE),
+             'tiny': (tiny_model.TINY_UNET, tiny_model.TINY_TEXT_ENCODER, tiny_model.TINY_VAE)}[model]
+  built = [abstract_model(lambda rngs, cls=cls, cfg=cfg: cls(cfg, dtype=dtype, attention_impl=attention,
+                                                            rngs=rngs))
+           for cls, cfg in zip((UNet2DConditionModel, CLIPTextModel, AutoencoderKL), configs)]
+  return Pipeline(unet=built[0], text_encoder=built[1], vae=built[2], tokenizer=None,
+                  scheduler_config=_scheduler_config(model))
+
+
+def _run_config(args, resolution):
+  """The run config a real run would have (base_config with the text encoder trained)."""
+  from jaxdream.config import base_config
+  from jaxdream.sharding import TENSOR_RULES
+  c = base_config()
+  c.resolution = resolution
+  c.compute_dtype = args.dtype
+  c.attention = args.attention
+  c.train.train_text_encoder = not args.freeze_text_encoder
+  c.train.cache_latents = args.cached
+  c.train.cache_text_embeddings = args.cached and args.freeze_text_encoder
+  if args.tensor_rules:
+    c.mesh.rules = TENSOR_RULES
+  return c
+
+
+class Setup:
+  """One model's abstract pipeline, parameter split and optimizer, shared by its rows."""
+
+  def __init__(self, model, args):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdream.train import make_optimizer, param_groups, split_models, split_trainable
+    self.model = model
+    self.resolution = args.resolution or RESOLUTIONS[model]
+    self.config = _run_config(args, self.resolution)
+    dtype = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}[args.dtype]
+    self.pipeline = _pipeline(model, dtype, args.attention)
+    if self.resolution % self.pipeline.vae_scale_factor:
+      raise SystemExit(f'--resolution {self.resolution} is not a multiple of the VAE factor '
+                       f'{self.pipeline.vae_scale_factor}')
+    self.graphdefs, self.templates, flat = split_models(self.pipeline)
+    self.groups = param_groups(self.config)
+    self.trainable, self.frozen, self.labels = split_trainable(flat, self.groups)
+    self.tx = make_optimizer(self.config, self.groups, self.labels)
+    self.opt_state = jax.eval_shape(self.tx.init, self.trainable)
+
+  def totals(self) -> dict:
+    """Whole-model sizes from the shapes: parameters (trained, frozen) and optimizer state."""
+    import jax
+    count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
+    size = lambda tree: sum(_nbytes(x.shape, x.dtype) for x in jax.tree.leaves(tree))
+    by_model = {m: count({k: v for k, v in self.trainable.items() if k.startswith(m + '/')})
+                for m in ('unet', 'text_encoder')}
+    return dict(trainable_params=count(self.trainable), trainable_bytes=size(self.trainable),
+                trainable_by_model=by_model, frozen_params=count(self.frozen), frozen_bytes=size(self.frozen),
+                optimizer_bytes=size(self.opt_state))
+
+  def state_per_device(self, fsdp: int) -> dict:
+    """Analytic bytes per device of parameters, optimizer state and frozen parameters when FSDP-sharded
+    over `fsdp` devices, by the library's own partition rule (a dimension that does not divide stays
+    whole). AdamW keeps two float32 moments per trained parameter, sharded like it."""
+    from jaxdream.sharding import logical_axes, partition_spec
+    from jaxdream.train import MODELS
+    mesh = types.SimpleNamespace(shape={'data': 1, 'fsdp': fsdp, 'tensor': 1})  # all partition_spec reads
+    axes = {}
+    for m in MODELS:
+      axes.update(logical_axes(getattr(self.pipeline, m), m + '/'))
+    rules = tuple(tuple(r) for r in self.config.mesh.rules)  # inert here: this mesh has no tensor axis
+
+    def shard(flat):
+      total = 0
+      for k, v in flat.items():
+        spec = partition_spec(v.shape, axes.get(k), mesh, rules, self.config.mesh.fsdp_min_size)
+        total += _nbytes(v.shape, v.dtype) // (fsdp if 'fsdp' in tuple(spec) else 1)
+      return total
+    trained = shard(self.trainable)
+    return dict(trainable=trained, optimizer=2 * trained, frozen=shard(self.frozen))
+
+
+# ----------------------------------------------------------------------------- one row
+
+def _abstract(tree, shardings):
+  import jax
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _per_device(tree) -> int:
+  """Bytes of one device's shards of an abstract, sharded tree."""
+  import jax
+  return sum(_nbytes(x.sharding.shard_shape(x.shape), x.dtype) for x in jax.tree.leaves(tree))
+
+
+def _batch(s: Setup, examples: int, cached: bool) -> dict:
+  """Abstract arrays of one step's batch, as train()'s _next_batch assembles it."""
+  import jax.numpy as jnp
+  r, f = s.resolution, s.pipeline.vae_scale_factor
+  if cached:
+    latent = (examples, r // f, r // f, s.pipeline.vae.latent_channels)
+    batch = {'latent_mean': (latent, jnp.float32), 'latent_std': (latent, jnp.float32)}
+  else:
+    batch = {'pixels': ((examples, r, r, 3), jnp.float32)}
+  if s.config.train.cache_text_embeddings:
+    dim = s.pipeline.unet.config['cross_attention_dim']
+    batch['context'] = ((examples, 77, dim), jnp.float32)
+  else:
+    batch['input_ids'] = ((examples, 77), jnp.int32)
+  return batch
+
+
+def measure(s: Setup, mesh_sizes, per_device: int, args) -> dict:
+  """Compile the step for one mesh and batch; its memory analysis, per device."""
+  import jax
+
+  from jaxdream.mesh import make_mesh
+  from jaxdream.schedulers import NoiseSchedule
+  from jaxdream.train import StepFn, init_state, jit_step, step_shardings
+  mesh = make_mesh(*mesh_sizes)
+  d, f, t = (mesh.shape[a] for a in AXES)
+  examples = per_device * d * f
+  row = dict(model=s.model, resolution=s.resolution, mesh=[d, f, t], devices=d * f * t, batch_per_device=per_device,
+             global_examples=examples, instance_examples=examples // 2, cached=args.cached,
+             text_encoder_trained=not args.freeze_text_encoder, dtype=args.dtype, attention=args.attention)
+  if examples % 2:
+    return dict(row, error=f'{examples} examples cannot split into instance + class pairs')
+  c = s.config
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = d, f, t
+  c.train.batch_size = examples // 2
+  step_fn = StepFn(graphdefs=s.graphdefs, templates=s.templates, schedule=NoiseSchedule.from_config(
+      s.pipeline.scheduler_config), tx=s.tx, num_instance=examples // 2, prior_weight=c.prior.loss_weight,
+      snr_gamma=c.train.snr_gamma, offset_noise=c.train.offset_noise, ema_decay=c.train.ema_decay,
+      scaling_factor=s.pipeline.vae.scaling_factor, shift_factor=s.pipeline.vae.shift_factor)
+  shardings = step_shardings(s.pipeline, s.trainable, s.frozen, s.tx, mesh, c)
+  state_sh, frozen_sh, batch_sh = shardings
+  state = _abstract(jax.eval_shape(lambda tr: init_state(tr, s.tx, c.seed, c.train.ema_decay > 0), s.trainable),
+                    state_sh)
+  frozen = _abstract(s.frozen, frozen_sh)
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
+           for k, (shape, dtype) in _batch(s, examples, args.cached).items()}
+  t0 = time.perf_counter()
+  compiled = jit_step(step_fn, shardings, mesh).lower(state, frozen, batch).compile()
+  row['compile_s'] = round(time.perf_counter() - t0, 1)
+  m = compiled.memory_analysis()
+  mem = {k: int(getattr(m, f'{k}_size_in_bytes', 0) or 0)
+         for k in ('argument', 'output', 'alias', 'temp', 'generated_code')}
+  row.update(mem)
+  row['total'] = mem['argument'] + mem['temp'] + mem['output'] - mem['alias']
+  # The same split from the shardings alone: what the arguments should hold.
+  row['state_analytic'] = _per_device(state)
+  row['frozen_analytic'] = _per_device(frozen)
+  row['batch_analytic'] = _per_device(batch)
+  return row
+
+
+# ----------------------------------------------------------------------------- output
+
+COLUMNS = (('model', 6), ('px', 5), ('mesh d,f,t', 11), ('batch/dev', 10), ('global (inst+class)', 20),
+           ('state/dev', 10), ('frozen/dev', 11), ('arguments', 10), ('temp', 8), ('total/dev', 10),
+           ('compile', 8))
+
+
+def _line(cells) -> str:
+  return ' '.join(str(c).ljust(w) for c, (_, w) in zip(cells, COLUMNS)).rstrip()
+
+
+def _row_line(r) -> str:
+  head = [r['model'], r['resolution'], ','.join(map(str, r['mesh'])), r['batch_per_device'],
+          f'{r["global_examples"]} ({r["instance_examples"]}+{r["instance_examples"]})']
+  if 'error' in r:
+    return _line(head) + '  skipped: ' + r['error']
+  return _line(head + [_gib(r['state_analytic']), _gib(r['frozen_analytic']), _gib(r['argument']),
+                       _gib(r['temp']), _gib(r['total']), f'{r["compile_s"]:.0f} s'])
+
+
+def _model_header(s: Setup) -> str:
+  t = s.totals()
+  parts = ' + '.join(f'{m} {n / 1e6:.1f}M' for m, n in t['trainable_by_model'].items() if n)
+  ext = ', '.join(f'{n}: {_gib(sum(s.state_per_device(n).values()))}' for n in FSDP_EXTRAPOLATION)
+  return (f'{s.model} {s.resolution}x{s.resolution}: trained {t["trainable_params"] / 1e6:.1f}M parameters '
+          f'({parts}) = {_gib(t["trainable_bytes"])} GiB float32, AdamW state {_gib(t["optimizer_bytes"])} GiB, '
+          f'frozen {t["frozen_params"] / 1e6:.1f}M = {_gib(t["frozen_bytes"])} GiB\n'
+          f'  parameters + optimizer + frozen per device by fsdp size (analytic, GiB): {ext}')
+
+
+def main(argv=None):
+  args = _parse(argv)
+  _use_devices(args.devices)  # before jax is imported (below and in jaxdream)
+  import jax
+  if len(jax.devices()) != args.devices:
+    print(f'asked for {args.devices} devices, jax has {len(jax.devices())}', file=sys.stderr)
+    return 1
+  for sizes in args.meshes:
+    known = [n for n in sizes if n != -1]
+    prod = 1
+    for n in known:
+      prod *= n
+    if (len(known) == 3 and prod != args.devices) or args.devices % prod:
+      print(f'mesh {sizes} does not fit {args.devices} devices (--devices)', file=sys.stderr)
+      return 2
+  print(f'jaxdream DreamBooth step, per-device memory from XLA:CPU memory_analysis over {args.devices} '
+        f'simulated devices: {args.dtype} compute, float32 parameters, UNet'
+        f'{"" if args.freeze_text_encoder else " + text encoder"} trained with AdamW, prior preservation, '
+        f'{"cached latents" if args.cached else "VAE encode in the step"}, attention {args.attention} '
+        f'(jax {jax.__version__})', flush=True)
+  print('state/dev = trained parameters + AdamW moments, frozen/dev = frozen parameters (both analytic, '
+        'from the shardings); arguments, temp and total/dev from the compiled step (total = arguments + '
+        'temp + outputs not aliasing donated arguments); GiB', flush=True)
+  out = open(args.json, 'a') if args.json else None
+  failed = 0
+  try:
+    for model in args.models:
+      s = Setup(model, args)
+      print('\n' + _model_header(s), flush=True)
+      print(_line([name for name, _ in COLUMNS]), flush=True)
+      for sizes in args.meshes:
+        for b in args.batch:
+          try:
+            r = measure(s, sizes, b, args)
+          except Exception as e:  # a row that fails to compile (e.g. out of memory) leaves the others
+            r = dict(model=model, resolution=s.resolution, mesh=list(sizes), batch_per_device=b,
+                     global_examples='?', instance_examples='?', error=f'{type(e).__name__}: {e}'[:300])
+            failed += 1
+          print(_row_line(r), flush=True)
+          if out:
+            out.write(json.dumps(r) + '\n')
+            out.flush()
+          jax.clear_caches()  # the compiled step and its lowering are dropped before the next row
+          gc.collect()
+      del s
+  finally:
+    if out:
+      out.close()
+  return 1 if failed else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,125 @@
+"""Multi-host runs: one process per host (`jax.distributed`), every process running the same program.
+
+Every process executes every jitted computation (they hold the shards and run the collectives), feeds
+only the batch rows its devices hold, and stops at the same step as the others. Only the primary
+process writes files, logs and exports. The workdir must be one folder all hosts see (NFS, Filestore,
+GCS FUSE): orbax writes each host's shards there, and the others read the class images and the
+dataset that the primary process makes there. `check_shared_folder` says so before any work starts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+
+def initialize():
+  """Join a multi-host run: explicit JAXDREAM_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID (launch/
+  slurm_gpu.sbatch sets them), or JAXDREAM_DISTRIBUTED=auto where JAX detects the cluster (TPU pods)."""
+  env = os.environ
+  if env.get('JAXDREAM_COORDINATOR'):
+    jax.distributed.initialize(env['JAXDREAM_COORDINATOR'], int(env['JAXDREAM_NUM_PROCESSES']),
+                               int(env['JAXDREAM_PROCESS_ID']))
+  elif env.get('JAXDREAM_DISTRIBUTED') == 'auto':
+    jax.distributed.initialize()
+
+
+def is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def primary_first(make, name: str):
+  """`make()` on the primary process, then on the others, which find and reuse what it made (the
+  tiny base model, the dataset): one writer per shared folder."""
+  out = make() if is_primary() else None
+  barrier(name)
+  return out if is_primary() else make()
+
+
+def barrier(name: str):
+  """Wait until every process gets here (a no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def to_host(tree):
+  """NumPy copies of `tree`'s arrays. A sharded array spanning other hosts is gathered, which is a
+  collective: with several processes, every process must call this on the same tree."""
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(get, tree)
+
+
+def to_global(tree, shardings):
+  """Place host values that every process holds identically as arrays with `shardings` (a sharding or
+  a matching tree of them); each process fills only its own devices."""
+  def put(x, sharding):
+    if sharding.is_fully_addressable:
+      return jax.device_put(x, sharding)
+    if jax.dtypes.issubdtype(getattr(x, 'dtype', None), jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: put(x, shardings), tree)
+  return jax.tree.map(put, tree, shardings)
+
+
+def check_shared_folder(folder: str):
+  """With several processes, make sure `folder` is one folder all hosts see (see the module doc)."""
+  if jax.process_count() == 1:
+    return
+  path = os.path.join(folder, '.jaxdream_shared_check')
+  token = multihost_utils.broadcast_one_to_all(np.frombuffer(uuid.uuid4().bytes, np.uint8))
+  token = bytes(np.asarray(token, np.uint8)).hex()
+  if is_primary():
+    with open(path, 'w') as f:
+      f.write(token)
+  barrier('shared-folder-written')
+  try:
+    with open(path) as f:
+      seen = f.read() == token
+  except OSError:
+    seen = False
+  ok = multihost_utils.process_allgather(np.array(seen))
+  barrier('shared-folder-read')
+  if is_primary():
+    os.remove(path)
+  if not np.all(ok):
+    raise OSError(f'{folder} is not the same folder on every host (processes {np.flatnonzero(~ok).tolist()} '
+                  'do not see what process 0 wrote there). Multi-host runs need a shared workdir (NFS, '
+                  'Filestore, GCS FUSE): checkpoints, class images and the dataset live there.')
+
+
+class Preemption:
+  """SIGTERM (a preemption notice) asks the loop to save and stop. With one process a Python handler
+  sets a flag; with several, JAX's preemption service (started by jax.distributed) catches the signal
+  on any host and all processes agree on the step to stop at, so none is left waiting in a collective."""
+
+  def __init__(self):
+    self.multi = jax.process_count() > 1
+    self._requested = False
+    if not self.multi:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    self._requested = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step`; called by every process at every step."""
+    if self.multi:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._requested
+
+  def restore(self):
+    if not self.multi:
+      signal.signal(signal.SIGTERM, self._previous)

@@ -1,0 +1,91 @@
+"""Two processes on this machine stand in for two hosts (jax.distributed over localhost, two simulated CPU
+devices each, gloo collectives): a two-host run on a (2, 2, 1) mesh, stopped by SIGTERM on the second
+host and resumed, exports the model of a one-device run."""
+
+import os
+import signal
+import socket
+import textwrap
+import time
+
+import numpy as np
+from conftest import rel_err
+from test_train_run import SAMPLE, TE_FILE, UNET_FILE, _start, _wait_for_checkpoint
+
+from jaxdream.models.weights import read_safetensors
+
+
+def _config(path):
+  path.write_text(textwrap.dedent(f'''
+      from jaxdream.config import BUILTIN_TINY, base_config, concept
+      def get_config():
+        c = base_config()
+        c.model = BUILTIN_TINY
+        c.resolution = 64
+        c.concepts = [concept(instance_dir={SAMPLE!r}, instance_prompt='a photo of sks dog',
+                              class_prompt='a photo of dog', class_dir='{{workdir}}/class_images',
+                              num_class_images=2)]
+        c.prior.sample_steps, c.prior.batch_size = 2, 2
+        c.train.num_steps, c.train.batch_size, c.train.learning_rate = 6, 2, 1e-4
+        c.train.train_text_encoder = True
+        c.checkpoint.every_steps = 1
+        c.validation.prompts, c.validation.num_images, c.validation.steps = ['a dog'], 1, 2
+        c.data.flip_p = 0.5
+        c.mesh.data, c.mesh.fsdp = 2, 2  # rows 0-1 (instance) on host 0, rows 2-3 (class) on host 1
+        return c
+  '''))
+  return str(path)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _run(config, workdir, devices, process=None, overrides=()):
+  env = {'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  if process is not None:
+    env.update(JAXDREAM_COORDINATOR=process[0], JAXDREAM_NUM_PROCESSES='2', JAXDREAM_PROCESS_ID=str(process[1]))
+  return _start(config, workdir, *overrides, **env)
+
+
+def _two_hosts(config, workdir):
+  coordinator = f'localhost:{_free_port()}'
+  return [_run(config, workdir, 2, (coordinator, i)) for i in range(2)]
+
+
+def _finish(procs, timeout=600):
+  outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), '\n\n'.join(outputs)
+  return outputs
+
+
+def test_two_hosts_stopped_by_sigterm_on_one_resume_to_the_one_device_model(tmp_path):
+  config = _config(tmp_path / 'cfg.py')
+  one_device = str(tmp_path / 'one_device')
+  _finish([_run(config, one_device, 1, overrides=['--config.mesh.data=1', '--config.mesh.fsdp=1'])])
+
+  two_hosts = str(tmp_path / 'two_hosts')
+  procs = _two_hosts(config, two_hosts)
+  _wait_for_checkpoint(procs[0], two_hosts, 2)
+  procs[1].send_signal(signal.SIGTERM)  # a preemption notice on the second host only
+  outputs = _finish(procs)
+  assert 'SIGTERM: saved the checkpoint' in outputs[0], outputs[0]
+  steps = sorted(int(s) for s in os.listdir(os.path.join(two_hosts, 'checkpoints')) if s.isdigit())
+  assert steps[-1] < 6 and not os.path.exists(os.path.join(two_hosts, 'model'))
+
+  outputs = _finish(_two_hosts(config, two_hosts))
+  assert f'resumed from the checkpoint at step {steps[-1]}' in outputs[0], outputs[0]
+  assert 'Done: 6 steps' in outputs[0] and 'Done' not in outputs[1]  # only the primary host reports
+  for rel in (UNET_FILE, TE_FILE):
+    a = read_safetensors(os.path.join(two_hosts, rel))
+    b = read_safetensors(os.path.join(one_device, rel))
+    base = read_safetensors(os.path.join(one_device, 'base_model', rel.split(os.sep, 1)[1]))
+    keys = sorted(a)
+    flat = lambda d: np.concatenate([d[k].ravel() for k in keys])
+    assert rel_err(flat(a), flat(b)) <= 1e-5
+    # The updates themselves (Adam's are ~lr * sign(g), so summation order shows): equal to 1e-3.
+    assert rel_err(flat(a) - flat(base), flat(b) - flat(base)) <= 1e-3
+  samples = os.listdir(os.path.join(two_hosts, 'samples'))
+  assert 'loss_curve.png' in samples and len(samples) == 2
