@@ -9,7 +9,9 @@ AdamW, bfloat16 compute over float32 parameters, frozen VAE encoding the images,
 the mesh; `compile().memory_analysis()` then gives per-device sizes of the arguments (parameters,
 optimizer state, frozen VAE, batch), the outputs (the new state, which reuses the donated old state),
 and the temporaries (activations kept for the backward pass, gradients, XLA's scratch buffers).
-Total per device = arguments + temporaries + outputs that do not reuse a donated argument.
+Total per device = arguments + temporaries + outputs that do not reuse a donated argument + frozen
+parameters the step never reads (the VAE decoder: jit leaves them out of the executable, but a run
+keeps them on the device).
 
   python benchmarks/memory.py                                  # sd15 and sd21, 4 meshes over 8 devices
   python benchmarks/memory.py --models sd15 --meshes 8,1,1 1,8,1 --batch 1 2
@@ -26,18 +28,28 @@ What the numbers are: XLA:CPU's buffer assignment for the partitioned program, a
 TPU or GPU compile needs, not a measurement of one. Those backends fuse differently, may rematerialise,
 and their attention kernels differ: with --attention xla (the default; 'cudnn' only compiles on a GPU)
 every attention keeps its full score matrix for the backward pass, which flash attention (cuDNN on
-GPU, Pallas/Splash on TPU) does not. SD 2.1 upcasts attention to float32, so at 768 px its scores
-dominate the temporaries; read those as an upper bound. The argument sizes are exact.
+GPU, Pallas/Splash on TPU) does not, so for SD 1.5 the temporaries are an upper bound. SD 2.1 upcasts
+attention to float32, and float32 inputs make attention_impl='auto' fall back to XLA on GPU too
+(cuDNN takes half precision only): there the GPU step keeps those scores as well. The argument sizes
+are exact.
 
-How it scales beyond these meshes: the arguments (float32 parameters and AdamW's two moments, 16 bytes
-per trained parameter, and the frozen VAE) are FSDP-sharded, so they shrink about 1/fsdp (down to the
-parameters whose dimensions do not divide over fsdp, which stay whole; the script prints the
-analytic size for larger fsdp axes). Temporaries follow the examples per device, plus the gradients,
-which are whole on every device of a pure data-parallel mesh and sharded like the parameters under
-FSDP. The script works for any --devices count; more simulated devices make compiling slower.
+How it scales beyond these meshes: the arguments (float32 parameters and AdamW's two moments, 12 bytes
+per trained parameter, and the frozen VAE) are FSDP-sharded, so they shrink about 1/fsdp, down to the
+parameters whose dimensions do not divide over fsdp, which stay whole (the script prints the analytic
+size for larger fsdp axes: past 64 it grows again, as SD's 320 and 640 channels stop dividing).
+Temporaries follow the examples per device, plus gradient-sized buffers, which are whole on every
+device of a pure data-parallel mesh and sharded like the parameters under FSDP. The script works for
+any --devices count; more simulated devices make compiling slower.
 
-Compiling one SD 1.5 step on CPU takes minutes and several GB of host memory: the rows are compiled
-one after another, each printed when it is done, with jax's caches cleared between them.
+Measured (jax 0.10.2, bfloat16, 1 example per device, GiB per device): sd15 512 px 26.7 on 8,1,1 down
+to 11.9 on 1,8,1 (arguments 11.1 -> 1.4, temporaries 15.4 -> 10.5), each further example per device
++8.2 (temporaries 23.6 with 2 on 8,1,1); sd21 768 px 47.3 on 8,1,1, 30.4 on 1,8,1 (temporaries 33.5
+and 28.7).
+
+Compiling one step on CPU takes 2-6 minutes and up to 5 GB of host memory; XLA prints "Very slow
+compile?" meanwhile and, on FSDP meshes, SPMD "Involuntary full rematerialization" warnings (which
+concern the speed of such a step, not these sizes). The rows are compiled one after another, each
+printed when it is done, with jax's caches cleared between them.
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import re
 import sys
@@ -74,7 +87,7 @@ def _parse(argv=None):
   p.add_argument('--resolution', type=int, help='image size for every model (default: sd15 512, sd21 768)')
   p.add_argument('--devices', type=int, default=8, help='simulated CPU devices')
   p.add_argument('--meshes', nargs='+', type=_mesh_shape,
-                 help='data,fsdp,tensor sizes (one may be -1); default: every data x fsdp split of --devices')
+                 help='data,fsdp,tensor sizes, multiplying to --devices; default: every data x fsdp split')
   p.add_argument('--batch', nargs='+', type=int, default=[1], help='examples per device (instance + class)')
   p.add_argument('--cached', action='store_true',
                  help='cached latents (train.cache_latents): no VAE encode in the step; with '
@@ -83,7 +96,8 @@ def _parse(argv=None):
   p.add_argument('--dtype', choices=['bfloat16', 'float32'], default='bfloat16', help='compute dtype')
   p.add_argument('--attention', choices=['xla', 'cudnn', 'tiled', 'auto'], default='xla')
   p.add_argument('--tensor-rules', action='store_true',
-                 help='shard over the tensor axis with jaxdream.sharding.TENSOR_RULES (off in the default config)')
+                 help='shard over the tensor axis with jaxdream.sharding.TENSOR_RULES '
+                      '(off in the default config)')
   p.add_argument('--json', help='append one JSON line per row to this file')
   args = p.parse_args(argv)
   if args.devices < 1 or min(args.batch) < 1:
@@ -250,9 +264,10 @@ def measure(s: Setup, mesh_sizes, per_device: int, args) -> dict:
   mesh = make_mesh(*mesh_sizes)
   d, f, t = (mesh.shape[a] for a in AXES)
   examples = per_device * d * f
-  row = dict(model=s.model, resolution=s.resolution, mesh=[d, f, t], devices=d * f * t, batch_per_device=per_device,
-             global_examples=examples, instance_examples=examples // 2, cached=args.cached,
-             text_encoder_trained=not args.freeze_text_encoder, dtype=args.dtype, attention=args.attention)
+  row = dict(model=s.model, resolution=s.resolution, mesh=[d, f, t], devices=d * f * t,
+             batch_per_device=per_device, global_examples=examples, instance_examples=examples // 2,
+             cached=args.cached, text_encoder_trained=not args.freeze_text_encoder, dtype=args.dtype,
+             attention=args.attention)
   if examples % 2:
     return dict(row, error=f'{examples} examples cannot split into instance + class pairs')
   c = s.config
@@ -264,8 +279,8 @@ def measure(s: Setup, mesh_sizes, per_device: int, args) -> dict:
       scaling_factor=s.pipeline.vae.scaling_factor, shift_factor=s.pipeline.vae.shift_factor)
   shardings = step_shardings(s.pipeline, s.trainable, s.frozen, s.tx, mesh, c)
   state_sh, frozen_sh, batch_sh = shardings
-  state = _abstract(jax.eval_shape(lambda tr: init_state(tr, s.tx, c.seed, c.train.ema_decay > 0), s.trainable),
-                    state_sh)
+  make_state = lambda tr: init_state(tr, s.tx, c.seed, c.train.ema_decay > 0)
+  state = _abstract(jax.eval_shape(make_state, s.trainable), state_sh)
   frozen = _abstract(s.frozen, frozen_sh)
   batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
            for k, (shape, dtype) in _batch(s, examples, args.cached).items()}
@@ -276,11 +291,15 @@ def measure(s: Setup, mesh_sizes, per_device: int, args) -> dict:
   mem = {k: int(getattr(m, f'{k}_size_in_bytes', 0) or 0)
          for k in ('argument', 'output', 'alias', 'temp', 'generated_code')}
   row.update(mem)
-  row['total'] = mem['argument'] + mem['temp'] + mem['output'] - mem['alias']
   # The same split from the shardings alone: what the arguments should hold.
   row['state_analytic'] = _per_device(state)
   row['frozen_analytic'] = _per_device(frozen)
   row['batch_analytic'] = _per_device(batch)
+  # jit drops arguments the step never reads (the VAE decoder; with --cached the encoder too) from the
+  # executable, but a run keeps them on the device all the same: they count towards the total.
+  held = row['state_analytic'] + row['frozen_analytic'] + row['batch_analytic']
+  row['unused'] = max(0, held - mem['argument'])
+  row['total'] = mem['argument'] + mem['temp'] + mem['output'] - mem['alias'] + row['unused']
   return row
 
 
@@ -309,7 +328,8 @@ def _model_header(s: Setup) -> str:
   parts = ' + '.join(f'{m} {n / 1e6:.1f}M' for m, n in t['trainable_by_model'].items() if n)
   ext = ', '.join(f'{n}: {_gib(sum(s.state_per_device(n).values()))}' for n in FSDP_EXTRAPOLATION)
   return (f'{s.model} {s.resolution}x{s.resolution}: trained {t["trainable_params"] / 1e6:.1f}M parameters '
-          f'({parts}) = {_gib(t["trainable_bytes"])} GiB float32, AdamW state {_gib(t["optimizer_bytes"])} GiB, '
+          f'({parts}) = {_gib(t["trainable_bytes"])} GiB float32, '
+          f'AdamW state {_gib(t["optimizer_bytes"])} GiB, '
           f'frozen {t["frozen_params"] / 1e6:.1f}M = {_gib(t["frozen_bytes"])} GiB\n'
           f'  parameters + optimizer + frozen per device by fsdp size (analytic, GiB): {ext}')
 
@@ -322,11 +342,8 @@ def main(argv=None):
     print(f'asked for {args.devices} devices, jax has {len(jax.devices())}', file=sys.stderr)
     return 1
   for sizes in args.meshes:
-    known = [n for n in sizes if n != -1]
-    prod = 1
-    for n in known:
-      prod *= n
-    if (len(known) == 3 and prod != args.devices) or args.devices % prod:
+    known = math.prod(n for n in sizes if n != -1)
+    if args.devices % known or (-1 not in sizes and known != args.devices):
       print(f'mesh {sizes} does not fit {args.devices} devices (--devices)', file=sys.stderr)
       return 2
   print(f'jaxdream DreamBooth step, per-device memory from XLA:CPU memory_analysis over {args.devices} '
@@ -335,8 +352,9 @@ def main(argv=None):
         f'{"cached latents" if args.cached else "VAE encode in the step"}, attention {args.attention} '
         f'(jax {jax.__version__})', flush=True)
   print('state/dev = trained parameters + AdamW moments, frozen/dev = frozen parameters (both analytic, '
-        'from the shardings); arguments, temp and total/dev from the compiled step (total = arguments + '
-        'temp + outputs not aliasing donated arguments); GiB', flush=True)
+        'from the shardings); arguments and temp from the compiled step; total/dev = arguments + temp + '
+        'outputs not aliasing donated arguments + frozen parameters the step never reads (the VAE decoder: '
+        'pruned from the executable, still held by a run); GiB', flush=True)
   out = open(args.json, 'a') if args.json else None
   failed = 0
   try:

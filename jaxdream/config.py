@@ -90,8 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(
       data=-1, fsdp=1, tensor=1,
       # logical axis -> mesh axis (models name logical axes only; see jaxdream/sharding.py). Empty by
-      # default: with tensor-parallel rules such as jaxdream.sharding.TENSOR_RULES some gradients on a
-      # 'tensor' axis > 1 disagree with one device (tests/test_sharding.py), so it is opt-in for now.
+      # default (data + FSDP suit DreamBooth's model sizes); jaxdream.sharding.TENSOR_RULES shards
+      # output features and channels over 'tensor' (exact, but XLA regathers some kernels).
       rules=(),
       fsdp_min_size=1024,  # parameters with fewer elements stay whole under FSDP
   ))

@@ -9,6 +9,7 @@ dataset that the primary process makes there. `check_shared_folder` says so befo
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import uuid
@@ -41,10 +42,27 @@ def primary_first(make, name: str):
   return out if is_primary() else make()
 
 
-def barrier(name: str):
-  """Wait until every process gets here (a no-op with one process)."""
+_BARRIERS = itertools.count()  # every process passes the same barriers in the same order
+
+
+def barrier(name: str, timeout_s: int = 3600):
+  """Wait until every process gets here (a no-op with one process). A barrier of the coordination
+  service, not a device collective: CPU (gloo) collectives give up after 30 s, and one process may well
+  be busy longer than that (making the tiny model, writing the dataset) while the others wait."""
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
+    from jax._src import distributed
+    distributed.global_state.client.wait_at_barrier(f'jaxdream/{next(_BARRIERS)}/{name}', timeout_s * 1000)
+
+
+def run_together(fn, *args):
+  """`fn(*args)` for a jitted `fn` whose program holds collectives: with several processes it is compiled
+  first and run only once every process has compiled it, so that no process waits in a collective while
+  another one is still compiling (and no backend timeout fires)."""
+  if jax.process_count() == 1:
+    return fn(*args)
+  compiled = fn.lower(*args).compile()
+  barrier('compiled')
+  return compiled(*args)
 
 
 def to_host(tree):

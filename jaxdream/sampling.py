@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxdream.mesh import as_auto
-from jaxdream.multihost import to_global, to_host
+from jaxdream.multihost import run_together, to_global, to_host
 from jaxdream.schedulers import make_scheduler
 
 # Streams derived from an image's seed, so that adding a feature never shifts another stream.
@@ -264,7 +264,7 @@ def _generate(pipeline, prompts, negative_prompts, *, num_images_per_prompt, num
           jnp.asarray(image_latents), jnp.asarray(mask), jnp.asarray(masked_latents)]
   if mesh is not None:
     args = _place_on_mesh(args, mesh)
-  return to_host(fn(*args))[:b]
+  return to_host(run_together(fn, *args))[:b]
 
 
 def _first_size(images):

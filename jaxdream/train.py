@@ -404,6 +404,9 @@ def train(config, workdir: str) -> dict:
       batch = _next_batch(iterators, config.prior.enabled, latents, contexts)
       batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
           batch_sh, x, (total,) + x.shape[1:]), batch)
+      if step == start:  # compiled ahead, so that no host waits in a collective while another compiles
+        jstep = jstep.lower(state, frozen, batch).compile()
+        multihost.barrier('train step compiled')
       state, metrics = jstep(state, frozen, batch)
       m = multihost.to_host(metrics)
       done = step + 1

@@ -41,9 +41,7 @@ def _on_mesh(setup, shape, rules=None):
 
 @pytest.mark.parametrize('shape,rules', [
     ((8, 1, 1), None), ((1, 8, 1), None), ((2, 4, 1), None), ((2, 2, 2), None),
-    pytest.param((2, 2, 2), TENSOR_RULES, marks=pytest.mark.xfail(
-        reason='tensor-parallel rules: some gradients differ from one device (~3e-3 in the norm); '
-               'under investigation, so not the default', strict=False))])
+    ((2, 2, 2), TENSOR_RULES)])  # tensor parallelism over every rule-sharded dimension
 def test_step_on_any_mesh_equals_the_single_device_step(setup, shape, rules):
   pipe, _, _, _, _, single, single_metrics = setup
   _, state, frozen, step, batch_sh, _ = _on_mesh(setup, shape, rules)

@@ -129,11 +129,18 @@ def _write_config(shared, path, num_steps):
   return str(path)
 
 
-def _start(config, workdir, *overrides, **env):
-  """`jaxdream train` in a subprocess (which shares the session's compilation cache)."""
+# These runs are compared only with each other, and they compile far more than they compute: LLVM's
+# cheap pipeline compiles about a third faster.
+FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+
+
+def _start(config, workdir, *overrides, devices=8, **env):
+  """`jaxdream train` in a subprocess on `devices` simulated devices (sharing the session's compilation
+  cache)."""
+  env = dict(os.environ, PYTHONUNBUFFERED='1', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
+             + FAST_COMPILE, **env)
   return subprocess.Popen([sys.executable, '-m', 'jaxdream.cli', 'train', '--config', config, '--workdir', workdir,
-                           *overrides], env=dict(os.environ, PYTHONUNBUFFERED='1', **env),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for_checkpoint(proc, workdir, step, timeout=600):
