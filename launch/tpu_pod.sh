@@ -99,7 +99,9 @@ train() {
     exit 2
   fi
   local cmd
-  cmd="cd ~/$REMOTE_DIR && $VENV/bin/jaxdream train --config $(printf '%q' "$CONFIG") \
+  # JAXDREAM_DISTRIBUTED=auto: jax.distributed.initialize() finds the other workers (and starts the
+  # preemption service, through which a spot VM's SIGTERM stops every worker at the same step)
+  cmd="cd ~/$REMOTE_DIR && JAXDREAM_DISTRIBUTED=auto $VENV/bin/jaxdream train --config $(printf '%q' "$CONFIG") \
 --workdir $(printf '%q' "$WORKDIR")"
   (($#)) && cmd+=" $(printf '%q ' "$@")"
   if [[ -n "${DETACH:-}" ]]; then
