@@ -23,9 +23,10 @@ import statistics
 import sys
 import time
 
-TINY = dict(text_config=dict(embed_dim=256, layers=4, ffn_dim=1024, attention_heads=8),
-            vision_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                               num_attention_heads=8))
+TINY = dict(
+  text_config=dict(embed_dim=256, layers=4, ffn_dim=1024, attention_heads=8),
+  vision_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8),
+)
 
 
 def _parse():
@@ -36,8 +37,9 @@ def _parse():
   p.add_argument('--threads', type=int, default=2, help='CPU threads for torch')
   p.add_argument('--repeats', type=int, default=3, help='timed calls per measurement (median)')
   p.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32', help='jaxdream compute dtype')
-  p.add_argument('--int8', action='store_true',
-                 help='then quantize jaxdream\'s weights to int8: memory, logits error, tokens/s')
+  p.add_argument(
+    '--int8', action='store_true', help="then quantize jaxdream's weights to int8: memory, logits error, tokens/s"
+  )
   return p.parse_args()
 
 
@@ -54,11 +56,12 @@ def _inputs(batch, image_size, num_image_tokens=64):
   """Prompt ids laid out as Kosmos2Processor makes them for '<grounding> An image of' (<s> <image>, the 64
   image slots 4..67, </image> <grounding> An image of), and a random image (already normalised)."""
   import numpy as np
+
   boi, eoi, grounding = 64003, 64004, 64012
   row = [0, boi] + list(range(4, 4 + num_image_tokens)) + [eoi, grounding, 712, 1648, 9]
   ids = np.array([row] * batch, np.int64)
   image_mask = np.zeros_like(ids)
-  image_mask[:, 2:2 + num_image_tokens] = 1
+  image_mask[:, 2 : 2 + num_image_tokens] = 1
   pixels = np.random.default_rng(0).standard_normal((batch, 3, image_size, image_size)).astype(np.float32)
   return pixels, ids, np.ones_like(ids), image_mask
 
@@ -84,8 +87,7 @@ def bench(name, args):
     sd = {k: v.numpy() for k, v in tmodel.state_dict().items()}
   model = kosmos2_from_state_dict(config.to_dict(), sd, dtype=getattr(jnp, args.dtype))
   del sd
-  print(f'[{name}] {count_params(model) / 1e6:.1f}M parameters, built in {time.perf_counter() - t0:.0f} s',
-        flush=True)
+  print(f'[{name}] {count_params(model) / 1e6:.1f}M parameters, built in {time.perf_counter() - t0:.0f} s', flush=True)
 
   n, b = args.new_tokens, args.batch
   pixels, ids, attention, image_mask = _inputs(b, config.vision_config.image_size)
@@ -99,31 +101,39 @@ def bench(name, args):
     s_n, out = _timed(lambda: run(n), args.repeats)
     s_1, _ = _timed(lambda: run(1), args.repeats)
     decode = f'{b * (n - 1) / (s_n - s_1):.1f} tokens/s' if s_n > s_1 else 'n/a (timing noise)'
-    print(f'[{name}] {side:12s} batch {b}, {n} new tokens: {s_n:.2f} s, {b * n / s_n:.1f} tokens/s '
-          f'(vision + prefill {s_1:.2f} s, decoding {decode}; {note})', flush=True)
+    print(
+      f'[{name}] {side:12s} batch {b}, {n} new tokens: {s_n:.2f} s, {b * n / s_n:.1f} tokens/s '
+      f'(vision + prefill {s_1:.2f} s, decoding {decode}; {note})',
+      flush=True,
+    )
     return s_n, out
 
   t0 = time.perf_counter()
   run_jax(n), run_jax(1)
   compile_s = time.perf_counter() - t0
-  jax_s, jax_out = report('jaxdream', run_jax, f'{args.dtype}, first calls incl. compile {compile_s:.1f} s, '
-                                               f'backend {jax.default_backend()}')
+  jax_s, jax_out = report(
+    'jaxdream', run_jax, f'{args.dtype}, first calls incl. compile {compile_s:.1f} s, backend {jax.default_backend()}'
+  )
 
   torch.set_num_threads(args.threads)
-  tin = {k: torch.from_numpy(v) for k, v in zip(
+  tin = {
+    k: torch.from_numpy(v)
+    for k, v in zip(
       ('pixel_values', 'input_ids', 'attention_mask', 'image_embeds_position_mask'),
-      (pixels, ids, attention, image_mask))}
+      (pixels, ids, attention, image_mask),
+    )
+  }
 
   def run_torch(tokens):
     with torch.inference_mode():
-      return tmodel.generate(**tin, max_new_tokens=tokens, do_sample=False).numpy()
+      return tmodel.generate(**tin, max_new_tokens=tokens, do_sample=False).numpy()  # noqa: F821 (deleted after use, below)
 
   run_torch(n)  # warm-up
-  torch_s, torch_out = report('transformers', run_torch, f'float32, torch {torch.__version__}, '
-                                                         f'{args.threads} threads')
+  torch_s, torch_out = report('transformers', run_torch, f'float32, torch {torch.__version__}, {args.threads} threads')
   same = torch_out.shape == jax_out.shape and bool(np.all(torch_out == jax_out))
-  print(f'[{name}] speed ratio (torch time / jaxdream time): {torch_s / jax_s:.2f}x   '
-        f'identical tokens: {same}', flush=True)
+  print(
+    f'[{name}] speed ratio (torch time / jaxdream time): {torch_s / jax_s:.2f}x   identical tokens: {same}', flush=True
+  )
   del tmodel, tin
   if not args.int8:
     return
@@ -142,9 +152,12 @@ def bench(name, args):
   run_jax(n), run_jax(1)
   int8_s, int8_out = report('jaxdream int8', run_jax, 'weight-only int8')
   same = float(np.mean(int8_out[:, -n:] == jax_out[:, -n:]))
-  print(f'[{name}] int8 weights: {before / 2**30:.2f} GiB -> {state_bytes(model) / 2**30:.2f} GiB, prompt logits '
-        f'relative error {err:.2e} (argmax agreement {agree:.1%}), generated tokens equal to float32: {same:.0%}, '
-        f'speed vs float32 {jax_s / int8_s:.2f}x', flush=True)
+  print(
+    f'[{name}] int8 weights: {before / 2**30:.2f} GiB -> {state_bytes(model) / 2**30:.2f} GiB, prompt logits '
+    f'relative error {err:.2e} (argmax agreement {agree:.1%}), generated tokens equal to float32: {same:.0%}, '
+    f'speed vs float32 {jax_s / int8_s:.2f}x',
+    flush=True,
+  )
 
 
 def main():

@@ -64,7 +64,7 @@ import sys
 import time
 import types
 
-GIB = 2 ** 30
+GIB = 2**30
 AXES = ('data', 'fsdp', 'tensor')
 RESOLUTIONS = {'sd15': 512, 'sd21': 768, 'tiny': 64}
 FSDP_EXTRAPOLATION = (1, 8, 16, 32, 64, 256)  # fsdp sizes of the analytic per-device state line
@@ -82,22 +82,36 @@ def _mesh_shape(text):
 
 def _parse(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--models', nargs='+', choices=['sd15', 'sd21', 'tiny'], default=['sd15', 'sd21'],
-                 help="'tiny' is the quickstart's miniature model, for a quick check of the script")
+  p.add_argument(
+    '--models',
+    nargs='+',
+    choices=['sd15', 'sd21', 'tiny'],
+    default=['sd15', 'sd21'],
+    help="'tiny' is the quickstart's miniature model, for a quick check of the script",
+  )
   p.add_argument('--resolution', type=int, help='image size for every model (default: sd15 512, sd21 768)')
   p.add_argument('--devices', type=int, default=8, help='simulated CPU devices')
-  p.add_argument('--meshes', nargs='+', type=_mesh_shape,
-                 help='data,fsdp,tensor sizes, multiplying to --devices; default: every data x fsdp split')
+  p.add_argument(
+    '--meshes',
+    nargs='+',
+    type=_mesh_shape,
+    help='data,fsdp,tensor sizes, multiplying to --devices; default: every data x fsdp split',
+  )
   p.add_argument('--batch', nargs='+', type=int, default=[1], help='examples per device (instance + class)')
-  p.add_argument('--cached', action='store_true',
-                 help='cached latents (train.cache_latents): no VAE encode in the step; with '
-                      '--freeze-text-encoder the text embeddings are cached too')
+  p.add_argument(
+    '--cached',
+    action='store_true',
+    help='cached latents (train.cache_latents): no VAE encode in the step; with '
+    '--freeze-text-encoder the text embeddings are cached too',
+  )
   p.add_argument('--freeze-text-encoder', action='store_true', help='train the UNet only')
   p.add_argument('--dtype', choices=['bfloat16', 'float32'], default='bfloat16', help='compute dtype')
   p.add_argument('--attention', choices=['xla', 'cudnn', 'tiled', 'auto'], default='xla')
-  p.add_argument('--tensor-rules', action='store_true',
-                 help='shard over the tensor axis with jaxdream.sharding.TENSOR_RULES '
-                      '(off in the default config)')
+  p.add_argument(
+    '--tensor-rules',
+    action='store_true',
+    help='shard over the tensor axis with jaxdream.distributed.sharding.TENSOR_RULES (off in the default config)',
+  )
   p.add_argument('--json', help='append one JSON line per row to this file')
   args = p.parse_args(argv)
   if args.devices < 1 or min(args.batch) < 1:
@@ -127,36 +141,45 @@ def _gib(x) -> str:
 
 def _nbytes(shape, dtype) -> int:
   import numpy as np
+
   return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
 # ----------------------------------------------------------------------------- the abstract setup
 
+
 def _scheduler_config(model):
-  from jaxdream.tiny_model import SD15_SCHEDULER
+  from jaxdream.diffusion.tiny_model import SD15_SCHEDULER
+
   # SD 2.1 (768 px) was trained with v-prediction on the same beta schedule.
   return dict(SD15_SCHEDULER, prediction_type='v_prediction') if model == 'sd21' else dict(SD15_SCHEDULER)
 
 
 def _pipeline(model, dtype, attention):
   """The model's pipeline with shape-only parameters (nothing allocated)."""
-  from jaxdream import tiny_model
+  from jaxdream.diffusion import tiny_model
+  from jaxdream.diffusion.pipeline import Pipeline
   from jaxdream.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel, abstract_model, presets
-  from jaxdream.pipeline import Pipeline
-  configs = {'sd15': (presets.SD15_UNET, presets.SD15_TEXT_ENCODER, presets.SD_VAE),
-             'sd21': (presets.SD21_UNET, presets.SD21_TEXT_ENCODER, presets.SD_VAE),
-             'tiny': (tiny_model.TINY_UNET, tiny_model.TINY_TEXT_ENCODER, tiny_model.TINY_VAE)}[model]
-  built = [abstract_model(lambda rngs, cls=cls, cfg=cfg: cls(cfg, dtype=dtype, attention_impl=attention,
-                                                            rngs=rngs))
-           for cls, cfg in zip((UNet2DConditionModel, CLIPTextModel, AutoencoderKL), configs)]
-  return Pipeline(unet=built[0], text_encoder=built[1], vae=built[2], tokenizer=None,
-                  scheduler_config=_scheduler_config(model))
+
+  configs = {
+    'sd15': (presets.SD15_UNET, presets.SD15_TEXT_ENCODER, presets.SD_VAE),
+    'sd21': (presets.SD21_UNET, presets.SD21_TEXT_ENCODER, presets.SD_VAE),
+    'tiny': (tiny_model.TINY_UNET, tiny_model.TINY_TEXT_ENCODER, tiny_model.TINY_VAE),
+  }[model]
+  built = [
+    abstract_model(lambda rngs, cls=cls, cfg=cfg: cls(cfg, dtype=dtype, attention_impl=attention, rngs=rngs))
+    for cls, cfg in zip((UNet2DConditionModel, CLIPTextModel, AutoencoderKL), configs)
+  ]
+  return Pipeline(
+    unet=built[0], text_encoder=built[1], vae=built[2], tokenizer=None, scheduler_config=_scheduler_config(model)
+  )
 
 
 def _run_config(args, resolution):
   """The run config a real run would have (base_config with the text encoder trained)."""
-  from jaxdream.config import base_config
-  from jaxdream.sharding import TENSOR_RULES
+  from jaxdream.distributed.sharding import TENSOR_RULES
+  from jaxdream.training.config import base_config
+
   c = base_config()
   c.resolution = resolution
   c.compute_dtype = args.dtype
@@ -176,15 +199,17 @@ class Setup:
     import jax
     import jax.numpy as jnp
 
-    from jaxdream.train import make_optimizer, param_groups, split_models, split_trainable
+    from jaxdream.training.params import make_optimizer, param_groups, split_models, split_trainable
+
     self.model = model
     self.resolution = args.resolution or RESOLUTIONS[model]
     self.config = _run_config(args, self.resolution)
     dtype = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}[args.dtype]
     self.pipeline = _pipeline(model, dtype, args.attention)
     if self.resolution % self.pipeline.vae_scale_factor:
-      raise SystemExit(f'--resolution {self.resolution} is not a multiple of the VAE factor '
-                       f'{self.pipeline.vae_scale_factor}')
+      raise SystemExit(
+        f'--resolution {self.resolution} is not a multiple of the VAE factor {self.pipeline.vae_scale_factor}'
+      )
     self.graphdefs, self.templates, flat = split_models(self.pipeline)
     self.groups = param_groups(self.config)
     self.trainable, self.frozen, self.labels = split_trainable(flat, self.groups)
@@ -194,20 +219,28 @@ class Setup:
   def totals(self) -> dict:
     """Whole-model sizes from the shapes: parameters (trained, frozen) and optimizer state."""
     import jax
+
     count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
     size = lambda tree: sum(_nbytes(x.shape, x.dtype) for x in jax.tree.leaves(tree))
-    by_model = {m: count({k: v for k, v in self.trainable.items() if k.startswith(m + '/')})
-                for m in ('unet', 'text_encoder')}
-    return dict(trainable_params=count(self.trainable), trainable_bytes=size(self.trainable),
-                trainable_by_model=by_model, frozen_params=count(self.frozen), frozen_bytes=size(self.frozen),
-                optimizer_bytes=size(self.opt_state))
+    by_model = {
+      m: count({k: v for k, v in self.trainable.items() if k.startswith(m + '/')}) for m in ('unet', 'text_encoder')
+    }
+    return dict(
+      trainable_params=count(self.trainable),
+      trainable_bytes=size(self.trainable),
+      trainable_by_model=by_model,
+      frozen_params=count(self.frozen),
+      frozen_bytes=size(self.frozen),
+      optimizer_bytes=size(self.opt_state),
+    )
 
   def state_per_device(self, fsdp: int) -> dict:
     """Analytic bytes per device of parameters, optimizer state and frozen parameters when FSDP-sharded
     over `fsdp` devices, by the library's own partition rule (a dimension that does not divide stays
     whole). AdamW keeps two float32 moments per trained parameter, sharded like it."""
-    from jaxdream.sharding import logical_axes, partition_spec
-    from jaxdream.train import MODELS
+    from jaxdream.distributed.sharding import logical_axes, partition_spec
+    from jaxdream.training.params import MODELS
+
     mesh = types.SimpleNamespace(shape={'data': 1, 'fsdp': fsdp, 'tensor': 1})  # all partition_spec reads
     axes = {}
     for m in MODELS:
@@ -220,26 +253,31 @@ class Setup:
         spec = partition_spec(v.shape, axes.get(k), mesh, rules, self.config.mesh.fsdp_min_size)
         total += _nbytes(v.shape, v.dtype) // (fsdp if 'fsdp' in tuple(spec) else 1)
       return total
+
     trained = shard(self.trainable)
     return dict(trainable=trained, optimizer=2 * trained, frozen=shard(self.frozen))
 
 
 # ----------------------------------------------------------------------------- one row
 
+
 def _abstract(tree, shardings):
   import jax
+
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def _per_device(tree) -> int:
   """Bytes of one device's shards of an abstract, sharded tree."""
   import jax
+
   return sum(_nbytes(x.sharding.shard_shape(x.shape), x.dtype) for x in jax.tree.leaves(tree))
 
 
 def _batch(s: Setup, examples: int, cached: bool) -> dict:
   """Abstract arrays of one step's batch, as train()'s _next_batch assembles it."""
   import jax.numpy as jnp
+
   r, f = s.resolution, s.pipeline.vae_scale_factor
   if cached:
     latent = (examples, r // f, r // f, s.pipeline.vae.latent_channels)
@@ -258,38 +296,60 @@ def measure(s: Setup, mesh_sizes, per_device: int, args) -> dict:
   """Compile the step for one mesh and batch; its memory analysis, per device."""
   import jax
 
-  from jaxdream.mesh import make_mesh
+  from jaxdream.distributed.mesh import make_mesh
   from jaxdream.schedulers import NoiseSchedule
-  from jaxdream.train import StepFn, init_state, jit_step, step_shardings
+  from jaxdream.training.step import StepFn, init_state, jit_step, step_shardings
+
   mesh = make_mesh(*mesh_sizes)
   d, f, t = (mesh.shape[a] for a in AXES)
   examples = per_device * d * f
-  row = dict(model=s.model, resolution=s.resolution, mesh=[d, f, t], devices=d * f * t,
-             batch_per_device=per_device, global_examples=examples, instance_examples=examples // 2,
-             cached=args.cached, text_encoder_trained=not args.freeze_text_encoder, dtype=args.dtype,
-             attention=args.attention)
+  row = dict(
+    model=s.model,
+    resolution=s.resolution,
+    mesh=[d, f, t],
+    devices=d * f * t,
+    batch_per_device=per_device,
+    global_examples=examples,
+    instance_examples=examples // 2,
+    cached=args.cached,
+    text_encoder_trained=not args.freeze_text_encoder,
+    dtype=args.dtype,
+    attention=args.attention,
+  )
   if examples % 2:
     return dict(row, error=f'{examples} examples cannot split into instance + class pairs')
   c = s.config
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = d, f, t
   c.train.batch_size = examples // 2
-  step_fn = StepFn(graphdefs=s.graphdefs, templates=s.templates, schedule=NoiseSchedule.from_config(
-      s.pipeline.scheduler_config), tx=s.tx, num_instance=examples // 2, prior_weight=c.prior.loss_weight,
-      snr_gamma=c.train.snr_gamma, offset_noise=c.train.offset_noise, ema_decay=c.train.ema_decay,
-      scaling_factor=s.pipeline.vae.scaling_factor, shift_factor=s.pipeline.vae.shift_factor)
+  step_fn = StepFn(
+    graphdefs=s.graphdefs,
+    templates=s.templates,
+    schedule=NoiseSchedule.from_config(s.pipeline.scheduler_config),
+    tx=s.tx,
+    num_instance=examples // 2,
+    prior_weight=c.prior.loss_weight,
+    snr_gamma=c.train.snr_gamma,
+    offset_noise=c.train.offset_noise,
+    ema_decay=c.train.ema_decay,
+    scaling_factor=s.pipeline.vae.scaling_factor,
+    shift_factor=s.pipeline.vae.shift_factor,
+  )
   shardings = step_shardings(s.pipeline, s.trainable, s.frozen, s.tx, mesh, c)
   state_sh, frozen_sh, batch_sh = shardings
   make_state = lambda tr: init_state(tr, s.tx, c.seed, c.train.ema_decay > 0)
   state = _abstract(jax.eval_shape(make_state, s.trainable), state_sh)
   frozen = _abstract(s.frozen, frozen_sh)
-  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
-           for k, (shape, dtype) in _batch(s, examples, args.cached).items()}
+  batch = {
+    k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
+    for k, (shape, dtype) in _batch(s, examples, args.cached).items()
+  }
   t0 = time.perf_counter()
   compiled = jit_step(step_fn, shardings, mesh).lower(state, frozen, batch).compile()
   row['compile_s'] = round(time.perf_counter() - t0, 1)
   m = compiled.memory_analysis()
-  mem = {k: int(getattr(m, f'{k}_size_in_bytes', 0) or 0)
-         for k in ('argument', 'output', 'alias', 'temp', 'generated_code')}
+  mem = {
+    k: int(getattr(m, f'{k}_size_in_bytes', 0) or 0) for k in ('argument', 'output', 'alias', 'temp', 'generated_code')
+  }
   row.update(mem)
   # The same split from the shardings alone: what the arguments should hold.
   row['state_analytic'] = _per_device(state)
@@ -305,9 +365,19 @@ def measure(s: Setup, mesh_sizes, per_device: int, args) -> dict:
 
 # ----------------------------------------------------------------------------- output
 
-COLUMNS = (('model', 6), ('px', 5), ('mesh d,f,t', 11), ('batch/dev', 10), ('global (inst+class)', 20),
-           ('state/dev', 10), ('frozen/dev', 11), ('arguments', 10), ('temp', 8), ('total/dev', 10),
-           ('compile', 8))
+COLUMNS = (
+  ('model', 6),
+  ('px', 5),
+  ('mesh d,f,t', 11),
+  ('batch/dev', 10),
+  ('global (inst+class)', 20),
+  ('state/dev', 10),
+  ('frozen/dev', 11),
+  ('arguments', 10),
+  ('temp', 8),
+  ('total/dev', 10),
+  ('compile', 8),
+)
 
 
 def _line(cells) -> str:
@@ -315,29 +385,46 @@ def _line(cells) -> str:
 
 
 def _row_line(r) -> str:
-  head = [r['model'], r['resolution'], ','.join(map(str, r['mesh'])), r['batch_per_device'],
-          f'{r["global_examples"]} ({r["instance_examples"]}+{r["instance_examples"]})']
+  head = [
+    r['model'],
+    r['resolution'],
+    ','.join(map(str, r['mesh'])),
+    r['batch_per_device'],
+    f'{r["global_examples"]} ({r["instance_examples"]}+{r["instance_examples"]})',
+  ]
   if 'error' in r:
     return _line(head) + '  skipped: ' + r['error']
-  return _line(head + [_gib(r['state_analytic']), _gib(r['frozen_analytic']), _gib(r['argument']),
-                       _gib(r['temp']), _gib(r['total']), f'{r["compile_s"]:.0f} s'])
+  return _line(
+    head
+    + [
+      _gib(r['state_analytic']),
+      _gib(r['frozen_analytic']),
+      _gib(r['argument']),
+      _gib(r['temp']),
+      _gib(r['total']),
+      f'{r["compile_s"]:.0f} s',
+    ]
+  )
 
 
 def _model_header(s: Setup) -> str:
   t = s.totals()
   parts = ' + '.join(f'{m} {n / 1e6:.1f}M' for m, n in t['trainable_by_model'].items() if n)
   ext = ', '.join(f'{n}: {_gib(sum(s.state_per_device(n).values()))}' for n in FSDP_EXTRAPOLATION)
-  return (f'{s.model} {s.resolution}x{s.resolution}: trained {t["trainable_params"] / 1e6:.1f}M parameters '
-          f'({parts}) = {_gib(t["trainable_bytes"])} GiB float32, '
-          f'AdamW state {_gib(t["optimizer_bytes"])} GiB, '
-          f'frozen {t["frozen_params"] / 1e6:.1f}M = {_gib(t["frozen_bytes"])} GiB\n'
-          f'  parameters + optimizer + frozen per device by fsdp size (analytic, GiB): {ext}')
+  return (
+    f'{s.model} {s.resolution}x{s.resolution}: trained {t["trainable_params"] / 1e6:.1f}M parameters '
+    f'({parts}) = {_gib(t["trainable_bytes"])} GiB float32, '
+    f'AdamW state {_gib(t["optimizer_bytes"])} GiB, '
+    f'frozen {t["frozen_params"] / 1e6:.1f}M = {_gib(t["frozen_bytes"])} GiB\n'
+    f'  parameters + optimizer + frozen per device by fsdp size (analytic, GiB): {ext}'
+  )
 
 
 def main(argv=None):
   args = _parse(argv)
   _use_devices(args.devices)  # before jax is imported (below and in jaxdream)
   import jax
+
   if len(jax.devices()) != args.devices:
     print(f'asked for {args.devices} devices, jax has {len(jax.devices())}', file=sys.stderr)
     return 1
@@ -346,15 +433,21 @@ def main(argv=None):
     if args.devices % known or (-1 not in sizes and known != args.devices):
       print(f'mesh {sizes} does not fit {args.devices} devices (--devices)', file=sys.stderr)
       return 2
-  print(f'jaxdream DreamBooth step, per-device memory from XLA:CPU memory_analysis over {args.devices} '
-        f'simulated devices: {args.dtype} compute, float32 parameters, UNet'
-        f'{"" if args.freeze_text_encoder else " + text encoder"} trained with AdamW, prior preservation, '
-        f'{"cached latents" if args.cached else "VAE encode in the step"}, attention {args.attention} '
-        f'(jax {jax.__version__})', flush=True)
-  print('state/dev = trained parameters + AdamW moments, frozen/dev = frozen parameters (both analytic, '
-        'from the shardings); arguments and temp from the compiled step; total/dev = arguments + temp + '
-        'outputs not aliasing donated arguments + frozen parameters the step never reads (the VAE decoder: '
-        'pruned from the executable, still held by a run); GiB', flush=True)
+  print(
+    f'jaxdream DreamBooth step, per-device memory from XLA:CPU memory_analysis over {args.devices} '
+    f'simulated devices: {args.dtype} compute, float32 parameters, UNet'
+    f'{"" if args.freeze_text_encoder else " + text encoder"} trained with AdamW, prior preservation, '
+    f'{"cached latents" if args.cached else "VAE encode in the step"}, attention {args.attention} '
+    f'(jax {jax.__version__})',
+    flush=True,
+  )
+  print(
+    'state/dev = trained parameters + AdamW moments, frozen/dev = frozen parameters (both analytic, '
+    'from the shardings); arguments and temp from the compiled step; total/dev = arguments + temp + '
+    'outputs not aliasing donated arguments + frozen parameters the step never reads (the VAE decoder: '
+    'pruned from the executable, still held by a run); GiB',
+    flush=True,
+  )
   out = open(args.json, 'a') if args.json else None
   failed = 0
   try:
@@ -367,8 +460,15 @@ def main(argv=None):
           try:
             r = measure(s, sizes, b, args)
           except Exception as e:  # a row that fails to compile (e.g. out of memory) leaves the others
-            r = dict(model=model, resolution=s.resolution, mesh=list(sizes), batch_per_device=b,
-                     global_examples='?', instance_examples='?', error=f'{type(e).__name__}: {e}'[:300])
+            r = dict(
+              model=model,
+              resolution=s.resolution,
+              mesh=list(sizes),
+              batch_per_device=b,
+              global_examples='?',
+              instance_examples='?',
+              error=f'{type(e).__name__}: {e}'[:300],
+            )
             failed += 1
           print(_row_line(r), flush=True)
           if out:

@@ -25,9 +25,9 @@ import time
 
 # name -> (diffusers class, the options our name fixes)
 SCHEDULERS = {
-    'ddim': ('DDIMScheduler', {}),
-    'euler': ('EulerDiscreteScheduler', {}),
-    'dpmpp_2m': ('DPMSolverMultistepScheduler', {'algorithm_type': 'dpmsolver++', 'solver_order': 2}),
+  'ddim': ('DDIMScheduler', {}),
+  'euler': ('EulerDiscreteScheduler', {}),
+  'dpmpp_2m': ('DPMSolverMultistepScheduler', {'algorithm_type': 'dpmsolver++', 'solver_order': 2}),
 }
 
 
@@ -36,7 +36,7 @@ def _parse():
   p.add_argument('--preset', choices=['tiny', 'sd15'], default='tiny')
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--batch', type=int, default=2, help='images per call')
-  p.add_argument('--height', type=int, help='default: the model\'s size (tiny 64, sd15 512)')
+  p.add_argument('--height', type=int, help="default: the model's size (tiny 64, sd15 512)")
   p.add_argument('--width', type=int)
   p.add_argument('--guidance', type=float, default=7.5)
   p.add_argument('--scheduler', choices=sorted(SCHEDULERS), default='ddim')
@@ -50,10 +50,13 @@ def _parse():
 
 def _configs(preset):
   """UNet, VAE and text encoder configs as keyword arguments of the diffusers/transformers classes."""
-  from jaxdream import tiny_model
+  from jaxdream.diffusion import tiny_model
   from jaxdream.models import presets
-  configs = {'tiny': (tiny_model.TINY_UNET, tiny_model.TINY_VAE, tiny_model.TINY_TEXT_ENCODER),
-             'sd15': (presets.SD15_UNET, presets.SD_VAE, presets.SD15_TEXT_ENCODER)}[preset]
+
+  configs = {
+    'tiny': (tiny_model.TINY_UNET, tiny_model.TINY_VAE, tiny_model.TINY_TEXT_ENCODER),
+    'sd15': (presets.SD15_UNET, presets.SD_VAE, presets.SD15_TEXT_ENCODER),
+  }[preset]
   return [{k: v for k, v in c.items() if not k.startswith('_') and k != 'model_type'} for c in configs]
 
 
@@ -63,8 +66,8 @@ def build_torch_pipeline(preset: str, folder: str, scheduler: str):
   import torch
   from transformers import CLIPTextConfig, CLIPTextModel
 
-  from jaxdream.tiny_model import SD15_SCHEDULER
-  from jaxdream.tokenizer import load_tokenizer, write_clip_tokenizer
+  from jaxdream.diffusion.tiny_model import SD15_SCHEDULER
+  from jaxdream.io.tokenizer import load_tokenizer, write_clip_tokenizer
 
   unet_cfg, vae_cfg, te_cfg = _configs(preset)
   torch.manual_seed(0)
@@ -72,10 +75,15 @@ def build_torch_pipeline(preset: str, folder: str, scheduler: str):
   write_clip_tokenizer(tok_dir)
   cls, fixed = SCHEDULERS[scheduler]
   pipe = diffusers.StableDiffusionPipeline(
-      unet=diffusers.UNet2DConditionModel(**unet_cfg).eval(), vae=diffusers.AutoencoderKL(**vae_cfg).eval(),
-      text_encoder=CLIPTextModel(CLIPTextConfig(**te_cfg)).eval(), tokenizer=load_tokenizer(tok_dir),
-      scheduler=getattr(diffusers, cls).from_config(dict(SD15_SCHEDULER, **fixed)),
-      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    unet=diffusers.UNet2DConditionModel(**unet_cfg).eval(),
+    vae=diffusers.AutoencoderKL(**vae_cfg).eval(),
+    text_encoder=CLIPTextModel(CLIPTextConfig(**te_cfg)).eval(),
+    tokenizer=load_tokenizer(tok_dir),
+    scheduler=getattr(diffusers, cls).from_config(dict(SD15_SCHEDULER, **fixed)),
+    safety_checker=None,
+    feature_extractor=None,
+    requires_safety_checker=False,
+  )
   pipe.save_pretrained(os.path.join(folder, 'model'))
   pipe.set_progress_bar_config(disable=True)
   return pipe
@@ -95,8 +103,11 @@ def _time(fn, repeats):
 
 
 def _report(name, batch, first, steady):
-  print(f'{name}: {steady / batch:.3f} s/image, {batch / steady:.3f} images/s '
-        f'(first call {first:.1f} s, so compile/warm-up ~{max(first - steady, 0):.1f} s)', flush=True)
+  print(
+    f'{name}: {steady / batch:.3f} s/image, {batch / steady:.3f} images/s '
+    f'(first call {first:.1f} s, so compile/warm-up ~{max(first - steady, 0):.1f} s)',
+    flush=True,
+  )
   return batch / steady
 
 
@@ -105,14 +116,14 @@ def main():
   if args.device == 'cpu':
     os.environ['JAX_PLATFORMS'] = 'cpu'
     if args.threads:  # before jax and torch start their thread pools: both sides get the same cores
-      os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+      os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
   import jax
   import jax.numpy as jnp
   import numpy as np
   import torch
 
   from jaxdream import load_pipeline
-  from jaxdream.sampling import txt2img
+  from jaxdream.diffusion.sampling import txt2img
 
   if args.threads:
     torch.set_num_threads(args.threads)
@@ -128,12 +139,25 @@ def main():
   prompts = [f'a photo of an astronaut riding a horse, variant {i}' for i in range(b)]
   latents = np.random.default_rng(0).standard_normal((b, h // f, w // f, jpipe.vae.latent_channels)).astype(np.float32)
   work = f'{args.preset} {h}x{w}, batch {b}, {args.steps} {args.scheduler} steps, guidance {args.guidance}'
-  print(f'work: {work}; jax {jax.__version__} on {jax.default_backend()}, torch {torch.__version__} on '
-        f'{torch_device}, {torch.get_num_threads()} torch threads, {len(os.sched_getaffinity(0))} cores', flush=True)
+  print(
+    f'work: {work}; jax {jax.__version__} on {jax.default_backend()}, torch {torch.__version__} on '
+    f'{torch_device}, {torch.get_num_threads()} torch threads, {len(os.sched_getaffinity(0))} cores',
+    flush=True,
+  )
 
-  first, steady, ours = _time(lambda: txt2img(
-      jpipe, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
-      height=h, width=w, latents=latents), args.repeats)
+  first, steady, ours = _time(
+    lambda: txt2img(
+      jpipe,
+      prompts,
+      num_inference_steps=args.steps,
+      guidance_scale=args.guidance,
+      scheduler=args.scheduler,
+      height=h,
+      width=w,
+      latents=latents,
+    ),
+    args.repeats,
+  )
   jax_ips = _report(f'jaxdream  ({jnp.dtype(jpipe.unet.dtype).name})', b, first, steady)
   if args.skip_torch:
     return 0
@@ -144,8 +168,15 @@ def main():
 
   def run_torch():
     with torch.inference_mode():
-      images = tpipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, height=h, width=w,
-                     latents=t_latents, output_type='np').images
+      images = tpipe(
+        prompts,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        height=h,
+        width=w,
+        latents=t_latents,
+        output_type='np',
+      ).images
     if gpu:
       torch.cuda.synchronize()
     return images
@@ -160,8 +191,10 @@ def main():
       torch_ips = max(torch_ips, _report('diffusers (fp16, torch.compile UNet)', b, first, steady))
     except Exception as e:  # noqa: BLE001 -- report and compare with eager torch
       print(f'torch.compile failed, comparing with eager torch: {type(e).__name__}: {str(e)[:200]}')
-  print(f'ratio (jaxdream images/s / torch images/s, best torch): {jax_ips / torch_ips:.2f}x   '
-        f'largest pixel difference: {diff}')
+  print(
+    f'ratio (jaxdream images/s / torch images/s, best torch): {jax_ips / torch_ips:.2f}x   '
+    f'largest pixel difference: {diff}'
+  )
   return 0
 
 

@@ -38,7 +38,7 @@ import time
 
 RESULT = '@@result '  # a child's last line: its measurements as JSON
 PROMPTS = ('a photo of sks dog', 'a photo of dog')  # instance, class
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def _parse(argv=None):
@@ -54,8 +54,12 @@ def _parse(argv=None):
   p.add_argument('--skip-jax', action='store_true')
   p.add_argument('--model-dir', help='build the random model here, or reuse the one there (default: temp)')
   p.add_argument('--max-rss-gb', type=float, help='kill a side whose resident set grows past this')
-  p.add_argument('--min-free-gb', type=float, default=1.0,
-                 help='kill a side when the machine\'s available memory falls below this (0: never)')
+  p.add_argument(
+    '--min-free-gb',
+    type=float,
+    default=1.0,
+    help="kill a side when the machine's available memory falls below this (0: never)",
+  )
   p.add_argument('--side', choices=['build', 'jax', 'torch'], help=argparse.SUPPRESS)  # internal
   p.add_argument('--folder', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -64,6 +68,7 @@ def _parse(argv=None):
 
 
 # ----------------------------------------------------------------------------- memory
+
 
 def _peak_rss() -> int:
   """The kernel's high-water mark of the resident set, bytes (exact, unlike sampling)."""
@@ -74,6 +79,7 @@ def _peak_rss() -> int:
 def _rss() -> int:
   try:
     import psutil
+
     return psutil.Process().memory_info().rss
   except ImportError:
     return _peak_rss()
@@ -84,6 +90,7 @@ def _reset_peak() -> bool:
   that it covers live memory of what follows, not what loading or compiling left in malloc's free lists."""
   try:
     import ctypes
+
     ctypes.CDLL('libc.so.6').malloc_trim(0)
   except (OSError, AttributeError):
     pass
@@ -97,18 +104,23 @@ def _reset_peak() -> bool:
 
 # ----------------------------------------------------------------------------- shared setup
 
+
 def _configs(preset):
   """UNet, VAE and text encoder configs as keyword arguments of the diffusers/transformers classes."""
-  from jaxdream import tiny_model
+  from jaxdream.diffusion import tiny_model
   from jaxdream.models import presets
-  configs = {'tiny': (tiny_model.TINY_UNET, tiny_model.TINY_VAE, tiny_model.TINY_TEXT_ENCODER),
-             'sd15': (presets.SD15_UNET, presets.SD_VAE, presets.SD15_TEXT_ENCODER)}[preset]
+
+  configs = {
+    'tiny': (tiny_model.TINY_UNET, tiny_model.TINY_VAE, tiny_model.TINY_TEXT_ENCODER),
+    'sd15': (presets.SD15_UNET, presets.SD_VAE, presets.SD15_TEXT_ENCODER),
+  }[preset]
   return [{k: v for k, v in c.items() if not k.startswith('_') and k != 'model_type'} for c in configs]
 
 
 def train_config(gpu: bool):
   """The run config both sides follow: base_config's optimiser, with the text encoder trained."""
-  from jaxdream.config import base_config
+  from jaxdream.training.config import base_config
+
   c = base_config()
   c.train.train_text_encoder = True
   c.compute_dtype = 'bfloat16' if gpu else 'float32'
@@ -116,43 +128,58 @@ def train_config(gpu: bool):
 
 
 def _paths(folder, args):
-  return (os.path.join(folder, 'model'), os.path.join(folder, f'batch_{args.resolution}.npz'),
-          os.path.join(folder, f'draws_{args.resolution}_{args.device}.npz'))
+  return (
+    os.path.join(folder, 'model'),
+    os.path.join(folder, f'batch_{args.resolution}.npz'),
+    os.path.join(folder, f'draws_{args.resolution}_{args.device}.npz'),
+  )
 
 
 def _build(args, folder):
   """Random torch models saved as a diffusers folder (skipped if one is there), and the fixed batch."""
   import numpy as np
 
-  from jaxdream.tokenizer import load_tokenizer, tokenize, write_clip_tokenizer
+  from jaxdream.io.tokenizer import load_tokenizer, tokenize, write_clip_tokenizer
+
   model_dir, batch_path, _ = _paths(folder, args)
   if not os.path.exists(os.path.join(model_dir, 'model_index.json')):
     import diffusers
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from jaxdream.tiny_model import SD15_SCHEDULER
+    from jaxdream.diffusion.tiny_model import SD15_SCHEDULER
+
     t0 = time.perf_counter()
     unet_cfg, vae_cfg, te_cfg = _configs(args.preset)
     tok_dir = os.path.join(folder, 'tokenizer-src')
     write_clip_tokenizer(tok_dir)
     torch.manual_seed(0)
     pipe = diffusers.StableDiffusionPipeline(
-        unet=diffusers.UNet2DConditionModel(**unet_cfg), vae=diffusers.AutoencoderKL(**vae_cfg),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**te_cfg)), tokenizer=load_tokenizer(tok_dir),
-        scheduler=diffusers.PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+      unet=diffusers.UNet2DConditionModel(**unet_cfg),
+      vae=diffusers.AutoencoderKL(**vae_cfg),
+      text_encoder=CLIPTextModel(CLIPTextConfig(**te_cfg)),
+      tokenizer=load_tokenizer(tok_dir),
+      scheduler=diffusers.PNDMScheduler.from_config(SD15_SCHEDULER),
+      safety_checker=None,
+      feature_extractor=None,
+      requires_safety_checker=False,
+    )
     pipe.save_pretrained(model_dir)
-    print(f'built and saved the random {args.preset} model in {model_dir} ({time.perf_counter() - t0:.1f} s)',
-          flush=True)
+    print(
+      f'built and saved the random {args.preset} model in {model_dir} ({time.perf_counter() - t0:.1f} s)', flush=True
+    )
   rng = np.random.default_rng(0)
   r = args.resolution
-  np.savez(batch_path, pixels=rng.uniform(-1, 1, (2, r, r, 3)).astype(np.float32),
-           input_ids=tokenize(load_tokenizer(os.path.join(model_dir, 'tokenizer')), list(PROMPTS)))
+  np.savez(
+    batch_path,
+    pixels=rng.uniform(-1, 1, (2, r, r, 3)).astype(np.float32),
+    input_ids=tokenize(load_tokenizer(os.path.join(model_dir, 'tokenizer')), list(PROMPTS)),
+  )
   return {}
 
 
 # ----------------------------------------------------------------------------- jaxdream
+
 
 def _jax_side(args, folder):
   import jax
@@ -162,7 +189,9 @@ def _jax_side(args, folder):
 
   from jaxdream import load_pipeline
   from jaxdream.schedulers import NoiseSchedule
-  from jaxdream.train import MODELS, StepFn, flatten, init_state, make_optimizer, param_groups, split_trainable
+  from jaxdream.training.params import MODELS, flatten, make_optimizer, param_groups, split_trainable
+  from jaxdream.training.step import StepFn, init_state
+
   base = _rss()
   model_dir, batch_path, draws_path = _paths(folder, args)
   gpu = args.device == 'gpu'
@@ -178,10 +207,19 @@ def _jax_side(args, folder):
   groups = param_groups(c)
   trainable, frozen, labels = split_trainable(flat, groups)
   tx = make_optimizer(c, groups, labels)
-  fn = StepFn(graphdefs=graphdefs, templates=templates, schedule=NoiseSchedule.from_config(pipe.scheduler_config),
-              tx=tx, num_instance=c.train.batch_size, prior_weight=c.prior.loss_weight,
-              snr_gamma=c.train.snr_gamma, offset_noise=c.train.offset_noise, ema_decay=0.0,
-              scaling_factor=pipe.vae.scaling_factor, shift_factor=pipe.vae.shift_factor)
+  fn = StepFn(
+    graphdefs=graphdefs,
+    templates=templates,
+    schedule=NoiseSchedule.from_config(pipe.scheduler_config),
+    tx=tx,
+    num_instance=c.train.batch_size,
+    prior_weight=c.prior.loss_weight,
+    snr_gamma=c.train.snr_gamma,
+    offset_noise=c.train.offset_noise,
+    ema_decay=0.0,
+    scaling_factor=pipe.vae.scaling_factor,
+    shift_factor=pipe.vae.shift_factor,
+  )
   state = jax.device_put(init_state(trainable, tx, c.seed, False))
   frozen = jax.device_put(frozen)
   batch = jax.device_put(dict(np.load(batch_path)))
@@ -196,8 +234,11 @@ def _jax_side(args, folder):
   compiled = jax.jit(fn, donate_argnums=(0,)).lower(state, frozen, batch).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  mem = {k: int(getattr(mem, f'{k}_size_in_bytes', 0) or 0) for k in ('temp', 'argument', 'output', 'alias')} \
-      if mem is not None else None
+  mem = (
+    {k: int(getattr(mem, f'{k}_size_in_bytes', 0) or 0) for k in ('temp', 'argument', 'output', 'alias')}
+    if mem is not None
+    else None
+  )
   peak_setup = _peak_rss()
   reset = _reset_peak()
   rss_setup = _rss()
@@ -218,14 +259,26 @@ def _jax_side(args, folder):
     stats = jax.devices()[0].memory_stats() or {}
     device_peak = stats.get('peak_bytes_in_use')
   return dict(
-      label=f'jaxdream  ({jnp.dtype(jnp.bfloat16 if gpu else jnp.float32).name} compute, {jax.default_backend()})',
-      setup_s=setup_s, compile_s=compile_s, first_s=first_s, times=times, loss0=float(metrics['loss']),
-      n_trainable=n_trainable, base=base, rss_loaded=rss_loaded, rss_setup=rss_setup, peak_setup=peak_setup,
-      peak_steps=_peak_rss() if reset else None, memory_analysis=mem, device_peak=device_peak,
-      version=f'jax {jax.__version__}')
+    label=f'jaxdream  ({jnp.dtype(jnp.bfloat16 if gpu else jnp.float32).name} compute, {jax.default_backend()})',
+    setup_s=setup_s,
+    compile_s=compile_s,
+    first_s=first_s,
+    times=times,
+    loss0=float(metrics['loss']),
+    n_trainable=n_trainable,
+    base=base,
+    rss_loaded=rss_loaded,
+    rss_setup=rss_setup,
+    peak_setup=peak_setup,
+    peak_steps=_peak_rss() if reset else None,
+    memory_analysis=mem,
+    device_peak=device_peak,
+    version=f'jax {jax.__version__}',
+  )
 
 
 # ----------------------------------------------------------------------------- diffusers / torch
+
 
 def _torch_side(args, folder):
   import contextlib
@@ -234,6 +287,7 @@ def _torch_side(args, folder):
   import torch
   from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
   from transformers import CLIPTextModel
+
   if args.threads:
     torch.set_num_threads(args.threads)
   base = _rss()
@@ -251,9 +305,15 @@ def _torch_side(args, folder):
   vae.requires_grad_(False)
   sched = DDPMScheduler.from_pretrained(model_dir, subfolder='scheduler')
   params = list(unet.parameters()) + list(te.parameters())
-  opt = torch.optim.AdamW([{'params': list(unet.parameters()), 'lr': c.learning_rate},
-                           {'params': list(te.parameters()), 'lr': c.text_encoder_learning_rate}],
-                          betas=(c.adam_b1, c.adam_b2), eps=c.adam_eps, weight_decay=c.weight_decay)
+  opt = torch.optim.AdamW(
+    [
+      {'params': list(unet.parameters()), 'lr': c.learning_rate},
+      {'params': list(te.parameters()), 'lr': c.text_encoder_learning_rate},
+    ],
+    betas=(c.adam_b1, c.adam_b2),
+    eps=c.adam_eps,
+    weight_decay=c.weight_decay,
+  )
   scaler = torch.amp.GradScaler('cuda') if gpu else None
   autocast = (lambda: torch.autocast('cuda', torch.float16)) if gpu else contextlib.nullcontext
   nchw = lambda a: torch.from_numpy(np.asarray(a)).permute(0, 3, 1, 2).contiguous().to(dev)
@@ -304,15 +364,27 @@ def _torch_side(args, folder):
   first_s, loss0 = step(shared)  # also allocates AdamW's state
   times = [step()[0] for _ in range(args.steps)]
   return dict(
-      label=f'diffusers ({"fp16 autocast" if gpu else "float32"}, {dev})', setup_s=setup_s, compile_s=None,
-      first_s=first_s, times=times, loss0=loss0, loss0_ref=float(shared['loss']) if shared else None,
-      n_trainable=n_trainable, base=base, rss_loaded=rss_loaded, rss_setup=rss_setup, peak_setup=peak_setup,
-      peak_steps=_peak_rss() if reset else None, memory_analysis=None,
-      device_peak=torch.cuda.max_memory_allocated() if gpu else None,
-      version=f'torch {torch.__version__}, {torch.get_num_threads()} threads')
+    label=f'diffusers ({"fp16 autocast" if gpu else "float32"}, {dev})',
+    setup_s=setup_s,
+    compile_s=None,
+    first_s=first_s,
+    times=times,
+    loss0=loss0,
+    loss0_ref=float(shared['loss']) if shared else None,
+    n_trainable=n_trainable,
+    base=base,
+    rss_loaded=rss_loaded,
+    rss_setup=rss_setup,
+    peak_setup=peak_setup,
+    peak_steps=_peak_rss() if reset else None,
+    memory_analysis=None,
+    device_peak=torch.cuda.max_memory_allocated() if gpu else None,
+    version=f'torch {torch.__version__}, {torch.get_num_threads()} threads',
+  )
 
 
 # ----------------------------------------------------------------------------- parent
+
 
 def _child(args, side, folder) -> dict | None:
   """Run one side in a fresh process; its output passes through, its last line is the result."""
@@ -336,12 +408,13 @@ def _child(args, side, folder) -> dict | None:
         proc.kill()
         return
       time.sleep(0.2)
+
   if psutil and (args.max_rss_gb or args.min_free_gb):
     threading.Thread(target=guard, daemon=True).start()
   result = None
   for line in proc.stdout:
     if line.startswith(RESULT):
-      result = json.loads(line[len(RESULT):])
+      result = json.loads(line[len(RESULT) :])
     else:
       print(line, end='', flush=True)
   rc = proc.wait()
@@ -360,19 +433,25 @@ def _report(r) -> tuple[float, float | None]:
   """Print one side's line(s); returns (steps/s, step-phase memory growth in bytes)."""
   s = statistics.median(r['times'])
   warm = f'compile {r["compile_s"]:.1f} s, ' if r['compile_s'] is not None else ''
-  print(f'{r["label"]}: {s:.3f} s/step, {1 / s:.3f} steps/s  ({warm}first step {r["first_s"]:.2f} s, '
-        f'setup {r["setup_s"]:.1f} s; {r["n_trainable"] / 1e6:.1f}M trained parameters; {r["version"]})')
+  print(
+    f'{r["label"]}: {s:.3f} s/step, {1 / s:.3f} steps/s  ({warm}first step {r["first_s"]:.2f} s, '
+    f'setup {r["setup_s"]:.1f} s; {r["n_trainable"] / 1e6:.1f}M trained parameters; {r["version"]})'
+  )
   growth = r['peak_steps'] - r['base'] if r['peak_steps'] else None
   steps = f'peak {_gib(r["peak_steps"])} during the steps, +{_gib(growth)} over imports; ' if growth else ''
   jit = r['compile_s'] is not None
-  print(f'  memory (RSS): {steps}{_gib(r["base"])} after imports, {_gib(r["rss_loaded"])} with the models '
-        f'loaded, {_gib(r["rss_setup"])} after setup{" and compile" if jit else ""} (trimmed), peak '
-        f'{_gib(r["peak_setup"])} during setup{" and compile" if jit else ""}')
+  print(
+    f'  memory (RSS): {steps}{_gib(r["base"])} after imports, {_gib(r["rss_loaded"])} with the models '
+    f'loaded, {_gib(r["rss_setup"])} after setup{" and compile" if jit else ""} (trimmed), peak '
+    f'{_gib(r["peak_setup"])} during setup{" and compile" if jit else ""}'
+  )
   if r['memory_analysis']:
     m = r['memory_analysis']
-    print(f'  compiled step memory_analysis: temp {_gib(m["temp"])} + argument {_gib(m["argument"])} + output '
-          f'{_gib(m["output"])} = {_gib(m["temp"] + m["argument"] + m["output"])} '
-          f'({_gib(m["alias"])} of the output reuses donated arguments)')
+    print(
+      f'  compiled step memory_analysis: temp {_gib(m["temp"])} + argument {_gib(m["argument"])} + output '
+      f'{_gib(m["output"])} = {_gib(m["temp"] + m["argument"] + m["output"])} '
+      f'({_gib(m["alias"])} of the output reuses donated arguments)'
+    )
   if r['device_peak']:
     print(f'  device memory peak: {_gib(r["device_peak"])}')
   return 1 / s, r['device_peak'] or growth
@@ -384,7 +463,7 @@ def main():
     if args.device == 'cpu':
       os.environ['JAX_PLATFORMS'] = 'cpu'
       if args.threads:  # before jax and torch start their thread pools: both sides get the same cores
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
     result = {'build': _build, 'jax': _jax_side, 'torch': _torch_side}[args.side](args, args.folder)
     print(RESULT + json.dumps(result), flush=True)
     return 0
@@ -398,9 +477,12 @@ def main():
     if os.path.exists(_paths(folder, args)[2]):
       os.remove(_paths(folder, args)[2])  # a stale first-step draw would make the loss check meaningless
     cores = args.threads or len(os.sched_getaffinity(0))
-    print(f'work: {args.preset} {args.resolution}x{args.resolution}, 1 instance + 1 class example, UNet and '
-          f'text encoder trained, {args.steps} timed steps after 1 warm-up, {args.rounds} round(s), '
-          f'{args.device}, {cores} cores per side', flush=True)
+    print(
+      f'work: {args.preset} {args.resolution}x{args.resolution}, 1 instance + 1 class example, UNet and '
+      f'text encoder trained, {args.steps} timed steps after 1 warm-up, {args.rounds} round(s), '
+      f'{args.device}, {cores} cores per side',
+      flush=True,
+    )
     results = {s: [] for s in sides}
     for k in range(args.rounds):
       for side in sides:
@@ -419,13 +501,16 @@ def main():
     (js, jm), (ts, tm) = speed['jax'], speed['torch']
     print(f'speed ratio (jaxdream steps/s / torch steps/s): {js / ts:.2f}x')
     if jm and tm:
-      print(f'memory ratio (jaxdream / torch, {"device peak" if args.device == "gpu" else "RSS growth"}): '
-            f'{jm / tm:.2f}x')
+      print(
+        f'memory ratio (jaxdream / torch, {"device peak" if args.device == "gpu" else "RSS growth"}): {jm / tm:.2f}x'
+      )
     t = best['torch']
     if t['loss0_ref'] is not None:
       rel = abs(t['loss0'] - t['loss0_ref']) / abs(t['loss0_ref'])
-      print(f'first-step loss (same weights, batch and draws): jaxdream {t["loss0_ref"]:.6f}, '
-            f'torch {t["loss0"]:.6f} (relative difference {rel:.1e})')
+      print(
+        f'first-step loss (same weights, batch and draws): jaxdream {t["loss0_ref"]:.6f}, '
+        f'torch {t["loss0"]:.6f} (relative difference {rel:.1e})'
+      )
   return 0 if len(best) == len(sides) else 1
 
 

@@ -58,8 +58,14 @@ def main():
   torch.set_num_threads(args.threads)
   config = dict({'sd15': presets.SD15_UNET, 'sd21': presets.SD21_UNET}.get(args.preset, {}))
   if args.preset == 'tiny':
-    config = dict(presets.SD15_UNET, block_out_channels=[32, 64, 64, 64], cross_attention_dim=32,
-                  attention_head_dim=4, norm_num_groups=8, layers_per_block=1)
+    config = dict(
+      presets.SD15_UNET,
+      block_out_channels=[32, 64, 64, 64],
+      cross_attention_dim=32,
+      attention_head_dim=4,
+      norm_num_groups=8,
+      layers_per_block=1,
+    )
   config = {k: v for k, v in config.items() if not k.startswith('_')}
   gpu = args.device == 'gpu'
   torch_device = 'cuda' if gpu else 'cpu'
@@ -92,9 +98,11 @@ def main():
     jax_out = compiled(params, jx, jt, jc).block_until_ready()
 
   jax_s = _timed(run_jax, args.repeats)
-  print(f'jaxdream  {args.preset} batch {b} {s}x{s} {jnp.dtype(jax_dtype).name}: {jax_s:.3f} s/forward '
-        f'(compile {compile_s:.1f} s, backend {jax.default_backend()}, attention {args.attention})',
-        flush=True)
+  print(
+    f'jaxdream  {args.preset} batch {b} {s}x{s} {jnp.dtype(jax_dtype).name}: {jax_s:.3f} s/forward '
+    f'(compile {compile_s:.1f} s, backend {jax.default_backend()}, attention {args.attention})',
+    flush=True,
+  )
   if args.skip_torch:
     return
   tx, tt, tc = (torch.from_numpy(a).to(torch_device) for a in (x, t, c))
@@ -111,10 +119,11 @@ def main():
   torch_s = _timed(run_torch, args.repeats)
   ref = torch_out.float().cpu().numpy().transpose(0, 2, 3, 1)
   rel = float(np.linalg.norm(np.asarray(jax_out, np.float32) - ref) / np.linalg.norm(ref))
-  print(f'diffusers {args.preset} batch {b} {s}x{s} {str(torch_dtype)[6:]}: {torch_s:.3f} s/forward '
-        f'(torch {torch.__version__}, {args.threads} threads)')
-  print(f'speed ratio (torch time / jaxdream time): {torch_s / jax_s:.2f}x   '
-        f'output relative difference: {rel:.2e}')
+  print(
+    f'diffusers {args.preset} batch {b} {s}x{s} {str(torch_dtype)[6:]}: {torch_s:.3f} s/forward '
+    f'(torch {torch.__version__}, {args.threads} threads)'
+  )
+  print(f'speed ratio (torch time / jaxdream time): {torch_s / jax_s:.2f}x   output relative difference: {rel:.2e}')
 
 
 if __name__ == '__main__':

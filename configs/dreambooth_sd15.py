@@ -8,7 +8,7 @@ The model folder is a local diffusers-format copy (unet/, text_encoder/, vae/, t
 Settings follow the DreamBooth paper and diffusers' train_dreambooth.py defaults.
 """
 
-from jaxdream.config import base_config, concept
+from jaxdream.training.config import base_config, concept
 
 
 def get_config():
@@ -16,8 +16,15 @@ def get_config():
   c.model = ''  # set on the command line
   c.resolution = 512
   c.compute_dtype = 'bfloat16'  # float32 master weights; use float32 on CPU
-  c.concepts = [concept(instance_dir='', instance_prompt='a photo of sks dog', class_prompt='a photo of dog',
-                        class_dir='{workdir}/class_images', num_class_images=200)]
+  c.concepts = [
+    concept(
+      instance_dir='',
+      instance_prompt='a photo of sks dog',
+      class_prompt='a photo of dog',
+      class_dir='{workdir}/class_images',
+      num_class_images=200,
+    )
+  ]
   c.prior.sample_steps = 50
   c.prior.batch_size = 8
   c.train.num_steps = 800

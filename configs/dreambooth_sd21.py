@@ -7,7 +7,7 @@
 
 import os
 
-from jaxdream.config import config_file
+from jaxdream.training.config import config_file
 
 
 def get_config():

@@ -12,7 +12,7 @@ subjects, train on a mesh (--config.mesh.data=-1 --config.mesh.fsdp=...) and rai
 
 import os
 
-from jaxdream.config import config_file
+from jaxdream.training.config import config_file
 
 
 def get_config():

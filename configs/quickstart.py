@@ -9,7 +9,7 @@ not a real Stable Diffusion model's skill: see configs/dreambooth_sd15.py for th
 import os
 
 import jaxdream
-from jaxdream.config import BUILTIN_TINY, base_config, concept
+from jaxdream.training.config import BUILTIN_TINY, base_config, concept
 
 SAMPLE_SUBJECT = os.path.join(os.path.dirname(jaxdream.__file__), 'assets', 'sample_subject', 'dog')
 
@@ -18,9 +18,15 @@ def get_config():
   c = base_config()
   c.model = BUILTIN_TINY
   c.resolution = 64
-  c.concepts = [concept(instance_dir=SAMPLE_SUBJECT, instance_prompt='a photo of sks dog',
-                        class_prompt='a photo of dog', class_dir='{workdir}/class_images',
-                        num_class_images=8)]
+  c.concepts = [
+    concept(
+      instance_dir=SAMPLE_SUBJECT,
+      instance_prompt='a photo of sks dog',
+      class_prompt='a photo of dog',
+      class_dir='{workdir}/class_images',
+      num_class_images=8,
+    )
+  ]
   c.data.flip_p = 0.5
   c.prior.sample_steps = 10
   c.prior.batch_size = 8

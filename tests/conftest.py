@@ -22,16 +22,37 @@ torch.set_num_threads(2)
 
 # An SD1-like and an SD2-like tiny UNet: three resolution levels, both kinds of blocks.
 UNET_SD1 = dict(
-    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
-    down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'),
-    up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'), cross_attention_dim=32,
-    attention_head_dim=4, norm_num_groups=8)
-UNET_SD2 = dict(UNET_SD1, attention_head_dim=(2, 4, 8), use_linear_projection=True, upcast_attention=True,
-                cross_attention_dim=48, layers_per_block=2, transformer_layers_per_block=(1, 2, 1),
-                flip_sin_to_cos=True, freq_shift=1)
-VAE = dict(block_out_channels=(32, 64, 64), down_block_types=('DownEncoderBlock2D',) * 3,
-           up_block_types=('UpDecoderBlock2D',) * 3, latent_channels=4, norm_num_groups=8,
-           layers_per_block=1, sample_size=32)
+  sample_size=16,
+  in_channels=4,
+  out_channels=4,
+  block_out_channels=(32, 64, 64),
+  layers_per_block=1,
+  down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'),
+  up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'),
+  cross_attention_dim=32,
+  attention_head_dim=4,
+  norm_num_groups=8,
+)
+UNET_SD2 = dict(
+  UNET_SD1,
+  attention_head_dim=(2, 4, 8),
+  use_linear_projection=True,
+  upcast_attention=True,
+  cross_attention_dim=48,
+  layers_per_block=2,
+  transformer_layers_per_block=(1, 2, 1),
+  flip_sin_to_cos=True,
+  freq_shift=1,
+)
+VAE = dict(
+  block_out_channels=(32, 64, 64),
+  down_block_types=('DownEncoderBlock2D',) * 3,
+  up_block_types=('UpDecoderBlock2D',) * 3,
+  latent_channels=4,
+  norm_num_groups=8,
+  layers_per_block=1,
+  sample_size=32,
+)
 
 
 def rel_err(a, b):
@@ -70,6 +91,7 @@ def jit_call(model, method='__call__', **static):
 @pytest.fixture(scope='session')
 def torch_unet_sd1(tmp_path_factory):
   from diffusers import UNet2DConditionModel
+
   torch.manual_seed(0)
   model = perturb_(UNet2DConditionModel(**UNET_SD1))
   path = str(tmp_path_factory.mktemp('unet_sd1'))
@@ -80,6 +102,7 @@ def torch_unet_sd1(tmp_path_factory):
 @pytest.fixture(scope='session')
 def torch_unet_sd2(tmp_path_factory):
   from diffusers import UNet2DConditionModel
+
   torch.manual_seed(1)
   model = perturb_(UNet2DConditionModel(**UNET_SD2), seed=1)
   path = str(tmp_path_factory.mktemp('unet_sd2'))
@@ -90,6 +113,7 @@ def torch_unet_sd2(tmp_path_factory):
 @pytest.fixture(scope='session')
 def torch_vae(tmp_path_factory):
   from diffusers import AutoencoderKL
+
   torch.manual_seed(2)
   model = perturb_(AutoencoderKL(**VAE), seed=2)
   path = str(tmp_path_factory.mktemp('vae'))
@@ -99,10 +123,20 @@ def torch_vae(tmp_path_factory):
 
 def make_text_encoder(path, hidden_act, seed=3, **overrides):
   from transformers import CLIPTextConfig, CLIPTextModel
+
   torch.manual_seed(seed)
-  cfg = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-             num_attention_heads=4, max_position_embeddings=77, hidden_act=hidden_act, bos_token_id=998,
-             eos_token_id=999, pad_token_id=999)
+  cfg = dict(
+    vocab_size=1000,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act=hidden_act,
+    bos_token_id=998,
+    eos_token_id=999,
+    pad_token_id=999,
+  )
   cfg.update(overrides)
   model = perturb_(CLIPTextModel(CLIPTextConfig(**cfg)), seed=seed)
   model.save_pretrained(path)
@@ -115,21 +149,48 @@ def tiny_sd_folder(tmp_path_factory):
   from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
   from transformers import CLIPTextConfig, CLIPTextModel
 
-  from jaxdream.tokenizer import load_tokenizer, write_clip_tokenizer
+  from jaxdream.io.tokenizer import load_tokenizer, write_clip_tokenizer
+
   root = tmp_path_factory.mktemp('tiny_sd')
   tok_dir = str(root / 'tok')
   write_clip_tokenizer(tok_dir)
   torch.manual_seed(4)
   unet = perturb_(UNet2DConditionModel(**UNET_SD1), seed=4)
   vae = perturb_(AutoencoderKL(**VAE), seed=5)
-  te = perturb_(CLIPTextModel(CLIPTextConfig(
-      vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-      max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)), seed=6)
-  sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
-                        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
-  pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=te, tokenizer=load_tokenizer(tok_dir),
-                                 scheduler=sched, safety_checker=None, feature_extractor=None,
-                                 requires_safety_checker=False)
+  te = perturb_(
+    CLIPTextModel(
+      CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+      )
+    ),
+    seed=6,
+  )
+  sched = PNDMScheduler(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule='scaled_linear',
+    skip_prk_steps=True,
+    steps_offset=1,
+    set_alpha_to_one=False,
+  )
+  pipe = StableDiffusionPipeline(
+    unet=unet,
+    vae=vae,
+    text_encoder=te,
+    tokenizer=load_tokenizer(tok_dir),
+    scheduler=sched,
+    safety_checker=None,
+    feature_extractor=None,
+    requires_safety_checker=False,
+  )
   path = str(root / 'model')
   pipe.save_pretrained(path)
   # SD 1.5's scheduler file also says clip_sample false; without it DDIM would default to clipping and

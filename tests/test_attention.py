@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
-from jaxdream.models.attention import dot_product_attention
+from jaxdream.nn.attention import dot_product_attention
 
 
 def _reference(q, k, v, scale=None):
@@ -31,8 +31,12 @@ def test_implementations_match_exact_attention(impl, lq, lk):
 def test_tiled_attention_gradients_match_xla():
   keys = jax.random.split(jax.random.key(0), 3)
   q, k, v = (jax.random.normal(kk, (2, 600, 2, 8)) for kk in keys)
-  grads = {impl: jax.grad(lambda q, k, v: dot_product_attention(q, k, v, implementation=impl).sum() ** 2,
-                          argnums=(0, 1, 2))(q, k, v) for impl in ('tiled', 'xla')}
+  grads = {
+    impl: jax.grad(lambda q, k, v: dot_product_attention(q, k, v, implementation=impl).sum() ** 2, argnums=(0, 1, 2))(
+      q, k, v
+    )
+    for impl in ('tiled', 'xla')
+  }
   for a, b in zip(grads['tiled'], grads['xla']):
     assert rel_err(a, b) <= 1e-5
 

@@ -15,7 +15,8 @@ def test_demo_creates_loads_and_runs_the_tiny_model(tmp_path, capsys):
 
 
 def test_inspect_on_a_wrong_folder_prints_an_error_and_exits_2(tmp_path):
-  proc = subprocess.run([sys.executable, '-m', 'jaxdream.cli', 'inspect', '--model', str(tmp_path)],
-                        capture_output=True, text=True)
+  proc = subprocess.run(
+    [sys.executable, '-m', 'jaxdream.cli', 'inspect', '--model', str(tmp_path)], capture_output=True, text=True
+  )
   assert proc.returncode == 2
   assert 'model_index.json' in proc.stderr and 'Traceback' not in proc.stderr

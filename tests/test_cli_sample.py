@@ -11,10 +11,17 @@ import pytest
 from PIL import Image
 
 from jaxdream.cli import main
-from jaxdream.images import (SAMPLER_NAMES, format_parameters, grid_shape, make_grid, parse_parameters,
-                             read_parameters, save_png)
+from jaxdream.diffusion.tiny_model import create_tiny_pipeline
+from jaxdream.io.images import (
+  SAMPLER_NAMES,
+  format_parameters,
+  grid_shape,
+  make_grid,
+  parse_parameters,
+  read_parameters,
+  save_png,
+)
 from jaxdream.schedulers import SCHEDULER_NAMES
-from jaxdream.tiny_model import create_tiny_pipeline
 
 PROMPT = 'a photo of sks dog'
 
@@ -50,31 +57,75 @@ def params(folder, i):
 
 # --- the parameters text -------------------------------------------------------------------------------
 
+
 def test_parameters_are_written_in_a1111s_exact_line_format():
-  txt2img = format_parameters(PROMPT, 'blurry, low quality', steps=20, scheduler='euler_a', guidance=7.5,
-                              seed=1234, width=512, height=768, model='sd15')
-  assert txt2img == ('a photo of sks dog\nNegative prompt: blurry, low quality\n'
-                     'Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 1234, Size: 512x768, Model: sd15')
-  img2img = format_parameters(PROMPT, '', steps=30, scheduler='dpmpp_2m_karras', guidance=7.0, seed=5,
-                              width=512, height=512, model='my, model', strength=0.8)
-  assert img2img == ('a photo of sks dog\nSteps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 5, '
-                     'Size: 512x512, Model: "my, model", Denoising strength: 0.8')
+  txt2img = format_parameters(
+    PROMPT,
+    'blurry, low quality',
+    steps=20,
+    scheduler='euler_a',
+    guidance=7.5,
+    seed=1234,
+    width=512,
+    height=768,
+    model='sd15',
+  )
+  assert txt2img == (
+    'a photo of sks dog\nNegative prompt: blurry, low quality\n'
+    'Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 1234, Size: 512x768, Model: sd15'
+  )
+  img2img = format_parameters(
+    PROMPT,
+    '',
+    steps=30,
+    scheduler='dpmpp_2m_karras',
+    guidance=7.0,
+    seed=5,
+    width=512,
+    height=512,
+    model='my, model',
+    strength=0.8,
+  )
+  assert img2img == (
+    'a photo of sks dog\nSteps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 5, '
+    'Size: 512x512, Model: "my, model", Denoising strength: 0.8'
+  )
 
 
 def test_parameters_round_trip_through_the_parser_with_commas_colons_quotes_and_newlines():
   prompt, negative, model = 'a dog, (oil:1.2) "quoted"\nsecond line', 'ugly: very, bad', 'folder, "v2"'
-  text = format_parameters(prompt, negative, steps=2, scheduler='ddim', guidance=12.25, seed=2**32 - 1,
-                           width=64, height=96, model=model, strength=0.35)
+  text = format_parameters(
+    prompt,
+    negative,
+    steps=2,
+    scheduler='ddim',
+    guidance=12.25,
+    seed=2**32 - 1,
+    width=64,
+    height=96,
+    model=model,
+    strength=0.35,
+  )
   assert parse_parameters(text) == {
-      'Prompt': prompt, 'Negative prompt': negative, 'Steps': '2', 'Sampler': 'DDIM', 'CFG scale': '12.25',
-      'Seed': '4294967295', 'Size': '64x96', 'Model': model, 'Denoising strength': '0.35'}
+    'Prompt': prompt,
+    'Negative prompt': negative,
+    'Steps': '2',
+    'Sampler': 'DDIM',
+    'CFG scale': '12.25',
+    'Seed': '4294967295',
+    'Size': '64x96',
+    'Model': model,
+    'Denoising strength': '0.35',
+  }
 
 
 def test_parser_reads_text_written_by_a1111():
-  text = ('girl with an artist\'s beret, determined, blue eyes\nNegative prompt: ugly, fat, (((deformed)))\n'
-          'Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 965400086, Size: 512x512, Model hash: 45dee52b')
+  text = (
+    "girl with an artist's beret, determined, blue eyes\nNegative prompt: ugly, fat, (((deformed)))\n"
+    'Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 965400086, Size: 512x512, Model hash: 45dee52b'
+  )
   p = parse_parameters(text)
-  assert p['Prompt'] == 'girl with an artist\'s beret, determined, blue eyes'
+  assert p['Prompt'] == "girl with an artist's beret, determined, blue eyes"
   assert p['Negative prompt'] == 'ugly, fat, (((deformed)))'
   assert (p['Sampler'], p['Seed'], p['Size'], p['Model hash']) == ('Euler a', '965400086', '512x512', '45dee52b')
   assert parse_parameters('just a prompt') == {'Prompt': 'just a prompt', 'Negative prompt': ''}
@@ -86,6 +137,7 @@ def test_every_scheduler_has_an_a1111_sampler_name():
 
 
 # --- PNGs and grids ----------------------------------------------------------------------------------
+
 
 def test_save_png_puts_parameters_in_a_text_chunk_and_leaves_no_temporary_file(tmp_path):
   image = np.random.default_rng(1).integers(0, 256, (8, 8, 3), np.uint8)
@@ -108,16 +160,36 @@ def test_make_grid_tiles_row_by_row_and_fills_empty_cells_black():
 
 # --- the command -------------------------------------------------------------------------------------
 
+
 def test_txt2img_writes_numbered_pngs_with_their_parameters_and_a_grid(files, tmp_path, capsys):
-  assert sample('--model', files['model'], '--prompt', PROMPT, '--negative-prompt', 'blurry', '--steps', 2,
-                '--num-images', 2, '--seed', 1234, '--out', tmp_path) == 0
+  assert (
+    sample(
+      '--model',
+      files['model'],
+      '--prompt',
+      PROMPT,
+      '--negative-prompt',
+      'blurry',
+      '--steps',
+      2,
+      '--num-images',
+      2,
+      '--seed',
+      1234,
+      '--out',
+      tmp_path,
+    )
+    == 0
+  )
   out, err = capsys.readouterr()
   assert f'wrote 2 images to {tmp_path}' in out and 'grid.png' in out
   assert 'sampling' in err and '3/3' in err  # the bar counts PLMS's 3 UNet steps for 2 inference steps
   assert sorted(os.listdir(tmp_path)) == ['00000.png', '00001.png', 'grid.png']
   for i in range(2):
-    assert params(tmp_path, i) == (f'{PROMPT}\nNegative prompt: blurry\nSteps: 2, Sampler: PLMS, '
-                                   f'CFG scale: 7.5, Seed: {1234 + i}, Size: 64x64, Model: tiny-sd')
+    assert params(tmp_path, i) == (
+      f'{PROMPT}\nNegative prompt: blurry\nSteps: 2, Sampler: PLMS, '
+      f'CFG scale: 7.5, Seed: {1234 + i}, Size: 64x64, Model: tiny-sd'
+    )
   a, b = load(tmp_path / '00000.png'), load(tmp_path / '00001.png')
   assert a.shape == (64, 64, 3) and np.abs(a.astype(int) - b).mean() > 1  # two seeds, two images
   np.testing.assert_array_equal(load(tmp_path / 'grid.png'), np.concatenate([a, b], axis=1))
@@ -125,18 +197,55 @@ def test_txt2img_writes_numbered_pngs_with_their_parameters_and_a_grid(files, tm
 
 
 def test_img2img_takes_the_init_image_size_and_records_denoising_strength(files, tmp_path):
-  assert sample('--model', files['model'], '--prompt', PROMPT, '--steps', 2, '--seed', 7, '--scheduler', 'ddim',
-                '--init-image', files['init'], '--strength', 0.5, '--out', tmp_path) == 0
+  assert (
+    sample(
+      '--model',
+      files['model'],
+      '--prompt',
+      PROMPT,
+      '--steps',
+      2,
+      '--seed',
+      7,
+      '--scheduler',
+      'ddim',
+      '--init-image',
+      files['init'],
+      '--strength',
+      0.5,
+      '--out',
+      tmp_path,
+    )
+    == 0
+  )
   assert load(tmp_path / '00000.png').shape == (64, 80, 3)
-  assert params(tmp_path, 0) == (f'{PROMPT}\nSteps: 2, Sampler: DDIM, CFG scale: 7.5, Seed: 7, Size: 80x64, '
-                                 f'Model: tiny-sd, Denoising strength: 0.5')
+  assert params(tmp_path, 0) == (
+    f'{PROMPT}\nSteps: 2, Sampler: DDIM, CFG scale: 7.5, Seed: 7, Size: 80x64, Model: tiny-sd, Denoising strength: 0.5'
+  )
 
 
 def test_inpaint_repaints_only_under_the_mask(files, tmp_path):
   def inpaint(mask, prompt):
     out = tmp_path / f'{os.path.basename(mask)}-{prompt}'
-    assert sample('--model', files['model'], '--prompt', prompt, '--steps', 2, '--seed', 3,
-                  '--init-image', files['init'], '--mask', mask, '--out', out) == 0
+    assert (
+      sample(
+        '--model',
+        files['model'],
+        '--prompt',
+        prompt,
+        '--steps',
+        2,
+        '--seed',
+        3,
+        '--init-image',
+        files['init'],
+        '--mask',
+        mask,
+        '--out',
+        out,
+      )
+      == 0
+    )
     return load(out / '00000.png'), params(out, 0)
 
   (cat, text), (dog, _) = inpaint(files['mask_half'], 'a cat'), inpaint(files['mask_half'], 'a dog')
@@ -147,13 +256,40 @@ def test_inpaint_repaints_only_under_the_mask(files, tmp_path):
 
 
 def test_sweep_generates_every_combination_and_a_labelled_xy_grid(files, tmp_path):
-  assert sample('--model', files['model'], '--prompt', PROMPT, '--steps', 2, '--num-images', 2, '--seed', 1,
-                '--sweep', 'guidance=5,7.5', '--sweep', 'seed=10,20', '--out', tmp_path) == 0
+  assert (
+    sample(
+      '--model',
+      files['model'],
+      '--prompt',
+      PROMPT,
+      '--steps',
+      2,
+      '--num-images',
+      2,
+      '--seed',
+      1,
+      '--sweep',
+      'guidance=5,7.5',
+      '--sweep',
+      'seed=10,20',
+      '--out',
+      tmp_path,
+    )
+    == 0
+  )
   assert sorted(os.listdir(tmp_path)) == [f'{i:05d}.png' for i in range(8)] + ['xyz_grid.png']
   # X (guidance) varies fastest, then Y (seed); each cell holds --num-images images.
   cells = [parse_parameters(params(tmp_path, i)) for i in range(8)]
   assert [(c['CFG scale'], c['Seed']) for c in cells] == [
-      ('5', '10'), ('5', '11'), ('7.5', '10'), ('7.5', '11'), ('5', '20'), ('5', '21'), ('7.5', '20'), ('7.5', '21')]
+    ('5', '10'),
+    ('5', '11'),
+    ('7.5', '10'),
+    ('7.5', '11'),
+    ('5', '20'),
+    ('5', '21'),
+    ('7.5', '20'),
+    ('7.5', '21'),
+  ]
   assert len({load(tmp_path / f'{i:05d}.png').tobytes() for i in range(8)}) == 8  # the values reach the sampler
   grid = load(tmp_path / 'xyz_grid.png')
   top, left = grid.shape[0] - 2 * 64, grid.shape[1] - 2 * 128  # label margins above and left of the cells
@@ -164,9 +300,29 @@ def test_sweep_generates_every_combination_and_a_labelled_xy_grid(files, tmp_pat
 
 
 def test_three_sweeps_write_one_grid_per_z_value_and_prompts_split_on_bars(files, tmp_path):
-  assert sample('--model', files['model'], '--prompt', PROMPT, '--steps', 2, '--num-images', 2, '--seed', 1,
-                '--sweep', 'guidance=6', '--sweep', 'steps=2', '--sweep', 'prompt=a dog, oil painting|a cat',
-                '--out', tmp_path) == 0
+  assert (
+    sample(
+      '--model',
+      files['model'],
+      '--prompt',
+      PROMPT,
+      '--steps',
+      2,
+      '--num-images',
+      2,
+      '--seed',
+      1,
+      '--sweep',
+      'guidance=6',
+      '--sweep',
+      'steps=2',
+      '--sweep',
+      'prompt=a dog, oil painting|a cat',
+      '--out',
+      tmp_path,
+    )
+    == 0
+  )
   assert sorted(os.listdir(tmp_path))[4:] == ['xyz_grid_z0.png', 'xyz_grid_z1.png']
   prompts = [parse_parameters(params(tmp_path, i))['Prompt'] for i in range(4)]
   assert prompts == ['a dog, oil painting', 'a dog, oil painting', 'a cat', 'a cat']
@@ -175,7 +331,9 @@ def test_three_sweeps_write_one_grid_per_z_value_and_prompts_split_on_bars(files
   np.testing.assert_array_equal(z1[-64:, -64:], load(tmp_path / '00003.png'))
 
 
-@pytest.mark.parametrize('argv, message', [
+@pytest.mark.parametrize(
+  'argv, message',
+  [
     (['--model', '{root}/no-such-model'], 'no such model folder'),
     (['--mask', '{mask_half}'], '--mask needs --init-image'),
     (['--sweep', 'cfg=5,7'], 'KEY one of guidance, steps, seed, scheduler, strength, prompt'),
@@ -185,8 +343,19 @@ def test_three_sweeps_write_one_grid_per_z_value_and_prompts_split_on_bars(files
     (['--strength', 0.5], 'needs --init-image'),
     (['--init-image', '{root}/missing.png'], 'no such file'),
     (['--steps', 'two'], "invalid int value: 'two'"),
-], ids=['missing-model', 'mask-without-init', 'bad-sweep-key', 'bad-sweep-value', 'bad-scheduler', 'bad-size',
-        'strength-without-init', 'missing-init-image', 'non-number'])
+  ],
+  ids=[
+    'missing-model',
+    'mask-without-init',
+    'bad-sweep-key',
+    'bad-sweep-value',
+    'bad-scheduler',
+    'bad-size',
+    'strength-without-init',
+    'missing-init-image',
+    'non-number',
+  ],
+)
 def test_bad_arguments_exit_2_with_a_message_before_any_output(files, tmp_path, capsys, argv, message):
   fill = dict(files, root=os.path.dirname(files['model']))
   argv = [str(a).format(**fill) for a in argv]
@@ -200,8 +369,20 @@ def test_bad_arguments_exit_2_with_a_message_before_any_output(files, tmp_path, 
 
 def test_devices_split_the_batch_and_change_images_only_by_rounding(files, tmp_path, capsys):
   # The single-device run is the txt2img test's (compiled once for both).
-  args = ('--model', files['model'], '--prompt', PROMPT, '--negative-prompt', 'blurry', '--steps', 2,
-          '--num-images', 2, '--seed', 1234)
+  args = (
+    '--model',
+    files['model'],
+    '--prompt',
+    PROMPT,
+    '--negative-prompt',
+    'blurry',
+    '--steps',
+    2,
+    '--num-images',
+    2,
+    '--seed',
+    1234,
+  )
   assert sample(*args, '--out', tmp_path / 'one') == 0
   capsys.readouterr()
   assert sample(*args, '--devices', 2, '--out', tmp_path / 'two') == 0

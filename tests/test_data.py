@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdream import config as config_lib
-from jaxdream.data import DataError, data_source, make_iterator, prepare_dataset, scan_images, to_rgb
+from jaxdream.training import config as config_lib
+from jaxdream.training.data import DataError, data_source, make_iterator, prepare_dataset, scan_images, to_rgb
 
 
 def _save(path, array, mode=None, **kw):
@@ -29,7 +29,7 @@ def image_folder(tmp_path):
   Image.fromarray(good).convert('P').save(tmp_path / 'palette.png')
   (tmp_path / 'notes.jpg').write_text('this is not an image')
   data = (tmp_path / 'good.jpg').read_bytes()
-  (tmp_path / 'truncated.jpg').write_bytes(data[:len(data) // 3])
+  (tmp_path / 'truncated.jpg').write_bytes(data[: len(data) // 3])
   _save(tmp_path / 'tiny.png', good[:8, :8])
   return tmp_path
 
@@ -48,8 +48,13 @@ def test_bad_images_are_named_before_training(image_folder):
 def test_skip_mode_warns_and_keeps_the_good_images(image_folder):
   with pytest.warns(UserWarning, match='truncated.jpg'):
     paths = scan_images(str(image_folder), min_size=32, on_bad='skip')
-  assert sorted(os.path.basename(p) for p in paths) == ['alpha.png', 'cmyk.jpg', 'good.jpg', 'palette.png',
-                                                        'sixteen.png']
+  assert sorted(os.path.basename(p) for p in paths) == [
+    'alpha.png',
+    'cmyk.jpg',
+    'good.jpg',
+    'palette.png',
+    'sixteen.png',
+  ]
 
 
 def test_odd_modes_become_rgb(image_folder):
@@ -65,7 +70,8 @@ def test_odd_modes_become_rgb(image_folder):
 
 
 def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
-  import jaxdream.data as data
+  import jaxdream.training.data as data
+
   _save(tmp_path / 'big.png', np.zeros((64, 64, 3), np.uint8))
   monkeypatch.setattr(data, 'MAX_PIXELS', 1000)
   with pytest.raises(DataError, match='decompression bomb'):
@@ -80,27 +86,42 @@ def _config(tmp_path, **concept):
 
 
 def test_config_problems_are_all_listed_in_one_message(tmp_path):
-  c = _config(tmp_path, instance_dir=str(tmp_path / 'missing'), instance_prompt='a photo of a dog',
-              class_prompt='a photo of sks dog', class_dir='')
+  c = _config(
+    tmp_path,
+    instance_dir=str(tmp_path / 'missing'),
+    instance_prompt='a photo of a dog',
+    class_prompt='a photo of sks dog',
+    class_dir='',
+  )
   c.train.lr_schedule = 'linear'
   c.train.cache_latents = True
   c.data.flip_p = 0.5
   with pytest.raises(config_lib.RunConfigError) as e:
     config_lib.validate(c)
   message = str(e.value)
-  for needle in ('instance_dir does not exist', "must contain the identifier 'sks'",
-                 'must not contain the identifier', 'class_dir is empty', "train.lr_schedule='linear'",
-                 'cache_latents needs'):
+  for needle in (
+    'instance_dir does not exist',
+    "must contain the identifier 'sks'",
+    'must not contain the identifier',
+    'class_dir is empty',
+    "train.lr_schedule='linear'",
+    'cache_latents needs',
+  ):
     assert needle in message
 
 
 def test_misspelt_or_mistyped_override_is_an_error_before_anything_runs(capsys):
   from jaxdream.cli import main
-  assert main(['train', '--config', 'configs/quickstart.py', '--workdir', '/nonexistent/x',
-               '--config.train.num_stepz=3']) == 2
+
+  assert (
+    main(['train', '--config', 'configs/quickstart.py', '--workdir', '/nonexistent/x', '--config.train.num_stepz=3'])
+    == 2
+  )
   assert 'num_stepz' in capsys.readouterr().err
-  assert main(['train', '--config', 'configs/quickstart.py', '--workdir', '/nonexistent/x',
-               '--config.train.num_steps=lots']) == 2
+  assert (
+    main(['train', '--config', 'configs/quickstart.py', '--workdir', '/nonexistent/x', '--config.train.num_steps=lots'])
+    == 2
+  )
   assert 'num_steps' in capsys.readouterr().err
 
 
@@ -109,8 +130,15 @@ def test_many_subjects_load_from_a_concepts_file(tmp_path):
   for i in range(3):
     d = tmp_path / f's{i}'
     d.mkdir()
-    folders.append({'instance_dir': str(d), 'instance_prompt': f'a photo of zq{i} toy', 'identifier': f'zq{i}',
-                    'class_prompt': 'a photo of toy', 'class_dir': str(tmp_path / 'cls')})
+    folders.append(
+      {
+        'instance_dir': str(d),
+        'instance_prompt': f'a photo of zq{i} toy',
+        'identifier': f'zq{i}',
+        'class_prompt': 'a photo of toy',
+        'class_dir': str(tmp_path / 'cls'),
+      }
+    )
   (tmp_path / 'concepts.json').write_text(json.dumps(folders))
   c = _config(tmp_path)
   c.concepts = []
@@ -132,8 +160,16 @@ def prepared(tmp_path_factory):
 
 
 def _iterator(folder, **kw):
-  return make_iterator(data_source(folder, 'instance'), batch_size=4, seed=3, resolution=32, center_crop=False,
-                       flip_p=0.5, tokenize=lambda p: np.array([[len(x)] for x in p], np.int32), **kw)
+  return make_iterator(
+    data_source(folder, 'instance'),
+    batch_size=4,
+    seed=3,
+    resolution=32,
+    center_crop=False,
+    flip_p=0.5,
+    tokenize=lambda p: np.array([[len(x)] for x in p], np.int32),
+    **kw,
+  )
 
 
 def test_iterator_replays_exactly_from_a_saved_state(prepared):
@@ -187,9 +223,19 @@ def test_shipped_configs_load_and_validate(name, tmp_path):
     photos = tmp_path / 'photos'
     photos.mkdir()
     if name == 'multi_subject':
-      (tmp_path / 's.json').write_text(json.dumps([{'instance_dir': str(photos), 'instance_prompt': 'a zwx dog',
-                                                    'identifier': 'zwx', 'class_prompt': 'a dog',
-                                                    'class_dir': str(tmp_path / 'c')}]))
+      (tmp_path / 's.json').write_text(
+        json.dumps(
+          [
+            {
+              'instance_dir': str(photos),
+              'instance_prompt': 'a zwx dog',
+              'identifier': 'zwx',
+              'class_prompt': 'a dog',
+              'class_dir': str(tmp_path / 'c'),
+            }
+          ]
+        )
+      )
       c.data.concepts_file = str(tmp_path / 's.json')
     else:
       c.concepts[0].instance_dir = str(photos)

@@ -6,18 +6,18 @@ import os
 import signal
 import socket
 import textwrap
-import time
 
 import numpy as np
 from conftest import rel_err
 from test_train_run import SAMPLE, TE_FILE, UNET_FILE, _start, _wait_for_checkpoint
 
-from jaxdream.models.weights import read_safetensors
+from jaxdream.io.weights import read_safetensors
 
 
 def _config(path):
-  path.write_text(textwrap.dedent(f'''
-      from jaxdream.config import BUILTIN_TINY, base_config, concept
+  path.write_text(
+    textwrap.dedent(f"""
+      from jaxdream.training.config import BUILTIN_TINY, base_config, concept
       def get_config():
         c = base_config()
         c.model = BUILTIN_TINY
@@ -33,7 +33,8 @@ def _config(path):
         c.data.flip_p = 0.5
         c.mesh.data, c.mesh.fsdp = 2, 2  # rows 0-1 (instance) on host 0, rows 2-3 (class) on host 1
         return c
-  '''))
+  """)
+  )
   return str(path)
 
 

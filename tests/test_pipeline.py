@@ -11,9 +11,9 @@ import torch
 from conftest import jit_call, nchw, rel_err
 
 from jaxdream import load_pipeline
+from jaxdream.diffusion.pipeline import save_pipeline
+from jaxdream.io.tokenizer import load_tokenizer, tokenize
 from jaxdream.models import WeightsError
-from jaxdream.pipeline import save_pipeline
-from jaxdream.tokenizer import load_tokenizer, tokenize
 
 PROMPTS = ['a photo of sks dog', 'A Painting of a fox, wearing a hat!! in the style of Monet ' * 3]
 
@@ -47,6 +47,7 @@ def test_unet_and_vae_of_the_folder_match_diffusers(tiny_sd_folder, pipe):
 
 def test_tokenizer_loads_from_vocab_and_merges_or_from_tokenizer_json_alone(tiny_sd_folder, tmp_path):
   from transformers import CLIPTokenizer
+
   ref = CLIPTokenizer.from_pretrained(os.path.join(tiny_sd_folder[1], 'tokenizer'))
   ref.save_pretrained(tmp_path / 'both')
   files = set(os.listdir(tmp_path / 'both'))
@@ -54,7 +55,8 @@ def test_tokenizer_loads_from_vocab_and_merges_or_from_tokenizer_json_alone(tiny
   fast = tmp_path / 'tokenizer_json'
   os.makedirs(slow)
   os.makedirs(fast)
-  from jaxdream.tokenizer import write_clip_tokenizer
+  from jaxdream.io.tokenizer import write_clip_tokenizer
+
   write_clip_tokenizer(str(slow))
   assert 'tokenizer.json' not in os.listdir(slow)
   shutil.copy(tmp_path / 'both' / 'tokenizer.json', fast)
@@ -79,6 +81,7 @@ def test_missing_component_is_reported(tiny_sd_folder, tmp_path):
 
 def test_config_error_is_found_before_any_weights_are_read(tiny_sd_folder, tmp_path):
   from jaxdream.models import ConfigError
+
   dst = tmp_path / 'model'
   shutil.copytree(tiny_sd_folder[1], dst)
   os.remove(dst / 'unet' / 'diffusion_pytorch_model.safetensors')  # never reached
@@ -91,6 +94,7 @@ def test_config_error_is_found_before_any_weights_are_read(tiny_sd_folder, tmp_p
 
 def test_saved_pipeline_loads_in_diffusers_and_generates_the_same(tiny_sd_folder, pipe, tmp_path):
   from diffusers import StableDiffusionPipeline
+
   save_pipeline(pipe, str(tmp_path / 'out'))
   reloaded = StableDiffusionPipeline.from_pretrained(str(tmp_path / 'out'), safety_checker=None)
   ref_pipe, _ = tiny_sd_folder
@@ -103,7 +107,8 @@ def test_saved_pipeline_loads_in_diffusers_and_generates_the_same(tiny_sd_folder
 def test_tiny_model_made_without_torch_loads_in_diffusers(tmp_path):
   from diffusers import StableDiffusionPipeline
 
-  from jaxdream.tiny_model import create_tiny_pipeline
+  from jaxdream.diffusion.tiny_model import create_tiny_pipeline
+
   path = create_tiny_pipeline(str(tmp_path / 'tiny'))
   ref = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
   ours = load_pipeline(path)

@@ -8,13 +8,17 @@ import pytest
 import torch
 
 from jaxdream import load_pipeline
-from jaxdream.sampling import _ENCODE, _MASKED_ENCODE, image_noise, img2img, inpaint, txt2img
+from jaxdream.diffusion.sampling import _ENCODE, _MASKED_ENCODE, image_noise, img2img, inpaint, txt2img
 
 PROMPTS = ['a photo of sks dog', 'a red fox in the snow']
 NEGATIVES = ['blurry', '']
 STEPS = 10
-DIFFUSERS_CLASS = {'ddim': 'DDIMScheduler', 'euler': 'EulerDiscreteScheduler',
-                   'dpmpp_2m': 'DPMSolverMultistepScheduler', 'pndm': 'PNDMScheduler'}
+DIFFUSERS_CLASS = {
+  'ddim': 'DDIMScheduler',
+  'euler': 'EulerDiscreteScheduler',
+  'dpmpp_2m': 'DPMSolverMultistepScheduler',
+  'pndm': 'PNDMScheduler',
+}
 
 
 @pytest.fixture(scope='module')
@@ -24,6 +28,7 @@ def pipes(tiny_sd_folder):
 
 def _with_scheduler(ref_pipe, pipe, name, prediction_type):
   import diffusers
+
   cls = getattr(diffusers, DIFFUSERS_CLASS[name])
   kw = dict(prediction_type=prediction_type)
   if name == 'dpmpp_2m':
@@ -31,8 +36,9 @@ def _with_scheduler(ref_pipe, pipe, name, prediction_type):
   # From the folder's scheduler_config.json, as a user loading the folder gets it (an in-memory
   # diffusers config also remembers which keys were defaults, which the file does not).
   ref_pipe.scheduler = cls.from_config(dict(pipe.scheduler_config), **kw)
-  ours = dataclasses.replace(pipe, scheduler_config=dict(pipe.scheduler_config, prediction_type=prediction_type),
-                             cache={})
+  ours = dataclasses.replace(
+    pipe, scheduler_config=dict(pipe.scheduler_config, prediction_type=prediction_type), cache={}
+  )
   return ours
 
 
@@ -54,11 +60,24 @@ def test_txt2img_matches_diffusers_from_the_same_latents(pipes, name, prediction
   ref_pipe, pipe = pipes
   pipe = _with_scheduler(ref_pipe, pipe, name, prediction_type)
   latents = np.asarray(image_noise([11, 12], (16, 16, 4)))
-  ours = txt2img(pipe, PROMPTS, negative_prompts=NEGATIVES, num_inference_steps=STEPS, guidance_scale=7.5,
-                 scheduler=name, latents=latents)
+  ours = txt2img(
+    pipe,
+    PROMPTS,
+    negative_prompts=NEGATIVES,
+    num_inference_steps=STEPS,
+    guidance_scale=7.5,
+    scheduler=name,
+    latents=latents,
+  )
   with torch.no_grad():
-    ref = ref_pipe(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=STEPS, guidance_scale=7.5,
-                   latents=_nchw(latents), output_type='np').images
+    ref = ref_pipe(
+      PROMPTS,
+      negative_prompt=NEGATIVES,
+      num_inference_steps=STEPS,
+      guidance_scale=7.5,
+      latents=_nchw(latents),
+      output_type='np',
+    ).images
   assert ours.shape == (2, 64, 64, 3) and ours.dtype == np.uint8
   assert _max_diff(ours, _ref_uint8(ref)) <= 2
 
@@ -77,8 +96,15 @@ def test_new_prompts_seeds_and_guidance_do_not_recompile(pipes):
   _, pipe = pipes
   pipe = dataclasses.replace(pipe, cache={})
   a = txt2img(pipe, PROMPTS, num_inference_steps=3, guidance_scale=7.5, scheduler='ddim', seed=0)
-  b = txt2img(pipe, ['a cat', 'a house'], negative_prompts=['ugly', 'dark'], num_inference_steps=3,
-              guidance_scale=3.0, scheduler='ddim', seed=[42, 7])
+  b = txt2img(
+    pipe,
+    ['a cat', 'a house'],
+    negative_prompts=['ugly', 'dark'],
+    num_inference_steps=3,
+    guidance_scale=3.0,
+    scheduler='ddim',
+    seed=[42, 7],
+  )
   (fn,) = pipe.cache['sampler'].values()
   assert fn._cache_size() == 1
   assert not np.array_equal(a, b)
@@ -133,6 +159,7 @@ def test_img2img_matches_diffusers_with_the_same_noise(pipes, monkeypatch, name)
   import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img_module
   from diffusers import StableDiffusionImg2ImgPipeline
   from PIL import Image
+
   ref_pipe, pipe = pipes
   pipe = _with_scheduler(ref_pipe, pipe, name, 'epsilon')
   image = _init_image()
@@ -142,10 +169,25 @@ def test_img2img_matches_diffusers_with_the_same_noise(pipes, monkeypatch, name)
   monkeypatch.setattr(img2img_module, 'randn_tensor', _FixedNoise(noise))
   ref = StableDiffusionImg2ImgPipeline(**ref_pipe.components)
   with torch.no_grad():
-    expected = ref(PROMPTS[0], image=Image.fromarray(image), strength=0.6, num_inference_steps=STEPS,
-                   guidance_scale=7.5, output_type='np').images
-  ours = img2img(pipe, PROMPTS[0], image, strength=0.6, num_inference_steps=STEPS, guidance_scale=7.5,
-                 scheduler=name, seed=seeds, latents=noise)
+    expected = ref(
+      PROMPTS[0],
+      image=Image.fromarray(image),
+      strength=0.6,
+      num_inference_steps=STEPS,
+      guidance_scale=7.5,
+      output_type='np',
+    ).images
+  ours = img2img(
+    pipe,
+    PROMPTS[0],
+    image,
+    strength=0.6,
+    num_inference_steps=STEPS,
+    guidance_scale=7.5,
+    scheduler=name,
+    seed=seeds,
+    latents=noise,
+  )
   assert _max_diff(ours, _ref_uint8(expected)) <= 2
 
 
@@ -161,20 +203,42 @@ def test_inpainting_a_standard_model_matches_diffusers_latent_blending(pipes, mo
   import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint_module
   from diffusers import StableDiffusionInpaintPipeline
   from PIL import Image
+
   ref_pipe, pipe = pipes
   pipe = _with_scheduler(ref_pipe, pipe, 'ddim', 'epsilon')
   seeds = [31]
   noise = np.asarray(image_noise(seeds, (16, 16, 4)))
-  monkeypatch.setattr(vae_module, 'randn_tensor', _FixedNoise(
-      image_noise(seeds, (16, 16, 4), _ENCODE), image_noise(seeds, (16, 16, 4), _MASKED_ENCODE)))
+  monkeypatch.setattr(
+    vae_module,
+    'randn_tensor',
+    _FixedNoise(image_noise(seeds, (16, 16, 4), _ENCODE), image_noise(seeds, (16, 16, 4), _MASKED_ENCODE)),
+  )
   monkeypatch.setattr(inpaint_module, 'randn_tensor', _FixedNoise(noise))
   ref = StableDiffusionInpaintPipeline(**ref_pipe.components)
   with torch.no_grad():
-    expected = ref(PROMPTS[0], image=Image.fromarray(_init_image(1)), mask_image=Image.fromarray(_mask()),
-                   strength=strength, num_inference_steps=STEPS, guidance_scale=7.5, output_type='np',
-                   height=64, width=64).images
-  ours = inpaint(pipe, PROMPTS[0], _init_image(1), _mask(), strength=strength, num_inference_steps=STEPS,
-                 guidance_scale=7.5, scheduler='ddim', seed=seeds, latents=noise)
+    expected = ref(
+      PROMPTS[0],
+      image=Image.fromarray(_init_image(1)),
+      mask_image=Image.fromarray(_mask()),
+      strength=strength,
+      num_inference_steps=STEPS,
+      guidance_scale=7.5,
+      output_type='np',
+      height=64,
+      width=64,
+    ).images
+  ours = inpaint(
+    pipe,
+    PROMPTS[0],
+    _init_image(1),
+    _mask(),
+    strength=strength,
+    num_inference_steps=STEPS,
+    guidance_scale=7.5,
+    scheduler='ddim',
+    seed=seeds,
+    latents=noise,
+  )
   assert _max_diff(ours, _ref_uint8(expected)) <= 2
 
 
@@ -184,6 +248,7 @@ def test_inpainting_with_a_nine_channel_unet_matches_diffusers(pipes, monkeypatc
   from conftest import UNET_SD1, perturb_
   from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
   from PIL import Image
+
   ref_pipe, _ = pipes
   torch.manual_seed(8)
   unet9 = perturb_(UNet2DConditionModel(**dict(UNET_SD1, in_channels=9)), seed=8)
@@ -197,10 +262,19 @@ def test_inpainting_with_a_nine_channel_unet_matches_diffusers(pipes, monkeypatc
   monkeypatch.setattr(vae_module, 'randn_tensor', _FixedNoise(image_noise(seeds, (16, 16, 4), _MASKED_ENCODE)))
   monkeypatch.setattr(inpaint_module, 'randn_tensor', _FixedNoise(noise))
   with torch.no_grad():
-    expected = ref(PROMPTS[1], image=Image.fromarray(_init_image(2)), mask_image=Image.fromarray(_mask()),
-                   num_inference_steps=STEPS, guidance_scale=7.5, output_type='np', height=64, width=64).images
-  ours = inpaint(pipe, PROMPTS[1], _init_image(2), _mask(), num_inference_steps=STEPS, guidance_scale=7.5,
-                 seed=seeds, latents=noise)
+    expected = ref(
+      PROMPTS[1],
+      image=Image.fromarray(_init_image(2)),
+      mask_image=Image.fromarray(_mask()),
+      num_inference_steps=STEPS,
+      guidance_scale=7.5,
+      output_type='np',
+      height=64,
+      width=64,
+    ).images
+  ours = inpaint(
+    pipe, PROMPTS[1], _init_image(2), _mask(), num_inference_steps=STEPS, guidance_scale=7.5, seed=seeds, latents=noise
+  )
   assert _max_diff(ours, _ref_uint8(expected)) <= 2
 
 

@@ -15,21 +15,28 @@ from jaxdream.schedulers import SCHEDULER_NAMES, NoiseSchedule, make_scheduler, 
 
 # Stable Diffusion 1.5's scheduler_config.json.
 SD_CONFIG = {
-    '_class_name': 'PNDMScheduler', '_diffusers_version': '0.6.0', 'beta_end': 0.012,
-    'beta_schedule': 'scaled_linear', 'beta_start': 0.00085, 'num_train_timesteps': 1000,
-    'set_alpha_to_one': False, 'skip_prk_steps': True, 'steps_offset': 1, 'trained_betas': None,
-    'clip_sample': False,
+  '_class_name': 'PNDMScheduler',
+  '_diffusers_version': '0.6.0',
+  'beta_end': 0.012,
+  'beta_schedule': 'scaled_linear',
+  'beta_start': 0.00085,
+  'num_train_timesteps': 1000,
+  'set_alpha_to_one': False,
+  'skip_prk_steps': True,
+  'steps_offset': 1,
+  'trained_betas': None,
+  'clip_sample': False,
 }
 # our name -> (diffusers class, the from_config kwargs the name implies)
 REFERENCE = {
-    'ddpm': (diffusers.DDPMScheduler, {}),
-    'ddim': (diffusers.DDIMScheduler, {}),
-    'pndm': (diffusers.PNDMScheduler, {}),
-    'lms': (diffusers.LMSDiscreteScheduler, {}),
-    'euler': (diffusers.EulerDiscreteScheduler, {}),
-    'euler_a': (diffusers.EulerAncestralDiscreteScheduler, {}),
-    'dpmpp_2m': (diffusers.DPMSolverMultistepScheduler, {}),
-    'dpmpp_2m_karras': (diffusers.DPMSolverMultistepScheduler, {'use_karras_sigmas': True}),
+  'ddpm': (diffusers.DDPMScheduler, {}),
+  'ddim': (diffusers.DDIMScheduler, {}),
+  'pndm': (diffusers.PNDMScheduler, {}),
+  'lms': (diffusers.LMSDiscreteScheduler, {}),
+  'euler': (diffusers.EulerDiscreteScheduler, {}),
+  'euler_a': (diffusers.EulerAncestralDiscreteScheduler, {}),
+  'dpmpp_2m': (diffusers.DPMSolverMultistepScheduler, {}),
+  'dpmpp_2m_karras': (diffusers.DPMSolverMultistepScheduler, {'use_karras_sigmas': True}),
 }
 # modules whose randn_tensor a stochastic scheduler draws its noise from
 RANDN_MODULES = {'ddpm': scheduling_ddpm, 'ddim': scheduling_ddim, 'euler_a': scheduling_euler_ancestral_discrete}
@@ -98,6 +105,7 @@ def patch_randn(monkeypatch):
     if name in RANDN_MODULES:
       monkeypatch.setattr(RANDN_MODULES[name], 'randn_tensor', randn)
     return randn
+
   return patch
 
 
@@ -124,8 +132,12 @@ def check_trajectory(name, n, patch_randn, eta=0.0, rtol=1e-5, **overrides):
   assert randn.calls == (sch.num_steps if sch.stochastic else 0) - (name == 'ddpm' and sch.timesteps[-1] == 0)
 
 
-SPACINGS = [{'prediction_type': 'v_prediction'}, {'timestep_spacing': 'leading'},
-            {'timestep_spacing': 'trailing'}, {'timestep_spacing': 'linspace'}]
+SPACINGS = [
+  {'prediction_type': 'v_prediction'},
+  {'timestep_spacing': 'leading'},
+  {'timestep_spacing': 'trailing'},
+  {'timestep_spacing': 'linspace'},
+]
 CORE_NAMES = SCHEDULER_NAMES + ('pndm_prk',)
 
 
@@ -138,7 +150,9 @@ def test_matches_diffusers(name, variant, n, patch_randn):
   check_trajectory(name, n, patch_randn, **variant)
 
 
-@pytest.mark.parametrize('name,options', [
+@pytest.mark.parametrize(
+  'name,options',
+  [
     ('ddpm', {'prediction_type': 'sample', 'clip_sample': True, 'clip_sample_range': 1.5}),
     ('ddpm', {'variance_type': 'fixed_large', 'beta_schedule': 'linear', 'beta_start': 1e-4, 'beta_end': 0.02}),
     ('ddpm', {'thresholding': True, 'sample_max_value': 3.0, 'dynamic_thresholding_ratio': 0.9}),
@@ -157,8 +171,10 @@ def test_matches_diffusers(name, variant, n, patch_randn):
     ('euler', {'timestep_type': 'continuous', 'prediction_type': 'v_prediction'}),
     # From sigma_max = 4096 the first step cancels ~40x, magnifying diffusers' own float32 rounding of
     # the zero-SNR sigmas (with diffusers' sigma table substituted, we agree to 3e-7).
-    ('euler', {'rescale_betas_zero_snr': True, 'prediction_type': 'v_prediction', 'timestep_spacing': 'trailing',
-               'rtol': 3e-5}),
+    (
+      'euler',
+      {'rescale_betas_zero_snr': True, 'prediction_type': 'v_prediction', 'timestep_spacing': 'trailing', 'rtol': 3e-5},
+    ),
     ('euler_a', {'beta_schedule': 'squaredcos_cap_v2', 'timestep_spacing': 'leading'}),
     ('dpmpp_2m', {'solver_type': 'heun', 'prediction_type': 'sample'}),
     ('dpmpp_2m', {'final_sigmas_type': 'sigma_min', 'lower_order_final': False}),
@@ -167,7 +183,8 @@ def test_matches_diffusers(name, variant, n, patch_randn):
     ('dpmpp_2m', {'lambda_min_clipped': -5.1, 'timestep_spacing': 'leading'}),
     ('dpmpp_2m_karras', {'rescale_betas_zero_snr': True, 'prediction_type': 'v_prediction'}),
     ('dpmpp_2m', {'beta_schedule': 'squaredcos_cap_v2'}),
-])
+  ],
+)
 def test_options_match_diffusers(name, options, patch_randn):
   options = dict(options)
   eta, rtol = options.pop('eta', 0.0), options.pop('rtol', 1e-5)
@@ -192,6 +209,7 @@ def test_jit_fori_loop(name, patch_randn):
       x, state = carry
       out = 0.5 * sch.scale_model_input(x, i) + residuals[i]
       return sch.step(state, out, i, x, jax.random.fold_in(KEY, i))
+
     return jax.lax.fori_loop(0, sch.num_steps, body, (x, sch.init_state(x)))[0]
 
   assert rel_err(sample(jnp.asarray(x), jnp.asarray(residuals)), expected) < 1e-5
@@ -200,15 +218,14 @@ def test_jit_fori_loop(name, patch_randn):
 @pytest.mark.parametrize('name', CORE_NAMES)
 def test_img2img_matches_diffusers(name, patch_randn):
   """start_index, add_noise and a loop from there, as diffusers' img2img pipeline runs them."""
-  from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import \
-      StableDiffusionImg2ImgPipeline
+  from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
+
   overrides = {'skip_prk_steps': False} if name == 'pndm_prk' else {}
   name = 'pndm' if name == 'pndm_prk' else name
   n, strength = 10, 0.55
   ref, sch = build(name, n, **overrides)
   randn = patch_randn(name)
-  timesteps, _ = StableDiffusionImg2ImgPipeline.get_timesteps(types.SimpleNamespace(scheduler=ref), n, strength,
-                                                              None)
+  timesteps, _ = StableDiffusionImg2ImgPipeline.get_timesteps(types.SimpleNamespace(scheduler=ref), n, strength, None)
   start = sch.start_index(strength)
   assert start == len(ref.timesteps) - len(timesteps) and start > 0
   rng = np.random.default_rng(2)
@@ -233,14 +250,21 @@ def test_add_noise_every_step(name):
   for i in range(sch.num_steps):
     if hasattr(ref, 'set_begin_index'):  # sigma schedulers look the level up by step, as in img2img
       ref.set_begin_index(i)
-    expected = ref.add_noise(to_torch(x), to_torch(noise), ref.timesteps[i:i + 1].repeat(SHAPE[0]))
+    expected = ref.add_noise(to_torch(x), to_torch(noise), ref.timesteps[i : i + 1].repeat(SHAPE[0]))
     assert rel_err(add(jnp.asarray(x), jnp.asarray(noise), i), to_nhwc(expected)) < 1e-5, f'step {i}'
 
 
-@pytest.mark.parametrize('options', [{}, {'prediction_type': 'v_prediction', 'rescale_betas_zero_snr': True},
-                                     {'beta_schedule': 'squaredcos_cap_v2', 'prediction_type': 'sample'}])
+@pytest.mark.parametrize(
+  'options',
+  [
+    {},
+    {'prediction_type': 'v_prediction', 'rescale_betas_zero_snr': True},
+    {'beta_schedule': 'squaredcos_cap_v2', 'prediction_type': 'sample'},
+  ],
+)
 def test_noise_schedule_matches_ddpm(options):
   from diffusers.training_utils import compute_snr
+
   ref = diffusers.DDPMScheduler.from_config(SD_CONFIG, **options)
   ns = NoiseSchedule.from_config(SD_CONFIG, **options)
   assert ns.prediction_type == ref.config.prediction_type and ns.num_train_timesteps == 1000
@@ -260,14 +284,26 @@ def test_noise_schedule_matches_ddpm(options):
 
 
 @pytest.mark.parametrize('name', SCHEDULER_NAMES)
-@pytest.mark.parametrize('config', [
+@pytest.mark.parametrize(
+  'config',
+  [
     SD_CONFIG,
-    {'_class_name': 'DDIMScheduler', 'beta_schedule': 'linear', 'timestep_spacing': 'trailing',
-     'prediction_type': 'v_prediction', 'clip_sample': False, 'use_karras_sigmas': True,
-     'solver_order': 3, 'rescale_betas_zero_snr': True, '_use_default_values': ['timestep_spacing'],
-     'some_future_key': 1},
+    {
+      '_class_name': 'DDIMScheduler',
+      'beta_schedule': 'linear',
+      'timestep_spacing': 'trailing',
+      'prediction_type': 'v_prediction',
+      'clip_sample': False,
+      'use_karras_sigmas': True,
+      'solver_order': 3,
+      'rescale_betas_zero_snr': True,
+      '_use_default_values': ['timestep_spacing'],
+      'some_future_key': 1,
+    },
     {},
-], ids=['sd15', 'ddim_like', 'empty'])
+  ],
+  ids=['sd15', 'ddim_like', 'empty'],
+)
 def test_config_resolution_matches_from_config(name, config):
   """Each option takes the value diffusers' from_config gives it: ignored, defaulted or read."""
   cls, implied = REFERENCE[name]
@@ -304,7 +340,9 @@ def test_unknown_name_lists_valid_names():
   assert all(name in str(err.value) for name in SCHEDULER_NAMES)
 
 
-@pytest.mark.parametrize('name,options', [
+@pytest.mark.parametrize(
+  'name,options',
+  [
     ('euler', {'use_exponential_sigmas': True}),
     ('euler', {'interpolation_type': 'log_linear'}),
     ('lms', {'use_beta_sigmas': True}),
@@ -312,7 +350,8 @@ def test_unknown_name_lists_valid_names():
     ('ddim', {'beta_schedule': 'sigmoid'}),
     ('dpmpp_2m', {'variance_type': 'learned'}),
     ('euler_a', {'prediction_type': 'sample'}),
-])
+  ],
+)
 def test_unsupported_options_raise(name, options):
   with pytest.raises(NotImplementedError):
     make_scheduler(name, SD_CONFIG, 10, **options)
@@ -328,16 +367,25 @@ def test_stochastic_step_needs_key():
 def test_bfloat16_sample_keeps_dtype():
   sch = make_scheduler('dpmpp_2m', SD_CONFIG, 10)
   x = jax.random.normal(KEY, SHAPE)
-  run = jax.jit(lambda x: jax.lax.fori_loop(
-      0, sch.num_steps, lambda i, c: sch.step(c[1], 0.1 * c[0], i, c[0]), (x, sch.init_state(x)))[0])
+  run = jax.jit(
+    lambda x: jax.lax.fori_loop(
+      0, sch.num_steps, lambda i, c: sch.step(c[1], 0.1 * c[0], i, c[0]), (x, sch.init_state(x))
+    )[0]
+  )
   low, full = run(x.astype(jnp.bfloat16)), run(x)
   assert low.dtype == jnp.bfloat16
   assert rel_err(low.astype(jnp.float32), full) < 2e-2
 
 
-@pytest.mark.parametrize('name,options', [('ddim', {'thresholding': True, 'sample_max_value': 3.0}),
-                                          ('dpmpp_2m', {'thresholding': True, 'sample_max_value': 3.0}),
-                                          ('pndm', {'skip_prk_steps': False}), ('lms', {})])
+@pytest.mark.parametrize(
+  'name,options',
+  [
+    ('ddim', {'thresholding': True, 'sample_max_value': 3.0}),
+    ('dpmpp_2m', {'thresholding': True, 'sample_max_value': 3.0}),
+    ('pndm', {'skip_prk_steps': False}),
+    ('lms', {}),
+  ],
+)
 def test_vmap_per_image_matches_batch(name, options):
   """Pipelines may vmap `step` over images (state per image, shared step index)."""
   sch = make_scheduler(name, SD_CONFIG, 10, **options)

@@ -9,9 +9,10 @@ import pytest
 from conftest import rel_err
 from test_train_step import _setup
 
-from jaxdream.mesh import make_mesh
-from jaxdream.sharding import TENSOR_RULES, per_device_bytes
-from jaxdream.train import _checkpointer, _place, _restore, _save
+from jaxdream.distributed.mesh import make_mesh
+from jaxdream.distributed.sharding import TENSOR_RULES, per_device_bytes
+from jaxdream.training.checkpoint import _checkpointer, _restore, _save
+from jaxdream.training.step import _place
 
 
 def _batch(pipe, n=8):
@@ -39,9 +40,9 @@ def _on_mesh(setup, shape, rules=None):
   return mesh, placed, frozen_placed, step, batch_sh, config
 
 
-@pytest.mark.parametrize('shape,rules', [
-    ((8, 1, 1), None), ((1, 8, 1), None), ((2, 4, 1), None), ((2, 2, 2), None),
-    ((2, 2, 2), TENSOR_RULES)])  # tensor parallelism over every rule-sharded dimension
+@pytest.mark.parametrize(
+  'shape,rules', [((8, 1, 1), None), ((1, 8, 1), None), ((2, 4, 1), None), ((2, 2, 2), None), ((2, 2, 2), TENSOR_RULES)]
+)  # tensor parallelism over every rule-sharded dimension
 def test_step_on_any_mesh_equals_the_single_device_step(setup, shape, rules):
   pipe, _, _, _, _, single, single_metrics = setup
   _, state, frozen, step, batch_sh, _ = _on_mesh(setup, shape, rules)
@@ -75,7 +76,7 @@ def test_checkpoint_written_on_one_mesh_resumes_on_others(setup, tmp_path):
   mngr.wait_until_finished()
   expected = jax.device_get(written)
   for shape in [(8, 1, 1), (1, 1, 1)]:
-    devices = jax.devices()[:int(np.prod(shape))]
+    devices = jax.devices()[: int(np.prod(shape))]
     mesh = make_mesh(*shape, devices=devices)
     cfg = config.copy_and_resolve_references()
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = shape
@@ -92,9 +93,10 @@ def test_sixty_four_synthetic_subjects_train_on_the_eight_device_mesh(tiny_sd_fo
 
   from PIL import Image
 
-  from jaxdream import config as config_lib
-  from jaxdream.data import data_source
-  from jaxdream.train import train
+  from jaxdream.training import config as config_lib
+  from jaxdream.training.data import data_source
+  from jaxdream.training.loop import train
+
   rng = np.random.default_rng(0)
   classes = ['dog', 'cat', 'toy', 'cup']
   concepts = []
@@ -104,9 +106,16 @@ def test_sixty_four_synthetic_subjects_train_on_the_eight_device_mesh(tiny_sd_fo
     for j in range(2):
       Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f'{j}.png')
     cls = classes[i % 4]
-    concepts.append({'instance_dir': str(folder), 'instance_prompt': f'a photo of s{i:02d}x {cls}',
-                     'class_prompt': f'a photo of {cls}', 'class_dir': str(tmp_path / 'class' / cls),
-                     'num_class_images': 2, 'identifier': f's{i:02d}x'})
+    concepts.append(
+      {
+        'instance_dir': str(folder),
+        'instance_prompt': f'a photo of s{i:02d}x {cls}',
+        'class_prompt': f'a photo of {cls}',
+        'class_dir': str(tmp_path / 'class' / cls),
+        'num_class_images': 2,
+        'identifier': f's{i:02d}x',
+      }
+    )
   (tmp_path / 'concepts.json').write_text(json.dumps(concepts))
   c = config_lib.base_config()
   c.model, c.resolution = tiny_sd_folder[1], 64

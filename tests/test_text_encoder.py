@@ -67,6 +67,7 @@ def test_bfloat16_compute_stays_close(tmp_path):
 def test_sd_text_encoder_parameter_counts_match_transformers(preset):
   from transformers import CLIPTextConfig
   from transformers import CLIPTextModel as TorchCLIP
+
   cfg = getattr(presets, preset)
   with torch.device('meta'):
     ref = sum(p.numel() for p in TorchCLIP(CLIPTextConfig(**cfg)).parameters())

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from jaxdream import config as config_lib
-from jaxdream.models.weights import read_safetensors
+from jaxdream.io.weights import read_safetensors
+from jaxdream.training import config as config_lib
 
 SAMPLE = os.path.join(os.path.dirname(config_lib.__file__), 'assets', 'sample_subject', 'dog')
 UNET_FILE = os.path.join('model', 'unet', 'diffusion_pytorch_model.safetensors')
@@ -22,18 +22,25 @@ TE_FILE = os.path.join('model', 'text_encoder', 'model.safetensors')
 
 @pytest.fixture(scope='module')
 def shared(tmp_path_factory):
-  from jaxdream.tiny_model import create_tiny_pipeline
+  from jaxdream.diffusion.tiny_model import create_tiny_pipeline
+
   root = tmp_path_factory.mktemp('runs')
-  return {'base': create_tiny_pipeline(str(root / 'base')), 'class_dir': str(root / 'class_images'),
-          'root': root}
+  return {'base': create_tiny_pipeline(str(root / 'base')), 'class_dir': str(root / 'class_images'), 'root': root}
 
 
 def _config(shared, **train):
   c = config_lib.base_config()
   c.model = shared['base']
   c.resolution = 64
-  c.concepts = [config_lib.concept(instance_dir=SAMPLE, instance_prompt='a photo of sks dog',
-                                   class_prompt='a photo of dog', class_dir=shared['class_dir'], num_class_images=2)]
+  c.concepts = [
+    config_lib.concept(
+      instance_dir=SAMPLE,
+      instance_prompt='a photo of sks dog',
+      class_prompt='a photo of dog',
+      class_dir=shared['class_dir'],
+      num_class_images=2,
+    )
+  ]
   c.prior.sample_steps, c.prior.batch_size = 2, 2
   c.train.num_steps, c.train.learning_rate = 4, 1e-4
   c.train.train_text_encoder = True
@@ -49,7 +56,8 @@ def _config(shared, **train):
 
 @pytest.fixture(scope='module')
 def finished(shared):
-  from jaxdream.train import train
+  from jaxdream.training.loop import train
+
   workdir = str(shared['root'] / 'finished')
   summary = train(_config(shared), workdir)
   return workdir, summary
@@ -60,7 +68,8 @@ def test_run_writes_samples_logs_and_a_model_that_diffusers_and_jaxdream_load(fi
   from diffusers import StableDiffusionPipeline
 
   from jaxdream import load_pipeline
-  from jaxdream.sampling import txt2img
+  from jaxdream.diffusion.sampling import txt2img
+
   workdir, summary = finished
   assert summary['step'] == 4 and len(summary['losses']) == 4
   out = summary['outputs']
@@ -76,8 +85,11 @@ def test_run_writes_samples_logs_and_a_model_that_diffusers_and_jaxdream_load(fi
 
 def test_trained_weights_moved_and_the_vae_did_not(finished, shared):
   workdir, _ = finished
-  for rel, changed in ((UNET_FILE, True), (TE_FILE, True),
-                       (os.path.join('model', 'vae', 'diffusion_pytorch_model.safetensors'), False)):
+  for rel, changed in (
+    (UNET_FILE, True),
+    (TE_FILE, True),
+    (os.path.join('model', 'vae', 'diffusion_pytorch_model.safetensors'), False),
+  ):
     new = read_safetensors(os.path.join(workdir, rel))
     old = read_safetensors(os.path.join(shared['base'], rel.split(os.sep, 1)[1]))
     same = all(np.array_equal(new[k], old[k]) for k in old)
@@ -85,14 +97,16 @@ def test_trained_weights_moved_and_the_vae_did_not(finished, shared):
 
 
 def test_resuming_with_a_changed_run_is_refused_with_the_differences(finished, shared):
-  from jaxdream.train import train
+  from jaxdream.training.loop import train
+
   workdir = shutil.copytree(finished[0], str(shared['root'] / 'changed'))
   with pytest.raises(config_lib.RunConfigError, match=r'train\.learning_rate.*0\.0001.*0\.001'):
     train(_config(shared, learning_rate=1e-3, num_steps=6), workdir)
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(finished, shared):
-  from jaxdream.train import TrainingError, train
+  from jaxdream.training.loop import TrainingError, train
+
   workdir = shutil.copytree(finished[0], str(shared['root'] / 'nan'))
   c = _config(shared, num_steps=6, offset_noise=float('nan'))
   c.resume_override = True
@@ -109,8 +123,9 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(finish
 
 
 def _write_config(shared, path, num_steps):
-  path.write_text(textwrap.dedent(f'''
-      from jaxdream.config import base_config, concept
+  path.write_text(
+    textwrap.dedent(f"""
+      from jaxdream.training.config import base_config, concept
       def get_config():
         c = base_config()
         c.model = {shared['base']!r}
@@ -125,7 +140,8 @@ def _write_config(shared, path, num_steps):
         c.data.flip_p = 0.5
         c.mesh.data, c.mesh.tensor = 2, 4
         return c
-  '''))
+  """)
+  )
   return str(path)
 
 
@@ -137,10 +153,19 @@ FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 def _start(config, workdir, *overrides, devices=8, **env):
   """`jaxdream train` in a subprocess on `devices` simulated devices (sharing the session's compilation
   cache)."""
-  env = dict(os.environ, PYTHONUNBUFFERED='1', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
-             + FAST_COMPILE, **env)
-  return subprocess.Popen([sys.executable, '-m', 'jaxdream.cli', 'train', '--config', config, '--workdir', workdir,
-                           *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  env = dict(
+    os.environ,
+    PYTHONUNBUFFERED='1',
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} ' + FAST_COMPILE,
+    **env,
+  )
+  return subprocess.Popen(
+    [sys.executable, '-m', 'jaxdream.cli', 'train', '--config', config, '--workdir', workdir, *overrides],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def _wait_for_checkpoint(proc, workdir, step, timeout=600):
@@ -186,21 +211,44 @@ def test_cached_latents_and_text_embeddings_are_each_examples_own(finished):
   from conftest import jit_call
 
   from jaxdream import load_pipeline
-  from jaxdream.data import data_source, make_iterator
-  from jaxdream.train import _cache_latents, _cache_text_embeddings, _next_batch
+  from jaxdream.training.data import data_source, make_iterator
+  from jaxdream.training.loop import _cache_latents, _cache_text_embeddings, _next_batch
+
   workdir, _ = finished
   folder = os.path.dirname(os.path.dirname(glob.glob(os.path.join(workdir, 'data', '*', '*', '1.0.0'))[0]))
-  pipe = load_pipeline(os.path.join(workdir, 'base_model') if os.path.isdir(os.path.join(workdir, 'base_model'))
-                       else os.path.join(workdir, 'model'))
+  pipe = load_pipeline(
+    os.path.join(workdir, 'base_model')
+    if os.path.isdir(os.path.join(workdir, 'base_model'))
+    else os.path.join(workdir, 'model')
+  )
   cache = _cache_latents(pipe, folder, ['instance'], 64)
-  it = make_iterator(data_source(folder, 'instance'), batch_size=2, seed=5, resolution=64, center_crop=True,
-                     flip_p=0.0, tokenize=pipe.tokenize)
+  it = make_iterator(
+    data_source(folder, 'instance'),
+    batch_size=2,
+    seed=5,
+    resolution=64,
+    center_crop=True,
+    flip_p=0.0,
+    tokenize=pipe.tokenize,
+  )
   ex = next(it)
   dist = jit_call(pipe.vae, 'encode')(ex['pixels'])
   np.testing.assert_allclose(cache['instance'][0][ex['index']], dist.mean * pipe.vae.scaling_factor, atol=1e-5)
-  batch = _next_batch({'instance': make_iterator(data_source(folder, 'instance'), batch_size=2, seed=5,
-                                                 resolution=64, center_crop=True, flip_p=0.0,
-                                                 tokenize=pipe.tokenize)}, False, cache)
+  batch = _next_batch(
+    {
+      'instance': make_iterator(
+        data_source(folder, 'instance'),
+        batch_size=2,
+        seed=5,
+        resolution=64,
+        center_crop=True,
+        flip_p=0.0,
+        tokenize=pipe.tokenize,
+      )
+    },
+    False,
+    cache,
+  )
   assert set(batch) == {'latent_mean', 'latent_std', 'input_ids'} and batch['latent_mean'].shape == (2, 16, 16, 4)
   contexts = _cache_text_embeddings(pipe, folder, ['instance'])
   source = data_source(folder, 'instance')

@@ -9,11 +9,11 @@ import torch
 from conftest import jit_call, rel_err
 
 from jaxdream import load_pipeline
-from jaxdream.config import base_config
 from jaxdream.models import state_dict
 from jaxdream.schedulers import NoiseSchedule
-from jaxdream.train import (StepFn, _set_params, init_state, make_optimizer, param_groups, split_models,
-                            split_trainable)
+from jaxdream.training.config import base_config
+from jaxdream.training.params import _set_params, make_optimizer, param_groups, split_models, split_trainable
+from jaxdream.training.step import StepFn, init_state
 
 PRIOR_WEIGHT = 0.7
 
@@ -28,16 +28,28 @@ def _setup(path, *, train_text_encoder, snr_gamma=0.0, offset_noise=0.0):
   groups = param_groups(c)
   trainable, frozen, labels = split_trainable(flat, groups)
   tx = make_optimizer(c, groups, labels)
-  fn = StepFn(graphdefs=graphdefs, templates=templates, schedule=NoiseSchedule.from_config(pipe.scheduler_config),
-              tx=tx, num_instance=1, prior_weight=PRIOR_WEIGHT, snr_gamma=snr_gamma, offset_noise=offset_noise,
-              ema_decay=0.0, scaling_factor=pipe.vae.scaling_factor, shift_factor=0.0)
+  fn = StepFn(
+    graphdefs=graphdefs,
+    templates=templates,
+    schedule=NoiseSchedule.from_config(pipe.scheduler_config),
+    tx=tx,
+    num_instance=1,
+    prior_weight=PRIOR_WEIGHT,
+    snr_gamma=snr_gamma,
+    offset_noise=offset_noise,
+    ema_decay=0.0,
+    scaling_factor=pipe.vae.scaling_factor,
+    shift_factor=0.0,
+  )
   return pipe, c, fn, init_state(trainable, tx, 0, False), frozen
 
 
 def _batch(pipe, seed):
   rng = np.random.default_rng(seed)
-  return {'pixels': jnp.asarray(rng.uniform(-1, 1, (2, 64, 64, 3)), jnp.float32),
-          'input_ids': jnp.asarray(pipe.tokenize(['a photo of sks dog', 'a photo of dog']))}
+  return {
+    'pixels': jnp.asarray(rng.uniform(-1, 1, (2, 64, 64, 3)), jnp.float32),
+    'input_ids': jnp.asarray(pipe.tokenize(['a photo of sks dog', 'a photo of dog'])),
+  }
 
 
 def _torch_step(models, opt, sched, batch, draws, params):
@@ -63,6 +75,7 @@ def _torch_step(models, opt, sched, batch, draws, params):
 def test_two_steps_equal_the_pytorch_reference(tiny_sd_folder, train_text_encoder):
   from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
   from transformers import CLIPTextModel
+
   _, path = tiny_sd_folder
   pipe, c, fn, state, frozen = _setup(path, train_text_encoder=train_text_encoder)
   unet = UNet2DConditionModel.from_pretrained(path, subfolder='unet')
@@ -73,19 +86,23 @@ def test_two_steps_equal_the_pytorch_reference(tiny_sd_folder, train_text_encode
   groups = [{'params': list(unet.parameters()), 'lr': c.train.learning_rate}]
   if train_text_encoder:
     groups.append({'params': list(te.parameters()), 'lr': c.train.text_encoder_learning_rate})
-  opt = torch.optim.AdamW(groups, betas=(c.train.adam_b1, c.train.adam_b2), eps=c.train.adam_eps,
-                          weight_decay=c.train.weight_decay)
+  opt = torch.optim.AdamW(
+    groups, betas=(c.train.adam_b1, c.train.adam_b2), eps=c.train.adam_eps, weight_decay=c.train.weight_decay
+  )
   sched = DDPMScheduler.from_config(pipe.scheduler_config)
-  before = {'unet': {k: v.numpy().copy() for k, v in unet.state_dict().items()},
-            'text_encoder': {k: v.numpy().copy() for k, v in te.state_dict().items()}}
+  before = {
+    'unet': {k: v.numpy().copy() for k, v in unet.state_dict().items()},
+    'text_encoder': {k: v.numpy().copy() for k, v in te.state_dict().items()},
+  }
   step = jax.jit(fn)
   for i in range(2):
     batch = _batch(pipe, i)
     key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
     draws = jax.device_get(fn.draws(key, (2, 16, 16, 4)))
     state, metrics = step(state, frozen, batch)
-    ref_loss, ref_norm = _torch_step((unet, te, vae), opt, sched, batch, draws,
-                                     [p for g in groups for p in g['params']])
+    ref_loss, ref_norm = _torch_step(
+      (unet, te, vae), opt, sched, batch, draws, [p for g in groups for p in g['params']]
+    )
     assert rel_err(metrics['loss'], ref_loss) <= 1e-5
     assert rel_err(metrics['grad_norm'], ref_norm) <= 1e-4
   _set_params(pipe, jax.device_get(state['trainable']))
@@ -127,7 +144,10 @@ def test_no_gradient_is_computed_for_frozen_parameters(tiny_sd_folder):
   # The same step fed cached latents instead of pixels differs by exactly the VAE encoder's forward.
   vae_forward = _flops(lambda x: pipe.vae.encode(x), batch['pixels'])
   dist = jit_call(pipe.vae, 'encode')(batch['pixels'])  # jitted: eager NNX compiles op by op
-  cached = {'input_ids': batch['input_ids'], 'latent_mean': dist.mean * fn.scaling_factor,
-            'latent_std': dist.std * fn.scaling_factor}
+  cached = {
+    'input_ids': batch['input_ids'],
+    'latent_mean': dist.mean * fn.scaling_factor,
+    'latent_std': dist.std * fn.scaling_factor,
+  }
   with_vae = frozen_te_cost - _flops(fn, state, frozen, cached)
   assert 0.8 * vae_forward <= with_vae <= 1.2 * vae_forward

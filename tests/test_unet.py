@@ -46,6 +46,7 @@ def test_bfloat16_compute_stays_close_to_float32_reference(torch_unet_sd2):
 def test_nine_channel_inpainting_unet_matches_diffusers(tmp_path):
   from conftest import UNET_SD1, perturb_
   from diffusers import UNet2DConditionModel as TorchUNet
+
   torch.manual_seed(7)
   model = perturb_(TorchUNet(**dict(UNET_SD1, in_channels=9)), seed=7)
   model.save_pretrained(tmp_path)
@@ -69,9 +70,14 @@ def test_unknown_config_key_is_an_error_naming_it():
     UNet2DConditionModel.resolve_config(dict(presets.SD15_UNET, frobnicate=1))
 
 
-@pytest.mark.parametrize('key,value', [('class_embed_type', 'timestep'), ('addition_embed_type', 'text_time'),
-                                       ('down_block_types', ['CrossAttnDownBlock2D', 'SimpleDownBlock2D',
-                                                             'DownBlock2D', 'DownBlock2D'])])
+@pytest.mark.parametrize(
+  'key,value',
+  [
+    ('class_embed_type', 'timestep'),
+    ('addition_embed_type', 'text_time'),
+    ('down_block_types', ['CrossAttnDownBlock2D', 'SimpleDownBlock2D', 'DownBlock2D', 'DownBlock2D']),
+  ],
+)
 def test_unsupported_config_value_is_an_error_naming_the_key(key, value):
   with pytest.raises(ConfigError, match=key):
     UNet2DConditionModel.resolve_config(dict(presets.SD15_UNET, **{key: value}))

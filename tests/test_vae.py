@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import jit_call, nchw, nhwc, rel_err
 
+from jaxdream.io.weights import read_safetensors, write_safetensors
 from jaxdream.models import AutoencoderKL, abstract_model, count_params, load_vae, presets
-from jaxdream.models.weights import read_safetensors, write_safetensors
 
 
 def _images(batch=2, size=32, seed=0):
@@ -53,6 +53,7 @@ def test_bfloat16_decode_stays_close(torch_vae):
 def test_legacy_attention_names_load_to_the_same_model(torch_vae, tmp_path):
   """Checkpoints converted before diffusers 0.14 name the mid-block attention query/key/value/proj_attn."""
   import shutil
+
   src = torch_vae[1]
   sd = read_safetensors(f'{src}/diffusion_pytorch_model.safetensors')
   legacy = {}
@@ -74,6 +75,7 @@ def test_legacy_attention_names_load_to_the_same_model(torch_vae, tmp_path):
 
 def test_sd_vae_parameter_count_matches_diffusers():
   from diffusers import AutoencoderKL as TorchVAE
+
   cfg = {k: v for k, v in presets.SD_VAE.items() if not k.startswith('_')}
   with torch.device('meta'):
     ref = sum(p.numel() for p in TorchVAE(**cfg).parameters())

@@ -5,9 +5,9 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_kosmos2
 import torch
 from PIL import Image
-import test_kosmos2
 from test_kosmos2 import make_processor, tiny_tokenizer
 
 from jaxdream import vlm
@@ -37,8 +37,9 @@ def _torch_inputs(processor, prompt, image):
 def _ours(bundle, prompts, images, **kwargs):
   """Generate with prompts left-padded to the caption bucket; returns rows without their left padding."""
   ids, attention, image_mask = bundle.processor.prompts(prompts, bucket=8)
-  out = vlm.generate(bundle.model, bundle.processor.images(images), ids, attention, image_mask,
-                     max_new_tokens=MAX_NEW, **kwargs)
+  out = vlm.generate(
+    bundle.model, bundle.processor.images(images), ids, attention, image_mask, max_new_tokens=MAX_NEW, **kwargs
+  )
   pads = np.repeat((attention == 0).sum(1), len(out) // len(prompts))
   return [row[p:] for row, p in zip(out, pads)]
 
@@ -47,11 +48,14 @@ def _ours(bundle, prompts, images, **kwargs):
 def greedy_reference(kosmos2_folder, images):
   ref_model, processor, _ = kosmos2_folder
   with torch.no_grad():
-    return [ref_model.generate(**_torch_inputs(processor, p, im), max_new_tokens=MAX_NEW)[0].numpy()
-            for p, im in zip(PROMPTS, images)]
+    return [
+      ref_model.generate(**_torch_inputs(processor, p, im), max_new_tokens=MAX_NEW)[0].numpy()
+      for p, im in zip(PROMPTS, images)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- processor
+
 
 def test_prompt_ids_and_image_mask_match_kosmos2_processor_with_left_padding(kosmos2_folder, bundle, images):
   processor = kosmos2_folder[1]
@@ -64,12 +68,17 @@ def test_prompt_ids_and_image_mask_match_kosmos2_processor_with_left_padding(kos
   assert len(set(map(len, (bundle.processor.encode_prompt(p) for p in PROMPTS)))) == 3  # really unequal
 
 
-@pytest.mark.parametrize('config', [dict(size={'shortest_edge': 32}, crop_size={'height': 32, 'width': 32}),
-                                    dict(size={'shortest_edge': 24}, crop_size={'height': 28, 'width': 20},
-                                         resample=2),
-                                    dict(use_square_size=True, size={'shortest_edge': 224})])
+@pytest.mark.parametrize(
+  'config',
+  [
+    dict(size={'shortest_edge': 32}, crop_size={'height': 32, 'width': 32}),
+    dict(size={'shortest_edge': 24}, crop_size={'height': 28, 'width': 20}, resample=2),
+    dict(use_square_size=True, size={'shortest_edge': 224}),
+  ],
+)
 def test_pixel_values_match_clip_image_processor(config, images):
   from transformers import CLIPImageProcessorPil
+
   rgba = images[1].copy()
   rgba.putalpha(Image.fromarray(np.tile(np.arange(45, dtype=np.uint8) * 5, (49, 1))))  # a transparency ramp
   inputs = images + [images[0].convert('L'), rgba]
@@ -83,6 +92,7 @@ def test_pixel_values_match_clip_image_processor(config, images):
 def test_bare_xlmr_tokenizer_and_preprocessor_config_folder_works_like_the_processor(tmp_path, images):
   """The hub layout: a tokenizer saved without the processor's tags, and preprocessor_config.json."""
   from transformers import CLIPImageProcessorPil
+
   reference = make_processor()
   tiny_tokenizer().save_pretrained(tmp_path)
   config = dict(size={'shortest_edge': 224}, use_square_size=True, image_processor_type='CLIPImageProcessor')
@@ -97,6 +107,7 @@ def test_bare_xlmr_tokenizer_and_preprocessor_config_folder_works_like_the_proce
 
 # ----------------------------------------------------------------------------------------------- generation
 
+
 def test_greedy_generation_is_token_identical_to_transformers(bundle, images, greedy_reference):
   for prompt, image, ref in zip(PROMPTS, images, greedy_reference):
     (out,) = _ours(bundle, [prompt], [image])
@@ -108,8 +119,9 @@ def test_generation_stops_at_eos_like_transformers(kosmos2_folder, bundle, image
   ref_model, processor, _ = kosmos2_folder
   eos = int(greedy_reference[1][-MAX_NEW + 4])  # a token the model emits 5th: it must stop there
   with torch.no_grad():
-    ref = ref_model.generate(**_torch_inputs(processor, PROMPTS[1], images[1]), max_new_tokens=MAX_NEW,
-                             eos_token_id=eos)[0].numpy()
+    ref = ref_model.generate(
+      **_torch_inputs(processor, PROMPTS[1], images[1]), max_new_tokens=MAX_NEW, eos_token_id=eos
+    )[0].numpy()
   (out,) = _ours(bundle, [PROMPTS[1]], [images[1]], eos_token_id=eos)
   np.testing.assert_array_equal(out, ref)
   assert len(out) < len(greedy_reference[1]) and out[-1] == eos
@@ -121,15 +133,16 @@ def test_batch_of_unequal_prompts_equals_one_prompt_at_a_time(bundle, images, gr
   batch = _ours(bundle, PROMPTS, images, eos_token_id=eos)
   assert len({len(s) for s in singles}) > 1
   for single, row in zip(singles, batch):
-    np.testing.assert_array_equal(row[:len(single)], single)
-    assert np.all(row[len(single):] == bundle.pad_token_id)  # finished rows are padded
+    np.testing.assert_array_equal(row[: len(single)], single)
+    assert np.all(row[len(single) :] == bundle.pad_token_id)  # finished rows are padded
 
 
 def test_beam_search_matches_transformers(kosmos2_folder, bundle, images):
   ref_model, processor, _ = kosmos2_folder
   with torch.no_grad():
-    ref = ref_model.generate(**_torch_inputs(processor, PROMPTS[0], images[0]), max_new_tokens=MAX_NEW,
-                             num_beams=3, num_return_sequences=2).numpy()
+    ref = ref_model.generate(
+      **_torch_inputs(processor, PROMPTS[0], images[0]), max_new_tokens=MAX_NEW, num_beams=3, num_return_sequences=2
+    ).numpy()
   out = _ours(bundle, PROMPTS[:1], images[:1], num_beams=3, num_return_sequences=2)
   np.testing.assert_array_equal(np.stack(out), ref)
   assert not np.array_equal(ref[0], ref[1])
@@ -138,13 +151,20 @@ def test_beam_search_matches_transformers(kosmos2_folder, bundle, images):
 
 
 def test_sampling_warpers_match_transformers():
-  from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                      TopKLogitsWarper, TopPLogitsWarper)
+  from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+  )
+
   logits = np.random.default_rng(0).standard_normal((4, 50)).astype(np.float32) * 3
   for temperature, top_k, top_p in [(0.7, 10, 0.8), (1.0, 0, 0.5), (1.5, 5, 1.0)]:
-    warpers = LogitsProcessorList(([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
-                                  + ([TopKLogitsWarper(top_k)] if top_k else [])
-                                  + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
+    warpers = LogitsProcessorList(
+      ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
+      + ([TopKLogitsWarper(top_k)] if top_k else [])
+      + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+    )
     ref = warpers(None, torch.from_numpy(logits)).numpy()
     ours = np.asarray(vlm.warp_logits(jnp.asarray(logits), temperature, top_k, top_p))
     np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref))
@@ -153,8 +173,7 @@ def test_sampling_warpers_match_transformers():
 
 
 def test_sampling_is_seeded_and_cold_sampling_is_greedy(bundle, images, greedy_reference):
-  sample = lambda seed, t: _ours(bundle, PROMPTS[:1], images[:1], do_sample=True, top_k=0, temperature=t,
-                                 seed=seed)[0]
+  sample = lambda seed, t: _ours(bundle, PROMPTS[:1], images[:1], do_sample=True, top_k=0, temperature=t, seed=seed)[0]
   np.testing.assert_array_equal(sample(0, 3.0), sample(0, 3.0))
   assert not np.array_equal(sample(0, 3.0), sample(1, 3.0))
   np.testing.assert_array_equal(sample(2, 1e-4), greedy_reference[0])
@@ -163,20 +182,22 @@ def test_sampling_is_seeded_and_cold_sampling_is_greedy(bundle, images, greedy_r
 # ----------------------------------------------------------------------------------------------- grounding
 
 GROUNDED = [
-    '<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object> '
-    'warming himself by<phrase> a fire</phrase><object><patch_index_0005><patch_index_0911></object>.',
-    '<image> img0 img1</image><grounding>  two<phrase> dogs </phrase><object><patch_index_0001><patch_index_0100>'
-    '</delimiter_of_multi_objects/><patch_index_0200><patch_index_1023></delimiter_of_multi_objects/>'
-    '<patch_index_0033><patch_index_0033></object> play ',
-    'An image<object><patch_index_0044><patch_index_0863></delimiter_of_multi_objects/><patch_index_0005>'
-    '<patch_index_0037></object> of <phrase>x</phrase><object><patch_index_0031><patch_index_0991></object>',
-    # malformed: no <object>, odd patch count, unclosed object, '<' inside a phrase, huge index, stray tags
-    '<phrase> a cat</phrase> sits<object><patch_index_0001></object> on<phrase> a mat</phrase><object>'
-    '<patch_index_0002><patch_index_0040>',
-    '<phrase>a <b> dog</phrase><object><patch_index_0002><patch_index_0040></object> and <patch_index_99999>'
-    '<phrase>sky</phrase><object><patch_index_0001><patch_index_99999></object></chunk>',
-    '</image></image><phrase>   </phrase><object><patch_index_0010><patch_index_0012></object><unk>',
-    '', 'no tags at all', '<object></object><phrase></phrase>',
+  '<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object> '
+  'warming himself by<phrase> a fire</phrase><object><patch_index_0005><patch_index_0911></object>.',
+  '<image> img0 img1</image><grounding>  two<phrase> dogs </phrase><object><patch_index_0001><patch_index_0100>'
+  '</delimiter_of_multi_objects/><patch_index_0200><patch_index_1023></delimiter_of_multi_objects/>'
+  '<patch_index_0033><patch_index_0033></object> play ',
+  'An image<object><patch_index_0044><patch_index_0863></delimiter_of_multi_objects/><patch_index_0005>'
+  '<patch_index_0037></object> of <phrase>x</phrase><object><patch_index_0031><patch_index_0991></object>',
+  # malformed: no <object>, odd patch count, unclosed object, '<' inside a phrase, huge index, stray tags
+  '<phrase> a cat</phrase> sits<object><patch_index_0001></object> on<phrase> a mat</phrase><object>'
+  '<patch_index_0002><patch_index_0040>',
+  '<phrase>a <b> dog</phrase><object><patch_index_0002><patch_index_0040></object> and <patch_index_99999>'
+  '<phrase>sky</phrase><object><patch_index_0001><patch_index_99999></object></chunk>',
+  '</image></image><phrase>   </phrase><object><patch_index_0010><patch_index_0012></object><unk>',
+  '',
+  'no tags at all',
+  '<object></object><phrase></phrase>',
 ]
 
 
@@ -188,32 +209,38 @@ def test_parse_grounding_matches_post_process_generation(text):
 def test_parse_grounding_reads_several_boxes_per_phrase():
   text, entities = vlm.parse_grounding(GROUNDED[1])
   assert text == 'two dogs  play'  # the phrase's own trailing space stays in the caption
-  (name, span, boxes), = entities
+  ((name, span, boxes),) = entities
   assert name == 'dogs' and text[slice(*span)] == 'dogs' and len(boxes) == 3
   assert boxes[2] == (1 / 32, 1 / 32, 2 / 32, 2 / 32)  # one cell: its edges
 
 
 def test_phrase_heatmaps_follow_transformers_attentions(kosmos2_folder, bundle, images):
   from transformers import Kosmos2ForConditionalGeneration as TorchKosmos2
+
   tok = bundle.processor.tokenizer
   ids, attention, image_mask = bundle.processor.prompts(PROMPTS[:1], bucket=8)  # with left padding
-  tail = tok.convert_tokens_to_ids(['<phrase>', '▁a', '▁dog', '</phrase>', '<object>', '<patch_index_0005>',
-                                    '<patch_index_0990>', '</object>', '▁by'])
+  tail = tok.convert_tokens_to_ids(
+    ['<phrase>', '▁a', '▁dog', '</phrase>', '<object>', '<patch_index_0005>', '<patch_index_0990>', '</object>', '▁by']
+  )
   full = np.concatenate([ids, [tail]], 1)
   pixels = bundle.processor.images(images[:1])
   (maps,) = vlm.phrase_heatmaps(bundle, pixels, full, attention, image_mask)
-  (phrase, heat), = maps
+  ((phrase, heat),) = maps
   assert phrase == 'a dog' and heat.shape == (4, 4) and heat.max() == 1.0
   # The same summary from transformers' own attentions.
   ref_model = TorchKosmos2.from_pretrained(kosmos2_folder[2], attn_implementation='eager').eval()
   pad = lambda m, v: np.concatenate([m, np.full((1, len(tail)), v)], 1)
   with torch.no_grad():
-    ref = ref_model(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)), input_ids=torch.from_numpy(full),
-                    attention_mask=torch.from_numpy(pad(attention, 1)),
-                    image_embeds_position_mask=torch.from_numpy(pad(image_mask, 0)), output_attentions=True)
+    ref = ref_model(
+      pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)),
+      input_ids=torch.from_numpy(full),
+      attention_mask=torch.from_numpy(pad(attention, 1)),
+      image_embeds_position_mask=torch.from_numpy(pad(image_mask, 0)),
+      output_attentions=True,
+    )
   text = torch.stack(ref.attentions).mean((0, 2))[0].numpy()  # layers, heads
   start = ids.shape[1] + 1
-  weights = text[start:start + 2][:, pad(image_mask, 0)[0].astype(bool)].mean(0)
+  weights = text[start : start + 2][:, pad(image_mask, 0)[0].astype(bool)].mean(0)
   expected = (weights @ ref.projection_attentions.mean(1)[0, :, 1:17].numpy()).reshape(4, 4)
   np.testing.assert_allclose(heat, expected / expected.max(), rtol=1e-4, atol=1e-6)
   drawn = vlm.draw_heatmap(images[0], heat)
@@ -222,8 +249,10 @@ def test_phrase_heatmaps_follow_transformers_attentions(kosmos2_folder, bundle, 
 
 # ----------------------------------------------------------------------------------------------- API and CLI
 
-def test_caption_matches_transformers_decode_and_post_processing(kosmos2_folder, bundle, images, tmp_path,
-                                                                 greedy_reference):
+
+def test_caption_matches_transformers_decode_and_post_processing(
+  kosmos2_folder, bundle, images, tmp_path, greedy_reference
+):
   processor = kosmos2_folder[1]
   images[0].save(tmp_path / 'a.png')
   inputs = [str(tmp_path / 'a.png'), images[1], np.asarray(images[2])]  # a path, a PIL image, an array
@@ -245,9 +274,24 @@ def test_caption_cli_writes_json_drawings_and_caption_sidecars(kosmos2_folder, i
   for i, im in enumerate(images[:2]):
     im.save(tmp_path / f'img{i}.png')
   paths = [str(tmp_path / f'img{i}.png') for i in range(2)]
-  assert not main(['caption', '--model', kosmos2_folder[2], *paths, '--max-new-tokens', str(MAX_NEW),
-                   '--json', str(tmp_path / 'out.json'), '--draw', str(tmp_path / 'drawn'),
-                   '--write-captions', str(tmp_path / 'captions'), '--heatmaps', str(tmp_path / 'heat')])
+  assert not main(
+    [
+      'caption',
+      '--model',
+      kosmos2_folder[2],
+      *paths,
+      '--max-new-tokens',
+      str(MAX_NEW),
+      '--json',
+      str(tmp_path / 'out.json'),
+      '--draw',
+      str(tmp_path / 'drawn'),
+      '--write-captions',
+      str(tmp_path / 'captions'),
+      '--heatmaps',
+      str(tmp_path / 'heat'),
+    ]
+  )
   results = json.loads((tmp_path / 'out.json').read_text())
   assert [r['image'] for r in results] == paths
   for i, r in enumerate(results):
@@ -260,8 +304,19 @@ def test_check_subject_cli_reports_grounded_fraction(kosmos2_folder, images, tmp
   (tmp_path / 'imgs').mkdir()
   for i, im in enumerate(images[:2]):
     im.save(tmp_path / 'imgs' / f'{i}.png')
-  assert not main(['check-subject', '--model', kosmos2_folder[2], '--images', str(tmp_path / 'imgs'),
-                   '--phrase', 'dog', '--max-new-tokens', str(MAX_NEW)])
+  assert not main(
+    [
+      'check-subject',
+      '--model',
+      kosmos2_folder[2],
+      '--images',
+      str(tmp_path / 'imgs'),
+      '--phrase',
+      'dog',
+      '--max-new-tokens',
+      str(MAX_NEW),
+    ]
+  )
   summary = json.loads(capsys.readouterr().out)
   assert summary['phrase'] == 'dog' and len(summary['images']) == 2
   assert summary['grounded_fraction'] == sum(r['grounded'] for r in summary['images']) / 2
@@ -269,10 +324,14 @@ def test_check_subject_cli_reports_grounded_fraction(kosmos2_folder, images, tmp
 
 
 def test_check_subject_finds_the_phrase_among_entities():
-  results = [dict(text='a dog and a cat', entities=[('a dog', (0, 5), [(0.1, 0.1, 0.5, 0.5)]),
-                                                     ('a cat', (10, 15), [(0.5, 0.5, 0.9, 0.9)])]),
-             dict(text='a hotdog', entities=[('a hotdog', (0, 8), [(0.0, 0.0, 1.0, 1.0)])]),
-             dict(text='a dog', entities=[])]
+  results = [
+    dict(
+      text='a dog and a cat',
+      entities=[('a dog', (0, 5), [(0.1, 0.1, 0.5, 0.5)]), ('a cat', (10, 15), [(0.5, 0.5, 0.9, 0.9)])],
+    ),
+    dict(text='a hotdog', entities=[('a hotdog', (0, 8), [(0.0, 0.0, 1.0, 1.0)])]),
+    dict(text='a dog', entities=[]),
+  ]
   found = [vlm.subject_boxes(r['entities'], 'Dog') for r in results]
   assert found == [[(0.1, 0.1, 0.5, 0.5)], [], []]
 

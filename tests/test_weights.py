@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import jit_call, nchw, nhwc, rel_err
 
+from jaxdream.io.weights import read_safetensors, write_safetensors
 from jaxdream.models import WeightsError, load_unet, load_vae, save_component
-from jaxdream.models.weights import read_safetensors, write_safetensors
 
 WEIGHTS = 'diffusion_pytorch_model.safetensors'
 
@@ -61,7 +61,7 @@ def test_shape_mismatch_names_tensor_and_both_shapes(vae_copy):
 def test_truncated_safetensors_is_reported(vae_copy):
   path = vae_copy / WEIGHTS
   data = path.read_bytes()
-  path.write_bytes(data[:len(data) // 2])
+  path.write_bytes(data[: len(data) // 2])
   with pytest.raises(WeightsError, match='truncated|corrupt'):
     load_vae(str(vae_copy))
 
@@ -103,6 +103,7 @@ def test_sharded_safetensors_with_index_loads(torch_unet_sd1, tmp_path):
 
 def test_saved_unet_loads_in_diffusers_with_identical_weights(torch_unet_sd1, tmp_path):
   from diffusers import UNet2DConditionModel as TorchUNet
+
   model, path = torch_unet_sd1
   save_component(load_unet(path), str(tmp_path))
   assert json.load(open(tmp_path / 'config.json'))['_class_name'] == 'UNet2DConditionModel'
@@ -119,10 +120,10 @@ def test_saved_text_encoder_loads_in_transformers_with_identical_weights(tmp_pat
   from transformers import CLIPTextModel as TorchCLIP
 
   from jaxdream.models import load_text_encoder
+
   ref_model = make_text_encoder(str(tmp_path / 'src'), 'quick_gelu')
   save_component(load_text_encoder(str(tmp_path / 'src')), str(tmp_path / 'dst'))
   reloaded = TorchCLIP.from_pretrained(str(tmp_path / 'dst'))
   ids = torch.randint(0, 998, (2, 77))
   with torch.no_grad():
-    torch.testing.assert_close(reloaded(ids).last_hidden_state, ref_model(ids).last_hidden_state,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(reloaded(ids).last_hidden_state, ref_model(ids).last_hidden_state, rtol=0, atol=0)

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxdream.models.attention import dot_product_attention
-from jaxdream.models.config import ConfigError
+from jaxdream.io.weights import (
+  WeightsError,
+  abstract_model,
+  count_params,
+  init_model,
+  load_state_dict,
+  read_config,
+  read_weights,
+  save_folder,
+  state_dict,
+)
 from jaxdream.models.autoencoder_kl import AutoencoderKL, DiagonalGaussian
 from jaxdream.models.clip_text import CLIPTextModel
+from jaxdream.models.config import ConfigError
 from jaxdream.models.unet_2d_condition import UNet2DConditionModel
-from jaxdream.models.weights import (WeightsError, abstract_model, count_params, init_model, load_state_dict,
-                                     read_config, read_weights, save_folder, state_dict)
+from jaxdream.nn.attention import dot_product_attention
 
 
-def load_component(cls, path: str, *, dtype=jnp.float32, attention_impl: str = 'auto',
-                   allow_pickle: bool = False):
+def load_component(cls, path: str, *, dtype=jnp.float32, attention_impl: str = 'auto', allow_pickle: bool = False):
   """Load a model class from its component folder (config.json + weights).
 
   The config is validated first and the model built shape-only, so a bad folder fails in seconds
@@ -24,8 +32,9 @@ def load_component(cls, path: str, *, dtype=jnp.float32, attention_impl: str = '
   cls.resolve_config(config)
   model = abstract_model(lambda rngs: cls(config, dtype=dtype, attention_impl=attention_impl, rngs=rngs))
   weights = read_weights(path, cls.WEIGHTS_NAME, allow_pickle=allow_pickle)
-  load_state_dict(model, weights, source=path, renames=getattr(cls, 'LEGACY_RENAMES', ()),
-                  ignore=getattr(cls, 'IGNORED_KEYS', ()))
+  load_state_dict(
+    model, weights, source=path, renames=getattr(cls, 'LEGACY_RENAMES', ()), ignore=getattr(cls, 'IGNORED_KEYS', ())
+  )
   return model
 
 
@@ -33,8 +42,13 @@ def save_component(model, path: str):
   """Write `model` as a diffusers/transformers component folder (config + safetensors)."""
   config = dict(model.config)
   config.setdefault('_class_name', model.CLASS_NAME)
-  save_folder(path, model.export_config() if hasattr(model, 'export_config') else config,
-              state_dict(model), model.WEIGHTS_NAME, model.CONFIG_NAME)
+  save_folder(
+    path,
+    model.export_config() if hasattr(model, 'export_config') else config,
+    state_dict(model),
+    model.WEIGHTS_NAME,
+    model.CONFIG_NAME,
+  )
 
 
 def load_unet(path: str, **kwargs) -> UNet2DConditionModel:

@@ -8,23 +8,39 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdream.models.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 from jaxdream.models.config import resolve_config
-from jaxdream.models.layers import Conv2d, GroupNorm, activation, module_list
+from jaxdream.nn.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
+from jaxdream.nn.layers import Conv2d, GroupNorm, activation, module_list
 
-DEFAULTS = dict(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',),
-                up_block_types=('UpDecoderBlock2D',), block_out_channels=(64,), layers_per_block=1,
-                act_fn='silu', latent_channels=4, norm_num_groups=32, sample_size=32,
-                scaling_factor=0.18215, shift_factor=None, latents_mean=None, latents_std=None,
-                force_upcast=True, use_quant_conv=True, use_post_quant_conv=True,
-                mid_block_add_attention=True)
-SUPPORTED = dict(down_block_types=('DownEncoderBlock2D',), up_block_types=('UpDecoderBlock2D',),
-                 act_fn=('silu', 'swish'))
+DEFAULTS = dict(
+  in_channels=3,
+  out_channels=3,
+  down_block_types=('DownEncoderBlock2D',),
+  up_block_types=('UpDecoderBlock2D',),
+  block_out_channels=(64,),
+  layers_per_block=1,
+  act_fn='silu',
+  latent_channels=4,
+  norm_num_groups=32,
+  sample_size=32,
+  scaling_factor=0.18215,
+  shift_factor=None,
+  latents_mean=None,
+  latents_std=None,
+  force_upcast=True,
+  use_quant_conv=True,
+  use_post_quant_conv=True,
+  mid_block_add_attention=True,
+)
+SUPPORTED = dict(
+  down_block_types=('DownEncoderBlock2D',), up_block_types=('UpDecoderBlock2D',), act_fn=('silu', 'swish')
+)
 _EPS = 1e-6  # diffusers' VAE blocks use 1e-6 throughout
 
 
 class DiagonalGaussian(NamedTuple):
   """The encoder's latent distribution; `mean` and `logvar` are NHWC."""
+
   mean: jax.Array
   logvar: jax.Array
 
@@ -40,14 +56,30 @@ class DiagonalGaussian(NamedTuple):
 
 
 class UNetMidBlock2D(nnx.Module):
-
   def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool, *, dtype, rngs):
     resnet = dict(temb_channels=None, groups=groups, eps=_EPS, act_fn=act_fn, dtype=dtype, rngs=rngs)
     self.resnets = module_list([ResnetBlock2D(channels, channels, **resnet) for _ in range(2)])
     # One head over all channels, softmax in float32 (diffusers' upcast_softmax for the VAE).
-    self.attentions = module_list([Attention(
-        channels, heads=1, dim_head=channels, bias=True, upcast=True, norm_num_groups=groups, eps=_EPS,
-        residual=True, dtype=dtype, rngs=rngs)]) if add_attention else None
+    self.attentions = (
+      module_list(
+        [
+          Attention(
+            channels,
+            heads=1,
+            dim_head=channels,
+            bias=True,
+            upcast=True,
+            norm_num_groups=groups,
+            eps=_EPS,
+            residual=True,
+            dtype=dtype,
+            rngs=rngs,
+          )
+        ]
+      )
+      if add_attention
+      else None
+    )
 
   def __call__(self, x):
     x = self.resnets[0](x)
@@ -59,13 +91,27 @@ class UNetMidBlock2D(nnx.Module):
 class EncoderBlock(nnx.Module):
   """DownEncoderBlock2D."""
 
-  def __init__(self, in_ch: int, out_ch: int, num_layers: int, add_downsample: bool, groups: int,
-               act_fn: str, *, dtype, rngs):
-    self.resnets = module_list([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_channels=None,
-                                              groups=groups, eps=_EPS, act_fn=act_fn, dtype=dtype,
-                                              rngs=rngs) for i in range(num_layers)])
-    self.downsamplers = module_list([Downsample2D(out_ch, out_ch, padding=0, dtype=dtype, rngs=rngs)]
-                                    ) if add_downsample else None
+  def __init__(
+    self, in_ch: int, out_ch: int, num_layers: int, add_downsample: bool, groups: int, act_fn: str, *, dtype, rngs
+  ):
+    self.resnets = module_list(
+      [
+        ResnetBlock2D(
+          in_ch if i == 0 else out_ch,
+          out_ch,
+          temb_channels=None,
+          groups=groups,
+          eps=_EPS,
+          act_fn=act_fn,
+          dtype=dtype,
+          rngs=rngs,
+        )
+        for i in range(num_layers)
+      ]
+    )
+    self.downsamplers = (
+      module_list([Downsample2D(out_ch, out_ch, padding=0, dtype=dtype, rngs=rngs)]) if add_downsample else None
+    )
 
   def __call__(self, x):
     for resnet in self.resnets:
@@ -76,11 +122,24 @@ class EncoderBlock(nnx.Module):
 class DecoderBlock(nnx.Module):
   """UpDecoderBlock2D."""
 
-  def __init__(self, in_ch: int, out_ch: int, num_layers: int, add_upsample: bool, groups: int,
-               act_fn: str, *, dtype, rngs):
-    self.resnets = module_list([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_channels=None,
-                                              groups=groups, eps=_EPS, act_fn=act_fn, dtype=dtype,
-                                              rngs=rngs) for i in range(num_layers)])
+  def __init__(
+    self, in_ch: int, out_ch: int, num_layers: int, add_upsample: bool, groups: int, act_fn: str, *, dtype, rngs
+  ):
+    self.resnets = module_list(
+      [
+        ResnetBlock2D(
+          in_ch if i == 0 else out_ch,
+          out_ch,
+          temb_channels=None,
+          groups=groups,
+          eps=_EPS,
+          act_fn=act_fn,
+          dtype=dtype,
+          rngs=rngs,
+        )
+        for i in range(num_layers)
+      ]
+    )
     self.upsamplers = module_list([Upsample2D(out_ch, dtype=dtype, rngs=rngs)]) if add_upsample else None
 
   def __call__(self, x):
@@ -90,15 +149,18 @@ class DecoderBlock(nnx.Module):
 
 
 class Encoder(nnx.Module):
-
   def __init__(self, cfg: dict, *, dtype, rngs):
     ch, groups, act = list(cfg['block_out_channels']), cfg['norm_num_groups'], cfg['act_fn']
     self.conv_in = Conv2d(cfg['in_channels'], ch[0], 3, dtype=dtype, rngs=rngs)
-    self.down_blocks = module_list([
-        EncoderBlock(ch[max(i - 1, 0)], ch[i], cfg['layers_per_block'], i < len(ch) - 1, groups, act,
-                     dtype=dtype, rngs=rngs) for i in range(len(ch))])
-    self.mid_block = UNetMidBlock2D(ch[-1], groups, act, cfg['mid_block_add_attention'], dtype=dtype,
-                                    rngs=rngs)
+    self.down_blocks = module_list(
+      [
+        EncoderBlock(
+          ch[max(i - 1, 0)], ch[i], cfg['layers_per_block'], i < len(ch) - 1, groups, act, dtype=dtype, rngs=rngs
+        )
+        for i in range(len(ch))
+      ]
+    )
+    self.mid_block = UNetMidBlock2D(ch[-1], groups, act, cfg['mid_block_add_attention'], dtype=dtype, rngs=rngs)
     self.conv_norm_out = GroupNorm(groups, ch[-1], eps=_EPS, dtype=dtype)
     self.conv_out = Conv2d(ch[-1], 2 * cfg['latent_channels'], 3, dtype=dtype, rngs=rngs)
     self.act_fn = act
@@ -112,16 +174,19 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
-
   def __init__(self, cfg: dict, *, dtype, rngs):
     ch, groups, act = list(cfg['block_out_channels']), cfg['norm_num_groups'], cfg['act_fn']
     rev = ch[::-1]
     self.conv_in = Conv2d(cfg['latent_channels'], rev[0], 3, dtype=dtype, rngs=rngs)
-    self.mid_block = UNetMidBlock2D(rev[0], groups, act, cfg['mid_block_add_attention'], dtype=dtype,
-                                    rngs=rngs)
-    self.up_blocks = module_list([
-        DecoderBlock(rev[max(i - 1, 0)], rev[i], cfg['layers_per_block'] + 1, i < len(ch) - 1, groups,
-                     act, dtype=dtype, rngs=rngs) for i in range(len(ch))])
+    self.mid_block = UNetMidBlock2D(rev[0], groups, act, cfg['mid_block_add_attention'], dtype=dtype, rngs=rngs)
+    self.up_blocks = module_list(
+      [
+        DecoderBlock(
+          rev[max(i - 1, 0)], rev[i], cfg['layers_per_block'] + 1, i < len(ch) - 1, groups, act, dtype=dtype, rngs=rngs
+        )
+        for i in range(len(ch))
+      ]
+    )
     self.conv_norm_out = GroupNorm(groups, ch[0], eps=_EPS, dtype=dtype)
     self.conv_out = Conv2d(ch[0], cfg['out_channels'], 3, dtype=dtype, rngs=rngs)
     self.act_fn = act
@@ -142,10 +207,12 @@ class AutoencoderKL(nnx.Module):
   WEIGHTS_NAME = 'diffusion_pytorch_model'
   CLASS_NAME = 'AutoencoderKL'
   # Checkpoints converted before diffusers 0.14 name the mid-block attention query/key/value/proj_attn.
-  LEGACY_RENAMES = ((r'(mid_block\.attentions\.0)\.query\.', r'\1.to_q.'),
-                    (r'(mid_block\.attentions\.0)\.key\.', r'\1.to_k.'),
-                    (r'(mid_block\.attentions\.0)\.value\.', r'\1.to_v.'),
-                    (r'(mid_block\.attentions\.0)\.proj_attn\.', r'\1.to_out.0.'))
+  LEGACY_RENAMES = (
+    (r'(mid_block\.attentions\.0)\.query\.', r'\1.to_q.'),
+    (r'(mid_block\.attentions\.0)\.key\.', r'\1.to_k.'),
+    (r'(mid_block\.attentions\.0)\.value\.', r'\1.to_v.'),
+    (r'(mid_block\.attentions\.0)\.proj_attn\.', r'\1.to_out.0.'),
+  )
 
   @staticmethod
   def resolve_config(config: dict) -> dict:
@@ -158,10 +225,10 @@ class AutoencoderKL(nnx.Module):
     lat = cfg['latent_channels']
     self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs)
     self.decoder = Decoder(cfg, dtype=dtype, rngs=rngs)
-    self.quant_conv = (Conv2d(2 * lat, 2 * lat, 1, padding=0, dtype=dtype, rngs=rngs)
-                       if cfg['use_quant_conv'] else None)
-    self.post_quant_conv = (Conv2d(lat, lat, 1, padding=0, dtype=dtype, rngs=rngs)
-                            if cfg['use_post_quant_conv'] else None)
+    self.quant_conv = Conv2d(2 * lat, 2 * lat, 1, padding=0, dtype=dtype, rngs=rngs) if cfg['use_quant_conv'] else None
+    self.post_quant_conv = (
+      Conv2d(lat, lat, 1, padding=0, dtype=dtype, rngs=rngs) if cfg['use_post_quant_conv'] else None
+    )
     self.scaling_factor = cfg['scaling_factor']
     self.shift_factor = cfg['shift_factor'] or 0.0
     self.downsampling_factor = 2 ** (len(cfg['block_out_channels']) - 1)

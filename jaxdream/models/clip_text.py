@@ -5,19 +5,28 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdream.models.attention import dot_product_attention
 from jaxdream.models.config import resolve_config
-from jaxdream.models.layers import Embed, LayerNorm, Linear, activation, module_list
+from jaxdream.nn.attention import dot_product_attention
+from jaxdream.nn.layers import Embed, LayerNorm, Linear, activation, module_list
 
-DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                num_attention_heads=8, max_position_embeddings=77, hidden_act='quick_gelu',
-                layer_norm_eps=1e-5, eos_token_id=49407, attention_dropout=0.0, dropout=0.0,
-                projection_dim=512)
+DEFAULTS = dict(
+  vocab_size=49408,
+  hidden_size=512,
+  intermediate_size=2048,
+  num_hidden_layers=12,
+  num_attention_heads=8,
+  max_position_embeddings=77,
+  hidden_act='quick_gelu',
+  layer_norm_eps=1e-5,
+  eos_token_id=49407,
+  attention_dropout=0.0,
+  dropout=0.0,
+  projection_dim=512,
+)
 SUPPORTED = dict(hidden_act=('quick_gelu', 'gelu'), attention_dropout=(0.0,), dropout=(0.0,))
 
 
 class CLIPAttention(nnx.Module):
-
   def __init__(self, dim: int, heads: int, *, dtype, rngs):
     self.q_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
     self.k_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
@@ -27,13 +36,13 @@ class CLIPAttention(nnx.Module):
 
   def __call__(self, x, mask):
     split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, -1)
-    out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
-                                mask=mask, implementation='xla')
+    out = dot_product_attention(
+      split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), mask=mask, implementation='xla'
+    )
     return self.out_proj(out.reshape(x.shape))
 
 
 class CLIPMLP(nnx.Module):
-
   def __init__(self, dim: int, hidden: int, act: str, *, dtype, rngs):
     self.fc1 = Linear(dim, hidden, dtype=dtype, rngs=rngs)
     self.fc2 = Linear(hidden, dim, dtype=dtype, rngs=rngs)
@@ -44,7 +53,6 @@ class CLIPMLP(nnx.Module):
 
 
 class CLIPEncoderLayer(nnx.Module):
-
   def __init__(self, cfg: dict, *, dtype, rngs):
     d, eps = cfg['hidden_size'], cfg['layer_norm_eps']
     self.self_attn = CLIPAttention(d, cfg['num_attention_heads'], dtype=dtype, rngs=rngs)
@@ -58,25 +66,20 @@ class CLIPEncoderLayer(nnx.Module):
 
 
 class CLIPTextEmbeddings(nnx.Module):
-
   def __init__(self, cfg: dict, *, dtype, rngs):
     self.token_embedding = Embed(cfg['vocab_size'], cfg['hidden_size'], dtype=dtype, rngs=rngs)
-    self.position_embedding = Embed(cfg['max_position_embeddings'], cfg['hidden_size'], dtype=dtype,
-                                    rngs=rngs)
+    self.position_embedding = Embed(cfg['max_position_embeddings'], cfg['hidden_size'], dtype=dtype, rngs=rngs)
 
   def __call__(self, input_ids):
     return self.token_embedding(input_ids) + self.position_embedding(jnp.arange(input_ids.shape[1]))[None]
 
 
 class CLIPEncoder(nnx.Module):
-
   def __init__(self, cfg: dict, *, dtype, rngs):
-    self.layers = module_list([CLIPEncoderLayer(cfg, dtype=dtype, rngs=rngs)
-                               for _ in range(cfg['num_hidden_layers'])])
+    self.layers = module_list([CLIPEncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg['num_hidden_layers'])])
 
 
 class CLIPTextTransformer(nnx.Module):
-
   def __init__(self, cfg: dict, *, dtype, rngs):
     self.embeddings = CLIPTextEmbeddings(cfg, dtype=dtype, rngs=rngs)
     self.encoder = CLIPEncoder(cfg, dtype=dtype, rngs=rngs)
@@ -121,8 +124,9 @@ class CLIPTextModel(nnx.Module):
     last = tm.final_layer_norm(x)
     # Old CLIP configs have eos_token_id=2 while the real EOS is the largest id: transformers then
     # pools at argmax(input_ids), otherwise at the first EOS.
-    eos = (input_ids.argmax(-1) if self.eos_token_id == 2
-           else (input_ids == self.eos_token_id).astype(jnp.int32).argmax(-1))
+    eos = (
+      input_ids.argmax(-1) if self.eos_token_id == 2 else (input_ids == self.eos_token_id).astype(jnp.int32).argmax(-1)
+    )
     pooled = last[jnp.arange(b), eos]
     return dict(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
 

@@ -9,8 +9,9 @@ class ConfigError(ValueError):
   """A model config that jaxdream cannot honour; the message names the key."""
 
 
-def resolve_config(config: dict, defaults: dict[str, Any], *, model: str,
-                   supported: dict[str, tuple] | None = None, strict: bool = True) -> dict[str, Any]:
+def resolve_config(
+  config: dict, defaults: dict[str, Any], *, model: str, supported: dict[str, tuple] | None = None, strict: bool = True
+) -> dict[str, Any]:
   """Merge `config` over `defaults` after checking it.
 
   supported: key -> the values jaxdream implements for it (anything else is an error).
@@ -24,16 +25,18 @@ def resolve_config(config: dict, defaults: dict[str, Any], *, model: str,
       continue
     if key not in defaults:
       if strict:
-        raise ConfigError(f'{model} config key {key!r} is not supported by jaxdream '
-                          f'(known keys: {", ".join(sorted(defaults))})')
+        raise ConfigError(
+          f'{model} config key {key!r} is not supported by jaxdream (known keys: {", ".join(sorted(defaults))})'
+        )
       continue
     out[key] = value
   for key, allowed in (supported or {}).items():
     value = out[key]
-    for v in (value if isinstance(value, (list, tuple)) else [value]):  # per-block lists: each entry
+    for v in value if isinstance(value, (list, tuple)) else [value]:  # per-block lists: each entry
       if v not in allowed:
-        raise ConfigError(f'{model} config {key}={value!r} is not supported by jaxdream '
-                          f'(supported: {", ".join(map(repr, allowed))})')
+        raise ConfigError(
+          f'{model} config {key}={value!r} is not supported by jaxdream (supported: {", ".join(map(repr, allowed))})'
+        )
   return out
 
 

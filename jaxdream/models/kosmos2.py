@@ -16,20 +16,43 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdream.models.attention import check_implementation, dot_product_attention
+from jaxdream.io.weights import abstract_model, load_state_dict, read_config, read_weights
 from jaxdream.models.clip_text import CLIPEncoderLayer
 from jaxdream.models.config import ConfigError, resolve_config
-from jaxdream.models.layers import Conv2d, Embed, LayerNorm, Linear, activation, module_list
-from jaxdream.models.weights import abstract_model, load_state_dict, read_config, read_weights
+from jaxdream.nn.adapters import Int8Embed, Int8Linear, Quantized, state_bytes, swap_modules  # noqa: F401
+from jaxdream.nn.attention import check_implementation, dot_product_attention
+from jaxdream.nn.layers import Conv2d, Embed, LayerNorm, Linear, activation, module_list
 
-TEXT_DEFAULTS = dict(vocab_size=65037, max_position_embeddings=2048, embed_dim=2048, layers=24, ffn_dim=8192,
-                     attention_heads=32, activation_function='gelu', layer_norm_eps=1e-5, scale_embedding=True,
-                     tie_word_embeddings=True, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-                     add_cross_attention=False)
-VISION_DEFAULTS = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                       num_channels=3, image_size=224, patch_size=14, hidden_act='quick_gelu', layer_norm_eps=1e-5)
-TEXT_SUPPORTED = dict(activation_function=('gelu', 'gelu_new', 'quick_gelu', 'relu', 'silu'),
-                      add_cross_attention=(False,))
+TEXT_DEFAULTS = dict(
+  vocab_size=65037,
+  max_position_embeddings=2048,
+  embed_dim=2048,
+  layers=24,
+  ffn_dim=8192,
+  attention_heads=32,
+  activation_function='gelu',
+  layer_norm_eps=1e-5,
+  scale_embedding=True,
+  tie_word_embeddings=True,
+  pad_token_id=1,
+  bos_token_id=0,
+  eos_token_id=2,
+  add_cross_attention=False,
+)
+VISION_DEFAULTS = dict(
+  hidden_size=1024,
+  intermediate_size=4096,
+  num_hidden_layers=24,
+  num_attention_heads=16,
+  num_channels=3,
+  image_size=224,
+  patch_size=14,
+  hidden_act='quick_gelu',
+  layer_norm_eps=1e-5,
+)
+TEXT_SUPPORTED = dict(
+  activation_function=('gelu', 'gelu_new', 'quick_gelu', 'relu', 'silu'), add_cross_attention=(False,)
+)
 VISION_SUPPORTED = dict(hidden_act=('quick_gelu', 'gelu'))
 
 _raw = (np.asarray, np.asarray)  # bare nn.Parameter tensors: same layout in both frameworks
@@ -45,10 +68,16 @@ def _square(value, key):
 
 def resolve_kosmos2_config(config: dict) -> dict:
   """The checked config: {'text': ..., 'vision': ..., 'latent_query_num': ..., 'tie_word_embeddings': ...}."""
-  text = resolve_config(config.get('text_config') or {}, TEXT_DEFAULTS, model='Kosmos-2 text',
-                        supported=TEXT_SUPPORTED, strict=False)
-  vision = resolve_config(config.get('vision_config') or {}, VISION_DEFAULTS, model='Kosmos-2 vision',
-                          supported=VISION_SUPPORTED, strict=False)
+  text = resolve_config(
+    config.get('text_config') or {}, TEXT_DEFAULTS, model='Kosmos-2 text', supported=TEXT_SUPPORTED, strict=False
+  )
+  vision = resolve_config(
+    config.get('vision_config') or {},
+    VISION_DEFAULTS,
+    model='Kosmos-2 vision',
+    supported=VISION_SUPPORTED,
+    strict=False,
+  )
   vision['image_size'] = _square(vision['image_size'], 'image_size')
   vision['patch_size'] = _square(vision['patch_size'], 'patch_size')
   for cfg, dim, heads in ((text, 'embed_dim', 'attention_heads'), (vision, 'hidden_size', 'num_attention_heads')):
@@ -56,20 +85,23 @@ def resolve_kosmos2_config(config: dict) -> dict:
       raise ConfigError(f'Kosmos-2 config: {dim}={cfg[dim]} is not divisible by {heads}={cfg[heads]}')
   # transformers ties the LM head when either the outer or the text config asks for it.
   tie = bool(config.get('tie_word_embeddings', True) or text['tie_word_embeddings'])
-  return dict(text=text, vision=vision, latent_query_num=int(config.get('latent_query_num', 64)),
-              tie_word_embeddings=tie)
+  return dict(
+    text=text, vision=vision, latent_query_num=int(config.get('latent_query_num', 64)), tie_word_embeddings=tie
+  )
 
 
 # ----------------------------------------------------------------------------------------------- vision tower
+
 
 class Kosmos2VisionEmbeddings(nnx.Module):
   TORCH_PARAMS = {'class_embedding': ('class_embedding', *_raw)}
 
   def __init__(self, cfg: dict, *, dtype, rngs):
     d, p = cfg['hidden_size'], cfg['patch_size']
-    self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (d,)) * d ** -0.5)
-    self.patch_embedding = Conv2d(cfg['num_channels'], d, p, stride=p, padding=0, use_bias=False, dtype=dtype,
-                                  rngs=rngs)
+    self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (d,)) * d**-0.5)
+    self.patch_embedding = Conv2d(
+      cfg['num_channels'], d, p, stride=p, padding=0, use_bias=False, dtype=dtype, rngs=rngs
+    )
     self.position_embedding = Embed((cfg['image_size'] // p) ** 2 + 1, d, dtype=dtype, rngs=rngs)
     self.image_size = cfg['image_size']
 
@@ -84,15 +116,12 @@ class Kosmos2VisionEmbeddings(nnx.Module):
 
 
 class Kosmos2VisionEncoder(nnx.Module):
-
   def __init__(self, cfg: dict, *, dtype, rngs):
     # The encoder layer is CLIP's (pre-LN, q/k/v/out projections, fc1/fc2), names included.
-    self.layers = module_list([CLIPEncoderLayer(cfg, dtype=dtype, rngs=rngs)
-                               for _ in range(cfg['num_hidden_layers'])])
+    self.layers = module_list([CLIPEncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg['num_hidden_layers'])])
 
 
 class Kosmos2VisionTransformer(nnx.Module):
-
   def __init__(self, cfg: dict, *, dtype, rngs):
     d, eps = cfg['hidden_size'], cfg['layer_norm_eps']
     self.embeddings = Kosmos2VisionEmbeddings(cfg, dtype=dtype, rngs=rngs)
@@ -108,12 +137,12 @@ class Kosmos2VisionTransformer(nnx.Module):
 
 
 class Kosmos2VisionModel(nnx.Module):
-
   def __init__(self, cfg: dict, *, dtype, rngs):
     self.model = Kosmos2VisionTransformer(cfg, dtype=dtype, rngs=rngs)
 
 
 # ----------------------------------------------------------------------------------------------- text decoder
+
 
 class KosmosTextAttention(nnx.Module):
   """Multi-head attention; the decoder's self-attention normalises its output before out_proj
@@ -155,7 +184,6 @@ class KosmosTextAttention(nnx.Module):
 
 
 class Kosmos2TextFFN(nnx.Module):
-
   def __init__(self, cfg: dict, *, dtype, rngs):
     self.fc1 = Linear(cfg['embed_dim'], cfg['ffn_dim'], dtype=dtype, rngs=rngs)
     self.fc2 = Linear(cfg['ffn_dim'], cfg['embed_dim'], dtype=dtype, rngs=rngs)
@@ -167,11 +195,11 @@ class Kosmos2TextFFN(nnx.Module):
 
 
 class Kosmos2TextBlock(nnx.Module):
-
   def __init__(self, cfg: dict, *, dtype, attention_impl, rngs):
     d, eps = cfg['embed_dim'], cfg['layer_norm_eps']
-    self.self_attn = KosmosTextAttention(d, cfg['attention_heads'], inner_ln_eps=eps, dtype=dtype,
-                                         attention_impl=attention_impl, rngs=rngs)
+    self.self_attn = KosmosTextAttention(
+      d, cfg['attention_heads'], inner_ln_eps=eps, dtype=dtype, attention_impl=attention_impl, rngs=rngs
+    )
     self.self_attn_layer_norm = LayerNorm(d, eps=eps, dtype=dtype)
     self.ffn = Kosmos2TextFFN(cfg, dtype=dtype, rngs=rngs)
     self.final_layer_norm = LayerNorm(d, eps=eps, dtype=dtype)
@@ -195,12 +223,12 @@ def sinusoidal_positions(position_ids, dim: int, padding_idx: int):
 
 
 class Kosmos2TextTransformer(nnx.Module):
-
   def __init__(self, cfg: dict, *, dtype, attention_impl, rngs):
     d = cfg['embed_dim']
     self.embed_tokens = Embed(cfg['vocab_size'], d, dtype=dtype, rngs=rngs)
-    self.layers = module_list([Kosmos2TextBlock(cfg, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
-                               for _ in range(cfg['layers'])])
+    self.layers = module_list(
+      [Kosmos2TextBlock(cfg, dtype=dtype, attention_impl=attention_impl, rngs=rngs) for _ in range(cfg['layers'])]
+    )
     self.layer_norm = LayerNorm(d, eps=cfg['layer_norm_eps'], dtype=dtype)
     self.embed_scale = math.sqrt(d) if cfg['scale_embedding'] else 1.0
     self.padding_idx = cfg['pad_token_id']
@@ -219,11 +247,9 @@ class Kosmos2TextTransformer(nnx.Module):
 
 
 class Kosmos2TextForCausalLM(nnx.Module):
-
   def __init__(self, cfg: dict, *, tied: bool, dtype, attention_impl, rngs):
     self.model = Kosmos2TextTransformer(cfg, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
-    self.lm_head = None if tied else Linear(cfg['embed_dim'], cfg['vocab_size'], use_bias=False, dtype=dtype,
-                                            rngs=rngs)
+    self.lm_head = None if tied else Linear(cfg['embed_dim'], cfg['vocab_size'], use_bias=False, dtype=dtype, rngs=rngs)
 
   def logits(self, h):
     head = self.model.embed_tokens.attend if self.lm_head is None else self.lm_head
@@ -232,16 +258,17 @@ class Kosmos2TextForCausalLM(nnx.Module):
 
 # ----------------------------------------------------------------------------------------------- resampler
 
+
 class Kosmos2ImageToTextProjection(nnx.Module):
   """Latent queries attend over [projected patch features; the latent queries themselves]."""
+
   TORCH_PARAMS = {'latent_query': ('latent_query', *_raw)}
 
   def __init__(self, vision_dim: int, cfg: dict, num_latents: int, *, dtype, attention_impl, rngs):
     d = cfg['embed_dim']
     self.dense = Linear(vision_dim, d, dtype=dtype, rngs=rngs)
     self.latent_query = nnx.Param(jax.random.normal(rngs.params(), (num_latents, d)))
-    self.x_attn = KosmosTextAttention(d, cfg['attention_heads'], dtype=dtype, attention_impl=attention_impl,
-                                      rngs=rngs)
+    self.x_attn = KosmosTextAttention(d, cfg['attention_heads'], dtype=dtype, attention_impl=attention_impl, rngs=rngs)
 
   def keys_values(self, features):
     x = self.dense(features)
@@ -254,6 +281,7 @@ class Kosmos2ImageToTextProjection(nnx.Module):
 
 
 # ----------------------------------------------------------------------------------------------- full model
+
 
 def decoder_mask(query_index, kv_valid):
   """Boolean (B, 1, Lq, T) mask: causal over cache slots, only valid slots (not padding), and always the
@@ -293,18 +321,23 @@ class Kosmos2ForConditionalGeneration(nnx.Module):
     self.config = dict(config)
     text, vision = cfg['text'], cfg['vision']
     impl = check_implementation(attention_impl)
-    self.text_model = Kosmos2TextForCausalLM(text, tied=cfg['tie_word_embeddings'], dtype=dtype,
-                                             attention_impl=impl, rngs=rngs)
+    self.text_model = Kosmos2TextForCausalLM(
+      text, tied=cfg['tie_word_embeddings'], dtype=dtype, attention_impl=impl, rngs=rngs
+    )
     self.vision_model = Kosmos2VisionModel(vision, dtype=dtype, rngs=rngs)
     self.image_to_text_projection = Kosmos2ImageToTextProjection(
-        vision['hidden_size'], text, cfg['latent_query_num'], dtype=dtype, attention_impl=impl, rngs=rngs)
+      vision['hidden_size'], text, cfg['latent_query_num'], dtype=dtype, attention_impl=impl, rngs=rngs
+    )
     self.latent_query_num = cfg['latent_query_num']
     self.image_size = vision['image_size']
     self.num_layers, self.num_heads = text['layers'], text['attention_heads']
     self.head_dim = text['embed_dim'] // text['attention_heads']
     self.vocab_size = text['vocab_size']
-    self.pad_token_id, self.bos_token_id, self.eos_token_id = (text['pad_token_id'], text['bos_token_id'],
-                                                               text['eos_token_id'])
+    self.pad_token_id, self.bos_token_id, self.eos_token_id = (
+      text['pad_token_id'],
+      text['bos_token_id'],
+      text['eos_token_id'],
+    )
     self.dtype = dtype
 
   def vision_features(self, pixel_values):
@@ -322,8 +355,9 @@ class Kosmos2ForConditionalGeneration(nnx.Module):
     zeros = lambda: jnp.zeros(shape, dtype or self.dtype)
     return [(zeros(), zeros()) for _ in range(self.num_layers)]
 
-  def decode(self, input_ids, position_ids, kv_valid, *, cache=None, index=0, image_embeds=None,
-             image_mask=None, last_only=False):
+  def decode(
+    self, input_ids, position_ids, kv_valid, *, cache=None, index=0, image_embeds=None, image_mask=None, last_only=False
+  ):
     """Run the decoder over `input_ids` (B, L) sitting at cache slots index..index+L-1.
 
     kv_valid: (B, T) which cache slots (or, without a cache, which tokens) may be attended to.
@@ -349,8 +383,12 @@ class Kosmos2ForConditionalGeneration(nnx.Module):
     proj = self.image_to_text_projection
     latents, kv = proj.keys_values(self.vision_features(pixel_values))
     tm = self.text_model.model
-    x = tm.embed(input_ids, prompt_position_ids(input_ids, self.pad_token_id), proj.x_attn(latents, kv)[0],
-                 image_embeds_position_mask)
+    x = tm.embed(
+      input_ids,
+      prompt_position_ids(input_ids, self.pad_token_id),
+      proj.x_attn(latents, kv)[0],
+      image_embeds_position_mask,
+    )
     mask = decoder_mask(jnp.arange(input_ids.shape[1]), attention_mask)
     text = []
     for layer in tm.layers:
@@ -362,19 +400,31 @@ class Kosmos2ForConditionalGeneration(nnx.Module):
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, bool)
     positions = prompt_position_ids(input_ids, self.pad_token_id)
-    return self.decode(input_ids, positions, attention_mask, image_embeds=self.image_embeds(pixel_values),
-                       image_mask=image_embeds_position_mask)[0]
+    return self.decode(
+      input_ids,
+      positions,
+      attention_mask,
+      image_embeds=self.image_embeds(pixel_values),
+      image_mask=image_embeds_position_mask,
+    )[0]
 
 
-def load_kosmos2(path: str, *, dtype=jnp.float32, attention_impl: str = 'auto',
-                 allow_pickle: bool = False) -> Kosmos2ForConditionalGeneration:
+def load_kosmos2(
+  path: str, *, dtype=jnp.float32, attention_impl: str = 'auto', allow_pickle: bool = False
+) -> Kosmos2ForConditionalGeneration:
   """Load a transformers Kosmos-2 folder (config.json + model.safetensors)."""
-  return kosmos2_from_state_dict(read_config(path), read_weights(path, 'model', allow_pickle=allow_pickle),
-                                 dtype=dtype, attention_impl=attention_impl, source=path)
+  return kosmos2_from_state_dict(
+    read_config(path),
+    read_weights(path, 'model', allow_pickle=allow_pickle),
+    dtype=dtype,
+    attention_impl=attention_impl,
+    source=path,
+  )
 
 
-def kosmos2_from_state_dict(config: dict, weights: dict, *, dtype=jnp.float32, attention_impl: str = 'auto',
-                            source: str = 'weights') -> Kosmos2ForConditionalGeneration:
+def kosmos2_from_state_dict(
+  config: dict, weights: dict, *, dtype=jnp.float32, attention_impl: str = 'auto', source: str = 'weights'
+) -> Kosmos2ForConditionalGeneration:
   """The model for a transformers config and (numpy) state dict. As transformers does, the LM head shares
   the token embeddings when the config ties them, unless the weights hold a head with different values."""
   cfg = resolve_kosmos2_config(config)
@@ -383,87 +433,30 @@ def kosmos2_from_state_dict(config: dict, weights: dict, *, dtype=jnp.float32, a
   tied = cfg['tie_word_embeddings'] and (head is None or embed is None or np.array_equal(head, embed))
   if tied:
     weights.pop('text_model.lm_head.weight', None)
-  config = dict(config, tie_word_embeddings=tied,
-                text_config=dict(config.get('text_config') or {}, tie_word_embeddings=tied))
-  model = abstract_model(lambda rngs: Kosmos2ForConditionalGeneration(
-      config, dtype=dtype, attention_impl=attention_impl, rngs=rngs))
+  config = dict(
+    config, tie_word_embeddings=tied, text_config=dict(config.get('text_config') or {}, tie_word_embeddings=tied)
+  )
+  model = abstract_model(
+    lambda rngs: Kosmos2ForConditionalGeneration(config, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
+  )
   load_state_dict(model, weights, source=source, ignore=Kosmos2ForConditionalGeneration.IGNORED_KEYS)
   return model
 
 
 # ----------------------------------------------------------------------------------------------- int8
 
-class Quantized(nnx.Variable):
-  """An int8 weight-only quantized tensor or its scales: not a trainable Param, not in torch files."""
-
-
-def _quantize(w, axis: int):
-  """Symmetric int8 with one float32 scale per slice along `axis` (max |w| maps to 127)."""
-  w = np.asarray(jax.device_get(w), np.float32)
-  scale = np.abs(w).max(axis=axis, keepdims=True) / 127
-  scale = np.where(scale == 0, 1.0, scale)
-  q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-  return Quantized(jnp.asarray(q)), Quantized(jnp.asarray(np.squeeze(scale, axis)))
-
-
-class Int8Linear(nnx.Module):
-  """A Linear with an int8 kernel and one scale per output channel; computes in the layer's dtype."""
-
-  def __init__(self, linear: Linear):
-    self.kernel, self.scale = _quantize(linear.kernel[...], 0)
-    self.bias = linear.bias
-    self.dtype = linear.dtype
-
-  def __call__(self, x):
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype)) * self.scale[...].astype(self.dtype)
-    return y if self.bias is None else y + self.bias[...].astype(self.dtype)
-
-
-class Int8Embed(nnx.Module):
-  """Token embeddings stored as int8 with one scale per token (so the tied LM head is int8 too)."""
-
-  def __init__(self, embed: Embed):
-    self.embedding, self.scale = _quantize(embed.embedding[...], 1)
-    self.dtype = embed.dtype
-
-  def __call__(self, ids):
-    rows = jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
-    return rows * jnp.take(self.scale[...], ids, axis=0)[..., None].astype(self.dtype)
-
-  def attend(self, x):
-    logits = jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
-    return logits * self.scale[...].astype(self.dtype)
-
-
-def _swap_modules(module: nnx.Module, convert):
-  """Replace, in place and recursively, every submodule for which `convert` returns a new one."""
-  children = [(module, k, v) for k, v in vars(module).items() if isinstance(v, (nnx.Module, nnx.List))]
-  for parent, key, child in children:
-    items = list(enumerate(child)) if isinstance(child, nnx.List) else [(None, child)]
-    for i, sub in items:
-      new = convert(sub)
-      if new is None:
-        _swap_modules(sub, convert)
-      elif i is None:
-        setattr(parent, key, new)
-      else:
-        child[i] = new
-
 
 def quantize_int8(model: Kosmos2ForConditionalGeneration) -> Kosmos2ForConditionalGeneration:
   """Weight-only int8 inference, in place: every Linear (vision tower, resampler, decoder, LM head) and the
   token embeddings keep int8 weights with float32 per-channel scales; activations stay in the model's
   compute dtype. Parameter memory drops about 4x from float32. Returns the model."""
+
   def convert(m):
     if isinstance(m, Linear):
       return Int8Linear(m)
     if isinstance(m, Embed) and m is model.text_model.model.embed_tokens:
       return Int8Embed(m)
     return None
-  _swap_modules(model, convert)
+
+  swap_modules(model, convert)
   return model
-
-
-def state_bytes(model: nnx.Module) -> int:
-  """Bytes held by the model's arrays (parameters and quantized weights)."""
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))

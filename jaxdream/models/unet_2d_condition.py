@@ -7,50 +7,94 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdream.models.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 from jaxdream.models.config import ConfigError, per_block, resolve_config
-from jaxdream.models.layers import Conv2d, GroupNorm, LayerNorm, Linear, activation, module_list
+from jaxdream.nn.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
+from jaxdream.nn.layers import Conv2d, GroupNorm, LayerNorm, Linear, activation, module_list
 
 # Every key diffusers writes, with its default. Keys listed in SUPPORTED accept only those values.
 DEFAULTS = dict(
-    sample_size=None, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
-    freq_shift=0,
-    down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D',
-                      'DownBlock2D'),
-    mid_block_type='UNetMidBlock2DCrossAttn',
-    up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'),
-    only_cross_attention=False, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-    downsample_padding=1, mid_block_scale_factor=1.0, dropout=0.0, act_fn='silu', norm_num_groups=32,
-    norm_eps=1e-5, cross_attention_dim=1280, transformer_layers_per_block=1,
-    reverse_transformer_layers_per_block=None, encoder_hid_dim=None, encoder_hid_dim_type=None,
-    attention_head_dim=8, num_attention_heads=None, dual_cross_attention=False,
-    use_linear_projection=False, class_embed_type=None, addition_embed_type=None,
-    addition_time_embed_dim=None, num_class_embeds=None, upcast_attention=False,
-    resnet_time_scale_shift='default', resnet_skip_time_act=False, resnet_out_scale_factor=1.0,
-    time_embedding_type='positional', time_embedding_dim=None, time_embedding_act_fn=None,
-    timestep_post_act=None, time_cond_proj_dim=None, conv_in_kernel=3, conv_out_kernel=3,
-    projection_class_embeddings_input_dim=None, attention_type='default', class_embeddings_concat=False,
-    mid_block_only_cross_attention=None, cross_attention_norm=None, addition_embed_type_num_heads=64,
+  sample_size=None,
+  in_channels=4,
+  out_channels=4,
+  center_input_sample=False,
+  flip_sin_to_cos=True,
+  freq_shift=0,
+  down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'),
+  mid_block_type='UNetMidBlock2DCrossAttn',
+  up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'),
+  only_cross_attention=False,
+  block_out_channels=(320, 640, 1280, 1280),
+  layers_per_block=2,
+  downsample_padding=1,
+  mid_block_scale_factor=1.0,
+  dropout=0.0,
+  act_fn='silu',
+  norm_num_groups=32,
+  norm_eps=1e-5,
+  cross_attention_dim=1280,
+  transformer_layers_per_block=1,
+  reverse_transformer_layers_per_block=None,
+  encoder_hid_dim=None,
+  encoder_hid_dim_type=None,
+  attention_head_dim=8,
+  num_attention_heads=None,
+  dual_cross_attention=False,
+  use_linear_projection=False,
+  class_embed_type=None,
+  addition_embed_type=None,
+  addition_time_embed_dim=None,
+  num_class_embeds=None,
+  upcast_attention=False,
+  resnet_time_scale_shift='default',
+  resnet_skip_time_act=False,
+  resnet_out_scale_factor=1.0,
+  time_embedding_type='positional',
+  time_embedding_dim=None,
+  time_embedding_act_fn=None,
+  timestep_post_act=None,
+  time_cond_proj_dim=None,
+  conv_in_kernel=3,
+  conv_out_kernel=3,
+  projection_class_embeddings_input_dim=None,
+  attention_type='default',
+  class_embeddings_concat=False,
+  mid_block_only_cross_attention=None,
+  cross_attention_norm=None,
+  addition_embed_type_num_heads=64,
 )
 SUPPORTED = dict(
-    down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
-    up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'),
-    mid_block_type=('UNetMidBlock2DCrossAttn',),
-    only_cross_attention=(False,), dropout=(0.0,), act_fn=('silu', 'swish'),
-    encoder_hid_dim=(None,), encoder_hid_dim_type=(None,), num_attention_heads=(None,),
-    dual_cross_attention=(False,), class_embed_type=(None,), addition_embed_type=(None,),
-    addition_time_embed_dim=(None,), num_class_embeds=(None,), resnet_time_scale_shift=('default',),
-    resnet_skip_time_act=(False,), resnet_out_scale_factor=(1.0,), time_embedding_type=('positional',),
-    time_embedding_dim=(None,), time_embedding_act_fn=(None,), timestep_post_act=(None,),
-    time_cond_proj_dim=(None,), projection_class_embeddings_input_dim=(None,),
-    attention_type=('default',), class_embeddings_concat=(False,),
-    mid_block_only_cross_attention=(None, False), cross_attention_norm=(None,),
-    reverse_transformer_layers_per_block=(None,),
+  down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
+  up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'),
+  mid_block_type=('UNetMidBlock2DCrossAttn',),
+  only_cross_attention=(False,),
+  dropout=(0.0,),
+  act_fn=('silu', 'swish'),
+  encoder_hid_dim=(None,),
+  encoder_hid_dim_type=(None,),
+  num_attention_heads=(None,),
+  dual_cross_attention=(False,),
+  class_embed_type=(None,),
+  addition_embed_type=(None,),
+  addition_time_embed_dim=(None,),
+  num_class_embeds=(None,),
+  resnet_time_scale_shift=('default',),
+  resnet_skip_time_act=(False,),
+  resnet_out_scale_factor=(1.0,),
+  time_embedding_type=('positional',),
+  time_embedding_dim=(None,),
+  time_embedding_act_fn=(None,),
+  timestep_post_act=(None,),
+  time_cond_proj_dim=(None,),
+  projection_class_embeddings_input_dim=(None,),
+  attention_type=('default',),
+  class_embeddings_concat=(False,),
+  mid_block_only_cross_attention=(None, False),
+  cross_attention_norm=(None,),
+  reverse_transformer_layers_per_block=(None,),
 )
 
 
-def timestep_embedding(timesteps, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
-                       max_period: float = 10000.0):
+def timestep_embedding(timesteps, dim: int, *, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10000.0):
   """Sinusoidal timestep features, float32, as diffusers' get_timestep_embedding."""
   half = dim // 2
   exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
@@ -61,7 +105,6 @@ def timestep_embedding(timesteps, dim: int, *, flip_sin_to_cos: bool, freq_shift
 
 
 class TimestepEmbedding(nnx.Module):
-
   def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str, *, dtype, rngs):
     self.linear_1 = Linear(in_channels, time_embed_dim, dtype=dtype, rngs=rngs)
     self.linear_2 = Linear(time_embed_dim, time_embed_dim, dtype=dtype, rngs=rngs)
@@ -79,7 +122,6 @@ class _NoParams(nnx.Module):
 
 
 class GEGLU(nnx.Module):
-
   def __init__(self, dim: int, inner: int, *, dtype, rngs):
     self.proj = Linear(dim, 2 * inner, dtype=dtype, rngs=rngs)
 
@@ -89,21 +131,29 @@ class GEGLU(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-
   def __init__(self, dim: int, *, dtype, rngs, mult: int = 4):
-    self.net = module_list([GEGLU(dim, dim * mult, dtype=dtype, rngs=rngs), _NoParams(),
-                            Linear(dim * mult, dim, dtype=dtype, rngs=rngs)])
+    self.net = module_list(
+      [GEGLU(dim, dim * mult, dtype=dtype, rngs=rngs), _NoParams(), Linear(dim * mult, dim, dtype=dtype, rngs=rngs)]
+    )
 
   def __call__(self, x):
     return self.net[2](self.net[0](x))
 
 
 class BasicTransformerBlock(nnx.Module):
-
-  def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int, *,
-               upcast: bool, attention_impl: str, dtype, rngs):
-    attn = dict(heads=heads, dim_head=dim_head, upcast=upcast, attention_impl=attention_impl,
-                dtype=dtype, rngs=rngs)
+  def __init__(
+    self,
+    dim: int,
+    heads: int,
+    dim_head: int,
+    cross_attention_dim: int,
+    *,
+    upcast: bool,
+    attention_impl: str,
+    dtype,
+    rngs,
+  ):
+    attn = dict(heads=heads, dim_head=dim_head, upcast=upcast, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
     self.norm1 = LayerNorm(dim, dtype=dtype)
     self.attn1 = Attention(dim, **attn)
     self.norm2 = LayerNorm(dim, dtype=dtype)
@@ -118,18 +168,43 @@ class BasicTransformerBlock(nnx.Module):
 
 
 class Transformer2DModel(nnx.Module):
-
-  def __init__(self, heads: int, channels: int, *, num_layers: int, cross_attention_dim: int,
-               groups: int, use_linear_projection: bool, upcast: bool, attention_impl: str, dtype, rngs):
+  def __init__(
+    self,
+    heads: int,
+    channels: int,
+    *,
+    num_layers: int,
+    cross_attention_dim: int,
+    groups: int,
+    use_linear_projection: bool,
+    upcast: bool,
+    attention_impl: str,
+    dtype,
+    rngs,
+  ):
     self.norm = GroupNorm(groups, channels, eps=1e-6, dtype=dtype)
     # A 1x1 conv and a linear projection compute the same; only the stored weight layout differs.
-    proj = (lambda i, o: Linear(i, o, dtype=dtype, rngs=rngs)) if use_linear_projection else (
-        lambda i, o: Conv2d(i, o, 1, padding=0, dtype=dtype, rngs=rngs))
+    proj = (
+      (lambda i, o: Linear(i, o, dtype=dtype, rngs=rngs))
+      if use_linear_projection
+      else (lambda i, o: Conv2d(i, o, 1, padding=0, dtype=dtype, rngs=rngs))
+    )
     self.proj_in = proj(channels, channels)
-    self.transformer_blocks = module_list([
-        BasicTransformerBlock(channels, heads, channels // heads, cross_attention_dim, upcast=upcast,
-                              attention_impl=attention_impl, dtype=dtype, rngs=rngs)
-        for _ in range(num_layers)])
+    self.transformer_blocks = module_list(
+      [
+        BasicTransformerBlock(
+          channels,
+          heads,
+          channels // heads,
+          cross_attention_dim,
+          upcast=upcast,
+          attention_impl=attention_impl,
+          dtype=dtype,
+          rngs=rngs,
+        )
+        for _ in range(num_layers)
+      ]
+    )
     self.proj_out = proj(channels, channels)
 
   def __call__(self, x, context):
@@ -143,15 +218,30 @@ class Transformer2DModel(nnx.Module):
 class DownBlock(nnx.Module):
   """CrossAttnDownBlock2D (with `attentions`) or DownBlock2D (without)."""
 
-  def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, add_downsample: bool,
-               cross: dict | None, resnet: dict, downsample_padding: int, dtype, rngs):
-    self.resnets = module_list([
-        ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, **resnet)
-        for i in range(num_layers)])
-    self.attentions = module_list([Transformer2DModel(channels=out_channels, **cross)
-                                   for _ in range(num_layers)]) if cross else None
-    self.downsamplers = module_list([Downsample2D(out_channels, out_channels, padding=downsample_padding,
-                                                  dtype=dtype, rngs=rngs)]) if add_downsample else None
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    *,
+    num_layers: int,
+    add_downsample: bool,
+    cross: dict | None,
+    resnet: dict,
+    downsample_padding: int,
+    dtype,
+    rngs,
+  ):
+    self.resnets = module_list(
+      [ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, **resnet) for i in range(num_layers)]
+    )
+    self.attentions = (
+      module_list([Transformer2DModel(channels=out_channels, **cross) for _ in range(num_layers)]) if cross else None
+    )
+    self.downsamplers = (
+      module_list([Downsample2D(out_channels, out_channels, padding=downsample_padding, dtype=dtype, rngs=rngs)])
+      if add_downsample
+      else None
+    )
 
   def __call__(self, x, temb, context):
     skips = []
@@ -169,14 +259,32 @@ class DownBlock(nnx.Module):
 class UpBlock(nnx.Module):
   """CrossAttnUpBlock2D (with `attentions`) or UpBlock2D (without)."""
 
-  def __init__(self, in_channels: int, prev_output_channels: int, out_channels: int, *,
-               num_layers: int, add_upsample: bool, cross: dict | None, resnet: dict, dtype, rngs):
-    self.resnets = module_list([
-        ResnetBlock2D((prev_output_channels if i == 0 else out_channels)
-                      + (in_channels if i == num_layers - 1 else out_channels), out_channels, **resnet)
-        for i in range(num_layers)])
-    self.attentions = module_list([Transformer2DModel(channels=out_channels, **cross)
-                                   for _ in range(num_layers)]) if cross else None
+  def __init__(
+    self,
+    in_channels: int,
+    prev_output_channels: int,
+    out_channels: int,
+    *,
+    num_layers: int,
+    add_upsample: bool,
+    cross: dict | None,
+    resnet: dict,
+    dtype,
+    rngs,
+  ):
+    self.resnets = module_list(
+      [
+        ResnetBlock2D(
+          (prev_output_channels if i == 0 else out_channels) + (in_channels if i == num_layers - 1 else out_channels),
+          out_channels,
+          **resnet,
+        )
+        for i in range(num_layers)
+      ]
+    )
+    self.attentions = (
+      module_list([Transformer2DModel(channels=out_channels, **cross) for _ in range(num_layers)]) if cross else None
+    )
     self.upsamplers = module_list([Upsample2D(out_channels, dtype=dtype, rngs=rngs)]) if add_upsample else None
 
   def __call__(self, x, skips, temb, context, upsample_size=None):
@@ -190,7 +298,6 @@ class UpBlock(nnx.Module):
 
 
 class UNetMidBlock2DCrossAttn(nnx.Module):
-
   def __init__(self, channels: int, *, cross: dict, resnet: dict):
     self.resnets = module_list([ResnetBlock2D(channels, channels, **resnet) for _ in range(2)])
     self.attentions = module_list([Transformer2DModel(channels=channels, **cross)])
@@ -219,8 +326,7 @@ class UNet2DConditionModel(nnx.Module):
       raise ConfigError('UNet2DConditionModel config: block_out_channels must have one entry per block')
     return cfg
 
-  def __init__(self, config: dict, *, dtype=jnp.float32, attention_impl: str = 'auto',
-               rngs: nnx.Rngs):
+  def __init__(self, config: dict, *, dtype=jnp.float32, attention_impl: str = 'auto', rngs: nnx.Rngs):
     cfg = self.resolve_config(config)
     self.config = dict(config)
     self.dtype = dtype
@@ -237,15 +343,22 @@ class UNet2DConditionModel(nnx.Module):
         raise ConfigError(f'{name} config: block {i} has {c} channels, not divisible by {heads[i]} heads')
     groups, eps = cfg['norm_num_groups'], cfg['norm_eps']
     temb_dim = channels[0] * 4
-    resnet = dict(temb_channels=temb_dim, groups=groups, eps=eps, act_fn=cfg['act_fn'], dtype=dtype,
-                  rngs=rngs)
+    resnet = dict(temb_channels=temb_dim, groups=groups, eps=eps, act_fn=cfg['act_fn'], dtype=dtype, rngs=rngs)
 
     def cross(i, is_cross=True):
       if not is_cross:
         return None
-      return dict(heads=heads[i], num_layers=tlayers[i], cross_attention_dim=cross_dim[i], groups=groups,
-                  use_linear_projection=cfg['use_linear_projection'], upcast=cfg['upcast_attention'],
-                  attention_impl=attention_impl, dtype=dtype, rngs=rngs)
+      return dict(
+        heads=heads[i],
+        num_layers=tlayers[i],
+        cross_attention_dim=cross_dim[i],
+        groups=groups,
+        use_linear_projection=cfg['use_linear_projection'],
+        upcast=cfg['upcast_attention'],
+        attention_impl=attention_impl,
+        dtype=dtype,
+        rngs=rngs,
+      )
 
     self.flip_sin_to_cos, self.freq_shift = cfg['flip_sin_to_cos'], cfg['freq_shift']
     self.center_input_sample = cfg['center_input_sample']
@@ -256,9 +369,19 @@ class UNet2DConditionModel(nnx.Module):
     down, out_ch = [], channels[0]
     for i, kind in enumerate(cfg['down_block_types']):
       in_ch, out_ch = out_ch, channels[i]
-      down.append(DownBlock(in_ch, out_ch, num_layers=layers[i], add_downsample=i < n - 1,
-                            cross=cross(i, kind == 'CrossAttnDownBlock2D'), resnet=resnet,
-                            downsample_padding=cfg['downsample_padding'], dtype=dtype, rngs=rngs))
+      down.append(
+        DownBlock(
+          in_ch,
+          out_ch,
+          num_layers=layers[i],
+          add_downsample=i < n - 1,
+          cross=cross(i, kind == 'CrossAttnDownBlock2D'),
+          resnet=resnet,
+          downsample_padding=cfg['downsample_padding'],
+          dtype=dtype,
+          rngs=rngs,
+        )
+      )
     self.down_blocks = module_list(down)
 
     mid_resnet = dict(resnet, output_scale_factor=cfg['mid_block_scale_factor'])
@@ -269,9 +392,19 @@ class UNet2DConditionModel(nnx.Module):
     for i, kind in enumerate(cfg['up_block_types']):
       prev, out_ch = out_ch, channels[rev[i]]
       in_ch = channels[rev[min(i + 1, n - 1)]]
-      up.append(UpBlock(in_ch, prev, out_ch, num_layers=layers[rev[i]] + 1, add_upsample=i < n - 1,
-                        cross=cross(rev[i], kind == 'CrossAttnUpBlock2D'), resnet=resnet,
-                        dtype=dtype, rngs=rngs))
+      up.append(
+        UpBlock(
+          in_ch,
+          prev,
+          out_ch,
+          num_layers=layers[rev[i]] + 1,
+          add_upsample=i < n - 1,
+          cross=cross(rev[i], kind == 'CrossAttnUpBlock2D'),
+          resnet=resnet,
+          dtype=dtype,
+          rngs=rngs,
+        )
+      )
     self.up_blocks = module_list(up)
 
     self.conv_norm_out = GroupNorm(groups, channels[0], eps=eps, dtype=dtype)
@@ -281,8 +414,9 @@ class UNet2DConditionModel(nnx.Module):
   def __call__(self, sample, timesteps, encoder_hidden_states):
     b = sample.shape[0]
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
-    t = timestep_embedding(timesteps, self.time_proj_dim, flip_sin_to_cos=self.flip_sin_to_cos,
-                           freq_shift=self.freq_shift)
+    t = timestep_embedding(
+      timesteps, self.time_proj_dim, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
+    )
     temb = self.time_embedding(t.astype(self.dtype))
     context = encoder_hidden_states.astype(self.dtype)
     if self.center_input_sample:

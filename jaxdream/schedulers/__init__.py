@@ -50,25 +50,25 @@ from jaxdream.schedulers.training import NoiseSchedule
 _DPM_PP_2M = {'algorithm_type': 'dpmsolver++', 'solver_order': 2}
 # name -> (class, options the name itself fixes)
 _REGISTRY = {
-    'ddpm': (DDPM, {}),
-    'ddim': (DDIM, {}),
-    'pndm': (PNDM, {}),
-    'lms': (LMS, {}),
-    'euler': (Euler, {}),
-    'euler_a': (EulerAncestral, {}),
-    'dpmpp_2m': (DPMSolverPP2M, {**_DPM_PP_2M, 'use_karras_sigmas': False}),
-    'dpmpp_2m_karras': (DPMSolverPP2M, {**_DPM_PP_2M, 'use_karras_sigmas': True}),
+  'ddpm': (DDPM, {}),
+  'ddim': (DDIM, {}),
+  'pndm': (PNDM, {}),
+  'lms': (LMS, {}),
+  'euler': (Euler, {}),
+  'euler_a': (EulerAncestral, {}),
+  'dpmpp_2m': (DPMSolverPP2M, {**_DPM_PP_2M, 'use_karras_sigmas': False}),
+  'dpmpp_2m_karras': (DPMSolverPP2M, {**_DPM_PP_2M, 'use_karras_sigmas': True}),
 }
 SCHEDULER_NAMES = tuple(_REGISTRY)
 
 _CLASS_NAMES = {
-    'DDPMScheduler': 'ddpm',
-    'DDIMScheduler': 'ddim',
-    'PNDMScheduler': 'pndm',
-    'LMSDiscreteScheduler': 'lms',
-    'EulerDiscreteScheduler': 'euler',
-    'EulerAncestralDiscreteScheduler': 'euler_a',
-    'DPMSolverMultistepScheduler': 'dpmpp_2m',
+  'DDPMScheduler': 'ddpm',
+  'DDIMScheduler': 'ddim',
+  'PNDMScheduler': 'pndm',
+  'LMSDiscreteScheduler': 'lms',
+  'EulerDiscreteScheduler': 'euler',
+  'EulerAncestralDiscreteScheduler': 'euler_a',
+  'DPMSolverMultistepScheduler': 'dpmpp_2m',
 }
 
 
@@ -76,22 +76,27 @@ def scheduler_name_for_config(scheduler_config: dict) -> str:
   """Our name for the diffusers scheduler a config was saved from (its `_class_name`)."""
   cls = scheduler_config.get('_class_name')
   if cls not in _CLASS_NAMES:
-    raise ValueError(f'unsupported scheduler class {cls!r}; supported: {sorted(_CLASS_NAMES)}. '
-                     f'Pick one of {SCHEDULER_NAMES} by name instead.')
+    raise ValueError(
+      f'unsupported scheduler class {cls!r}; supported: {sorted(_CLASS_NAMES)}. '
+      f'Pick one of {SCHEDULER_NAMES} by name instead.'
+    )
   name = _CLASS_NAMES[cls]
   if name == 'dpmpp_2m':
     cfg = resolve_config(scheduler_config, DPMSolverPP2M.DEFAULTS)
     if cfg['algorithm_type'] not in ('dpmsolver++', 'deis') or cfg['solver_order'] != 2:
-      raise ValueError(f"only DPMSolverMultistepScheduler with algorithm_type 'dpmsolver++' and solver_order 2 "
-                       f"is supported, got {cfg['algorithm_type']!r} / {cfg['solver_order']}; "
-                       f"pick one of {SCHEDULER_NAMES} by name instead.")
+      raise ValueError(
+        f"only DPMSolverMultistepScheduler with algorithm_type 'dpmsolver++' and solver_order 2 "
+        f'is supported, got {cfg["algorithm_type"]!r} / {cfg["solver_order"]}; '
+        f'pick one of {SCHEDULER_NAMES} by name instead.'
+      )
     if cfg['use_karras_sigmas']:
       name = 'dpmpp_2m_karras'
   return name
 
 
-def make_scheduler(name: str | None, scheduler_config: dict | None, num_inference_steps: int, *,
-                   eta: float = 0.0, **overrides) -> Scheduler:
+def make_scheduler(
+  name: str | None, scheduler_config: dict | None, num_inference_steps: int, *, eta: float = 0.0, **overrides
+) -> Scheduler:
   """A sampling schedule of `num_inference_steps` for the named scheduler.
 
   name: one of SCHEDULER_NAMES, or None for the config's own class (`scheduler_name_for_config`).

@@ -6,12 +6,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdream.schedulers.common import (BASE_DEFAULTS, THRESHOLD_DEFAULTS, Scheduler, alphas_cumprod_from_config,
-                                        at, check_unsupported, compute_dtype, predict_x0_eps, spaced_timesteps,
-                                        threshold_sample)
+from jaxdream.schedulers.common import (
+  BASE_DEFAULTS,
+  THRESHOLD_DEFAULTS,
+  Scheduler,
+  alphas_cumprod_from_config,
+  at,
+  check_unsupported,
+  compute_dtype,
+  predict_x0_eps,
+  spaced_timesteps,
+  threshold_sample,
+)
 
-_CLIP_DEFAULTS = {'clip_sample': True, 'clip_sample_range': 1.0, 'timestep_spacing': 'leading',
-                  'rescale_betas_zero_snr': False, **THRESHOLD_DEFAULTS}
+_CLIP_DEFAULTS = {
+  'clip_sample': True,
+  'clip_sample_range': 1.0,
+  'timestep_spacing': 'leading',
+  'rescale_betas_zero_snr': False,
+  **THRESHOLD_DEFAULTS,
+}
 
 
 class _AlphaScheduler(Scheduler):
@@ -59,15 +73,22 @@ class DDPM(_X0Scheduler):
   def __init__(self, cfg, num_inference_steps):
     check_unsupported(cfg, variance_type=('learned', 'learned_range', 'fixed_large_log'))
     super().__init__(cfg, num_inference_steps)
-    self._set_timesteps(np.round(spaced_timesteps(cfg['timestep_spacing'], cfg['num_train_timesteps'],
-                                                  num_inference_steps, cfg['steps_offset'])))
+    self._set_timesteps(
+      np.round(
+        spaced_timesteps(cfg['timestep_spacing'], cfg['num_train_timesteps'], num_inference_steps, cfg['steps_offset'])
+      )
+    )
     a_t = self.alphas_cumprod[self.timesteps]
     a_prev = np.append(self.alphas_cumprod[self.timesteps[1:]], 1.0)  # the step after the last is x0
     alpha_t, beta_t = a_t / a_prev, 1 - a_t / a_prev  # one-step alpha/beta between the two timesteps
     variance = np.maximum((1 - a_prev) / (1 - a_t) * beta_t, 1e-20)
     std = np.sqrt(beta_t if cfg['variance_type'] == 'fixed_large' else variance)
-    self._set_coefs(p=np.sqrt(a_prev) * beta_t / (1 - a_t), q=np.sqrt(alpha_t) * (1 - a_prev) / (1 - a_t),
-                    r=np.zeros_like(a_t), std=np.where(self.timesteps > 0, std, 0.0))
+    self._set_coefs(
+      p=np.sqrt(a_prev) * beta_t / (1 - a_t),
+      q=np.sqrt(alpha_t) * (1 - a_prev) / (1 - a_t),
+      r=np.zeros_like(a_t),
+      std=np.where(self.timesteps > 0, std, 0.0),
+    )
 
 
 class DDIM(_X0Scheduler):
@@ -79,15 +100,16 @@ class DDIM(_X0Scheduler):
   def __init__(self, cfg, num_inference_steps, eta: float = 0.0):
     super().__init__(cfg, num_inference_steps)
     n_train = cfg['num_train_timesteps']
-    self._set_timesteps(np.round(spaced_timesteps(cfg['timestep_spacing'], n_train, num_inference_steps,
-                                                  cfg['steps_offset'])))
+    self._set_timesteps(
+      np.round(spaced_timesteps(cfg['timestep_spacing'], n_train, num_inference_steps, cfg['steps_offset']))
+    )
     a_t = self.alphas_cumprod[self.timesteps]
     final = 1.0 if cfg['set_alpha_to_one'] else self.alphas_cumprod[0]
     # diffusers steps back by a fixed stride, whatever the spacing
     prev_t = self.timesteps - n_train // num_inference_steps
     a_prev = np.where(prev_t >= 0, self.alphas_cumprod[np.maximum(prev_t, 0)], final)
     std = eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-    self._set_coefs(p=np.sqrt(a_prev), q=np.zeros_like(a_t), r=np.sqrt(1 - a_prev - std ** 2), std=std)
+    self._set_coefs(p=np.sqrt(a_prev), q=np.zeros_like(a_t), r=np.sqrt(1 - a_prev - std**2), std=std)
 
 
 class PNDM(_AlphaScheduler):
@@ -101,13 +123,20 @@ class PNDM(_AlphaScheduler):
   name = 'pndm'
   DEFAULTS = {**BASE_DEFAULTS, 'skip_prk_steps': False, 'set_alpha_to_one': False, 'timestep_spacing': 'leading'}
   # Adams-Bashforth weights on (newest, ..., oldest) model outputs, by number of outputs available.
-  _AB = np.array([[0, 0, 0, 0], [1, 0, 0, 0], [3 / 2, -1 / 2, 0, 0], [23 / 12, -16 / 12, 5 / 12, 0],
-                  [55 / 24, -59 / 24, 37 / 24, -9 / 24]], np.float32)
+  _AB = np.array(
+    [
+      [0, 0, 0, 0],
+      [1, 0, 0, 0],
+      [3 / 2, -1 / 2, 0, 0],
+      [23 / 12, -16 / 12, 5 / 12, 0],
+      [55 / 24, -59 / 24, 37 / 24, -9 / 24],
+    ],
+    np.float32,
+  )
 
   def __init__(self, cfg, num_inference_steps):
     if cfg['prediction_type'] not in ('epsilon', 'v_prediction'):
-      raise ValueError(f"PNDM supports prediction_type 'epsilon' or 'v_prediction', "
-                       f"not {cfg['prediction_type']!r}")
+      raise ValueError(f"PNDM supports prediction_type 'epsilon' or 'v_prediction', not {cfg['prediction_type']!r}")
     super().__init__(cfg, num_inference_steps)
     n_train, n = cfg['num_train_timesteps'], num_inference_steps
     base = np.round(spaced_timesteps(cfg['timestep_spacing'], n_train, n, cfg['steps_offset']))[::-1]
@@ -124,9 +153,13 @@ class PNDM(_AlphaScheduler):
 
   def init_state(self, sample):
     x = jnp.zeros(sample.shape, compute_dtype(sample))
-    return {'count': jnp.zeros((), jnp.int32), 'n_ets': jnp.zeros((), jnp.int32),
-            'ets': jnp.zeros((3,) + sample.shape, x.dtype),  # last model outputs, newest first
-            'cur_sample': x, 'prk_sum': x}
+    return {
+      'count': jnp.zeros((), jnp.int32),
+      'n_ets': jnp.zeros((), jnp.int32),
+      'ets': jnp.zeros((3,) + sample.shape, x.dtype),  # last model outputs, newest first
+      'cur_sample': x,
+      'prk_sum': x,
+    }
 
   def _transfer(self, x, model_output, t, prev_t):
     """Eq. 9 of the paper: x_t -> x_{prev_t} given a noise estimate (diffusers' _get_prev_sample)."""
@@ -169,8 +202,9 @@ class PNDM(_AlphaScheduler):
     x, m = sample.astype(compute_dtype(sample)), model_output.astype(compute_dtype(sample))
     if len(self._prk_timesteps):  # both branches are cheap elementwise maths: select rather than lax.cond
       in_prk = state['count'] < len(self._prk_timesteps)
-      prev, state = jax.tree.map(lambda a, b: jnp.where(in_prk, a, b), self._prk(state, m, i, x),
-                                 self._plms(state, m, i, x))
+      prev, state = jax.tree.map(
+        lambda a, b: jnp.where(in_prk, a, b), self._prk(state, m, i, x), self._plms(state, m, i, x)
+      )
     else:
       prev, state = self._plms(state, m, i, x)
     return prev.astype(sample.dtype), {**state, 'count': state['count'] + 1}

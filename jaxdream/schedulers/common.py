@@ -16,13 +16,13 @@ import numpy as np
 
 # Keys every diffusers scheduler class takes, with the defaults all of them share.
 BASE_DEFAULTS = {
-    'num_train_timesteps': 1000,
-    'beta_start': 0.0001,
-    'beta_end': 0.02,
-    'beta_schedule': 'linear',
-    'trained_betas': None,
-    'prediction_type': 'epsilon',
-    'steps_offset': 0,
+  'num_train_timesteps': 1000,
+  'beta_start': 0.0001,
+  'beta_end': 0.02,
+  'beta_schedule': 'linear',
+  'trained_betas': None,
+  'prediction_type': 'epsilon',
+  'steps_offset': 0,
 }
 THRESHOLD_DEFAULTS = {'thresholding': False, 'dynamic_thresholding_ratio': 0.995, 'sample_max_value': 1.0}
 
@@ -76,8 +76,9 @@ def alphas_cumprod_from_config(cfg: dict) -> np.ndarray:
   elif schedule == 'squaredcos_cap_v2':
     betas = _cosine_betas(n).astype(f32)
   else:
-    raise NotImplementedError(f'beta_schedule {schedule!r} is not supported '
-                              "(use 'linear', 'scaled_linear' or 'squaredcos_cap_v2')")
+    raise NotImplementedError(
+      f"beta_schedule {schedule!r} is not supported (use 'linear', 'scaled_linear' or 'squaredcos_cap_v2')"
+    )
   if cfg.get('rescale_betas_zero_snr'):
     betas = _rescale_zero_terminal_snr(betas)
   return _cumprod(f32(1) - betas).astype(np.float64)
@@ -160,8 +161,7 @@ class Scheduler:
 
   def __init__(self, cfg: dict, num_inference_steps: int):
     if not 1 <= num_inference_steps <= cfg['num_train_timesteps']:
-      raise ValueError(f'num_inference_steps must be in [1, {cfg["num_train_timesteps"]}], '
-                       f'got {num_inference_steps}')
+      raise ValueError(f'num_inference_steps must be in [1, {cfg["num_train_timesteps"]}], got {num_inference_steps}')
     self.config = cfg
     self.num_inference_steps = int(num_inference_steps)
     self.prediction_type = cfg['prediction_type']

@@ -9,19 +9,35 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdream.schedulers.common import (BASE_DEFAULTS, THRESHOLD_DEFAULTS, Scheduler, alphas_cumprod_from_config,
-                                        at, check_unsupported, compute_dtype, karras_sigmas, predict_x0_eps,
-                                        sigma_to_t, spaced_timesteps, threshold_sample)
+from jaxdream.schedulers.common import (
+  BASE_DEFAULTS,
+  THRESHOLD_DEFAULTS,
+  Scheduler,
+  alphas_cumprod_from_config,
+  at,
+  check_unsupported,
+  compute_dtype,
+  karras_sigmas,
+  predict_x0_eps,
+  sigma_to_t,
+  spaced_timesteps,
+  threshold_sample,
+)
 
 _SIGMA_SCHEDULES = {'use_karras_sigmas': False, 'use_exponential_sigmas': False, 'use_beta_sigmas': False}
-_UNSUPPORTED = dict(use_exponential_sigmas=(True,), use_beta_sigmas=(True,), use_lu_lambdas=(True,),
-                    use_flow_sigmas=(True,), use_dynamic_shifting=(True,))
+_UNSUPPORTED = dict(
+  use_exponential_sigmas=(True,),
+  use_beta_sigmas=(True,),
+  use_lu_lambdas=(True,),
+  use_flow_sigmas=(True,),
+  use_dynamic_shifting=(True,),
+)
 
 
 def _train_sigmas(cfg):
   ac = alphas_cumprod_from_config(cfg)
   if cfg.get('rescale_betas_zero_snr'):
-    ac[-1] = 2.0 ** -24  # as diffusers: keeps the zero-SNR sigma_max finite
+    ac[-1] = 2.0**-24  # as diffusers: keeps the zero-SNR sigma_max finite
   return ac, np.sqrt((1 - ac) / ac)
 
 
@@ -58,15 +74,17 @@ class _KDiffusion(Scheduler):
     self.timesteps = ts.astype(np.float32)
     max_sigma = self.sigmas.max()
     spread = cfg['timestep_spacing'] in ('linspace', 'trailing')
-    self.init_noise_sigma = float(max_sigma if spread else np.sqrt(max_sigma ** 2 + np.float32(1)))
+    self.init_noise_sigma = float(max_sigma if spread else np.sqrt(max_sigma**2 + np.float32(1)))
     self._input_scales = np.sqrt(self.sigmas[:-1] ** 2 + np.float32(1))
     self._vp = _vp_scales(self.sigmas[:-1]).astype(np.float32)
     self._noise_scales = np.stack([np.ones_like(self.sigmas[:-1]), self.sigmas[:-1]]).astype(np.float32)
 
   def init_state(self, sample):
     k = self._coefs.shape[1]
-    return {'count': jnp.zeros((), jnp.int32),
-            'derivs': jnp.zeros((k - 1,) + sample.shape, compute_dtype(sample))}  # newest first
+    return {
+      'count': jnp.zeros((), jnp.int32),
+      'derivs': jnp.zeros((k - 1,) + sample.shape, compute_dtype(sample)),
+    }  # newest first
 
   def step(self, state, model_output, i, sample, key=None):
     x, m = sample.astype(compute_dtype(sample)), model_output.astype(compute_dtype(sample))
@@ -85,8 +103,15 @@ class Euler(_KDiffusion):
   """Euler method of Karras et al. (2022), as diffusers' EulerDiscreteScheduler (no churn)."""
 
   name = 'euler'
-  DEFAULTS = {**_KDiffusion.DEFAULTS, 'interpolation_type': 'linear', 'sigma_min': None, 'sigma_max': None,
-              'timestep_type': 'discrete', 'rescale_betas_zero_snr': False, 'final_sigmas_type': 'zero'}
+  DEFAULTS = {
+    **_KDiffusion.DEFAULTS,
+    'interpolation_type': 'linear',
+    'sigma_min': None,
+    'sigma_max': None,
+    'timestep_type': 'discrete',
+    'rescale_betas_zero_snr': False,
+    'final_sigmas_type': 'zero',
+  }
 
   def __init__(self, cfg, num_inference_steps):
     check_unsupported(cfg, interpolation_type=lambda v: v != 'linear')
@@ -110,8 +135,8 @@ class EulerAncestral(_KDiffusion):
       raise NotImplementedError("euler_a does not support prediction_type 'sample' (nor does diffusers)")
     super().__init__(cfg, num_inference_steps)
     s_from, s_to = self.sigmas[:-1].astype(np.float64), self.sigmas[1:].astype(np.float64)
-    up = np.sqrt(s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2)
-    self._coefs = (np.sqrt(s_to ** 2 - up ** 2) - s_from)[:, None].astype(np.float32)
+    up = np.sqrt(s_to**2 * (s_from**2 - s_to**2) / s_from**2)
+    self._coefs = (np.sqrt(s_to**2 - up**2) - s_from)[:, None].astype(np.float32)
     self._noise_std = up.astype(np.float32)
 
 
@@ -139,17 +164,35 @@ class DPMSolverPP2M(Scheduler):
   """
 
   name = 'dpmpp_2m'
-  DEFAULTS = {**BASE_DEFAULTS, **THRESHOLD_DEFAULTS, **_SIGMA_SCHEDULES, 'solver_order': 2,
-              'algorithm_type': 'dpmsolver++', 'solver_type': 'midpoint', 'lower_order_final': True,
-              'euler_at_final': False, 'use_lu_lambdas': False, 'use_flow_sigmas': False,
-              'final_sigmas_type': 'zero', 'lambda_min_clipped': -float('inf'), 'variance_type': None,
-              'timestep_spacing': 'linspace', 'rescale_betas_zero_snr': False, 'use_dynamic_shifting': False}
+  DEFAULTS = {
+    **BASE_DEFAULTS,
+    **THRESHOLD_DEFAULTS,
+    **_SIGMA_SCHEDULES,
+    'solver_order': 2,
+    'algorithm_type': 'dpmsolver++',
+    'solver_type': 'midpoint',
+    'lower_order_final': True,
+    'euler_at_final': False,
+    'use_lu_lambdas': False,
+    'use_flow_sigmas': False,
+    'final_sigmas_type': 'zero',
+    'lambda_min_clipped': -float('inf'),
+    'variance_type': None,
+    'timestep_spacing': 'linspace',
+    'rescale_betas_zero_snr': False,
+    'use_dynamic_shifting': False,
+  }
 
   def __init__(self, cfg, num_inference_steps):
     super().__init__(cfg, num_inference_steps)
-    check_unsupported(cfg, **_UNSUPPORTED, variance_type=('learned', 'learned_range'),
-                      algorithm_type=lambda v: v not in ('dpmsolver++', 'deis'), solver_order=lambda v: v != 2,
-                      solver_type=lambda v: v not in ('midpoint', 'heun', 'logrho', 'bh1', 'bh2'))
+    check_unsupported(
+      cfg,
+      **_UNSUPPORTED,
+      variance_type=('learned', 'learned_range'),
+      algorithm_type=lambda v: v not in ('dpmsolver++', 'deis'),
+      solver_order=lambda v: v != 2,
+      solver_type=lambda v: v not in ('midpoint', 'heun', 'logrho', 'bh1', 'bh2'),
+    )
     n_train, n, spacing = cfg['num_train_timesteps'], num_inference_steps, cfg['timestep_spacing']
     ac, train_sigmas = _train_sigmas(cfg)
     # timesteps whose log-SNR is below lambda_min_clipped are never visited

@@ -12,7 +12,7 @@ import json
 import mmap
 import os
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +26,16 @@ class WeightsError(ValueError):
 
 
 _ST_DTYPES = {
-    'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
-    'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_,
+  'F64': np.float64,
+  'F32': np.float32,
+  'F16': np.float16,
+  'BF16': ml_dtypes.bfloat16,
+  'I64': np.int64,
+  'I32': np.int32,
+  'I16': np.int16,
+  'I8': np.int8,
+  'U8': np.uint8,
+  'BOOL': np.bool_,
 }
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 PICKLE_SUFFIXES = ('.bin', '.ckpt', '.pt', '.pth', '.pkl')
@@ -64,8 +72,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict 
   header, offset, arrays = {}, 0, []
   for name in sorted(tensors):
     a = np.ascontiguousarray(tensors[name])
-    header[name] = {'dtype': _ST_NAMES[a.dtype], 'shape': list(a.shape),
-                    'data_offsets': [offset, offset + a.nbytes]}
+    header[name] = {'dtype': _ST_NAMES[a.dtype], 'shape': list(a.shape), 'data_offsets': [offset, offset + a.nbytes]}
     offset += a.nbytes
     arrays.append(a)
   header['__metadata__'] = {'format': 'pt', **(metadata or {})}
@@ -82,11 +89,12 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict 
 
 def _pickle_refusal(path: str) -> WeightsError:
   return WeightsError(
-      f'{path} is a pickle-based checkpoint. Loading it can run arbitrary code, so jaxdream refuses it '
-      'by default. Convert it to safetensors (in Python with torch: '
-      '`safetensors.torch.save_file(torch.load(p, weights_only=True), p_without_suffix + ".safetensors")`, '
-      'or diffusers\' `from_pretrained(...).save_pretrained(dir, safe_serialization=True)`), '
-      'or pass allow_pickle=True (CLI: --allow-pickle) to load it with torch\'s weights_only loader.')
+    f'{path} is a pickle-based checkpoint. Loading it can run arbitrary code, so jaxdream refuses it '
+    'by default. Convert it to safetensors (in Python with torch: '
+    '`safetensors.torch.save_file(torch.load(p, weights_only=True), p_without_suffix + ".safetensors")`, '
+    "or diffusers' `from_pretrained(...).save_pretrained(dir, safe_serialization=True)`), "
+    "or pass allow_pickle=True (CLI: --allow-pickle) to load it with torch's weights_only loader."
+  )
 
 
 def _read_pickle(path: str) -> dict[str, np.ndarray]:
@@ -97,8 +105,11 @@ def _read_pickle(path: str) -> dict[str, np.ndarray]:
   sd = torch.load(path, map_location='cpu', weights_only=True)
   if isinstance(sd, dict) and 'state_dict' in sd and isinstance(sd['state_dict'], dict):
     sd = sd['state_dict']
-  return {k: v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
-          for k, v in sd.items() if hasattr(v, 'detach')}
+  return {
+    k: v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
+    for k, v in sd.items()
+    if hasattr(v, 'detach')
+  }
 
 
 def read_weights(folder: str, weights_name: str, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
@@ -130,8 +141,9 @@ def read_weights(folder: str, weights_name: str, *, allow_pickle: bool = False) 
   raise WeightsError(f'{folder}: no weights file (expected {weights_name}.safetensors); found {found}')
 
 
-def read_config(folder: str, name: str = 'config.json',
-                hint: str = 'is this a model component folder (e.g. <model>/unet)?') -> dict:
+def read_config(
+  folder: str, name: str = 'config.json', hint: str = 'is this a model component folder (e.g. <model>/unet)?'
+) -> dict:
   path = os.path.join(folder, name)
   if not os.path.exists(path):
     raise WeightsError(f'{folder}: missing {name}; {hint}')
@@ -167,8 +179,14 @@ def torch_slots(model: nnx.Module) -> dict[str, _Slot]:
   return slots
 
 
-def load_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray], *, source: str = 'weights',
-                    renames: tuple[tuple[str, str], ...] = (), ignore: tuple[str, ...] = ()):
+def load_state_dict(
+  model: nnx.Module,
+  state_dict: dict[str, np.ndarray],
+  *,
+  source: str = 'weights',
+  renames: tuple[tuple[str, str], ...] = (),
+  ignore: tuple[str, ...] = (),
+):
   """Fill `model` (concrete or from nnx.eval_shape) with a PyTorch-named state dict, in place.
 
   renames: (regex, replacement) pairs applied to file keys first (legacy names);
@@ -195,8 +213,10 @@ def load_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray], *, sou
     value = slot.to_jax(sd[key])
     want = tuple(slot.variable.shape)
     if tuple(value.shape) != want:
-      problems.append(f'shape mismatch for {key}: file has {tuple(sd[key].shape)}, '
-                      f'model expects {want} (in jax layout; file gave {tuple(value.shape)})')
+      problems.append(
+        f'shape mismatch for {key}: file has {tuple(sd[key].shape)}, '
+        f'model expects {want} (in jax layout; file gave {tuple(value.shape)})'
+      )
     converted[key] = value
   if problems:
     raise WeightsError(f'{source}: ' + '; '.join(problems))
@@ -206,9 +226,10 @@ def load_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray], *, sou
 
 def state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   """The model's parameters as a PyTorch-named, PyTorch-layout float32 state dict."""
-  return {key: np.ascontiguousarray(slot.to_torch(np.asarray(jax.device_get(slot.variable[...]),
-                                                              np.float32)))
-          for key, slot in torch_slots(model).items()}
+  return {
+    key: np.ascontiguousarray(slot.to_torch(np.asarray(jax.device_get(slot.variable[...]), np.float32)))
+    for key, slot in torch_slots(model).items()
+  }
 
 
 def abstract_model(build: Callable[[nnx.Rngs], nnx.Module]) -> nnx.Module:
@@ -229,8 +250,9 @@ def count_params(model: nnx.Module) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def save_folder(folder: str, config: dict, tensors: dict[str, np.ndarray], weights_name: str,
-                config_name: str = 'config.json'):
+def save_folder(
+  folder: str, config: dict, tensors: dict[str, np.ndarray], weights_name: str, config_name: str = 'config.json'
+):
   os.makedirs(folder, exist_ok=True)
   write_safetensors(os.path.join(folder, f'{weights_name}.safetensors'), tensors)
   tmp = os.path.join(folder, config_name + '.tmp')

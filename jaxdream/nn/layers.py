@@ -2,7 +2,7 @@
 
 Parameters are stored in JAX layout (`kernel` (in, out) / HWIO, `scale`, `embedding`). Each layer
 declares in `TORCH_PARAMS` how its parameters map to the PyTorch state-dict names and layouts, which
-is all `jaxdream.models.weights` needs to load and save diffusers/transformers weight files.
+is all `jaxdream.io.weights` needs to load and save diffusers/transformers weight files.
 """
 
 from __future__ import annotations
@@ -40,12 +40,11 @@ class Linear(nnx.Module):
   # Logical axis names; the config's rules map them to mesh axes (jaxdream/sharding.py).
   LOGICAL_AXES = {'kernel': ('in_features', 'out_features'), 'bias': ('out_features',)}
   TORCH_PARAMS = {
-      'kernel': ('weight', _linear_to_jax, lambda k: np.asarray(k).T),
-      'bias': ('bias', _identity, _identity),
+    'kernel': ('weight', _linear_to_jax, lambda k: np.asarray(k).T),
+    'bias': ('bias', _identity, _identity),
   }
 
-  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
     bound = 1.0 / math.sqrt(in_features)  # torch's default init, so random models look alike
     self.kernel = nnx.Param(_uniform_init(rngs.params(), (in_features, out_features), bound))
     self.bias = nnx.Param(_uniform_init(rngs.params(), (out_features,), bound)) if use_bias else None
@@ -60,17 +59,27 @@ class Linear(nnx.Module):
 
 class Conv2d(nnx.Module):
   """NHWC convolution with an HWIO kernel; `padding` is symmetric, as in torch."""
+
   LOGICAL_AXES = {'kernel': (None, None, 'in_channels', 'out_channels'), 'bias': ('out_channels',)}
   TORCH_PARAMS = {
-      'kernel': ('weight', _conv_to_jax, lambda k: np.transpose(np.asarray(k), (3, 2, 0, 1))),
-      'bias': ('bias', _identity, _identity),
+    'kernel': ('weight', _conv_to_jax, lambda k: np.transpose(np.asarray(k), (3, 2, 0, 1))),
+    'bias': ('bias', _identity, _identity),
   }
 
-  def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
-               padding: int | None = None, use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int = 3,
+    *,
+    stride: int = 1,
+    padding: int | None = None,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
-    self.kernel = nnx.Param(_uniform_init(
-        rngs.params(), (kernel_size, kernel_size, in_channels, out_channels), bound))
+    self.kernel = nnx.Param(_uniform_init(rngs.params(), (kernel_size, kernel_size, in_channels, out_channels), bound))
     self.bias = nnx.Param(_uniform_init(rngs.params(), (out_channels,), bound)) if use_bias else None
     self.stride = stride
     self.padding = kernel_size // 2 if padding is None else padding
@@ -83,8 +92,12 @@ class Conv2d(nnx.Module):
     else:
       p = self.padding
       y = jax.lax.conv_general_dilated(
-          x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
-          ((p, p), (p, p)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        x.astype(self.dtype),
+        kernel.astype(self.dtype),
+        (self.stride, self.stride),
+        ((p, p), (p, p)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      )
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -92,8 +105,8 @@ class Conv2d(nnx.Module):
 
 _NORM_AXES = {'scale': ('norm',), 'bias': ('norm',)}
 _NORM_PARAMS = {
-    'scale': ('weight', _identity, _identity),
-    'bias': ('bias', _identity, _identity),
+  'scale': ('weight', _identity, _identity),
+  'bias': ('bias', _identity, _identity),
 }
 
 
@@ -103,11 +116,13 @@ class GroupNorm(nnx.Module):
   One pass over the data (per-channel sum and sum of squares, then combined per group): on CPU this is
   twice as fast as mean-then-variance (shared/PERF_NOTES.md) and lets the affine fold into one FMA.
   """
+
   TORCH_PARAMS = _NORM_PARAMS
   LOGICAL_AXES = _NORM_AXES
 
-  def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-5, dtype=jnp.float32,
-               rngs: nnx.Rngs | None = None):
+  def __init__(
+    self, num_groups: int, num_channels: int, *, eps: float = 1e-5, dtype=jnp.float32, rngs: nnx.Rngs | None = None
+  ):
     if num_channels % num_groups:
       raise ValueError(f'GroupNorm: {num_channels} channels do not split into {num_groups} groups')
     self.scale = nnx.Param(jnp.ones((num_channels,), jnp.float32))
@@ -138,8 +153,7 @@ class LayerNorm(nnx.Module):
   TORCH_PARAMS = _NORM_PARAMS
   LOGICAL_AXES = _NORM_AXES
 
-  def __init__(self, num_features: int, *, eps: float = 1e-5, dtype=jnp.float32,
-               rngs: nnx.Rngs | None = None):
+  def __init__(self, num_features: int, *, eps: float = 1e-5, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
     self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
     self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
     self.eps = eps
@@ -174,12 +188,12 @@ def quick_gelu(x):
 
 
 ACTIVATIONS = {
-    'silu': jax.nn.silu,
-    'swish': jax.nn.silu,
-    'gelu': lambda x: jax.nn.gelu(x, approximate=False),  # torch's default GELU is the exact one
-    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
-    'quick_gelu': quick_gelu,
-    'relu': jax.nn.relu,
+  'silu': jax.nn.silu,
+  'swish': jax.nn.silu,
+  'gelu': lambda x: jax.nn.gelu(x, approximate=False),  # torch's default GELU is the exact one
+  'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
+  'quick_gelu': quick_gelu,
+  'relu': jax.nn.relu,
 }
 
 

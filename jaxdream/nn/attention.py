@@ -67,8 +67,17 @@ def _tiled_attention(q, k, v, scale):
   return jnp.swapaxes(out, 1, 2)
 
 
-def dot_product_attention(q, k, v, *, mask=None, causal: bool = False, scale: float | None = None,
-                          implementation: str = 'auto', upcast: bool = False):
+def dot_product_attention(
+  q,
+  k,
+  v,
+  *,
+  mask=None,
+  causal: bool = False,
+  scale: float | None = None,
+  implementation: str = 'auto',
+  upcast: bool = False,
+):
   """Softmax attention. q: (B, Lq, H, D); k, v: (B, Lk, H, D). Returns (B, Lq, H, Dv).
 
   mask: boolean, broadcastable to (B, H, Lq, Lk), True where attending is allowed.
@@ -85,6 +94,5 @@ def dot_product_attention(q, k, v, *, mask=None, causal: bool = False, scale: fl
       raise ValueError("attention implementation 'tiled' takes no mask; use 'xla' or 'auto'")
     out = _tiled_attention(q, k, v, scale)
   else:
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, scale=scale,
-                                       implementation=impl)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, scale=scale, implementation=impl)
   return out.astype(out_dtype)

@@ -22,23 +22,30 @@ class RunConfigError(ValueError):
 def config_file(path: str) -> ml_collections.ConfigDict:
   """get_config() of a config file (for config files built on another one)."""
   import importlib.util
+
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
 
 
-def concept(instance_dir='', instance_prompt='', class_prompt='', class_dir='', num_class_images=100,
-            identifier='sks'):
-  return ml_collections.ConfigDict(dict(
-      instance_dir=instance_dir, instance_prompt=instance_prompt, class_prompt=class_prompt,
-      class_dir=class_dir, num_class_images=num_class_images, identifier=identifier))
+def concept(instance_dir='', instance_prompt='', class_prompt='', class_dir='', num_class_images=100, identifier='sks'):
+  return ml_collections.ConfigDict(
+    dict(
+      instance_dir=instance_dir,
+      instance_prompt=instance_prompt,
+      class_prompt=class_prompt,
+      class_dir=class_dir,
+      num_class_images=num_class_images,
+      identifier=identifier,
+    )
+  )
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.model = ''               # diffusers-format folder (SD 1.x/2.x), or 'builtin:tiny'
-  c.allow_pickle = False     # load .bin/.ckpt weights (unpickling can run code)
+  c.model = ''  # diffusers-format folder (SD 1.x/2.x), or 'builtin:tiny'
+  c.allow_pickle = False  # load .bin/.ckpt weights (unpickling can run code)
   c.seed = 0
   c.resolution = 512
   c.compute_dtype = 'float32'  # or 'bfloat16' (parameters stay float32)
@@ -46,22 +53,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.resume_override = False  # resume even if the run-defining config changed
 
   c.concepts = [concept()]
-  c.data = ml_collections.ConfigDict(dict(
-      concepts_file='',      # JSON list of concepts (same keys as `concepts`), for many subjects
-      center_crop=True,      # False: random crops
-      flip_p=0.0,            # probability of a horizontal flip
-      caption_ext='.txt',    # per-image caption sidecars: photo.jpg + photo.txt
+  c.data = ml_collections.ConfigDict(
+    dict(
+      concepts_file='',  # JSON list of concepts (same keys as `concepts`), for many subjects
+      center_crop=True,  # False: random crops
+      flip_p=0.0,  # probability of a horizontal flip
+      caption_ext='.txt',  # per-image caption sidecars: photo.jpg + photo.txt
       caption_mode='append',  # 'append' to the instance prompt, or 'replace' it
-      on_bad_image='fail',   # or 'skip' (with a warning)
+      on_bad_image='fail',  # or 'skip' (with a warning)
       min_instance_images=3,
-      min_image_size=32,     # smaller images are reported as bad
-  ))
-  c.prior = ml_collections.ConfigDict(dict(
-      enabled=True, loss_weight=1.0, sample_steps=25, guidance_scale=7.5, scheduler='',
-      batch_size=4))
-  c.train = ml_collections.ConfigDict(dict(
+      min_image_size=32,  # smaller images are reported as bad
+    )
+  )
+  c.prior = ml_collections.ConfigDict(
+    dict(enabled=True, loss_weight=1.0, sample_steps=25, guidance_scale=7.5, scheduler='', batch_size=4)
+  )
+  c.train = ml_collections.ConfigDict(
+    dict(
       num_steps=400,
-      batch_size=1,          # instance examples per step; as many prior examples come on top
+      batch_size=1,  # instance examples per step; as many prior examples come on top
       learning_rate=5e-6,
       train_text_encoder=False,
       text_encoder_learning_rate=5e-6,
@@ -70,46 +80,83 @@ def base_config() -> ml_collections.ConfigDict:
       param_groups=ml_collections.ConfigDict(),
       lr_schedule='constant',  # constant, warmup_constant, cosine
       warmup_steps=0,
-      adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=1e-2,
-      max_grad_norm=1.0,     # 0 disables clipping
+      adam_b1=0.9,
+      adam_b2=0.999,
+      adam_eps=1e-8,
+      weight_decay=1e-2,
+      max_grad_norm=1.0,  # 0 disables clipping
       grad_accum_steps=1,
       offset_noise=0.0,
-      snr_gamma=0.0,         # min-SNR-gamma weighting; 0 disables it
-      ema_decay=0.0,         # EMA of the trainable weights; 0 disables it
-      cache_latents=False,   # encode images once (needs center crops and no flips)
+      snr_gamma=0.0,  # min-SNR-gamma weighting; 0 disables it
+      ema_decay=0.0,  # EMA of the trainable weights; 0 disables it
+      cache_latents=False,  # encode images once (needs center crops and no flips)
       cache_text_embeddings=False,  # encode prompts once (needs a frozen text encoder)
-      nan_policy='stop',     # 'stop' the run, or 'skip' the step
-  ))
+      nan_policy='stop',  # 'stop' the run, or 'skip' the step
+    )
+  )
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=3, async_save=True))
-  c.logging = ml_collections.ConfigDict(dict(every_steps=10, tensorboard=True, wandb=False,
-                                             wandb_project='jaxdream'))
-  c.validation = ml_collections.ConfigDict(dict(
-      every_steps=0,         # 0: only at the end
-      prompts=[], negative_prompt='', num_images=2, steps=25, guidance_scale=7.5, seed=0,
-      scheduler=''))
-  c.mesh = ml_collections.ConfigDict(dict(
-      data=-1, fsdp=1, tensor=1,
+  c.logging = ml_collections.ConfigDict(dict(every_steps=10, tensorboard=True, wandb=False, wandb_project='jaxdream'))
+  c.validation = ml_collections.ConfigDict(
+    dict(
+      every_steps=0,  # 0: only at the end
+      prompts=[],
+      negative_prompt='',
+      num_images=2,
+      steps=25,
+      guidance_scale=7.5,
+      seed=0,
+      scheduler='',
+    )
+  )
+  c.mesh = ml_collections.ConfigDict(
+    dict(
+      data=-1,
+      fsdp=1,
+      tensor=1,
       # logical axis -> mesh axis (models name logical axes only; see jaxdream/sharding.py). Empty by
-      # default (data + FSDP suit DreamBooth's model sizes); jaxdream.sharding.TENSOR_RULES shards
+      # default (data + FSDP suit DreamBooth's model sizes); jaxdream.distributed.sharding.TENSOR_RULES shards
       # output features and channels over 'tensor' (exact, but XLA regathers some kernels).
       rules=(),
       fsdp_min_size=1024,  # parameters with fewer elements stay whole under FSDP
-  ))
+    )
+  )
   return c
 
 
 # Keys that define what the run computes: resuming with any of these changed is refused.
-RUN_DEFINING = ('model', 'seed', 'resolution', 'concepts', 'data', 'prior.enabled', 'prior.loss_weight',
-                'train.batch_size', 'train.learning_rate', 'train.train_text_encoder',
-                'train.text_encoder_learning_rate', 'train.param_groups', 'train.lr_schedule',
-                'train.warmup_steps', 'train.adam_b1', 'train.adam_b2', 'train.adam_eps',
-                'train.weight_decay', 'train.max_grad_norm', 'train.grad_accum_steps', 'train.offset_noise',
-                'train.snr_gamma', 'train.ema_decay')
+RUN_DEFINING = (
+  'model',
+  'seed',
+  'resolution',
+  'concepts',
+  'data',
+  'prior.enabled',
+  'prior.loss_weight',
+  'train.batch_size',
+  'train.learning_rate',
+  'train.train_text_encoder',
+  'train.text_encoder_learning_rate',
+  'train.param_groups',
+  'train.lr_schedule',
+  'train.warmup_steps',
+  'train.adam_b1',
+  'train.adam_b2',
+  'train.adam_eps',
+  'train.weight_decay',
+  'train.max_grad_norm',
+  'train.grad_accum_steps',
+  'train.offset_noise',
+  'train.snr_gamma',
+  'train.ema_decay',
+)
 
 _CHOICES = {
-    'compute_dtype': ('float32', 'bfloat16'), 'attention': ('auto', 'xla', 'cudnn', 'tiled'),
-    'data.caption_mode': ('append', 'replace'), 'data.on_bad_image': ('fail', 'skip'),
-    'train.lr_schedule': ('constant', 'warmup_constant', 'cosine'), 'train.nan_policy': ('stop', 'skip'),
+  'compute_dtype': ('float32', 'bfloat16'),
+  'attention': ('auto', 'xla', 'cudnn', 'tiled'),
+  'data.caption_mode': ('append', 'replace'),
+  'data.on_bad_image': ('fail', 'skip'),
+  'train.lr_schedule': ('constant', 'warmup_constant', 'cosine'),
+  'train.nan_policy': ('stop', 'skip'),
 }
 
 
@@ -129,8 +176,9 @@ def load_concepts(config) -> list[dict]:
     for i, item in enumerate(listed):
       unknown = set(item) - set(defaults)
       if unknown:
-        raise RunConfigError(f'{config.data.concepts_file}: concept {i} has unknown keys {sorted(unknown)} '
-                             f'(known: {sorted(defaults)})')
+        raise RunConfigError(
+          f'{config.data.concepts_file}: concept {i} has unknown keys {sorted(unknown)} (known: {sorted(defaults)})'
+        )
       out.append({**defaults, **item})
   return out
 
@@ -145,26 +193,46 @@ def validate(config) -> list[dict]:
     problems.append(f"model is empty: give a diffusers model folder (or '{BUILTIN_TINY}')")
   elif config.model != BUILTIN_TINY and not os.path.isfile(os.path.join(config.model, 'model_index.json')):
     problems.append(f'model={config.model!r}: not a diffusers model folder (no model_index.json)')
-  for key in ('resolution', 'train.num_steps', 'train.batch_size', 'train.grad_accum_steps',
-              'checkpoint.every_steps', 'checkpoint.keep', 'logging.every_steps'):
+  for key in (
+    'resolution',
+    'train.num_steps',
+    'train.batch_size',
+    'train.grad_accum_steps',
+    'checkpoint.every_steps',
+    'checkpoint.keep',
+    'logging.every_steps',
+  ):
     if _get(config, key) < 1:
       problems.append(f'{key} must be at least 1, got {_get(config, key)}')
   if config.resolution % 8:
     problems.append(f'resolution must be a multiple of 8, got {config.resolution}')
   t = config.train
-  for key in ('learning_rate', 'text_encoder_learning_rate', 'weight_decay', 'max_grad_norm',
-              'offset_noise', 'snr_gamma', 'warmup_steps'):
+  for key in (
+    'learning_rate',
+    'text_encoder_learning_rate',
+    'weight_decay',
+    'max_grad_norm',
+    'offset_noise',
+    'snr_gamma',
+    'warmup_steps',
+  ):
     if t[key] < 0:
       problems.append(f'train.{key} must not be negative, got {t[key]}')
   if not 0.0 <= t.ema_decay < 1.0:
     problems.append(f'train.ema_decay must be in [0, 1), got {t.ema_decay}')
   if t.cache_latents and (not config.data.center_crop or config.data.flip_p > 0):
-    problems.append('train.cache_latents needs data.center_crop=True and data.flip_p=0 '
-                    '(cached latents cannot follow random crops or flips)')
-  if t.cache_text_embeddings and (t.train_text_encoder or any(
-      'text_encoder' in g.pattern for g in t.param_groups.values() if isinstance(g, ml_collections.ConfigDict))):
-    problems.append('train.cache_text_embeddings needs a frozen text encoder (train.train_text_encoder=False '
-                    'and no param_groups over text_encoder/)')
+    problems.append(
+      'train.cache_latents needs data.center_crop=True and data.flip_p=0 '
+      '(cached latents cannot follow random crops or flips)'
+    )
+  if t.cache_text_embeddings and (
+    t.train_text_encoder
+    or any('text_encoder' in g.pattern for g in t.param_groups.values() if isinstance(g, ml_collections.ConfigDict))
+  ):
+    problems.append(
+      'train.cache_text_embeddings needs a frozen text encoder (train.train_text_encoder=False '
+      'and no param_groups over text_encoder/)'
+    )
   for name, group in t.param_groups.items():
     if not isinstance(group, ml_collections.ConfigDict) or set(group.keys()) != {'pattern', 'learning_rate'}:
       problems.append(f'train.param_groups.{name} needs exactly pattern and learning_rate')
@@ -188,8 +256,10 @@ def validate(config) -> list[dict]:
       problems.append(f'{where}: instance_dir does not exist')
     ident = c['identifier']
     if not ident or not re.search(rf'(^|\W){re.escape(ident)}(\W|$)', c['instance_prompt']):
-      problems.append(f'{where}: instance_prompt {c["instance_prompt"]!r} must contain the identifier '
-                      f'{ident!r} (e.g. "a photo of {ident} dog")')
+      problems.append(
+        f'{where}: instance_prompt {c["instance_prompt"]!r} must contain the identifier '
+        f'{ident!r} (e.g. "a photo of {ident} dog")'
+      )
     if config.prior.enabled:
       if not c['class_prompt']:
         problems.append(f'{where}: class_prompt is empty (needed for prior preservation)')
@@ -217,5 +287,8 @@ def run_defining(config) -> dict:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-  return [f'{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r}'
-          for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+  return [
+    f'{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r}'
+    for k in sorted(set(saved) | set(current))
+    if saved.get(k) != current.get(k)
+  ]

@@ -24,8 +24,9 @@ def initialize():
   slurm_gpu.sbatch sets them), or JAXDREAM_DISTRIBUTED=auto where JAX detects the cluster (TPU pods)."""
   env = os.environ
   if env.get('JAXDREAM_COORDINATOR'):
-    jax.distributed.initialize(env['JAXDREAM_COORDINATOR'], int(env['JAXDREAM_NUM_PROCESSES']),
-                               int(env['JAXDREAM_PROCESS_ID']))
+    jax.distributed.initialize(
+      env['JAXDREAM_COORDINATOR'], int(env['JAXDREAM_NUM_PROCESSES']), int(env['JAXDREAM_PROCESS_ID'])
+    )
   elif env.get('JAXDREAM_DISTRIBUTED') == 'auto':
     jax.distributed.initialize()
 
@@ -51,6 +52,7 @@ def barrier(name: str, timeout_s: int = 3600):
   be busy longer than that (making the tiny model, writing the dataset) while the others wait."""
   if jax.process_count() > 1:
     from jax._src import distributed
+
     distributed.global_state.client.wait_at_barrier(f'jaxdream/{next(_BARRIERS)}/{name}', timeout_s * 1000)
 
 
@@ -68,18 +70,21 @@ def run_together(fn, *args):
 def to_host(tree):
   """NumPy copies of `tree`'s arrays. A sharded array spanning other hosts is gathered, which is a
   collective: with several processes, every process must call this on the same tree."""
+
   def get(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       if x.is_fully_replicated:
         return np.asarray(x.addressable_data(0))
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
+
   return jax.tree.map(get, tree)
 
 
 def to_global(tree, shardings):
   """Place host values that every process holds identically as arrays with `shardings` (a sharding or
   a matching tree of them); each process fills only its own devices."""
+
   def put(x, sharding):
     if sharding.is_fully_addressable:
       return jax.device_put(x, sharding)
@@ -87,6 +92,7 @@ def to_global(tree, shardings):
       return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
   if isinstance(shardings, jax.sharding.Sharding):
     return jax.tree.map(lambda x: put(x, shardings), tree)
   return jax.tree.map(put, tree, shardings)
@@ -113,9 +119,11 @@ def check_shared_folder(folder: str):
   if is_primary():
     os.remove(path)
   if not np.all(ok):
-    raise OSError(f'{folder} is not the same folder on every host (processes {np.flatnonzero(~ok).tolist()} '
-                  'do not see what process 0 wrote there). Multi-host runs need a shared workdir (NFS, '
-                  'Filestore, GCS FUSE): checkpoints, class images and the dataset live there.')
+    raise OSError(
+      f'{folder} is not the same folder on every host (processes {np.flatnonzero(~ok).tolist()} '
+      'do not see what process 0 wrote there). Multi-host runs need a shared workdir (NFS, '
+      'Filestore, GCS FUSE): checkpoints, class images and the dataset live there.'
+    )
 
 
 class Preemption:
@@ -141,3 +149,9 @@ class Preemption:
   def restore(self):
     if not self.multi:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+def log(msg: str):
+  """Print once per run: on the primary process only."""
+  if is_primary():
+    print(msg, flush=True)

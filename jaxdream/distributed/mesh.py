@@ -26,8 +26,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     raise ValueError(f'mesh sizes {dict(zip(AXES, sizes))} do not divide {len(devices)} devices')
   sizes = [len(devices) // known if s == -1 else s for s in sizes]
   if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f'mesh sizes {dict(zip(AXES, sizes))} use {int(np.prod(sizes))} of '
-                     f'{len(devices)} devices; use -1 for one axis to take the rest')
+    raise ValueError(
+      f'mesh sizes {dict(zip(AXES, sizes))} use {int(np.prod(sizes))} of '
+      f'{len(devices)} devices; use -1 for one axis to take the rest'
+    )
   return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 

@@ -6,34 +6,31 @@ The tokenizer runs in Python (transformers / tokenizers, no torch), outside jitt
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 
 import numpy as np
 
-from jaxdream.models.weights import WeightsError
+from jaxdream.io.weights import WeightsError
 
 BPE_FILE = 'bpe_simple_vocab_16e6.txt.gz'
-BPE_HELP = ('The CLIP BPE vocabulary ships inside the open_clip_torch wheel (MIT). Install it without its '
-            'dependencies (it would otherwise pull torchvision): pip install --no-deps open_clip_torch==3.3.0')
 
 
 def clip_bpe_path() -> str:
-  """Path of the CLIP BPE merges file from an installed open_clip (found without importing it)."""
-  spec = importlib.util.find_spec('open_clip')
-  if spec is not None and spec.submodule_search_locations:
-    for folder in spec.submodule_search_locations:
-      path = os.path.join(folder, BPE_FILE)
-      if os.path.exists(path):
-        return path
-  raise FileNotFoundError(f'{BPE_FILE} not found. {BPE_HELP}')
+  """The CLIP BPE merges file shipped with jaxdream (from open_clip, MIT: assets/clip/LICENSE-open_clip)."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets', 'clip', BPE_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+      f'{path}: the CLIP BPE vocabulary is missing from this jaxdream installation; reinstall jaxdream'
+    )
+  return path
 
 
 def _bytes_to_unicode() -> dict[int, str]:
   """The byte -> printable character table of byte-level BPE (GPT-2 and CLIP)."""
-  printable = (list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1))
-               + list(range(ord('®'), ord('ÿ') + 1)))
+  printable = (
+    list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
+  )
   table, extra = {}, 0
   for b in range(256):
     if b in printable:
@@ -44,13 +41,14 @@ def _bytes_to_unicode() -> dict[int, str]:
   return table
 
 
-def write_clip_tokenizer(folder: str, bpe_path: str | None = None, *, model_max_length: int = 77,
-                         pad_token: str = '<|endoftext|>'):
+def write_clip_tokenizer(
+  folder: str, bpe_path: str | None = None, *, model_max_length: int = 77, pad_token: str = '<|endoftext|>'
+):
   """Write a CLIP tokenizer folder (vocab.json, merges.txt, configs) from the 49,408-token BPE file."""
   bpe_path = bpe_path or clip_bpe_path()
   with gzip.open(bpe_path, 'rt', encoding='utf-8') as f:
     lines = f.read().split('\n')
-  merges = lines[1:49152 - 256 - 2 + 1]  # the first line is a header; CLIP uses 48,894 merges
+  merges = lines[1 : 49152 - 256 - 2 + 1]  # the first line is a header; CLIP uses 48,894 merges
   base = list(_bytes_to_unicode().values())
   tokens = base + [t + '</w>' for t in base] + [''.join(m.split()) for m in merges]
   tokens += ['<|startoftext|>', '<|endoftext|>']
@@ -59,13 +57,21 @@ def write_clip_tokenizer(folder: str, bpe_path: str | None = None, *, model_max_
     json.dump({t: i for i, t in enumerate(tokens)}, f, ensure_ascii=False)
   with open(os.path.join(folder, 'merges.txt'), 'w', encoding='utf-8') as f:
     f.write('#version: 0.2\n' + '\n'.join(merges) + '\n')
-  special = dict(bos_token='<|startoftext|>', eos_token='<|endoftext|>', unk_token='<|endoftext|>',
-                 pad_token=pad_token)
+  special = dict(bos_token='<|startoftext|>', eos_token='<|endoftext|>', unk_token='<|endoftext|>', pad_token=pad_token)
   with open(os.path.join(folder, 'special_tokens_map.json'), 'w') as f:
     json.dump(special, f, indent=2)
   with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
-    json.dump(dict(special, tokenizer_class='CLIPTokenizer', model_max_length=model_max_length,
-                   do_lower_case=True, clean_up_tokenization_spaces=True), f, indent=2)
+    json.dump(
+      dict(
+        special,
+        tokenizer_class='CLIPTokenizer',
+        model_max_length=model_max_length,
+        do_lower_case=True,
+        clean_up_tokenization_spaces=True,
+      ),
+      f,
+      indent=2,
+    )
 
 
 def load_tokenizer(folder: str):
@@ -74,9 +80,11 @@ def load_tokenizer(folder: str):
     raise WeightsError(f'{folder}: no tokenizer folder')
   names = set(os.listdir(folder))
   if not ({'vocab.json', 'merges.txt'} <= names or 'tokenizer.json' in names):
-    raise WeightsError(f'{folder}: no tokenizer files (expected vocab.json + merges.txt, or tokenizer.json); '
-                       f'found {sorted(names)}')
+    raise WeightsError(
+      f'{folder}: no tokenizer files (expected vocab.json + merges.txt, or tokenizer.json); found {sorted(names)}'
+    )
   from transformers import CLIPTokenizer, CLIPTokenizerFast  # pylint: disable=import-outside-toplevel
+
   # transformers 5 ignores files passed as vocab_file=...; from_pretrained(folder) reads either form.
   try:
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
@@ -87,6 +95,7 @@ def load_tokenizer(folder: str):
 def tokenize(tokenizer, prompts: list[str], max_length: int | None = None) -> np.ndarray:
   """Token ids (B, max_length) int32, padded and truncated as Stable Diffusion pipelines do."""
   max_length = max_length or tokenizer.model_max_length
-  ids = tokenizer(list(prompts), padding='max_length', max_length=max_length, truncation=True,
-                  return_tensors='np').input_ids
+  ids = tokenizer(
+    list(prompts), padding='max_length', max_length=max_length, truncation=True, return_tensors='np'
+  ).input_ids
   return np.asarray(ids, np.int32)

@@ -6,21 +6,32 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdream.models.attention import dot_product_attention
-from jaxdream.models.layers import Conv2d, GroupNorm, Linear, activation, module_list
+from jaxdream.nn.attention import dot_product_attention
+from jaxdream.nn.layers import Conv2d, GroupNorm, Linear, activation, module_list
 
 
 class Attention(nnx.Module):
   """diffusers' `Attention`: to_q/to_k/to_v, to_out.0, optional group norm and residual (VAE mid block)."""
 
-  def __init__(self, query_dim: int, *, heads: int, dim_head: int, cross_attention_dim: int | None = None,
-               bias: bool = False, upcast: bool = False, norm_num_groups: int | None = None,
-               eps: float = 1e-5, residual: bool = False, attention_impl: str = 'auto',
-               dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    query_dim: int,
+    *,
+    heads: int,
+    dim_head: int,
+    cross_attention_dim: int | None = None,
+    bias: bool = False,
+    upcast: bool = False,
+    norm_num_groups: int | None = None,
+    eps: float = 1e-5,
+    residual: bool = False,
+    attention_impl: str = 'auto',
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     inner = heads * dim_head
     kv_dim = cross_attention_dim or query_dim
-    self.group_norm = (GroupNorm(norm_num_groups, query_dim, eps=eps, dtype=dtype)
-                       if norm_num_groups else None)
+    self.group_norm = GroupNorm(norm_num_groups, query_dim, eps=eps, dtype=dtype) if norm_num_groups else None
     self.to_q = Linear(query_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
     self.to_k = Linear(kv_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
     self.to_v = Linear(kv_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
@@ -36,25 +47,39 @@ class Attention(nnx.Module):
     x = x.reshape(shape[0], -1, shape[-1])
     context = x if context is None else context
     split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, -1)
-    out = dot_product_attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)),
-                                implementation=self.attention_impl, upcast=self.upcast)
+    out = dot_product_attention(
+      split(self.to_q(x)),
+      split(self.to_k(context)),
+      split(self.to_v(context)),
+      implementation=self.attention_impl,
+      upcast=self.upcast,
+    )
     out = self.to_out[0](out.reshape(out.shape[0], out.shape[1], -1)).reshape(shape)
     return out + residual if self.residual else out
 
 
 class ResnetBlock2D(nnx.Module):
-
-  def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int | None, groups: int,
-               eps: float, act_fn: str = 'silu', output_scale_factor: float = 1.0,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    *,
+    temb_channels: int | None,
+    groups: int,
+    eps: float,
+    act_fn: str = 'silu',
+    output_scale_factor: float = 1.0,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.norm1 = GroupNorm(groups, in_channels, eps=eps, dtype=dtype)
     self.conv1 = Conv2d(in_channels, out_channels, 3, dtype=dtype, rngs=rngs)
-    self.time_emb_proj = (Linear(temb_channels, out_channels, dtype=dtype, rngs=rngs)
-                          if temb_channels else None)
+    self.time_emb_proj = Linear(temb_channels, out_channels, dtype=dtype, rngs=rngs) if temb_channels else None
     self.norm2 = GroupNorm(groups, out_channels, eps=eps, dtype=dtype)
     self.conv2 = Conv2d(out_channels, out_channels, 3, dtype=dtype, rngs=rngs)
-    self.conv_shortcut = (Conv2d(in_channels, out_channels, 1, padding=0, dtype=dtype, rngs=rngs)
-                          if in_channels != out_channels else None)
+    self.conv_shortcut = (
+      Conv2d(in_channels, out_channels, 1, padding=0, dtype=dtype, rngs=rngs) if in_channels != out_channels else None
+    )
     self.act_fn, self.output_scale_factor = act_fn, output_scale_factor
 
   def __call__(self, x, temb=None):
@@ -70,9 +95,7 @@ class ResnetBlock2D(nnx.Module):
 
 
 class Downsample2D(nnx.Module):
-
-  def __init__(self, channels: int, out_channels: int, *, padding: int, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(self, channels: int, out_channels: int, *, padding: int, dtype=jnp.float32, rngs: nnx.Rngs):
     self.conv = Conv2d(channels, out_channels, 3, stride=2, padding=padding, dtype=dtype, rngs=rngs)
     self.padding = padding
 
@@ -93,11 +116,9 @@ def upsample_nearest(x, size):
 
 
 class Upsample2D(nnx.Module):
-
   def __init__(self, channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
     self.conv = Conv2d(channels, channels, 3, dtype=dtype, rngs=rngs)
 
   def __call__(self, x, size=None):
     size = tuple(size) if size is not None else (2 * x.shape[1], 2 * x.shape[2])
     return self.conv(upsample_nearest(x, size))
-

@@ -11,8 +11,8 @@ import hashlib
 import json
 import os
 
-from jaxdream import multihost
-from jaxdream.data import list_images
+from jaxdream.distributed import multihost
+from jaxdream.io.images import list_images
 
 MANIFEST = 'manifest.json'
 
@@ -28,12 +28,22 @@ def _write_json(path: str, data):
   os.replace(tmp, path)
 
 
-def ensure_class_images(pipeline, concept: dict, *, seed: int, steps: int, guidance_scale: float,
-                        scheduler: str | None, batch_size: int, resolution: int, mesh=None,
-                        log=print) -> list[str]:
+def ensure_class_images(
+  pipeline,
+  concept: dict,
+  *,
+  seed: int,
+  steps: int,
+  guidance_scale: float,
+  scheduler: str | None,
+  batch_size: int,
+  resolution: int,
+  mesh=None,
+  log=print,
+) -> list[str]:
   """Make sure `class_dir` holds `num_class_images` images of `class_prompt`; returns their paths."""
-  from jaxdream.images import save_png
-  from jaxdream.sampling import txt2img
+  from jaxdream.diffusion.sampling import txt2img
+  from jaxdream.io.images import save_png
 
   folder, prompt, wanted = concept['class_dir'], concept['class_prompt'], concept['num_class_images']
   # With several hosts every process samples (the batch is split over the whole mesh), the primary
@@ -55,17 +65,28 @@ def ensure_class_images(pipeline, concept: dict, *, seed: int, steps: int, guida
   numbers = [n for n in range(wanted + len(made)) if n not in made][:missing]
   log(f'generating {missing} class image(s) of {prompt!r} in {folder}')
   for start in range(0, len(numbers), batch_size):
-    chunk = numbers[start:start + batch_size]
+    chunk = numbers[start : start + batch_size]
     seeds = [base + n for n in chunk]
-    images = txt2img(pipeline, [prompt] * len(chunk), num_inference_steps=steps, guidance_scale=guidance_scale,
-                     scheduler=scheduler or None, seed=seeds, height=resolution, width=resolution, mesh=mesh)
+    images = txt2img(
+      pipeline,
+      [prompt] * len(chunk),
+      num_inference_steps=steps,
+      guidance_scale=guidance_scale,
+      scheduler=scheduler or None,
+      seed=seeds,
+      height=resolution,
+      width=resolution,
+      mesh=mesh,
+    )
     if not primary:
       continue
     for n, s, image in zip(chunk, seeds, images):
       name = f'class_{n:05d}.png'
-      save_png(os.path.join(folder, name), image,
-               f'{prompt}\nSteps: {steps}, CFG scale: {guidance_scale}, Seed: {s}, '
-               f'Size: {resolution}x{resolution}')
+      save_png(
+        os.path.join(folder, name),
+        image,
+        f'{prompt}\nSteps: {steps}, CFG scale: {guidance_scale}, Seed: {s}, Size: {resolution}x{resolution}',
+      )
       manifest['images'].append({'number': n, 'file': name, 'seed': s})
     _write_json(manifest_path, manifest)  # after the images: a listed image always exists
   multihost.barrier(f'class-images:{folder}')

@@ -19,7 +19,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
+from jaxdream.io.images import list_images
+
 MAX_PIXELS = 64 * 1024 * 1024  # larger images are refused as possible decompression bombs
 
 
@@ -64,11 +65,6 @@ def check_image(path: str, min_size: int) -> str | None:
   return None
 
 
-def list_images(folder: str) -> list[str]:
-  return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                if f.lower().endswith(IMAGE_EXTS) and not f.startswith('.'))
-
-
 def scan_images(folder: str, *, min_size: int, on_bad: str) -> list[str]:
   """The usable images of a folder. Bad ones raise DataError (on_bad='fail') or are skipped with a
   warning (on_bad='skip'); either way every bad file is named."""
@@ -110,13 +106,15 @@ def resized_png(path: str, resolution: int) -> bytes:
   return buf.getvalue()
 
 
-@functools.lru_cache(maxsize=None)  # tfds registers builder classes by name: define it once
+@functools.cache  # tfds registers builder classes by name: define it once
 def _builder_class():
   import tensorflow_datasets as tfds
+
   tfds.disable_progress_bar()
 
   class DreamBoothSubjects(tfds.core.GeneratorBasedBuilder):
     """Instance and class images of a DreamBooth run, prepared by jaxdream."""
+
     VERSION = tfds.core.Version('1.0.0')
 
     def __init__(self, *, examples=None, resolution=None, **kwargs):
@@ -124,10 +122,18 @@ def _builder_class():
       super().__init__(**kwargs)
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          'png': tfds.features.Tensor(shape=(None,), dtype=np.uint8),
-          'prompt': tfds.features.Text(), 'concept': np.int32, 'index': np.int32,
-          'file': tfds.features.Text()}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            'png': tfds.features.Tensor(shape=(None,), dtype=np.uint8),
+            'prompt': tfds.features.Text(),
+            'concept': np.int32,
+            'index': np.int32,
+            'file': tfds.features.Text(),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       # tfds refuses empty splits (a run without prior preservation has no class images)
@@ -159,6 +165,7 @@ def prepare_dataset(data_dir: str, examples: dict[str, list[dict]], resolution: 
   cls = _builder_class()
   builder = cls(examples=examples, resolution=resolution, data_dir=folder, file_format='array_record')
   import absl.logging
+
   verbosity = absl.logging.get_verbosity()
   absl.logging.set_verbosity(absl.logging.WARNING)  # tfds narrates every split at INFO
   try:
@@ -183,14 +190,23 @@ def _crop_flip(png, resolution: int, center_crop: bool, flip_p: float, rng: np.r
     top, left = (h - resolution) // 2, (w - resolution) // 2
   else:
     top, left = int(rng.integers(0, h - resolution + 1)), int(rng.integers(0, w - resolution + 1))
-  im = im[top:top + resolution, left:left + resolution]
+  im = im[top : top + resolution, left : left + resolution]
   if flip_p > 0 and rng.random() < flip_p:
     im = im[:, ::-1]
   return im
 
 
-def make_iterator(source, *, batch_size: int, seed: int, resolution: int, center_crop: bool, flip_p: float,
-                  tokenize, rows: slice = slice(None)):
+def make_iterator(
+  source,
+  *,
+  batch_size: int,
+  seed: int,
+  resolution: int,
+  center_crop: bool,
+  flip_p: float,
+  tokenize,
+  rows: slice = slice(None),
+):
   """An endless, shuffled, checkpointable iterator of batches: pixels float32 NHWC in [-1, 1],
   input_ids int32, concept int32, index int32.
 
@@ -200,10 +216,14 @@ def make_iterator(source, *, batch_size: int, seed: int, resolution: int, center
   the number of hosts: each example's crop and flip depend only on (seed, batch, row).
   """
   import grain
+
   wanted = range(batch_size)[rows]
-  empty = {'pixels': np.zeros((0, resolution, resolution, 3), np.float32),
-           'input_ids': np.asarray(tokenize(['']))[:0], 'concept': np.zeros((0,), np.int32),
-           'index': np.zeros((0,), np.int32)}
+  empty = {
+    'pixels': np.zeros((0, resolution, resolution, 3), np.float32),
+    'input_ids': np.asarray(tokenize(['']))[:0],
+    'concept': np.zeros((0,), np.int32),
+    'index': np.zeros((0,), np.int32),
+  }
 
   def load(step, indices):
     out = []
@@ -212,8 +232,14 @@ def make_iterator(source, *, batch_size: int, seed: int, resolution: int, center
       rng = np.random.default_rng([seed, step, row])
       im = _crop_flip(ex['png'], resolution, center_crop, flip_p, rng)
       prompt = ex['prompt'].decode() if isinstance(ex['prompt'], bytes) else str(ex['prompt'])
-      out.append({'pixels': im.astype(np.float32) / 127.5 - 1.0, 'input_ids': np.asarray(tokenize([prompt])[0]),
-                  'concept': np.int32(ex['concept']), 'index': np.int32(ex['index'])})
+      out.append(
+        {
+          'pixels': im.astype(np.float32) / 127.5 - 1.0,
+          'input_ids': np.asarray(tokenize([prompt])[0]),
+          'concept': np.int32(ex['concept']),
+          'index': np.int32(ex['index']),
+        }
+      )
     return {k: np.stack([e[k] for e in out]) for k in empty} if out else dict(empty)
 
   ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()

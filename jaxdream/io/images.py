@@ -22,9 +22,35 @@ import numpy as np
 
 # Our scheduler names -> A1111's sampler names (A1111 >= 1.9 also reads "DPM++ 2M Karras" as sampler
 # "DPM++ 2M" with schedule type "Karras").
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
+
+
+def list_images(paths) -> list[str]:
+  """Image files of a folder, or of a list of files and folders: a folder's images sorted by name, hidden
+  files skipped; a file is taken as it is."""
+  out = []
+  for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+      out += sorted(
+        os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS) and not f.startswith('.')
+      )
+    elif os.path.exists(path):
+      out.append(path)
+    else:
+      raise FileNotFoundError(f'{path}: no such image or folder')
+  return out
+
+
 SAMPLER_NAMES = {
-    'ddpm': 'DDPM', 'ddim': 'DDIM', 'pndm': 'PLMS', 'lms': 'LMS', 'euler': 'Euler', 'euler_a': 'Euler a',
-    'dpmpp_2m': 'DPM++ 2M', 'dpmpp_2m_karras': 'DPM++ 2M Karras',
+  'ddpm': 'DDPM',
+  'ddim': 'DDIM',
+  'pndm': 'PLMS',
+  'lms': 'LMS',
+  'euler': 'Euler',
+  'euler_a': 'Euler a',
+  'dpmpp_2m': 'DPM++ 2M',
+  'dpmpp_2m_karras': 'DPM++ 2M Karras',
 }
 NEGATIVE = 'Negative prompt:'
 # One "Key: value" field of the last line, as A1111's infotext parser matches them.
@@ -41,14 +67,30 @@ def _quote(value) -> str:
   return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:\n') else text
 
 
-def format_parameters(prompt: str, negative_prompt: str = '', *, steps: int, scheduler: str,
-                      guidance: float, seed: int, width: int, height: int, model: str,
-                      strength: float | None = None) -> str:
+def format_parameters(
+  prompt: str,
+  negative_prompt: str = '',
+  *,
+  steps: int,
+  scheduler: str,
+  guidance: float,
+  seed: int,
+  width: int,
+  height: int,
+  model: str,
+  strength: float | None = None,
+) -> str:
   """The A1111 infotext of one image; `scheduler` is our name (SAMPLER_NAMES), `strength` the
   img2img/inpaint denoising strength (None for txt2img)."""
-  fields = {'Steps': steps, 'Sampler': SAMPLER_NAMES[scheduler], 'CFG scale': format_number(guidance),
-            'Seed': seed, 'Size': f'{width}x{height}', 'Model': model,
-            'Denoising strength': None if strength is None else format_number(strength)}
+  fields = {
+    'Steps': steps,
+    'Sampler': SAMPLER_NAMES[scheduler],
+    'CFG scale': format_number(guidance),
+    'Seed': seed,
+    'Size': f'{width}x{height}',
+    'Model': model,
+    'Denoising strength': None if strength is None else format_number(strength),
+  }
   line = ', '.join(f'{k}: {_quote(v)}' for k, v in fields.items() if v is not None)
   negative = f'\n{NEGATIVE} {negative_prompt}' if negative_prompt else ''
   return f'{prompt}{negative}\n{line}'.strip()
@@ -66,7 +108,7 @@ def parse_parameters(text: str) -> dict[str, str]:
   for line in lines:
     line = line.strip()
     if line.startswith(NEGATIVE):
-      in_negative, line = True, line[len(NEGATIVE):].strip()
+      in_negative, line = True, line[len(NEGATIVE) :].strip()
     (negative if in_negative else prompt).append(line)
   out = {'Prompt': '\n'.join(prompt), 'Negative prompt': '\n'.join(negative)}
   for key, value in _FIELD.findall(last):
@@ -85,6 +127,7 @@ def save_png(path: str, image, parameters: str | None = None):
   reader never sees half an image."""
   from PIL import Image
   from PIL.PngImagePlugin import PngInfo
+
   info = PngInfo()
   if parameters is not None:
     info.add_text('parameters', parameters)
@@ -103,6 +146,7 @@ def save_png(path: str, image, parameters: str | None = None):
 def read_parameters(path: str) -> str | None:
   """The `parameters` text of a PNG (None if it has none)."""
   from PIL import Image
+
   with Image.open(path) as im:
     return im.info.get('parameters')
 
@@ -126,6 +170,7 @@ def make_grid(images, rows: int, cols: int) -> np.ndarray:
 
 def _font(size: int):
   from PIL import ImageFont
+
   try:
     return ImageFont.load_default(size=size)
   except (TypeError, ImportError, OSError):  # Pillow < 10.1, or built without FreeType: fixed bitmap font
@@ -148,6 +193,7 @@ def labelled_grid(cells, col_labels=None, row_labels=None, title: str | None = N
   """An XY plot: `cells` (rows x cols nested lists of equal-size uint8 images) on a white canvas with
   a label above each column, one left of each row, and an optional title line on top."""
   from PIL import Image, ImageDraw
+
   cells = np.asarray(cells)
   rows, cols, h, w = cells.shape[:4]
   size = max(12, min(h, w) // 16)

@@ -13,7 +13,8 @@ import math
 
 import jax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # Tensor parallelism over output features, conv output channels and the vocabulary. Not the default.
 # (Its gradients used to disagree with the single-device step: an XLA bug, see partition_spec.)
@@ -53,8 +54,7 @@ def partition_spec(shape, names, mesh, rules=DEFAULT_RULES, fsdp_min_size: int =
       # matmul/conv wrong (batch rows swapped between devices) when the weight's contracted dim is on
       # 'tensor', its other dim on 'fsdp' and the batch on ('data', 'fsdp'): the input gradient of
       # every (fsdp, tensor) kernel. Tensor-major, so gathering over 'fsdp' leaves the tensor shard.
-      dims = [i for i in range(len(shape))
-              if spec[i] is not None and shape[i] % (mesh.shape[spec[i]] * n) == 0]
+      dims = [i for i in range(len(shape)) if spec[i] is not None and shape[i] % (mesh.shape[spec[i]] * n) == 0]
       if dims:
         i = max(dims, key=lambda i: shape[i])
         spec[i] = (spec[i], 'fsdp')
@@ -67,8 +67,9 @@ def partition_spec(shape, names, mesh, rules=DEFAULT_RULES, fsdp_min_size: int =
 
 def param_shardings(flat: dict, axes: dict, mesh, rules=DEFAULT_RULES, fsdp_min_size: int = 1024) -> dict:
   """{path: NamedSharding} for a flat parameter dict."""
-  return {k: NamedSharding(mesh, partition_spec(v.shape, axes.get(k), mesh, rules, fsdp_min_size))
-          for k, v in flat.items()}
+  return {
+    k: NamedSharding(mesh, partition_spec(v.shape, axes.get(k), mesh, rules, fsdp_min_size)) for k, v in flat.items()
+  }
 
 
 def state_shardings(state, trainable_shardings: dict, mesh):
@@ -97,7 +98,7 @@ def process_rows(sharding, total: int) -> slice:
   stops = [total if i[0].stop is None else i[0].stop for i in index]
   rows = slice(min(starts), max(stops))
   if sum(b - a for a, b in set(zip(starts, stops))) != rows.stop - rows.start:
-    raise ValueError(f'this process\'s batch rows are not contiguous under {sharding}')
+    raise ValueError(f"this process's batch rows are not contiguous under {sharding}")
   return rows
 
 

@@ -1,15 +1,13 @@
-"""The `jaxdream` command line."""
+"""`jaxdream demo`, `inspect` and `sample`: model folders, txt2img/img2img/inpainting, XYZ sweeps."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
 import math
 import os
 import random
-import sys
 import time
 
 
@@ -21,8 +19,8 @@ def _demo(args):
   from flax import nnx
   from PIL import Image
 
-  from jaxdream import load_pipeline
-  from jaxdream.tiny_model import create_tiny_pipeline
+  from jaxdream.diffusion.pipeline import load_pipeline
+  from jaxdream.diffusion.tiny_model import create_tiny_pipeline
 
   model_dir = os.path.join(args.out, 'tiny-sd')
   t0 = time.perf_counter()
@@ -43,8 +41,10 @@ def _demo(args):
   latents = jax.random.normal(jax.random.key(0), (1, h // f, w // f, pipe.unet.config['in_channels']))
   t0 = time.perf_counter()
   context, eps, image = jax.block_until_ready(run(pipe.text_encoder, pipe.unet, pipe.vae, ids, latents))
-  print(f'text embeddings {context.shape}, UNet output {eps.shape}, decoded image {image.shape} '
-        f'({time.perf_counter() - t0:.1f} s including compilation)')
+  print(
+    f'text embeddings {context.shape}, UNet output {eps.shape}, decoded image {image.shape} '
+    f'({time.perf_counter() - t0:.1f} s including compilation)'
+  )
   png = os.path.join(args.out, 'demo_decoded.png')
   Image.fromarray(np.asarray((jnp.clip(image[0], -1, 1) + 1) * 127.5, np.uint8)).save(png)
   print(f'wrote {png}')
@@ -52,7 +52,7 @@ def _demo(args):
 
 def _inspect(args):
   """Load a diffusers model folder and print its parts and parameter counts."""
-  from jaxdream import load_pipeline
+  from jaxdream.diffusion.pipeline import load_pipeline
   from jaxdream.models import count_params
 
   pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
@@ -64,12 +64,15 @@ def _inspect(args):
 
 # What `--sweep KEY=...` can vary, and how its values are read.
 SWEEP_KEYS = {'guidance': float, 'steps': int, 'seed': int, 'scheduler': str, 'strength': float, 'prompt': str}
+
+
 _PIPELINES = {}  # the last model loaded, so that in-process callers (tests, notebooks) reuse its compiled loops
 
 
 @dataclasses.dataclass(frozen=True)
 class _Job:
   """One sampling call: the settings that a sweep axis can vary (field names are SWEEP_KEYS)."""
+
   prompt: str
   guidance: float
   steps: int
@@ -84,13 +87,15 @@ class _Axis:
   values: tuple
 
   def label(self, value) -> str:
-    from jaxdream.images import format_number
+    from jaxdream.io.images import format_number
+
     return f'{self.key}: {format_number(value) if isinstance(value, float) else value}'
 
 
 class _StepCounter:
   """The progress callback compiled into the sampling loop. A compiled loop keeps the callback it was
   built with, so this one object serves every run and forwards to the current run's bar."""
+
   bar = None
 
   def __call__(self, _step):
@@ -112,12 +117,14 @@ def _parse_sweep(text: str) -> _Axis:
   try:
     return _Axis(key, tuple(SWEEP_KEYS[key](v) for v in parts))
   except ValueError:
-    raise ValueError(f'--sweep {text!r}: {key} values must be {SWEEP_KEYS[key].__name__}s; '
-                     f'valid keys: {", ".join(SWEEP_KEYS)}') from None
+    raise ValueError(
+      f'--sweep {text!r}: {key} values must be {SWEEP_KEYS[key].__name__}s; valid keys: {", ".join(SWEEP_KEYS)}'
+    ) from None
 
 
 def _open_image(path: str, flag: str, mode: str):
   from PIL import Image
+
   if not os.path.isfile(path):
     raise ValueError(f'{flag} {path}: no such file')
   try:
@@ -131,9 +138,13 @@ def _model_info(path: str):
   """(VAE factor, default (height, width), scheduler config) from a model folder's configs alone, so
   that arguments are checked before any weights are read."""
   from jaxdream.models import AutoencoderKL, WeightsError, read_config
+
   if not os.path.isfile(os.path.join(path, 'model_index.json')):
-    raise WeightsError(f'{path}: no such model folder' if not os.path.isdir(path) else
-                       f'{path}: no model_index.json; not a diffusers model folder')
+    raise WeightsError(
+      f'{path}: no such model folder'
+      if not os.path.isdir(path)
+      else f'{path}: no model_index.json; not a diffusers model folder'
+    )
   vae = AutoencoderKL.resolve_config(read_config(os.path.join(path, 'vae')))
   f = 2 ** (len(vae['block_out_channels']) - 1)
   s = read_config(os.path.join(path, 'unet')).get('sample_size') or 64  # as Pipeline.default_size
@@ -144,6 +155,7 @@ def _model_info(path: str):
 def _check_job(job: _Job, scheduler_config: dict, num_images: int) -> int:
   """Raise ValueError for a bad setting; return how many steps the job runs (for the progress bar)."""
   from jaxdream.schedulers import make_scheduler
+
   if job.steps < 1:
     raise ValueError(f'steps must be at least 1, got {job.steps}')
   if not 0 <= job.guidance < math.inf:
@@ -159,6 +171,7 @@ def _check_job(job: _Job, scheduler_config: dict, num_images: int) -> int:
 @dataclasses.dataclass
 class _Plan:
   """A checked `sample` command: what to generate, at which size, from which inputs."""
+
   jobs: list
   axes: list
   size: tuple
@@ -171,6 +184,7 @@ class _Plan:
 def _plan(args) -> _Plan:
   """Check every argument against the model's configs, reading no weights and compiling nothing."""
   from jaxdream.schedulers import scheduler_name_for_config
+
   if args.mask and not args.init_image:
     raise ValueError('--mask needs --init-image (the image to paint into)')
   if args.num_images < 1:
@@ -196,14 +210,20 @@ def _plan(args) -> _Plan:
   w = w if args.width is None else args.width
   for flag, v in (('--height', h), ('--width', w)):
     if v <= 0 or v % f:
-      raise ValueError(f'{flag} {v}: must be a positive multiple of {f} (this model\'s VAE downsampling factor)')
-  base = _Job(prompt=args.prompt, guidance=args.guidance, steps=args.steps,
-              seed=random.randrange(2**32 - args.num_images) if args.seed is None else args.seed,
-              scheduler=args.scheduler or scheduler_name_for_config(scheduler_config),
-              strength=args.strength if args.strength is not None else 1.0 if mask else 0.8 if init else None)
+      raise ValueError(f"{flag} {v}: must be a positive multiple of {f} (this model's VAE downsampling factor)")
+  base = _Job(
+    prompt=args.prompt,
+    guidance=args.guidance,
+    steps=args.steps,
+    seed=random.randrange(2**32 - args.num_images) if args.seed is None else args.seed,
+    scheduler=args.scheduler or scheduler_name_for_config(scheduler_config),
+    strength=args.strength if args.strength is not None else 1.0 if mask else 0.8 if init else None,
+  )
   # Z outermost, X innermost: the order in which images are numbered and grids filled.
-  jobs = [dataclasses.replace(base, **dict(zip(keys[::-1], combo)))
-          for combo in itertools.product(*(a.values for a in axes[::-1]))]
+  jobs = [
+    dataclasses.replace(base, **dict(zip(keys[::-1], combo)))
+    for combo in itertools.product(*(a.values for a in axes[::-1]))
+  ]
   total = sum(_check_job(job, scheduler_config, args.num_images) for job in jobs)
   return _Plan(jobs=jobs, axes=axes, size=(h, w), init=init, mask=mask, total_steps=total, mesh=_sample_mesh(args))
 
@@ -212,7 +232,8 @@ def _sample_mesh(args):
   """The mesh whose 'data' axis splits each batch (None: one device)."""
   import jax
 
-  from jaxdream.mesh import make_mesh
+  from jaxdream.distributed.mesh import make_mesh
+
   n = jax.device_count() if args.devices == -1 else args.devices
   if not 1 <= n <= jax.device_count():
     raise ValueError(f'--devices {args.devices}: this machine has {jax.device_count()} device(s)')
@@ -220,7 +241,8 @@ def _sample_mesh(args):
 
 
 def _load_cached(path: str, allow_pickle: bool):
-  from jaxdream import load_pipeline
+  from jaxdream.diffusion.pipeline import load_pipeline
+
   index = os.path.join(path, 'model_index.json')
   key = (os.path.realpath(path), allow_pickle, os.stat(index).st_mtime_ns if os.path.exists(index) else 0)
   if key not in _PIPELINES:
@@ -230,10 +252,20 @@ def _load_cached(path: str, allow_pickle: bool):
 
 
 def _run_job(pipe, job: _Job, plan: _Plan, args):
-  from jaxdream import sampling
-  kw = dict(negative_prompts=[args.negative_prompt], num_inference_steps=job.steps,
-            guidance_scale=job.guidance, scheduler=job.scheduler, seed=job.seed, height=plan.size[0],
-            width=plan.size[1], num_images_per_prompt=args.num_images, progress=_ON_STEP, mesh=plan.mesh)
+  from jaxdream.diffusion import sampling
+
+  kw = dict(
+    negative_prompts=[args.negative_prompt],
+    num_inference_steps=job.steps,
+    guidance_scale=job.guidance,
+    scheduler=job.scheduler,
+    seed=job.seed,
+    height=plan.size[0],
+    width=plan.size[1],
+    num_images_per_prompt=args.num_images,
+    progress=_ON_STEP,
+    mesh=plan.mesh,
+  )
   if plan.mask is not None:
     return sampling.inpaint(pipe, [job.prompt], plan.init, plan.mask, strength=job.strength, **kw)
   if plan.init is not None:
@@ -246,7 +278,7 @@ def _sample(args):
   import numpy as np
   from tqdm import tqdm
 
-  from jaxdream.images import format_parameters, grid_shape, make_grid, save_png
+  from jaxdream.io.images import format_parameters, grid_shape, make_grid, save_png
 
   plan = _plan(args)
   t0 = time.perf_counter()
@@ -261,9 +293,20 @@ def _sample(args):
     for job in plan.jobs:
       results.append(_run_job(pipe, job, plan, args))
       for b, image in enumerate(results[-1]):
-        texts.append(format_parameters(
-            job.prompt, args.negative_prompt, steps=job.steps, scheduler=job.scheduler, guidance=job.guidance,
-            seed=job.seed + b, width=plan.size[1], height=plan.size[0], model=model, strength=job.strength))
+        texts.append(
+          format_parameters(
+            job.prompt,
+            args.negative_prompt,
+            steps=job.steps,
+            scheduler=job.scheduler,
+            guidance=job.guidance,
+            seed=job.seed + b,
+            width=plan.size[1],
+            height=plan.size[0],
+            model=model,
+            strength=job.strength,
+          )
+        )
         save_png(os.path.join(args.out, f'{len(texts) - 1:05d}.png'), image, texts[-1])
   finally:
     _ON_STEP.bar.close()
@@ -276,192 +319,78 @@ def _sample(args):
   for name, grid in grids.items():
     save_png(os.path.join(args.out, name), grid, texts[0])  # grids carry the first image's parameters, as in A1111
   names = '00000.png' if n == 1 else f'00000.png .. {n - 1:05d}.png'
-  print(f'wrote {n} image{"s" * (n > 1)} to {args.out}{os.sep} ({names}) and {", ".join(grids)} '
-        f'in {time.perf_counter() - t0:.1f} s')
+  print(
+    f'wrote {n} image{"s" * (n > 1)} to {args.out}{os.sep} ({names}) and {", ".join(grids)} '
+    f'in {time.perf_counter() - t0:.1f} s'
+  )
   return 0
 
 
 def _xyz_grids(axes: list, cells: list) -> dict:
   """One labelled grid image per Z value: a row per Y value, a column per X value."""
-  from jaxdream.images import labelled_grid
+  from jaxdream.io.images import labelled_grid
+
   x, y, z = (axes + [None, None])[:3]
   nx, ny = len(x.values), len(y.values) if y else 1
   grids = {}
   for k, zv in enumerate(z.values if z else [None]):
-    block = cells[k * nx * ny:(k + 1) * nx * ny]
+    block = cells[k * nx * ny : (k + 1) * nx * ny]
     grids[f'xyz_grid_z{k}.png' if z else 'xyz_grid.png'] = labelled_grid(
-        [block[r * nx:(r + 1) * nx] for r in range(ny)], [x.label(v) for v in x.values],
-        [y.label(v) for v in y.values] if y else None, z.label(zv) if z else None)
+      [block[r * nx : (r + 1) * nx] for r in range(ny)],
+      [x.label(v) for v in x.values],
+      [y.label(v) for v in y.values] if y else None,
+      z.label(zv) if z else None,
+    )
   return grids
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog='jaxdream', description='DreamBooth fine-tuning and sampling in JAX')
-  sub = p.add_subparsers(dest='command', required=True)
-  sub.add_parser('train', help='DreamBooth fine-tuning: jaxdream train --config FILE --workdir DIR '
-                 '[--config.key=value ...]', add_help=False)
-  d = sub.add_parser('demo', help='create a tiny local model and run every part of it once')
-  d.add_argument('--out', default='outputs/demo', help='output folder')
-  d.add_argument('--prompt', default='a photo of sks dog')
-  d.set_defaults(fn=_demo)
-  i = sub.add_parser('inspect', help='load a diffusers model folder and print its parts')
-  i.add_argument('--model', required=True, help='diffusers-format model folder')
-  i.add_argument('--allow-pickle', action='store_true',
-                 help='also load pickle (.bin/.ckpt) weights; they can run code when loaded')
-  i.set_defaults(fn=_inspect)
-  _add_sample_parser(sub)
-  _add_vlm_parsers(sub)
-  return p
-
-
 def _add_sample_parser(sub):
-  from jaxdream.images import SAMPLER_NAMES
+  from jaxdream.io.images import SAMPLER_NAMES
+
   s = sub.add_parser(
-      'sample', help='generate images: txt2img, img2img (--init-image), inpainting (--mask), XYZ sweeps',
-      description='Generate images from a diffusers-format model folder. Each image is written as a PNG '
-                  'carrying its generation parameters as AUTOMATIC1111 / SD.Next write them (PNG Info reads '
-                  'them back), together with grid.png of all images. Files of an earlier run in the same '
-                  '--out folder are replaced.')
+    'sample',
+    help='generate images: txt2img, img2img (--init-image), inpainting (--mask), XYZ sweeps',
+    description='Generate images from a diffusers-format model folder. Each image is written as a PNG '
+    'carrying its generation parameters as AUTOMATIC1111 / SD.Next write them (PNG Info reads '
+    'them back), together with grid.png of all images. Files of an earlier run in the same '
+    '--out folder are replaced.',
+  )
   s.add_argument('--model', required=True, help='diffusers-format model folder')
   s.add_argument('--prompt', required=True)
   s.add_argument('--negative-prompt', default='')
   s.add_argument('--steps', type=int, default=20, help='number of denoising steps (default 20)')
   s.add_argument('--guidance', type=float, default=7.5, help='classifier-free guidance scale (default 7.5)')
-  s.add_argument('--scheduler', help=f'one of {", ".join(SAMPLER_NAMES)} (default: the model folder\'s own)')
+  s.add_argument('--scheduler', help=f"one of {', '.join(SAMPLER_NAMES)} (default: the model folder's own)")
   s.add_argument('--seed', type=int, help='seed of the first image; image b gets seed + b (default: random)')
   s.add_argument('--num-images', type=int, default=1, help='images per setting (default 1)')
-  s.add_argument('--height', type=int, help='image height, a multiple of the VAE factor (default: the '
-                                            'model\'s size, or the init image\'s)')
+  s.add_argument(
+    '--height',
+    type=int,
+    help="image height, a multiple of the VAE factor (default: the model's size, or the init image's)",
+  )
   s.add_argument('--width', type=int, help='image width (as --height)')
   s.add_argument('--init-image', help='start from this image (img2img; with --mask: inpainting)')
-  s.add_argument('--strength', type=float,
-                 help='denoising strength in [0, 1] with --init-image (default 0.8; 1.0 with --mask)')
+  s.add_argument(
+    '--strength', type=float, help='denoising strength in [0, 1] with --init-image (default 0.8; 1.0 with --mask)'
+  )
   s.add_argument('--mask', help='inpainting mask image: white (>= 50%%) is repainted; needs --init-image')
   s.add_argument('--out', required=True, help='output folder')
-  s.add_argument('--devices', type=int, default=1,
-                 help='split each batch of images over this many devices (-1: all of them; default 1)')
-  s.add_argument('--sweep', action='append', metavar='KEY=V1,V2,...',
-                 help=f'an XYZ plot axis; give one to three (X, Y, Z) and every combination is generated, with '
-                      f'one labelled grid per Z value (xyz_grid.png, or xyz_grid_z0.png, ...). KEY: '
-                      f'{", ".join(SWEEP_KEYS)}. Values are separated by commas, or by "|" when the text '
-                      f'has one (for prompts with commas: --sweep "prompt=a dog, oil|a cat, photo")')
-  s.add_argument('--allow-pickle', action='store_true',
-                 help='also load pickle (.bin/.ckpt) weights; they can run code when loaded')
+  s.add_argument(
+    '--devices',
+    type=int,
+    default=1,
+    help='split each batch of images over this many devices (-1: all of them; default 1)',
+  )
+  s.add_argument(
+    '--sweep',
+    action='append',
+    metavar='KEY=V1,V2,...',
+    help=f'an XYZ plot axis; give one to three (X, Y, Z) and every combination is generated, with '
+    f'one labelled grid per Z value (xyz_grid.png, or xyz_grid_z0.png, ...). KEY: '
+    f'{", ".join(SWEEP_KEYS)}. Values are separated by commas, or by "|" when the text '
+    f'has one (for prompts with commas: --sweep "prompt=a dog, oil|a cat, photo")',
+  )
+  s.add_argument(
+    '--allow-pickle', action='store_true', help='also load pickle (.bin/.ckpt) weights; they can run code when loaded'
+  )
   s.set_defaults(fn=_sample)
-
-
-_VLM = {}  # the last Kosmos-2 folder loaded, so that in-process callers reuse its compiled generation
-
-
-def _load_vlm(args):
-  import jax.numpy as jnp
-
-  from jaxdream import vlm
-  key = (os.path.abspath(args.model), args.dtype)
-  if key not in _VLM:
-    _VLM.clear()
-    _VLM[key] = vlm.load(args.model, dtype=jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32)
-  return _VLM[key]
-
-
-def _vlm_generation(args) -> dict:
-  return dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, batch_size=args.batch_size)
-
-
-def _caption(args):
-  """Caption and ground images with Kosmos-2; optionally JSON, annotated copies and caption sidecars."""
-  import re
-
-  from jaxdream import vlm
-  paths = vlm.list_images(args.images)
-  if not paths:
-    raise FileNotFoundError(f'no images in {", ".join(args.images)}')
-  results = vlm.caption(_load_vlm(args), paths, prompt=args.prompt, heatmaps=bool(args.heatmaps),
-                        **_vlm_generation(args))
-  records = []
-  for path, r in zip(paths, results):
-    stem = os.path.splitext(os.path.basename(path))[0]
-    print(f'{path}: {r["text"]}')
-    for phrase, _, boxes in r['entities']:
-      print(f'  {phrase}: ' + '; '.join('(' + ', '.join(f'{v:.3f}' for v in b) + ')' for b in boxes))
-    if args.draw:
-      os.makedirs(args.draw, exist_ok=True)
-      vlm.draw_entities(path, r['entities']).save(os.path.join(args.draw, f'{stem}.png'))
-    if args.heatmaps:
-      os.makedirs(args.heatmaps, exist_ok=True)
-      for k, (phrase, heat) in enumerate(r['heatmaps']):
-        name = re.sub(r'[^A-Za-z0-9]+', '_', phrase).strip('_')
-        vlm.draw_heatmap(path, heat).save(os.path.join(args.heatmaps, f'{stem}_{k}_{name}.png'))
-    if args.write_captions is not None:  # DreamBooth caption sidecars: DIR, or next to each image
-      folder = args.write_captions or os.path.dirname(path)
-      os.makedirs(folder, exist_ok=True)
-      with open(os.path.join(folder, f'{stem}.txt'), 'w') as f:
-        f.write(r['text'])
-    records.append(dict(image=path, generated_text=r['generated_text'], text=r['text'],
-                        entities=[dict(phrase=p, span=list(s), boxes=[list(b) for b in bs])
-                                  for p, s, bs in r['entities']]))
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(records, f, indent=2)
-
-
-def _check_subject(args):
-  """Whether a subject phrase is grounded in each image of a (DreamBooth) folder: a JSON summary."""
-  from jaxdream import vlm
-  paths = vlm.list_images(args.images)
-  if not paths:
-    raise FileNotFoundError(f'no images in {", ".join(args.images)}')
-  summary = vlm.check_subject(_load_vlm(args), paths, args.phrase, mode=args.mode, **_vlm_generation(args))
-  print(json.dumps(summary, indent=2))
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(summary, f, indent=2)
-
-
-def _add_vlm_parsers(sub):
-  def common(parser):
-    parser.add_argument('--model', required=True, help='transformers-format Kosmos-2 folder')
-    parser.add_argument('--max-new-tokens', type=int, default=64)
-    parser.add_argument('--num-beams', type=int, default=1, help='beam search width (default 1: greedy)')
-    parser.add_argument('--batch-size', type=int, default=8, help='images per generation batch')
-    parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='compute dtype')
-    parser.add_argument('--json', metavar='FILE', help='also write the results to this JSON file')
-
-  c = sub.add_parser('caption', help='caption images and ground their phrases with boxes (Kosmos-2)')
-  common(c)
-  c.add_argument('images', nargs='+', help='image files or folders of images')
-  c.add_argument('--prompt', default='<grounding>An image of',
-                 help='prompt the caption continues; <grounding> asks for boxes (default: %(default)s)')
-  c.add_argument('--draw', metavar='DIR', help='write PNG copies with the boxes and phrases drawn on them')
-  c.add_argument('--heatmaps', metavar='DIR',
-                 help='write, per grounded phrase, the image with where its tokens attended overlaid')
-  c.add_argument('--write-captions', metavar='DIR', nargs='?', const='',
-                 help='write <image stem>.txt caption sidecars (the clean caption) into DIR, or next to each '
-                      'image when no DIR is given, for DreamBooth training')
-  c.set_defaults(fn=_caption)
-  s = sub.add_parser('check-subject', help='check that a subject phrase is grounded in each image (Kosmos-2)')
-  common(s)
-  s.add_argument('--images', required=True, nargs='+', help='folder(s) or files of images')
-  s.add_argument('--phrase', required=True, help='the subject, e.g. "dog"')
-  s.add_argument('--mode', choices=('caption', 'refer'), default='caption',
-                 help="caption: the phrase must appear among a free caption's grounded entities; refer: ask "
-                      'the model where the phrase is (default: %(default)s)')
-  s.set_defaults(fn=_check_subject)
-
-
-def main(argv=None):
-  argv = sys.argv[1:] if argv is None else list(argv)
-  if argv[:1] == ['train']:  # absl flags with ml_collections config overrides: its own parser
-    from jaxdream.train import main as train_main
-    return train_main(argv[1:])
-  args = build_parser().parse_args(argv)
-  from jaxdream.models import ConfigError, WeightsError
-  try:
-    return args.fn(args)
-  except (WeightsError, ConfigError, FileNotFoundError, ValueError) as e:
-    print(f'jaxdream {args.command}: error: {e}', file=sys.stderr)
-    return 2
-
-
-if __name__ == '__main__':
-  sys.exit(main())

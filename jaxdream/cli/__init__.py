@@ -1,0 +1,3 @@
+"""The `jaxdream` command: one module per command group (main.py dispatches)."""
+
+from jaxdream.cli.main import main  # noqa: F401

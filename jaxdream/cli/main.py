@@ -1,0 +1,52 @@
+"""The `jaxdream` command line: one parser, each command group in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxdream.cli.sample import _add_sample_parser, _demo, _inspect
+from jaxdream.cli.vlm import _add_vlm_parsers
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog='jaxdream', description='DreamBooth fine-tuning and sampling in JAX')
+  sub = p.add_subparsers(dest='command', required=True)
+  sub.add_parser(
+    'train',
+    help='DreamBooth fine-tuning: jaxdream train --config FILE --workdir DIR [--config.key=value ...]',
+    add_help=False,
+  )
+  d = sub.add_parser('demo', help='create a tiny local model and run every part of it once')
+  d.add_argument('--out', default='outputs/demo', help='output folder')
+  d.add_argument('--prompt', default='a photo of sks dog')
+  d.set_defaults(fn=_demo)
+  i = sub.add_parser('inspect', help='load a diffusers model folder and print its parts')
+  i.add_argument('--model', required=True, help='diffusers-format model folder')
+  i.add_argument(
+    '--allow-pickle', action='store_true', help='also load pickle (.bin/.ckpt) weights; they can run code when loaded'
+  )
+  i.set_defaults(fn=_inspect)
+  _add_sample_parser(sub)
+  _add_vlm_parsers(sub)
+  return p
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ['train']:  # absl flags with ml_collections config overrides: its own parser
+    from jaxdream.cli.train import main as train_main
+
+    return train_main(argv[1:])
+  args = build_parser().parse_args(argv)
+  from jaxdream.models import ConfigError, WeightsError
+
+  try:
+    return args.fn(args)
+  except (WeightsError, ConfigError, FileNotFoundError, ValueError) as e:
+    print(f'jaxdream {args.command}: error: {e}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+  sys.exit(main())

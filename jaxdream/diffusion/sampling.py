@@ -1,0 +1,462 @@
+"""Sampling: txt2img, img2img and inpainting with classifier-free guidance, one compiled loop each.
+
+The whole denoising loop (text encoding, every UNet step, the scheduler, VAE decoding) is one jitted
+function. Conditional and unconditional passes are one batched UNet call. Prompts (as token ids), seeds,
+guidance scale and strength are traced values, so new prompts, seeds or guidance never recompile; a new
+image size, batch size, step count or scheduler does.
+
+Randomness is per image: image b draws everything (initial noise, VAE posterior samples, ancestral step
+noise) from `jax.random.key(seeds[b])`, so an image depends only on its own seed and prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxdream.distributed.mesh import as_auto
+from jaxdream.distributed.multihost import run_together, to_global, to_host
+from jaxdream.schedulers import make_scheduler
+
+# Streams derived from an image's seed, so that adding a feature never shifts another stream.
+_NOISE, _ENCODE, _MASKED_ENCODE, _STEPS = 0, 1, 2, 3
+
+
+def image_keys(seeds: Sequence[int], stream: int):
+  """One key per image for the given purpose (_NOISE, _ENCODE, ...)."""
+  return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), stream))(jnp.asarray(seeds, jnp.uint32))
+
+
+def image_noise(seeds: Sequence[int], shape: tuple[int, ...], stream: int = _NOISE):
+  """Standard-normal arrays (B, *shape), image b's drawn from its own seed."""
+  return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(image_keys(seeds, stream))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mode:
+  cfg: bool  # classifier-free guidance (guidance_scale > 1), as diffusers decides
+  init: str  # 'noise' (txt2img), 'image' (img2img / inpaint with strength < 1), 'noise_full' (inpaint)
+  blend: bool  # 4-channel inpainting: re-impose the known region after every step
+  unet_mask: bool  # 9-channel inpainting UNet: mask and masked-image latents are UNet inputs
+  progress: bool
+
+
+def _sampler(pipeline, sch, mode: _Mode):
+  """The jitted loop for one pipeline, schedule and mode (cached on the pipeline)."""
+  key = (
+    sch.name,
+    json.dumps(sch.config, sort_keys=True, default=str),
+    sch.num_inference_steps,
+    getattr(sch, 'eta', 0.0),
+    mode,
+  )
+  cache = pipeline.cache.setdefault('sampler', {})
+  if key in cache:
+    return cache[key]
+  te_def, _ = nnx.split(pipeline.text_encoder)
+  unet_def, _ = nnx.split(pipeline.unet)
+  vae_def, _ = nnx.split(pipeline.vae)
+  timesteps = jnp.asarray(sch.timesteps)
+  n = sch.num_steps
+  per_image_step = jax.vmap(sch.step, in_axes=(0, 0, None, 0, 0))
+  per_image_noise = jax.vmap(sch.add_noise, in_axes=(0, 0, None))
+
+  def run(params, cond_ids, uncond_ids, noise, step_keys, guidance, start, image_latents, mask, masked_latents):
+    te = nnx.merge(te_def, params['text_encoder'])
+    unet = nnx.merge(unet_def, params['unet'])
+    vae = nnx.merge(vae_def, params['vae'])
+    context = te(jnp.concatenate([uncond_ids, cond_ids]) if mode.cfg else cond_ids)
+    if mode.init == 'image':
+      x = per_image_noise(image_latents, noise, start)
+    else:
+      x = noise * sch.init_noise_sigma
+    state = jax.vmap(sch.init_state)(x)
+
+    def body(i, carry):
+      x, state = carry
+      inp = sch.scale_model_input(x, i)
+      if mode.unet_mask:
+        inp = jnp.concatenate([inp, mask, masked_latents], axis=-1)
+      if mode.cfg:
+        inp = jnp.concatenate([inp, inp])
+      t = jnp.broadcast_to(timesteps[i], (inp.shape[0],))
+      eps = unet(inp, t, context).astype(jnp.float32)
+      if mode.cfg:
+        uncond, cond = jnp.split(eps, 2)
+        eps = uncond + guidance * (cond - uncond)
+      keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(step_keys, i)
+      x, state = per_image_step(state, eps, i, x, keys)
+      if mode.blend:  # known region: the original latents noised to the next step's level
+        known = jnp.where(i < n - 1, per_image_noise(image_latents, noise, jnp.minimum(i + 1, n - 1)), image_latents)
+        x = (1.0 - mask) * known + mask * x
+      if mode.progress:  # looked up per call: the compiled loop is shared by every callback
+        jax.debug.callback(lambda i: pipeline.cache['progress'](i), i)
+      return x, state
+
+    x, _ = jax.lax.fori_loop(start, n, body, (x, state))
+    images = vae.decode(x / vae.scaling_factor + vae.shift_factor).astype(jnp.float32)
+    return jnp.round(jnp.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
+
+  fn = jax.jit(run)
+  cache[key] = fn
+  return fn
+
+
+def _encode(pipeline, images, seeds, stream):
+  """Scaled latents of NHWC images, sampled from the VAE posterior with each image's own noise."""
+  fn = pipeline.cache.get('encode')
+  if fn is None:
+    vae_def, _ = nnx.split(pipeline.vae)
+
+    @jax.jit
+    def fn(params, images, noise):
+      vae = nnx.merge(vae_def, params)
+      dist = vae.encode(images)
+      return (dist.mean + dist.std * noise - vae.shift_factor) * vae.scaling_factor
+
+    pipeline.cache['encode'] = fn
+  f, c = pipeline.vae_scale_factor, pipeline.vae.latent_channels
+  shape = (images.shape[1] // f, images.shape[2] // f, c)
+  return fn(nnx.split(pipeline.vae)[1], jnp.asarray(images), image_noise(seeds, shape, stream))
+
+
+def _params(pipeline):
+  return {name: nnx.split(getattr(pipeline, name))[1] for name in ('text_encoder', 'unet', 'vae')}
+
+
+def _expand(prompts, num_images_per_prompt, what):
+  if isinstance(prompts, str):
+    prompts = [prompts]
+  prompts = list(prompts)
+  if not prompts:
+    raise ValueError(f'{what}: give at least one prompt')
+  return [p for p in prompts for _ in range(num_images_per_prompt)]
+
+
+def _seeds(seed, batch):
+  seeds = [seed + b for b in range(batch)] if isinstance(seed, (int, np.integer)) else list(seed)
+  if len(seeds) != batch:
+    raise ValueError(f'{len(seeds)} seeds for {batch} images: give one seed per image, or one int')
+  return seeds
+
+
+def _check_size(pipeline, height, width):
+  dh, dw = pipeline.default_size
+  height, width = height or dh, width or dw
+  f = pipeline.vae_scale_factor
+  if height % f or width % f:
+    raise ValueError(f"height and width must be multiples of {f} (this model's VAE factor), got {height}x{width}")
+  return height, width
+
+
+def _as_list(items, batch_ndims) -> list:
+  """One image, a list of them, or a batched array (ndim in `batch_ndims`) as a list."""
+  if isinstance(items, np.ndarray) and items.ndim in batch_ndims:
+    return list(items)
+  return list(items) if isinstance(items, (list, tuple)) else [items]
+
+
+def _to_images(images, height, width) -> np.ndarray:
+  """Images as float32 NHWC in [-1, 1]: uint8 arrays (B,H,W,3), PIL images or paths, resized if needed."""
+  from PIL import Image
+
+  out = []
+  for im in _as_list(images, (4,)):
+    if isinstance(im, str):
+      im = Image.open(im)
+    if isinstance(im, Image.Image):
+      im = np.asarray(
+        im.convert('RGB').resize((width, height), Image.LANCZOS) if im.size != (width, height) else im.convert('RGB')
+      )
+    im = np.asarray(im)
+    if im.shape[:2] != (height, width):
+      im = np.asarray(Image.fromarray(im.astype(np.uint8)).resize((width, height), Image.LANCZOS))
+    out.append(im.astype(np.float32) / 127.5 - 1.0)
+  return np.stack(out)
+
+
+def _to_masks(masks, height, width) -> np.ndarray:
+  """Masks as float32 (B,H,W,1), 1 where to paint: binarised at 0.5 like diffusers' mask processor."""
+  from PIL import Image
+
+  out = []
+  for m in _as_list(masks, (3, 4)):
+    if isinstance(m, str):
+      m = Image.open(m)
+    if isinstance(m, Image.Image):
+      m = m.convert('L')
+      m = np.asarray(m.resize((width, height), Image.LANCZOS) if m.size != (width, height) else m)
+    m = np.asarray(m, np.float32)
+    if m.ndim == 3:
+      m = m.mean(-1)
+    if m.max() > 1.0:
+      m = m / 255.0
+    out.append((m >= 0.5).astype(np.float32)[..., None])
+  return np.stack(out)
+
+
+def _generate(
+  pipeline,
+  prompts,
+  negative_prompts,
+  *,
+  num_images_per_prompt,
+  num_inference_steps,
+  guidance_scale,
+  scheduler,
+  seed,
+  height,
+  width,
+  latents,
+  eta,
+  mesh,
+  progress,
+  init_images=None,
+  masks=None,
+  strength=1.0,
+):
+  prompts = _expand(prompts, num_images_per_prompt, 'prompts')
+  b = len(prompts)
+  negatives = (
+    [''] * b if negative_prompts is None else _expand(negative_prompts, num_images_per_prompt, 'negative_prompts')
+  )
+  if len(negatives) != b:
+    raise ValueError(f'{len(negatives)} negative prompts for {b} prompts')
+  if init_images is not None and height is None and width is None:
+    h0, w0 = _first_size(init_images)
+    f = pipeline.vae_scale_factor
+    height, width = h0 // f * f, w0 // f * f
+  height, width = _check_size(pipeline, height, width)
+  if not 0.0 <= strength <= 1.0:
+    raise ValueError(f'strength must be in [0, 1], got {strength}')
+  seeds = _seeds(seed, b)
+  sch = make_scheduler(scheduler, pipeline.scheduler_config, num_inference_steps, eta=eta)
+  f, c = pipeline.vae_scale_factor, pipeline.vae.latent_channels
+  shape = (height // f, width // f, c)
+  if latents is None:
+    noise = image_noise(seeds, shape)
+  else:
+    noise = jnp.asarray(latents, jnp.float32)
+    if noise.shape != (b,) + shape:
+      raise ValueError(f'latents must have shape {(b,) + shape} (NHWC), got {noise.shape}')
+
+  unet_in = pipeline.unet.config.get('in_channels', 4)
+  image_latents = mask = masked_latents = jnp.zeros((b,) + shape[:2] + (1,))
+  start = 0
+  if init_images is not None:
+    images = _to_images(init_images, height, width)
+    if len(images) == 1 and b > 1:
+      images = np.repeat(images, b, 0)
+    if len(images) != b:
+      raise ValueError(f'{len(images)} init images for {b} images')
+    image_latents = _encode(pipeline, images, seeds, _ENCODE)
+    start = sch.start_index(strength)
+    if masks is not None:
+      m = _to_masks(masks, height, width)
+      if len(m) == 1 and b > 1:
+        m = np.repeat(m, b, 0)
+      masked_images = images * (m < 0.5)
+      # The latent mask: nearest-neighbour downsampling, as torch's interpolate does it.
+      mask = jnp.asarray(m[:, ::f, ::f])
+      if unet_in == 2 * c + 1:
+        masked_latents = _encode(pipeline, masked_images, seeds, _MASKED_ENCODE)
+      elif unet_in != c:
+        raise ValueError(
+          f'UNet has {unet_in} input channels: neither a {c}-channel model nor a {2 * c + 1}-channel inpainting model'
+        )
+  elif unet_in != c:
+    raise ValueError(f'this UNet takes {unet_in} input channels (an inpainting model?): use inpaint()')
+
+  inpainting = masks is not None
+  mode = _Mode(
+    cfg=guidance_scale > 1.0,
+    init='image' if init_images is not None and not (inpainting and strength >= 1.0) else 'noise',
+    blend=inpainting and unet_in == c,
+    unet_mask=inpainting and unet_in != c,
+    progress=progress is not None,
+  )
+  if mode.init == 'noise' and init_images is not None:
+    start = 0  # inpainting at full strength starts from pure noise
+  fn = _sampler(pipeline, sch, mode)
+  pipeline.cache['progress'] = progress
+  args = [
+    _params(pipeline),
+    jnp.asarray(pipeline.tokenize(prompts)),
+    jnp.asarray(pipeline.tokenize(negatives)),
+    noise,
+    image_keys(seeds, _STEPS),
+    jnp.float32(guidance_scale),
+    jnp.int32(start),
+    jnp.asarray(image_latents),
+    jnp.asarray(mask),
+    jnp.asarray(masked_latents),
+  ]
+  if mesh is not None:
+    args = _place_on_mesh(args, mesh)
+  return to_host(run_together(fn, *args))[:b]
+
+
+def _first_size(images):
+  from PIL import Image
+
+  im = (
+    images[0] if isinstance(images, (list, tuple)) or (isinstance(images, np.ndarray) and images.ndim == 4) else images
+  )
+  if isinstance(im, str):
+    with Image.open(im) as f:
+      return f.size[1], f.size[0]
+  if isinstance(im, Image.Image):
+    return im.size[1], im.size[0]
+  return np.asarray(im).shape[:2]
+
+
+def _place_on_mesh(args, mesh):
+  """Parameters replicated, per-image inputs split over the mesh's data axes. A batch that does not
+  divide is padded with copies of its last image (dropped afterwards; images are independent)."""
+  mesh = as_auto(mesh)
+  axes = tuple(a for a in ('data', 'fsdp') if a in mesh.axis_names)
+  n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+  pad = lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], (-a.shape[0]) % n, axis=0)])
+  rep = NamedSharding(mesh, P())
+  split = NamedSharding(mesh, P(axes if axes else None))
+  per_image = [to_global(pad(a), split) for a in args[1:5] + args[7:]]
+  return [to_global(args[0], rep)] + per_image[:4] + [to_global(a, rep) for a in args[5:7]] + per_image[4:]
+
+
+def txt2img(
+  pipeline,
+  prompts,
+  *,
+  negative_prompts=None,
+  num_inference_steps: int = 50,
+  guidance_scale: float = 7.5,
+  scheduler: str | None = None,
+  seed=0,
+  height: int | None = None,
+  width: int | None = None,
+  latents=None,
+  num_images_per_prompt: int = 1,
+  eta: float = 0.0,
+  mesh=None,
+  progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+  """Images for prompts, uint8 (B, H, W, 3), B = len(prompts) * num_images_per_prompt.
+
+  scheduler: a name from jaxdream.schedulers.SCHEDULER_NAMES, or None for the model folder's own.
+  seed: an int (image b gets seed + b) or one seed per image.
+  latents: optional initial standard-normal noise, NHWC (B, H/f, W/f, C); it is scaled by the
+    scheduler's initial sigma, as in diffusers.
+  mesh: a jax.sharding.Mesh: the batch is split over its 'data' (and 'fsdp') axes.
+  progress: called with the step index after each step (from inside the compiled loop).
+  """
+  return _generate(
+    pipeline,
+    prompts,
+    negative_prompts,
+    num_images_per_prompt=num_images_per_prompt,
+    num_inference_steps=num_inference_steps,
+    guidance_scale=guidance_scale,
+    scheduler=scheduler,
+    seed=seed,
+    height=height,
+    width=width,
+    latents=latents,
+    eta=eta,
+    mesh=mesh,
+    progress=progress,
+  )
+
+
+def img2img(
+  pipeline,
+  prompts,
+  init_images,
+  *,
+  strength: float = 0.8,
+  negative_prompts=None,
+  num_inference_steps: int = 50,
+  guidance_scale: float = 7.5,
+  scheduler: str | None = None,
+  seed=0,
+  height: int | None = None,
+  width: int | None = None,
+  latents=None,
+  num_images_per_prompt: int = 1,
+  eta: float = 0.0,
+  mesh=None,
+  progress=None,
+) -> np.ndarray:
+  """Images that start from `init_images` (uint8 arrays, PIL images or paths), noised to `strength`
+  (1.0: the image is replaced by noise entirely; 0.0: returned almost unchanged), as diffusers'
+  StableDiffusionImg2ImgPipeline. `latents` here is the noise added to the image latents."""
+  return _generate(
+    pipeline,
+    prompts,
+    negative_prompts,
+    num_images_per_prompt=num_images_per_prompt,
+    num_inference_steps=num_inference_steps,
+    guidance_scale=guidance_scale,
+    scheduler=scheduler,
+    seed=seed,
+    height=height,
+    width=width,
+    latents=latents,
+    eta=eta,
+    mesh=mesh,
+    progress=progress,
+    init_images=init_images,
+    strength=strength,
+  )
+
+
+def inpaint(
+  pipeline,
+  prompts,
+  init_images,
+  masks,
+  *,
+  strength: float = 1.0,
+  negative_prompts=None,
+  num_inference_steps: int = 50,
+  guidance_scale: float = 7.5,
+  scheduler: str | None = None,
+  seed=0,
+  height: int | None = None,
+  width: int | None = None,
+  latents=None,
+  num_images_per_prompt: int = 1,
+  eta: float = 0.0,
+  mesh=None,
+  progress=None,
+) -> np.ndarray:
+  """Repaint the white (>= 0.5) region of `masks` in `init_images`, as diffusers'
+  StableDiffusionInpaintPipeline: 9-channel inpainting UNets get the mask and masked image as inputs;
+  standard 4-channel models keep the unmasked region by blending the noised original latents back in
+  after every step."""
+  return _generate(
+    pipeline,
+    prompts,
+    negative_prompts,
+    num_images_per_prompt=num_images_per_prompt,
+    num_inference_steps=num_inference_steps,
+    guidance_scale=guidance_scale,
+    scheduler=scheduler,
+    seed=seed,
+    height=height,
+    width=width,
+    latents=latents,
+    eta=eta,
+    mesh=mesh,
+    progress=progress,
+    init_images=init_images,
+    masks=masks,
+    strength=strength,
+  )

@@ -1,0 +1,85 @@
+"""A tiny random Stable Diffusion model folder, made locally (no download, no torch): the base model of
+the demo and quickstart, with SD 1.5's architecture in miniature and the real CLIP tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+from jaxdream.diffusion.pipeline import Pipeline, save_pipeline
+from jaxdream.io.tokenizer import load_tokenizer, write_clip_tokenizer
+from jaxdream.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel, init_model
+
+TINY_UNET = dict(
+  _class_name='UNet2DConditionModel',
+  _diffusers_version='0.35.0',
+  sample_size=16,
+  in_channels=4,
+  out_channels=4,
+  block_out_channels=[32, 64],
+  layers_per_block=1,
+  attention_head_dim=4,
+  cross_attention_dim=64,
+  norm_num_groups=8,
+  down_block_types=['CrossAttnDownBlock2D', 'DownBlock2D'],
+  up_block_types=['UpBlock2D', 'CrossAttnUpBlock2D'],
+)
+TINY_VAE = dict(
+  _class_name='AutoencoderKL',
+  _diffusers_version='0.35.0',
+  block_out_channels=[32, 64, 64],
+  down_block_types=['DownEncoderBlock2D'] * 3,
+  up_block_types=['UpDecoderBlock2D'] * 3,
+  latent_channels=4,
+  layers_per_block=1,
+  norm_num_groups=8,
+  sample_size=64,
+  scaling_factor=0.18215,
+)
+TINY_TEXT_ENCODER = dict(
+  architectures=['CLIPTextModel'],
+  model_type='clip_text_model',
+  hidden_act='quick_gelu',
+  hidden_size=64,
+  intermediate_size=128,
+  num_attention_heads=4,
+  num_hidden_layers=2,
+  max_position_embeddings=77,
+  vocab_size=49408,
+  layer_norm_eps=1e-5,
+  bos_token_id=49406,
+  eos_token_id=49407,
+  pad_token_id=49407,
+  projection_dim=64,
+)
+SD15_SCHEDULER = dict(
+  _class_name='PNDMScheduler',
+  _diffusers_version='0.35.0',
+  beta_start=0.00085,
+  beta_end=0.012,
+  beta_schedule='scaled_linear',
+  num_train_timesteps=1000,
+  set_alpha_to_one=False,
+  skip_prk_steps=True,
+  steps_offset=1,
+  clip_sample=False,
+  prediction_type='epsilon',
+  timestep_spacing='leading',
+  trained_betas=None,
+)
+
+
+def create_tiny_pipeline(path: str, *, seed: int = 0) -> str:
+  """Write a tiny random diffusers-format model folder at `path` (skipped if one is there)."""
+  if os.path.exists(os.path.join(path, 'model_index.json')):
+    return path
+  tok_dir = os.path.join(path, 'tokenizer')
+  write_clip_tokenizer(tok_dir)
+  pipe = Pipeline(
+    unet=init_model(lambda rngs: UNet2DConditionModel(TINY_UNET, rngs=rngs), seed),
+    text_encoder=init_model(lambda rngs: CLIPTextModel(TINY_TEXT_ENCODER, rngs=rngs), seed + 1),
+    vae=init_model(lambda rngs: AutoencoderKL(TINY_VAE, rngs=rngs), seed + 2),
+    tokenizer=load_tokenizer(tok_dir),
+    scheduler_config=dict(SD15_SCHEDULER),
+  )
+  save_pipeline(pipe, path)
+  return path

@@ -1,0 +1,1 @@
+"""Building blocks shared by every model: layers, the one attention function, blocks, adapters."""

@@ -1,0 +1,362 @@
+"""DreamBooth fine-tuning: one explicit training loop.
+
+    jaxdream train --config configs/quickstart.py --workdir DIR [--config.train.num_steps=...]
+
+Running the same command again on the same workdir resumes from the latest checkpoint. Everything is
+checked (config, model folder, every image) before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdream.distributed import multihost
+from jaxdream.distributed.mesh import make_mesh
+from jaxdream.distributed.sharding import batch_sharding, process_rows
+from jaxdream.schedulers import NoiseSchedule
+from jaxdream.training import config as config_lib
+from jaxdream.training.checkpoint import _checkpointer, _restore, _save
+from jaxdream.training.data import DataError, data_source, instance_prompt, make_iterator, prepare_dataset, scan_images
+from jaxdream.training.params import (
+  _set_params,
+  lr_schedule,
+  make_optimizer,
+  param_groups,
+  split_models,
+  split_trainable,
+)
+from jaxdream.training.step import StepFn, _place
+from jaxdream.training.writers import _load_losses, _save_losses, _Writer, loss_curve_image
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+def _examples(config, concepts, pipeline, mesh) -> dict[str, list[dict]]:
+  """Every training example, checked, with class images generated where missing."""
+  from jaxdream.training.class_images import ensure_class_images
+
+  d = config.data
+  examples = {'instance': [], 'class': []}
+  problems = []
+  for i, c in enumerate(concepts):
+    try:
+      paths = scan_images(c['instance_dir'], min_size=d.min_image_size, on_bad=d.on_bad_image)
+    except DataError as e:
+      problems.append(str(e))
+      continue
+    if len(paths) < d.min_instance_images:
+      problems.append(
+        f'{c["instance_dir"]}: {len(paths)} usable image(s); at least '
+        f'data.min_instance_images={d.min_instance_images} are needed'
+      )
+    examples['instance'] += [
+      {'file': p, 'prompt': instance_prompt(p, c, d.caption_ext, d.caption_mode), 'concept': i} for p in paths
+    ]
+  if problems:
+    raise DataError('\n'.join(problems))
+  if config.prior.enabled:
+    for i, c in enumerate(concepts):
+      if os.path.isdir(c['class_dir']):  # user-supplied class images are checked like instance images
+        scan_images(c['class_dir'], min_size=d.min_image_size, on_bad=d.on_bad_image)
+      paths = ensure_class_images(
+        pipeline,
+        c,
+        seed=config.seed,
+        steps=config.prior.sample_steps,
+        guidance_scale=config.prior.guidance_scale,
+        scheduler=config.prior.scheduler or None,
+        batch_size=config.prior.batch_size,
+        resolution=config.resolution,
+        mesh=mesh,
+        log=multihost.log,
+      )
+      examples['class'] += [{'file': p, 'prompt': c['class_prompt'], 'concept': i} for p in paths]
+  return examples
+
+
+def _load_base(config, workdir):
+  from jaxdream.diffusion.pipeline import load_pipeline
+
+  model = config.model
+  if model == config_lib.BUILTIN_TINY:
+    from jaxdream.diffusion.tiny_model import create_tiny_pipeline
+
+    model = multihost.primary_first(
+      lambda: create_tiny_pipeline(os.path.join(workdir, 'base_model')), 'tiny-base-model'
+    )
+  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.compute_dtype]
+  return load_pipeline(model, dtype=dtype, attention_impl=config.attention, allow_pickle=config.allow_pickle)
+
+
+def train(config, workdir: str) -> dict:
+  """Run (or resume) a DreamBooth fine-tuning; returns a summary. Writes `workdir/model`."""
+  from jaxdream.diffusion.pipeline import save_pipeline
+
+  concepts = config_lib.validate(config)
+  for c in concepts:  # class images may live in the run folder
+    c['class_dir'] = c['class_dir'].replace('{workdir}', workdir)
+  os.makedirs(workdir, exist_ok=True)
+  multihost.check_shared_folder(workdir)
+  mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  b = config.train.batch_size
+  n_dev = mesh.shape['data'] * mesh.shape['fsdp']
+  total = b * (2 if config.prior.enabled else 1)
+  if total % n_dev:
+    raise config_lib.RunConfigError(
+      f"a step's {total} examples (train.batch_size={b}, prior examples on "
+      f'top) do not split over the {n_dev} devices of the data axes'
+    )
+  pipeline = _load_base(config, workdir)
+  if config.resolution % pipeline.vae_scale_factor:
+    raise config_lib.RunConfigError(
+      f'resolution {config.resolution} is not a multiple of the VAE factor {pipeline.vae_scale_factor}'
+    )
+  examples = _examples(config, concepts, pipeline, mesh)
+  data_folder = multihost.primary_first(
+    lambda: prepare_dataset(os.path.join(workdir, 'data'), examples, config.resolution), 'dataset'
+  )
+  batch_sh = batch_sharding(mesh)
+  rows = process_rows(batch_sh, total)
+  splits = ['instance'] + (['class'] if config.prior.enabled else [])
+  iterators = {
+    s: make_iterator(
+      data_source(data_folder, s),
+      batch_size=b,
+      seed=config.seed + 17 * k,
+      resolution=config.resolution,
+      center_crop=config.data.center_crop,
+      flip_p=config.data.flip_p,
+      tokenize=pipeline.tokenize,
+      rows=slice(max(rows.start - k * b, 0), max(rows.stop - k * b, 0)),
+    )
+    for k, s in enumerate(splits)
+  }
+  latents = _cache_latents(pipeline, data_folder, splits, config.resolution) if config.train.cache_latents else None
+  contexts = _cache_text_embeddings(pipeline, data_folder, splits) if config.train.cache_text_embeddings else None
+
+  graphdefs, templates, flat = split_models(pipeline)
+  groups = param_groups(config)
+  trainable, frozen, labels = split_trainable(flat, groups)
+  if not trainable:
+    raise config_lib.RunConfigError(f'no parameter matches the trainable groups {groups}')
+  tx = make_optimizer(config, groups, labels)
+  schedule = NoiseSchedule.from_config(pipeline.scheduler_config)
+  step_fn = StepFn(
+    graphdefs=graphdefs,
+    templates=templates,
+    schedule=schedule,
+    tx=tx,
+    num_instance=b,
+    prior_weight=config.prior.loss_weight if config.prior.enabled else 0.0,
+    snr_gamma=config.train.snr_gamma,
+    offset_noise=config.train.offset_noise,
+    ema_decay=config.train.ema_decay,
+    scaling_factor=pipeline.vae.scaling_factor,
+    shift_factor=pipeline.vae.shift_factor,
+  )
+  state, frozen, jstep, _ = _place(step_fn, pipeline, trainable, frozen, tx, mesh, config)
+  mngr = _checkpointer(workdir, config)
+  state = _restore(mngr, state, iterators, config)
+  start = int(state['step'])
+
+  writer = _Writer(workdir, config) if multihost.is_primary() else None
+  preempt = multihost.Preemption()
+  losses = _load_losses(workdir)
+  t_last, s_last = time.perf_counter(), start
+  try:
+    from tqdm import tqdm
+
+    bar = tqdm(total=config.train.num_steps, initial=start, desc='train', disable=not multihost.is_primary())
+    for step in range(start, config.train.num_steps):
+      batch = _next_batch(iterators, config.prior.enabled, latents, contexts)
+      batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sh, x, (total,) + x.shape[1:]), batch)
+      if step == start:  # compiled ahead, so that no host waits in a collective while another compiles
+        jstep = jstep.lower(state, frozen, batch).compile()
+        multihost.barrier('train step compiled')
+      state, metrics = jstep(state, frozen, batch)
+      m = multihost.to_host(metrics)
+      done = step + 1
+      stop = preempt.reached(done)
+      if not m['finite']:
+        msg = f'non-finite loss or gradient at step {done} (loss={float(m["loss"])})'
+        if config.train.nan_policy == 'stop':
+          raise TrainingError(
+            msg + '; the step was not applied and the run stopped. The last good '
+            f'checkpoint is in {workdir}/checkpoints. Lower the learning rate, or set '
+            "train.nan_policy='skip' to skip such steps."
+          )
+        warnings.warn(msg + '; step skipped')
+      losses.append((done, float(m['loss'])))
+      bar.set_postfix(loss=f'{float(m["loss"]):.4f}')
+      bar.update(1)
+      if writer and (done % config.logging.every_steps == 0 or done == config.train.num_steps):
+        now = time.perf_counter()
+        writer.scalars(
+          done,
+          loss=m['loss'],
+          instance_loss=m['instance_loss'],
+          prior_loss=m['prior_loss'],
+          grad_norm=m['grad_norm'],
+          learning_rate=lr_schedule(config, next(iter(groups.values()))[1])(done),
+          steps_per_second=(done - s_last) / max(now - t_last, 1e-9),
+        )
+        t_last, s_last = now, done
+      if done % config.checkpoint.every_steps == 0 or done == config.train.num_steps or stop:
+        _save(mngr, done, state, iterators, config)
+        if multihost.is_primary():
+          _save_losses(workdir, losses)
+      if config.validation.every_steps and done % config.validation.every_steps == 0:
+        _set_params(pipeline, multihost.to_host(state['trainable']))  # every process: a collective
+        images = _validation_images(pipeline, config, concepts, mesh)
+        if writer:
+          writer.images(done, images)
+      if stop:
+        mngr.wait_until_finished()
+        multihost.log(f'\nSIGTERM: saved the checkpoint at step {done}; run the same command to resume.')
+        return {'step': done, 'preempted': True}
+    bar.close()
+  finally:
+    preempt.restore()
+    mngr.wait_until_finished()
+  summary = {'step': int(state['step']), 'bad_steps': int(state['bad_steps']), 'losses': losses}
+  final = state['ema'] if config.train.ema_decay > 0 else state['trainable']
+  _set_params(pipeline, multihost.to_host(final))  # every process: gathering is a collective
+  if multihost.is_primary():
+    save_pipeline(pipeline, os.path.join(workdir, 'model'))
+  summary['outputs'] = _final_outputs(pipeline, config, concepts, workdir, losses, mesh, writer)
+  if writer:
+    writer.close()
+  multihost.barrier('exported')
+  return summary
+
+
+def _next_batch(iterators, prior: bool, latents: dict | None = None, contexts: dict | None = None) -> dict:
+  """The step's examples: instance ones first, then class ones. Cached latents replace the images by
+  their stored posterior (mean, std), cached text embeddings replace the token ids; both are looked up
+  by example index."""
+  parts = []
+  for split in ('instance', 'class') if prior else ('instance',):
+    ex = next(iterators[split])
+    part = {'pixels': ex['pixels']}
+    if latents is not None:
+      part = {'latent_mean': latents[split][0][ex['index']], 'latent_std': latents[split][1][ex['index']]}
+    part.update({'context': contexts[split][ex['index']]} if contexts is not None else {'input_ids': ex['input_ids']})
+    parts.append(part)
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _cache_text_embeddings(pipeline, data_folder, splits, batch_size=16) -> dict:
+  """Every example's prompt embedding, computed once (the text encoder is frozen)."""
+  te_def, te_params = nnx.split(pipeline.text_encoder)
+  encode = jax.jit(lambda params, ids: nnx.merge(te_def, params)(ids))
+  out = {}
+  for split in splits:
+    source = data_source(data_folder, split)
+    prompts = [None] * len(source)
+    for i in range(len(source)):
+      ex = source[i]
+      p = ex['prompt']
+      prompts[int(ex['index'])] = p.decode() if isinstance(p, bytes) else str(p)
+    ids = pipeline.tokenize(prompts)
+    out[split] = np.concatenate(
+      [np.asarray(jax.device_get(encode(te_params, ids[i : i + batch_size]))) for i in range(0, len(ids), batch_size)]
+    )
+  return out
+
+
+def _cache_latents(pipeline, data_folder, splits, resolution, batch_size=8) -> dict:
+  """Every example's scaled VAE posterior (mean, std), computed once (center crops, no flips)."""
+  vae_def, vae_params = nnx.split(pipeline.vae)
+
+  @jax.jit
+  def encode(params, pixels):
+    vae = nnx.merge(vae_def, params)
+    dist = vae.encode(pixels)
+    return ((dist.mean - vae.shift_factor) * vae.scaling_factor, dist.std * vae.scaling_factor)
+
+  out = {}
+  for split in splits:
+    source = data_source(data_folder, split)
+    it = make_iterator(
+      source,
+      batch_size=1,
+      seed=0,
+      resolution=resolution,
+      center_crop=True,
+      flip_p=0.0,
+      tokenize=lambda p: np.zeros((len(p), 1), np.int32),
+    )
+    pixels, order = [], []
+    for _ in range(len(source)):  # the first epoch visits every example once
+      ex = next(it)
+      pixels.append(ex['pixels'][0])
+      order.append(int(ex['index'][0]))
+    means, stds = [None] * len(order), [None] * len(order)
+    for i in range(0, len(order), batch_size):
+      m, s = jax.device_get(encode(vae_params, np.stack(pixels[i : i + batch_size])))
+      for j, idx in enumerate(order[i : i + batch_size]):
+        means[idx], stds[idx] = m[j], s[j]
+    out[split] = (np.stack(means), np.stack(stds))
+  return out
+
+
+def _validation_prompts(config, concepts) -> list[str]:
+  if config.validation.prompts:
+    return list(config.validation.prompts)
+  prompts = []
+  for c in concepts[:4]:
+    prompts += [c['instance_prompt']] + ([c['class_prompt']] if c['class_prompt'] else [])
+  return prompts
+
+
+def _validation_images(pipeline, config, concepts, mesh) -> dict[str, np.ndarray]:
+  from jaxdream.diffusion.sampling import txt2img
+
+  v = config.validation
+  out = {}
+  for prompt in _validation_prompts(config, concepts):
+    out[prompt] = txt2img(
+      pipeline,
+      [prompt] * v.num_images,
+      negative_prompts=[v.negative_prompt] * v.num_images,
+      num_inference_steps=v.steps,
+      guidance_scale=v.guidance_scale,
+      scheduler=v.scheduler or None,
+      seed=v.seed,
+      height=config.resolution,
+      width=config.resolution,
+      mesh=mesh,
+    )
+  return out
+
+
+def _final_outputs(pipeline, config, concepts, workdir, losses, mesh, writer) -> dict:
+  """Validation images of every prompt side by side, and the loss curve, as PNGs in workdir/samples.
+  Every process samples (the batch is split over the mesh); the primary one writes."""
+  from jaxdream.io.images import make_grid, save_png
+
+  folder = os.path.join(workdir, 'samples')
+  images = _validation_images(pipeline, config, concepts, mesh)
+  out = {'model': os.path.join(workdir, 'model'), 'samples': {}, 'loss_curve': os.path.join(folder, 'loss_curve.png')}
+  if not multihost.is_primary():
+    return out
+  os.makedirs(folder, exist_ok=True)
+  paths = out['samples']
+  for k, (prompt, ims) in enumerate(images.items()):
+    path = os.path.join(folder, f'{k:02d}_' + re.sub(r'[^A-Za-z0-9]+', '_', prompt).strip('_')[:60] + '.png')
+    save_png(path, make_grid(list(ims), 1, len(ims)), prompt)
+    paths[prompt] = path
+  if writer:
+    writer.images(int(losses[-1][0]) if losses else 0, images)
+  save_png(out['loss_curve'], loss_curve_image(losses), 'training loss')
+  return out

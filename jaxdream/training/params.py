@@ -1,0 +1,108 @@
+"""Parameter trees of a pipeline: flat paths, trainable groups by regex, the optimizer."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import optax
+from flax import nnx
+
+MODELS = ('unet', 'text_encoder', 'vae')
+
+
+def flatten(tree: dict, prefix: str = '') -> dict[str, jax.Array]:
+  """Nested pure dict -> {'unet/down_blocks/0/.../kernel': array}."""
+  out = {}
+  for k, v in tree.items():
+    path = f'{prefix}{k}'
+    if isinstance(v, dict):
+      out.update(flatten(v, path + '/'))
+    else:
+      out[path] = v
+  return out
+
+
+def unflatten(flat: dict[str, jax.Array], template: dict) -> dict:
+  """Inverse of `flatten`, keyed like `template` (whose list indices are ints)."""
+
+  def build(node, prefix):
+    return {k: build(v, f'{prefix}{k}/') if isinstance(v, dict) else flat[f'{prefix}{k}'] for k, v in node.items()}
+
+  return build(template, '')
+
+
+def split_models(pipeline) -> tuple[dict, dict, dict]:
+  """(graph definitions, pure-dict parameter templates, flat parameters) of the pipeline's models."""
+  graphdefs, templates, flat = {}, {}, {}
+  for m in MODELS:
+    graphdefs[m], st = nnx.split(getattr(pipeline, m))
+    templates[m] = st.to_pure_dict()
+    flat.update(flatten(templates[m], m + '/'))
+  return graphdefs, templates, flat
+
+
+def param_groups(config) -> dict[str, tuple[str, float]]:
+  """Trainable groups: name -> (regex over flat paths, learning rate). First match wins."""
+  t = config.train
+  if len(t.param_groups):
+    return {name: (g.pattern, g.learning_rate) for name, g in t.param_groups.items()}
+  groups = {'unet': (r'^unet/', t.learning_rate)}
+  if t.train_text_encoder:
+    groups['text_encoder'] = (r'^text_encoder/', t.text_encoder_learning_rate)
+  return groups
+
+
+def split_trainable(flat: dict, groups: dict) -> tuple[dict, dict, dict]:
+  """(trainable, frozen, labels): the VAE is frozen whatever the groups say."""
+  trainable, frozen, labels = {}, {}, {}
+  for path, value in flat.items():
+    group = (
+      None
+      if path.startswith('vae/')
+      else next((name for name, (pattern, _) in groups.items() if re.search(pattern, path)), None)
+    )
+    if group is None:
+      frozen[path] = value
+    else:
+      trainable[path], labels[path] = value, group
+  return trainable, frozen, labels
+
+
+def lr_schedule(config, lr: float) -> optax.Schedule:
+  """The learning-rate schedule of a group whose peak rate is `lr` (also what the log reports)."""
+  t = config.train
+  if t.lr_schedule == 'constant':
+    return optax.constant_schedule(lr)
+  warmup = optax.linear_schedule(0.0, lr, max(t.warmup_steps, 1))
+  if t.lr_schedule == 'warmup_constant':
+    rest = optax.constant_schedule(lr)
+  else:
+    rest = optax.cosine_decay_schedule(lr, max(t.num_steps - t.warmup_steps, 1))
+  return optax.join_schedules([warmup, rest], [t.warmup_steps]) if t.warmup_steps else rest
+
+
+def make_optimizer(config, groups: dict, labels: dict) -> optax.GradientTransformation:
+  t = config.train
+  adamw = {
+    name: optax.adamw(lr_schedule(config, lr), b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, weight_decay=t.weight_decay)
+    for name, (_, lr) in groups.items()
+  }
+  tx = optax.multi_transform(adamw, labels)
+  if t.max_grad_norm > 0:  # one global norm over all trainable parameters, as diffusers clips
+    tx = optax.chain(optax.clip_by_global_norm(t.max_grad_norm), tx)
+  if t.grad_accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=t.grad_accum_steps)
+  return tx
+
+
+def _set_params(pipeline, flat: dict):
+  """Write flat parameters (trained or EMA ones, any subset) into the pipeline's models, in place."""
+  for m in MODELS:
+    sub = {k[len(m) + 1 :]: v for k, v in flat.items() if k.startswith(m + '/')}
+    if sub:
+      state = nnx.state(getattr(pipeline, m))
+      current = flatten(state.to_pure_dict())
+      current.update(sub)
+      nnx.replace_by_pure_dict(state, unflatten(current, state.to_pure_dict()))
+      nnx.update(getattr(pipeline, m), state)

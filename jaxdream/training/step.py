@@ -1,0 +1,166 @@
+"""The DreamBooth training step: a pure function of (state, frozen parameters, batch), jitted
+with in/out shardings over the mesh.
+
+Trainable parameters are a flat {path: array} dict chosen by regex groups, so frozen parameters (the VAE
+always, the text encoder unless trained) are arguments that are never differentiated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxdream.distributed.sharding import batch_sharding, logical_axes, param_shardings, state_shardings
+from jaxdream.schedulers import NoiseSchedule
+from jaxdream.training.params import MODELS, unflatten
+
+
+def dreambooth_loss(
+  pred, target, timesteps, schedule: NoiseSchedule, *, num_instance: int, prior_weight: float, snr_gamma: float
+):
+  """MSE on the instance examples + prior_weight * MSE on the class examples (those after the first
+  `num_instance`), as diffusers' train_dreambooth.py; min-SNR-gamma weights the instance term."""
+  err = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=(1, 2, 3))
+  inst = err[:num_instance]
+  if snr_gamma > 0:
+    snr = schedule.snr(timesteps[:num_instance])
+    w = jnp.minimum(snr, snr_gamma) / (snr + 1 if schedule.prediction_type == 'v_prediction' else snr)
+    inst = inst * w
+  instance_loss = jnp.mean(inst)
+  prior_loss = jnp.mean(err[num_instance:]) if err.shape[0] > num_instance else jnp.float32(0)
+  return instance_loss + prior_weight * prior_loss, (instance_loss, prior_loss)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: jax.jit caches on it
+class StepFn:
+  """What the jitted step closes over: graph definitions, the noise schedule and static settings."""
+
+  graphdefs: dict
+  templates: dict
+  schedule: NoiseSchedule
+  tx: optax.GradientTransformation
+  num_instance: int
+  prior_weight: float
+  snr_gamma: float
+  offset_noise: float
+  ema_decay: float
+  scaling_factor: float
+  shift_factor: float
+
+  def draws(self, key, latent_shape):
+    """The step's random numbers: posterior sample noise, diffusion noise, timesteps."""
+    k_latent, k_noise, k_time, k_offset = jax.random.split(key, 4)
+    b = latent_shape[0]
+    noise = jax.random.normal(k_noise, latent_shape)
+    if self.offset_noise:  # per-channel offsets teach the model to change overall brightness
+      noise = noise + self.offset_noise * jax.random.normal(k_offset, (b, 1, 1, latent_shape[-1]))
+    return {
+      'latent_noise': jax.random.normal(k_latent, latent_shape),
+      'noise': noise,
+      'timesteps': jax.random.randint(k_time, (b,), 0, self.schedule.num_train_timesteps),
+    }
+
+  def loss(self, trainable, frozen, batch, key):
+    params = unflatten({**trainable, **frozen}, self.templates)
+    models = {m: nnx.merge(self.graphdefs[m], params[m]) for m in MODELS}
+    if 'latent_mean' in batch:  # cached posterior
+      mean, std = batch['latent_mean'], batch['latent_std']
+    else:
+      dist = models['vae'].encode(batch['pixels'])
+      mean, std = (dist.mean - self.shift_factor) * self.scaling_factor, dist.std * self.scaling_factor
+    r = self.draws(key, mean.shape)
+    latents = jax.lax.stop_gradient(mean + std * r['latent_noise'])
+    noise, t = r['noise'], r['timesteps']
+    noisy = self.schedule.add_noise(latents, noise, t)
+    context = batch['context'] if 'context' in batch else models['text_encoder'](batch['input_ids'])
+    pred = models['unet'](noisy, t, context)
+    target = self.schedule.target(latents, noise, t)
+    loss, (inst, prior) = dreambooth_loss(
+      pred,
+      target,
+      t,
+      self.schedule,
+      num_instance=self.num_instance,
+      prior_weight=self.prior_weight,
+      snr_gamma=self.snr_gamma,
+    )
+    return loss, {'instance_loss': inst, 'prior_loss': prior}
+
+  def __call__(self, state, frozen, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
+    (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(state['trainable'], frozen, batch, key)
+    updates, opt_state = self.tx.update(grads, state['opt_state'], state['trainable'])
+    trainable = optax.apply_updates(state['trainable'], updates)
+    grad_norm = optax.global_norm(grads)
+    # A non-finite loss or gradient never reaches the weights: the step is dropped in the graph, and
+    # the host stops the run (nan_policy='stop') or carries on (nan_policy='skip').
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    new = dict(
+      state,
+      step=state['step'] + 1,
+      trainable=keep(trainable, state['trainable']),
+      opt_state=keep(opt_state, state['opt_state']),
+      bad_steps=state['bad_steps'] + (~ok),
+    )
+    if self.ema_decay:
+      # diffusers' EMAModel decay: warms up as (1 + n) / (10 + n), capped at ema_decay.
+      n = state['step'].astype(jnp.float32)
+      d = jnp.minimum(self.ema_decay, (1 + n) / (10 + n))
+      new['ema'] = keep(jax.tree.map(lambda e, p: d * e + (1 - d) * p, state['ema'], new['trainable']), state['ema'])
+    return new, dict(aux, loss=loss, grad_norm=grad_norm, finite=ok)
+
+
+def init_state(trainable: dict, tx, seed: int, ema: bool) -> dict:
+  state = {
+    'step': jnp.int32(0),
+    'trainable': trainable,
+    'opt_state': tx.init(trainable),
+    'rng': jax.random.key_data(jax.random.key(seed)),
+    'bad_steps': jnp.int32(0),
+  }
+  if ema:
+    state['ema'] = jax.tree.map(jnp.copy, trainable)
+  return state
+
+
+def _state_maker(tx, config):
+  return lambda trainable: init_state(trainable, tx, config.seed, config.train.ema_decay > 0)
+
+
+def step_shardings(pipeline, trainable, frozen, tx, mesh, config):
+  """Shardings of (state, frozen parameters, batch). `trainable`/`frozen` may be abstract
+  (ShapeDtypeStruct): memory planning compiles the step without any weights."""
+  axes = {}
+  for m in MODELS:
+    axes.update(logical_axes(getattr(pipeline, m), m + '/'))
+  rules, min_size = tuple(tuple(r) for r in config.mesh.rules), config.mesh.fsdp_min_size
+  trainable_sh = param_shardings(trainable, axes, mesh, rules, min_size)
+  state_sh = state_shardings(jax.eval_shape(_state_maker(tx, config), trainable), trainable_sh, mesh)
+  return state_sh, param_shardings(frozen, axes, mesh, rules, min_size), batch_sharding(mesh)
+
+
+def jit_step(step_fn, shardings, mesh):
+  """The step under jax.jit with in/out shardings; the old state's buffers are donated."""
+  state_sh, frozen_sh, batch_sh = shardings
+  return jax.jit(
+    step_fn,
+    in_shardings=(state_sh, frozen_sh, batch_sh),
+    out_shardings=(state_sh, NamedSharding(mesh, P())),
+    donate_argnums=(0,),
+  )
+
+
+def _place(step_fn, pipeline, trainable, frozen, tx, mesh, config):
+  """Shard parameters, optimizer state and batches over the mesh; the jitted, donating step."""
+  shardings = step_shardings(pipeline, trainable, frozen, tx, mesh, config)
+  state_sh, frozen_sh, batch_sh = shardings
+  trainable_sh = {k: state_sh['trainable'][k] for k in trainable}
+  state = jax.jit(_state_maker(tx, config), out_shardings=state_sh)(jax.device_put(trainable, trainable_sh))
+  return state, jax.device_put(frozen, frozen_sh), jit_step(step_fn, shardings, mesh), batch_sh

@@ -1,0 +1,94 @@
+"""Run logs: TensorBoard / Weights & Biases scalars and images, the loss history and its plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+
+
+def _load_losses(workdir) -> list:
+  path = os.path.join(workdir, 'losses.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      return [tuple(x) for x in json.load(f)]
+  return []
+
+
+def _save_losses(workdir, losses):
+  path = os.path.join(workdir, 'losses.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump(losses, f)
+  os.replace(path + '.tmp', path)
+
+
+def loss_curve_image(losses, size=(640, 360)) -> np.ndarray:
+  """A plain loss-vs-step plot (raw and smoothed), drawn with PIL."""
+  from PIL import Image, ImageDraw
+
+  w, h = size
+  im = Image.new('RGB', size, 'white')
+  draw = ImageDraw.Draw(im)
+  if len(losses) >= 2:
+    steps = np.array([s for s, _ in losses], np.float64)
+    vals = np.array([v for _, v in losses], np.float64)
+    vals = np.where(np.isfinite(vals), vals, np.nan)
+    smooth = np.convolve(np.nan_to_num(vals), np.ones(min(20, len(vals))) / min(20, len(vals)), 'valid')
+    lo, hi = np.nanmin(vals), np.nanmax(vals)
+    pad = 40
+    xy = lambda s, v: (
+      pad + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (w - 2 * pad),
+      h - pad - (v - lo) / max(hi - lo, 1e-12) * (h - 2 * pad),
+    )
+    draw.line([xy(s, v) for s, v in zip(steps, vals) if np.isfinite(v)], fill=(170, 190, 230), width=1)
+    draw.line([xy(s, v) for s, v in zip(steps[len(steps) - len(smooth) :], smooth)], fill=(20, 60, 160), width=2)
+    draw.text((pad, 8), f'loss  (min {lo:.4f}, max {hi:.4f})', fill='black')
+    draw.text((pad, h - pad + 8), f'step {int(steps[0])}', fill='black')
+    draw.text((w - pad - 60, h - pad + 8), f'step {int(steps[-1])}', fill='black')
+  return np.asarray(im)
+
+
+class _Writer:
+  """TensorBoard event files (tensorboardX, no TensorFlow) and, if asked for, Weights & Biases."""
+
+  def __init__(self, workdir, config):
+    self.tb = self.wandb = None
+    if config.logging.tensorboard:
+      from tensorboardX import SummaryWriter
+
+      self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    if config.logging.wandb:
+      try:
+        import wandb
+
+        self.wandb = wandb.init(project=config.logging.wandb_project, config=config.to_dict(), resume='allow')
+      except ImportError:
+        warnings.warn('logging.wandb=True but wandb is not installed; logging to TensorBoard only')
+
+  def scalars(self, step, **values):
+    values = {k: float(v) for k, v in values.items()}
+    if self.tb:
+      for k, v in values.items():
+        self.tb.add_scalar(f'train/{k}', v, step)
+    if self.wandb:
+      self.wandb.log(values, step=step)
+
+  def images(self, step, images: dict):
+    from jaxdream.io.images import make_grid
+
+    for k, (prompt, ims) in enumerate(images.items()):
+      grid = make_grid(list(ims), 1, len(ims))
+      if self.tb:
+        self.tb.add_image(f'validation/{k:02d} {prompt}', grid, step, dataformats='HWC')
+      if self.wandb:
+        import wandb
+
+        self.wandb.log({f'validation/{prompt}': wandb.Image(grid)}, step=step)
+
+  def close(self):
+    if self.tb:
+      self.tb.close()
+    if self.wandb:
+      self.wandb.finish()
