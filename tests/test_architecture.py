@@ -7,8 +7,18 @@ import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'jaxdream')
 # Lowest first; a package imports only from its own level or below.
-LEVELS = {'nn': 0, 'io': 0, 'schedulers': 0, 'distributed': 0, 'models': 1, 'diffusion': 2, 'vlm': 2,
-          'training': 3, 'cli': 4}
+LEVELS = {
+  'nn': 0,
+  'io': 0,
+  'schedulers': 0,
+  'distributed': 0,
+  'runtime': 0,
+  'models': 1,
+  'diffusion': 2,
+  'vlm': 2,
+  'training': 3,
+  'cli': 4,
+}
 
 
 def _modules() -> dict[str, str]:
@@ -51,7 +61,9 @@ def _package(mod: str) -> str | None:
 
 
 def test_every_package_has_a_level():
-  packages = {d for d in os.listdir(ROOT) if os.path.isdir(os.path.join(ROOT, d)) and d not in ('assets', '__pycache__')}
+  packages = {
+    d for d in os.listdir(ROOT) if os.path.isdir(os.path.join(ROOT, d)) and d not in ('assets', '__pycache__')
+  }
   assert packages == set(LEVELS), 'add new packages to LEVELS (and to the README layout table)'
 
 
@@ -75,7 +87,9 @@ def test_import_graph_has_no_cycles(level):
     pg = {}
     for m, deps in graph.items():
       if _package(m):
-        pg.setdefault(_package(m), set()).update(_package(d) for d in deps if _package(d) and _package(d) != _package(m))
+        pg.setdefault(_package(m), set()).update(
+          _package(d) for d in deps if _package(d) and _package(d) != _package(m)
+        )
     graph = pg
   state, stack = {}, []
 
@@ -84,7 +98,7 @@ def test_import_graph_has_no_cycles(level):
     stack.append(n)
     for d in graph.get(n, ()):
       if state.get(d) == 'open':
-        raise AssertionError('import cycle: ' + ' -> '.join(stack[stack.index(d):] + [d]))
+        raise AssertionError('import cycle: ' + ' -> '.join(stack[stack.index(d) :] + [d]))
       if d not in state:
         visit(d)
     stack.pop()

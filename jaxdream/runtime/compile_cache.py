@@ -1,0 +1,35 @@
+"""One explicit cache of compiled functions per owner (a pipeline, a model, a CLI session).
+
+Module-level caches make two users of one process share and overwrite each other's state; here the owner
+holds its cache, and the key names everything that makes two compiled functions differ (model structure,
+shapes, static settings). Thread-safe: two threads asking for the same key build it once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable
+from typing import Any
+
+
+class CompileCache:
+  def __init__(self):
+    self._fns: dict[Hashable, Any] = {}
+    self._lock = threading.Lock()
+
+  def get(self, key: Hashable, build: Callable[[], Any]):
+    """The function cached under `key`, built by `build()` on first use."""
+    with self._lock:
+      if key not in self._fns:
+        self._fns[key] = build()
+      return self._fns[key]
+
+  def clear(self):
+    with self._lock:
+      self._fns.clear()
+
+  def __len__(self) -> int:
+    return len(self._fns)
+
+  def __contains__(self, key) -> bool:
+    return key in self._fns
