@@ -12,6 +12,7 @@ from test_kosmos2 import make_processor, tiny_tokenizer
 
 from jaxdream import vlm
 from jaxdream.cli import main
+from jaxdream.runtime import CompileCache
 
 kosmos2_folder = test_kosmos2.kosmos2_folder  # the session fixture, shared with test_kosmos2.py
 MAX_NEW = 12
@@ -21,6 +22,12 @@ PROMPTS = ['<grounding>An image of', '<grounding> a red dog by the fire', 'sks']
 @pytest.fixture(scope='module')
 def bundle(kosmos2_folder):
   return vlm.load(kosmos2_folder[2])
+
+
+@pytest.fixture(scope='module')
+def cli_cache():
+  """One cache for this module's CLI calls: they reuse the loaded model and its compiled generation."""
+  return CompileCache()
 
 
 @pytest.fixture(scope='module')
@@ -270,7 +277,7 @@ def test_draw_entities_outlines_the_box():
   assert drawn[40, 16].any() and not drawn[40, 40].any() and not drawn[4, 4].any()
 
 
-def test_caption_cli_writes_json_drawings_and_caption_sidecars(kosmos2_folder, images, tmp_path, capsys):
+def test_caption_cli_writes_json_drawings_and_caption_sidecars(kosmos2_folder, images, tmp_path, capsys, cli_cache):
   for i, im in enumerate(images[:2]):
     im.save(tmp_path / f'img{i}.png')
   paths = [str(tmp_path / f'img{i}.png') for i in range(2)]
@@ -290,7 +297,8 @@ def test_caption_cli_writes_json_drawings_and_caption_sidecars(kosmos2_folder, i
       str(tmp_path / 'captions'),
       '--heatmaps',
       str(tmp_path / 'heat'),
-    ]
+    ],
+    cache=cli_cache,
   )
   results = json.loads((tmp_path / 'out.json').read_text())
   assert [r['image'] for r in results] == paths
@@ -300,7 +308,7 @@ def test_caption_cli_writes_json_drawings_and_caption_sidecars(kosmos2_folder, i
   assert results[0]['text'] in capsys.readouterr().out
 
 
-def test_check_subject_cli_reports_grounded_fraction(kosmos2_folder, images, tmp_path, capsys):
+def test_check_subject_cli_reports_grounded_fraction(kosmos2_folder, images, tmp_path, capsys, cli_cache):
   (tmp_path / 'imgs').mkdir()
   for i, im in enumerate(images[:2]):
     im.save(tmp_path / 'imgs' / f'{i}.png')
@@ -315,12 +323,30 @@ def test_check_subject_cli_reports_grounded_fraction(kosmos2_folder, images, tmp
       'dog',
       '--max-new-tokens',
       str(MAX_NEW),
-    ]
+    ],
+    cache=cli_cache,
   )
   summary = json.loads(capsys.readouterr().out)
   assert summary['phrase'] == 'dog' and len(summary['images']) == 2
   assert summary['grounded_fraction'] == sum(r['grounded'] for r in summary['images']) / 2
   assert all(set(r) >= {'image', 'grounded', 'boxes', 'text'} for r in summary['images'])
+
+
+def test_cli_calls_given_one_cache_load_the_model_once_and_reuse_its_compiled_generation(
+  kosmos2_folder, images, tmp_path, monkeypatch
+):
+  images[0].save(tmp_path / 'a.png')
+  loads, load = [], vlm.load
+  monkeypatch.setattr(vlm, 'load', lambda *a, **k: loads.append(load(*a, **k)) or loads[-1])
+  cache, argv = CompileCache(), ['--model', kosmos2_folder[2], '--max-new-tokens', str(MAX_NEW)]
+  assert not main(['caption', *argv, str(tmp_path / 'a.png')], cache=cache)
+  bundle = loads[0]
+  compiled = len(bundle.model.compile_cache)
+  assert not main(['check-subject', *argv, '--images', str(tmp_path), '--phrase', 'dog'], cache=cache)
+  assert len(loads) == 1 and len(cache) == 1
+  assert len(bundle.model.compile_cache) == compiled == 1  # check-subject ran caption's compiled generation
+  assert not main(['caption', *argv, str(tmp_path / 'a.png')])  # no cache given: a fresh load
+  assert len(loads) == 2
 
 
 def test_check_subject_finds_the_phrase_among_entities():

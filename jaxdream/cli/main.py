@@ -7,6 +7,7 @@ import sys
 
 from jaxdream.cli.sample import _add_sample_parser, _demo, _inspect
 from jaxdream.cli.vlm import _add_vlm_parsers
+from jaxdream.runtime import CompileCache
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,13 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def main(argv=None):
+def main(argv=None, *, cache=None):
+  """Run one command; returns its exit status. cache: a `jaxdream.runtime.CompileCache` that the command keeps
+  what it loads and compiles in, for a caller (a test, a notebook) that runs several commands in one process;
+  by default each call starts empty."""
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] == ['train']:  # absl flags with ml_collections config overrides: its own parser
     from jaxdream.cli.train import main as train_main
 
     return train_main(argv[1:])
   args = build_parser().parse_args(argv)
+  args.cache = CompileCache() if cache is None else cache
   from jaxdream.models import ConfigError, WeightsError
 
   try:

@@ -5,19 +5,17 @@ from __future__ import annotations
 import json
 import os
 
-_VLM = {}  # the last Kosmos-2 folder loaded, so that in-process callers reuse its compiled generation
-
 
 def _load_vlm(args):
+  """The Kosmos-2 bundle of --model, from the call's cache (`main(..., cache=)`): callers that pass the same
+  cache to several commands reuse the loaded model and its compiled generation."""
   import jax.numpy as jnp
 
   from jaxdream import vlm
 
-  key = (os.path.abspath(args.model), args.dtype)
-  if key not in _VLM:
-    _VLM.clear()
-    _VLM[key] = vlm.load(args.model, dtype=jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32)
-  return _VLM[key]
+  dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
+  key = ('kosmos2', os.path.abspath(args.model), args.dtype)
+  return args.cache.get(key, lambda: vlm.load(args.model, dtype=dtype))
 
 
 def _vlm_generation(args) -> dict:
@@ -29,8 +27,9 @@ def _caption(args):
   import re
 
   from jaxdream import vlm
+  from jaxdream.io.images import list_images
 
-  paths = vlm.list_images(args.images)
+  paths = list_images(args.images)
   if not paths:
     raise FileNotFoundError(f'no images in {", ".join(args.images)}')
   results = vlm.caption(
@@ -71,8 +70,9 @@ def _caption(args):
 def _check_subject(args):
   """Whether a subject phrase is grounded in each image of a (DreamBooth) folder: a JSON summary."""
   from jaxdream import vlm
+  from jaxdream.io.images import list_images
 
-  paths = vlm.list_images(args.images)
+  paths = list_images(args.images)
   if not paths:
     raise FileNotFoundError(f'no images in {", ".join(args.images)}')
   summary = vlm.check_subject(_load_vlm(args), paths, args.phrase, mode=args.mode, **_vlm_generation(args))

@@ -4,7 +4,8 @@ its patch features into 64 latent tokens, and a Magneto-style text decoder that 
 
 The module tree is named as the PyTorch weights name it, so a transformers folder (config.json +
 model.safetensors) loads through numpy. The text decoder runs with or without a fixed-shape KV cache;
-`jaxdream.vlm` builds jitted generation (greedy, sampling, beam search) on top of it.
+`jaxdream.vlm`'s model-agnostic generation (greedy, sampling, beam search) runs it through the
+`prefill` / `decode_step` protocol below.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from jaxdream.models.config import ConfigError, resolve_config
 from jaxdream.nn.adapters import Int8Embed, Int8Linear, Quantized, state_bytes, swap_modules  # noqa: F401
 from jaxdream.nn.attention import check_implementation, dot_product_attention
 from jaxdream.nn.layers import Conv2d, Embed, LayerNorm, Linear, activation, module_list
+from jaxdream.runtime import CompileCache
 
 TEXT_DEFAULTS = dict(
   vocab_size=65037,
@@ -302,8 +304,9 @@ def prompt_position_ids(input_ids, padding_idx: int):
 class Kosmos2ForConditionalGeneration(nnx.Module):
   """`model(pixel_values, input_ids, image_embeds_position_mask, attention_mask)` -> logits (B, L, V).
 
-  pixel_values are NHWC, normalised as the processor does. For generation: `image_embeds`, `init_cache`,
-  then `decode` (prefill and single steps) — see `jaxdream.vlm`.
+  pixel_values are NHWC, normalised as the processor does. Generation: the model implements
+  `jaxdream.vlm.generation.GenerativeModel` (`generation_inputs`, `init_cache`, `prefill`, `decode_step`, and a
+  `compile_cache` of its compiled generation functions), on top of `decode`.
   """
 
   CONFIG_NAME = 'config.json'
@@ -339,6 +342,7 @@ class Kosmos2ForConditionalGeneration(nnx.Module):
       text['eos_token_id'],
     )
     self.dtype = dtype
+    self.compile_cache = CompileCache()  # jaxdream.vlm's compiled generation for this model
 
   def vision_features(self, pixel_values):
     """The whole last hidden state through post_layernorm, then L2-normalised (what the resampler reads)."""
@@ -351,9 +355,57 @@ class Kosmos2ForConditionalGeneration(nnx.Module):
     return self.image_to_text_projection(self.vision_features(pixel_values))
 
   def init_cache(self, batch: int, length: int, dtype=None):
+    """Per decoder layer (keys, values), each (batch, length, heads, head_dim)."""
     shape = (batch, length, self.num_heads, self.head_dim)
     zeros = lambda: jnp.zeros(shape, dtype or self.dtype)
     return [(zeros(), zeros()) for _ in range(self.num_layers)]
+
+  # ------------------------------------------------------------------ jaxdream.vlm.generation.GenerativeModel
+
+  def generation_inputs(self, pixel_values, input_ids, attention_mask=None, image_embeds_position_mask=None) -> dict:
+    """The arguments as the processor makes them (pixel_values NHWC), checked; arrays in the model's dtypes."""
+    if image_embeds_position_mask is None:
+      raise ValueError('Kosmos-2 generation needs image_embeds_position_mask (the processor makes it)')
+    input_ids = np.asarray(input_ids, np.int32)
+    image_mask = np.asarray(image_embeds_position_mask, np.int32)
+    counts = image_mask.sum(1)
+    if image_mask.shape != input_ids.shape or not np.all(counts == self.latent_query_num):
+      raise ValueError(
+        f'every row of image_embeds_position_mask (shape {image_mask.shape}, input_ids {input_ids.shape}) must '
+        f'mark {self.latent_query_num} image positions; got {counts.tolist()}'
+      )
+    if len(pixel_values) != len(input_ids):
+      raise ValueError(f'{len(pixel_values)} images for {len(input_ids)} prompts')
+    return dict(
+      pixel_values=jnp.asarray(pixel_values, self.dtype),
+      input_ids=input_ids,
+      attention_mask=attention_mask,
+      image_embeds_position_mask=image_mask,
+    )
+
+  def prefill(self, inputs: dict, cache, kv_valid):
+    """The prompt, image tokens spliced in, at transformers' padding-offset positions. decode_state: each
+    row's first real (non-padding) slot, from which its positions count."""
+    input_ids = inputs['input_ids']
+    logits, cache = self.decode(
+      input_ids,
+      prompt_position_ids(input_ids, self.pad_token_id),
+      kv_valid,
+      cache=cache,
+      index=0,
+      image_embeds=self.image_embeds(inputs['pixel_values']),
+      image_mask=inputs['image_embeds_position_mask'],
+      last_only=True,
+    )
+    return logits[:, 0], cache, jnp.argmax(inputs['attention_mask'], 1)
+
+  def decode_step(self, tokens, index, cache, kv_valid, first_real):
+    """Positions continue from the prompt (as transformers counts them for a single prompt), and a padding
+    token gets the padding position."""
+    pad = self.pad_token_id
+    positions = jnp.where(tokens == pad, pad, index + 1 - first_real + pad)
+    logits, cache = self.decode(tokens[:, None], positions[:, None], kv_valid, cache=cache, index=index)
+    return logits[:, 0], cache
 
   def decode(
     self, input_ids, position_ids, kv_valid, *, cache=None, index=0, image_embeds=None, image_mask=None, last_only=False

@@ -24,6 +24,10 @@ class CompileCache:
         self._fns[key] = build()
       return self._fns[key]
 
+  def __deepcopy__(self, memo):
+    # A copy of its owner (copy.deepcopy of a model) starts empty: locks and compiled functions are not copied.
+    return type(self)()
+
   def clear(self):
     with self._lock:
       self._fns.clear()

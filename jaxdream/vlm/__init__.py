@@ -10,12 +10,14 @@ Everything matches transformers' Kosmos2Processor and `generate`: the prompt ids
 mask, CLIP image preprocessing (PIL resize, crop, normalise), greedy and beam search token for token,
 sampling with the same temperature/top-k/top-p filtering, and `post_process_generation`'s parsing.
 
-processor.py makes the inputs, generation.py decodes (model-agnostic), grounding.py parses and draws
-boxes, api.py is the user-facing `load` / `caption` / `check_subject`.
+processor.py makes the inputs, generation.py decodes (model-agnostic: any model implementing its
+`GenerativeModel` protocol), grounding.py parses and draws boxes, api.py is the user-facing `load` /
+`caption` / `check_subject`.
 """
 
+from jaxdream.io.images import list_images  # noqa: F401 (jaxdream.vlm.list_images before the io package)
 from jaxdream.vlm.api import *  # noqa: F401,F403
-from jaxdream.vlm.generation import generate, warp_logits  # noqa: F401
+from jaxdream.vlm.generation import GenerativeModel, beam_search, generate, sample, warp_logits  # noqa: F401
 from jaxdream.vlm.grounding import draw_entities, draw_heatmap, parse_grounding, patch_box, subject_boxes  # noqa: F401
 from jaxdream.vlm.processor import (  # noqa: F401
   DEFAULT_PROMPT,

@@ -1,4 +1,5 @@
-"""x"""
+"""The user-facing Kosmos-2 API: `load` a transformers folder into a bundle, `caption` (and ground) images,
+draw `phrase_heatmaps`, and `check_subject` for DreamBooth training sets."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxdream.models.kosmos2 import Kosmos2ForConditionalGeneration, load_kosmos2
-from jaxdream.vlm.generation import _compiled, generate
+from jaxdream.vlm.generation import compiled, generate
 from jaxdream.vlm.grounding import parse_grounding, subject_boxes
 from jaxdream.vlm.processor import _PROMPT_BUCKET, DEFAULT_PROMPT, Kosmos2Processor
 
@@ -108,8 +108,7 @@ def phrase_heatmaps(bundle: Kosmos2Bundle, pixel_values, ids, prompt_attention, 
   ids = np.asarray(ids)
   grow = lambda m, fill: np.concatenate([m, np.full((len(m), ids.shape[1] - m.shape[1]), fill, m.dtype)], 1)
   image_mask, attention = grow(np.asarray(prompt_image_mask), 0), grow(np.asarray(prompt_attention), 1)
-  text, proj = _compiled(model, _attention_summary)(
-    nnx.state(model),
+  text, proj = compiled(model, _attention_summary)(
     jnp.asarray(pixel_values, model.dtype),
     jnp.asarray(ids),
     jnp.asarray(image_mask),

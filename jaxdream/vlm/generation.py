@@ -1,16 +1,62 @@
 """Jitted autoregressive generation with a KV cache: greedy, sampling and beam search, token for token
-as transformers' `generate`."""
+as transformers' `generate`, for any model that implements `GenerativeModel`.
+
+The loops own only what every decoder shares: the fixed-length cache's slot bookkeeping (`kv_valid`, which
+slots hold real tokens: the prompt's non-padding ones, then each generated token), stopping at EOS, padding
+finished rows, and the search itself. Everything model-specific (positions, attention masks, image or other
+conditioning, the cache's layout) is the model's, behind the protocol below. Kosmos-2
+(`jaxdream.models.kosmos2.Kosmos2ForConditionalGeneration`) is one implementation.
+
+Compiled functions live in the model's own `compile_cache` (a `jaxdream.runtime.CompileCache`), keyed by the
+function, its static settings and the model's graph structure, so that two models never share or evict each
+other's, and a model whose structure changes in place (int8 quantization) gets new ones.
+"""
 
 from __future__ import annotations
 
-import weakref
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdream.models.kosmos2 import Kosmos2ForConditionalGeneration, prompt_position_ids
+from jaxdream.runtime import CompileCache
+
+
+class GenerativeModel(Protocol):
+  """What `generate` needs from a model (an `nnx.Module`; its parameters are passed to the jitted loops).
+
+  Shapes: B rows, a prompt of L tokens in cache slots 0..L-1 (left-padded when the rows are unequal), T = L +
+  max_new_tokens cache slots, V vocabulary entries.
+  """
+
+  eos_token_id: int | tuple[int, ...]  # the default EOS id(s)
+  pad_token_id: int | None  # the default id of finished rows (None: the first EOS id)
+  compile_cache: CompileCache  # this model's compiled generation functions
+
+  def generation_inputs(self, *args, **kwargs) -> dict[str, Any]:
+    """On the host, before compiling: the model's inputs as `generate` got them, checked and converted to
+    arrays. Must hold 'input_ids' (B, L) int32 and may hold 'attention_mask' (B, L): 1 for prompt tokens, 0
+    for left padding (default: all ones). The whole dict goes to `prefill`."""
+    ...
+
+  def init_cache(self, batch: int, length: int) -> Any:
+    """An empty cache of `length` slots: any pytree whose leaves all have the batch as their first axis
+    (beam search reorders rows with `leaf[rows]`)."""
+    ...
+
+  def prefill(self, inputs: dict, cache, kv_valid) -> tuple[jax.Array, Any, Any]:
+    """Run the prompt into cache slots 0..L-1; kv_valid (B, T) bool marks the slots that may be attended to.
+    Returns (float32 logits (B, V) of the last prompt token, the cache, decode_state): decode_state is any
+    pytree of per-row arrays (batch first) that decoding needs and that stays fixed (e.g. where each row's
+    prompt starts); beam search repeats it per beam."""
+    ...
+
+  def decode_step(self, tokens, index, cache, kv_valid, decode_state) -> tuple[jax.Array, Any]:
+    """Feed `tokens` (B,) int32 into cache slot `index` (a traced scalar); kv_valid already marks that slot.
+    Finished rows feed the pad id. Returns (float32 logits (B, V), the updated cache)."""
+    ...
 
 
 def warp_logits(logits, temperature, top_k: int, top_p):
@@ -27,74 +73,58 @@ def warp_logits(logits, temperature, top_k: int, top_p):
   return jnp.where(remove & (top_p < 1.0), -jnp.inf, logits)
 
 
-_COMPILED = weakref.WeakKeyDictionary()  # model -> its jitted generation functions
+class _Structure:
+  """A model's graph structure as part of a cache key. Equal when the graphdefs are equal; hashed by the
+  state's tree structure, because a graphdef holding a config dict cannot be hashed itself."""
+
+  __slots__ = ('graphdef', '_hash')
+
+  def __init__(self, graphdef, state):
+    self.graphdef, self._hash = graphdef, hash(jax.tree.structure(state))
+
+  def __hash__(self):
+    return self._hash
+
+  def __eq__(self, other):
+    return isinstance(other, _Structure) and self._hash == other._hash and self.graphdef == other.graphdef
 
 
-def _compiled(model, fn, **static):
-  """`fn(model, *arrays, **static)` jitted for this model, taking its parameters as an argument (not baked
-  in as constants); cached per model and static settings."""
-  cache = _COMPILED.setdefault(model, {})
-  key = (fn.__name__, tuple(sorted(static.items())))
-  graphdef = nnx.graphdef(model)
-  if key not in cache or cache[key][0] != graphdef:  # compiled for another structure (e.g. before int8)
-    cache[key] = graphdef, jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args, **static))
-  return cache[key][1]
-
-
-def _prefill(model, pixel_values, input_ids, attention_mask, image_mask, total: int):
-  b, n = input_ids.shape
-  kv_valid = jnp.zeros((b, total), bool).at[:, :n].set(attention_mask.astype(bool))
-  positions = prompt_position_ids(input_ids, model.pad_token_id)
-  logits, cache = model.decode(
-    input_ids,
-    positions,
-    kv_valid,
-    cache=model.init_cache(b, total),
-    index=0,
-    image_embeds=model.image_embeds(pixel_values),
-    image_mask=image_mask,
-    last_only=True,
+def compiled(model, fn, **static):
+  """`fn(model, *arrays, **static)` jitted, called as `compiled(model, fn, **static)(*arrays)`. The model's
+  parameters are an argument of the compiled function, not constants baked into it; the function is cached
+  in `model.compile_cache` per `fn`, static settings and graph structure (quantizing a model in place changes
+  its structure, so it compiles anew)."""
+  graphdef, state = nnx.split(model)
+  key = (fn, tuple(sorted(static.items())), _Structure(graphdef, state))
+  jitted = model.compile_cache.get(
+    key, lambda: jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args, **static))
   )
-  first_real = jnp.argmax(attention_mask, 1)  # left padding before it
-  return logits[:, 0], cache, kv_valid, first_real
+  return lambda *args: jitted(state, *args)
 
 
-def _step(model, tokens, index, cache, kv_valid, first_real):
-  """One decoding step: `tokens` (B,) go into cache slot `index`. Positions continue from the prompt (as
-  transformers counts them for a single prompt), and a padding token gets the padding position."""
+def _prefill(model, inputs, total: int):
+  b, n = inputs['input_ids'].shape
+  kv_valid = jnp.zeros((b, total), bool).at[:, :n].set(inputs['attention_mask'].astype(bool))
+  logits, cache, decode_state = model.prefill(inputs, model.init_cache(b, total), kv_valid)
+  return logits, cache, kv_valid, decode_state
+
+
+def _step(model, tokens, index, cache, kv_valid, decode_state):
+  """One decoding step: `tokens` (B,) go into cache slot `index`, which becomes attendable."""
   kv_valid = kv_valid.at[:, index].set(True)
-  pad = model.pad_token_id
-  positions = jnp.where(tokens == pad, pad, index + 1 - first_real + pad)
-  logits, cache = model.decode(tokens[:, None], positions[:, None], kv_valid, cache=cache, index=index)
-  return logits[:, 0], cache, kv_valid
+  logits, cache = model.decode_step(tokens, index, cache, kv_valid, decode_state)
+  return logits, cache, kv_valid
 
 
-def _sample(
-  model,
-  pixel_values,
-  input_ids,
-  attention_mask,
-  image_mask,
-  eos,
-  key,
-  temperature,
-  top_p,
-  *,
-  max_new_tokens,
-  do_sample,
-  top_k,
-  pad,
-):
-  b, n = input_ids.shape
+def _sample(model, inputs, eos, key, temperature, top_p, *, max_new_tokens, do_sample, top_k, pad):
+  b, n = inputs['input_ids'].shape
 
   def pick(logits, key):
     if not do_sample:
       return jnp.argmax(logits, -1).astype(jnp.int32)
     return jax.random.categorical(key, warp_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
 
-  logits, cache, kv_valid, first_real = _prefill(
-    model, pixel_values, input_ids, attention_mask, image_mask, n + max_new_tokens
-  )
+  logits, cache, kv_valid, decode_state = _prefill(model, inputs, n + max_new_tokens)
   key, sub = jax.random.split(key)
   token = pick(logits, sub)
   out = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(token)
@@ -105,7 +135,7 @@ def _sample(
 
   def body(s):
     i, token, cache, kv_valid, done, out, key = s
-    logits, cache, kv_valid = _step(model, token, n + i - 1, cache, kv_valid, first_real)
+    logits, cache, kv_valid = _step(model, token, n + i - 1, cache, kv_valid, decode_state)
     key, sub = jax.random.split(key)
     token = jnp.where(done, pad, pick(logits, sub))  # finished rows are padded, as transformers does
     return i + 1, token, cache, kv_valid, done | jnp.isin(token, eos), out.at[:, i].set(token), key
@@ -115,29 +145,17 @@ def _sample(
 
 
 def _beam_search(
-  model,
-  pixel_values,
-  input_ids,
-  attention_mask,
-  image_mask,
-  eos,
-  *,
-  max_new_tokens,
-  num_beams,
-  num_return_sequences,
-  length_penalty,
-  early_stopping,
-  pad,
+  model, inputs, eos, *, max_new_tokens, num_beams, num_return_sequences, length_penalty, early_stopping, pad
 ):
   """transformers' vectorised beam search (same candidates, scores, length penalty, stopping heuristics)."""
-  b, n = input_ids.shape
+  b, n = inputs['input_ids'].shape
   k, steps = num_beams, max_new_tokens
   keep = max(2, 1 + eos.shape[0]) * k  # candidates per step: enough to continue k beams when some end
   gather = lambda x, idx: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), 1)
 
-  logits, cache, kv_valid, first_real = _prefill(model, pixel_values, input_ids, attention_mask, image_mask, n + steps)
+  logits, cache, kv_valid, decode_state = _prefill(model, inputs, n + steps)
   # Every beam starts from the same prefill.
-  cache, kv_valid, first_real = jax.tree.map(lambda x: jnp.repeat(x, k, 0), (cache, kv_valid, first_real))
+  cache, kv_valid, decode_state = jax.tree.map(lambda x: jnp.repeat(x, k, 0), (cache, kv_valid, decode_state))
   logits = jnp.repeat(logits, k, 0)
   state = dict(
     t=0,
@@ -184,12 +202,13 @@ def _beam_search(
     worst = jnp.where(finished, jnp.min(scores, 1, keepdims=True), -1e9)
     improvable = s['improvable'] & jnp.any(running_scores[:, :1] / best_len > worst, -1, keepdims=True)
     go = jnp.any(improvable) & ~(jnp.all(finished) & (early_stopping is True)) & ~jnp.all(hits) & (t + 1 < steps)
-    # Reorder the cache to the live beams' parents, then feed their new tokens.
+    # Reorder the cache to the live beams' parents (decode_state is the same for a prompt's beams), then feed
+    # their new tokens.
     rows = (live_parent + jnp.arange(b)[:, None] * k).reshape(-1)
     cache, kv_valid = jax.tree.map(lambda x: x[rows], (s['cache'], s['kv_valid']))
     logits, cache, kv_valid = jax.lax.cond(
       go,
-      lambda: _step(model, running[:, :, t].reshape(-1), n + t, cache, kv_valid, first_real),
+      lambda: _step(model, running[:, :, t].reshape(-1), n + t, cache, kv_valid, decode_state),
       lambda: (s['logits'], cache, kv_valid),
     )
     return dict(
@@ -212,13 +231,99 @@ def _beam_search(
   return s['sequences'][:, :r], s['scores'][:, :r], s['lengths'][:, :r]
 
 
-def generate(
-  model: Kosmos2ForConditionalGeneration,
-  pixel_values,
-  input_ids,
-  attention_mask=None,
-  image_embeds_position_mask=None,
+def _special_ids(model, eos_token_id, pad_token_id) -> tuple[tuple[int, ...], int]:
+  """(EOS ids, pad id): the arguments, else the model's."""
+  eos = eos_token_id if eos_token_id is not None else model.eos_token_id
+  eos = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+  if pad_token_id is None:
+    pad_token_id = model.pad_token_id if model.pad_token_id is not None else eos[0]
+  return eos, int(pad_token_id)
+
+
+def _prepared(inputs: dict, max_new_tokens: int) -> dict:
+  """`generation_inputs`' dict, checked, with the attention mask filled in, as device arrays."""
+  if max_new_tokens < 1:
+    raise ValueError('max_new_tokens must be at least 1')
+  inputs = dict(inputs)
+  ids = np.asarray(inputs['input_ids'])
+  if ids.ndim != 2:
+    raise ValueError(f'input_ids must be (batch, length); got shape {ids.shape}')
+  mask = inputs.get('attention_mask')
+  mask = np.ones(ids.shape, np.int32) if mask is None else np.asarray(mask)
+  if mask.shape != ids.shape:
+    raise ValueError(f'attention_mask has shape {mask.shape}, input_ids {ids.shape}')
+  inputs['input_ids'], inputs['attention_mask'] = ids.astype(np.int32), mask.astype(np.int32)
+  return {k: jnp.asarray(v) for k, v in inputs.items()}
+
+
+def beam_search(
+  model: GenerativeModel,
+  inputs: dict,
   *,
+  max_new_tokens: int = 64,
+  num_beams: int = 4,
+  num_return_sequences: int = 1,
+  length_penalty: float = 1.0,
+  early_stopping=False,
+  eos_token_id=None,
+  pad_token_id=None,
+) -> np.ndarray:
+  """Beam search from `inputs` (what `model.generation_inputs` returns): token ids
+  (B * num_return_sequences, L + generated), prompt included, best beams first. One beam is greedy search."""
+  if not 1 <= num_return_sequences <= num_beams:
+    raise ValueError('num_return_sequences must be between 1 and num_beams')
+  eos, pad = _special_ids(model, eos_token_id, pad_token_id)
+  inputs = _prepared(inputs, max_new_tokens)
+  fn = compiled(
+    model,
+    _beam_search,
+    max_new_tokens=max_new_tokens,
+    num_beams=num_beams,
+    num_return_sequences=num_return_sequences,
+    length_penalty=float(length_penalty),
+    early_stopping=early_stopping,
+    pad=pad,
+  )
+  seqs, _, lengths = fn(inputs, jnp.asarray(eos, jnp.int32))
+  ids = np.repeat(np.asarray(inputs['input_ids']), num_return_sequences, 0)
+  seqs = np.asarray(seqs).reshape(len(ids), -1)
+  return np.concatenate([ids, seqs[:, : int(np.max(lengths))]], 1)
+
+
+def sample(
+  model: GenerativeModel,
+  inputs: dict,
+  *,
+  max_new_tokens: int = 64,
+  do_sample: bool = False,
+  temperature: float = 1.0,
+  top_k: int = 50,
+  top_p: float = 1.0,
+  seed: int = 0,
+  eos_token_id=None,
+  pad_token_id=None,
+) -> np.ndarray:
+  """Greedy search (or, with do_sample, sampling) from `inputs` (what `model.generation_inputs` returns):
+  token ids (B, L + generated), prompt included."""
+  eos, pad = _special_ids(model, eos_token_id, pad_token_id)
+  inputs = _prepared(inputs, max_new_tokens)
+  fn = compiled(
+    model,
+    _sample,
+    max_new_tokens=max_new_tokens,
+    do_sample=bool(do_sample),
+    top_k=int(top_k) if do_sample else 0,
+    pad=pad,
+  )
+  seqs, steps = fn(
+    inputs, jnp.asarray(eos, jnp.int32), jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p)
+  )
+  return np.concatenate([np.asarray(inputs['input_ids']), np.asarray(seqs)[:, : int(steps)]], 1)
+
+
+def generate(
+  model: GenerativeModel,
+  *args,
   max_new_tokens: int = 64,
   do_sample: bool = False,
   temperature: float = 1.0,
@@ -231,66 +336,32 @@ def generate(
   seed: int = 0,
   eos_token_id=None,
   pad_token_id=None,
+  **kwargs,
 ) -> np.ndarray:
   """Token ids (B * num_return_sequences, L + generated), prompt included, as transformers' generate
   returns them: rows that stopped early are filled with the pad id, and the length is that of the longest row.
 
-  pixel_values: (B, H, W, 3) NHWC; input_ids etc. as the processor makes them (left-padded for batches).
-  Greedy by default; do_sample=True samples (temperature, top_k (0 = off), top_p); num_beams > 1 is beam search.
+  *args, **kwargs: the model's inputs, as its `generation_inputs` takes them (Kosmos-2: pixel_values (B, H, W,
+  3) NHWC, input_ids, attention_mask, image_embeds_position_mask, as the processor makes them, left-padded for
+  batches). Greedy by default; do_sample=True samples (temperature, top_k (0 = off), top_p); num_beams > 1 is
+  beam search.
   """
-  input_ids = np.asarray(input_ids, np.int32)
-  b, n = input_ids.shape
-  attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
-  image_mask = np.asarray(image_embeds_position_mask, np.int32)
-  counts = image_mask.sum(1)
-  if not np.all(counts == model.latent_query_num):
-    raise ValueError(
-      f'every row of image_embeds_position_mask must mark {model.latent_query_num} image '
-      f'positions; got {counts.tolist()}'
-    )
-  if max_new_tokens < 1:
-    raise ValueError('max_new_tokens must be at least 1')
-  eos = eos_token_id if eos_token_id is not None else model.eos_token_id
-  eos = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
-  pad = int(
-    pad_token_id if pad_token_id is not None else model.pad_token_id if model.pad_token_id is not None else eos[0]
-  )
-  args = (
-    nnx.state(model),
-    jnp.asarray(pixel_values, model.dtype),
-    jnp.asarray(input_ids),
-    jnp.asarray(attention_mask),
-    jnp.asarray(image_mask),
-    jnp.asarray(eos, jnp.int32),
-  )
+  inputs = model.generation_inputs(*args, **kwargs)
+  common = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
   if num_beams > 1:
     if do_sample:
       raise ValueError('beam search with sampling is not supported; use num_beams=1 or do_sample=False')
-    if not 1 <= num_return_sequences <= num_beams:
-      raise ValueError('num_return_sequences must be between 1 and num_beams')
-    seqs, _, lengths = _compiled(
+    return beam_search(
       model,
-      _beam_search,
-      max_new_tokens=max_new_tokens,
+      inputs,
       num_beams=num_beams,
       num_return_sequences=num_return_sequences,
-      length_penalty=float(length_penalty),
+      length_penalty=length_penalty,
       early_stopping=early_stopping,
-      pad=pad,
-    )(*args)
-    seqs, steps = np.asarray(seqs).reshape(b * num_return_sequences, -1), int(np.max(lengths))
-    input_ids = np.repeat(input_ids, num_return_sequences, 0)
-  else:
-    if num_return_sequences != 1:
-      raise ValueError('num_return_sequences > 1 needs beam search (num_beams > 1)')
-    fn = _compiled(
-      model,
-      _sample,
-      max_new_tokens=max_new_tokens,
-      do_sample=bool(do_sample),
-      top_k=int(top_k) if do_sample else 0,
-      pad=pad,
+      **common,
     )
-    seqs, steps = fn(*args, jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p))
-    seqs, steps = np.asarray(seqs), int(steps)
-  return np.concatenate([input_ids, seqs[:, :steps]], 1)
+  if num_return_sequences != 1:
+    raise ValueError('num_return_sequences > 1 needs beam search (num_beams > 1)')
+  return sample(
+    model, inputs, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **common
+  )
