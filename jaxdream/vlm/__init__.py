@@ -16,7 +16,7 @@ processor.py makes the inputs, generation.py decodes (model-agnostic: any model 
 """
 
 from jaxdream.io.images import list_images  # noqa: F401 (jaxdream.vlm.list_images before the io package)
-from jaxdream.vlm.api import *  # noqa: F401,F403
+from jaxdream.vlm.api import Kosmos2Bundle, caption, check_subject, load, phrase_heatmaps
 from jaxdream.vlm.generation import GenerativeModel, beam_search, generate, sample, warp_logits  # noqa: F401
 from jaxdream.vlm.grounding import draw_entities, draw_heatmap, parse_grounding, patch_box, subject_boxes  # noqa: F401
 from jaxdream.vlm.processor import (  # noqa: F401
