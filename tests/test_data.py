@@ -67,6 +67,47 @@ def test_odd_modes_become_rgb(image_folder):
   for name in ('cmyk.jpg', 'palette.png'):
     with Image.open(image_folder / name) as im:
       assert to_rgb(im).mode == 'RGB'
+      np.testing.assert_array_equal(np.asarray(to_rgb(im)), np.asarray(im.convert('RGB')))  # PIL's own conversion
+
+
+def test_palette_transparency_becomes_white_and_opaque_entries_keep_their_colour(tmp_path):
+  colours = [(200, 10, 30), (5, 120, 250), (40, 220, 90)]
+  index = np.array([[0, 1, 2, 1], [2, 0, 1, 2], [1, 2, 0, 0]], np.uint8)
+  im = Image.fromarray(index, 'P')
+  im.putpalette([v for c in colours for v in c])
+  im.save(tmp_path / 'p.png', transparency=1)  # entry 1 fully transparent
+  with Image.open(tmp_path / 'p.png') as im:
+    assert im.mode == 'P' and 'transparency' in im.info
+    rgb = np.asarray(to_rgb(im))
+  expected = np.array([(255, 255, 255) if i == 1 else colours[i] for i in index.ravel()], np.uint8).reshape(3, 4, 3)
+  np.testing.assert_array_equal(rgb, expected)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+  # 48x32 with four flat quadrants (flat so JPEG keeps their colours); Orientation=6 means
+  # "rotate 90 degrees clockwise to display", so the upright image is 32x48.
+  quadrants = {(0, 0): (255, 0, 0), (0, 1): (0, 255, 0), (1, 0): (0, 0, 255), (1, 1): (255, 255, 0)}
+  stored = np.zeros((32, 48, 3), np.uint8)
+  for (r, c), colour in quadrants.items():
+    stored[r * 16 : (r + 1) * 16, c * 24 : (c + 1) * 24] = colour
+  exif = Image.Exif()
+  exif[0x0112] = 6  # Orientation
+  Image.fromarray(stored).save(tmp_path / 'rotated.jpg', exif=exif, quality=95)
+  with Image.open(tmp_path / 'rotated.jpg') as im:
+    raw = np.asarray(im.convert('RGB'))  # the pixels as stored, not rotated
+    upright = to_rgb(im)
+  assert raw.shape == (32, 48, 3) and upright.size == (32, 48)  # width and height swap
+  np.testing.assert_array_equal(np.asarray(upright), np.rot90(raw, k=-1))
+  # Rotated clockwise: stored top-left (red) is now top-right, stored top-right (green) bottom-right,
+  # stored bottom-left (blue) top-left, stored bottom-right (yellow) bottom-left.
+  up = np.asarray(upright).astype(int)
+  for (y, x), colour in {
+    (4, 28): (255, 0, 0),
+    (44, 28): (0, 255, 0),
+    (4, 4): (0, 0, 255),
+    (44, 4): (255, 255, 0),
+  }.items():
+    assert np.abs(up[y, x] - colour).max() <= 8, ((y, x), up[y, x], colour)
 
 
 def test_decompression_bomb_is_refused(tmp_path, monkeypatch):

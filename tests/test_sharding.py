@@ -88,12 +88,14 @@ def test_checkpoint_written_on_one_mesh_resumes_on_others(setup, tmp_path):
       np.testing.assert_array_equal(a, b)
 
 
-def test_sixty_four_synthetic_subjects_train_on_the_eight_device_mesh(tiny_sd_folder, tmp_path):
+def test_sixty_four_synthetic_subjects_train_on_the_eight_device_mesh_as_on_one_device(tiny_sd_folder, tmp_path):
   import json
 
   from PIL import Image
 
+  from jaxdream.io.weights import read_safetensors
   from jaxdream.training import config as config_lib
+  from jaxdream.training import loop
   from jaxdream.training.data import data_source
   from jaxdream.training.loop import train
 
@@ -132,3 +134,18 @@ def test_sixty_four_synthetic_subjects_train_on_the_eight_device_mesh(tiny_sd_fo
   assert len(source) == 128 and len({int(source[i]['concept']) for i in range(128)}) == 64
   assert sorted(os.listdir(tmp_path / 'class')) == sorted(classes)
   assert os.path.exists(summary['outputs']['model'])
+
+  # The same run on one device (the class images are reused): the same losses and trained weights.
+  c.mesh.data = 1
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(loop, 'make_mesh', lambda *sizes: make_mesh(*sizes, devices=jax.devices()[:1]))
+    single = train(c, str(tmp_path / 'run-one-device'))
+  losses, single_losses = np.array(summary['losses']), np.array(single['losses'])
+  assert losses[:, 0].tolist() == single_losses[:, 0].tolist() == [1, 2]
+  assert rel_err(losses[:, 1], single_losses[:, 1]) <= 1e-5
+  weights = lambda folder: read_safetensors(os.path.join(folder, 'unet', 'diffusion_pytorch_model.safetensors'))
+  ours, ref, before = weights(summary['outputs']['model']), weights(single['outputs']['model']), weights(c.model)
+  assert sorted(ours) == sorted(ref) == sorted(before)
+  ours, ref, before = (np.concatenate([np.ravel(w[k]) for k in sorted(w)]) for w in (ours, ref, before))
+  assert rel_err(ours, ref) <= 1e-5
+  assert rel_err(ours - before, ref - before) <= 1e-3  # Adam's first updates: see the mesh test above

@@ -1,6 +1,7 @@
 """Kosmos-2 captioning: prompts, pixels, generation and grounding parses are transformers' own."""
 
 import json
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -360,6 +361,59 @@ def test_check_subject_finds_the_phrase_among_entities():
   ]
   found = [vlm.subject_boxes(r['entities'], 'Dog') for r in results]
   assert found == [[(0.1, 0.1, 0.5, 0.5)], [], []]
+
+
+# Stubbed captions, so that what check-subject concludes from a caption is what is tested: 'a dog' grounded
+# with a box; 'dog' in the text but only 'a cat' grounded; 'a hotdog' grounded.
+_STUB_CAPTIONS = {
+  'grounded': dict(text='a dog on the grass', entities=[('a dog', (0, 5), [(0.125, 0.25, 0.5, 0.75)])]),
+  'ungrounded': dict(text='a dog next to a cat', entities=[('a cat', (12, 19), [(0.5, 0.5, 0.875, 0.875)])]),
+  'hotdog': dict(text='a hotdog', entities=[('a hotdog', (0, 8), [(0.0, 0.0, 1.0, 1.0)])]),
+}
+
+
+@pytest.fixture
+def stub_captions(monkeypatch):
+  """vlm.check_subject captions with these stubs, keyed by the image's file stem."""
+  from jaxdream.vlm import api
+
+  def caption(model, images, **kwargs):
+    stems = [os.path.splitext(os.path.basename(str(i)))[0] for i in images]
+    return [dict(generated_text=_STUB_CAPTIONS[s]['text'], **_STUB_CAPTIONS[s]) for s in stems]
+
+  monkeypatch.setattr(api, 'caption', caption)
+
+
+def test_check_subject_counts_only_images_where_the_subject_is_grounded(stub_captions):
+  found = vlm.check_subject(None, ['grounded.png'], 'dog')
+  assert found['grounded_fraction'] == 1.0
+  assert found['images'] == [
+    dict(image='grounded.png', grounded=True, boxes=[[0.125, 0.25, 0.5, 0.75]], text='a dog on the grass')
+  ]
+  for name in ('ungrounded', 'hotdog'):
+    found = vlm.check_subject(None, [f'{name}.png'], 'dog')
+    assert found['grounded_fraction'] == 0.0 and found['images'][0]['boxes'] == [], name
+  found = vlm.check_subject(None, ['grounded.png', 'ungrounded.png', 'hotdog.png', 'grounded.png'], 'dog')
+  assert found['grounded_fraction'] == 0.5
+  assert [r['grounded'] for r in found['images']] == [True, False, False, True]
+
+
+def test_check_subject_cli_prints_and_writes_the_summary(stub_captions, tmp_path, capsys, monkeypatch):
+  from jaxdream.cli import vlm as cli_vlm
+
+  monkeypatch.setattr(cli_vlm, '_load_vlm', lambda args: None)  # the stub captions need no model
+  (tmp_path / 'imgs').mkdir()
+  for name in ('grounded', 'ungrounded'):
+    Image.new('RGB', (8, 8)).save(tmp_path / 'imgs' / f'{name}.png')
+  argv = ['check-subject', '--model', str(tmp_path), '--images', str(tmp_path / 'imgs'), '--phrase', 'dog']
+  assert not main([*argv, '--json', str(tmp_path / 'out.json')])
+  printed = json.loads(capsys.readouterr().out)
+  assert printed == json.loads((tmp_path / 'out.json').read_text())
+  assert printed['phrase'] == 'dog' and printed['mode'] == 'caption' and printed['grounded_fraction'] == 0.5
+  assert [(os.path.basename(r['image']), r['grounded'], r['boxes']) for r in printed['images']] == [
+    ('grounded.png', True, [[0.125, 0.25, 0.5, 0.75]]),
+    ('ungrounded.png', False, []),
+  ]
 
 
 def test_caption_errors_are_reported(bundle):

@@ -89,6 +89,31 @@ def test_pickle_checkpoint_is_refused_by_default_and_loads_when_allowed(torch_va
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+class _Payload:
+  """Unpickling this calls open(marker, 'w'): a stand-in for any code a hostile checkpoint runs."""
+
+  def __init__(self, marker):
+    self.marker = str(marker)
+
+  def __reduce__(self):
+    return (open, (self.marker, 'w'))
+
+
+@pytest.mark.parametrize('suffix', ['.ckpt', '.pt', '.bin'])
+def test_hostile_pickle_is_refused_even_when_allowed_and_never_runs(torch_vae, vae_copy, tmp_path, suffix):
+  os.remove(vae_copy / WEIGHTS)
+  marker = tmp_path / 'payload-ran'
+  path = vae_copy / f'diffusion_pytorch_model{suffix}'
+  torch.save({**torch_vae[0].state_dict(), 'payload': _Payload(marker)}, path)
+  with pytest.raises(WeightsError, match='pickle.*arbitrary code'):
+    load_vae(str(vae_copy))
+  with pytest.raises(WeightsError, match=rf'{path.name} holds more than tensors \(it needs \S*open\)'):
+    try:
+      load_vae(str(vae_copy), allow_pickle=True)
+    finally:  # checked whatever load_vae raised
+      assert not marker.exists(), 'unpickling ran the payload'
+
+
 def test_sharded_safetensors_with_index_loads(torch_unet_sd1, tmp_path):
   model, _ = torch_unet_sd1
   model.save_pretrained(tmp_path, max_shard_size='200KB')

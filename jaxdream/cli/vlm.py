@@ -22,16 +22,22 @@ def _vlm_generation(args) -> dict:
   return dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, batch_size=args.batch_size)
 
 
+def _image_paths(images) -> list[str]:
+  from jaxdream.io.images import list_images
+
+  paths = list_images(images)
+  if not paths:
+    raise FileNotFoundError(f'no images in {", ".join(images)}')
+  return paths
+
+
 def _caption(args):
   """Caption and ground images with Kosmos-2; optionally JSON, annotated copies and caption sidecars."""
   import re
 
   from jaxdream import vlm
-  from jaxdream.io.images import list_images
 
-  paths = list_images(args.images)
-  if not paths:
-    raise FileNotFoundError(f'no images in {", ".join(args.images)}')
+  paths = _image_paths(args.images)
   results = vlm.caption(
     _load_vlm(args), paths, prompt=args.prompt, heatmaps=bool(args.heatmaps), **_vlm_generation(args)
   )
@@ -70,11 +76,8 @@ def _caption(args):
 def _check_subject(args):
   """Whether a subject phrase is grounded in each image of a (DreamBooth) folder: a JSON summary."""
   from jaxdream import vlm
-  from jaxdream.io.images import list_images
 
-  paths = list_images(args.images)
-  if not paths:
-    raise FileNotFoundError(f'no images in {", ".join(args.images)}')
+  paths = _image_paths(args.images)
   summary = vlm.check_subject(_load_vlm(args), paths, args.phrase, mode=args.mode, **_vlm_generation(args))
   print(json.dumps(summary, indent=2))
   if args.json:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import pickle
 import re
 from collections.abc import Callable
 
@@ -102,7 +103,14 @@ def _read_pickle(path: str) -> dict[str, np.ndarray]:
     import torch
   except ImportError:
     raise WeightsError(f'{path}: loading a pickle checkpoint needs torch installed') from None
-  sd = torch.load(path, map_location='cpu', weights_only=True)
+  try:
+    sd = torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:  # torch's own message suggests weights_only=False: not advice to pass on
+    found = re.search(r'GLOBAL (\S+)', str(e))
+    raise WeightsError(
+      f'{path} holds more than tensors{f" (it needs {found.group(1)})" if found else ""}, so jaxdream refuses '
+      "it even with allow_pickle: torch's weights_only loader only reads tensors and plain containers."
+    ) from e
   if isinstance(sd, dict) and 'state_dict' in sd and isinstance(sd['state_dict'], dict):
     sd = sd['state_dict']
   return {
