@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdream.models.config import resolve_config
+from jaxdream.nn.attention import check_implementation
 from jaxdream.nn.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 from jaxdream.nn.layers import Conv2d, GroupNorm, activation, module_list
 
@@ -56,7 +57,7 @@ class DiagonalGaussian(NamedTuple):
 
 
 class UNetMidBlock2D(nnx.Module):
-  def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool, *, dtype, rngs):
+  def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool, *, attention_impl: str, dtype, rngs):
     resnet = dict(temb_channels=None, groups=groups, eps=_EPS, act_fn=act_fn, dtype=dtype, rngs=rngs)
     self.resnets = module_list([ResnetBlock2D(channels, channels, **resnet) for _ in range(2)])
     # One head over all channels, softmax in float32 (diffusers' upcast_softmax for the VAE).
@@ -72,6 +73,7 @@ class UNetMidBlock2D(nnx.Module):
             norm_num_groups=groups,
             eps=_EPS,
             residual=True,
+            attention_impl=attention_impl,
             dtype=dtype,
             rngs=rngs,
           )
@@ -149,7 +151,7 @@ class DecoderBlock(nnx.Module):
 
 
 class Encoder(nnx.Module):
-  def __init__(self, cfg: dict, *, dtype, rngs):
+  def __init__(self, cfg: dict, *, attention_impl: str, dtype, rngs):
     ch, groups, act = list(cfg['block_out_channels']), cfg['norm_num_groups'], cfg['act_fn']
     self.conv_in = Conv2d(cfg['in_channels'], ch[0], 3, dtype=dtype, rngs=rngs)
     self.down_blocks = module_list(
@@ -160,7 +162,9 @@ class Encoder(nnx.Module):
         for i in range(len(ch))
       ]
     )
-    self.mid_block = UNetMidBlock2D(ch[-1], groups, act, cfg['mid_block_add_attention'], dtype=dtype, rngs=rngs)
+    self.mid_block = UNetMidBlock2D(
+      ch[-1], groups, act, cfg['mid_block_add_attention'], attention_impl=attention_impl, dtype=dtype, rngs=rngs
+    )
     self.conv_norm_out = GroupNorm(groups, ch[-1], eps=_EPS, dtype=dtype)
     self.conv_out = Conv2d(ch[-1], 2 * cfg['latent_channels'], 3, dtype=dtype, rngs=rngs)
     self.act_fn = act
@@ -174,11 +178,13 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
-  def __init__(self, cfg: dict, *, dtype, rngs):
+  def __init__(self, cfg: dict, *, attention_impl: str, dtype, rngs):
     ch, groups, act = list(cfg['block_out_channels']), cfg['norm_num_groups'], cfg['act_fn']
     rev = ch[::-1]
     self.conv_in = Conv2d(cfg['latent_channels'], rev[0], 3, dtype=dtype, rngs=rngs)
-    self.mid_block = UNetMidBlock2D(rev[0], groups, act, cfg['mid_block_add_attention'], dtype=dtype, rngs=rngs)
+    self.mid_block = UNetMidBlock2D(
+      rev[0], groups, act, cfg['mid_block_add_attention'], attention_impl=attention_impl, dtype=dtype, rngs=rngs
+    )
     self.up_blocks = module_list(
       [
         DecoderBlock(
@@ -223,8 +229,9 @@ class AutoencoderKL(nnx.Module):
     self.config = dict(config)
     self.dtype = dtype
     lat = cfg['latent_channels']
-    self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs)
-    self.decoder = Decoder(cfg, dtype=dtype, rngs=rngs)
+    attention_impl = check_implementation(attention_impl)
+    self.encoder = Encoder(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
+    self.decoder = Decoder(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
     self.quant_conv = Conv2d(2 * lat, 2 * lat, 1, padding=0, dtype=dtype, rngs=rngs) if cfg['use_quant_conv'] else None
     self.post_quant_conv = (
       Conv2d(lat, lat, 1, padding=0, dtype=dtype, rngs=rngs) if cfg['use_post_quant_conv'] else None

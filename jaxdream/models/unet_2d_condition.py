@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdream.models.config import ConfigError, per_block, resolve_config
+from jaxdream.nn.attention import check_implementation
 from jaxdream.nn.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 from jaxdream.nn.layers import Conv2d, GroupNorm, LayerNorm, Linear, activation, module_list
 
@@ -328,6 +329,7 @@ class UNet2DConditionModel(nnx.Module):
 
   def __init__(self, config: dict, *, dtype=jnp.float32, attention_impl: str = 'auto', rngs: nnx.Rngs):
     cfg = self.resolve_config(config)
+    attention_impl = check_implementation(attention_impl)
     self.config = dict(config)
     self.dtype = dtype
     n = len(cfg['down_block_types'])
