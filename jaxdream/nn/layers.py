@@ -114,7 +114,7 @@ class GroupNorm(nnx.Module):
   """GroupNorm over the channel (last) axis, statistics in float32.
 
   One pass over the data (per-channel sum and sum of squares, then combined per group): on CPU this is
-  twice as fast as mean-then-variance (shared/PERF_NOTES.md) and lets the affine fold into one FMA.
+  twice as fast as mean-then-variance (docs/performance.md) and lets the affine fold into one FMA.
   """
 
   TORCH_PARAMS = _NORM_PARAMS
