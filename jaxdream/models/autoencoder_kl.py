@@ -11,7 +11,7 @@ from flax import nnx
 from jaxdream.models.config import resolve_config
 from jaxdream.nn.attention import check_implementation
 from jaxdream.nn.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
-from jaxdream.nn.layers import Conv2d, GroupNorm, activation, module_list
+from jaxdream.nn.layers import Conv2d, GroupNorm, activation
 
 DEFAULTS = dict(
   in_channels=3,
@@ -59,10 +59,10 @@ class DiagonalGaussian(NamedTuple):
 class UNetMidBlock2D(nnx.Module):
   def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool, *, attention_impl: str, dtype, rngs):
     resnet = dict(temb_channels=None, groups=groups, eps=_EPS, act_fn=act_fn, dtype=dtype, rngs=rngs)
-    self.resnets = module_list([ResnetBlock2D(channels, channels, **resnet) for _ in range(2)])
+    self.resnets = nnx.List([ResnetBlock2D(channels, channels, **resnet) for _ in range(2)])
     # One head over all channels, softmax in float32 (diffusers' upcast_softmax for the VAE).
     self.attentions = (
-      module_list(
+      nnx.List(
         [
           Attention(
             channels,
@@ -96,7 +96,7 @@ class EncoderBlock(nnx.Module):
   def __init__(
     self, in_ch: int, out_ch: int, num_layers: int, add_downsample: bool, groups: int, act_fn: str, *, dtype, rngs
   ):
-    self.resnets = module_list(
+    self.resnets = nnx.List(
       [
         ResnetBlock2D(
           in_ch if i == 0 else out_ch,
@@ -112,7 +112,7 @@ class EncoderBlock(nnx.Module):
       ]
     )
     self.downsamplers = (
-      module_list([Downsample2D(out_ch, out_ch, padding=0, dtype=dtype, rngs=rngs)]) if add_downsample else None
+      nnx.List([Downsample2D(out_ch, out_ch, padding=0, dtype=dtype, rngs=rngs)]) if add_downsample else None
     )
 
   def __call__(self, x):
@@ -127,7 +127,7 @@ class DecoderBlock(nnx.Module):
   def __init__(
     self, in_ch: int, out_ch: int, num_layers: int, add_upsample: bool, groups: int, act_fn: str, *, dtype, rngs
   ):
-    self.resnets = module_list(
+    self.resnets = nnx.List(
       [
         ResnetBlock2D(
           in_ch if i == 0 else out_ch,
@@ -142,7 +142,7 @@ class DecoderBlock(nnx.Module):
         for i in range(num_layers)
       ]
     )
-    self.upsamplers = module_list([Upsample2D(out_ch, dtype=dtype, rngs=rngs)]) if add_upsample else None
+    self.upsamplers = nnx.List([Upsample2D(out_ch, dtype=dtype, rngs=rngs)]) if add_upsample else None
 
   def __call__(self, x):
     for resnet in self.resnets:
@@ -154,7 +154,7 @@ class Encoder(nnx.Module):
   def __init__(self, cfg: dict, *, attention_impl: str, dtype, rngs):
     ch, groups, act = list(cfg['block_out_channels']), cfg['norm_num_groups'], cfg['act_fn']
     self.conv_in = Conv2d(cfg['in_channels'], ch[0], 3, dtype=dtype, rngs=rngs)
-    self.down_blocks = module_list(
+    self.down_blocks = nnx.List(
       [
         EncoderBlock(
           ch[max(i - 1, 0)], ch[i], cfg['layers_per_block'], i < len(ch) - 1, groups, act, dtype=dtype, rngs=rngs
@@ -185,7 +185,7 @@ class Decoder(nnx.Module):
     self.mid_block = UNetMidBlock2D(
       rev[0], groups, act, cfg['mid_block_add_attention'], attention_impl=attention_impl, dtype=dtype, rngs=rngs
     )
-    self.up_blocks = module_list(
+    self.up_blocks = nnx.List(
       [
         DecoderBlock(
           rev[max(i - 1, 0)], rev[i], cfg['layers_per_block'] + 1, i < len(ch) - 1, groups, act, dtype=dtype, rngs=rngs

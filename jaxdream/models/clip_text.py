@@ -7,7 +7,7 @@ from flax import nnx
 
 from jaxdream.models.config import resolve_config
 from jaxdream.nn.attention import check_implementation, dot_product_attention, kernel_for
-from jaxdream.nn.layers import Embed, LayerNorm, Linear, activation, module_list
+from jaxdream.nn.layers import Embed, LayerNorm, Linear, activation
 
 DEFAULTS = dict(
   vocab_size=49408,
@@ -80,7 +80,7 @@ class CLIPTextEmbeddings(nnx.Module):
 
 class CLIPEncoder(nnx.Module):
   def __init__(self, cfg: dict, *, attention_impl: str, dtype, rngs):
-    self.layers = module_list(
+    self.layers = nnx.List(
       [
         CLIPEncoderLayer(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
         for _ in range(cfg['num_hidden_layers'])

@@ -21,7 +21,7 @@ from jaxdream.models.clip_text import CLIPEncoderLayer
 from jaxdream.models.config import ConfigError, resolve_config
 from jaxdream.nn.adapters import Int8Embed, Int8Linear, Quantized, state_bytes, swap_modules  # noqa: F401
 from jaxdream.nn.attention import check_implementation, dot_product_attention, kernel_for
-from jaxdream.nn.layers import Conv2d, Embed, LayerNorm, Linear, activation, module_list
+from jaxdream.nn.layers import Conv2d, Embed, LayerNorm, Linear, activation
 
 TEXT_DEFAULTS = dict(
   vocab_size=65037,
@@ -118,7 +118,7 @@ class Kosmos2VisionEmbeddings(nnx.Module):
 class Kosmos2VisionEncoder(nnx.Module):
   def __init__(self, cfg: dict, *, attention_impl: str, dtype, rngs):
     # The encoder layer is CLIP's (pre-LN, q/k/v/out projections, fc1/fc2), names included.
-    self.layers = module_list(
+    self.layers = nnx.List(
       [
         CLIPEncoderLayer(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
         for _ in range(cfg['num_hidden_layers'])
@@ -233,7 +233,7 @@ class Kosmos2TextTransformer(nnx.Module):
   def __init__(self, cfg: dict, *, dtype, attention_impl, rngs):
     d = cfg['embed_dim']
     self.embed_tokens = Embed(cfg['vocab_size'], d, dtype=dtype, rngs=rngs)
-    self.layers = module_list(
+    self.layers = nnx.List(
       [Kosmos2TextBlock(cfg, dtype=dtype, attention_impl=attention_impl, rngs=rngs) for _ in range(cfg['layers'])]
     )
     self.layer_norm = LayerNorm(d, eps=cfg['layer_norm_eps'], dtype=dtype)

@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdream.nn.attention import dot_product_attention
-from jaxdream.nn.layers import Conv2d, GroupNorm, Linear, activation, module_list
+from jaxdream.nn.layers import Conv2d, GroupNorm, Linear, activation
 
 
 class Attention(nnx.Module):
@@ -35,7 +35,7 @@ class Attention(nnx.Module):
     self.to_q = Linear(query_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
     self.to_k = Linear(kv_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
     self.to_v = Linear(kv_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
-    self.to_out = module_list([Linear(inner, query_dim, dtype=dtype, rngs=rngs)])
+    self.to_out = nnx.List([Linear(inner, query_dim, dtype=dtype, rngs=rngs)])
     self.heads, self.upcast, self.residual, self.attention_impl = heads, upcast, residual, attention_impl
 
   def __call__(self, x, context=None):
