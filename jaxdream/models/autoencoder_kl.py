@@ -56,10 +56,28 @@ class DiagonalGaussian(NamedTuple):
     return self.mean
 
 
+def _resnets(in_ch: int, out_ch: int, num_layers: int, groups: int, act_fn: str, *, dtype, rngs) -> nnx.List:
+  """A VAE block's resnets: no time embedding, the first one maps in_ch to out_ch."""
+  return nnx.List(
+    [
+      ResnetBlock2D(
+        in_ch if i == 0 else out_ch,
+        out_ch,
+        temb_channels=None,
+        groups=groups,
+        eps=_EPS,
+        act_fn=act_fn,
+        dtype=dtype,
+        rngs=rngs,
+      )
+      for i in range(num_layers)
+    ]
+  )
+
+
 class UNetMidBlock2D(nnx.Module):
   def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool, *, attention_impl: str, dtype, rngs):
-    resnet = dict(temb_channels=None, groups=groups, eps=_EPS, act_fn=act_fn, dtype=dtype, rngs=rngs)
-    self.resnets = nnx.List([ResnetBlock2D(channels, channels, **resnet) for _ in range(2)])
+    self.resnets = _resnets(channels, channels, 2, groups, act_fn, dtype=dtype, rngs=rngs)
     # One head over all channels, softmax in float32 (diffusers' upcast_softmax for the VAE).
     self.attentions = (
       nnx.List(
@@ -96,21 +114,7 @@ class EncoderBlock(nnx.Module):
   def __init__(
     self, in_ch: int, out_ch: int, num_layers: int, add_downsample: bool, groups: int, act_fn: str, *, dtype, rngs
   ):
-    self.resnets = nnx.List(
-      [
-        ResnetBlock2D(
-          in_ch if i == 0 else out_ch,
-          out_ch,
-          temb_channels=None,
-          groups=groups,
-          eps=_EPS,
-          act_fn=act_fn,
-          dtype=dtype,
-          rngs=rngs,
-        )
-        for i in range(num_layers)
-      ]
-    )
+    self.resnets = _resnets(in_ch, out_ch, num_layers, groups, act_fn, dtype=dtype, rngs=rngs)
     self.downsamplers = (
       nnx.List([Downsample2D(out_ch, out_ch, padding=0, dtype=dtype, rngs=rngs)]) if add_downsample else None
     )
@@ -127,21 +131,7 @@ class DecoderBlock(nnx.Module):
   def __init__(
     self, in_ch: int, out_ch: int, num_layers: int, add_upsample: bool, groups: int, act_fn: str, *, dtype, rngs
   ):
-    self.resnets = nnx.List(
-      [
-        ResnetBlock2D(
-          in_ch if i == 0 else out_ch,
-          out_ch,
-          temb_channels=None,
-          groups=groups,
-          eps=_EPS,
-          act_fn=act_fn,
-          dtype=dtype,
-          rngs=rngs,
-        )
-        for i in range(num_layers)
-      ]
-    )
+    self.resnets = _resnets(in_ch, out_ch, num_layers, groups, act_fn, dtype=dtype, rngs=rngs)
     self.upsamplers = nnx.List([Upsample2D(out_ch, dtype=dtype, rngs=rngs)]) if add_upsample else None
 
   def __call__(self, x):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdream.models.config import resolve_config
-from jaxdream.nn.attention import check_implementation, dot_product_attention, kernel_for
+from jaxdream.nn.attention import check_implementation, dot_product_attention, kernel_for, split_heads
 from jaxdream.nn.layers import Embed, LayerNorm, Linear, activation
 
 DEFAULTS = dict(
@@ -35,11 +35,10 @@ class CLIPAttention(nnx.Module):
     self.heads, self.attention_impl = heads, attention_impl
 
   def __call__(self, x, mask):
-    split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, -1)
     out = dot_product_attention(
-      split(self.q_proj(x)),
-      split(self.k_proj(x)),
-      split(self.v_proj(x)),
+      split_heads(self.q_proj(x), self.heads),
+      split_heads(self.k_proj(x), self.heads),
+      split_heads(self.v_proj(x), self.heads),
       mask=mask,
       implementation=kernel_for(self.attention_impl, masked=mask is not None),
     )

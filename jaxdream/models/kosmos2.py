@@ -17,10 +17,10 @@ import numpy as np
 from flax import nnx
 
 from jaxdream.io.weights import abstract_model, load_state_dict, read_config, read_weights
-from jaxdream.models.clip_text import CLIPEncoderLayer
+from jaxdream.models.clip_text import CLIPEncoder
 from jaxdream.models.config import ConfigError, resolve_config
 from jaxdream.nn.adapters import Int8Embed, Int8Linear, Quantized, state_bytes, swap_modules  # noqa: F401
-from jaxdream.nn.attention import check_implementation, dot_product_attention, kernel_for
+from jaxdream.nn.attention import check_implementation, dot_product_attention, kernel_for, split_heads
 from jaxdream.nn.layers import Conv2d, Embed, LayerNorm, Linear, activation
 
 TEXT_DEFAULTS = dict(
@@ -115,23 +115,13 @@ class Kosmos2VisionEmbeddings(nnx.Module):
     return jnp.concatenate([cls, x], 1) + self.position_embedding.embedding[...].astype(x.dtype)
 
 
-class Kosmos2VisionEncoder(nnx.Module):
-  def __init__(self, cfg: dict, *, attention_impl: str, dtype, rngs):
-    # The encoder layer is CLIP's (pre-LN, q/k/v/out projections, fc1/fc2), names included.
-    self.layers = nnx.List(
-      [
-        CLIPEncoderLayer(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
-        for _ in range(cfg['num_hidden_layers'])
-      ]
-    )
-
-
 class Kosmos2VisionTransformer(nnx.Module):
   def __init__(self, cfg: dict, *, attention_impl: str, dtype, rngs):
     d, eps = cfg['hidden_size'], cfg['layer_norm_eps']
     self.embeddings = Kosmos2VisionEmbeddings(cfg, dtype=dtype, rngs=rngs)
     self.pre_layrnorm = LayerNorm(d, eps=eps, dtype=dtype)  # sic: the weights spell it so
-    self.encoder = Kosmos2VisionEncoder(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
+    # The encoder is CLIP's (pre-LN layers, q/k/v/out projections, fc1/fc2), names included.
+    self.encoder = CLIPEncoder(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
     self.post_layernorm = LayerNorm(d, eps=eps, dtype=dtype)
 
   def __call__(self, pixel_values):
@@ -163,7 +153,7 @@ class KosmosTextAttention(nnx.Module):
     self.attention_impl = attention_impl
 
   def split(self, x):
-    return x.reshape(x.shape[0], x.shape[1], self.heads, -1)
+    return split_heads(x, self.heads)
 
   def __call__(self, x, kv=None, *, mask=None, cache=None, index=None):
     kv = x if kv is None else kv

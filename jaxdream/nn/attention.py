@@ -32,6 +32,11 @@ def check_implementation(name: str) -> str:
   return name
 
 
+def split_heads(x, heads: int):
+  """(B, L, heads * D) projections -> (B, L, heads, D), the layout dot_product_attention takes."""
+  return x.reshape(x.shape[0], x.shape[1], heads, -1)
+
+
 def kernel_for(implementation: str, *, masked: bool) -> str:
   """The implementation one attention call of a model built with `implementation` uses. 'tiled' takes no
   mask, so a masked call (CLIP's causal text, the Kosmos-2 decoder: short sequences where tiling gains

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdream.nn.attention import dot_product_attention
+from jaxdream.nn.attention import dot_product_attention, split_heads
 from jaxdream.nn.layers import Conv2d, GroupNorm, Linear, activation
 
 
@@ -46,11 +46,10 @@ class Attention(nnx.Module):
       x = self.group_norm(x)
     x = x.reshape(shape[0], -1, shape[-1])
     context = x if context is None else context
-    split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, -1)
     out = dot_product_attention(
-      split(self.to_q(x)),
-      split(self.to_k(context)),
-      split(self.to_v(context)),
+      split_heads(self.to_q(x), self.heads),
+      split_heads(self.to_k(context), self.heads),
+      split_heads(self.to_v(context), self.heads),
       implementation=self.attention_impl,
       upcast=self.upcast,
     )
