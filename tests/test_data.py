@@ -3,6 +3,7 @@ every problem listed, and the data iterator replays exactly from a saved state."
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -253,6 +254,22 @@ def test_prepared_dataset_is_reused_until_an_input_changes(prepared):
   first = examples['instance'][0]['file']
   os.utime(first, ns=(1, 1))  # an edited file (new mtime) means new data
   assert prepare_dataset(str(root / 'data'), examples, 32) != folder
+
+
+def test_run_config_attention_choices_are_the_attention_functions(tmp_path):
+  from jaxdream.nn.attention import IMPLEMENTATIONS
+
+  c = _config(tmp_path)
+  for ok in IMPLEMENTATIONS:
+    c.attention = ok
+    with pytest.raises(config_lib.RunConfigError) as e:  # the empty concept is a problem; the attention is not
+      config_lib.validate(c)
+    assert 'attention=' not in str(e.value)
+  c.attention = 'flash3'
+  with pytest.raises(
+    config_lib.RunConfigError, match=re.escape(f"attention='flash3': choose one of {IMPLEMENTATIONS}")
+  ):
+    config_lib.validate(c)
 
 
 @pytest.mark.parametrize('name', ['quickstart', 'dreambooth_sd15', 'dreambooth_sd21', 'multi_subject'])

@@ -20,6 +20,8 @@ import re
 
 import numpy as np
 
+from jaxdream.io.files import atomic_open
+
 # Our scheduler names -> A1111's sampler names (A1111 >= 1.9 also reads "DPM++ 2M Karras" as sampler
 # "DPM++ 2M" with schedule type "Karras").
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
@@ -131,16 +133,8 @@ def save_png(path: str, image, parameters: str | None = None):
   info = PngInfo()
   if parameters is not None:
     info.add_text('parameters', parameters)
-  # Beside the target (os.replace must not cross file systems), named per process; created with open()
-  # rather than mkstemp so that it gets the usual permissions, not 0600.
-  folder, name = os.path.split(os.path.abspath(path))
-  tmp = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
-  try:
-    Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format='PNG', pnginfo=info)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+  with atomic_open(path, 'wb') as f:
+    Image.fromarray(np.asarray(image, np.uint8)).save(f, format='PNG', pnginfo=info)
 
 
 def read_parameters(path: str) -> str | None:

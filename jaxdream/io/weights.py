@@ -21,6 +21,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from jaxdream.io.files import atomic_open, atomic_write
+
 
 class WeightsError(ValueError):
   """A weight folder or file that cannot be loaded as asked; the message says what to fix."""
@@ -79,13 +81,11 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict 
   header['__metadata__'] = {'format': 'pt', **(metadata or {})}
   blob = json.dumps(header, separators=(',', ':')).encode()
   blob += b' ' * (-len(blob) % 8)  # keep tensor data 8-byte aligned
-  tmp = path + '.tmp'
-  with open(tmp, 'wb') as f:
+  with atomic_open(path, 'wb') as f:
     f.write(len(blob).to_bytes(8, 'little'))
     f.write(blob)
     for a in arrays:
       f.write(a.tobytes())
-  os.replace(tmp, path)
 
 
 def _pickle_refusal(path: str) -> WeightsError:
@@ -263,7 +263,4 @@ def save_folder(
 ):
   os.makedirs(folder, exist_ok=True)
   write_safetensors(os.path.join(folder, f'{weights_name}.safetensors'), tensors)
-  tmp = os.path.join(folder, config_name + '.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(folder, config_name))
+  atomic_write(os.path.join(folder, config_name), json.dumps(config, indent=2, sort_keys=True))

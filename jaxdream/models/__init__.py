@@ -19,7 +19,6 @@ from jaxdream.models.autoencoder_kl import AutoencoderKL, DiagonalGaussian
 from jaxdream.models.clip_text import CLIPTextModel
 from jaxdream.models.config import ConfigError
 from jaxdream.models.unet_2d_condition import UNet2DConditionModel
-from jaxdream.nn.attention import dot_product_attention
 
 
 def load_component(cls, path: str, *, dtype=jnp.float32, attention_impl: str = 'auto', allow_pickle: bool = False):

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdream.models.config import resolve_config
+from jaxdream.nn.attention import check_implementation
 from jaxdream.nn.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
-from jaxdream.nn.layers import Conv2d, GroupNorm, activation, module_list
+from jaxdream.nn.layers import Conv2d, GroupNorm, activation
 
 DEFAULTS = dict(
   in_channels=3,
@@ -55,13 +56,31 @@ class DiagonalGaussian(NamedTuple):
     return self.mean
 
 
+def _resnets(in_ch: int, out_ch: int, num_layers: int, groups: int, act_fn: str, *, dtype, rngs) -> nnx.List:
+  """A VAE block's resnets: no time embedding, the first one maps in_ch to out_ch."""
+  return nnx.List(
+    [
+      ResnetBlock2D(
+        in_ch if i == 0 else out_ch,
+        out_ch,
+        temb_channels=None,
+        groups=groups,
+        eps=_EPS,
+        act_fn=act_fn,
+        dtype=dtype,
+        rngs=rngs,
+      )
+      for i in range(num_layers)
+    ]
+  )
+
+
 class UNetMidBlock2D(nnx.Module):
-  def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool, *, dtype, rngs):
-    resnet = dict(temb_channels=None, groups=groups, eps=_EPS, act_fn=act_fn, dtype=dtype, rngs=rngs)
-    self.resnets = module_list([ResnetBlock2D(channels, channels, **resnet) for _ in range(2)])
+  def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool, *, attention_impl: str, dtype, rngs):
+    self.resnets = _resnets(channels, channels, 2, groups, act_fn, dtype=dtype, rngs=rngs)
     # One head over all channels, softmax in float32 (diffusers' upcast_softmax for the VAE).
     self.attentions = (
-      module_list(
+      nnx.List(
         [
           Attention(
             channels,
@@ -72,6 +91,7 @@ class UNetMidBlock2D(nnx.Module):
             norm_num_groups=groups,
             eps=_EPS,
             residual=True,
+            attention_impl=attention_impl,
             dtype=dtype,
             rngs=rngs,
           )
@@ -94,23 +114,9 @@ class EncoderBlock(nnx.Module):
   def __init__(
     self, in_ch: int, out_ch: int, num_layers: int, add_downsample: bool, groups: int, act_fn: str, *, dtype, rngs
   ):
-    self.resnets = module_list(
-      [
-        ResnetBlock2D(
-          in_ch if i == 0 else out_ch,
-          out_ch,
-          temb_channels=None,
-          groups=groups,
-          eps=_EPS,
-          act_fn=act_fn,
-          dtype=dtype,
-          rngs=rngs,
-        )
-        for i in range(num_layers)
-      ]
-    )
+    self.resnets = _resnets(in_ch, out_ch, num_layers, groups, act_fn, dtype=dtype, rngs=rngs)
     self.downsamplers = (
-      module_list([Downsample2D(out_ch, out_ch, padding=0, dtype=dtype, rngs=rngs)]) if add_downsample else None
+      nnx.List([Downsample2D(out_ch, out_ch, padding=0, dtype=dtype, rngs=rngs)]) if add_downsample else None
     )
 
   def __call__(self, x):
@@ -125,22 +131,8 @@ class DecoderBlock(nnx.Module):
   def __init__(
     self, in_ch: int, out_ch: int, num_layers: int, add_upsample: bool, groups: int, act_fn: str, *, dtype, rngs
   ):
-    self.resnets = module_list(
-      [
-        ResnetBlock2D(
-          in_ch if i == 0 else out_ch,
-          out_ch,
-          temb_channels=None,
-          groups=groups,
-          eps=_EPS,
-          act_fn=act_fn,
-          dtype=dtype,
-          rngs=rngs,
-        )
-        for i in range(num_layers)
-      ]
-    )
-    self.upsamplers = module_list([Upsample2D(out_ch, dtype=dtype, rngs=rngs)]) if add_upsample else None
+    self.resnets = _resnets(in_ch, out_ch, num_layers, groups, act_fn, dtype=dtype, rngs=rngs)
+    self.upsamplers = nnx.List([Upsample2D(out_ch, dtype=dtype, rngs=rngs)]) if add_upsample else None
 
   def __call__(self, x):
     for resnet in self.resnets:
@@ -149,10 +141,10 @@ class DecoderBlock(nnx.Module):
 
 
 class Encoder(nnx.Module):
-  def __init__(self, cfg: dict, *, dtype, rngs):
+  def __init__(self, cfg: dict, *, attention_impl: str, dtype, rngs):
     ch, groups, act = list(cfg['block_out_channels']), cfg['norm_num_groups'], cfg['act_fn']
     self.conv_in = Conv2d(cfg['in_channels'], ch[0], 3, dtype=dtype, rngs=rngs)
-    self.down_blocks = module_list(
+    self.down_blocks = nnx.List(
       [
         EncoderBlock(
           ch[max(i - 1, 0)], ch[i], cfg['layers_per_block'], i < len(ch) - 1, groups, act, dtype=dtype, rngs=rngs
@@ -160,7 +152,9 @@ class Encoder(nnx.Module):
         for i in range(len(ch))
       ]
     )
-    self.mid_block = UNetMidBlock2D(ch[-1], groups, act, cfg['mid_block_add_attention'], dtype=dtype, rngs=rngs)
+    self.mid_block = UNetMidBlock2D(
+      ch[-1], groups, act, cfg['mid_block_add_attention'], attention_impl=attention_impl, dtype=dtype, rngs=rngs
+    )
     self.conv_norm_out = GroupNorm(groups, ch[-1], eps=_EPS, dtype=dtype)
     self.conv_out = Conv2d(ch[-1], 2 * cfg['latent_channels'], 3, dtype=dtype, rngs=rngs)
     self.act_fn = act
@@ -174,12 +168,14 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
-  def __init__(self, cfg: dict, *, dtype, rngs):
+  def __init__(self, cfg: dict, *, attention_impl: str, dtype, rngs):
     ch, groups, act = list(cfg['block_out_channels']), cfg['norm_num_groups'], cfg['act_fn']
     rev = ch[::-1]
     self.conv_in = Conv2d(cfg['latent_channels'], rev[0], 3, dtype=dtype, rngs=rngs)
-    self.mid_block = UNetMidBlock2D(rev[0], groups, act, cfg['mid_block_add_attention'], dtype=dtype, rngs=rngs)
-    self.up_blocks = module_list(
+    self.mid_block = UNetMidBlock2D(
+      rev[0], groups, act, cfg['mid_block_add_attention'], attention_impl=attention_impl, dtype=dtype, rngs=rngs
+    )
+    self.up_blocks = nnx.List(
       [
         DecoderBlock(
           rev[max(i - 1, 0)], rev[i], cfg['layers_per_block'] + 1, i < len(ch) - 1, groups, act, dtype=dtype, rngs=rngs
@@ -223,8 +219,9 @@ class AutoencoderKL(nnx.Module):
     self.config = dict(config)
     self.dtype = dtype
     lat = cfg['latent_channels']
-    self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs)
-    self.decoder = Decoder(cfg, dtype=dtype, rngs=rngs)
+    attention_impl = check_implementation(attention_impl)
+    self.encoder = Encoder(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
+    self.decoder = Decoder(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
     self.quant_conv = Conv2d(2 * lat, 2 * lat, 1, padding=0, dtype=dtype, rngs=rngs) if cfg['use_quant_conv'] else None
     self.post_quant_conv = (
       Conv2d(lat, lat, 1, padding=0, dtype=dtype, rngs=rngs) if cfg['use_post_quant_conv'] else None

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdream.models.config import resolve_config
-from jaxdream.nn.attention import dot_product_attention
-from jaxdream.nn.layers import Embed, LayerNorm, Linear, activation, module_list
+from jaxdream.nn.attention import check_implementation, dot_product_attention, kernel_for, split_heads
+from jaxdream.nn.layers import Embed, LayerNorm, Linear, activation
 
 DEFAULTS = dict(
   vocab_size=49408,
@@ -27,17 +27,20 @@ SUPPORTED = dict(hidden_act=('quick_gelu', 'gelu'), attention_dropout=(0.0,), dr
 
 
 class CLIPAttention(nnx.Module):
-  def __init__(self, dim: int, heads: int, *, dtype, rngs):
+  def __init__(self, dim: int, heads: int, *, attention_impl: str, dtype, rngs):
     self.q_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
     self.k_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
     self.v_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
     self.out_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
-    self.heads = heads
+    self.heads, self.attention_impl = heads, attention_impl
 
   def __call__(self, x, mask):
-    split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, -1)
     out = dot_product_attention(
-      split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), mask=mask, implementation='xla'
+      split_heads(self.q_proj(x), self.heads),
+      split_heads(self.k_proj(x), self.heads),
+      split_heads(self.v_proj(x), self.heads),
+      mask=mask,
+      implementation=kernel_for(self.attention_impl, masked=mask is not None),
     )
     return self.out_proj(out.reshape(x.shape))
 
@@ -53,9 +56,9 @@ class CLIPMLP(nnx.Module):
 
 
 class CLIPEncoderLayer(nnx.Module):
-  def __init__(self, cfg: dict, *, dtype, rngs):
+  def __init__(self, cfg: dict, *, attention_impl: str, dtype, rngs):
     d, eps = cfg['hidden_size'], cfg['layer_norm_eps']
-    self.self_attn = CLIPAttention(d, cfg['num_attention_heads'], dtype=dtype, rngs=rngs)
+    self.self_attn = CLIPAttention(d, cfg['num_attention_heads'], attention_impl=attention_impl, dtype=dtype, rngs=rngs)
     self.layer_norm1 = LayerNorm(d, eps=eps, dtype=dtype)
     self.mlp = CLIPMLP(d, cfg['intermediate_size'], cfg['hidden_act'], dtype=dtype, rngs=rngs)
     self.layer_norm2 = LayerNorm(d, eps=eps, dtype=dtype)
@@ -75,14 +78,19 @@ class CLIPTextEmbeddings(nnx.Module):
 
 
 class CLIPEncoder(nnx.Module):
-  def __init__(self, cfg: dict, *, dtype, rngs):
-    self.layers = module_list([CLIPEncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg['num_hidden_layers'])])
+  def __init__(self, cfg: dict, *, attention_impl: str, dtype, rngs):
+    self.layers = nnx.List(
+      [
+        CLIPEncoderLayer(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
+        for _ in range(cfg['num_hidden_layers'])
+      ]
+    )
 
 
 class CLIPTextTransformer(nnx.Module):
-  def __init__(self, cfg: dict, *, dtype, rngs):
+  def __init__(self, cfg: dict, *, attention_impl: str, dtype, rngs):
     self.embeddings = CLIPTextEmbeddings(cfg, dtype=dtype, rngs=rngs)
-    self.encoder = CLIPEncoder(cfg, dtype=dtype, rngs=rngs)
+    self.encoder = CLIPEncoder(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
     self.final_layer_norm = LayerNorm(cfg['hidden_size'], eps=cfg['layer_norm_eps'], dtype=dtype)
 
 
@@ -108,7 +116,9 @@ class CLIPTextModel(nnx.Module):
     cfg = self.resolve_config(config)
     self.config = dict(config)
     self.eos_token_id = cfg['eos_token_id']
-    self.text_model = CLIPTextTransformer(cfg, dtype=dtype, rngs=rngs)
+    self.text_model = CLIPTextTransformer(
+      cfg, attention_impl=check_implementation(attention_impl), dtype=dtype, rngs=rngs
+    )
 
   def forward(self, input_ids, attention_mask=None):
     tm = self.text_model

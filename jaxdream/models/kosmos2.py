@@ -18,11 +18,11 @@ import numpy as np
 from flax import nnx
 
 from jaxdream.io.weights import abstract_model, load_state_dict, read_config, read_weights
-from jaxdream.models.clip_text import CLIPEncoderLayer
+from jaxdream.models.clip_text import CLIPEncoder
 from jaxdream.models.config import ConfigError, resolve_config
 from jaxdream.nn.adapters import Int8Embed, Int8Linear, Quantized, state_bytes, swap_modules  # noqa: F401
-from jaxdream.nn.attention import check_implementation, dot_product_attention
-from jaxdream.nn.layers import Conv2d, Embed, LayerNorm, Linear, activation, module_list
+from jaxdream.nn.attention import check_implementation, dot_product_attention, kernel_for, split_heads
+from jaxdream.nn.layers import Conv2d, Embed, LayerNorm, Linear, activation
 from jaxdream.runtime import CompileCache
 
 TEXT_DEFAULTS = dict(
@@ -117,18 +117,13 @@ class Kosmos2VisionEmbeddings(nnx.Module):
     return jnp.concatenate([cls, x], 1) + self.position_embedding.embedding[...].astype(x.dtype)
 
 
-class Kosmos2VisionEncoder(nnx.Module):
-  def __init__(self, cfg: dict, *, dtype, rngs):
-    # The encoder layer is CLIP's (pre-LN, q/k/v/out projections, fc1/fc2), names included.
-    self.layers = module_list([CLIPEncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg['num_hidden_layers'])])
-
-
 class Kosmos2VisionTransformer(nnx.Module):
-  def __init__(self, cfg: dict, *, dtype, rngs):
+  def __init__(self, cfg: dict, *, attention_impl: str, dtype, rngs):
     d, eps = cfg['hidden_size'], cfg['layer_norm_eps']
     self.embeddings = Kosmos2VisionEmbeddings(cfg, dtype=dtype, rngs=rngs)
     self.pre_layrnorm = LayerNorm(d, eps=eps, dtype=dtype)  # sic: the weights spell it so
-    self.encoder = Kosmos2VisionEncoder(cfg, dtype=dtype, rngs=rngs)
+    # The encoder is CLIP's (pre-LN layers, q/k/v/out projections, fc1/fc2), names included.
+    self.encoder = CLIPEncoder(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
     self.post_layernorm = LayerNorm(d, eps=eps, dtype=dtype)
 
   def __call__(self, pixel_values):
@@ -139,8 +134,8 @@ class Kosmos2VisionTransformer(nnx.Module):
 
 
 class Kosmos2VisionModel(nnx.Module):
-  def __init__(self, cfg: dict, *, dtype, rngs):
-    self.model = Kosmos2VisionTransformer(cfg, dtype=dtype, rngs=rngs)
+  def __init__(self, cfg: dict, *, attention_impl: str, dtype, rngs):
+    self.model = Kosmos2VisionTransformer(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
 
 
 # ----------------------------------------------------------------------------------------------- text decoder
@@ -160,7 +155,7 @@ class KosmosTextAttention(nnx.Module):
     self.attention_impl = attention_impl
 
   def split(self, x):
-    return x.reshape(x.shape[0], x.shape[1], self.heads, -1)
+    return split_heads(x, self.heads)
 
   def __call__(self, x, kv=None, *, mask=None, cache=None, index=None):
     kv = x if kv is None else kv
@@ -169,7 +164,9 @@ class KosmosTextAttention(nnx.Module):
       k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, index, 0, 0))
       cache = (k, v)
-    out = dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
+    out = dot_product_attention(
+      q, k, v, mask=mask, implementation=kernel_for(self.attention_impl, masked=mask is not None)
+    )
     out = out.reshape(x.shape[0], x.shape[1], -1)
     if self.inner_attn_ln is not None:
       out = self.inner_attn_ln(out)
@@ -228,7 +225,7 @@ class Kosmos2TextTransformer(nnx.Module):
   def __init__(self, cfg: dict, *, dtype, attention_impl, rngs):
     d = cfg['embed_dim']
     self.embed_tokens = Embed(cfg['vocab_size'], d, dtype=dtype, rngs=rngs)
-    self.layers = module_list(
+    self.layers = nnx.List(
       [Kosmos2TextBlock(cfg, dtype=dtype, attention_impl=attention_impl, rngs=rngs) for _ in range(cfg['layers'])]
     )
     self.layer_norm = LayerNorm(d, eps=cfg['layer_norm_eps'], dtype=dtype)
@@ -327,7 +324,7 @@ class Kosmos2ForConditionalGeneration(nnx.Module):
     self.text_model = Kosmos2TextForCausalLM(
       text, tied=cfg['tie_word_embeddings'], dtype=dtype, attention_impl=impl, rngs=rngs
     )
-    self.vision_model = Kosmos2VisionModel(vision, dtype=dtype, rngs=rngs)
+    self.vision_model = Kosmos2VisionModel(vision, attention_impl=impl, dtype=dtype, rngs=rngs)
     self.image_to_text_projection = Kosmos2ImageToTextProjection(
       vision['hidden_size'], text, cfg['latent_query_num'], dtype=dtype, attention_impl=impl, rngs=rngs
     )

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdream.models.config import ConfigError, per_block, resolve_config
+from jaxdream.nn.attention import check_implementation
 from jaxdream.nn.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
-from jaxdream.nn.layers import Conv2d, GroupNorm, LayerNorm, Linear, activation, module_list
+from jaxdream.nn.layers import Conv2d, GroupNorm, LayerNorm, Linear, activation
 
 # Every key diffusers writes, with its default. Keys listed in SUPPORTED accept only those values.
 DEFAULTS = dict(
@@ -132,7 +133,7 @@ class GEGLU(nnx.Module):
 
 class FeedForward(nnx.Module):
   def __init__(self, dim: int, *, dtype, rngs, mult: int = 4):
-    self.net = module_list(
+    self.net = nnx.List(
       [GEGLU(dim, dim * mult, dtype=dtype, rngs=rngs), _NoParams(), Linear(dim * mult, dim, dtype=dtype, rngs=rngs)]
     )
 
@@ -190,7 +191,7 @@ class Transformer2DModel(nnx.Module):
       else (lambda i, o: Conv2d(i, o, 1, padding=0, dtype=dtype, rngs=rngs))
     )
     self.proj_in = proj(channels, channels)
-    self.transformer_blocks = module_list(
+    self.transformer_blocks = nnx.List(
       [
         BasicTransformerBlock(
           channels,
@@ -231,14 +232,14 @@ class DownBlock(nnx.Module):
     dtype,
     rngs,
   ):
-    self.resnets = module_list(
+    self.resnets = nnx.List(
       [ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, **resnet) for i in range(num_layers)]
     )
     self.attentions = (
-      module_list([Transformer2DModel(channels=out_channels, **cross) for _ in range(num_layers)]) if cross else None
+      nnx.List([Transformer2DModel(channels=out_channels, **cross) for _ in range(num_layers)]) if cross else None
     )
     self.downsamplers = (
-      module_list([Downsample2D(out_channels, out_channels, padding=downsample_padding, dtype=dtype, rngs=rngs)])
+      nnx.List([Downsample2D(out_channels, out_channels, padding=downsample_padding, dtype=dtype, rngs=rngs)])
       if add_downsample
       else None
     )
@@ -272,7 +273,7 @@ class UpBlock(nnx.Module):
     dtype,
     rngs,
   ):
-    self.resnets = module_list(
+    self.resnets = nnx.List(
       [
         ResnetBlock2D(
           (prev_output_channels if i == 0 else out_channels) + (in_channels if i == num_layers - 1 else out_channels),
@@ -283,9 +284,9 @@ class UpBlock(nnx.Module):
       ]
     )
     self.attentions = (
-      module_list([Transformer2DModel(channels=out_channels, **cross) for _ in range(num_layers)]) if cross else None
+      nnx.List([Transformer2DModel(channels=out_channels, **cross) for _ in range(num_layers)]) if cross else None
     )
-    self.upsamplers = module_list([Upsample2D(out_channels, dtype=dtype, rngs=rngs)]) if add_upsample else None
+    self.upsamplers = nnx.List([Upsample2D(out_channels, dtype=dtype, rngs=rngs)]) if add_upsample else None
 
   def __call__(self, x, skips, temb, context, upsample_size=None):
     for i, resnet in enumerate(self.resnets):
@@ -299,8 +300,8 @@ class UpBlock(nnx.Module):
 
 class UNetMidBlock2DCrossAttn(nnx.Module):
   def __init__(self, channels: int, *, cross: dict, resnet: dict):
-    self.resnets = module_list([ResnetBlock2D(channels, channels, **resnet) for _ in range(2)])
-    self.attentions = module_list([Transformer2DModel(channels=channels, **cross)])
+    self.resnets = nnx.List([ResnetBlock2D(channels, channels, **resnet) for _ in range(2)])
+    self.attentions = nnx.List([Transformer2DModel(channels=channels, **cross)])
 
   def __call__(self, x, temb, context):
     x = self.resnets[0](x, temb)
@@ -328,6 +329,7 @@ class UNet2DConditionModel(nnx.Module):
 
   def __init__(self, config: dict, *, dtype=jnp.float32, attention_impl: str = 'auto', rngs: nnx.Rngs):
     cfg = self.resolve_config(config)
+    attention_impl = check_implementation(attention_impl)
     self.config = dict(config)
     self.dtype = dtype
     n = len(cfg['down_block_types'])
@@ -382,7 +384,7 @@ class UNet2DConditionModel(nnx.Module):
           rngs=rngs,
         )
       )
-    self.down_blocks = module_list(down)
+    self.down_blocks = nnx.List(down)
 
     mid_resnet = dict(resnet, output_scale_factor=cfg['mid_block_scale_factor'])
     self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], cross=cross(n - 1), resnet=mid_resnet)
@@ -405,7 +407,7 @@ class UNet2DConditionModel(nnx.Module):
           rngs=rngs,
         )
       )
-    self.up_blocks = module_list(up)
+    self.up_blocks = nnx.List(up)
 
     self.conv_norm_out = GroupNorm(groups, channels[0], eps=eps, dtype=dtype)
     self.act_fn = cfg['act_fn']

@@ -3,9 +3,12 @@
 `implementation` picks the kernel:
   'xla'    jax.nn.dot_product_attention's XLA lowering (any backend, masks, causal);
   'cudnn'  cuDNN flash attention on NVIDIA GPUs (bf16/fp16 only);
-  'tiled'  per-(batch, head) query tiles small enough to stay in cache: on CPU this beats torch's fused
-           SDPA kernel, where the plain XLA lowering is ~6x slower (shared/PERF_NOTES.md);
+  'tiled'  per-(batch, head) query tiles small enough to stay in cache, no mask: on CPU this beats torch's
+           fused SDPA kernel, where the plain XLA lowering is ~6x slower (docs/performance.md);
   'auto'   (default) cuDNN on GPU for half precision, tiled on CPU for long unmasked sequences, else XLA.
+
+A model built with `attention_impl=...` passes it to every attention call through `kernel_for`, which
+runs masked calls (causal text) on XLA under 'tiled'.
 """
 
 from __future__ import annotations
@@ -27,6 +30,18 @@ def check_implementation(name: str) -> str:
   if name not in IMPLEMENTATIONS:
     raise ValueError(f'unknown attention implementation {name!r}; choose one of {IMPLEMENTATIONS}')
   return name
+
+
+def split_heads(x, heads: int):
+  """(B, L, heads * D) projections -> (B, L, heads, D), the layout dot_product_attention takes."""
+  return x.reshape(x.shape[0], x.shape[1], heads, -1)
+
+
+def kernel_for(implementation: str, *, masked: bool) -> str:
+  """The implementation one attention call of a model built with `implementation` uses. 'tiled' takes no
+  mask, so a masked call (CLIP's causal text, the Kosmos-2 decoder: short sequences where tiling gains
+  nothing) runs on XLA; every other choice is passed on as it is."""
+  return 'xla' if masked and implementation == 'tiled' else implementation
 
 
 def _resolve(implementation, q, k, masked):
@@ -89,6 +104,11 @@ def dot_product_attention(
   if scale is None:
     scale = 1.0 / math.sqrt(q.shape[-1])
   impl = _resolve(check_implementation(implementation), q, k, mask is not None or causal)
+  if impl == 'cudnn' and jax.default_backend() != 'gpu':
+    raise ValueError(
+      f"attention implementation 'cudnn' needs an NVIDIA GPU; JAX runs on {jax.default_backend()!r} here "
+      "(use 'auto', which picks cuDNN where it can)"
+    )
   if impl == 'tiled':
     if mask is not None or causal:
       raise ValueError("attention implementation 'tiled' takes no mask; use 'xla' or 'auto'")

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdream.nn.attention import dot_product_attention
-from jaxdream.nn.layers import Conv2d, GroupNorm, Linear, activation, module_list
+from jaxdream.nn.attention import dot_product_attention, split_heads
+from jaxdream.nn.layers import Conv2d, GroupNorm, Linear, activation
 
 
 class Attention(nnx.Module):
@@ -35,7 +35,7 @@ class Attention(nnx.Module):
     self.to_q = Linear(query_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
     self.to_k = Linear(kv_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
     self.to_v = Linear(kv_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
-    self.to_out = module_list([Linear(inner, query_dim, dtype=dtype, rngs=rngs)])
+    self.to_out = nnx.List([Linear(inner, query_dim, dtype=dtype, rngs=rngs)])
     self.heads, self.upcast, self.residual, self.attention_impl = heads, upcast, residual, attention_impl
 
   def __call__(self, x, context=None):
@@ -46,11 +46,10 @@ class Attention(nnx.Module):
       x = self.group_norm(x)
     x = x.reshape(shape[0], -1, shape[-1])
     context = x if context is None else context
-    split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, -1)
     out = dot_product_attention(
-      split(self.to_q(x)),
-      split(self.to_k(context)),
-      split(self.to_v(context)),
+      split_heads(self.to_q(x), self.heads),
+      split_heads(self.to_k(context), self.heads),
+      split_heads(self.to_v(context), self.heads),
       implementation=self.attention_impl,
       upcast=self.upcast,
     )

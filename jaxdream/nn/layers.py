@@ -14,8 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-Dtype = jnp.dtype
-
 
 def _linear_to_jax(w):
   w = np.asarray(w)
@@ -114,7 +112,7 @@ class GroupNorm(nnx.Module):
   """GroupNorm over the channel (last) axis, statistics in float32.
 
   One pass over the data (per-channel sum and sum of squares, then combined per group): on CPU this is
-  twice as fast as mean-then-variance (shared/PERF_NOTES.md) and lets the affine fold into one FMA.
+  twice as fast as mean-then-variance (docs/performance.md) and lets the affine fold into one FMA.
   """
 
   TORCH_PARAMS = _NORM_PARAMS
@@ -202,8 +200,3 @@ def activation(name: str):
     return ACTIVATIONS[name]
   except KeyError:
     raise ValueError(f'unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}') from None
-
-
-def module_list(modules):
-  """A list attribute of submodules (nnx.List where flax has it, so the graph sees each entry)."""
-  return nnx.List(modules) if hasattr(nnx, 'List') else list(modules)

@@ -12,6 +12,7 @@ import json
 import os
 
 from jaxdream.distributed import multihost
+from jaxdream.io.files import atomic_write
 from jaxdream.io.images import list_images
 
 MANIFEST = 'manifest.json'
@@ -19,13 +20,6 @@ MANIFEST = 'manifest.json'
 
 def _base_seed(prompt: str, seed: int) -> int:
   return int.from_bytes(hashlib.sha256(f'{seed}:{prompt}'.encode()).digest()[:4], 'little') & 0x3FFFFFFF
-
-
-def _write_json(path: str, data):
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(data, f, indent=2)
-  os.replace(tmp, path)
 
 
 def ensure_class_images(
@@ -88,6 +82,6 @@ def ensure_class_images(
         f'{prompt}\nSteps: {steps}, CFG scale: {guidance_scale}, Seed: {s}, Size: {resolution}x{resolution}',
       )
       manifest['images'].append({'number': n, 'file': name, 'seed': s})
-    _write_json(manifest_path, manifest)  # after the images: a listed image always exists
+    atomic_write(manifest_path, json.dumps(manifest, indent=2))  # after the images: a listed image always exists
   multihost.barrier(f'class-images:{folder}')
   return list_images(folder)[:wanted]

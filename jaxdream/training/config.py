@@ -12,6 +12,8 @@ import re
 
 import ml_collections
 
+from jaxdream.nn.attention import IMPLEMENTATIONS
+
 BUILTIN_TINY = 'builtin:tiny'  # a tiny random base model created in the workdir (quickstart, tests)
 
 
@@ -152,7 +154,7 @@ RUN_DEFINING = (
 
 _CHOICES = {
   'compute_dtype': ('float32', 'bfloat16'),
-  'attention': ('auto', 'xla', 'cudnn', 'tiled'),
+  'attention': IMPLEMENTATIONS,
   'data.caption_mode': ('append', 'replace'),
   'data.on_bad_image': ('fail', 'skip'),
   'train.lr_schedule': ('constant', 'warmup_constant', 'cosine'),

@@ -8,6 +8,8 @@ import warnings
 
 import numpy as np
 
+from jaxdream.io.files import atomic_write
+
 
 def _load_losses(workdir) -> list:
   path = os.path.join(workdir, 'losses.json')
@@ -18,10 +20,7 @@ def _load_losses(workdir) -> list:
 
 
 def _save_losses(workdir, losses):
-  path = os.path.join(workdir, 'losses.json')
-  with open(path + '.tmp', 'w') as f:
-    json.dump(losses, f)
-  os.replace(path + '.tmp', path)
+  atomic_write(os.path.join(workdir, 'losses.json'), json.dumps(losses))
 
 
 def loss_curve_image(losses, size=(640, 360)) -> np.ndarray:
