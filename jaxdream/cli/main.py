@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxdream.cli import quiet
 from jaxdream.cli.sample import _add_sample_parser, _demo, _inspect
 from jaxdream.cli.vlm import _add_vlm_parsers
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+  quiet.silence_third_party()
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] == ['train']:  # absl flags with ml_collections config overrides: its own parser
     from jaxdream.cli.train import main as train_main

@@ -6,6 +6,45 @@ import json
 import os
 
 _VLM = {}  # the last Kosmos-2 folder loaded, so that in-process callers reuse its compiled generation
+GET_KOSMOS2 = (
+  'get one on a machine with internet: huggingface-cli download microsoft/kosmos-2-patch14-224 --local-dir kosmos2'
+)
+
+
+def _check_vlm_folder(path: str):
+  """A clear message for a --model that is not a Kosmos-2 folder, before anything is loaded."""
+  config = os.path.join(path, 'config.json')
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+      f'--model {path}: no such folder; it must be a transformers Kosmos-2 folder ({GET_KOSMOS2})'
+    )
+  if not os.path.isfile(config):
+    raise FileNotFoundError(f'--model {path}: no config.json, so not a transformers Kosmos-2 folder ({GET_KOSMOS2})')
+  try:
+    with open(config) as f:
+      model_type = json.load(f).get('model_type')
+  except (OSError, ValueError, AttributeError) as e:
+    raise ValueError(f'--model {path}: config.json is not readable JSON ({e})') from None
+  if model_type != 'kosmos-2':
+    raise ValueError(f"--model {path}: a {model_type!r} model, not Kosmos-2 (model_type 'kosmos-2'); {GET_KOSMOS2}")
+
+
+def _image_paths(images) -> list[str]:
+  """The images of the arguments, each checked to open: a clear message instead of a decoder's traceback."""
+  from PIL import Image, UnidentifiedImageError
+
+  from jaxdream.io.images import list_images
+
+  paths = list_images(images)
+  if not paths:
+    raise FileNotFoundError(f'no images in {", ".join(images)}')
+  for path in paths:
+    try:
+      with Image.open(path) as im:
+        im.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+      raise ValueError(f'{path}: not a readable image ({e})') from None
+  return paths
 
 
 def _load_vlm(args):
@@ -15,6 +54,7 @@ def _load_vlm(args):
 
   key = (os.path.abspath(args.model), args.dtype)
   if key not in _VLM:
+    _check_vlm_folder(args.model)
     _VLM.clear()
     _VLM[key] = vlm.load(args.model, dtype=jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32)
   return _VLM[key]
@@ -30,9 +70,7 @@ def _caption(args):
 
   from jaxdream import vlm
 
-  paths = vlm.list_images(args.images)
-  if not paths:
-    raise FileNotFoundError(f'no images in {", ".join(args.images)}')
+  paths = _image_paths(args.images)
   results = vlm.caption(
     _load_vlm(args), paths, prompt=args.prompt, heatmaps=bool(args.heatmaps), **_vlm_generation(args)
   )
@@ -72,9 +110,7 @@ def _check_subject(args):
   """Whether a subject phrase is grounded in each image of a (DreamBooth) folder: a JSON summary."""
   from jaxdream import vlm
 
-  paths = vlm.list_images(args.images)
-  if not paths:
-    raise FileNotFoundError(f'no images in {", ".join(args.images)}')
+  paths = _image_paths(args.images)
   summary = vlm.check_subject(_load_vlm(args), paths, args.phrase, mode=args.mode, **_vlm_generation(args))
   print(json.dumps(summary, indent=2))
   if args.json:
