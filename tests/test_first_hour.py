@@ -216,7 +216,11 @@ def test_readme_command_trains_offline_without_third_party_chatter(tmp_path):
     'from jaxdream.cli import main; sys.exit(main(sys.argv[1:]))'
   )
   workdir = tmp_path / 'run'
-  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  env = dict(
+    os.environ,
+    PYTHONUNBUFFERED='1',
+    XLA_FLAGS='--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0',
+  )
   for key in ('TRANSFORMERS_VERBOSITY', 'TRANSFORMERS_NO_ADVISORY_WARNINGS'):
     env.pop(key, None)
   proc = subprocess.run(
