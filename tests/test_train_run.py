@@ -15,7 +15,7 @@ import pytest
 from jaxdream.io.weights import read_safetensors
 from jaxdream.training import config as config_lib
 
-SAMPLE = os.path.join(os.path.dirname(config_lib.__file__), 'assets', 'sample_subject', 'dog')
+SAMPLE = os.path.join(os.path.dirname(os.path.dirname(config_lib.__file__)), 'assets', 'sample_subject', 'dog')
 UNET_FILE = os.path.join('model', 'unet', 'diffusion_pytorch_model.safetensors')
 TE_FILE = os.path.join('model', 'text_encoder', 'model.safetensors')
 
