@@ -245,3 +245,27 @@ def test_readme_command_trains_offline_without_third_party_chatter(tmp_path):
   assert (workdir / 'model' / 'model_index.json').exists()
   assert 'PyTorch was not found' not in output and 'Downloading and preparing' not in output, output
   assert 'Traceback' not in output
+
+
+def test_after_the_cli_starts_transformers_imports_quietly_without_torch():
+  code = (
+    "import sys; sys.modules['torch'] = None\n"
+    "from jaxdream.cli import main; assert main(['train', '--help']) == 0\n"
+    'import transformers'
+  )
+  env = {k: v for k, v in os.environ.items() if not k.startswith('TRANSFORMERS_')}
+  proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True)
+  assert proc.returncode == 0 and 'usage: jaxdream train' in proc.stdout, proc.stderr
+  assert 'PyTorch was not found' not in proc.stdout + proc.stderr
+
+
+def test_preparing_the_dataset_does_not_announce_a_download(tmp_path, capfd):
+  from PIL import Image
+
+  from jaxdream.training.data import prepare_dataset
+
+  Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(tmp_path / 'a.png')
+  examples = {'instance': [{'file': str(tmp_path / 'a.png'), 'prompt': 'a photo of sks dog', 'concept': 0}]}
+  prepare_dataset(str(tmp_path / 'data'), examples, 32)
+  out, err = capfd.readouterr()
+  assert 'Downloading and preparing' not in out + err and 'downloaded and prepared' not in out + err
