@@ -4,6 +4,9 @@
 
 The base model is random (no download), so the samples show what fine-tuning learned from five photos,
 not a real Stable Diffusion model's skill: see configs/dreambooth_sd15.py for the real thing.
+
+`jaxdream train --help` lists every config key with its meaning; override any with --config.<key>=<value>
+(a concept's keys as --config.concepts.0.<key>). Ctrl-C saves a checkpoint; the same command resumes.
 """
 
 import os

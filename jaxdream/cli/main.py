@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxdream.cli import quiet
 from jaxdream.cli.sample import _add_sample_parser, _demo, _inspect
 from jaxdream.cli.vlm import _add_vlm_parsers
 from jaxdream.runtime import CompileCache
@@ -37,6 +38,7 @@ def main(argv=None, *, cache=None):
   """Run one command; returns its exit status. cache: a `jaxdream.runtime.CompileCache` that the command keeps
   what it loads and compiles in, for a caller (a test, a notebook) that runs several commands in one process;
   by default each call starts empty."""
+  quiet.silence_third_party()
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] == ['train']:  # absl flags with ml_collections config overrides: its own parser
     from jaxdream.cli.train import main as train_main

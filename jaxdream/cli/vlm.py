@@ -5,6 +5,46 @@ from __future__ import annotations
 import json
 import os
 
+GET_KOSMOS2 = (
+  'get one on a machine with internet: huggingface-cli download microsoft/kosmos-2-patch14-224 --local-dir kosmos2'
+)
+
+
+def _check_vlm_folder(path: str):
+  """A clear message for a --model that is not a Kosmos-2 folder, before anything is loaded."""
+  config = os.path.join(path, 'config.json')
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+      f'--model {path}: no such folder; it must be a transformers Kosmos-2 folder ({GET_KOSMOS2})'
+    )
+  if not os.path.isfile(config):
+    raise FileNotFoundError(f'--model {path}: no config.json, so not a transformers Kosmos-2 folder ({GET_KOSMOS2})')
+  try:
+    with open(config) as f:
+      model_type = json.load(f).get('model_type')
+  except (OSError, ValueError, AttributeError) as e:
+    raise ValueError(f'--model {path}: config.json is not readable JSON ({e})') from None
+  if model_type != 'kosmos-2':
+    raise ValueError(f"--model {path}: a {model_type!r} model, not Kosmos-2 (model_type 'kosmos-2'); {GET_KOSMOS2}")
+
+
+def _image_paths(images) -> list[str]:
+  """The images of the arguments, each checked to open: a clear message instead of a decoder's traceback."""
+  from PIL import Image, UnidentifiedImageError
+
+  from jaxdream.io.images import list_images
+
+  paths = list_images(images)
+  if not paths:
+    raise FileNotFoundError(f'no images in {", ".join(images)}')
+  for path in paths:
+    try:
+      with Image.open(path) as im:
+        im.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+      raise ValueError(f'{path}: not a readable image ({e})') from None
+  return paths
+
 
 def _load_vlm(args):
   """The Kosmos-2 bundle of --model, from the call's cache (`main(..., cache=)`): callers that pass the same
@@ -15,20 +55,16 @@ def _load_vlm(args):
 
   dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
   key = ('kosmos2', os.path.abspath(args.model), args.dtype)
-  return args.cache.get(key, lambda: vlm.load(args.model, dtype=dtype))
+
+  def load():
+    _check_vlm_folder(args.model)
+    return vlm.load(args.model, dtype=dtype)
+
+  return args.cache.get(key, load)
 
 
 def _vlm_generation(args) -> dict:
   return dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, batch_size=args.batch_size)
-
-
-def _image_paths(images) -> list[str]:
-  from jaxdream.io.images import list_images
-
-  paths = list_images(images)
-  if not paths:
-    raise FileNotFoundError(f'no images in {", ".join(images)}')
-  return paths
 
 
 def _caption(args):

@@ -127,18 +127,27 @@ def check_shared_folder(folder: str):
 
 
 class Preemption:
-  """SIGTERM (a preemption notice) asks the loop to save and stop. With one process a Python handler
-  sets a flag; with several, JAX's preemption service (started by jax.distributed) catches the signal
-  on any host and all processes agree on the step to stop at, so none is left waiting in a collective."""
+  """SIGTERM (a preemption notice) or Ctrl-C (SIGINT) asks the loop to save and stop; a second Ctrl-C
+  stops at once (KeyboardInterrupt). With one process a Python handler sets a flag; with several, JAX's
+  preemption service (started by jax.distributed) catches SIGTERM on any host and all processes agree on the
+  step to stop at, so none is left waiting in a collective (Ctrl-C there interrupts as usual)."""
+
+  CAUSES = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'Ctrl-C (SIGINT)'}
 
   def __init__(self):
     self.multi = jax.process_count() > 1
+    self.cause = 'SIGTERM'  # what asked to stop, for the message
     self._requested = False
+    self._previous = {}
     if not self.multi:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.CAUSES}
 
   def _handle(self, signum, frame):
-    self._requested = True
+    if self._requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self._requested, self.cause = True, self.CAUSES[signum]
+    if signum == signal.SIGINT:
+      print('\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again stops at once)', flush=True)
 
   def reached(self, step: int) -> bool:
     """Whether to save and stop after `step`; called by every process at every step."""
@@ -147,8 +156,8 @@ class Preemption:
     return self._requested
 
   def restore(self):
-    if not self.multi:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
 
 
 def log(msg: str):

@@ -207,9 +207,15 @@ def labelled_grid(cells, col_labels=None, row_labels=None, title: str | None = N
   title_texts, title_sizes = wrapped([title] if title else None, max(cols * w, 10 * size))
   left, title_h, col_h = margin(row_sizes, 0), margin(title_sizes, 1), margin(col_sizes, 1)
   top = title_h + col_h
-  grid = make_grid(cells.reshape(rows * cols, h, w, -1), rows, cols)
-  canvas = Image.new('RGB', (left + grid.shape[1], top + grid.shape[0]), 'white')
-  canvas.paste(Image.fromarray(grid).convert('RGB'), (left, top))
+  # A label wider (or taller) than its cell widens its column (row): labels never run into each other.
+  cw = max([w] + [math.ceil(b[0]) + 2 * pad for b in col_sizes])
+  rh = max([h] + [math.ceil(b[1]) + 2 * pad for b in row_sizes])
+  canvas = Image.new('RGB', (left + cols * cw, top + rows * rh), 'white')
+  for i in range(rows):
+    for j in range(cols):
+      a = np.asarray(cells[i, j], np.uint8).reshape(h, w, -1)
+      cell = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert('RGB')
+      canvas.paste(cell, (left + j * cw + (cw - w) // 2, top + i * rh + (rh - h) // 2))
   draw = ImageDraw.Draw(canvas)
 
   def put(text, box, cx, cy):  # text of size `box` centred on (cx, cy)
@@ -218,7 +224,7 @@ def labelled_grid(cells, col_labels=None, row_labels=None, title: str | None = N
   for t, b in zip(title_texts, title_sizes):
     put(t, b, left + pad + b[0] / 2, title_h / 2)
   for j, (t, b) in enumerate(zip(col_texts, col_sizes)):
-    put(t, b, left + j * w + w / 2, title_h + col_h / 2)
+    put(t, b, left + j * cw + cw / 2, title_h + col_h / 2)
   for i, (t, b) in enumerate(zip(row_texts, row_sizes)):
-    put(t, b, left / 2, top + i * h + h / 2)
+    put(t, b, left / 2, top + i * rh + rh / 2)
   return np.asarray(canvas)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import jax
 
@@ -35,13 +36,82 @@ def _save(mngr, step, state, iterators, config):
   )
 
 
+def _reason(error: BaseException) -> str:
+  """The innermost cause of a failed restore, on one line (TensorStore wraps it in pages of spec)."""
+  while (error.__cause__ or error.__context__) is not None:
+    error = error.__cause__ or error.__context__
+  text = ' '.join(str(error).split()) or type(error).__name__
+  return text if len(text) <= 300 else text[:297] + '...'
+
+
+def _is_mismatch(error: BaseException) -> bool:
+  """A readable checkpoint of another shape of state (a changed model resumed with resume_override)."""
+  text = str(error)
+  return isinstance(error, ValueError) and ('tree structures do not match' in text or 'stored shape' in text)
+
+
+def _move_aside(mngr, step: int, why: str) -> str:
+  """Rename checkpoints/STEP to checkpoints/STEP.WHY-TIME (orbax lists only numbered folders): nothing is
+  deleted, and the run goes on from the others."""
+  src = os.path.join(str(mngr.directory), str(step))
+  dst = f'{src}.{why}-{time.strftime("%Y%m%d-%H%M%S")}'
+  if multihost.is_primary():
+    os.replace(src, dst)
+  multihost.barrier(f'checkpoint-{step}-{why}')
+  mngr.reload()
+  return dst
+
+
+def _steps_to_try(mngr, config) -> list[int]:
+  """Saved steps, newest first; with checkpoint.resume_step only that one, newer ones moved aside (a later
+  save of the same step number must not collide with them)."""
+  steps = sorted(mngr.all_steps(), reverse=True)
+  want = config.checkpoint.resume_step
+  if not want:
+    return steps
+  if want not in steps:
+    raise config_lib.RunConfigError(
+      f'checkpoint.resume_step={want}: no such checkpoint in {mngr.directory} (saved steps: {sorted(steps) or "none"})'
+    )
+  for step in steps:
+    if step > want:
+      multihost.log(
+        f'checkpoint.resume_step={want}: moved the newer step {step} to {_move_aside(mngr, step, "skipped")}'
+      )
+  return [want]
+
+
 def _restore(mngr, state, iterators, config):
-  """Restore the latest checkpoint into `state`'s structure; refuse a changed run unless overridden."""
+  """Restore the newest readable checkpoint (or checkpoint.resume_step) into `state`'s structure; refuse a
+  changed run unless overridden. An unreadable step (a truncated or missing file) is named, moved aside and
+  the next older one tried."""
+  for step in _steps_to_try(mngr, config):
+    try:
+      restored = _restore_step(mngr, step, state, config)
+    except config_lib.RunConfigError:
+      raise
+    except Exception as e:  # noqa: BLE001 - orbax and TensorStore raise plain Exceptions for unreadable data
+      if _is_mismatch(e):
+        raise config_lib.RunConfigError(
+          f'the checkpoint at step {step} does not fit this model: {_reason(e)}'
+        ) from None
+      where = _move_aside(mngr, step, 'damaged')
+      multihost.log(f'checkpoint step {step} is unreadable ({_reason(e)}); moved it to {where}')
+      if config.checkpoint.resume_step:
+        raise config_lib.RunConfigError(
+          f'checkpoint.resume_step={step} is unreadable; choose another step or drop checkpoint.resume_step'
+        ) from None
+      continue
+    for k, it in iterators.items():
+      it.set_state(restored['data'][k])
+    multihost.log(f'resumed from the checkpoint at step {step}')
+    return restored['state']
+  return state
+
+
+def _restore_step(mngr, step, state, config):
   import orbax.checkpoint as ocp
 
-  step = mngr.latest_step()
-  if step is None:
-    return state
   meta = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   diffs = config_lib.config_differences(meta['config'], config_lib.run_defining(config))
   if diffs and not config.resume_override:
@@ -51,10 +121,6 @@ def _restore(mngr, state, iterators, config):
       + '\nUse another --workdir, or pass --config.resume_override=True to continue anyway.'
     )
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  restored = mngr.restore(
+  return mngr.restore(
     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
   )
-  for k, it in iterators.items():
-    it.set_state(restored['data'][k])
-  multihost.log(f'resumed from the checkpoint at step {step}')
-  return restored['state']

@@ -36,6 +36,8 @@ def ensure_class_images(
   log=print,
 ) -> list[str]:
   """Make sure `class_dir` holds `num_class_images` images of `class_prompt`; returns their paths."""
+  from tqdm import tqdm
+
   from jaxdream.diffusion.sampling import txt2img
   from jaxdream.io.images import save_png
 
@@ -58,6 +60,7 @@ def ensure_class_images(
   made = {e['number'] for e in manifest['images']}
   numbers = [n for n in range(wanted + len(made)) if n not in made][:missing]
   log(f'generating {missing} class image(s) of {prompt!r} in {folder}')
+  bar = tqdm(total=missing, desc='class images', unit='image', disable=not primary)
   for start in range(0, len(numbers), batch_size):
     chunk = numbers[start : start + batch_size]
     seeds = [base + n for n in chunk]
@@ -72,6 +75,7 @@ def ensure_class_images(
       width=resolution,
       mesh=mesh,
     )
+    bar.update(len(chunk))
     if not primary:
       continue
     for n, s, image in zip(chunk, seeds, images):
@@ -83,5 +87,6 @@ def ensure_class_images(
       )
       manifest['images'].append({'number': n, 'file': name, 'seed': s})
     atomic_write(manifest_path, json.dumps(manifest, indent=2))  # after the images: a listed image always exists
+  bar.close()
   multihost.barrier(f'class-images:{folder}')
   return list_images(folder)[:wanted]

@@ -96,7 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
       nan_policy='stop',  # 'stop' the run, or 'skip' the step
     )
   )
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=3, async_save=True))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=3, async_save=True, resume_step=0))
   c.logging = ml_collections.ConfigDict(dict(every_steps=10, tensorboard=True, wandb=False, wandb_project='jaxdream'))
   c.validation = ml_collections.ConfigDict(
     dict(
@@ -123,6 +123,98 @@ def base_config() -> ml_collections.ConfigDict:
     )
   )
   return c
+
+
+# One line per config key for `jaxdream train --help` (tests check that every key has one).
+KEY_DOCS = {
+  'model': f"diffusers-format model folder (SD 1.x/2.x), or '{BUILTIN_TINY}' (a tiny random model)",
+  'allow_pickle': 'also load .bin/.ckpt weights (unpickling can run code)',
+  'seed': 'seed of noise, timesteps, data order and class images',
+  'resolution': 'training image size in pixels (a multiple of 8)',
+  'compute_dtype': "'float32' or 'bfloat16' (parameters stay float32)",
+  'attention': "attention implementation: 'auto', 'xla', 'cudnn' or 'tiled'",
+  'resume_override': 'resume even if the run-defining config changed',
+  'concepts.N.instance_dir': 'folder of photos of the subject (N: 0 for the first concept)',
+  'concepts.N.instance_prompt': 'prompt of those photos; contains the identifier, e.g. "a photo of sks dog"',
+  'concepts.N.class_prompt': 'prompt of the class-prior images, e.g. "a photo of dog"',
+  'concepts.N.class_dir': 'folder of class-prior images (generated when short); {workdir} is replaced',
+  'concepts.N.num_class_images': 'class-prior images to use (and make if missing)',
+  'concepts.N.identifier': 'the rare token naming the subject',
+  'data.concepts_file': 'JSON list of concepts (same keys as concepts), for many subjects',
+  'data.center_crop': 'True: centre crops; False: random crops',
+  'data.flip_p': 'probability of a horizontal flip',
+  'data.caption_ext': 'per-image caption sidecars: photo.jpg + photo.txt',
+  'data.caption_mode': "'append' a sidecar caption to the instance prompt, or 'replace' it",
+  'data.on_bad_image': "'fail' on a bad image, or 'skip' it with a warning",
+  'data.min_instance_images': 'fewest usable photos per concept',
+  'data.min_image_size': 'smaller images (pixels) are reported as bad',
+  'prior.enabled': 'prior preservation: train on class images too',
+  'prior.loss_weight': 'weight of the class-image loss',
+  'prior.sample_steps': 'sampler steps per generated class image',
+  'prior.guidance_scale': 'classifier-free guidance of generated class images',
+  'prior.scheduler': "sampler of class images ('': the model's)",
+  'prior.batch_size': 'class images generated at once',
+  'train.num_steps': 'optimizer steps in all (a resumed run continues to this)',
+  'train.batch_size': 'instance examples per step; as many prior examples come on top',
+  'train.learning_rate': 'learning rate of the UNet',
+  'train.train_text_encoder': 'also train the text encoder',
+  'train.text_encoder_learning_rate': 'learning rate of the text encoder',
+  'train.param_groups': 'NAME.pattern (regex over unet/... and text_encoder/... paths) and NAME.learning_rate',
+  'train.lr_schedule': "'constant', 'warmup_constant' or 'cosine'",
+  'train.warmup_steps': 'linear warmup steps',
+  'train.adam_b1': 'AdamW beta1',
+  'train.adam_b2': 'AdamW beta2',
+  'train.adam_eps': 'AdamW epsilon',
+  'train.weight_decay': 'AdamW weight decay',
+  'train.max_grad_norm': 'global gradient clipping (0 disables it)',
+  'train.grad_accum_steps': 'batches accumulated per optimizer step',
+  'train.offset_noise': 'offset noise strength (0 disables it)',
+  'train.snr_gamma': 'min-SNR-gamma loss weighting (0 disables it)',
+  'train.ema_decay': 'EMA of the trainable weights, exported instead of them (0 disables it)',
+  'train.cache_latents': 'encode every image once (needs centre crops and no flips)',
+  'train.cache_text_embeddings': 'encode every prompt once (needs a frozen text encoder)',
+  'train.nan_policy': "on a non-finite loss: 'stop' the run, or 'skip' the step",
+  'checkpoint.every_steps': 'save a checkpoint every this many steps',
+  'checkpoint.keep': 'checkpoints kept (the newest ones)',
+  'checkpoint.async_save': 'write checkpoints in the background',
+  'checkpoint.resume_step': 'resume from this saved step (0: the newest readable one); newer ones are moved aside',
+  'logging.every_steps': 'log scalars every this many steps',
+  'logging.tensorboard': 'write TensorBoard event files to workdir/tensorboard',
+  'logging.wandb': 'also log to Weights & Biases',
+  'logging.wandb_project': 'Weights & Biases project',
+  'validation.every_steps': 'sample validation images every this many steps (0: only at the end)',
+  'validation.prompts': "validation prompts (default: each concept's instance and class prompts)",
+  'validation.negative_prompt': 'negative prompt of validation images',
+  'validation.num_images': 'images per validation prompt',
+  'validation.steps': 'sampler steps of validation images',
+  'validation.guidance_scale': 'classifier-free guidance of validation images',
+  'validation.seed': 'seed of validation images',
+  'validation.scheduler': "sampler of validation images ('': the model's)",
+  'mesh.data': 'devices on the data axis (-1: all that are left)',
+  'mesh.fsdp': 'devices on the FSDP axis (parameters split over them)',
+  'mesh.tensor': 'devices on the tensor axis',
+  'mesh.rules': 'logical axis -> mesh axis rules (see jaxdream/distributed/sharding.py)',
+  'mesh.fsdp_min_size': 'parameters with fewer elements stay whole under FSDP',
+}
+
+
+def config_keys(config) -> list[tuple[str, object]]:
+  """Every settable key of `config` with its value, dotted; a list of concepts as concepts.N.KEY (its
+  first element's values)."""
+  out = []
+
+  def walk(node, prefix):
+    for key in node.keys():
+      value = node[key]
+      if isinstance(value, ml_collections.ConfigDict) and value.keys():
+        walk(value, f'{prefix}{key}.')
+      elif key == 'concepts':
+        walk(value[0] if value else concept(), f'{prefix}{key}.N.')
+      else:
+        out.append((prefix + key, value))
+
+  walk(config, '')
+  return out
 
 
 # Keys that define what the run computes: resuming with any of these changed is refused.
@@ -206,6 +298,8 @@ def validate(config) -> list[dict]:
   ):
     if _get(config, key) < 1:
       problems.append(f'{key} must be at least 1, got {_get(config, key)}')
+  if config.checkpoint.resume_step < 0:
+    problems.append(f'checkpoint.resume_step must not be negative, got {config.checkpoint.resume_step}')
   if config.resolution % 8:
     problems.append(f'resolution must be a multiple of 8, got {config.resolution}')
   t = config.train

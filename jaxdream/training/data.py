@@ -135,6 +135,14 @@ def _builder_class():
         ),
       )
 
+    # tfds announces a download ("Downloading and preparing dataset Unknown size ...") and its end: nothing
+    # is downloaded here, and the loop says what it prepares.
+    def _log_download_bytes(self):
+      pass
+
+    def _log_download_done(self):
+      pass
+
     def _split_generators(self, dl_manager):
       # tfds refuses empty splits (a run without prior preservation has no class images)
       return {split: self._generate_examples(split) for split in ('instance', 'class') if self._examples[split]}

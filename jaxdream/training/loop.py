@@ -25,6 +25,7 @@ from jaxdream.schedulers import NoiseSchedule
 from jaxdream.training import config as config_lib
 from jaxdream.training.checkpoint import _checkpointer, _restore, _save
 from jaxdream.training.data import DataError, data_source, instance_prompt, make_iterator, prepare_dataset, scan_images
+from jaxdream.training.lock import workdir_lock
 from jaxdream.training.params import (
   _set_params,
   lr_schedule,
@@ -41,16 +42,16 @@ class TrainingError(RuntimeError):
   """The run cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
-def _examples(config, concepts, pipeline, mesh) -> dict[str, list[dict]]:
-  """Every training example, checked, with class images generated where missing."""
-  from jaxdream.training.class_images import ensure_class_images
-
+def _instance_examples(config, concepts) -> list[dict]:
+  """Every concept's photos, checked (and user-supplied class images): before anything is built or written,
+  so that a data error costs seconds and leaves the workdir as it was."""
   d = config.data
-  examples = {'instance': [], 'class': []}
-  problems = []
+  examples, problems = [], []
   for i, c in enumerate(concepts):
     try:
       paths = scan_images(c['instance_dir'], min_size=d.min_image_size, on_bad=d.on_bad_image)
+      if config.prior.enabled and os.path.isdir(c['class_dir']):
+        scan_images(c['class_dir'], min_size=d.min_image_size, on_bad=d.on_bad_image)
     except DataError as e:
       problems.append(str(e))
       continue
@@ -59,28 +60,33 @@ def _examples(config, concepts, pipeline, mesh) -> dict[str, list[dict]]:
         f'{c["instance_dir"]}: {len(paths)} usable image(s); at least '
         f'data.min_instance_images={d.min_instance_images} are needed'
       )
-    examples['instance'] += [
+    examples += [
       {'file': p, 'prompt': instance_prompt(p, c, d.caption_ext, d.caption_mode), 'concept': i} for p in paths
     ]
   if problems:
     raise DataError('\n'.join(problems))
-  if config.prior.enabled:
-    for i, c in enumerate(concepts):
-      if os.path.isdir(c['class_dir']):  # user-supplied class images are checked like instance images
-        scan_images(c['class_dir'], min_size=d.min_image_size, on_bad=d.on_bad_image)
-      paths = ensure_class_images(
-        pipeline,
-        c,
-        seed=config.seed,
-        steps=config.prior.sample_steps,
-        guidance_scale=config.prior.guidance_scale,
-        scheduler=config.prior.scheduler or None,
-        batch_size=config.prior.batch_size,
-        resolution=config.resolution,
-        mesh=mesh,
-        log=multihost.log,
-      )
-      examples['class'] += [{'file': p, 'prompt': c['class_prompt'], 'concept': i} for p in paths]
+  return examples
+
+
+def _class_examples(config, concepts, pipeline, mesh) -> list[dict]:
+  """The class-prior examples, generated where missing."""
+  from jaxdream.training.class_images import ensure_class_images
+
+  examples = []
+  for i, c in enumerate(concepts):
+    paths = ensure_class_images(
+      pipeline,
+      c,
+      seed=config.seed,
+      steps=config.prior.sample_steps,
+      guidance_scale=config.prior.guidance_scale,
+      scheduler=config.prior.scheduler or None,
+      batch_size=config.prior.batch_size,
+      resolution=config.resolution,
+      mesh=mesh,
+      log=multihost.log,
+    )
+    examples += [{'file': p, 'prompt': c['class_prompt'], 'concept': i} for p in paths]
   return examples
 
 
@@ -99,14 +105,22 @@ def _load_base(config, workdir):
 
 
 def train(config, workdir: str) -> dict:
-  """Run (or resume) a DreamBooth fine-tuning; returns a summary. Writes `workdir/model`."""
-  from jaxdream.diffusion.pipeline import save_pipeline
+  """Run (or resume) a DreamBooth fine-tuning; returns a summary. Writes `workdir/model`.
 
+  The config and every image are checked before anything is made; the workdir is locked for the run."""
   concepts = config_lib.validate(config)
   for c in concepts:  # class images may live in the run folder
     c['class_dir'] = c['class_dir'].replace('{workdir}', workdir)
+  instance = _instance_examples(config, concepts)
   os.makedirs(workdir, exist_ok=True)
   multihost.check_shared_folder(workdir)
+  with workdir_lock(workdir):
+    return _run(config, workdir, concepts, instance)
+
+
+def _run(config, workdir, concepts, instance) -> dict:
+  from jaxdream.diffusion.pipeline import save_pipeline
+
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   b = config.train.batch_size
   n_dev = mesh.shape['data'] * mesh.shape['fsdp']
@@ -121,7 +135,10 @@ def train(config, workdir: str) -> dict:
     raise config_lib.RunConfigError(
       f'resolution {config.resolution} is not a multiple of the VAE factor {pipeline.vae_scale_factor}'
     )
-  examples = _examples(config, concepts, pipeline, mesh)
+  examples = {
+    'instance': instance,
+    'class': _class_examples(config, concepts, pipeline, mesh) if config.prior.enabled else [],
+  }
   data_folder = multihost.primary_first(
     lambda: prepare_dataset(os.path.join(workdir, 'data'), examples, config.resolution), 'dataset'
   )
@@ -171,7 +188,7 @@ def train(config, workdir: str) -> dict:
 
   writer = _Writer(workdir, config) if multihost.is_primary() else None
   preempt = multihost.Preemption()
-  losses = _load_losses(workdir)
+  losses = [x for x in _load_losses(workdir) if x[0] <= start]  # a resume from an older step drops the rest
   t_last, s_last = time.perf_counter(), start
   try:
     from tqdm import tqdm
@@ -222,7 +239,7 @@ def train(config, workdir: str) -> dict:
           writer.images(done, images)
       if stop:
         mngr.wait_until_finished()
-        multihost.log(f'\nSIGTERM: saved the checkpoint at step {done}; run the same command to resume.')
+        multihost.log(f'\n{preempt.cause}: saved the checkpoint at step {done}; run the same command to resume.')
         return {'step': done, 'preempted': True}
     bar.close()
   finally:

@@ -24,7 +24,7 @@ def _save_losses(workdir, losses):
 
 
 def loss_curve_image(losses, size=(640, 360)) -> np.ndarray:
-  """A plain loss-vs-step plot (raw and smoothed), drawn with PIL."""
+  """A plain loss-vs-step plot (raw and smoothed) with labelled y ticks, drawn with PIL."""
   from PIL import Image, ImageDraw
 
   w, h = size
@@ -36,15 +36,22 @@ def loss_curve_image(losses, size=(640, 360)) -> np.ndarray:
     vals = np.where(np.isfinite(vals), vals, np.nan)
     smooth = np.convolve(np.nan_to_num(vals), np.ones(min(20, len(vals))) / min(20, len(vals)), 'valid')
     lo, hi = np.nanmin(vals), np.nanmax(vals)
-    pad = 40
+    pad, left = 40, 70  # the left margin holds the tick labels
     xy = lambda s, v: (
-      pad + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (w - 2 * pad),
+      left + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (w - left - pad),
       h - pad - (v - lo) / max(hi - lo, 1e-12) * (h - 2 * pad),
     )
+    for v in np.linspace(lo, hi, 5):  # y ticks: a faint grid line and the value
+      y = xy(steps[0], v)[1]
+      draw.line([(left, y), (w - pad, y)], fill=(232, 232, 232), width=1)
+      draw.line([(left - 5, y), (left, y)], fill='black', width=1)
+      label = f'{v:.4g}'  # right-aligned by hand: anchors need a FreeType font
+      draw.text((left - 8 - draw.textlength(label), y - 6), label, fill='black')
+    draw.line([(left, pad), (left, h - pad)], fill='black', width=1)
     draw.line([xy(s, v) for s, v in zip(steps, vals) if np.isfinite(v)], fill=(170, 190, 230), width=1)
     draw.line([xy(s, v) for s, v in zip(steps[len(steps) - len(smooth) :], smooth)], fill=(20, 60, 160), width=2)
-    draw.text((pad, 8), f'loss  (min {lo:.4f}, max {hi:.4f})', fill='black')
-    draw.text((pad, h - pad + 8), f'step {int(steps[0])}', fill='black')
+    draw.text((left, 8), f'loss  (min {lo:.4f}, max {hi:.4f})', fill='black')
+    draw.text((left, h - pad + 8), f'step {int(steps[0])}', fill='black')
     draw.text((w - pad - 60, h - pad + 8), f'step {int(steps[-1])}', fill='black')
   return np.asarray(im)
 
