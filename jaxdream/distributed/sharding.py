@@ -1,6 +1,6 @@
 """Parameter and batch shardings over the ('data', 'fsdp', 'tensor') mesh.
 
-Models only name logical axes (each layer's LOGICAL_AXES: 'out_features', 'in_channels', ...). The
+Models only name logical axes (each layer instance's `axes`: 'embed', 'heads', 'mlp', 'conv_mid', ...). The
 config's rules map logical axes to mesh axes (tensor parallelism); then FSDP shards each parameter's
 largest remaining dimension that divides over 'fsdp', or, for a parameter a rule sharded, that
 dimension further. A dimension that does not divide stays whole, so any model runs on any mesh. The
@@ -16,21 +16,25 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-# Tensor parallelism over output features, conv output channels and the vocabulary. Not the default.
+# Megatron-style tensor parallelism, not the default. Layers come in pairs: a column-parallel one (q/k/v
+# -> 'heads', FF up -> 'mlp', ResNet conv1 and time embedding -> 'conv_mid') whose output stays split over
+# 'tensor' into the row-parallel one that takes it back to the model width (attention out, FF down,
+# conv2), the only place partial sums are reduced. 'embed' and the other conv channels stay whole, so the
+# residual stream is replicated over 'tensor'. The vocabulary is split too (embedding rows, LM head).
 # (Its gradients used to disagree with the single-device step: an XLA bug, see partition_spec.)
-TENSOR_RULES = (('out_features', 'tensor'), ('out_channels', 'tensor'), ('vocab', 'tensor'))
+TENSOR_RULES = (('heads', 'tensor'), ('mlp', 'tensor'), ('conv_mid', 'tensor'), ('vocab', 'tensor'))
 DEFAULT_RULES = ()
 BATCH_AXES = ('data', 'fsdp')
 
 
 def logical_axes(model: nnx.Module, prefix: str = '') -> dict[str, tuple]:
-  """{flat parameter path: logical axis names} for every parameter of `model`."""
+  """{flat parameter path: logical axis names} for every parameter of `model`: each module that holds
+  parameters names their axes in `param_axes()` (layers per instance, from their constructor's `axes`)."""
   out = {}
   for path, node in nnx.iter_graph(model):
-    table = getattr(type(node), 'LOGICAL_AXES', None)
-    if table is None or not isinstance(node, nnx.Module):
+    if not isinstance(node, nnx.Module) or not hasattr(node, 'param_axes'):
       continue
-    for attr, names in table.items():
+    for attr, names in node.param_axes().items():
       if getattr(node, attr, None) is not None:
         out[prefix + '/'.join(map(str, path + (attr,)))] = names
   return out

@@ -106,8 +106,8 @@ def timestep_embedding(timesteps, dim: int, *, flip_sin_to_cos: bool, freq_shift
 
 class TimestepEmbedding(nnx.Module):
   def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str, *, dtype, rngs):
-    self.linear_1 = Linear(in_channels, time_embed_dim, dtype=dtype, rngs=rngs)
-    self.linear_2 = Linear(time_embed_dim, time_embed_dim, dtype=dtype, rngs=rngs)
+    self.linear_1 = Linear(in_channels, time_embed_dim, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs)
+    self.linear_2 = Linear(time_embed_dim, time_embed_dim, axes=('mlp', 'embed'), dtype=dtype, rngs=rngs)
     self.act_fn = act_fn
 
   def __call__(self, x):
@@ -123,7 +123,7 @@ class _NoParams(nnx.Module):
 
 class GEGLU(nnx.Module):
   def __init__(self, dim: int, inner: int, *, dtype, rngs):
-    self.proj = Linear(dim, 2 * inner, dtype=dtype, rngs=rngs)
+    self.proj = Linear(dim, 2 * inner, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
     h, gate = jnp.split(self.proj(x), 2, axis=-1)
@@ -132,9 +132,8 @@ class GEGLU(nnx.Module):
 
 class FeedForward(nnx.Module):
   def __init__(self, dim: int, *, dtype, rngs, mult: int = 4):
-    self.net = module_list(
-      [GEGLU(dim, dim * mult, dtype=dtype, rngs=rngs), _NoParams(), Linear(dim * mult, dim, dtype=dtype, rngs=rngs)]
-    )
+    down = Linear(dim * mult, dim, axes=('mlp', 'embed'), dtype=dtype, rngs=rngs)
+    self.net = module_list([GEGLU(dim, dim * mult, dtype=dtype, rngs=rngs), _NoParams(), down])
 
   def __call__(self, x):
     return self.net[2](self.net[0](x))
