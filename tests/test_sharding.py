@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from conftest import UNET_SD1, VAE, rel_err
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from test_train_step import _setup
 
 from jaxdream.distributed.mesh import make_mesh
@@ -18,7 +20,8 @@ from jaxdream.models import presets
 from jaxdream.models.autoencoder_kl import AutoencoderKL
 from jaxdream.models.clip_text import CLIPTextModel
 from jaxdream.models.kosmos2 import Kosmos2ForConditionalGeneration
-from jaxdream.models.unet_2d_condition import UNet2DConditionModel
+from jaxdream.models.unet_2d_condition import FeedForward, UNet2DConditionModel
+from jaxdream.nn.blocks import Attention
 from jaxdream.training.checkpoint import _checkpointer, _restore, _save
 from jaxdream.training.step import _place
 
@@ -199,3 +202,31 @@ def test_tensor_rules_split_attention_feed_forward_and_resnet_pairs_over_tensor(
   # stream's weights stay whole over 'tensor'.
   ruled = {name for name, _ in TENSOR_RULES}
   assert on_tensor == {k for k in params if ruled & set(axes[k])}
+
+
+@pytest.mark.parametrize(
+  'build',
+  [
+    lambda rngs: Attention(64, heads=4, dim_head=16, attention_impl='xla', rngs=rngs),
+    lambda rngs: FeedForward(64, dtype=np.float32, rngs=rngs),  # GEGLU's value and gate on the same shard
+  ],
+  ids=['attention', 'geglu_feed_forward'],
+)
+def test_paired_layers_exchange_nothing_over_tensor_but_reductions(build):
+  mesh = make_mesh(4, 1, 2)
+  graphdef, state = nnx.split(build(nnx.Rngs(0)))
+  axes = logical_axes(nnx.merge(graphdef, state))
+  name = lambda path: '/'.join(
+    str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path if not isinstance(k, jax.tree_util.GetAttrKey)
+  )
+  shardings = jax.tree_util.tree_map_with_path(
+    lambda path, v: NamedSharding(mesh, partition_spec(v.shape, axes[name(path)], mesh, TENSOR_RULES)), state
+  )
+  assert sum('tensor' in s.spec for s in jax.tree.leaves(shardings)) >= 2
+  loss = lambda state, x: (nnx.merge(graphdef, state)(x) ** 2).sum()
+  step = jax.jit(jax.grad(loss), in_shardings=(shardings, NamedSharding(mesh, P('data'))))
+  hlo = step.lower(state, np.ones((8, 16, 64), np.float32)).compile().as_text()
+  # Activations stay split between the pair: the row-parallel output's partial sums (and the gradients
+  # over 'data') are all-reduced; nothing is gathered, permuted or exchanged all-to-all.
+  assert re.search(r' all-reduce(-start)?\(', hlo)
+  assert not re.search(r' (all-gather|collective-permute|all-to-all)(-start)?\(', hlo)

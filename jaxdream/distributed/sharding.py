@@ -17,11 +17,19 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 # Megatron-style tensor parallelism, not the default. Layers come in pairs: a column-parallel one (q/k/v
-# -> 'heads', FF up -> 'mlp', ResNet conv1 and time embedding -> 'conv_mid') whose output stays split over
+# -> 'heads', FF up -> 'mlp' (GEGLU interleaves value and gate features for this), ResNet conv1 and time
+# embedding -> 'conv_mid') whose output stays split over
 # 'tensor' into the row-parallel one that takes it back to the model width (attention out, FF down,
 # conv2), the only place partial sums are reduced. 'embed' and the other conv channels stay whole, so the
 # residual stream is replicated over 'tensor'. The vocabulary is split too (embedding rows, LM head).
 # (Its gradients used to disagree with the single-device step: an XLA bug, see partition_spec.)
+# XLA's SPMD partitioner logs no "involuntary full rematerialization" compiling the UNet + text encoder
+# step under these rules on a (2, 2, 2) mesh (tests/test_sharding.py asserts it). The old per-class rules,
+# which split every Linear's output, logged 83: each attention, FF and time-embedding kernel, stored split
+# on its output, was wanted split on its input by the layer after it, and was gathered whole to get there.
+# The split stays local only where it falls between whole heads (and whole GroupNorm groups): their counts
+# should divide by the 'tensor' size. Otherwise the step is still exact, but XLA gathers q/k/v around the
+# attention (SD 2.x's first block has 5 heads: at tensor=2, 4 all-gathers per attention).
 TENSOR_RULES = (('heads', 'tensor'), ('mlp', 'tensor'), ('conv_mid', 'tensor'), ('vocab', 'tensor'))
 DEFAULT_RULES = ()
 BATCH_AXES = ('data', 'fsdp')

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxdream.models.config import ConfigError, per_block, resolve_config
@@ -121,13 +122,39 @@ class _NoParams(nnx.Module):
     return x
 
 
+def _interleave(x):
+  """[h; gate] halves of the last axis -> [h0, gate0, h1, gate1, ...]."""
+  x = np.asarray(x)
+  return x.reshape(*x.shape[:-1], 2, -1).swapaxes(-1, -2).reshape(x.shape)
+
+
+def _deinterleave(x):
+  x = np.asarray(x)
+  return x.reshape(*x.shape[:-1], -1, 2).swapaxes(-1, -2).reshape(x.shape)
+
+
+_LINEAR_TO_JAX, _LINEAR_TO_TORCH = Linear.TORCH_PARAMS['kernel'][1:]
+
+
+class GEGLUProjection(Linear):
+  """GEGLU's fused projection, its output features stored interleaved as [h0, gate0, h1, gate1, ...]
+  (torch stores [h; gate]): split over 'tensor' in contiguous blocks, each shard then holds matching value
+  and gate features, and the gating needs no exchange between shards."""
+
+  TORCH_PARAMS = {
+    'kernel': ('weight', lambda w: _interleave(_LINEAR_TO_JAX(w)), lambda k: _LINEAR_TO_TORCH(_deinterleave(k))),
+    'bias': ('bias', _interleave, _deinterleave),
+  }
+
+
 class GEGLU(nnx.Module):
   def __init__(self, dim: int, inner: int, *, dtype, rngs):
-    self.proj = Linear(dim, 2 * inner, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs)
+    self.proj = GEGLUProjection(dim, 2 * inner, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
-    h, gate = jnp.split(self.proj(x), 2, axis=-1)
-    return h * activation('gelu')(gate)
+    y = self.proj(x)
+    y = y.reshape(*y.shape[:-1], -1, 2)
+    return y[..., 0] * activation('gelu')(y[..., 1])
 
 
 class FeedForward(nnx.Module):
