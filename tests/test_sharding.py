@@ -22,6 +22,7 @@ from jaxdream.models.clip_text import CLIPTextModel
 from jaxdream.models.kosmos2 import Kosmos2ForConditionalGeneration
 from jaxdream.models.unet_2d_condition import FeedForward, UNet2DConditionModel
 from jaxdream.nn.blocks import Attention
+from jaxdream.nn.layers import Conv2d, Linear
 from jaxdream.training.checkpoint import _checkpointer, _restore, _save
 from jaxdream.training.step import _place
 
@@ -177,6 +178,13 @@ def test_logical_axes_name_every_parameter_with_one_name_per_dimension(name):
   axes, params = logical_axes(model), _params(model)
   assert set(axes) == set(params)
   assert all(len(axes[k]) == len(v.shape) for k, v in params.items())
+
+
+def test_layer_naming_the_wrong_number_of_axes_is_an_error_naming_them():
+  with pytest.raises(ValueError, match=r"Linear: axes=\('mlp',\) must name 2 logical axes"):
+    Linear(4, 8, axes=('mlp',), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r'Conv2d: axes=.* must name 2'):
+    Conv2d(4, 8, axes=(None, None, 'conv_in', 'conv_out'), rngs=nnx.Rngs(0))
 
 
 # Megatron pairs: the column-parallel layer splits its output over 'tensor', the row-parallel one after it
