@@ -208,7 +208,7 @@ def test_tensor_rules_split_attention_feed_forward_and_resnet_pairs_over_tensor(
   assert all(specs[k][-2] == 'tensor' for k in row), sorted(k for k in row if specs[k][-2] != 'tensor')
   # Only the pairs (with their biases and norms between them) and the vocabulary are split: the residual
   # stream's weights stay whole over 'tensor'.
-  ruled = {name for name, _ in TENSOR_RULES}
+  ruled = {logical for logical, _ in TENSOR_RULES}
   assert on_tensor == {k for k in params if ruled & set(axes[k])}
 
 
