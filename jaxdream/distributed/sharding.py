@@ -1,6 +1,6 @@
 """Parameter and batch shardings over the ('data', 'fsdp', 'tensor') mesh.
 
-Models only name logical axes (each layer's LOGICAL_AXES: 'out_features', 'in_channels', ...). The
+Models only name logical axes (each layer instance's `axes`: 'embed', 'heads', 'mlp', 'conv_mid', ...). The
 config's rules map logical axes to mesh axes (tensor parallelism); then FSDP shards each parameter's
 largest remaining dimension that divides over 'fsdp', or, for a parameter a rule sharded, that
 dimension further. A dimension that does not divide stays whole, so any model runs on any mesh. The
@@ -16,21 +16,33 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-# Tensor parallelism over output features, conv output channels and the vocabulary. Not the default.
+# Megatron-style tensor parallelism, not the default. Layers come in pairs: a column-parallel one (q/k/v
+# -> 'heads', FF up -> 'mlp' (GEGLU interleaves value and gate features for this), ResNet conv1 and time
+# embedding -> 'conv_mid') whose output stays split over
+# 'tensor' into the row-parallel one that takes it back to the model width (attention out, FF down,
+# conv2), the only place partial sums are reduced. 'embed' and the other conv channels stay whole, so the
+# residual stream is replicated over 'tensor'. The vocabulary is split too (embedding rows, LM head).
 # (Its gradients used to disagree with the single-device step: an XLA bug, see partition_spec.)
-TENSOR_RULES = (('out_features', 'tensor'), ('out_channels', 'tensor'), ('vocab', 'tensor'))
+# XLA's SPMD partitioner logs no "involuntary full rematerialization" compiling the UNet + text encoder
+# step under these rules on a (2, 2, 2) mesh (tests/test_sharding.py asserts it). The old per-class rules,
+# which split every Linear's output, logged 83: each attention, FF and time-embedding kernel, stored split
+# on its output, was wanted split on its input by the layer after it, and was gathered whole to get there.
+# The split stays local only where it falls between whole heads (and whole GroupNorm groups): their counts
+# should divide by the 'tensor' size. Otherwise the step is still exact, but XLA gathers q/k/v around the
+# attention (SD 2.x's first block has 5 heads: at tensor=2, 4 all-gathers per attention).
+TENSOR_RULES = (('heads', 'tensor'), ('mlp', 'tensor'), ('conv_mid', 'tensor'), ('vocab', 'tensor'))
 DEFAULT_RULES = ()
 BATCH_AXES = ('data', 'fsdp')
 
 
 def logical_axes(model: nnx.Module, prefix: str = '') -> dict[str, tuple]:
-  """{flat parameter path: logical axis names} for every parameter of `model`."""
+  """{flat parameter path: logical axis names} for every parameter of `model`: each module that holds
+  parameters names their axes in `param_axes()` (layers per instance, from their constructor's `axes`)."""
   out = {}
   for path, node in nnx.iter_graph(model):
-    table = getattr(type(node), 'LOGICAL_AXES', None)
-    if table is None or not isinstance(node, nnx.Module):
+    if not isinstance(node, nnx.Module) or not hasattr(node, 'param_axes'):
       continue
-    for attr, names in table.items():
+    for attr, names in node.param_axes().items():
       if getattr(node, attr, None) is not None:
         out[prefix + '/'.join(map(str, path + (attr,)))] = names
   return out

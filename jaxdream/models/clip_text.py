@@ -28,10 +28,11 @@ SUPPORTED = dict(hidden_act=('quick_gelu', 'gelu'), attention_dropout=(0.0,), dr
 
 class CLIPAttention(nnx.Module):
   def __init__(self, dim: int, heads: int, *, attention_impl: str, dtype, rngs):
-    self.q_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
-    self.k_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
-    self.v_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
-    self.out_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
+    col = dict(axes=('embed', 'heads'), dtype=dtype, rngs=rngs)
+    self.q_proj = Linear(dim, dim, **col)
+    self.k_proj = Linear(dim, dim, **col)
+    self.v_proj = Linear(dim, dim, **col)
+    self.out_proj = Linear(dim, dim, axes=('heads', 'embed'), dtype=dtype, rngs=rngs)
     self.heads, self.attention_impl = heads, attention_impl
 
   def __call__(self, x, mask):
@@ -47,8 +48,8 @@ class CLIPAttention(nnx.Module):
 
 class CLIPMLP(nnx.Module):
   def __init__(self, dim: int, hidden: int, act: str, *, dtype, rngs):
-    self.fc1 = Linear(dim, hidden, dtype=dtype, rngs=rngs)
-    self.fc2 = Linear(hidden, dim, dtype=dtype, rngs=rngs)
+    self.fc1 = Linear(dim, hidden, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs)
+    self.fc2 = Linear(hidden, dim, axes=('mlp', 'embed'), dtype=dtype, rngs=rngs)
     self.act = act
 
   def __call__(self, x):
@@ -71,7 +72,9 @@ class CLIPEncoderLayer(nnx.Module):
 class CLIPTextEmbeddings(nnx.Module):
   def __init__(self, cfg: dict, *, dtype, rngs):
     self.token_embedding = Embed(cfg['vocab_size'], cfg['hidden_size'], dtype=dtype, rngs=rngs)
-    self.position_embedding = Embed(cfg['max_position_embeddings'], cfg['hidden_size'], dtype=dtype, rngs=rngs)
+    self.position_embedding = Embed(
+      cfg['max_position_embeddings'], cfg['hidden_size'], axes=('position', 'embed'), dtype=dtype, rngs=rngs
+    )
 
   def __call__(self, input_ids):
     return self.token_embedding(input_ids) + self.position_embedding(jnp.arange(input_ids.shape[1]))[None]

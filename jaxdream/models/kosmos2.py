@@ -98,13 +98,18 @@ def resolve_kosmos2_config(config: dict) -> dict:
 class Kosmos2VisionEmbeddings(nnx.Module):
   TORCH_PARAMS = {'class_embedding': ('class_embedding', *_raw)}
 
+  def param_axes(self) -> dict:
+    return {'class_embedding': ('embed',)}
+
   def __init__(self, cfg: dict, *, dtype, rngs):
     d, p = cfg['hidden_size'], cfg['patch_size']
     self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (d,)) * d**-0.5)
     self.patch_embedding = Conv2d(
-      cfg['num_channels'], d, p, stride=p, padding=0, use_bias=False, dtype=dtype, rngs=rngs
+      cfg['num_channels'], d, p, stride=p, padding=0, use_bias=False, axes=('conv_in', 'embed'), dtype=dtype, rngs=rngs
     )
-    self.position_embedding = Embed((cfg['image_size'] // p) ** 2 + 1, d, dtype=dtype, rngs=rngs)
+    self.position_embedding = Embed(
+      (cfg['image_size'] // p) ** 2 + 1, d, axes=('position', 'embed'), dtype=dtype, rngs=rngs
+    )
     self.image_size = cfg['image_size']
 
   def __call__(self, pixel_values):
@@ -146,11 +151,14 @@ class KosmosTextAttention(nnx.Module):
   (`inner_attn_ln`, Magneto's sub-LN). With `cache` the new keys/values are written at `index` first."""
 
   def __init__(self, dim: int, heads: int, *, inner_ln_eps: float | None = None, dtype, attention_impl, rngs):
-    self.k_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
-    self.v_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
-    self.q_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
-    self.out_proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
-    self.inner_attn_ln = None if inner_ln_eps is None else LayerNorm(dim, eps=inner_ln_eps, dtype=dtype)
+    col = dict(axes=('embed', 'heads'), dtype=dtype, rngs=rngs)
+    self.k_proj = Linear(dim, dim, **col)
+    self.v_proj = Linear(dim, dim, **col)
+    self.q_proj = Linear(dim, dim, **col)
+    self.out_proj = Linear(dim, dim, axes=('heads', 'embed'), dtype=dtype, rngs=rngs)
+    self.inner_attn_ln = (
+      None if inner_ln_eps is None else LayerNorm(dim, eps=inner_ln_eps, axes=('heads',), dtype=dtype)
+    )
     self.heads = heads
     self.attention_impl = attention_impl
 
@@ -184,9 +192,9 @@ class KosmosTextAttention(nnx.Module):
 
 class Kosmos2TextFFN(nnx.Module):
   def __init__(self, cfg: dict, *, dtype, rngs):
-    self.fc1 = Linear(cfg['embed_dim'], cfg['ffn_dim'], dtype=dtype, rngs=rngs)
-    self.fc2 = Linear(cfg['ffn_dim'], cfg['embed_dim'], dtype=dtype, rngs=rngs)
-    self.ffn_layernorm = LayerNorm(cfg['ffn_dim'], eps=cfg['layer_norm_eps'], dtype=dtype)
+    self.fc1 = Linear(cfg['embed_dim'], cfg['ffn_dim'], axes=('embed', 'mlp'), dtype=dtype, rngs=rngs)
+    self.fc2 = Linear(cfg['ffn_dim'], cfg['embed_dim'], axes=('mlp', 'embed'), dtype=dtype, rngs=rngs)
+    self.ffn_layernorm = LayerNorm(cfg['ffn_dim'], eps=cfg['layer_norm_eps'], axes=('mlp',), dtype=dtype)
     self.act = cfg['activation_function']
 
   def __call__(self, x):
@@ -248,7 +256,11 @@ class Kosmos2TextTransformer(nnx.Module):
 class Kosmos2TextForCausalLM(nnx.Module):
   def __init__(self, cfg: dict, *, tied: bool, dtype, attention_impl, rngs):
     self.model = Kosmos2TextTransformer(cfg, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
-    self.lm_head = None if tied else Linear(cfg['embed_dim'], cfg['vocab_size'], use_bias=False, dtype=dtype, rngs=rngs)
+    self.lm_head = (
+      None
+      if tied
+      else Linear(cfg['embed_dim'], cfg['vocab_size'], use_bias=False, axes=('embed', 'vocab'), dtype=dtype, rngs=rngs)
+    )
 
   def logits(self, h):
     head = self.model.embed_tokens.attend if self.lm_head is None else self.lm_head
@@ -262,6 +274,9 @@ class Kosmos2ImageToTextProjection(nnx.Module):
   """Latent queries attend over [projected patch features; the latent queries themselves]."""
 
   TORCH_PARAMS = {'latent_query': ('latent_query', *_raw)}
+
+  def param_axes(self) -> dict:
+    return {'latent_query': (None, 'embed')}
 
   def __init__(self, vision_dim: int, cfg: dict, num_latents: int, *, dtype, attention_impl, rngs):
     d = cfg['embed_dim']

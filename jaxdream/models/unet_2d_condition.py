@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxdream.models.config import ConfigError, per_block, resolve_config
@@ -107,8 +108,8 @@ def timestep_embedding(timesteps, dim: int, *, flip_sin_to_cos: bool, freq_shift
 
 class TimestepEmbedding(nnx.Module):
   def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str, *, dtype, rngs):
-    self.linear_1 = Linear(in_channels, time_embed_dim, dtype=dtype, rngs=rngs)
-    self.linear_2 = Linear(time_embed_dim, time_embed_dim, dtype=dtype, rngs=rngs)
+    self.linear_1 = Linear(in_channels, time_embed_dim, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs)
+    self.linear_2 = Linear(time_embed_dim, time_embed_dim, axes=('mlp', 'embed'), dtype=dtype, rngs=rngs)
     self.act_fn = act_fn
 
   def __call__(self, x):
@@ -122,20 +123,45 @@ class _NoParams(nnx.Module):
     return x
 
 
+def _interleave(x):
+  """[h; gate] halves of the last axis -> [h0, gate0, h1, gate1, ...]."""
+  x = np.asarray(x)
+  return x.reshape(*x.shape[:-1], 2, -1).swapaxes(-1, -2).reshape(x.shape)
+
+
+def _deinterleave(x):
+  x = np.asarray(x)
+  return x.reshape(*x.shape[:-1], -1, 2).swapaxes(-1, -2).reshape(x.shape)
+
+
+_LINEAR_TO_JAX, _LINEAR_TO_TORCH = Linear.TORCH_PARAMS['kernel'][1:]
+
+
+class GEGLUProjection(Linear):
+  """GEGLU's fused projection, its output features stored interleaved as [h0, gate0, h1, gate1, ...]
+  (torch stores [h; gate]): split over 'tensor' in contiguous blocks, each shard then holds matching value
+  and gate features, and the gating needs no exchange between shards."""
+
+  TORCH_PARAMS = {
+    'kernel': ('weight', lambda w: _interleave(_LINEAR_TO_JAX(w)), lambda k: _LINEAR_TO_TORCH(_deinterleave(k))),
+    'bias': ('bias', _interleave, _deinterleave),
+  }
+
+
 class GEGLU(nnx.Module):
   def __init__(self, dim: int, inner: int, *, dtype, rngs):
-    self.proj = Linear(dim, 2 * inner, dtype=dtype, rngs=rngs)
+    self.proj = GEGLUProjection(dim, 2 * inner, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
-    h, gate = jnp.split(self.proj(x), 2, axis=-1)
-    return h * activation('gelu')(gate)
+    y = self.proj(x)
+    y = y.reshape(*y.shape[:-1], -1, 2)
+    return y[..., 0] * activation('gelu')(y[..., 1])
 
 
 class FeedForward(nnx.Module):
   def __init__(self, dim: int, *, dtype, rngs, mult: int = 4):
-    self.net = nnx.List(
-      [GEGLU(dim, dim * mult, dtype=dtype, rngs=rngs), _NoParams(), Linear(dim * mult, dim, dtype=dtype, rngs=rngs)]
-    )
+    down = Linear(dim * mult, dim, axes=('mlp', 'embed'), dtype=dtype, rngs=rngs)
+    self.net = nnx.List([GEGLU(dim, dim * mult, dtype=dtype, rngs=rngs), _NoParams(), down])
 
   def __call__(self, x):
     return self.net[2](self.net[0](x))

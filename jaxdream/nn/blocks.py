@@ -31,11 +31,14 @@ class Attention(nnx.Module):
   ):
     inner = heads * dim_head
     kv_dim = cross_attention_dim or query_dim
+    # Column-parallel q/k/v and row-parallel out projection over the heads. A single head (the VAE's)
+    # names its features 'kv' instead: splitting them would split every score's dot product.
+    col, row = (('embed', 'heads'), ('heads', 'embed')) if heads > 1 else (('embed', 'kv'), ('kv', 'embed'))
     self.group_norm = GroupNorm(norm_num_groups, query_dim, eps=eps, dtype=dtype) if norm_num_groups else None
-    self.to_q = Linear(query_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
-    self.to_k = Linear(kv_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
-    self.to_v = Linear(kv_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
-    self.to_out = nnx.List([Linear(inner, query_dim, dtype=dtype, rngs=rngs)])
+    self.to_q = Linear(query_dim, inner, use_bias=bias, axes=col, dtype=dtype, rngs=rngs)
+    self.to_k = Linear(kv_dim, inner, use_bias=bias, axes=col, dtype=dtype, rngs=rngs)
+    self.to_v = Linear(kv_dim, inner, use_bias=bias, axes=col, dtype=dtype, rngs=rngs)
+    self.to_out = nnx.List([Linear(inner, query_dim, axes=row, dtype=dtype, rngs=rngs)])
     self.heads, self.upcast, self.residual, self.attention_impl = heads, upcast, residual, attention_impl
 
   def __call__(self, x, context=None):
@@ -71,11 +74,15 @@ class ResnetBlock2D(nnx.Module):
     dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
+    # conv1 (with the time embedding added to its output) is column-parallel over the block's inner
+    # channels ('conv_mid'), conv2 row-parallel: the block's input and output channels stay whole.
     self.norm1 = GroupNorm(groups, in_channels, eps=eps, dtype=dtype)
-    self.conv1 = Conv2d(in_channels, out_channels, 3, dtype=dtype, rngs=rngs)
-    self.time_emb_proj = Linear(temb_channels, out_channels, dtype=dtype, rngs=rngs) if temb_channels else None
-    self.norm2 = GroupNorm(groups, out_channels, eps=eps, dtype=dtype)
-    self.conv2 = Conv2d(out_channels, out_channels, 3, dtype=dtype, rngs=rngs)
+    self.conv1 = Conv2d(in_channels, out_channels, 3, axes=('conv_in', 'conv_mid'), dtype=dtype, rngs=rngs)
+    self.time_emb_proj = (
+      Linear(temb_channels, out_channels, axes=('embed', 'conv_mid'), dtype=dtype, rngs=rngs) if temb_channels else None
+    )
+    self.norm2 = GroupNorm(groups, out_channels, eps=eps, axes=('conv_mid',), dtype=dtype)
+    self.conv2 = Conv2d(out_channels, out_channels, 3, axes=('conv_mid', 'conv_out'), dtype=dtype, rngs=rngs)
     self.conv_shortcut = (
       Conv2d(in_channels, out_channels, 1, padding=0, dtype=dtype, rngs=rngs) if in_channels != out_channels else None
     )

@@ -3,6 +3,11 @@
 Parameters are stored in JAX layout (`kernel` (in, out) / HWIO, `scale`, `embedding`). Each layer
 declares in `TORCH_PARAMS` how its parameters map to the PyTorch state-dict names and layouts, which
 is all `jaxdream.io.weights` needs to load and save diffusers/transformers weight files.
+
+Each layer instance also names the logical axes of its parameters (`axes`, MaxText style): 'embed' (model
+width), 'heads' (attention projections' head dimension), 'mlp' (feed-forward hidden), 'vocab', 'conv_in' /
+'conv_out' / 'conv_mid' (conv channels), 'norm'... The models pick the names, so that the config's rules
+(`jaxdream.distributed.sharding`) can shard column- and row-parallel layers as pairs.
 """
 
 from __future__ import annotations
@@ -34,19 +39,41 @@ def _uniform_init(key, shape, bound):
   return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
+def _check_axes(layer: str, axes, n: int) -> tuple:
+  axes = tuple(axes)
+  if len(axes) != n:
+    raise ValueError(f'{layer}: axes={axes!r} must name {n} logical axes')
+  return axes
+
+
 class Linear(nnx.Module):
-  # Logical axis names; the config's rules map them to mesh axes (jaxdream/sharding.py).
-  LOGICAL_AXES = {'kernel': ('in_features', 'out_features'), 'bias': ('out_features',)}
+  """`axes`: logical names of the (input, output) features. The default, ('embed', 'embed'), is a layer
+  within the model width that tensor rules leave whole; ('embed', 'heads'|'mlp') makes it column-parallel,
+  ('heads'|'mlp', 'embed') row-parallel."""
+
   TORCH_PARAMS = {
     'kernel': ('weight', _linear_to_jax, lambda k: np.asarray(k).T),
     'bias': ('bias', _identity, _identity),
   }
 
-  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    use_bias: bool = True,
+    axes=('embed', 'embed'),
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    self.axes = _check_axes('Linear', axes, 2)
     bound = 1.0 / math.sqrt(in_features)  # torch's default init, so random models look alike
     self.kernel = nnx.Param(_uniform_init(rngs.params(), (in_features, out_features), bound))
     self.bias = nnx.Param(_uniform_init(rngs.params(), (out_features,), bound)) if use_bias else None
     self.dtype = dtype
+
+  def param_axes(self) -> dict:
+    return {'kernel': self.axes, 'bias': self.axes[1:]}
 
   def __call__(self, x):
     y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
@@ -56,9 +83,9 @@ class Linear(nnx.Module):
 
 
 class Conv2d(nnx.Module):
-  """NHWC convolution with an HWIO kernel; `padding` is symmetric, as in torch."""
+  """NHWC convolution with an HWIO kernel; `padding` is symmetric, as in torch. `axes`: logical names of
+  the (input, output) channels."""
 
-  LOGICAL_AXES = {'kernel': (None, None, 'in_channels', 'out_channels'), 'bias': ('out_channels',)}
   TORCH_PARAMS = {
     'kernel': ('weight', _conv_to_jax, lambda k: np.transpose(np.asarray(k), (3, 2, 0, 1))),
     'bias': ('bias', _identity, _identity),
@@ -73,15 +100,20 @@ class Conv2d(nnx.Module):
     stride: int = 1,
     padding: int | None = None,
     use_bias: bool = True,
+    axes=('conv_in', 'conv_out'),
     dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
+    self.axes = _check_axes('Conv2d', axes, 2)
     bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
     self.kernel = nnx.Param(_uniform_init(rngs.params(), (kernel_size, kernel_size, in_channels, out_channels), bound))
     self.bias = nnx.Param(_uniform_init(rngs.params(), (out_channels,), bound)) if use_bias else None
     self.stride = stride
     self.padding = kernel_size // 2 if padding is None else padding
     self.dtype = dtype
+
+  def param_axes(self) -> dict:
+    return {'kernel': (None, None) + self.axes, 'bias': self.axes[1:]}
 
   def __call__(self, x):
     kernel = self.kernel[...]
@@ -101,30 +133,40 @@ class Conv2d(nnx.Module):
     return y
 
 
-_NORM_AXES = {'scale': ('norm',), 'bias': ('norm',)}
-_NORM_PARAMS = {
-  'scale': ('weight', _identity, _identity),
-  'bias': ('bias', _identity, _identity),
-}
+class _Norm(nnx.Module):
+  """Per-feature `scale` and `bias`, named by one logical axis (`axes`, default ('norm',))."""
+
+  TORCH_PARAMS = {'scale': ('weight', _identity, _identity), 'bias': ('bias', _identity, _identity)}
+
+  def __init__(self, num_features: int, axes):
+    self.axes = _check_axes(type(self).__name__, axes, 1)
+    self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+
+  def param_axes(self) -> dict:
+    return {'scale': self.axes, 'bias': self.axes}
 
 
-class GroupNorm(nnx.Module):
+class GroupNorm(_Norm):
   """GroupNorm over the channel (last) axis, statistics in float32.
 
   One pass over the data (per-channel sum and sum of squares, then combined per group): on CPU this is
   twice as fast as mean-then-variance (docs/performance.md) and lets the affine fold into one FMA.
   """
 
-  TORCH_PARAMS = _NORM_PARAMS
-  LOGICAL_AXES = _NORM_AXES
-
   def __init__(
-    self, num_groups: int, num_channels: int, *, eps: float = 1e-5, dtype=jnp.float32, rngs: nnx.Rngs | None = None
+    self,
+    num_groups: int,
+    num_channels: int,
+    *,
+    eps: float = 1e-5,
+    axes=('norm',),
+    dtype=jnp.float32,
+    rngs: nnx.Rngs | None = None,
   ):
     if num_channels % num_groups:
       raise ValueError(f'GroupNorm: {num_channels} channels do not split into {num_groups} groups')
-    self.scale = nnx.Param(jnp.ones((num_channels,), jnp.float32))
-    self.bias = nnx.Param(jnp.zeros((num_channels,), jnp.float32))
+    super().__init__(num_channels, axes)
     self.num_groups = num_groups
     self.eps = eps
     self.dtype = dtype
@@ -147,13 +189,11 @@ class GroupNorm(nnx.Module):
     return (xf * a.reshape(bshape) + b.reshape(bshape)).astype(self.dtype)
 
 
-class LayerNorm(nnx.Module):
-  TORCH_PARAMS = _NORM_PARAMS
-  LOGICAL_AXES = _NORM_AXES
-
-  def __init__(self, num_features: int, *, eps: float = 1e-5, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
-    self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
-    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+class LayerNorm(_Norm):
+  def __init__(
+    self, num_features: int, *, eps: float = 1e-5, axes=('norm',), dtype=jnp.float32, rngs: nnx.Rngs | None = None
+  ):
+    super().__init__(num_features, axes)
     self.eps = eps
     self.dtype = dtype
 
@@ -166,12 +206,17 @@ class LayerNorm(nnx.Module):
 
 
 class Embed(nnx.Module):
-  LOGICAL_AXES = {'embedding': ('vocab', 'embed')}
+  """`axes`: logical names of the (rows, features) of the table; ('vocab', 'embed') for tokens."""
+
   TORCH_PARAMS = {'embedding': ('weight', _identity, _identity)}
 
-  def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, num_embeddings: int, features: int, *, axes=('vocab', 'embed'), dtype=jnp.float32, rngs: nnx.Rngs):
+    self.axes = _check_axes('Embed', axes, 2)
     self.embedding = nnx.Param(jax.random.normal(rngs.params(), (num_embeddings, features)) * 0.02)
     self.dtype = dtype
+
+  def param_axes(self) -> dict:
+    return {'embedding': self.axes}
 
   def __call__(self, ids):
     return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)

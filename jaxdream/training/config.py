@@ -117,7 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
       tensor=1,
       # logical axis -> mesh axis (models name logical axes only; see jaxdream/sharding.py). Empty by
       # default (data + FSDP suit DreamBooth's model sizes); jaxdream.distributed.sharding.TENSOR_RULES shards
-      # output features and channels over 'tensor' (exact, but XLA regathers some kernels).
+      # paired column/row-parallel layers (attention heads, feed-forward, ResNet inner channels) over 'tensor'.
       rules=(),
       fsdp_min_size=1024,  # parameters with fewer elements stay whole under FSDP
     )
