@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from jaxdream.io.files import atomic_write
+
 GET_KOSMOS2 = (
   'get one on a machine with internet: huggingface-cli download microsoft/kosmos-2-patch14-224 --local-dir kosmos2'
 )
@@ -94,8 +96,7 @@ def _caption(args):
     if args.write_captions is not None:  # DreamBooth caption sidecars: DIR, or next to each image
       folder = args.write_captions or os.path.dirname(path)
       os.makedirs(folder, exist_ok=True)
-      with open(os.path.join(folder, f'{stem}.txt'), 'w') as f:
-        f.write(r['text'])
+      atomic_write(os.path.join(folder, f'{stem}.txt'), r['text'])
     records.append(
       dict(
         image=path,
@@ -105,8 +106,7 @@ def _caption(args):
       )
     )
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(records, f, indent=2)
+    atomic_write(args.json, json.dumps(records, indent=2))
 
 
 def _check_subject(args):
@@ -117,8 +117,7 @@ def _check_subject(args):
   summary = vlm.check_subject(_load_vlm(args), paths, args.phrase, mode=args.mode, **_vlm_generation(args))
   print(json.dumps(summary, indent=2))
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(summary, f, indent=2)
+    atomic_write(args.json, json.dumps(summary, indent=2))
 
 
 def _add_vlm_parsers(sub):
