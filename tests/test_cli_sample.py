@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from jaxdream.cli import main
+from jaxdream.cli.sample import SampleSession
 from jaxdream.diffusion.tiny_model import create_tiny_pipeline
 from jaxdream.io.images import (
   SAMPLER_NAMES,
@@ -24,6 +25,7 @@ from jaxdream.io.images import (
 from jaxdream.schedulers import SCHEDULER_NAMES
 
 PROMPT = 'a photo of sks dog'
+SESSION = SampleSession()  # keeps the loaded model and its compiled loops for the whole module
 
 
 @pytest.fixture(scope='module')
@@ -42,7 +44,7 @@ def files(tmp_path_factory):
 
 def sample(*argv):
   try:
-    return main(['sample', *map(str, argv)])
+    return main(['sample', *map(str, argv)], session=SESSION)
   except SystemExit as e:  # argparse's own errors (a non-number for --steps) exit with 2 too
     return e.code
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxdream.cli.sample import _add_sample_parser, _demo, _inspect
+from jaxdream.cli.sample import _add_sample_parser, _demo, _inspect, _sample
 from jaxdream.cli.vlm import _add_vlm_parsers
 
 
@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def main(argv=None):
+def main(argv=None, *, session=None):
+  """Run one command. session: a `SampleSession` kept by an in-process caller, so that successive
+  `sample` commands reuse the loaded model and its compiled loops (default: a fresh one)."""
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] == ['train']:  # absl flags with ml_collections config overrides: its own parser
     from jaxdream.cli.train import main as train_main
@@ -42,7 +44,7 @@ def main(argv=None):
   from jaxdream.models import ConfigError, WeightsError
 
   try:
-    return args.fn(args)
+    return args.fn(args, session) if args.fn is _sample else args.fn(args)
   except (WeightsError, ConfigError, FileNotFoundError, ValueError) as e:
     print(f'jaxdream {args.command}: error: {e}', file=sys.stderr)
     return 2
