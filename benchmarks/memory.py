@@ -171,7 +171,9 @@ def _pipeline(model, dtype, attention):
     for cls, cfg in zip((UNet2DConditionModel, CLIPTextModel, AutoencoderKL), configs)
   ]
   return Pipeline(
-    unet=built[0], text_encoder=built[1], vae=built[2], tokenizer=None, scheduler_config=_scheduler_config(model)
+    components=dict(zip(('unet', 'text_encoder', 'vae'), built)),
+    tokenizers={},
+    scheduler_config=_scheduler_config(model),
   )
 
 
@@ -239,12 +241,11 @@ class Setup:
     over `fsdp` devices, by the library's own partition rule (a dimension that does not divide stays
     whole). AdamW keeps two float32 moments per trained parameter, sharded like it."""
     from jaxdream.distributed.sharding import logical_axes, partition_spec
-    from jaxdream.training.params import MODELS
 
     mesh = types.SimpleNamespace(shape={'data': 1, 'fsdp': fsdp, 'tensor': 1})  # all partition_spec reads
     axes = {}
-    for m in MODELS:
-      axes.update(logical_axes(getattr(self.pipeline, m), m + '/'))
+    for m, model in self.pipeline.components.items():
+      axes.update(logical_axes(model, m + '/'))
     rules = tuple(tuple(r) for r in self.config.mesh.rules)  # inert here: this mesh has no tensor axis
 
     def shard(flat):
@@ -288,7 +289,7 @@ def _batch(s: Setup, examples: int, cached: bool) -> dict:
     dim = s.pipeline.unet.config['cross_attention_dim']
     batch['context'] = ((examples, 77, dim), jnp.float32)
   else:
-    batch['input_ids'] = ((examples, 77), jnp.int32)
+    batch['input_ids'] = {'text_encoder': ((examples, 77), jnp.int32)}
   return batch
 
 
@@ -331,18 +332,18 @@ def measure(s: Setup, mesh_sizes, per_device: int, args) -> dict:
     snr_gamma=c.train.snr_gamma,
     offset_noise=c.train.offset_noise,
     ema_decay=c.train.ema_decay,
-    scaling_factor=s.pipeline.vae.scaling_factor,
-    shift_factor=s.pipeline.vae.shift_factor,
+    encode_prompt=s.pipeline.encode_prompt,
   )
   shardings = step_shardings(s.pipeline, s.trainable, s.frozen, s.tx, mesh, c)
   state_sh, frozen_sh, batch_sh = shardings
   make_state = lambda tr: init_state(tr, s.tx, c.seed, c.train.ema_decay > 0)
   state = _abstract(jax.eval_shape(make_state, s.trainable), state_sh)
   frozen = _abstract(s.frozen, frozen_sh)
-  batch = {
-    k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
-    for k, (shape, dtype) in _batch(s, examples, args.cached).items()
-  }
+  batch = jax.tree.map(  # leaves: (shape, dtype) pairs
+    lambda sd: jax.ShapeDtypeStruct(*sd, sharding=batch_sh),
+    _batch(s, examples, args.cached),
+    is_leaf=lambda x: isinstance(x, tuple),
+  )
   t0 = time.perf_counter()
   compiled = jit_step(step_fn, shardings, mesh).lower(state, frozen, batch).compile()
   row['compile_s'] = round(time.perf_counter() - t0, 1)

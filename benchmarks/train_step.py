@@ -185,11 +185,10 @@ def _jax_side(args, folder):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from flax import nnx
 
   from jaxdream import load_pipeline
   from jaxdream.schedulers import NoiseSchedule
-  from jaxdream.training.params import MODELS, flatten, make_optimizer, param_groups, split_trainable
+  from jaxdream.training.params import make_optimizer, param_groups, split_models, split_trainable
   from jaxdream.training.step import StepFn, init_state
 
   base = _rss()
@@ -199,11 +198,7 @@ def _jax_side(args, folder):
   t0 = time.perf_counter()
   pipe = load_pipeline(model_dir, dtype=jnp.bfloat16 if gpu else jnp.float32, attention_impl=args.attention)
   # Assembled as train() does (single device: no mesh).
-  graphdefs, templates, flat = {}, {}, {}
-  for m in MODELS:
-    graphdefs[m], st = nnx.split(getattr(pipe, m))
-    templates[m] = st.to_pure_dict()
-    flat.update(flatten(templates[m], m + '/'))
+  graphdefs, templates, flat = split_models(pipe)
   groups = param_groups(c)
   trainable, frozen, labels = split_trainable(flat, groups)
   tx = make_optimizer(c, groups, labels)
@@ -217,12 +212,13 @@ def _jax_side(args, folder):
     snr_gamma=c.train.snr_gamma,
     offset_noise=c.train.offset_noise,
     ema_decay=0.0,
-    scaling_factor=pipe.vae.scaling_factor,
-    shift_factor=pipe.vae.shift_factor,
+    encode_prompt=pipe.encode_prompt,
   )
   state = jax.device_put(init_state(trainable, tx, c.seed, False))
   frozen = jax.device_put(frozen)
-  batch = jax.device_put(dict(np.load(batch_path)))
+  batch = dict(np.load(batch_path))
+  batch['input_ids'] = {'text_encoder': batch['input_ids']}  # token ids per text encoder, as the pipeline's
+  batch = jax.device_put(batch)
   f, r, ch = pipe.vae_scale_factor, args.resolution, pipe.vae.latent_channels
   del pipe, flat, trainable  # the step's arguments hold the weights from here on
   n_trainable = sum(int(np.prod(v.shape)) for v in state['trainable'].values())

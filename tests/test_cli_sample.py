@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from jaxdream.cli import main
+from jaxdream.cli.sample import SampleSession
 from jaxdream.diffusion.tiny_model import create_tiny_pipeline
 from jaxdream.io.images import (
   SAMPLER_NAMES,
@@ -21,9 +22,11 @@ from jaxdream.io.images import (
   read_parameters,
   save_png,
 )
+from jaxdream.runtime import CompileCache
 from jaxdream.schedulers import SCHEDULER_NAMES
 
 PROMPT = 'a photo of sks dog'
+CACHE = CompileCache()  # keeps the loaded model and its compiled loops for the whole module
 
 
 @pytest.fixture(scope='module')
@@ -42,7 +45,7 @@ def files(tmp_path_factory):
 
 def sample(*argv):
   try:
-    return main(['sample', *map(str, argv)])
+    return main(['sample', *map(str, argv)], cache=CACHE)
   except SystemExit as e:  # argparse's own errors (a non-number for --steps) exit with 2 too
     return e.code
 
@@ -267,12 +270,11 @@ def _reconstruction(model, init, seed):
   """decode(encode(init)) with the sampler's posterior sample for `seed`, as uint8 pixels."""
   from flax import nnx
 
-  from jaxdream.cli.sample import _load_cached
   from jaxdream.diffusion.sampling import _ENCODE, _encode, _seeds, _to_images
 
-  pipe = _load_cached(model, False)
+  pipe = CACHE.get(('sample-session',), SampleSession).pipeline(model, False)
   latents = _encode(pipe, _to_images([init], 64, 80), _seeds(seed, 1), _ENCODE)
-  decode = nnx.jit(lambda vae, z: vae.decode(z / vae.scaling_factor + vae.shift_factor))  # eager is slower
+  decode = nnx.jit(lambda vae, z: vae.decode_latents(z))  # eager is slower
   images = np.asarray(decode(pipe.vae, latents))[0]
   return np.round(np.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(int)
 

@@ -36,9 +36,7 @@ def _with_scheduler(ref_pipe, pipe, name, prediction_type):
   # From the folder's scheduler_config.json, as a user loading the folder gets it (an in-memory
   # diffusers config also remembers which keys were defaults, which the file does not).
   ref_pipe.scheduler = cls.from_config(dict(pipe.scheduler_config), **kw)
-  ours = dataclasses.replace(
-    pipe, scheduler_config=dict(pipe.scheduler_config, prediction_type=prediction_type), cache={}
-  )
+  ours = dataclasses.replace(pipe, scheduler_config=dict(pipe.scheduler_config, prediction_type=prediction_type))
   return ours
 
 
@@ -94,7 +92,7 @@ def test_model_folders_own_scheduler_is_the_default(pipes):
 
 def test_new_prompts_seeds_and_guidance_do_not_recompile(pipes):
   _, pipe = pipes
-  pipe = dataclasses.replace(pipe, cache={})
+  pipe = dataclasses.replace(pipe)  # a fresh compile cache
   a = txt2img(pipe, PROMPTS, num_inference_steps=3, guidance_scale=7.5, scheduler='ddim', seed=0)
   b = txt2img(
     pipe,
@@ -105,7 +103,7 @@ def test_new_prompts_seeds_and_guidance_do_not_recompile(pipes):
     scheduler='ddim',
     seed=[42, 7],
   )
-  (fn,) = pipe.cache['sampler'].values()
+  (fn,) = pipe.compiled.values()
   assert fn._cache_size() == 1
   assert not np.array_equal(a, b)
 

@@ -254,6 +254,6 @@ def test_cached_latents_and_text_embeddings_are_each_examples_own(finished):
   contexts = _cache_text_embeddings(pipe, folder, ['instance'])
   source = data_source(folder, 'instance')
   ex = source[0]
-  expected = jit_call(pipe.text_encoder)(pipe.tokenize([ex['prompt'].decode()]))[0]
-  np.testing.assert_allclose(contexts['instance'][int(ex['index'])], expected, atol=1e-5)
+  expected = jit_call(pipe.text_encoder)(pipe.tokenize([ex['prompt'].decode()])['text_encoder'])[0]
+  np.testing.assert_allclose(contexts['instance']['context'][int(ex['index'])], expected, atol=1e-5)
   jax.block_until_ready(dist.mean)

@@ -38,8 +38,7 @@ def _setup(path, *, train_text_encoder, snr_gamma=0.0, offset_noise=0.0):
     snr_gamma=snr_gamma,
     offset_noise=offset_noise,
     ema_decay=0.0,
-    scaling_factor=pipe.vae.scaling_factor,
-    shift_factor=0.0,
+    encode_prompt=pipe.encode_prompt,
   )
   return pipe, c, fn, init_state(trainable, tx, 0, False), frozen
 
@@ -48,7 +47,7 @@ def _batch(pipe, seed):
   rng = np.random.default_rng(seed)
   return {
     'pixels': jnp.asarray(rng.uniform(-1, 1, (2, 64, 64, 3)), jnp.float32),
-    'input_ids': jnp.asarray(pipe.tokenize(['a photo of sks dog', 'a photo of dog'])),
+    'input_ids': jax.tree.map(jnp.asarray, pipe.tokenize(['a photo of sks dog', 'a photo of dog'])),
   }
 
 
@@ -60,7 +59,7 @@ def _torch_step(models, opt, sched, batch, draws, params):
     latents = (dist.mean + dist.std * t(draws['latent_noise'])) * vae.config.scaling_factor
   noise, steps = t(draws['noise']), torch.from_numpy(np.asarray(draws['timesteps'])).long()
   noisy = sched.add_noise(latents, noise, steps)
-  context = te(torch.from_numpy(np.asarray(batch['input_ids'])).long())[0]
+  context = te(torch.from_numpy(np.asarray(batch['input_ids']['text_encoder'])).long())[0]
   pred = unet(noisy, steps, context).sample
   mse = torch.nn.functional.mse_loss
   loss = mse(pred[:1], noise[:1]) + PRIOR_WEIGHT * mse(pred[1:], noise[1:])
@@ -139,15 +138,15 @@ def test_no_gradient_is_computed_for_frozen_parameters(tiny_sd_folder):
   assert not any(k.startswith('vae/') for k in state_te['trainable'])
   frozen_te_cost = _flops(fn, state, frozen, batch)
   trained_te_cost = _flops(fn_te, state_te, frozen_te, batch)
-  te_forward = _flops(lambda ids: pipe.text_encoder(ids), batch['input_ids'])
+  te_forward = _flops(lambda ids: pipe.text_encoder(ids), batch['input_ids']['text_encoder'])
   assert trained_te_cost - frozen_te_cost >= 1.5 * te_forward  # a backward pass costs ~2 forwards
   # The same step fed cached latents instead of pixels differs by exactly the VAE encoder's forward.
   vae_forward = _flops(lambda x: pipe.vae.encode(x), batch['pixels'])
   dist = jit_call(pipe.vae, 'encode')(batch['pixels'])  # jitted: eager NNX compiles op by op
   cached = {
     'input_ids': batch['input_ids'],
-    'latent_mean': dist.mean * fn.scaling_factor,
-    'latent_std': dist.std * fn.scaling_factor,
+    'latent_mean': dist.mean * pipe.vae.scaling_factor,
+    'latent_std': dist.std * pipe.vae.scaling_factor,
   }
   with_vae = frozen_te_cost - _flops(fn, state, frozen, cached)
   assert 0.8 * vae_forward <= with_vae <= 1.2 * vae_forward

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from jaxdream.cli import quiet
-from jaxdream.cli.sample import _add_sample_parser, _demo, _inspect
+from jaxdream.cli.sample import SampleSession, _add_sample_parser, _demo, _inspect, _sample
 from jaxdream.cli.vlm import _add_vlm_parsers
 from jaxdream.runtime import CompileCache
 
@@ -49,6 +49,8 @@ def main(argv=None, *, cache=None):
   from jaxdream.models import ConfigError, WeightsError
 
   try:
+    if args.fn is _sample:  # successive `sample` commands given one cache share the loaded model
+      return _sample(args, args.cache.get(('sample-session',), SampleSession))
     return args.fn(args)
   except (WeightsError, ConfigError, FileNotFoundError, ValueError) as e:
     print(f'jaxdream {args.command}: error: {e}', file=sys.stderr)

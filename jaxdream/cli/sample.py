@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import threading
 import time
 
 
@@ -28,19 +29,20 @@ def _demo(args):
   pipe = load_pipeline(model_dir)
   print(f'tiny model folder: {model_dir} (created and loaded in {time.perf_counter() - t0:.1f} s)')
   ids = pipe.tokenize([args.prompt])
-  print(f'prompt {args.prompt!r} -> {int((ids[0] != ids[0, -1]).sum()) + 1} tokens')
+  first = next(iter(ids.values()))
+  print(f'prompt {args.prompt!r} -> {int((first[0] != first[0, -1]).sum()) + 1} tokens')
 
   @nnx.jit
-  def run(pipe_te, pipe_unet, pipe_vae, ids, latents):
-    context = pipe_te(ids)
-    eps = pipe_unet(latents, jnp.array([500]), context)
-    return context, eps, pipe_vae.decode(latents / pipe_vae.scaling_factor)
+  def run(components, ids, latents):
+    context, extra = pipe.encode_prompt(components, ids)
+    eps = components['unet'](latents, jnp.array([500]), context, **extra)
+    return context, eps, components['vae'].decode_latents(latents)
 
   h, w = pipe.default_size
   f = pipe.vae_scale_factor
   latents = jax.random.normal(jax.random.key(0), (1, h // f, w // f, pipe.unet.config['in_channels']))
   t0 = time.perf_counter()
-  context, eps, image = jax.block_until_ready(run(pipe.text_encoder, pipe.unet, pipe.vae, ids, latents))
+  context, eps, image = jax.block_until_ready(run(pipe.components, ids, latents))
   print(
     f'text embeddings {context.shape}, UNet output {eps.shape}, decoded image {image.shape} '
     f'({time.perf_counter() - t0:.1f} s including compilation)'
@@ -56,7 +58,7 @@ def _inspect(args):
   from jaxdream.models import count_params
 
   pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
-  info = {name: count_params(getattr(pipe, name)) for name in ('unet', 'text_encoder', 'vae')}
+  info = {name: count_params(model) for name, model in pipe.components.items()}
   info['scheduler'] = pipe.scheduler_config.get('_class_name')
   info['default_size'] = pipe.default_size
   print(json.dumps(info, indent=2))
@@ -66,7 +68,28 @@ def _inspect(args):
 SWEEP_KEYS = {'guidance': float, 'steps': int, 'seed': int, 'scheduler': str, 'strength': float, 'prompt': str}
 
 
-_PIPELINES = {}  # the last model loaded, so that in-process callers (tests, notebooks) reuse its compiled loops
+class SampleSession:
+  """What the `sample` commands of one session share: the last model loaded, with the compiled loops
+  its pipeline owns. `jaxdream.cli.main(argv, cache=...)` keeps one in its cache, so that in-process callers
+  (tests, notebooks) reuse them; without one each command loads its model afresh."""
+
+  def __init__(self):
+    self._key = None
+    self._pipeline = None
+    self._lock = threading.Lock()
+
+  def pipeline(self, path: str, allow_pickle: bool):
+    """The model folder's pipeline, reloaded when the folder changed; one at a time (two would double
+    the memory)."""
+    from jaxdream.diffusion.pipeline import load_pipeline
+
+    index = os.path.join(path, 'model_index.json')
+    key = (os.path.realpath(path), allow_pickle, os.stat(index).st_mtime_ns if os.path.exists(index) else 0)
+    with self._lock:
+      if key != self._key:
+        self._key, self._pipeline = None, None
+        self._pipeline, self._key = load_pipeline(path, allow_pickle=allow_pickle), key
+      return self._pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,20 +113,6 @@ class _Axis:
     from jaxdream.io.images import format_number
 
     return f'{self.key}: {format_number(value) if isinstance(value, float) else value}'
-
-
-class _StepCounter:
-  """The progress callback compiled into the sampling loop. A compiled loop keeps the callback it was
-  built with, so this one object serves every run and forwards to the current run's bar."""
-
-  bar = None
-
-  def __call__(self, _step):
-    if self.bar is not None:
-      self.bar.update(1)
-
-
-_ON_STEP = _StepCounter()
 
 
 def _parse_sweep(text: str) -> _Axis:
@@ -240,18 +249,7 @@ def _sample_mesh(args):
   return make_mesh(data=n, devices=jax.devices()[:n]) if n > 1 else None
 
 
-def _load_cached(path: str, allow_pickle: bool):
-  from jaxdream.diffusion.pipeline import load_pipeline
-
-  index = os.path.join(path, 'model_index.json')
-  key = (os.path.realpath(path), allow_pickle, os.stat(index).st_mtime_ns if os.path.exists(index) else 0)
-  if key not in _PIPELINES:
-    _PIPELINES.clear()  # one model at a time: keeping two would double the memory
-    _PIPELINES[key] = load_pipeline(path, allow_pickle=allow_pickle)
-  return _PIPELINES[key]
-
-
-def _run_job(pipe, job: _Job, plan: _Plan, args):
+def _run_job(pipe, job: _Job, plan: _Plan, args, progress):
   from jaxdream.diffusion import sampling
 
   kw = dict(
@@ -263,7 +261,7 @@ def _run_job(pipe, job: _Job, plan: _Plan, args):
     height=plan.size[0],
     width=plan.size[1],
     num_images_per_prompt=args.num_images,
-    progress=_ON_STEP,
+    progress=progress,
     mesh=plan.mesh,
   )
   if plan.mask is not None:
@@ -273,7 +271,7 @@ def _run_job(pipe, job: _Job, plan: _Plan, args):
   return sampling.txt2img(pipe, [job.prompt], **kw)
 
 
-def _sample(args):
+def _sample(args, session: SampleSession | None = None):
   """Generate images (txt2img, img2img, inpainting, or an XYZ sweep of them) as PNGs with A1111 parameters."""
   import numpy as np
   from tqdm import tqdm
@@ -282,16 +280,16 @@ def _sample(args):
 
   plan = _plan(args)
   t0 = time.perf_counter()
-  pipe = _load_cached(args.model, args.allow_pickle)
+  pipe = (session or SampleSession()).pipeline(args.model, args.allow_pickle)
   os.makedirs(args.out, exist_ok=True)
   if args.seed is None:
     print(f'seed {plan.jobs[0].seed} (random)')
   model = os.path.basename(os.path.abspath(args.model))
   results, texts = [], []  # per job its images; per image its parameters
-  _ON_STEP.bar = tqdm(total=plan.total_steps, desc='sampling', unit='step')
+  bar = tqdm(total=plan.total_steps, desc='sampling', unit='step')
   try:
     for job in plan.jobs:
-      results.append(_run_job(pipe, job, plan, args))
+      results.append(_run_job(pipe, job, plan, args, progress=lambda _step: bar.update(1)))
       for b, image in enumerate(results[-1]):
         texts.append(
           format_parameters(
@@ -309,8 +307,7 @@ def _sample(args):
         )
         save_png(os.path.join(args.out, f'{len(texts) - 1:05d}.png'), image, texts[-1])
   finally:
-    _ON_STEP.bar.close()
-    _ON_STEP.bar = None
+    bar.close()
   n = len(texts)
   if plan.axes:
     grids = _xyz_grids(plan.axes, [make_grid(im, *grid_shape(len(im))) for im in results])

@@ -1,4 +1,4 @@
-"""A Stable Diffusion model folder in diffusers format: loading all its parts, and writing them back."""
+"""A Stable Diffusion model folder in diffusers format: its named components, loading them, writing them back."""
 
 from __future__ import annotations
 
@@ -6,14 +6,27 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Callable
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdream import models
+from jaxdream.diffusion.conditioning import encode_prompt as sd_encode_prompt
+from jaxdream.diffusion.conditioning import tokenizer_folder
 from jaxdream.io.tokenizer import load_tokenizer, tokenize
 from jaxdream.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel, WeightsError
+from jaxdream.runtime import CallbackRegistry, CompileCache
 
-COMPONENTS = ('unet', 'text_encoder', 'vae', 'tokenizer', 'scheduler')
+# Folders every Stable Diffusion model folder has; more text encoders (text_encoder_2, ...) may come.
+REQUIRED = ('unet', 'text_encoder', 'vae', 'tokenizer', 'scheduler')
+# The model classes a model_index.json may name, with the library whose format they are written in.
+# Other entries (safety_checker, feature_extractor, ...) are not loaded.
+MODEL_CLASSES = {
+  'UNet2DConditionModel': ('diffusers', UNet2DConditionModel),
+  'AutoencoderKL': ('diffusers', AutoencoderKL),
+  'CLIPTextModel': ('transformers', CLIPTextModel),
+}
 _MODEL_INDEX = {
   '_class_name': 'StableDiffusionPipeline',
   '_diffusers_version': '0.35.0',
@@ -21,22 +34,36 @@ _MODEL_INDEX = {
   'safety_checker': [None, None],
   'requires_safety_checker': False,
   'image_encoder': [None, None],
-  'text_encoder': ['transformers', 'CLIPTextModel'],
-  'tokenizer': ['transformers', 'CLIPTokenizer'],
-  'unet': ['diffusers', 'UNet2DConditionModel'],
-  'vae': ['diffusers', 'AutoencoderKL'],
 }
 
 
 @dataclasses.dataclass
 class Pipeline:
-  unet: UNet2DConditionModel
-  text_encoder: CLIPTextModel
-  vae: AutoencoderKL
-  tokenizer: object
+  """A diffusion model as its named components, in order (unet, text_encoder, vae, ...; each also an
+  attribute: `pipeline.unet`), a tokenizer per text encoder, the scheduler config, and `encode_prompt`,
+  which turns token ids into UNet conditioning. The pipeline owns its compiled functions (`compiled`)
+  and the registry through which they reach each call's progress callback (`callbacks`)."""
+
+  components: dict  # name -> nnx.Module
+  tokenizers: dict  # text encoder name -> tokenizer
   scheduler_config: dict
   path: str | None = None
-  cache: dict = dataclasses.field(default_factory=dict, repr=False)  # compiled samplers of this pipeline
+  encode_prompt: Callable = sd_encode_prompt
+  compiled: CompileCache = dataclasses.field(default_factory=CompileCache, init=False, repr=False, compare=False)
+  callbacks: CallbackRegistry = dataclasses.field(
+    default_factory=CallbackRegistry, init=False, repr=False, compare=False
+  )
+
+  def __getattr__(self, name):
+    components = self.__dict__.get('components') or {}
+    if name in components:
+      return components[name]
+    raise AttributeError(f'{type(self).__name__} has no attribute or component {name!r}')
+
+  @property
+  def tokenizer(self):
+    """The first text encoder's tokenizer."""
+    return next(iter(self.tokenizers.values()))
 
   @property
   def vae_scale_factor(self) -> int:
@@ -49,8 +76,10 @@ class Pipeline:
     h, w = (s, s) if isinstance(s, int) else s
     return h * self.vae_scale_factor, w * self.vae_scale_factor
 
-  def tokenize(self, prompts):
-    return tokenize(self.tokenizer, [prompts] if isinstance(prompts, str) else prompts)
+  def tokenize(self, prompts) -> dict[str, np.ndarray]:
+    """Token ids per text encoder: {'text_encoder': (B, L) int32, ...}, what `encode_prompt` reads."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    return {name: tokenize(tok, prompts) for name, tok in self.tokenizers.items()}
 
 
 def load_pipeline(
@@ -60,28 +89,43 @@ def load_pipeline(
   weights are read, so a broken folder fails at once with the file to fix."""
   if not os.path.isdir(path):
     raise WeightsError(f'{path}: no such model folder')
-  models.read_config(
+  index = models.read_config(
     path,
     'model_index.json',
     'a diffusers model folder has model_index.json with unet/, text_encoder/, vae/, tokenizer/, scheduler/ beside it',
   )
-  missing = [c for c in COMPONENTS if not os.path.isdir(os.path.join(path, c))]
+  missing = [c for c in REQUIRED if not os.path.isdir(os.path.join(path, c))]
   if missing:
     raise WeightsError(f'{path}: missing component folder(s) {", ".join(missing)}')
-  for cls, name in ((UNet2DConditionModel, 'unet'), (CLIPTextModel, 'text_encoder'), (AutoencoderKL, 'vae')):
+  classes = {
+    name: MODEL_CLASSES[entry[1]][1]
+    for name, entry in index.items()
+    if isinstance(entry, list) and len(entry) == 2 and entry[1] in MODEL_CLASSES
+  }
+  unnamed = [c for c in ('unet', 'text_encoder', 'vae') if c not in classes]
+  if unnamed:
+    raise WeightsError(
+      f'{path}/model_index.json: no supported model class for {", ".join(unnamed)} '
+      f'(supported: {", ".join(MODEL_CLASSES)})'
+    )
+  for name, cls in classes.items():
     cls.resolve_config(models.read_config(os.path.join(path, name)))
   scheduler_config = models.read_config(
     os.path.join(path, 'scheduler'), 'scheduler_config.json', 'the scheduler folder needs scheduler_config.json'
   )
   kw = dict(dtype=dtype, attention_impl=attention_impl, allow_pickle=allow_pickle)
   return Pipeline(
-    unet=models.load_unet(os.path.join(path, 'unet'), **kw),
-    text_encoder=models.load_text_encoder(os.path.join(path, 'text_encoder'), **kw),
-    vae=models.load_vae(os.path.join(path, 'vae'), **kw),
-    tokenizer=load_tokenizer(os.path.join(path, 'tokenizer')),
+    components={name: models.load_component(cls, os.path.join(path, name), **kw) for name, cls in classes.items()},
+    tokenizers={
+      name: load_tokenizer(os.path.join(path, tokenizer_folder(name))) for name in classes if _is_text_encoder(name)
+    },
     scheduler_config=scheduler_config,
     path=path,
   )
+
+
+def _is_text_encoder(name: str) -> bool:
+  return name.startswith('text_encoder')
 
 
 def save_pipeline(pipeline: Pipeline, path: str):
@@ -90,23 +134,32 @@ def save_pipeline(pipeline: Pipeline, path: str):
   Each part is written to a temporary folder first and moved in place, so an interrupted save never
   leaves a half-written model behind a complete-looking model_index.json (which is written last).
   """
+  unknown = [n for n, m in pipeline.components.items() if getattr(m, 'CLASS_NAME', None) not in MODEL_CLASSES]
+  if unknown:
+    raise WeightsError(f'cannot save component(s) {", ".join(unknown)}: not one of {", ".join(MODEL_CLASSES)}')
   os.makedirs(path, exist_ok=True)
-  for name, model in (('unet', pipeline.unet), ('text_encoder', pipeline.text_encoder), ('vae', pipeline.vae)):
-    tmp = os.path.join(path, f'.{name}.tmp')
-    shutil.rmtree(tmp, ignore_errors=True)
-    models.save_component(model, tmp)
-    _replace_dir(tmp, os.path.join(path, name))
-  tmp = os.path.join(path, '.tokenizer.tmp')
-  shutil.rmtree(tmp, ignore_errors=True)
-  pipeline.tokenizer.save_pretrained(tmp)
-  _replace_dir(tmp, os.path.join(path, 'tokenizer'))
+  index = dict(_MODEL_INDEX)
+  for name, model in pipeline.components.items():
+    _write_part(path, name, lambda tmp, model=model: models.save_component(model, tmp))
+    index[name] = [MODEL_CLASSES[model.CLASS_NAME][0], model.CLASS_NAME]
+  for name, tok in pipeline.tokenizers.items():
+    _write_part(path, tokenizer_folder(name), tok.save_pretrained)
+    index[tokenizer_folder(name)] = ['transformers', 'CLIPTokenizer']
   os.makedirs(os.path.join(path, 'scheduler'), exist_ok=True)
   with open(os.path.join(path, 'scheduler', 'scheduler_config.json'), 'w') as f:
     json.dump(pipeline.scheduler_config, f, indent=2)
-  index = dict(_MODEL_INDEX, scheduler=['diffusers', pipeline.scheduler_config.get('_class_name', 'PNDMScheduler')])
+  index['scheduler'] = ['diffusers', pipeline.scheduler_config.get('_class_name', 'PNDMScheduler')]
   with open(os.path.join(path, 'model_index.json.tmp'), 'w') as f:
     json.dump(index, f, indent=2)
   os.replace(os.path.join(path, 'model_index.json.tmp'), os.path.join(path, 'model_index.json'))
+
+
+def _write_part(path: str, name: str, write):
+  """`write(folder)` into a temporary folder, then moved to path/name."""
+  tmp = os.path.join(path, f'.{name}.tmp')
+  shutil.rmtree(tmp, ignore_errors=True)
+  write(tmp)
+  _replace_dir(tmp, os.path.join(path, name))
 
 
 def _replace_dir(src: str, dst: str):

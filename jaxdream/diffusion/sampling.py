@@ -1,9 +1,11 @@
 """Sampling: txt2img, img2img and inpainting with classifier-free guidance, one compiled loop each.
 
-The whole denoising loop (text encoding, every UNet step, the scheduler, VAE decoding) is one jitted
-function. Conditional and unconditional passes are one batched UNet call. Prompts (as token ids), seeds,
-guidance scale and strength are traced values, so new prompts, seeds or guidance never recompile; a new
-image size, batch size, step count or scheduler does.
+The whole denoising loop (the pipeline's `encode_prompt`, every UNet step, the scheduler, VAE decoding) is
+one jitted function over the pipeline's components, cached in the pipeline's own CompileCache.
+Conditional and unconditional passes are one batched UNet call. Prompts (as token ids), seeds, guidance
+scale, strength and the progress callback are per-call values, so new ones never recompile; a new image
+size, batch size, step count, scheduler or model structure does. Calls may run from several threads at
+once: each gets its own images and its own progress calls.
 
 Randomness is per image: image b draws everything (initial noise, VAE posterior samples, ancestral step
 noise) from `jax.random.key(seeds[b])`, so an image depends only on its own seed and prompt.
@@ -24,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdream.distributed.mesh import as_auto
 from jaxdream.distributed.multihost import run_together, to_global, to_host
+from jaxdream.runtime import Structure
 from jaxdream.schedulers import make_scheduler
 
 # Streams derived from an image's seed, so that adding a feature never shifts another stream.
@@ -49,31 +52,41 @@ class _Mode:
   progress: bool
 
 
-def _sampler(pipeline, sch, mode: _Mode):
-  """The jitted loop for one pipeline, schedule and mode (cached on the pipeline)."""
+def _split(pipeline) -> tuple[dict, dict]:
+  """(graph definitions, parameters) of the pipeline's components, by name."""
+  graphdefs, params = {}, {}
+  for name, model in pipeline.components.items():
+    graphdefs[name], params[name] = nnx.split(model)
+  return graphdefs, params
+
+
+def _sampler(pipeline, graphdefs: dict, sch, mode: _Mode):
+  """The jitted loop for one pipeline structure, schedule and mode, from the pipeline's compile cache."""
   key = (
+    'sampler',
+    tuple((name, Structure(g)) for name, g in graphdefs.items()),
+    pipeline.encode_prompt,
     sch.name,
     json.dumps(sch.config, sort_keys=True, default=str),
     sch.num_inference_steps,
     getattr(sch, 'eta', 0.0),
     mode,
   )
-  cache = pipeline.cache.setdefault('sampler', {})
-  if key in cache:
-    return cache[key]
-  te_def, _ = nnx.split(pipeline.text_encoder)
-  unet_def, _ = nnx.split(pipeline.unet)
-  vae_def, _ = nnx.split(pipeline.vae)
+  return pipeline.compiled.get(
+    key, lambda: _build_sampler(graphdefs, pipeline.encode_prompt, pipeline.callbacks, sch, mode)
+  )
+
+
+def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
   timesteps = jnp.asarray(sch.timesteps)
   n = sch.num_steps
   per_image_step = jax.vmap(sch.step, in_axes=(0, 0, None, 0, 0))
   per_image_noise = jax.vmap(sch.add_noise, in_axes=(0, 0, None))
 
-  def run(params, cond_ids, uncond_ids, noise, step_keys, guidance, start, image_latents, mask, masked_latents):
-    te = nnx.merge(te_def, params['text_encoder'])
-    unet = nnx.merge(unet_def, params['unet'])
-    vae = nnx.merge(vae_def, params['vae'])
-    context = te(jnp.concatenate([uncond_ids, cond_ids]) if mode.cfg else cond_ids)
+  def run(params, cond_ids, uncond_ids, noise, step_keys, guidance, start, image_latents, mask, masked_latents, token):
+    models = {name: nnx.merge(graphdef, params[name]) for name, graphdef in graphdefs.items()}
+    ids = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond_ids, cond_ids) if mode.cfg else cond_ids
+    context, extra = encode_prompt(models, ids)
     if mode.init == 'image':
       x = per_image_noise(image_latents, noise, start)
     else:
@@ -88,7 +101,7 @@ def _sampler(pipeline, sch, mode: _Mode):
       if mode.cfg:
         inp = jnp.concatenate([inp, inp])
       t = jnp.broadcast_to(timesteps[i], (inp.shape[0],))
-      eps = unet(inp, t, context).astype(jnp.float32)
+      eps = models['unet'](inp, t, context, **extra).astype(jnp.float32)
       if mode.cfg:
         uncond, cond = jnp.split(eps, 2)
         eps = uncond + guidance * (cond - uncond)
@@ -97,39 +110,32 @@ def _sampler(pipeline, sch, mode: _Mode):
       if mode.blend:  # known region: the original latents noised to the next step's level
         known = jnp.where(i < n - 1, per_image_noise(image_latents, noise, jnp.minimum(i + 1, n - 1)), image_latents)
         x = (1.0 - mask) * known + mask * x
-      if mode.progress:  # looked up per call: the compiled loop is shared by every callback
-        jax.debug.callback(lambda i: pipeline.cache['progress'](i), i)
+      if mode.progress:  # the loop is shared by every call: the call's token finds its own callback
+        jax.debug.callback(lambda token, i: callbacks(token, int(i)), token, i)
       return x, state
 
     x, _ = jax.lax.fori_loop(start, n, body, (x, state))
-    images = vae.decode(x / vae.scaling_factor + vae.shift_factor).astype(jnp.float32)
+    images = models['vae'].decode_latents(x).astype(jnp.float32)
     return jnp.round(jnp.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
 
-  fn = jax.jit(run)
-  cache[key] = fn
-  return fn
+  return jax.jit(run)
 
 
 def _encode(pipeline, images, seeds, stream):
-  """Scaled latents of NHWC images, sampled from the VAE posterior with each image's own noise."""
-  fn = pipeline.cache.get('encode')
-  if fn is None:
-    vae_def, _ = nnx.split(pipeline.vae)
+  """Latents of NHWC images, sampled from the VAE posterior with each image's own noise."""
+  vae_def, vae_params = nnx.split(pipeline.vae)
 
-    @jax.jit
-    def fn(params, images, noise):
-      vae = nnx.merge(vae_def, params)
-      dist = vae.encode(images)
-      return (dist.mean + dist.std * noise - vae.shift_factor) * vae.scaling_factor
+  def build():
+    def encode(params, images, noise):
+      mean, std = nnx.merge(vae_def, params).encode_latents(images)
+      return mean + std * noise
 
-    pipeline.cache['encode'] = fn
+    return jax.jit(encode)
+
+  fn = pipeline.compiled.get(('encode', Structure(vae_def)), build)
   f, c = pipeline.vae_scale_factor, pipeline.vae.latent_channels
   shape = (images.shape[1] // f, images.shape[2] // f, c)
-  return fn(nnx.split(pipeline.vae)[1], jnp.asarray(images), image_noise(seeds, shape, stream))
-
-
-def _params(pipeline):
-  return {name: nnx.split(getattr(pipeline, name))[1] for name in ('text_encoder', 'unet', 'vae')}
+  return fn(vae_params, jnp.asarray(images), image_noise(seeds, shape, stream))
 
 
 def _expand(prompts, num_images_per_prompt, what):
@@ -285,23 +291,28 @@ def _generate(
   )
   if mode.init == 'noise' and init_images is not None:
     start = 0  # inpainting at full strength starts from pure noise
-  fn = _sampler(pipeline, sch, mode)
-  pipeline.cache['progress'] = progress
-  args = [
-    _params(pipeline),
-    jnp.asarray(pipeline.tokenize(prompts)),
-    jnp.asarray(pipeline.tokenize(negatives)),
-    noise,
-    image_keys(seeds, _STEPS),
-    jnp.float32(guidance_scale),
-    jnp.int32(start),
-    jnp.asarray(image_latents),
-    jnp.asarray(mask),
-    jnp.asarray(masked_latents),
-  ]
-  if mesh is not None:
-    args = _place_on_mesh(args, mesh)
-  return to_host(run_together(fn, *args))[:b]
+  graphdefs, params = _split(pipeline)
+  fn = _sampler(pipeline, graphdefs, sch, mode)
+  with pipeline.callbacks.register(progress) as token:
+    args = [
+      params,
+      jax.tree.map(jnp.asarray, pipeline.tokenize(prompts)),
+      jax.tree.map(jnp.asarray, pipeline.tokenize(negatives)),
+      noise,
+      image_keys(seeds, _STEPS),
+      jnp.float32(guidance_scale),
+      jnp.int32(start),
+      jnp.asarray(image_latents),
+      jnp.asarray(mask),
+      jnp.asarray(masked_latents),
+      jnp.int32(token),
+    ]
+    if mesh is not None:
+      args = _place_on_mesh(args, mesh)
+    images = to_host(run_together(fn, *args))[:b]
+    if progress is not None:
+      jax.effects_barrier()  # every step's callback has run before the token is forgotten
+  return images
 
 
 def _first_size(images):
@@ -327,8 +338,18 @@ def _place_on_mesh(args, mesh):
   pad = lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], (-a.shape[0]) % n, axis=0)])
   rep = NamedSharding(mesh, P())
   split = NamedSharding(mesh, P(axes if axes else None))
-  per_image = [to_global(pad(a), split) for a in args[1:5] + args[7:]]
-  return [to_global(args[0], rep)] + per_image[:4] + [to_global(a, rep) for a in args[5:7]] + per_image[4:]
+  params, cond_ids, uncond_ids, noise, step_keys, guidance, start, image_latents, mask, masked, token = args
+  per_image = [
+    to_global(jax.tree.map(pad, a), split)
+    for a in (cond_ids, uncond_ids, noise, step_keys, image_latents, mask, masked)
+  ]
+  return (
+    [to_global(params, rep)]
+    + per_image[:4]
+    + [to_global(a, rep) for a in (guidance, start)]
+    + per_image[4:]
+    + [to_global(token, rep)]
+  )
 
 
 def txt2img(
@@ -355,7 +376,8 @@ def txt2img(
   latents: optional initial standard-normal noise, NHWC (B, H/f, W/f, C); it is scaled by the
     scheduler's initial sigma, as in diffusers.
   mesh: a jax.sharding.Mesh: the batch is split over its 'data' (and 'fsdp') axes.
-  progress: called with the step index after each step (from inside the compiled loop).
+  progress: called with the step index after each step (from inside the compiled loop); this call's
+    own, even while other threads sample from the same pipeline, and changing it never recompiles.
   """
   return _generate(
     pipeline,

@@ -75,10 +75,12 @@ def create_tiny_pipeline(path: str, *, seed: int = 0) -> str:
   tok_dir = os.path.join(path, 'tokenizer')
   write_clip_tokenizer(tok_dir)
   pipe = Pipeline(
-    unet=init_model(lambda rngs: UNet2DConditionModel(TINY_UNET, rngs=rngs), seed),
-    text_encoder=init_model(lambda rngs: CLIPTextModel(TINY_TEXT_ENCODER, rngs=rngs), seed + 1),
-    vae=init_model(lambda rngs: AutoencoderKL(TINY_VAE, rngs=rngs), seed + 2),
-    tokenizer=load_tokenizer(tok_dir),
+    components={
+      'unet': init_model(lambda rngs: UNet2DConditionModel(TINY_UNET, rngs=rngs), seed),
+      'text_encoder': init_model(lambda rngs: CLIPTextModel(TINY_TEXT_ENCODER, rngs=rngs), seed + 1),
+      'vae': init_model(lambda rngs: AutoencoderKL(TINY_VAE, rngs=rngs), seed + 2),
+    },
+    tokenizers={'text_encoder': load_tokenizer(tok_dir)},
     scheduler_config=dict(SD15_SCHEDULER),
   )
   save_pipeline(pipe, path)

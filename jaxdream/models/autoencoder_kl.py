@@ -196,8 +196,8 @@ class Decoder(nnx.Module):
 
 class AutoencoderKL(nnx.Module):
   """`vae.encode(images)` (NHWC in [-1, 1]) -> DiagonalGaussian(mean, logvar);
-  `vae.decode(latents)` -> NHWC images in [-1, 1]. Latent scaling (`scaling_factor`, `shift_factor`)
-  is the caller's, as in diffusers."""
+  `vae.decode(latents)` -> NHWC images in [-1, 1]. `encode_latents`/`decode_latents` work in the
+  diffusion model's latent space: (x - shift_factor) * scaling_factor, the one place that applies it."""
 
   CONFIG_NAME = 'config.json'
   WEIGHTS_NAME = 'diffusion_pytorch_model'
@@ -243,6 +243,15 @@ class AutoencoderKL(nnx.Module):
     if self.post_quant_conv is not None:
       z = self.post_quant_conv(z)
     return self.decoder(z)
+
+  def encode_latents(self, images) -> tuple[jax.Array, jax.Array]:
+    """(mean, std) of the posterior in the diffusion model's (scaled, shifted) latent space."""
+    dist = self.encode(images)
+    return (dist.mean - self.shift_factor) * self.scaling_factor, dist.std * self.scaling_factor
+
+  def decode_latents(self, z):
+    """Images from latents of the diffusion model's space: the inverse scaling, then `decode`."""
+    return self.decode(z / self.scaling_factor + self.shift_factor)
 
   def __call__(self, images, key=None):
     """Reconstruction: encode, take the mean (or a sample with `key`), decode."""

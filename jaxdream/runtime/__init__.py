@@ -1,3 +1,5 @@
-"""Per-call runtime state: compiled-function caches owned by a pipeline or model (never module globals)."""
+"""Per-call runtime state: compiled-function caches owned by a pipeline or model (never module globals),
+and the registry through which shared compiled code reaches each caller's own callbacks."""
 
-from jaxdream.runtime.compile_cache import CompileCache
+from jaxdream.runtime.callbacks import CallbackRegistry
+from jaxdream.runtime.compile_cache import CompileCache, Structure

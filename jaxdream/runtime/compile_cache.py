@@ -28,6 +28,11 @@ class CompileCache:
     # A copy of its owner (copy.deepcopy of a model) starts empty: locks and compiled functions are not copied.
     return type(self)()
 
+  def values(self) -> list:
+    """The cached functions (a snapshot)."""
+    with self._lock:
+      return list(self._fns.values())
+
   def clear(self):
     with self._lock:
       self._fns.clear()
@@ -37,3 +42,18 @@ class CompileCache:
 
   def __contains__(self, key) -> bool:
     return key in self._fns
+
+
+class Structure:
+  """A model's graph definition (nnx.split's first result) as part of a cache key. Graph definitions
+  compare by value but do not hash (model configs are dicts): this hashes by type and compares the
+  whole structure, so a model changed in place (e.g. int8 layers swapped in) gets its own entry."""
+
+  def __init__(self, graphdef):
+    self.graphdef = graphdef
+
+  def __hash__(self) -> int:
+    return hash(type(self.graphdef))
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, Structure) and self.graphdef == other.graphdef

@@ -16,6 +16,7 @@ import json
 import os
 import warnings
 
+import jax
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -216,7 +217,7 @@ def make_iterator(
   rows: slice = slice(None),
 ):
   """An endless, shuffled, checkpointable iterator of batches: pixels float32 NHWC in [-1, 1],
-  input_ids int32, concept int32, index int32.
+  input_ids (int32 token ids, as `tokenize` gives them: per text encoder), concept int32, index int32.
 
   Every host walks the same global sequence of batches (a shuffled index stream, reshuffled each
   epoch) and reads and decodes only `rows` of each: the rows its devices hold. Sharding batches rather
@@ -228,7 +229,7 @@ def make_iterator(
   wanted = range(batch_size)[rows]
   empty = {
     'pixels': np.zeros((0, resolution, resolution, 3), np.float32),
-    'input_ids': np.asarray(tokenize(['']))[:0],
+    'input_ids': jax.tree.map(lambda a: np.asarray(a)[:0], tokenize([''])),
     'concept': np.zeros((0,), np.int32),
     'index': np.zeros((0,), np.int32),
   }
@@ -243,12 +244,12 @@ def make_iterator(
       out.append(
         {
           'pixels': im.astype(np.float32) / 127.5 - 1.0,
-          'input_ids': np.asarray(tokenize([prompt])[0]),
+          'input_ids': jax.tree.map(lambda a: np.asarray(a[0]), tokenize([prompt])),
           'concept': np.int32(ex['concept']),
           'index': np.int32(ex['index']),
         }
       )
-    return {k: np.stack([e[k] for e in out]) for k in empty} if out else dict(empty)
+    return jax.tree.map(lambda *xs: np.stack(xs), *out) if out else dict(empty)
 
   ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
   return iter(ds.batch(batch_size, drop_remainder=True).map_with_index(load))

@@ -178,8 +178,7 @@ def _run(config, workdir, concepts, instance) -> dict:
     snr_gamma=config.train.snr_gamma,
     offset_noise=config.train.offset_noise,
     ema_decay=config.train.ema_decay,
-    scaling_factor=pipeline.vae.scaling_factor,
-    shift_factor=pipeline.vae.shift_factor,
+    encode_prompt=pipeline.encode_prompt,
   )
   state, frozen, jstep, _ = _place(step_fn, pipeline, trainable, frozen, tx, mesh, config)
   mngr = _checkpointer(workdir, config)
@@ -259,23 +258,34 @@ def _run(config, workdir, concepts, instance) -> dict:
 
 def _next_batch(iterators, prior: bool, latents: dict | None = None, contexts: dict | None = None) -> dict:
   """The step's examples: instance ones first, then class ones. Cached latents replace the images by
-  their stored posterior (mean, std), cached text embeddings replace the token ids; both are looked up
-  by example index."""
+  their stored posterior (mean, std), cached prompt conditioning (context, extra) replaces the token
+  ids; both are looked up by example index."""
   parts = []
   for split in ('instance', 'class') if prior else ('instance',):
     ex = next(iterators[split])
     part = {'pixels': ex['pixels']}
     if latents is not None:
       part = {'latent_mean': latents[split][0][ex['index']], 'latent_std': latents[split][1][ex['index']]}
-    part.update({'context': contexts[split][ex['index']]} if contexts is not None else {'input_ids': ex['input_ids']})
+    if contexts is not None:
+      part.update(jax.tree.map(lambda a: a[ex['index']], contexts[split]))
+    else:
+      part['input_ids'] = ex['input_ids']
     parts.append(part)
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
 def _cache_text_embeddings(pipeline, data_folder, splits, batch_size=16) -> dict:
-  """Every example's prompt embedding, computed once (the text encoder is frozen)."""
-  te_def, te_params = nnx.split(pipeline.text_encoder)
-  encode = jax.jit(lambda params, ids: nnx.merge(te_def, params)(ids))
+  """Every example's prompt conditioning, computed once (the text encoders are frozen):
+  {split: {'context': (N, L, D), 'extra': {name: (N, ...)}}}, row i for example index i."""
+  graphdefs, params = {}, {}
+  for name, model in pipeline.components.items():
+    graphdefs[name], params[name] = nnx.split(model)
+
+  @jax.jit
+  def encode(params, ids):
+    context, extra = pipeline.encode_prompt({n: nnx.merge(g, params[n]) for n, g in graphdefs.items()}, ids)
+    return {'context': context, 'extra': extra}
+
   out = {}
   for split in splits:
     source = data_source(data_folder, split)
@@ -285,21 +295,18 @@ def _cache_text_embeddings(pipeline, data_folder, splits, batch_size=16) -> dict
       p = ex['prompt']
       prompts[int(ex['index'])] = p.decode() if isinstance(p, bytes) else str(p)
     ids = pipeline.tokenize(prompts)
-    out[split] = np.concatenate(
-      [np.asarray(jax.device_get(encode(te_params, ids[i : i + batch_size]))) for i in range(0, len(ids), batch_size)]
-    )
+    chunks = [
+      jax.device_get(encode(params, jax.tree.map(lambda a: a[i : i + batch_size], ids)))
+      for i in range(0, len(prompts), batch_size)
+    ]
+    out[split] = jax.tree.map(lambda *xs: np.concatenate(xs), *chunks)
   return out
 
 
 def _cache_latents(pipeline, data_folder, splits, resolution, batch_size=8) -> dict:
-  """Every example's scaled VAE posterior (mean, std), computed once (center crops, no flips)."""
+  """Every example's VAE posterior (mean, std) in latent space, computed once (center crops, no flips)."""
   vae_def, vae_params = nnx.split(pipeline.vae)
-
-  @jax.jit
-  def encode(params, pixels):
-    vae = nnx.merge(vae_def, params)
-    dist = vae.encode(pixels)
-    return ((dist.mean - vae.shift_factor) * vae.scaling_factor, dist.std * vae.scaling_factor)
+  encode = jax.jit(lambda params, pixels: nnx.merge(vae_def, params).encode_latents(pixels))
 
   out = {}
   for split in splits:
@@ -311,7 +318,7 @@ def _cache_latents(pipeline, data_folder, splits, resolution, batch_size=8) -> d
       resolution=resolution,
       center_crop=True,
       flip_p=0.0,
-      tokenize=lambda p: np.zeros((len(p), 1), np.int32),
+      tokenize=lambda p: {},
     )
     pixels, order = [], []
     for _ in range(len(source)):  # the first epoch visits every example once

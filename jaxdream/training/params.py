@@ -8,8 +8,6 @@ import jax
 import optax
 from flax import nnx
 
-MODELS = ('unet', 'text_encoder', 'vae')
-
 
 def flatten(tree: dict, prefix: str = '') -> dict[str, jax.Array]:
   """Nested pure dict -> {'unet/down_blocks/0/.../kernel': array}."""
@@ -33,10 +31,11 @@ def unflatten(flat: dict[str, jax.Array], template: dict) -> dict:
 
 
 def split_models(pipeline) -> tuple[dict, dict, dict]:
-  """(graph definitions, pure-dict parameter templates, flat parameters) of the pipeline's models."""
+  """(graph definitions, pure-dict parameter templates, flat parameters) of the pipeline's components,
+  by component name; flat paths start with it ('unet/down_blocks/...')."""
   graphdefs, templates, flat = {}, {}, {}
-  for m in MODELS:
-    graphdefs[m], st = nnx.split(getattr(pipeline, m))
+  for m, model in pipeline.components.items():
+    graphdefs[m], st = nnx.split(model)
     templates[m] = st.to_pure_dict()
     flat.update(flatten(templates[m], m + '/'))
   return graphdefs, templates, flat
@@ -97,12 +96,12 @@ def make_optimizer(config, groups: dict, labels: dict) -> optax.GradientTransfor
 
 
 def _set_params(pipeline, flat: dict):
-  """Write flat parameters (trained or EMA ones, any subset) into the pipeline's models, in place."""
-  for m in MODELS:
+  """Write flat parameters (trained or EMA ones, any subset) into the pipeline's components, in place."""
+  for m, model in pipeline.components.items():
     sub = {k[len(m) + 1 :]: v for k, v in flat.items() if k.startswith(m + '/')}
     if sub:
-      state = nnx.state(getattr(pipeline, m))
+      state = nnx.state(model)
       current = flatten(state.to_pure_dict())
       current.update(sub)
       nnx.replace_by_pure_dict(state, unflatten(current, state.to_pure_dict()))
-      nnx.update(getattr(pipeline, m), state)
+      nnx.update(model, state)

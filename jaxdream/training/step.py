@@ -8,6 +8,7 @@ always, the text encoder unless trained) are arguments that are never differenti
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdream.distributed.sharding import batch_sharding, logical_axes, param_shardings, state_shardings
 from jaxdream.schedulers import NoiseSchedule
-from jaxdream.training.params import MODELS, unflatten
+from jaxdream.training.params import unflatten
 
 
 def dreambooth_loss(
@@ -50,8 +51,7 @@ class StepFn:
   snr_gamma: float
   offset_noise: float
   ema_decay: float
-  scaling_factor: float
-  shift_factor: float
+  encode_prompt: Callable  # the pipeline's: token ids -> (context, extra UNet inputs)
 
   def draws(self, key, latent_shape):
     """The step's random numbers: posterior sample noise, diffusion noise, timesteps."""
@@ -68,18 +68,20 @@ class StepFn:
 
   def loss(self, trainable, frozen, batch, key):
     params = unflatten({**trainable, **frozen}, self.templates)
-    models = {m: nnx.merge(self.graphdefs[m], params[m]) for m in MODELS}
+    models = {m: nnx.merge(graphdef, params[m]) for m, graphdef in self.graphdefs.items()}
     if 'latent_mean' in batch:  # cached posterior
       mean, std = batch['latent_mean'], batch['latent_std']
     else:
-      dist = models['vae'].encode(batch['pixels'])
-      mean, std = (dist.mean - self.shift_factor) * self.scaling_factor, dist.std * self.scaling_factor
+      mean, std = models['vae'].encode_latents(batch['pixels'])
     r = self.draws(key, mean.shape)
     latents = jax.lax.stop_gradient(mean + std * r['latent_noise'])
     noise, t = r['noise'], r['timesteps']
     noisy = self.schedule.add_noise(latents, noise, t)
-    context = batch['context'] if 'context' in batch else models['text_encoder'](batch['input_ids'])
-    pred = models['unet'](noisy, t, context)
+    if 'context' in batch:  # cached prompt embeddings
+      context, extra = batch['context'], batch.get('extra', {})
+    else:
+      context, extra = self.encode_prompt(models, batch['input_ids'])
+    pred = models['unet'](noisy, t, context, **extra)
     target = self.schedule.target(latents, noise, t)
     loss, (inst, prior) = dreambooth_loss(
       pred,
@@ -138,8 +140,8 @@ def step_shardings(pipeline, trainable, frozen, tx, mesh, config):
   """Shardings of (state, frozen parameters, batch). `trainable`/`frozen` may be abstract
   (ShapeDtypeStruct): memory planning compiles the step without any weights."""
   axes = {}
-  for m in MODELS:
-    axes.update(logical_axes(getattr(pipeline, m), m + '/'))
+  for m, model in pipeline.components.items():
+    axes.update(logical_axes(model, m + '/'))
   rules, min_size = tuple(tuple(r) for r in config.mesh.rules), config.mesh.fsdp_min_size
   trainable_sh = param_shardings(trainable, axes, mesh, rules, min_size)
   state_sh = state_shardings(jax.eval_shape(_state_maker(tx, config), trainable), trainable_sh, mesh)
