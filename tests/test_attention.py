@@ -58,3 +58,42 @@ def test_tiled_refuses_masks():
   q = jnp.zeros((1, 4, 1, 8))
   with pytest.raises(ValueError, match='mask'):
     dot_product_attention(q, q, q, causal=True, implementation='tiled')
+
+
+def _cancelling_bf16_inputs():
+  """Near-uniform attention (tiny logits) over values that come in +w/-w pairs: each output is a small
+  difference of large terms, so rounding the probabilities to bfloat16 before the value product is
+  visible (~10%) while a float32 product loses nothing."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  q = (0.02 * jax.random.normal(keys[0], (1, 256, 2, 16))).astype(jnp.bfloat16)
+  k = jax.random.normal(keys[1], (1, 64, 2, 16)).astype(jnp.bfloat16)
+  w = jax.random.normal(keys[2], (1, 32, 2, 16)).astype(jnp.bfloat16)
+  return q, k, jnp.concatenate([w, -w], axis=1)
+
+
+# Rounding a float32 result to bfloat16 (8 significant bits, to nearest) errs by at most 2**-9 relatively,
+# element by element, hence also in norm; 1% on top covers float32's own error.
+_BF16_ROUNDING = 2**-9 * 1.01
+
+
+@pytest.mark.parametrize('impl', ['xla', 'tiled'])
+def test_upcast_attention_errs_only_by_the_final_bfloat16_rounding(impl):
+  q, k, v = _cancelling_bf16_inputs()
+  ref = _reference(q, k, v)
+  errs = {}
+  for upcast in (True, False):
+    f = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, upcast=upcast, implementation=impl))
+    errs[upcast] = rel_err(np.asarray(f(q, k, v), np.float32), ref)
+  assert errs[True] <= _BF16_ROUNDING
+  assert errs[False] > 10 * _BF16_ROUNDING  # the inputs do tell bfloat16 from float32 arithmetic
+
+
+@pytest.mark.parametrize('impl', ['xla', 'tiled'])
+def test_upcast_attention_program_multiplies_and_reduces_only_float32(impl):
+  q, k, v = _cancelling_bf16_inputs()
+  f = lambda q, k, v: dot_product_attention(q, k, v, upcast=True, implementation=impl)
+  lines = [
+    line for line in jax.jit(f).lower(q, k, v).as_text().splitlines() if 'dot_general' in line or 'reduce(' in line
+  ]
+  assert len(lines) >= 4  # q.k, softmax's max and sum, p.v
+  assert not [line for line in lines if 'bf16' in line]

@@ -223,7 +223,7 @@ def _run(config, workdir, concepts, instance) -> dict:
           instance_loss=m['instance_loss'],
           prior_loss=m['prior_loss'],
           grad_norm=m['grad_norm'],
-          learning_rate=lr_schedule(config, next(iter(groups.values()))[1])(done),
+          learning_rate=lr_schedule(config, next(iter(groups.values()))[1])(done // config.train.grad_accum_steps),
           steps_per_second=(done - s_last) / max(now - t_last, 1e-9),
         )
         t_last, s_last = now, done

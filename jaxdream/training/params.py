@@ -69,7 +69,8 @@ def split_trainable(flat: dict, groups: dict) -> tuple[dict, dict, dict]:
 
 
 def lr_schedule(config, lr: float) -> optax.Schedule:
-  """The learning-rate schedule of a group whose peak rate is `lr` (also what the log reports)."""
+  """The learning-rate schedule of a group whose peak rate is `lr` (also what the log reports), a function
+  of the optimizer update count."""
   t = config.train
   if t.lr_schedule == 'constant':
     return optax.constant_schedule(lr)
@@ -77,7 +78,8 @@ def lr_schedule(config, lr: float) -> optax.Schedule:
   if t.lr_schedule == 'warmup_constant':
     rest = optax.constant_schedule(lr)
   else:
-    rest = optax.cosine_decay_schedule(lr, max(t.num_steps - t.warmup_steps, 1))
+    # num_steps counts micro-batches; the schedule counts optimizer updates (one per grad_accum_steps).
+    rest = optax.cosine_decay_schedule(lr, max(t.num_steps // t.grad_accum_steps - t.warmup_steps, 1))
   return optax.join_schedules([warmup, rest], [t.warmup_steps]) if t.warmup_steps else rest
 
 

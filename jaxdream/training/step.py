@@ -112,11 +112,23 @@ class StepFn:
       bad_steps=state['bad_steps'] + (~ok),
     )
     if self.ema_decay:
-      # diffusers' EMAModel decay: warms up as (1 + n) / (10 + n), capped at ema_decay.
-      n = state['step'].astype(jnp.float32)
-      d = jnp.minimum(self.ema_decay, (1 + n) / (10 + n))
-      new['ema'] = keep(jax.tree.map(lambda e, p: d * e + (1 - d) * p, state['ema'], new['trainable']), state['ema'])
+      # diffusers' EMAModel: one EMA step per optimizer update; the first copies the weights (decay 0),
+      # the n-th decays by n / (9 + n), capped at ema_decay.
+      applied, n = _optimizer_updates(opt_state, new['step'] - new['bad_steps'])
+      n = n.astype(jnp.float32)
+      d = jnp.where(n > 1, jnp.minimum(self.ema_decay, n / (9 + n)), 0.0)
+      new['ema'] = jax.tree.map(
+        lambda e, p: jnp.where(ok & applied, d * e + (1 - d) * p, e), state['ema'], new['trainable']
+      )
     return new, dict(aux, loss=loss, grad_norm=grad_norm, finite=ok)
+
+
+def _optimizer_updates(opt_state, good_steps):
+  """(whether this step updated the weights, optimizer updates so far): under gradient accumulation
+  (optax.MultiSteps) only every k-th micro-step does."""
+  if isinstance(opt_state, optax.MultiStepsState):
+    return opt_state.mini_step == 0, opt_state.gradient_step
+  return jnp.bool_(True), good_steps
 
 
 def init_state(trainable: dict, tx, seed: int, ema: bool) -> dict:
