@@ -17,6 +17,8 @@ from jaxdream.io.weights import read_safetensors, write_safetensors
 from jaxdream.models import ConfigError, WeightsError, abstract_model, count_params
 from jaxdream.models.kosmos2 import Kosmos2ForConditionalGeneration, load_kosmos2
 
+pytestmark = pytest.mark.reference
+
 WORDS = [
   '▁a',
   '▁an',

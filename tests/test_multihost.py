@@ -8,10 +8,13 @@ import socket
 import textwrap
 
 import numpy as np
+import pytest
 from conftest import rel_err
 from test_train_run import SAMPLE, TE_FILE, UNET_FILE, _start, _wait_for_checkpoint
 
 from jaxdream.io.weights import read_safetensors
+
+pytestmark = [pytest.mark.slow, pytest.mark.multihost]
 
 
 def _config(path):

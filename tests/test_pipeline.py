@@ -15,6 +15,8 @@ from jaxdream.diffusion.pipeline import save_pipeline
 from jaxdream.io.tokenizer import load_tokenizer, tokenize
 from jaxdream.models import WeightsError
 
+pytestmark = pytest.mark.reference
+
 PROMPTS = ['a photo of sks dog', 'A Painting of a fox, wearing a hat!! in the style of Monet ' * 3]
 
 

@@ -10,6 +10,8 @@ import torch
 from jaxdream import load_pipeline
 from jaxdream.diffusion.sampling import _ENCODE, _MASKED_ENCODE, image_noise, img2img, inpaint, txt2img
 
+pytestmark = pytest.mark.reference
+
 PROMPTS = ['a photo of sks dog', 'a red fox in the snow']
 NEGATIVES = ['blurry', '']
 STEPS = 10

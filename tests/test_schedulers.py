@@ -40,7 +40,10 @@ REFERENCE = {
 }
 # modules whose randn_tensor a stochastic scheduler draws its noise from
 RANDN_MODULES = {'ddpm': scheduling_ddpm, 'ddim': scheduling_ddim, 'euler_a': scheduling_euler_ancestral_discrete}
-pytestmark = pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')  # diffusers' own
+pytestmark = [
+  pytest.mark.reference,
+  pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning'),  # diffusers' own
+]
 
 SHAPE = (2, 8, 8, 4)  # NHWC here, NCHW on the torch side: the maths is elementwise
 KEY = jax.random.key(0)

@@ -104,6 +104,7 @@ def test_checkpoint_written_on_one_mesh_resumes_on_others(setup, tmp_path):
       np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sixty_four_synthetic_subjects_train_on_the_eight_device_mesh_as_on_one_device(tiny_sd_folder, tmp_path):
   import json
 

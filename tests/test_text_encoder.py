@@ -8,6 +8,8 @@ from conftest import jit_call, make_text_encoder, rel_err
 
 from jaxdream.models import CLIPTextModel, ConfigError, abstract_model, count_params, load_text_encoder, presets
 
+pytestmark = pytest.mark.reference
+
 
 @pytest.fixture(scope='module', params=['quick_gelu', 'gelu'])
 def text_encoders(request, tmp_path_factory):

@@ -21,6 +21,8 @@ from jaxdream.training.config import base_config
 from jaxdream.training.params import _set_params, make_optimizer, param_groups, split_models, split_trainable
 from jaxdream.training.step import StepFn, init_state
 
+pytestmark = pytest.mark.reference
+
 PRIOR_WEIGHT = 0.7
 
 

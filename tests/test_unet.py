@@ -8,6 +8,8 @@ from conftest import jit_call, nchw, nhwc, rel_err
 
 from jaxdream.models import ConfigError, UNet2DConditionModel, abstract_model, count_params, load_unet, presets
 
+pytestmark = pytest.mark.reference
+
 
 def _inputs(cfg_ctx, size=16, batch=2, seed=0):
   rng = np.random.default_rng(seed)

@@ -9,6 +9,8 @@ from conftest import jit_call, nchw, nhwc, rel_err
 from jaxdream.io.weights import read_safetensors, write_safetensors
 from jaxdream.models import AutoencoderKL, abstract_model, count_params, load_vae, presets
 
+pytestmark = pytest.mark.reference
+
 
 def _images(batch=2, size=32, seed=0):
   return np.random.default_rng(seed).uniform(-1, 1, (batch, 3, size, size)).astype(np.float32)
