@@ -14,6 +14,7 @@ import numpy as np
 from jaxdream import models
 from jaxdream.diffusion.conditioning import encode_prompt as sd_encode_prompt
 from jaxdream.diffusion.conditioning import tokenizer_folder
+from jaxdream.io.files import atomic_write
 from jaxdream.io.tokenizer import load_tokenizer, tokenize
 from jaxdream.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel, WeightsError
 from jaxdream.runtime import CallbackRegistry, CompileCache
@@ -146,12 +147,11 @@ def save_pipeline(pipeline: Pipeline, path: str):
     _write_part(path, tokenizer_folder(name), tok.save_pretrained)
     index[tokenizer_folder(name)] = ['transformers', 'CLIPTokenizer']
   os.makedirs(os.path.join(path, 'scheduler'), exist_ok=True)
-  with open(os.path.join(path, 'scheduler', 'scheduler_config.json'), 'w') as f:
-    json.dump(pipeline.scheduler_config, f, indent=2)
+  atomic_write(
+    os.path.join(path, 'scheduler', 'scheduler_config.json'), json.dumps(pipeline.scheduler_config, indent=2)
+  )
   index['scheduler'] = ['diffusers', pipeline.scheduler_config.get('_class_name', 'PNDMScheduler')]
-  with open(os.path.join(path, 'model_index.json.tmp'), 'w') as f:
-    json.dump(index, f, indent=2)
-  os.replace(os.path.join(path, 'model_index.json.tmp'), os.path.join(path, 'model_index.json'))
+  atomic_write(os.path.join(path, 'model_index.json'), json.dumps(index, indent=2))
 
 
 def _write_part(path: str, name: str, write):
