@@ -12,10 +12,11 @@ import time
 import numpy as np
 import pytest
 
+import jaxdream
 from jaxdream.io.weights import read_safetensors
 from jaxdream.training import config as config_lib
 
-SAMPLE = os.path.join(os.path.dirname(config_lib.__file__), 'assets', 'sample_subject', 'dog')
+SAMPLE = os.path.join(os.path.dirname(jaxdream.__file__), 'assets', 'sample_subject', 'dog')
 UNET_FILE = os.path.join('model', 'unet', 'diffusion_pytorch_model.safetensors')
 TE_FILE = os.path.join('model', 'text_encoder', 'model.safetensors')
 
@@ -44,6 +45,7 @@ def _config(shared, **train):
   c.prior.sample_steps, c.prior.batch_size = 2, 2
   c.train.num_steps, c.train.learning_rate = 4, 1e-4
   c.train.train_text_encoder = True
+  c.train.ema_decay = 0.9  # the exported weights are the EMA ones
   c.checkpoint.every_steps, c.checkpoint.async_save = 2, True
   c.logging.every_steps = 2
   c.validation.prompts, c.validation.num_images, c.validation.steps = ['a photo of sks dog'], 1, 2
@@ -81,6 +83,49 @@ def test_run_writes_samples_logs_and_a_model_that_diffusers_and_jaxdream_load(fi
   assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
   ours = txt2img(load_pipeline(out['model']), 'a photo of sks dog', num_inference_steps=2)
   assert ours.shape == (1, 64, 64, 3)
+
+
+def test_exported_model_is_the_last_checkpoints_ema_and_diffusers_runs_it_as_jaxdream_does(finished, shared):
+  import jax
+  import orbax.checkpoint as ocp
+  import torch
+  from conftest import jit_call, nchw, nhwc, rel_err
+  from diffusers import UNet2DConditionModel
+  from transformers import CLIPTextModel
+
+  from jaxdream import load_pipeline
+  from jaxdream.training.params import param_groups, split_models, split_trainable
+
+  workdir, _ = finished
+  mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), item_names=('state', 'data', 'config'))
+  assert mngr.latest_step() == 4
+  state = jax.tree.map(np.asarray, mngr.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state'])
+  assert int(state['step']) == 4
+  exported_pipe = load_pipeline(os.path.join(workdir, 'model'))
+  exported = split_models(exported_pipe)[2]
+  trained, frozen, _ = split_trainable(split_models(load_pipeline(shared['base']))[2], param_groups(_config(shared)))
+  assert set(trained) == set(state['ema']) and set(exported) == set(trained) | set(frozen)
+  for k in trained:  # the EMA weights of the last step, exactly
+    np.testing.assert_array_equal(exported[k], state['ema'][k], err_msg=k)
+  for k in frozen:
+    np.testing.assert_array_equal(exported[k], frozen[k], err_msg=k)
+  assert any(not np.array_equal(state['ema'][k], state['trainable'][k]) for k in trained)  # EMA: not the raw weights
+
+  # The exported files mean the same model to diffusers/transformers as to jaxdream.
+  ids = np.asarray(exported_pipe.tokenize(['a photo of sks dog', 'a dog']))
+  ours_context = np.asarray(jit_call(exported_pipe.text_encoder)(ids))
+  with torch.no_grad():
+    ref_context = CLIPTextModel.from_pretrained(os.path.join(workdir, 'model', 'text_encoder'))(
+      torch.from_numpy(ids.astype(np.int64))
+    ).last_hidden_state.numpy()
+  assert rel_err(ours_context, ref_context) <= 1e-5
+  x = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
+  t = np.array([10, 700])
+  with torch.no_grad():
+    ref = UNet2DConditionModel.from_pretrained(os.path.join(workdir, 'model', 'unet'))(
+      torch.from_numpy(nchw(x)), torch.from_numpy(t), torch.from_numpy(ref_context)
+    ).sample.numpy()
+  assert rel_err(jit_call(exported_pipe.unet)(x, t, ref_context), nhwc(ref)) <= 1e-5
 
 
 def test_trained_weights_moved_and_the_vae_did_not(finished, shared):
@@ -204,7 +249,7 @@ def test_sigterm_saves_and_sigkill_at_any_moment_resumes_to_identical_weights(sh
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def test_cached_latents_and_text_embeddings_are_each_examples_own(finished):
+def test_cached_latents_are_each_examples_own(finished):
   import glob
 
   import jax
@@ -212,7 +257,7 @@ def test_cached_latents_and_text_embeddings_are_each_examples_own(finished):
 
   from jaxdream import load_pipeline
   from jaxdream.training.data import data_source, make_iterator
-  from jaxdream.training.loop import _cache_latents, _cache_text_embeddings, _next_batch
+  from jaxdream.training.loop import _cache_latents, _next_batch
 
   workdir, _ = finished
   folder = os.path.dirname(os.path.dirname(glob.glob(os.path.join(workdir, 'data', '*', '*', '1.0.0'))[0]))
@@ -250,9 +295,55 @@ def test_cached_latents_and_text_embeddings_are_each_examples_own(finished):
     cache,
   )
   assert set(batch) == {'latent_mean', 'latent_std', 'input_ids'} and batch['latent_mean'].shape == (2, 16, 16, 4)
-  contexts = _cache_text_embeddings(pipe, folder, ['instance'])
-  source = data_source(folder, 'instance')
-  ex = source[0]
-  expected = jit_call(pipe.text_encoder)(pipe.tokenize([ex['prompt'].decode()]))[0]
-  np.testing.assert_allclose(contexts['instance'][int(ex['index'])], expected, atol=1e-5)
   jax.block_until_ready(dist.mean)
+
+
+CAPTIONS = ('running on grass', 'in a red hat', 'asleep on a sofa', 'by the sea', 'under a tree')
+
+
+def test_cached_text_embeddings_are_each_examples_own_caption(shared, tmp_path):
+  from conftest import jit_call
+
+  from jaxdream import load_pipeline
+  from jaxdream.io.images import list_images
+  from jaxdream.training.data import data_source, instance_prompt, make_iterator, prepare_dataset
+  from jaxdream.training.loop import _cache_text_embeddings, _next_batch
+
+  subject = shutil.copytree(SAMPLE, str(tmp_path / 'subject'))
+  files = list_images(subject)
+  assert len(files) == len(CAPTIONS)
+  for file, caption in zip(files, CAPTIONS):  # photo.jpg + photo.txt
+    with open(os.path.splitext(file)[0] + '.txt', 'w') as f:
+      f.write(caption)
+  concept = _config(shared).concepts[0]
+  prompts = {file: instance_prompt(file, concept, '.txt', 'append') for file in files}
+  assert len(set(prompts.values())) == len(files) and all(c in prompts[f] for f, c in zip(files, CAPTIONS))
+  folder = prepare_dataset(
+    str(tmp_path / 'data'), {'instance': [{'file': f, 'prompt': prompts[f], 'concept': 0} for f in files]}, 64
+  )
+  pipe = load_pipeline(shared['base'])
+  encode = jit_call(pipe.text_encoder)
+  source = data_source(folder, 'instance')
+  # What each example index must get: the encoder run on its own image's caption, found from the file.
+  expected = {}
+  for j in range(len(source)):
+    file = source[j]['file']
+    file = file.decode() if isinstance(file, bytes) else str(file)
+    expected[int(source[j]['index'])] = np.asarray(encode(pipe.tokenize([prompts[file]])))[0]
+  assert sorted(expected) == list(range(len(files)))
+
+  contexts = _cache_text_embeddings(pipe, folder, ['instance'])
+  assert contexts['instance'].shape[0] == len(files)
+  for i, e in expected.items():
+    np.testing.assert_allclose(contexts['instance'][i], e, atol=1e-5, err_msg=f'example {i}')
+
+  kw = dict(batch_size=2, seed=5, resolution=64, center_crop=True, flip_p=0.0, tokenize=pipe.tokenize)
+  batches, order = make_iterator(source, **kw), make_iterator(source, **kw)
+  seen = set()
+  for _ in range(4):  # 8 examples from a shuffled stream of 5: every one at least once
+    batch = _next_batch({'instance': batches}, False, None, contexts)
+    assert set(batch) == {'pixels', 'context'}
+    for row, i in enumerate(next(order)['index']):
+      np.testing.assert_allclose(batch['context'][row], expected[int(i)], atol=1e-5, err_msg=f'example {i}')
+      seen.add(int(i))
+  assert seen == set(expected)
