@@ -1,6 +1,7 @@
 """Whole DreamBooth runs on the tiny model: the exported model loads in diffusers and jaxdream, a run killed
 at any moment resumes to bitwise-identical weights, SIGTERM saves, changed runs and NaN losses are refused."""
 
+import json
 import os
 import shutil
 import signal
@@ -213,7 +214,7 @@ def _start(config, workdir, *overrides, devices=8, **env):
   )
 
 
-def _wait_for_checkpoint(proc, workdir, step, timeout=600):
+def _wait_for_checkpoint(proc, workdir, step, timeout=1800):
   folder = os.path.join(workdir, 'checkpoints', str(step))
   t0 = time.time()
   while not os.path.isdir(folder):
@@ -222,31 +223,72 @@ def _wait_for_checkpoint(proc, workdir, step, timeout=600):
     time.sleep(0.2)
 
 
+def _checkpoints(workdir) -> tuple[list[int], list[str]]:
+  """(the complete checkpoints' steps, orbax's temporary folders of unfinished saves)."""
+  folder = os.path.join(workdir, 'checkpoints')
+  names = os.listdir(folder) if os.path.isdir(folder) else []
+  return sorted(int(n) for n in names if n.isdigit()), [n for n in names if '.orbax-checkpoint-tmp' in n]
+
+
+def _kill_when(proc, workdir, ready, timeout=1800) -> list[int]:
+  """SIGKILL the run as soon as `ready(steps, temporary_folders)` holds, and check that it was killed
+  mid-run: by the signal, with no exported model and its last checkpoint before the end. Returns
+  the complete checkpoints it left."""
+  t0 = time.time()
+  while not ready(*_checkpoints(workdir)):
+    assert proc.poll() is None, 'the run ended before its kill point:\n' + proc.stdout.read()
+    assert time.time() - t0 < timeout, 'kill point not reached in time'
+    time.sleep(0.005)
+  proc.kill()
+  output = proc.communicate(timeout=60)[0]
+  assert proc.returncode == -signal.SIGKILL, output
+  steps, _ = _checkpoints(workdir)
+  assert steps and steps[-1] < KILL_RUN_STEPS and not os.path.exists(os.path.join(workdir, 'model')), steps
+  return steps
+
+
+KILL_RUN_STEPS = 10
+
+
+@pytest.mark.slow
 def test_sigterm_saves_and_sigkill_at_any_moment_resumes_to_identical_weights(shared, tmp_path):
-  config = _write_config(shared, tmp_path / 'cfg.py', num_steps=10)
+  config = _write_config(shared, tmp_path / 'cfg.py', num_steps=KILL_RUN_STEPS)
   straight = str(tmp_path / 'straight')
   proc = _start(config, straight)
-  assert proc.wait(timeout=600) == 0, proc.stdout.read()
+  assert proc.wait(timeout=1800) == 0, proc.stdout.read()
 
   interrupted = str(tmp_path / 'interrupted')
   proc = _start(config, interrupted)
   _wait_for_checkpoint(proc, interrupted, 2)
   proc.send_signal(signal.SIGTERM)  # preemption: save and exit cleanly
-  output = proc.communicate(timeout=300)[0]
+  output = proc.communicate(timeout=900)[0]
   assert proc.returncode == 0 and 'SIGTERM: saved the checkpoint' in output, output
+  # SIGKILL at several moments, each resumed by the next run: while starting, mid-save (an orbax
+  # temporary folder is there, and still there after the kill; retried if the save won the race) and
+  # just after a checkpoint is complete.
+  steps = _checkpoints(interrupted)[0]
+  t0 = time.time()
+  steps = _kill_when(_start(config, interrupted), interrupted, lambda s, tmp: time.time() > t0 + 3)
+  for _ in range(3):
+    steps = _kill_when(_start(config, interrupted), interrupted, lambda s, tmp: bool(tmp) and s[-1] >= 3)
+    if _checkpoints(interrupted)[1]:
+      break
+  else:
+    pytest.fail('every save finished before its kill')
+  last = steps[-1]
+  steps = _kill_when(_start(config, interrupted), interrupted, lambda s, tmp: s[-1] >= last + 2)
   proc = _start(config, interrupted)
-  _wait_for_checkpoint(proc, interrupted, 6)
-  proc.kill()  # SIGKILL mid-run, possibly mid-save
-  proc.wait()
-  proc = _start(config, interrupted)
-  output = proc.communicate(timeout=600)[0]
-  assert proc.returncode == 0 and 'resumed from the checkpoint' in output, output
+  output = proc.communicate(timeout=1800)[0]
+  assert proc.returncode == 0 and f'resumed from the checkpoint at step {steps[-1]}' in output, output
   for rel in (UNET_FILE, TE_FILE):
     a = read_safetensors(os.path.join(straight, rel))
     b = read_safetensors(os.path.join(interrupted, rel))
     assert set(a) == set(b)
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  # The loss history too: the steps redone after a kill replace the lost ones instead of repeating them.
+  with open(os.path.join(straight, 'losses.json')) as f, open(os.path.join(interrupted, 'losses.json')) as g:
+    assert json.load(g) == json.load(f)
 
 
 def test_cached_latents_are_each_examples_own(finished):

@@ -171,7 +171,8 @@ def train(config, workdir: str) -> dict:
 
   writer = _Writer(workdir, config) if multihost.is_primary() else None
   preempt = multihost.Preemption()
-  losses = _load_losses(workdir)
+  # Losses past the restored checkpoint are of steps that will be redone (a kill mid-save): drop them.
+  losses = [x for x in _load_losses(workdir) if x[0] <= start]
   t_last, s_last = time.perf_counter(), start
   try:
     from tqdm import tqdm
