@@ -168,6 +168,17 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(finish
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_steps_redone_after_a_lost_checkpoint_replace_their_losses(finished, shared):
+  from jaxdream.training.loop import train
+
+  workdir = shutil.copytree(finished[0], str(shared['root'] / 'lost_save'))
+  # Killed after the step-4 loss was recorded but before its (asynchronous) checkpoint was complete.
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
+  shutil.rmtree(os.path.join(workdir, 'model'))
+  summary = train(_config(shared), workdir)
+  assert summary['losses'] == finished[1]['losses'] and [s for s, _ in summary['losses']] == [1, 2, 3, 4]
+
+
 def _write_config(shared, path, num_steps):
   path.write_text(
     textwrap.dedent(f"""
