@@ -54,9 +54,30 @@ def _max_diff(a, b):
   return int(np.abs(a.astype(np.int32) - b).max())
 
 
+# Final latents, before decoding: the decoder squashes differences unevenly (2/255 of the images is strict
+# for DDIM and loose for DPM++ 2M), the latents do not. 1e-4 still tells guidance 7.4 from 7.5 for every
+# scheduler, which each test checks.
+LATENT_RTOL = 1e-4
+
+
+def _assert_same_latents(ours, ref_pipe, latents, **kw):
+  """`ours` (NHWC latents) are diffusers' final latents from the same initial noise, and diffusers'
+  latents for guidance 7.4 instead of 7.5 are not."""
+  from conftest import nhwc, rel_err
+
+  guidance = kw.pop('guidance_scale', 7.5)
+  ref = {}
+  for g in (guidance, guidance - 0.1):
+    with torch.no_grad():
+      ref[g] = nhwc(ref_pipe(guidance_scale=g, latents=_nchw(latents), output_type='latent', **kw).images)
+  assert ours.shape == ref[guidance].shape and ours.dtype == np.float32
+  assert rel_err(ours, ref[guidance]) <= LATENT_RTOL, rel_err(ours, ref[guidance])
+  assert rel_err(ours, ref[guidance - 0.1]) > LATENT_RTOL, 'the tolerance cannot tell guidance 7.4 from 7.5'
+
+
 @pytest.mark.parametrize('prediction_type', ['epsilon', 'v_prediction'])
 @pytest.mark.parametrize('name', ['ddim', 'euler', 'dpmpp_2m'])
-def test_txt2img_matches_diffusers_from_the_same_latents(pipes, name, prediction_type):
+def test_txt2img_matches_diffusers_latents_from_the_same_noise(pipes, name, prediction_type):
   ref_pipe, pipe = pipes
   pipe = _with_scheduler(ref_pipe, pipe, name, prediction_type)
   latents = np.asarray(image_noise([11, 12], (16, 16, 4)))
@@ -68,28 +89,32 @@ def test_txt2img_matches_diffusers_from_the_same_latents(pipes, name, prediction
     guidance_scale=7.5,
     scheduler=name,
     latents=latents,
+    output_type='latent',
   )
-  with torch.no_grad():
-    ref = ref_pipe(
-      PROMPTS,
-      negative_prompt=NEGATIVES,
-      num_inference_steps=STEPS,
-      guidance_scale=7.5,
-      latents=_nchw(latents),
-      output_type='np',
-    ).images
-  assert ours.shape == (2, 64, 64, 3) and ours.dtype == np.uint8
-  assert _max_diff(ours, _ref_uint8(ref)) <= 2
+  _assert_same_latents(
+    ours, ref_pipe, latents, prompt=PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=STEPS, guidance_scale=7.5
+  )
 
 
 def test_model_folders_own_scheduler_is_the_default(pipes):
   ref_pipe, pipe = pipes
   pipe = _with_scheduler(ref_pipe, pipe, 'pndm', 'epsilon')
   latents = np.asarray(image_noise([3], (16, 16, 4)))
-  ours = txt2img(pipe, PROMPTS[:1], num_inference_steps=STEPS, latents=latents)
-  with torch.no_grad():
-    ref = ref_pipe(PROMPTS[:1], num_inference_steps=STEPS, latents=_nchw(latents), output_type='np').images
-  assert _max_diff(ours, _ref_uint8(ref)) <= 2
+  ours = txt2img(pipe, PROMPTS[:1], num_inference_steps=STEPS, latents=latents, output_type='latent')
+  _assert_same_latents(ours, ref_pipe, latents, prompt=PROMPTS[:1], num_inference_steps=STEPS)
+
+
+def test_latent_output_is_what_the_images_decode_from(pipes):
+  from conftest import jit_call
+
+  _, pipe = pipes
+  kw = dict(num_inference_steps=2, scheduler='ddim', seed=[4])
+  latents = txt2img(pipe, PROMPTS[:1], output_type='latent', **kw)
+  decoded = np.asarray(jit_call(pipe.vae, 'decode')(latents / pipe.vae.scaling_factor + pipe.vae.shift_factor))
+  expected = np.round(np.clip(decoded / 2 + 0.5, 0, 1) * 255).astype(np.int32)
+  assert _max_diff(txt2img(pipe, PROMPTS[:1], **kw), expected) <= 1
+  with pytest.raises(ValueError, match="output_type must be 'uint8' or 'latent'"):
+    txt2img(pipe, PROMPTS[:1], output_type='pil', **kw)
 
 
 def test_new_prompts_seeds_and_guidance_do_not_recompile(pipes):

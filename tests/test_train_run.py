@@ -1,6 +1,7 @@
 """Whole DreamBooth runs on the tiny model: the exported model loads in diffusers and jaxdream, a run killed
 at any moment resumes to bitwise-identical weights, SIGTERM saves, changed runs and NaN losses are refused."""
 
+import json
 import os
 import shutil
 import signal
@@ -45,6 +46,7 @@ def _config(shared, **train):
   c.prior.sample_steps, c.prior.batch_size = 2, 2
   c.train.num_steps, c.train.learning_rate = 4, 1e-4
   c.train.train_text_encoder = True
+  c.train.ema_decay = 0.9  # the exported weights are the EMA ones
   c.checkpoint.every_steps, c.checkpoint.async_save = 2, True
   c.logging.every_steps = 2
   c.validation.prompts, c.validation.num_images, c.validation.steps = ['a photo of sks dog'], 1, 2
@@ -84,6 +86,49 @@ def test_run_writes_samples_logs_and_a_model_that_diffusers_and_jaxdream_load(fi
   assert ours.shape == (1, 64, 64, 3)
 
 
+def test_exported_model_is_the_last_checkpoints_ema_and_diffusers_runs_it_as_jaxdream_does(finished, shared):
+  import jax
+  import orbax.checkpoint as ocp
+  import torch
+  from conftest import jit_call, nchw, nhwc, rel_err
+  from diffusers import UNet2DConditionModel
+  from transformers import CLIPTextModel
+
+  from jaxdream import load_pipeline
+  from jaxdream.training.params import param_groups, split_models, split_trainable
+
+  workdir, _ = finished
+  mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), item_names=('state', 'data', 'config'))
+  assert mngr.latest_step() == 4
+  state = jax.tree.map(np.asarray, mngr.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state'])
+  assert int(state['step']) == 4
+  exported_pipe = load_pipeline(os.path.join(workdir, 'model'))
+  exported = split_models(exported_pipe)[2]
+  trained, frozen, _ = split_trainable(split_models(load_pipeline(shared['base']))[2], param_groups(_config(shared)))
+  assert set(trained) == set(state['ema']) and set(exported) == set(trained) | set(frozen)
+  for k in trained:  # the EMA weights of the last step, exactly
+    np.testing.assert_array_equal(exported[k], state['ema'][k], err_msg=k)
+  for k in frozen:
+    np.testing.assert_array_equal(exported[k], frozen[k], err_msg=k)
+  assert any(not np.array_equal(state['ema'][k], state['trainable'][k]) for k in trained)  # EMA: not the raw weights
+
+  # The exported files mean the same model to diffusers/transformers as to jaxdream.
+  ids = np.asarray(exported_pipe.tokenize(['a photo of sks dog', 'a dog'])['text_encoder'])
+  ours_context = np.asarray(jit_call(exported_pipe.text_encoder)(ids))
+  with torch.no_grad():
+    ref_context = CLIPTextModel.from_pretrained(os.path.join(workdir, 'model', 'text_encoder'))(
+      torch.from_numpy(ids.astype(np.int64))
+    ).last_hidden_state.numpy()
+  assert rel_err(ours_context, ref_context) <= 1e-5
+  x = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
+  t = np.array([10, 700])
+  with torch.no_grad():
+    ref = UNet2DConditionModel.from_pretrained(os.path.join(workdir, 'model', 'unet'))(
+      torch.from_numpy(nchw(x)), torch.from_numpy(t), torch.from_numpy(ref_context)
+    ).sample.numpy()
+  assert rel_err(jit_call(exported_pipe.unet)(x, t, ref_context), nhwc(ref)) <= 1e-5
+
+
 def test_trained_weights_moved_and_the_vae_did_not(finished, shared):
   workdir, _ = finished
   for rel, changed in (
@@ -121,6 +166,17 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(finish
   for rel in (UNET_FILE, TE_FILE):  # the skipped steps left the step-4 weights untouched
     a, b = read_safetensors(os.path.join(workdir, rel)), read_safetensors(os.path.join(finished[0], rel))
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_steps_redone_after_a_lost_checkpoint_replace_their_losses(finished, shared):
+  from jaxdream.training.loop import train
+
+  workdir = shutil.copytree(finished[0], str(shared['root'] / 'lost_save'))
+  # Killed after the step-4 loss was recorded but before its (asynchronous) checkpoint was complete.
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
+  shutil.rmtree(os.path.join(workdir, 'model'))
+  summary = train(_config(shared), workdir)
+  assert summary['losses'] == finished[1]['losses'] and [s for s, _ in summary['losses']] == [1, 2, 3, 4]
 
 
 def _write_config(shared, path, num_steps):
@@ -169,7 +225,7 @@ def _start(config, workdir, *overrides, devices=8, **env):
   )
 
 
-def _wait_for_checkpoint(proc, workdir, step, timeout=600):
+def _wait_for_checkpoint(proc, workdir, step, timeout=1800):
   folder = os.path.join(workdir, 'checkpoints', str(step))
   t0 = time.time()
   while not os.path.isdir(folder):
@@ -178,34 +234,75 @@ def _wait_for_checkpoint(proc, workdir, step, timeout=600):
     time.sleep(0.2)
 
 
+def _checkpoints(workdir) -> tuple[list[int], list[str]]:
+  """(the complete checkpoints' steps, orbax's temporary folders of unfinished saves)."""
+  folder = os.path.join(workdir, 'checkpoints')
+  names = os.listdir(folder) if os.path.isdir(folder) else []
+  return sorted(int(n) for n in names if n.isdigit()), [n for n in names if '.orbax-checkpoint-tmp' in n]
+
+
+def _kill_when(proc, workdir, ready, timeout=1800) -> list[int]:
+  """SIGKILL the run as soon as `ready(steps, temporary_folders)` holds, and check that it was killed
+  mid-run: by the signal, with no exported model and its last checkpoint before the end. Returns
+  the complete checkpoints it left."""
+  t0 = time.time()
+  while not ready(*_checkpoints(workdir)):
+    assert proc.poll() is None, 'the run ended before its kill point:\n' + proc.stdout.read()
+    assert time.time() - t0 < timeout, 'kill point not reached in time'
+    time.sleep(0.005)
+  proc.kill()
+  output = proc.communicate(timeout=60)[0]
+  assert proc.returncode == -signal.SIGKILL, output
+  steps, _ = _checkpoints(workdir)
+  assert steps and steps[-1] < KILL_RUN_STEPS and not os.path.exists(os.path.join(workdir, 'model')), steps
+  return steps
+
+
+KILL_RUN_STEPS = 10
+
+
+@pytest.mark.slow
 def test_sigterm_saves_and_sigkill_at_any_moment_resumes_to_identical_weights(shared, tmp_path):
-  config = _write_config(shared, tmp_path / 'cfg.py', num_steps=10)
+  config = _write_config(shared, tmp_path / 'cfg.py', num_steps=KILL_RUN_STEPS)
   straight = str(tmp_path / 'straight')
   proc = _start(config, straight)
-  assert proc.wait(timeout=600) == 0, proc.stdout.read()
+  assert proc.wait(timeout=1800) == 0, proc.stdout.read()
 
   interrupted = str(tmp_path / 'interrupted')
   proc = _start(config, interrupted)
   _wait_for_checkpoint(proc, interrupted, 2)
   proc.send_signal(signal.SIGTERM)  # preemption: save and exit cleanly
-  output = proc.communicate(timeout=300)[0]
+  output = proc.communicate(timeout=900)[0]
   assert proc.returncode == 0 and 'SIGTERM: saved the checkpoint' in output, output
+  # SIGKILL at several moments, each resumed by the next run: while starting, mid-save (an orbax
+  # temporary folder is there, and still there after the kill; retried if the save won the race) and
+  # just after a checkpoint is complete.
+  steps = _checkpoints(interrupted)[0]
+  t0 = time.time()
+  steps = _kill_when(_start(config, interrupted), interrupted, lambda s, tmp: time.time() > t0 + 3)
+  for _ in range(3):
+    steps = _kill_when(_start(config, interrupted), interrupted, lambda s, tmp: bool(tmp) and s[-1] >= 3)
+    if _checkpoints(interrupted)[1]:
+      break
+  else:
+    pytest.fail('every save finished before its kill')
+  last = steps[-1]
+  steps = _kill_when(_start(config, interrupted), interrupted, lambda s, tmp: s[-1] >= last + 2)
   proc = _start(config, interrupted)
-  _wait_for_checkpoint(proc, interrupted, 6)
-  proc.kill()  # SIGKILL mid-run, possibly mid-save
-  proc.wait()
-  proc = _start(config, interrupted)
-  output = proc.communicate(timeout=600)[0]
-  assert proc.returncode == 0 and 'resumed from the checkpoint' in output, output
+  output = proc.communicate(timeout=1800)[0]
+  assert proc.returncode == 0 and f'resumed from the checkpoint at step {steps[-1]}' in output, output
   for rel in (UNET_FILE, TE_FILE):
     a = read_safetensors(os.path.join(straight, rel))
     b = read_safetensors(os.path.join(interrupted, rel))
     assert set(a) == set(b)
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  # The loss history too: the steps redone after a kill replace the lost ones instead of repeating them.
+  with open(os.path.join(straight, 'losses.json')) as f, open(os.path.join(interrupted, 'losses.json')) as g:
+    assert json.load(g) == json.load(f)
 
 
-def test_cached_latents_and_text_embeddings_are_each_examples_own(finished):
+def test_cached_latents_are_each_examples_own(finished):
   import glob
 
   import jax
@@ -213,7 +310,7 @@ def test_cached_latents_and_text_embeddings_are_each_examples_own(finished):
 
   from jaxdream import load_pipeline
   from jaxdream.training.data import data_source, make_iterator
-  from jaxdream.training.loop import _cache_latents, _cache_text_embeddings, _next_batch
+  from jaxdream.training.loop import _cache_latents, _next_batch
 
   workdir, _ = finished
   folder = os.path.dirname(os.path.dirname(glob.glob(os.path.join(workdir, 'data', '*', '*', '1.0.0'))[0]))
@@ -251,9 +348,55 @@ def test_cached_latents_and_text_embeddings_are_each_examples_own(finished):
     cache,
   )
   assert set(batch) == {'latent_mean', 'latent_std', 'input_ids'} and batch['latent_mean'].shape == (2, 16, 16, 4)
-  contexts = _cache_text_embeddings(pipe, folder, ['instance'])
-  source = data_source(folder, 'instance')
-  ex = source[0]
-  expected = jit_call(pipe.text_encoder)(pipe.tokenize([ex['prompt'].decode()])['text_encoder'])[0]
-  np.testing.assert_allclose(contexts['instance']['context'][int(ex['index'])], expected, atol=1e-5)
   jax.block_until_ready(dist.mean)
+
+
+CAPTIONS = ('running on grass', 'in a red hat', 'asleep on a sofa', 'by the sea', 'under a tree')
+
+
+def test_cached_text_embeddings_are_each_examples_own_caption(shared, tmp_path):
+  from conftest import jit_call
+
+  from jaxdream import load_pipeline
+  from jaxdream.io.images import list_images
+  from jaxdream.training.data import data_source, instance_prompt, make_iterator, prepare_dataset
+  from jaxdream.training.loop import _cache_text_embeddings, _next_batch
+
+  subject = shutil.copytree(SAMPLE, str(tmp_path / 'subject'))
+  files = list_images(subject)
+  assert len(files) == len(CAPTIONS)
+  for file, caption in zip(files, CAPTIONS):  # photo.jpg + photo.txt
+    with open(os.path.splitext(file)[0] + '.txt', 'w') as f:
+      f.write(caption)
+  concept = _config(shared).concepts[0]
+  prompts = {file: instance_prompt(file, concept, '.txt', 'append') for file in files}
+  assert len(set(prompts.values())) == len(files) and all(c in prompts[f] for f, c in zip(files, CAPTIONS))
+  folder = prepare_dataset(
+    str(tmp_path / 'data'), {'instance': [{'file': f, 'prompt': prompts[f], 'concept': 0} for f in files]}, 64
+  )
+  pipe = load_pipeline(shared['base'])
+  encode = jit_call(pipe.text_encoder)
+  source = data_source(folder, 'instance')
+  # What each example index must get: the encoder run on its own image's caption, found from the file.
+  expected = {}
+  for j in range(len(source)):
+    file = source[j]['file']
+    file = file.decode() if isinstance(file, bytes) else str(file)
+    expected[int(source[j]['index'])] = np.asarray(encode(pipe.tokenize([prompts[file]])['text_encoder']))[0]
+  assert sorted(expected) == list(range(len(files)))
+
+  contexts = _cache_text_embeddings(pipe, folder, ['instance'])
+  assert contexts['instance']['context'].shape[0] == len(files)
+  for i, e in expected.items():
+    np.testing.assert_allclose(contexts['instance']['context'][i], e, atol=1e-5, err_msg=f'example {i}')
+
+  kw = dict(batch_size=2, seed=5, resolution=64, center_crop=True, flip_p=0.0, tokenize=pipe.tokenize)
+  batches, order = make_iterator(source, **kw), make_iterator(source, **kw)
+  seen = set()
+  for _ in range(4):  # 8 examples from a shuffled stream of 5: every one at least once
+    batch = _next_batch({'instance': batches}, False, None, contexts)
+    assert set(batch) == {'pixels', 'context', 'extra'}  # extra: SD 1.x/2.x has no further UNet inputs
+    for row, i in enumerate(next(order)['index']):
+      np.testing.assert_allclose(batch['context'][row], expected[int(i)], atol=1e-5, err_msg=f'example {i}')
+      seen.add(int(i))
+  assert seen == set(expected)

@@ -50,6 +50,7 @@ class _Mode:
   blend: bool  # 4-channel inpainting: re-impose the known region after every step
   unet_mask: bool  # 9-channel inpainting UNet: mask and masked-image latents are UNet inputs
   progress: bool
+  latent: bool = False  # return the final latents undecoded (output_type='latent')
 
 
 def _split(pipeline) -> tuple[dict, dict]:
@@ -115,6 +116,8 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
       return x, state
 
     x, _ = jax.lax.fori_loop(start, n, body, (x, state))
+    if mode.latent:
+      return x
     images = models['vae'].decode_latents(x).astype(jnp.float32)
     return jnp.round(jnp.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
 
@@ -228,7 +231,10 @@ def _generate(
   init_images=None,
   masks=None,
   strength=1.0,
+  output_type='uint8',
 ):
+  if output_type not in ('uint8', 'latent'):
+    raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
   prompts = _expand(prompts, num_images_per_prompt, 'prompts')
   b = len(prompts)
   negatives = (
@@ -288,6 +294,7 @@ def _generate(
     blend=inpainting and unet_in == c,
     unet_mask=inpainting and unet_in != c,
     progress=progress is not None,
+    latent=output_type == 'latent',
   )
   if mode.init == 'noise' and init_images is not None:
     start = 0  # inpainting at full strength starts from pure noise
@@ -368,6 +375,7 @@ def txt2img(
   eta: float = 0.0,
   mesh=None,
   progress: Callable[[int], None] | None = None,
+  output_type: str = 'uint8',
 ) -> np.ndarray:
   """Images for prompts, uint8 (B, H, W, 3), B = len(prompts) * num_images_per_prompt.
 
@@ -378,6 +386,8 @@ def txt2img(
   mesh: a jax.sharding.Mesh: the batch is split over its 'data' (and 'fsdp') axes.
   progress: called with the step index after each step (from inside the compiled loop); this call's
     own, even while other threads sample from the same pipeline, and changing it never recompiles.
+  output_type: 'uint8' (images), or 'latent': the final scaled latents, float32 NHWC (B, H/f, W/f, C),
+    not decoded, as diffusers' output_type='latent' (NCHW there).
   """
   return _generate(
     pipeline,
@@ -394,6 +404,7 @@ def txt2img(
     eta=eta,
     mesh=mesh,
     progress=progress,
+    output_type=output_type,
   )
 
 

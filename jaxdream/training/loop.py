@@ -187,7 +187,9 @@ def _run(config, workdir, concepts, instance) -> dict:
 
   writer = _Writer(workdir, config) if multihost.is_primary() else None
   preempt = multihost.Preemption()
-  losses = [x for x in _load_losses(workdir) if x[0] <= start]  # a resume from an older step drops the rest
+  # Losses past the restored checkpoint are of steps that will be redone (a kill mid-save, or an older
+  # resume_step): drop them.
+  losses = [x for x in _load_losses(workdir) if x[0] <= start]
   t_last, s_last = time.perf_counter(), start
   try:
     from tqdm import tqdm
