@@ -210,8 +210,10 @@ def test_steps_equal_the_pytorch_reference(tiny_sd_folder, case):
   # 13% measured on the weight changes, where unrelated changes would give ~140%.
   # The text encoder's gradient sums over 77 positions and comes through every cross-attention; where two
   # steps' gradients nearly cancel, Adam's second step magnifies their float32 rounding (1.4e-4 measured).
+  # The UNet's changes agree to 1.01e-4 on the min-SNR + EMA case when XLA skips LLVM's optimisations (the
+  # tests' cheap compile flags; 0.8e-4 with them): rounding, where a wrong option moves them by >1e-2.
   loss_tol, norm_tol = (1e-2, 2e-2) if bf16 else (1e-5, 1e-4)
-  delta_tol = {'unet': 0.25, 'text_encoder': 0.25} if bf16 else {'unet': 1e-4, 'text_encoder': 5e-4}
+  delta_tol = {'unet': 0.25, 'text_encoder': 0.25} if bf16 else {'unet': 2e-4, 'text_encoder': 5e-4}
   before = _weights(ref.state_dicts())
   step = jax.jit(fn)
   for i in range(steps):
@@ -257,9 +259,10 @@ def _flops(fn, *args):
 
 
 def _close(measured, expected):
-  """Equal flop counts up to what compiling a function alone or inlined changes at its boundary: tens of
-  elementwise flops (88 measured) out of millions; a missing or an extra backward pass is ~2 forwards."""
-  return abs(measured - expected) <= 1e-4 * expected
+  """Equal flop counts up to what compiling a function alone or inlined changes at its boundary: a few
+  thousand elementwise flops (88 to 2,984 measured, as fusion decisions change) out of 9.1 million; a
+  missing or an extra backward pass is ~2 forwards, 2,000 times this tolerance."""
+  return abs(measured - expected) <= 1e-3 * expected
 
 
 def test_no_gradient_is_computed_for_frozen_parameters(tiny_sd_folder):
