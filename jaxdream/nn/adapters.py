@@ -1,18 +1,24 @@
 """Adapters as parameter types, and module surgery that swaps layers for adapted ones.
 
-Int8 weight-only quantization today: `Quantized` variables are neither trainable `Param`s nor torch
-state-dict entries, so filtered splits (`nnx.split(model, nnx.Param, ...)`) leave them out of training and
-weight files.
+- Int8 weight-only quantization: `Quantized` variables are neither trainable `Param`s nor torch
+  state-dict entries, so filtered splits (`nnx.split(model, nnx.Param, ...)`) leave them out of training and
+  weight files.
+- LoRA: `LoRALinear` / `LoRAConv2d` are the base layers plus `LoRAParam` factors; the base weights keep
+  their names (weight files load and save as before) and the adapters are found by parameter type or by
+  their `lora_a` / `lora_b` paths.
 """
 
 from __future__ import annotations
+
+import math
+import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdream.nn.layers import Embed, Linear
+from jaxdream.nn.layers import Conv2d, Embed, Linear
 
 
 class Quantized(nnx.Variable):
@@ -75,3 +81,171 @@ def swap_modules(module: nnx.Module, convert):
 def state_bytes(model: nnx.Module) -> int:
   """Bytes held by the model's arrays (parameters and quantized weights)."""
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
+
+
+# --- LoRA ------------------------------------------------------------------------------------------------
+
+
+class LoRAParam(nnx.Param):
+  """A low-rank adapter factor: trainable like any Param, but not a base-model weight (it is in no
+  diffusers/transformers state dict; LoRA files hold it), so `nnx.split(model, LoRAParam, ...)` and the
+  trainer's path filters tell adapters from the base."""
+
+
+def lora_scale(rank: int, alpha: float | None = None, rslora: bool = False) -> float:
+  """alpha / rank as peft and kohya scale the update (alpha / sqrt(rank) with rsLoRA); alpha defaults to
+  the rank (scale 1)."""
+  alpha = rank if alpha is None else alpha
+  return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+def _lora_down_init(key, shape, fan_in: int, rank: int, init: str):
+  if init == 'kaiming_uniform':  # torch's kaiming_uniform_(a=sqrt(5)), peft's and kohya's: U(+-1/sqrt(fan_in))
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+  if init == 'gaussian':  # diffusers' DreamBooth-LoRA script (peft init_lora_weights='gaussian')
+    return jax.random.normal(key, shape, jnp.float32) / rank
+  raise ValueError(f"lora init {init!r}: use 'kaiming_uniform' or 'gaussian'")
+
+
+class LoRALinear(Linear):
+  """A Linear plus a low-rank update: y = x W + b + scale * (x A) B, with A (in, rank), B (rank, out)
+  (peft's lora_A / lora_B, kohya's lora_down / lora_up, transposed). B starts at zero, so an adapter
+  begins as the identity change. The base kernel and bias keep their names and torch layout."""
+
+  def __init__(self, linear: Linear, rank: int, *, scale: float, key, init: str = 'kaiming_uniform'):
+    vars(self).update({k: v for k, v in vars(linear).items() if not k.startswith('_')})
+    d_in, d_out = linear.kernel.shape
+    self.lora_a = LoRAParam(_lora_down_init(key, (d_in, rank), d_in, rank, init))
+    self.lora_b = LoRAParam(jnp.zeros((rank, d_out), jnp.float32))
+    self.lora_scale = scale
+
+  def param_axes(self) -> dict:
+    return dict(super().param_axes(), lora_a=(self.axes[0], None), lora_b=(None, self.axes[1]))
+
+  def delta(self) -> jax.Array:
+    """The update as a kernel: scale * A B, (in, out)."""
+    return self.lora_scale * (self.lora_a[...] @ self.lora_b[...])
+
+  def __call__(self, x):
+    h = jnp.dot(x.astype(self.dtype), self.lora_a[...].astype(self.dtype))
+    return super().__call__(x) + jnp.dot(h, self.lora_b[...].astype(self.dtype)) * jnp.asarray(
+      self.lora_scale, self.dtype
+    )
+
+
+class LoRAConv2d(Conv2d):
+  """A Conv2d plus a low-rank update (LoCon): the down convolution has the base's kernel size, stride and
+  padding, A (kh, kw, in, rank); the up one is 1x1, B (rank, out)."""
+
+  def __init__(self, conv: Conv2d, rank: int, *, scale: float, key, init: str = 'kaiming_uniform'):
+    vars(self).update({k: v for k, v in vars(conv).items() if not k.startswith('_')})
+    kh, kw, c_in, c_out = conv.kernel.shape
+    self.lora_a = LoRAParam(_lora_down_init(key, (kh, kw, c_in, rank), kh * kw * c_in, rank, init))
+    self.lora_b = LoRAParam(jnp.zeros((rank, c_out), jnp.float32))
+    self.lora_scale = scale
+
+  def param_axes(self) -> dict:
+    return dict(super().param_axes(), lora_a=(None, None, self.axes[0], None), lora_b=(None, self.axes[1]))
+
+  def delta(self) -> jax.Array:
+    """The update as a kernel of the base's shape: scale * A B, (kh, kw, in, out)."""
+    return self.lora_scale * jnp.einsum('hwir,ro->hwio', self.lora_a[...], self.lora_b[...])
+
+  def __call__(self, x):
+    p = self.padding
+    h = jax.lax.conv_general_dilated(
+      x.astype(self.dtype),
+      self.lora_a[...].astype(self.dtype),
+      (self.stride, self.stride),
+      ((p, p), (p, p)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    )
+    return super().__call__(x) + jnp.dot(h, self.lora_b[...].astype(self.dtype)) * jnp.asarray(
+      self.lora_scale, self.dtype
+    )
+
+
+def module_paths(model: nnx.Module) -> dict[str, nnx.Module]:
+  """{'down_blocks.0.attentions.0....attn1.to_q': module} for every submodule, named as torch names it."""
+  return {'.'.join(str(p) for p in path): node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)}
+
+
+def matches_target(name: str, targets) -> bool:
+  """peft's rule: a target names a module by its full dotted name or by a suffix of whole parts."""
+  return any(name == t or name.endswith('.' + t) for t in targets)
+
+
+def _replace(model: nnx.Module, name: str, new: nnx.Module):
+  *parents, last = name.split('.')
+  parent = model
+  for p in parents:
+    parent = parent[int(p)] if isinstance(parent, nnx.List) else getattr(parent, p)
+  if isinstance(parent, nnx.List):
+    parent[int(last)] = new
+  else:
+    setattr(parent, last, new)
+
+
+def add_lora(
+  model: nnx.Module,
+  *,
+  targets=(),
+  rank: int,
+  alpha: float | None = None,
+  rslora: bool = False,
+  init: str = 'kaiming_uniform',
+  conv_targets=(),
+  conv_rank: int = 0,
+  conv_alpha: float | None = None,
+  key,
+) -> list[str]:
+  """Swap, in place, the Linear layers named by `targets` (and, with conv_rank > 0, the Conv2d layers named
+  by `conv_targets`) for LoRA ones. Each adapter's A gets its own key, folded from `key` by the layer's
+  name, so adding targets elsewhere never changes an adapter's init. Returns the adapted names; no match at
+  all is an error (a typo would otherwise train nothing)."""
+  done = []
+  for name, node in module_paths(model).items():
+    if type(node) is Linear and rank and matches_target(name, targets):
+      new = LoRALinear(node, rank, scale=lora_scale(rank, alpha, rslora), key=_name_key(key, name), init=init)
+    elif type(node) is Conv2d and conv_rank and matches_target(name, conv_targets):
+      s = lora_scale(conv_rank, conv_alpha if conv_alpha is not None else alpha, rslora)
+      new = LoRAConv2d(node, conv_rank, scale=s, key=_name_key(key, name), init=init)
+    else:
+      continue
+    _replace(model, name, new)
+    done.append(name)
+  if not done and (targets or conv_targets):
+    raise ValueError(f'LoRA targets {list(targets) + list(conv_targets)} match no layer of {type(model).__name__}')
+  return done
+
+
+def _name_key(key, name: str):
+  return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def lora_layers(model: nnx.Module) -> dict[str, LoRALinear | LoRAConv2d]:
+  """The model's LoRA layers by torch-style dotted name."""
+  return {n: m for n, m in module_paths(model).items() if isinstance(m, (LoRALinear, LoRAConv2d))}
+
+
+def _plain_layer(layer: LoRALinear | LoRAConv2d) -> Linear | Conv2d:
+  """The base layer of a LoRA one (same parameter objects, no adapter)."""
+  kw = dict(use_bias=layer.bias is not None, axes=layer.axes, dtype=layer.dtype)
+  if isinstance(layer, LoRALinear):
+    build = lambda: Linear(*layer.kernel.shape, rngs=nnx.Rngs(0), **kw)
+  else:
+    kh, _, c_in, c_out = layer.kernel.shape
+    build = lambda: Conv2d(c_in, c_out, kh, stride=layer.stride, padding=layer.padding, rngs=nnx.Rngs(0), **kw)
+  plain = nnx.eval_shape(build)  # structure only: no random init of a kernel about to be replaced
+  plain.kernel, plain.bias = layer.kernel, layer.bias
+  return plain
+
+
+def merge_lora_layers(model: nnx.Module, weight: float = 1.0):
+  """Fold every adapter into its base kernel (kernel += weight * scale * A B) and swap the LoRA layers back
+  for plain ones, in place: a merged model computes with no adapter cost."""
+  for name, layer in lora_layers(model).items():
+    plain = _plain_layer(layer)
+    plain.kernel = nnx.Param(layer.kernel[...] + weight * layer.delta())
+    _replace(model, name, plain)
