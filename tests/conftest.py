@@ -205,3 +205,9 @@ def tiny_sd_folder(tmp_path_factory):
   cfg['clip_sample'] = False
   json.dump(cfg, open(cfg_path, 'w'))
   return pipe, path
+
+
+def pytest_collection_modifyitems(config, items):
+  """The long whole-run tests (`slow`) first, in their usual order: xdist's workers then start them at once
+  and fill in with the short ones, instead of one worker finishing alone with a long test picked up last."""
+  items.sort(key=lambda item: item.get_closest_marker('slow') is None)

@@ -248,10 +248,16 @@ def abstract_model(build: Callable[[nnx.Rngs], nnx.Module]) -> nnx.Module:
 def init_model(build: Callable[[nnx.Rngs], nnx.Module], seed: int = 0) -> nnx.Module:
   """A randomly initialised model, built under one jit (eager init compiles every op on its own).
   The 'unsafe_rbg' generator compiles several times faster than threefry; init needs no more."""
-  graphdef, _ = nnx.split(abstract_model(build))
   key = jax.random.key(seed, impl='unsafe_rbg')
-  state = jax.jit(lambda: nnx.split(build(nnx.Rngs(key)))[1])()
-  return nnx.merge(graphdef, state)
+  graphdefs = []
+
+  def init():
+    graphdef, state = nnx.split(build(nnx.Rngs(key)))
+    graphdefs.append(graphdef)  # static structure, captured while tracing: the build runs only once
+    return state
+
+  state = jax.jit(init)()
+  return nnx.merge(graphdefs[0], state)
 
 
 def count_params(model: nnx.Module) -> int:

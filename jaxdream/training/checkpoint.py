@@ -10,9 +10,31 @@ import jax
 from jaxdream.distributed import multihost
 from jaxdream.training import config as config_lib
 
+# Orbax splits each replicated array over its replicas and saves one slice per device ("replica
+# parallel"): one device dispatch per slice, about 1 ms each, so for small arrays the split costs far more
+# than the write it shares (a tiny model's checkpoint: 8.5 s of 9.5 s on 8 CPU devices). Only slices of
+# at least this many bytes are worth it.
+REPLICA_PARALLEL_MIN_BYTES = 1 << 20
+
+
+def _register_array_handler():
+  import orbax.checkpoint as ocp
+
+  try:
+    from orbax.checkpoint._src.metadata import array_metadata_store
+
+    handler = ocp.type_handlers.ArrayHandler(
+      min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES, array_metadata_store=array_metadata_store.Store()
+    )
+  except (ImportError, TypeError):  # another orbax layout: keep its default handler (slower, as correct)
+    return
+  ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
 
 def _checkpointer(workdir, config):
   import orbax.checkpoint as ocp
+
+  _register_array_handler()
 
   options = ocp.CheckpointManagerOptions(
     max_to_keep=config.checkpoint.keep, enable_async_checkpointing=config.checkpoint.async_save
