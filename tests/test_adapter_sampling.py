@@ -14,7 +14,8 @@ from jaxdream import load_pipeline
 from jaxdream.diffusion.adapters import stack_adapters
 from jaxdream.diffusion.sampling import txt2img
 from jaxdream.diffusion.tiny_model import create_tiny_pipeline
-from jaxdream.nn.adapters import LoRAParam, add_lora, lora_layers, merge_lora_layers
+from jaxdream.nn.adapters import LoRAConv2d, LoRALinear, LoRAParam, add_lora, lora_layers, merge_lora_layers
+from jaxdream.nn.layers import Conv2d, Linear
 
 RANK = 2
 UNET_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out.0')
@@ -26,6 +27,26 @@ IDS = [0, 1, 0, 2, 1]
 SCALES = [1.0, 0.6, 1.5, 1.0, 0.0]
 SEEDS = [3, 4, 5, 6, 7]
 KW = dict(num_inference_steps=2, guidance_scale=7.5, scheduler='ddim', height=32, width=32, seed=SEEDS)
+
+
+def test_per_example_factors_give_each_example_its_own_adapter():
+  rngs, keys = nnx.Rngs(0), jax.random.split(jax.random.key(1), 6)
+  cases = (
+    (LoRALinear(Linear(6, 5, rngs=rngs), 2, scale=0.5, key=keys[0]), (3, 7, 6)),
+    (LoRAConv2d(Conv2d(3, 4, 3, stride=2, rngs=rngs), 2, scale=0.5, key=keys[1]), (3, 8, 8, 3)),
+  )
+  for layer, x_shape in cases:
+    x = jax.random.normal(keys[2], x_shape)
+    a = jax.random.normal(keys[3], (3,) + layer.lora_a.shape)
+    b = jax.random.normal(keys[4], (3,) + layer.lora_b.shape)
+    expected = []
+    for i in range(3):  # example i alone with adapter i as shared factors
+      layer.lora_a, layer.lora_b = LoRAParam(a[i]), LoRAParam(b[i])
+      expected.append(layer(x[i : i + 1])[0])
+    layer.lora_a, layer.lora_b = LoRAParam(a), LoRAParam(b)
+    np.testing.assert_allclose(layer(x), np.stack(expected), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match='per-example LoRA factors for 3 examples, but the input has 2'):
+      layer(x[:2])
 
 
 def _adapted(base, key, *, rank=RANK, alpha=None, unet_targets=UNET_TARGETS) -> dict:
@@ -151,3 +172,12 @@ def test_adapters_that_do_not_stack_or_fit_are_clear_errors(setup):
     txt2img(setup['pipe'], PROMPTS, adapters=stacked, adapter_ids=IDS, adapter_scales=[1.0, 0.5], **KW)
   with pytest.raises(ValueError, match='need adapters'):
     txt2img(setup['pipe'], PROMPTS, adapter_ids=IDS, **KW)
+
+
+def test_adapters_split_over_a_mesh_give_the_single_device_images(setup):
+  # 5 images over 8 devices: the ids and scales are split and padded with the other per-image inputs.
+  mesh = jax.make_mesh((len(jax.devices()),), ('data',))
+  pipe = _with(setup['base'], {c: setup['pipe'].components[c] for c in ('unet', 'text_encoder')})
+  kw = dict(adapters=setup['stacked'], adapter_ids=IDS, adapter_scales=SCALES, mesh=mesh)
+  sharded = txt2img(pipe, PROMPTS, **kw, **KW)
+  assert int(np.abs(sharded.astype(np.int32) - setup['images']).max()) <= 1
