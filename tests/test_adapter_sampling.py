@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxdream import load_pipeline
 from jaxdream.diffusion.adapters import stack_adapters
-from jaxdream.diffusion.sampling import txt2img
+from jaxdream.diffusion.sampling import img2img, txt2img
 from jaxdream.diffusion.tiny_model import create_tiny_pipeline
 from jaxdream.nn.adapters import LoRAConv2d, LoRALinear, LoRAParam, add_lora, lora_layers, merge_lora_layers
 from jaxdream.nn.layers import Conv2d, Linear
@@ -154,6 +154,28 @@ def test_two_threads_with_different_adapters_get_their_own_images(setup):
   assert not np.array_equal(images[0], alone[0])  # adapter 0 vs adapter 2: the two calls differ
   (fn,) = pipe.compiled.values()
   assert fn._cache_size() == 1
+
+
+def test_img2img_without_guidance_uses_each_images_adapter(setup):
+  # guidance_scale 1: one UNet pass per image (no unconditional half), through the same per-image loop.
+  base, adapters = setup['base'], setup['adapters']
+  images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+  kw = dict(num_inference_steps=3, strength=0.7, guidance_scale=1.0, scheduler='ddim')
+  prompts, ids, scales, seeds = PROMPTS[:2], [2, 0], [0.8, 0.0], [1, 2]
+  pipe = _with(base, {c: setup['pipe'].components[c] for c in ('unet', 'text_encoder')})
+  stacked = setup['stacked']
+  batched = img2img(pipe, prompts, images, adapters=stacked, adapter_ids=ids, adapter_scales=scales, seed=seeds, **kw)
+  merged = {c: nnx.clone(m) for c, m in adapters[2].items()}
+  for m in merged.values():
+    merge_lora_layers(m, weight=0.8)
+  refs = [
+    img2img(p, prompts[b : b + 1], images[b : b + 1], seed=[seeds[b]], **kw)[0]
+    for b, p in enumerate([_with(base, merged, base.compiled), base])
+  ]
+  diff = [int(np.abs(batched[b].astype(np.int32) - refs[b]).max()) for b in range(2)]
+  assert max(diff) <= 1, diff
+  base_0 = img2img(base, prompts[:1], images[:1], seed=seeds[:1], **kw)[0]
+  assert np.abs(refs[0].astype(np.int32) - base_0).mean() > 5  # the adapter matters
 
 
 def test_adapters_that_do_not_stack_or_fit_are_clear_errors(setup):
