@@ -102,13 +102,11 @@ def check_adapters(pipeline, adapters: dict):
     )
 
 
-def per_image(values, default, n_prompts: int, per_prompt: int, what: str) -> list:
+def per_image(values, n_images: int, per_prompt: int, what: str) -> list:
   """One value per image: a scalar for all, or one per prompt (repeated num_images_per_prompt times)."""
-  if values is None:
-    values = default
   if np.ndim(values) == 0:
-    return [values] * (n_prompts * per_prompt)
-  values = list(values)
+    return [values] * n_images
+  values, n_prompts = list(values), n_images // per_prompt
   if len(values) != n_prompts:
     raise ValueError(f'{len(values)} {what} for {n_prompts} prompts: give one per prompt, or one for all')
   return [v for v in values for _ in range(per_prompt)]

@@ -276,7 +276,7 @@ def _generate(
   if not 0.0 <= strength <= 1.0:
     raise ValueError(f'strength must be in [0, 1], got {strength}')
   seeds = _seeds(seed, b)
-  ids, scales = _adapter_choice(pipeline, adapters, adapter_ids, adapter_scales, b // num_images_per_prompt, b)
+  ids, scales = _adapter_choice(pipeline, adapters, adapter_ids, adapter_scales, b, num_images_per_prompt)
   sch = make_scheduler(scheduler, pipeline.scheduler_config, num_inference_steps, eta=eta)
   f, c = pipeline.vae_scale_factor, pipeline.vae.latent_channels
   shape = (height // f, width // f, c)
@@ -367,7 +367,7 @@ def _first_size(images):
   return np.asarray(im).shape[:2]
 
 
-def _adapter_choice(pipeline, adapters, adapter_ids, adapter_scales, n_prompts, b):
+def _adapter_choice(pipeline, adapters, adapter_ids, adapter_scales, b, per_prompt):
   """(ids, scales) per image as arrays (B,): which stacked adapter each image uses, at which weight."""
   if adapters is None:
     if adapter_ids is not None or adapter_scales is not None:
@@ -376,9 +376,9 @@ def _adapter_choice(pipeline, adapters, adapter_ids, adapter_scales, n_prompts, 
   if adapter_ids is None:
     raise ValueError('adapters need adapter_ids: which stacked adapter each prompt uses')
   per_image_adapters.check_adapters(pipeline, adapters)
-  per_prompt = b // n_prompts
-  ids = per_image_adapters.per_image(adapter_ids, None, n_prompts, per_prompt, 'adapter_ids')
-  scales = per_image_adapters.per_image(adapter_scales, 1.0, n_prompts, per_prompt, 'adapter_scales')
+  ids = per_image_adapters.per_image(adapter_ids, b, per_prompt, 'adapter_ids')
+  scales = 1.0 if adapter_scales is None else adapter_scales
+  scales = per_image_adapters.per_image(scales, b, per_prompt, 'adapter_scales')
   n = per_image_adapters.num_adapters(adapters)
   bad = [i for i in ids if not (isinstance(i, (int, np.integer)) and 0 <= i < n)]
   if bad:
