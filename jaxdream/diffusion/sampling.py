@@ -9,6 +9,9 @@ once: each gets its own images and its own progress calls.
 
 Randomness is per image: image b draws everything (initial noise, VAE posterior samples, ancestral step
 noise) from `jax.random.key(seeds[b])`, so an image depends only on its own seed and prompt.
+
+Adapters per image: with `adapters` (diffusion.adapters.stack_adapters) each image uses its own LoRA
+adapter and weight (`adapter_ids`, `adapter_scales`, per-call arrays) in the same batched loop.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxdream.diffusion import adapters as per_image_adapters
 from jaxdream.distributed.mesh import as_auto
 from jaxdream.distributed.multihost import run_together, to_global, to_host
 from jaxdream.runtime import Structure
@@ -51,6 +55,7 @@ class _Mode:
   unet_mask: bool  # 9-channel inpainting UNet: mask and masked-image latents are UNet inputs
   progress: bool
   latent: bool = False  # return the final latents undecoded (output_type='latent')
+  adapters: bool = False  # per-image LoRA adapters (stacked factors, ids and scales are arguments)
 
 
 def _split(pipeline) -> tuple[dict, dict]:
@@ -84,8 +89,26 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
   per_image_step = jax.vmap(sch.step, in_axes=(0, 0, None, 0, 0))
   per_image_noise = jax.vmap(sch.add_noise, in_axes=(0, 0, None))
 
-  def run(params, cond_ids, uncond_ids, noise, step_keys, guidance, start, image_latents, mask, masked_latents, token):
+  def run(
+    params,
+    adapters,
+    cond_ids,
+    uncond_ids,
+    noise,
+    step_keys,
+    adapter_ids,
+    adapter_scales,
+    guidance,
+    start,
+    image_latents,
+    mask,
+    masked_latents,
+    token,
+  ):
     models = {name: nnx.merge(graphdef, params[name]) for name, graphdef in graphdefs.items()}
+    if mode.adapters:  # both halves of a guided image use its adapter, as its merged weights would
+      twice = lambda a: jnp.concatenate([a, a]) if mode.cfg else a
+      per_image_adapters.set_per_example(models, adapters, twice(adapter_ids), twice(adapter_scales))
     ids = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond_ids, cond_ids) if mode.cfg else cond_ids
     context, extra = encode_prompt(models, ids)
     if mode.init == 'image':
@@ -232,6 +255,9 @@ def _generate(
   masks=None,
   strength=1.0,
   output_type='uint8',
+  adapters=None,
+  adapter_ids=None,
+  adapter_scales=None,
 ):
   if output_type not in ('uint8', 'latent'):
     raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
@@ -250,6 +276,7 @@ def _generate(
   if not 0.0 <= strength <= 1.0:
     raise ValueError(f'strength must be in [0, 1], got {strength}')
   seeds = _seeds(seed, b)
+  ids, scales = _adapter_choice(pipeline, adapters, adapter_ids, adapter_scales, b, num_images_per_prompt)
   sch = make_scheduler(scheduler, pipeline.scheduler_config, num_inference_steps, eta=eta)
   f, c = pipeline.vae_scale_factor, pipeline.vae.latent_channels
   shape = (height // f, width // f, c)
@@ -295,28 +322,32 @@ def _generate(
     unet_mask=inpainting and unet_in != c,
     progress=progress is not None,
     latent=output_type == 'latent',
+    adapters=adapters is not None,
   )
   if mode.init == 'noise' and init_images is not None:
     start = 0  # inpainting at full strength starts from pure noise
   graphdefs, params = _split(pipeline)
   fn = _sampler(pipeline, graphdefs, sch, mode)
   with pipeline.callbacks.register(progress) as token:
-    args = [
-      params,
-      jax.tree.map(jnp.asarray, pipeline.tokenize(prompts)),
-      jax.tree.map(jnp.asarray, pipeline.tokenize(negatives)),
-      noise,
-      image_keys(seeds, _STEPS),
-      jnp.float32(guidance_scale),
-      jnp.int32(start),
-      jnp.asarray(image_latents),
-      jnp.asarray(mask),
-      jnp.asarray(masked_latents),
-      jnp.int32(token),
-    ]
+    args = dict(  # in `run`'s order
+      params=params,
+      adapters=adapters,
+      cond_ids=jax.tree.map(jnp.asarray, pipeline.tokenize(prompts)),
+      uncond_ids=jax.tree.map(jnp.asarray, pipeline.tokenize(negatives)),
+      noise=noise,
+      step_keys=image_keys(seeds, _STEPS),
+      adapter_ids=ids,
+      adapter_scales=scales,
+      guidance=jnp.float32(guidance_scale),
+      start=jnp.int32(start),
+      image_latents=jnp.asarray(image_latents),
+      mask=jnp.asarray(mask),
+      masked_latents=jnp.asarray(masked_latents),
+      token=jnp.int32(token),
+    )
     if mesh is not None:
       args = _place_on_mesh(args, mesh)
-    images = to_host(run_together(fn, *args))[:b]
+    images = to_host(run_together(fn, *args.values()))[:b]
     if progress is not None:
       jax.effects_barrier()  # every step's callback has run before the token is forgotten
   return images
@@ -336,7 +367,40 @@ def _first_size(images):
   return np.asarray(im).shape[:2]
 
 
-def _place_on_mesh(args, mesh):
+def _adapter_choice(pipeline, adapters, adapter_ids, adapter_scales, b, per_prompt):
+  """(ids, scales) per image as arrays (B,): which stacked adapter each image uses, at which weight."""
+  if adapters is None:
+    if adapter_ids is not None or adapter_scales is not None:
+      raise ValueError('adapter_ids / adapter_scales need adapters (diffusion.adapters.stack_adapters)')
+    return jnp.zeros((b,), jnp.int32), jnp.ones((b,), jnp.float32)
+  if adapter_ids is None:
+    raise ValueError('adapters need adapter_ids: which stacked adapter each prompt uses')
+  per_image_adapters.check_adapters(pipeline, adapters)
+  ids = per_image_adapters.per_image(adapter_ids, b, per_prompt, 'adapter_ids')
+  scales = 1.0 if adapter_scales is None else adapter_scales
+  scales = per_image_adapters.per_image(scales, b, per_prompt, 'adapter_scales')
+  n = per_image_adapters.num_adapters(adapters)
+  bad = [i for i in ids if not (isinstance(i, (int, np.integer)) and 0 <= i < n)]
+  if bad:
+    raise ValueError(f'adapter_ids {bad} out of range: {n} adapters are stacked (ids 0..{n - 1})')
+  return jnp.asarray(ids, jnp.int32), jnp.asarray(scales, jnp.float32)
+
+
+# The loop's arguments that hold one entry per image (split over the mesh); the rest are replicated.
+_PER_IMAGE = (
+  'cond_ids',
+  'uncond_ids',
+  'noise',
+  'step_keys',
+  'adapter_ids',
+  'adapter_scales',
+  'image_latents',
+  'mask',
+  'masked_latents',
+)
+
+
+def _place_on_mesh(args: dict, mesh) -> dict:
   """Parameters replicated, per-image inputs split over the mesh's data axes. A batch that does not
   divide is padded with copies of its last image (dropped afterwards; images are independent)."""
   mesh = as_auto(mesh)
@@ -345,18 +409,10 @@ def _place_on_mesh(args, mesh):
   pad = lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], (-a.shape[0]) % n, axis=0)])
   rep = NamedSharding(mesh, P())
   split = NamedSharding(mesh, P(axes if axes else None))
-  params, cond_ids, uncond_ids, noise, step_keys, guidance, start, image_latents, mask, masked, token = args
-  per_image = [
-    to_global(jax.tree.map(pad, a), split)
-    for a in (cond_ids, uncond_ids, noise, step_keys, image_latents, mask, masked)
-  ]
-  return (
-    [to_global(params, rep)]
-    + per_image[:4]
-    + [to_global(a, rep) for a in (guidance, start)]
-    + per_image[4:]
-    + [to_global(token, rep)]
-  )
+  return {
+    name: to_global(jax.tree.map(pad, a), split) if name in _PER_IMAGE else to_global(a, rep)
+    for name, a in args.items()
+  }
 
 
 def txt2img(
@@ -376,6 +432,9 @@ def txt2img(
   mesh=None,
   progress: Callable[[int], None] | None = None,
   output_type: str = 'uint8',
+  adapters: dict | None = None,
+  adapter_ids=None,
+  adapter_scales=None,
 ) -> np.ndarray:
   """Images for prompts, uint8 (B, H, W, 3), B = len(prompts) * num_images_per_prompt.
 
@@ -388,6 +447,11 @@ def txt2img(
     own, even while other threads sample from the same pipeline, and changing it never recompiles.
   output_type: 'uint8' (images), or 'latent': the final scaled latents, float32 NHWC (B, H/f, W/f, C),
     not decoded, as diffusers' output_type='latent' (NCHW there).
+  adapters: LoRA adapters stacked by diffusion.adapters.stack_adapters; `pipeline` must carry LoRA layers
+    with the same targets and ranks (their values are not used). Each prompt uses the adapter
+    `adapter_ids[i]` (an int, or one per prompt) at weight `adapter_scales[i]` (default 1.0; 0 is the base
+    model), as if merged at that weight; new ids and scales never recompile (a new number of stacked
+    adapters does).
   """
   return _generate(
     pipeline,
@@ -405,6 +469,9 @@ def txt2img(
     mesh=mesh,
     progress=progress,
     output_type=output_type,
+    adapters=adapters,
+    adapter_ids=adapter_ids,
+    adapter_scales=adapter_scales,
   )
 
 
@@ -426,10 +493,14 @@ def img2img(
   eta: float = 0.0,
   mesh=None,
   progress=None,
+  adapters: dict | None = None,
+  adapter_ids=None,
+  adapter_scales=None,
 ) -> np.ndarray:
   """Images that start from `init_images` (uint8 arrays, PIL images or paths), noised to `strength`
   (1.0: the image is replaced by noise entirely; 0.0: returned almost unchanged), as diffusers'
-  StableDiffusionImg2ImgPipeline. `latents` here is the noise added to the image latents."""
+  StableDiffusionImg2ImgPipeline. `latents` here is the noise added to the image latents. `adapters`,
+  `adapter_ids`, `adapter_scales`: per-image LoRA adapters, as in txt2img."""
   return _generate(
     pipeline,
     prompts,
@@ -447,6 +518,9 @@ def img2img(
     progress=progress,
     init_images=init_images,
     strength=strength,
+    adapters=adapters,
+    adapter_ids=adapter_ids,
+    adapter_scales=adapter_scales,
   )
 
 
@@ -469,11 +543,14 @@ def inpaint(
   eta: float = 0.0,
   mesh=None,
   progress=None,
+  adapters: dict | None = None,
+  adapter_ids=None,
+  adapter_scales=None,
 ) -> np.ndarray:
   """Repaint the white (>= 0.5) region of `masks` in `init_images`, as diffusers'
   StableDiffusionInpaintPipeline: 9-channel inpainting UNets get the mask and masked image as inputs;
   standard 4-channel models keep the unmasked region by blending the noised original latents back in
-  after every step."""
+  after every step. `adapters`, `adapter_ids`, `adapter_scales`: per-image LoRA adapters, as in txt2img."""
   return _generate(
     pipeline,
     prompts,
@@ -492,4 +569,7 @@ def inpaint(
     init_images=init_images,
     masks=masks,
     strength=strength,
+    adapters=adapters,
+    adapter_ids=adapter_ids,
+    adapter_scales=adapter_scales,
   )

@@ -111,7 +111,10 @@ def _lora_down_init(key, shape, fan_in: int, rank: int, init: str):
 class LoRALinear(Linear):
   """A Linear plus a low-rank update: y = x W + b + scale * (x A) B, with A (in, rank), B (rank, out)
   (peft's lora_A / lora_B, kohya's lora_down / lora_up, transposed). B starts at zero, so an adapter
-  begins as the identity change. The base kernel and bias keep their names and torch layout."""
+  begins as the identity change. The base kernel and bias keep their names and torch layout.
+
+  Factors with a leading batch axis, A (batch, in, rank) and B (batch, rank, out), give each example its
+  own adapter (the batched sampler sets them, jaxdream.diffusion.adapters); the base matmul stays shared."""
 
   def __init__(self, linear: Linear, rank: int, *, scale: float, key, init: str = 'kaiming_uniform'):
     vars(self).update({k: v for k, v in vars(linear).items() if not k.startswith('_')})
@@ -128,15 +131,24 @@ class LoRALinear(Linear):
     return self.lora_scale * (self.lora_a[...] @ self.lora_b[...])
 
   def __call__(self, x):
-    h = jnp.dot(x.astype(self.dtype), self.lora_a[...].astype(self.dtype))
-    return super().__call__(x) + jnp.dot(h, self.lora_b[...].astype(self.dtype)) * jnp.asarray(
-      self.lora_scale, self.dtype
-    )
+    a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
+    if a.ndim == 2:
+      up = jnp.dot(jnp.dot(x.astype(self.dtype), a), b)
+    else:  # per-example factors (batch, in, rank), (batch, rank, out): each example its own adapter
+      _check_per_example(x, a)
+      up = jnp.einsum('b...r,bro->b...o', jnp.einsum('b...i,bir->b...r', x.astype(self.dtype), a), b)
+    return super().__call__(x) + up * jnp.asarray(self.lora_scale, self.dtype)
+
+
+def _check_per_example(x, a):
+  if x.shape[0] != a.shape[0]:
+    raise ValueError(f'per-example LoRA factors for {a.shape[0]} examples, but the input has {x.shape[0]}')
 
 
 class LoRAConv2d(Conv2d):
   """A Conv2d plus a low-rank update (LoCon): the down convolution has the base's kernel size, stride and
-  padding, A (kh, kw, in, rank); the up one is 1x1, B (rank, out)."""
+  padding, A (kh, kw, in, rank); the up one is 1x1, B (rank, out). Per-example factors have a leading
+  batch axis, as in LoRALinear."""
 
   def __init__(self, conv: Conv2d, rank: int, *, scale: float, key, init: str = 'kaiming_uniform'):
     vars(self).update({k: v for k, v in vars(conv).items() if not k.startswith('_')})
@@ -152,18 +164,22 @@ class LoRAConv2d(Conv2d):
     """The update as a kernel of the base's shape: scale * A B, (kh, kw, in, out)."""
     return self.lora_scale * jnp.einsum('hwir,ro->hwio', self.lora_a[...], self.lora_b[...])
 
-  def __call__(self, x):
+  def _down(self, x, a):
     p = self.padding
-    h = jax.lax.conv_general_dilated(
-      x.astype(self.dtype),
-      self.lora_a[...].astype(self.dtype),
-      (self.stride, self.stride),
-      ((p, p), (p, p)),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    return jax.lax.conv_general_dilated(
+      x, a, (self.stride, self.stride), ((p, p), (p, p)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')
     )
-    return super().__call__(x) + jnp.dot(h, self.lora_b[...].astype(self.dtype)) * jnp.asarray(
-      self.lora_scale, self.dtype
-    )
+
+  def __call__(self, x):
+    a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
+    x_ = x.astype(self.dtype)
+    if a.ndim == 4:
+      up = jnp.dot(self._down(x_, a), b)
+    else:  # per-example factors (batch, kh, kw, in, rank), (batch, rank, out): a grouped convolution
+      _check_per_example(x, a)
+      h = jax.vmap(lambda xi, ai: self._down(xi[None], ai)[0])(x_, a)
+      up = jnp.einsum('bhwr,bro->bhwo', h, b)
+    return super().__call__(x) + up * jnp.asarray(self.lora_scale, self.dtype)
 
 
 def module_paths(model: nnx.Module) -> dict[str, nnx.Module]:
