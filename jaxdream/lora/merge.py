@@ -45,6 +45,11 @@ def _check(lora: LoRAWeights, components: Mapping[str, nnx.Module], strict: bool
   return plan, skipped
 
 
+def check_lora(components: Mapping[str, nnx.Module], lora, *, strict: bool = True) -> list[str]:
+  """The file's adapters that fit no module of `components` (strict: a WeightsError naming them), merging nothing."""
+  return _check(_as_weights(lora), components, strict)[1]
+
+
 def merge_lora_components(
   components: Mapping[str, nnx.Module], loras: Sequence, *, strict: bool = True
 ) -> tuple[dict[str, nnx.Module], list[str]]:
