@@ -285,7 +285,11 @@ def load_lora(path: str) -> LoRAWeights:
   """Read a LoRA .safetensors file in diffusers/peft or kohya/A1111 layout. Pickle files are refused (they can
   run code when loaded): convert them to safetensors first."""
   if path.endswith(PICKLE_SUFFIXES):
-    raise WeightsError(f'{path}: a pickle LoRA file; jaxdream reads LoRA files only as .safetensors')
+    raise WeightsError(
+      f'{path}: a pickle LoRA file, which can run code when loaded; jaxdream reads LoRA files only as .safetensors. '
+      'Convert it with torch: `safetensors.torch.save_file(torch.load(p, weights_only=True), p_without_suffix + '
+      '".safetensors")`'
+    )
   if not os.path.isfile(path):
     raise WeightsError(f'{path}: no such LoRA file')
   tensors = read_safetensors(path)

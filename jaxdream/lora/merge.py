@@ -73,7 +73,10 @@ def merge_lora_components(
     for name, delta in mods.items():
       var = new_slots[f'{name}.weight'].variable
       update = jnp.asarray(new_slots[f'{name}.weight'].to_jax(delta), jnp.float32)
-      var.set_value((var[...].astype(jnp.float32) + update).astype(var[...].dtype))
+      old = var[...]
+      var.set_value(
+        jax.device_put((old.astype(jnp.float32) + update).astype(old.dtype), old.sharding)
+      )  # keep its layout
   return out, skipped
 
 
