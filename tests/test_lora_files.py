@@ -1,6 +1,7 @@
 """LoRA files: ours load in diffusers, diffusers/peft's and kohya's load in jaxdream, with the same outputs."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -241,3 +242,32 @@ def test_bad_lora_files_are_refused_with_the_reason(tmp_path):
   write_safetensors(str(tmp_path / 'half.safetensors'), {'unet.a.to_q.lora_A.weight': np.zeros((2, 2), np.float32)})
   with pytest.raises(WeightsError, match='needs both'):
     load_lora(str(tmp_path / 'half.safetensors'))
+
+
+def _older_diffusers_name(key: str) -> str:
+  """Our diffusers key under the names of older diffusers releases (attention processors, LoRALinearLayer)."""
+  key = re.sub(r'\.lora_([AB])\.weight$', lambda m: {'A': '.down', 'B': '.up'}[m.group(1)] + '.weight', key)
+  module, factor = key.rsplit('.', 2)[0], '.'.join(key.rsplit('.', 2)[1:])
+  if module.startswith('unet.') and re.search(r'attn[12]\.(to_q|to_k|to_v|to_out\.0)$', module):
+    parent, proj = re.match(r'(.*attn[12])\.(to_q|to_k|to_v|to_out)', module).groups()
+    return f'{parent.removeprefix("unet.")}.processor.{proj}_lora.{factor}'  # no component prefix at all
+  if module.startswith('text_encoder.'):
+    return module.replace('text_encoder.text_model.', 'text_encoder.') + f'.lora_linear_layer.{factor}'
+  return f'{module}.lora.{factor}'
+
+
+def test_older_diffusers_names_and_alpha_tensors_merge_like_the_current_layout(adapted, pipe, tmp_path):
+  path = save_lora(str(tmp_path / 'new.safetensors'), adapted)
+  lora = load_lora(path)
+  old = {_older_diffusers_name(k): v for k, v in read_safetensors(path).items()}
+  assert any('.processor.to_out_lora.down.weight' in k for k in old) and any('lora_linear_layer' in k for k in old)
+  for comp, mods in lora.modules.items():  # no metadata: the alphas as tensors, as older files keep them
+    for name, mod in mods.items():
+      old[f'{comp}.{name}.alpha'] = np.asarray(mod.alpha, np.float32)
+  write_safetensors(str(tmp_path / 'old.safetensors'), old)
+  want, got = merge_lora(pipe, [(path, 1.0)]), merge_lora(pipe, [(str(tmp_path / 'old.safetensors'), 1.0)])
+  for comp in ('unet', 'text_encoder'):
+    for a, b in zip(
+      jax.tree.leaves(nnx.state(want.components[comp])), jax.tree.leaves(nnx.state(got.components[comp]))
+    ):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -48,8 +48,8 @@ _FACTOR_SUFFIXES = (
   ('.lora_up.weight', 'up'),
   ('.alpha', 'alpha'),
 )
-# diffusers' oldest attention-processor names: attn1.processor.to_q_lora -> attn1.to_q
-_PROCESSOR = re.compile(r'\.processor\.(to_q|to_k|to_v|to_out)_lora$')
+# diffusers' oldest attention-processor names: attn1.processor.to_q_lora.down.weight -> attn1.to_q, down
+_PROCESSOR = re.compile(r'\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,19 +246,20 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
     if key.startswith(prefix):
       key = f'{comp}.{key[len(prefix) :]}'
       break
-  for suffix, factor in _FACTOR_SUFFIXES:
-    if key.endswith(suffix):
-      name = key[: -len(suffix)]
-      break
-  else:
-    return None
-  m = _PROCESSOR.search(name)
+  m = _PROCESSOR.search(key)
   if m:
-    name = name[: m.start()] + '.' + (m.group(1) + '.0' if m.group(1) == 'to_out' else m.group(1))
+    name, factor = key[: m.start()] + '.' + (m.group(1) + '.0' if m.group(1) == 'to_out' else m.group(1)), m.group(2)
+  else:
+    found = [(key[: -len(suffix)], factor) for suffix, factor in _FACTOR_SUFFIXES if key.endswith(suffix)]
+    if not found:
+      return None
+    name, factor = found[0]
   comp, _, rest = name.partition('.')
-  if comp in COMPONENTS:
-    return comp, rest, factor
-  return ('text_encoder' if name.startswith('text_model') else 'unet'), name, factor  # unprefixed (older files)
+  if comp not in COMPONENTS:  # unprefixed (older files)
+    comp, rest = ('text_encoder' if name.startswith('text_model') else 'unet'), name
+  if comp.startswith('text_encoder'):  # one spelling per module, with or without CLIP's text_model.
+    rest = rest.removeprefix('text_model.').removeprefix('text_model_')
+  return comp, rest, factor
 
 
 def _peft_alphas(metadata: dict[str, str]) -> dict[str, dict]:
