@@ -130,11 +130,11 @@ def test_apply_lora_attaches_the_files_factors_unmerged(adapted, pipe, tmp_path)
 def test_file_written_by_diffusers_and_peft_loads_with_the_same_outputs(
   tiny_sd_folder, pipe, run, inputs, tmp_path, monkeypatch
 ):
+  tp = torch_pipe(tiny_sd_folder[1], monkeypatch)  # skips without peft
   from diffusers import StableDiffusionPipeline
   from peft import LoraConfig
   from peft.utils import get_peft_model_state_dict
 
-  tp = torch_pipe(tiny_sd_folder[1], monkeypatch)
   torch.manual_seed(0)
   unet_cfg = LoraConfig(
     r=4,
