@@ -14,6 +14,7 @@ LEVELS = {
   'distributed': 0,
   'runtime': 0,
   'models': 1,
+  'lora': 1,
   'diffusion': 2,
   'vlm': 2,
   'training': 3,

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from jaxdream.cli import quiet
+from jaxdream.cli.lora import _add_lora_parsers
 from jaxdream.cli.sample import SampleSession, _add_sample_parser, _demo, _inspect, _sample
 from jaxdream.cli.vlm import _add_vlm_parsers
 from jaxdream.runtime import CompileCache
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
   i.set_defaults(fn=_inspect)
   _add_sample_parser(sub)
   _add_vlm_parsers(sub)
+  _add_lora_parsers(sub)
   return p
 
 

@@ -65,7 +65,15 @@ def _inspect(args):
 
 
 # What `--sweep KEY=...` can vary, and how its values are read.
-SWEEP_KEYS = {'guidance': float, 'steps': int, 'seed': int, 'scheduler': str, 'strength': float, 'prompt': str}
+SWEEP_KEYS = {
+  'guidance': float,
+  'steps': int,
+  'seed': int,
+  'scheduler': str,
+  'strength': float,
+  'prompt': str,
+  'lora_scale': float,  # multiplies the scale of every LoRA (--lora and prompt tags)
+}
 
 
 class SampleSession:
@@ -102,6 +110,14 @@ class _Job:
   seed: int
   scheduler: str
   strength: float | None  # None: txt2img
+  lora_scale: float = 1.0
+
+  def loras(self, plan) -> tuple[str, tuple]:
+    """(the prompt without <lora:...> tags, ((path, scale), ...) of --lora and the tags, times lora_scale)."""
+    from jaxdream.cli.lora import prompt_loras
+
+    text, tags = prompt_loras(self.prompt, plan.lora_dir)
+    return text, tuple((p, s * self.lora_scale) for p, s in (*plan.loras, *tags))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +204,8 @@ class _Plan:
   mask: object = None
   total_steps: int = 0
   mesh: object = None  # jax.sharding.Mesh splitting each batch (--devices)
+  loras: tuple = ()  # (path, scale) of each --lora
+  lora_dir: str | None = None  # where prompt tags' <lora:name> files are
 
 
 def _plan(args) -> _Plan:
@@ -234,7 +252,22 @@ def _plan(args) -> _Plan:
     for combo in itertools.product(*(a.values for a in axes[::-1]))
   ]
   total = sum(_check_job(job, scheduler_config, args.num_images) for job in jobs)
-  return _Plan(jobs=jobs, axes=axes, size=(h, w), init=init, mask=mask, total_steps=total, mesh=_sample_mesh(args))
+  plan = _Plan(jobs=jobs, axes=axes, size=(h, w), init=init, mask=mask, total_steps=total, mesh=_sample_mesh(args))
+  _plan_loras(plan, args)
+  return plan
+
+
+def _plan_loras(plan: _Plan, args):
+  """Check --lora, --lora-dir and the prompts' <lora:name:scale> tags, and read every LoRA file once."""
+  from jaxdream.cli.lora import check_lora_files, parse_lora_spec
+
+  if args.lora_dir and not os.path.isdir(args.lora_dir):
+    raise ValueError(f'--lora-dir {args.lora_dir}: no such folder')
+  plan.loras, plan.lora_dir = tuple(parse_lora_spec(s) for s in args.lora or []), args.lora_dir
+  used = [lora for job in plan.jobs for lora in job.loras(plan)[1]]
+  if any(a.key == 'lora_scale' for a in plan.axes) and not used:
+    raise ValueError('--sweep lora_scale needs a LoRA (--lora FILE or a <lora:name> prompt tag)')
+  check_lora_files(used)
 
 
 def _sample_mesh(args):
@@ -276,24 +309,33 @@ def _sample(args, session: SampleSession | None = None):
   import numpy as np
   from tqdm import tqdm
 
+  from jaxdream.cli.lora import with_loras, with_tags
   from jaxdream.io.images import format_parameters, grid_shape, make_grid, save_png
+  from jaxdream.lora import check_lora
 
   plan = _plan(args)
   t0 = time.perf_counter()
   pipe = (session or SampleSession()).pipeline(args.model, args.allow_pickle)
+  for path in sorted({p for job in plan.jobs for p, _ in job.loras(plan)[1]}):
+    check_lora(pipe.components, path)  # a LoRA for another model fails before any output or compile
   os.makedirs(args.out, exist_ok=True)
   if args.seed is None:
     print(f'seed {plan.jobs[0].seed} (random)')
   model = os.path.basename(os.path.abspath(args.model))
   results, texts = [], []  # per job its images; per image its parameters
+  merged = (None, pipe)  # the last LoRA set and its merged pipeline (one at a time: each is a model's size)
   bar = tqdm(total=plan.total_steps, desc='sampling', unit='step')
   try:
     for job in plan.jobs:
-      results.append(_run_job(pipe, job, plan, args, progress=lambda _step: bar.update(1)))
+      prompt, loras = job.loras(plan)
+      if loras != merged[0]:
+        merged = (loras, with_loras(pipe, loras))
+      run = dataclasses.replace(job, prompt=prompt)
+      results.append(_run_job(merged[1], run, plan, args, progress=lambda _step: bar.update(1)))
       for b, image in enumerate(results[-1]):
         texts.append(
           format_parameters(
-            job.prompt,
+            with_tags(prompt, loras) if loras else job.prompt,
             args.negative_prompt,
             steps=job.steps,
             scheduler=job.scheduler,
@@ -386,6 +428,17 @@ def _add_sample_parser(sub):
     f'one labelled grid per Z value (xyz_grid.png, or xyz_grid_z0.png, ...). KEY: '
     f'{", ".join(SWEEP_KEYS)}. Values are separated by commas, or by "|" when the text '
     f'has one (for prompts with commas: --sweep "prompt=a dog, oil|a cat, photo")',
+  )
+  s.add_argument(
+    '--lora',
+    action='append',
+    metavar='FILE[:SCALE]',
+    help='merge a LoRA file (diffusers/peft or kohya/A1111 .safetensors) at this scale (default 1); repeatable',
+  )
+  s.add_argument(
+    '--lora-dir',
+    help='folder of LoRA files for A1111 prompt tags: <lora:name:0.8> in the prompt loads DIR/name.safetensors '
+    '(or DIR/name/pytorch_lora_weights.safetensors) at scale 0.8; the tag is removed from the prompt text',
   )
   s.add_argument(
     '--allow-pickle', action='store_true', help='also load pickle (.bin/.ckpt) weights; they can run code when loaded'

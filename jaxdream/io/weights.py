@@ -74,7 +74,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict 
   """Write tensors (numpy, C order) as .safetensors, atomically (a partial file is never left)."""
   header, offset, arrays = {}, 0, []
   for name in sorted(tensors):
-    a = np.ascontiguousarray(tensors[name])
+    a = np.asarray(tensors[name], order='C')  # not ascontiguousarray: it makes scalars (kohya's alphas) 1-d
     header[name] = {'dtype': _ST_NAMES[a.dtype], 'shape': list(a.shape), 'data_offsets': [offset, offset + a.nbytes]}
     offset += a.nbytes
     arrays.append(a)
