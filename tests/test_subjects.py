@@ -26,6 +26,7 @@ from jaxdream.training.subjects import (
   split_adapters,
   stack,
   subject_adapters,
+  subject_batches,
   subject_groups,
   subject_key,
   subject_mesh_axes,
@@ -286,3 +287,30 @@ def test_groups_pad_the_last_and_mesh_axes_need_divisible_sizes():
   assert subject_mesh_axes(1, 8, mesh) == ((), ('data', 'fsdp'))
   with pytest.raises(ValueError, match="mesh axis 'fsdp'"):
     subject_mesh_axes(2, 2, mesh)
+
+
+def _png_source(seed, n=3):
+  """A data source in memory: n 80x72 random images (bigger than the 64 px crop), PNG-encoded."""
+  import io
+
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (72, 80, 3), dtype=np.uint8)).save(buf, format='PNG')
+    out.append({'png': np.frombuffer(buf.getvalue(), np.uint8), 'prompt': f'p{i}', 'concept': 0, 'index': i})
+  return out
+
+
+def test_subject_batches_give_each_subject_the_data_it_has_alone():
+  args = dict(
+    batch_size=2, resolution=64, center_crop=False, flip_p=0.5, tokenize=lambda p: {'te': np.zeros((len(p), 4))}
+  )
+  same = _png_source(0)  # two subjects with identical images: only their seeds tell them apart
+  together = subject_batches({'a': same, 'b': same, 'c': _png_source(1)}, seed=SEED, **args)
+  alone_b = subject_batches({'b': same}, seed=SEED, **args)
+  for _ in range(3):
+    batch, ref = next(together), next(alone_b)
+    assert batch['pixels'].shape == (3, 2, 64, 64, 3) and batch['input_ids']['te'].shape == (3, 2, 4)
+    np.testing.assert_array_equal(batch['pixels'][1], ref['pixels'][0])
+    assert not np.array_equal(batch['pixels'][0], batch['pixels'][1])

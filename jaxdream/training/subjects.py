@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdream.distributed.sharding import BATCH_AXES
 from jaxdream.nn.adapters import LoRAParam
+from jaxdream.training.data import make_iterator
 from jaxdream.training.params import flatten
 from jaxdream.training.step import init_state, step_shardings
 
@@ -98,6 +99,15 @@ def unstack(tree, n: int | None = None) -> list:
   """The first `n` (default all) subjects of a stacked tree: the real ones of a padded group."""
   size = jax.tree.leaves(tree)[0].shape[0]
   return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(size if n is None else n)]
+
+
+def subject_batches(sources: dict, *, seed: int, **iterator_args):
+  """Batches of several subjects, stacked on a leading subject axis (numpy, in the order of `sources`:
+  {name: the subject's data source}). Each subject's own iterator is make_iterator with its
+  subject_seed, so its data order, crops and flips are those it would have alone."""
+  iterators = [make_iterator(src, seed=subject_seed(seed, name), **iterator_args) for name, src in sources.items()]
+  while True:
+    yield jax.tree.map(lambda *xs: np.stack(xs), *[next(it) for it in iterators])
 
 
 # --- groups -------------------------------------------------------------------------------------------
