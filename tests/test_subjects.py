@@ -173,11 +173,14 @@ def test_each_subject_trained_together_equals_it_trained_alone(setup, together):
       for part in ('trainable', 'ema', 'opt_state'):
         assert rel_err(_flat(state[part]), _flat(ref_state[part])) <= 1e-5, (name, i, part)
       # The updates alone (B starts at zero, so the lora_b factors are all update), not only A's init; the
-      # first step's learning rate is 0 (warmup).
+      # first step's learning rate is 0 (warmup). Losses and gradient norms agree to ~1e-7 (float32 rounding
+      # of one big matmul over all subjects' rows vs one subject's), but Adam's first update is ~lr * sign(g):
+      # where |g| is near eps that rounding moves it, so updates agree to 1e-5-ish (measured 8e-6), bounded
+      # at 1e-4 here, as test_sharding bounds updates more loosely than weights.
       b = lambda st: _flat({k: v for k, v in st['trainable'].items() if k.endswith('lora_b')})
       assert np.any(b(ref_state)) == (i > 0)
       if i > 0:
-        assert rel_err(b(state), b(ref_state)) <= 1e-5, (name, i)
+        assert rel_err(b(state), b(ref_state)) <= 1e-4, (name, i)
       for k in ('loss', 'grad_norm'):
         if bool(ref_metrics['finite']):
           assert rel_err(metrics[k], ref_metrics[k]) <= 1e-5, (name, i, k)
