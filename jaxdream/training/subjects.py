@@ -9,7 +9,7 @@ dot_general batched over subjects, and a base matmul x W one matmul over every s
 
 Randomness depends on (seed, subject name) only, never on the other subjects or a subject's position in a
 group: `subject_key` gives the adapter init (add_lora's key) and the step's rng, `subject_seed` the data
-order, crops and flips (`data.make_iterator(seed=...)`).
+order, crops and flips (`data.make_iterator(seed=...)`; `subject_batches` stacks such iterators).
 
 Groups: `subject_groups` splits the subjects into groups of `subjects_per_step`; a short last group is
 padded with dummy subjects (copies of its first subject: finite, same shapes) whose results are dropped,
