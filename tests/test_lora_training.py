@@ -132,6 +132,7 @@ def lora_run(base, tmp_path_factory):
   """A 3-step LoRA run (UNet + text encoder adapters, LoCon, EMA, kohya and merged exports), recording what it
   hands to jaxdream.lora.files.save_lora (a recording stand-in where that module is not installed)."""
   from jaxdream.training.loop import train
+  from jaxdream.training.params import split_models
 
   calls = []
   try:
@@ -140,8 +141,9 @@ def lora_run(base, tmp_path_factory):
   except ImportError:
     files, real = types.ModuleType('jaxdream.lora.files'), None
 
-  def save_lora(path, modules, **kw):
-    calls.append((path, modules, kw))
+  def save_lora(path, modules, **kw):  # records the adapters the modules carry now (a merge comes later)
+    flat = split_models(types.SimpleNamespace(components=modules))[2]
+    calls.append((path, sorted(modules), kw, jax.device_get({k: v for k, v in flat.items() if '/lora_' in k})))
     if real is not None:
       real(path, modules, **kw)
 
@@ -195,13 +197,13 @@ def test_lora_run_trains_only_the_adapters_and_exports_their_ema(lora_run, base)
     assert not np.array_equal(state['trainable'][k], v), k  # every adapter factor moved
     assert not np.array_equal(state['ema'][k], state['trainable'][k]), k
   # save_lora got the pipeline's adapted unet and text encoder carrying the EMA adapters, for both files.
-  assert [(p, sorted(m), kw) for p, m, kw in calls] == [
+  assert [call[:3] for call in calls] == [
     (out['lora'], ['text_encoder', 'unet'], {}),
     (out['lora_kohya'], ['text_encoder', 'unet'], {'format': 'kohya'}),
   ]
-  carried = split_models(types.SimpleNamespace(components=calls[0][1]))[2]
+  assert set(calls[0][3]) == set(init)
   for k in init:
-    np.testing.assert_array_equal(carried[k], state['ema'][k], err_msg=k)
+    np.testing.assert_array_equal(calls[0][3][k], state['ema'][k], err_msg=k)
 
 
 def test_merged_export_is_the_base_plus_the_ema_adapters(lora_run, base):

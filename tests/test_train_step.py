@@ -95,13 +95,12 @@ def _torch_adapters(flat: dict, m: str) -> dict:
 def _add_peft_adapters(model, component: str, c, init: dict):
   """peft adapters (LoraConfig as diffusers' train_dreambooth_lora.py makes it) on the layers jaxdream
   adapted, starting from jaxdream's initial A (B starts at zero in both)."""
-  from peft import LoraConfig, inject_adapter_in_model
-
+  peft = pytest.importorskip('peft')  # in the test extras; a bare environment skips the LoRA cases
   lo = c.lora
   start = _torch_adapters(init, component)
   names = sorted({k.rsplit('.lora_', 1)[0] for k in start})
   convs = [n for n in names if start[n + '.lora_A.weight'].ndim == 4]
-  config = LoraConfig(
+  config = peft.LoraConfig(
     r=lo.rank,
     lora_alpha=lo.alpha or lo.rank,
     target_modules=names,  # full names (or suffixes of them: transformers 4 has 'text_model.' in front)
@@ -110,7 +109,7 @@ def _add_peft_adapters(model, component: str, c, init: dict):
     rank_pattern={re.escape(n): lo.conv_rank for n in convs},
     alpha_pattern={re.escape(n): lo.conv_alpha or lo.alpha or lo.conv_rank for n in convs},
   )
-  model = inject_adapter_in_model(config, model)
+  model = peft.inject_adapter_in_model(config, model)
   params = {_peft_name(k).removeprefix('text_model.'): p for k, p in model.named_parameters()}
   with torch.no_grad():
     for k, v in start.items():
