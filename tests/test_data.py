@@ -272,10 +272,12 @@ def test_run_config_attention_choices_are_the_attention_functions(tmp_path):
     config_lib.validate(c)
 
 
-@pytest.mark.parametrize('name', ['quickstart', 'dreambooth_sd15', 'dreambooth_sd21', 'multi_subject'])
+@pytest.mark.parametrize(
+  'name', ['quickstart', 'dreambooth_sd15', 'dreambooth_sd21', 'multi_subject', 'lora_quickstart', 'lora_sd15']
+)
 def test_shipped_configs_load_and_validate(name, tmp_path):
   c = config_lib.config_file(os.path.join(os.path.dirname(__file__), '..', 'configs', f'{name}.py'))
-  if name != 'quickstart':
+  if name not in ('quickstart', 'lora_quickstart'):
     (tmp_path / 'model_index.json').write_text('{}')
     c.model = str(tmp_path)
     photos = tmp_path / 'photos'

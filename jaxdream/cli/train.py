@@ -144,9 +144,15 @@ def main(argv=None):
     return 0
   out = summary.get('outputs', {})
   if out:
-    multihost.log(
-      f'\nDone: {summary["step"]} steps. Fine-tuned model (diffusers format): {out["model"]}\n'
-      f'Samples: {os.path.dirname(out["loss_curve"])}/  (loss curve: {out["loss_curve"]})\n'
-      f'Sample more with: jaxdream sample --model {out["model"]} --prompt "..." --out DIR'
-    )
+    lines = [f'\nDone: {summary["step"]} steps.']
+    if 'lora' in out:
+      lines.append(f'LoRA adapter (diffusers/peft format): {out["lora"]}')
+    if 'lora_kohya' in out:
+      lines.append(f'LoRA adapter (kohya/A1111 format): {out["lora_kohya"]}')
+    if 'model' in out:
+      lines.append(f'Fine-tuned model (diffusers format): {out["model"]}')
+    lines.append(f'Samples: {os.path.dirname(out["loss_curve"])}/  (loss curve: {out["loss_curve"]})')
+    if 'model' in out:
+      lines.append(f'Sample more with: jaxdream sample --model {out["model"]} --prompt "..." --out DIR')
+    multihost.log('\n'.join(lines))
   return 0

@@ -31,9 +31,12 @@ def config_file(path: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def concept(instance_dir='', instance_prompt='', class_prompt='', class_dir='', num_class_images=100, identifier='sks'):
+def concept(
+  instance_dir='', instance_prompt='', class_prompt='', class_dir='', num_class_images=100, identifier='sks', name=''
+):
   return ml_collections.ConfigDict(
     dict(
+      name=name,
       instance_dir=instance_dir,
       instance_prompt=instance_prompt,
       class_prompt=class_prompt,
@@ -96,6 +99,23 @@ def base_config() -> ml_collections.ConfigDict:
       nan_policy='stop',  # 'stop' the run, or 'skip' the step
     )
   )
+  c.lora = ml_collections.ConfigDict(
+    dict(
+      rank=0,  # 0: full fine-tuning (no adapters)
+      alpha=0.0,  # 0: the rank (scale 1)
+      rslora=False,
+      init='kaiming_uniform',
+      unet_targets=['to_q', 'to_k', 'to_v', 'to_out.0'],
+      text_encoder=False,
+      text_encoder_targets=['q_proj', 'k_proj', 'v_proj', 'out_proj'],
+      conv_rank=0,  # > 0: LoCon on the UNet's resnet convolutions too
+      conv_alpha=0.0,  # 0: lora.alpha
+      conv_targets=['conv1', 'conv2', 'conv_shortcut'],  # only layers under `resnets`
+      per_subject=False,
+      export_kohya=False,
+      export_merged=False,
+    )
+  )
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=3, async_save=True, resume_step=0))
   c.logging = ml_collections.ConfigDict(dict(every_steps=10, tensorboard=True, wandb=False, wandb_project='jaxdream'))
   c.validation = ml_collections.ConfigDict(
@@ -134,6 +154,7 @@ KEY_DOCS = {
   'compute_dtype': "'float32' or 'bfloat16' (parameters stay float32)",
   'attention': "attention implementation: 'auto', 'xla', 'cudnn' or 'tiled'",
   'resume_override': 'resume even if the run-defining config changed',
+  'concepts.N.name': "the subject's name, [A-Za-z0-9_.-] (default: instance_dir's folder name); names LoRA files",
   'concepts.N.instance_dir': 'folder of photos of the subject (N: 0 for the first concept)',
   'concepts.N.instance_prompt': 'prompt of those photos; contains the identifier, e.g. "a photo of sks dog"',
   'concepts.N.class_prompt': 'prompt of the class-prior images, e.g. "a photo of dog"',
@@ -174,6 +195,19 @@ KEY_DOCS = {
   'train.cache_latents': 'encode every image once (needs centre crops and no flips)',
   'train.cache_text_embeddings': 'encode every prompt once (needs a frozen text encoder)',
   'train.nan_policy': "on a non-finite loss: 'stop' the run, or 'skip' the step",
+  'lora.rank': 'LoRA rank: > 0 trains adapters instead of the model (0: full fine-tuning)',
+  'lora.alpha': 'LoRA alpha: the update is scaled by alpha / rank (0: the rank, scale 1)',
+  'lora.rslora': 'rank-stabilised LoRA: scale alpha / sqrt(rank)',
+  'lora.init': "init of the adapters' down factor: 'kaiming_uniform' (peft, kohya) or 'gaussian' (diffusers)",
+  'lora.unet_targets': "UNet Linear layers to adapt, by peft's rule (a full name or its last dotted parts)",
+  'lora.text_encoder': 'also adapt the text encoder (with its own learning rate)',
+  'lora.text_encoder_targets': 'text-encoder Linear layers to adapt',
+  'lora.conv_rank': "LoCon rank of the UNet's resnet convolutions (0: none)",
+  'lora.conv_alpha': 'LoCon alpha (0: lora.alpha)',
+  'lora.conv_targets': 'resnet convolutions to adapt (only layers under resnets)',
+  'lora.per_subject': 'one adapter per concept (see concepts.N.name)',
+  'lora.export_kohya': 'also write the adapters in the kohya/A1111 layout, workdir/loras/NAME.safetensors',
+  'lora.export_merged': 'also write workdir/model: the base with the adapters merged in (a plain diffusers model)',
   'checkpoint.every_steps': 'save a checkpoint every this many steps',
   'checkpoint.keep': 'checkpoints kept (the newest ones)',
   'checkpoint.async_save': 'write checkpoints in the background',
@@ -242,6 +276,19 @@ RUN_DEFINING = (
   'train.offset_noise',
   'train.snr_gamma',
   'train.ema_decay',
+  # Only with lora.rank > 0 (see run_defining): checkpoints of full fine-tuning runs made before LoRA existed
+  # stay resumable.
+  'lora.rank',
+  'lora.alpha',
+  'lora.rslora',
+  'lora.init',
+  'lora.unet_targets',
+  'lora.text_encoder',
+  'lora.text_encoder_targets',
+  'lora.conv_rank',
+  'lora.conv_alpha',
+  'lora.conv_targets',
+  'lora.per_subject',
 )
 
 _CHOICES = {
@@ -251,6 +298,7 @@ _CHOICES = {
   'data.on_bad_image': ('fail', 'skip'),
   'train.lr_schedule': ('constant', 'warmup_constant', 'cosine'),
   'train.nan_policy': ('stop', 'skip'),
+  'lora.init': ('kaiming_uniform', 'gaussian'),
 }
 
 
@@ -274,7 +322,54 @@ def load_concepts(config) -> list[dict]:
           f'{config.data.concepts_file}: concept {i} has unknown keys {sorted(unknown)} (known: {sorted(defaults)})'
         )
       out.append({**defaults, **item})
+  for c in out:
+    c['name'] = c['name'] or default_name(c['instance_dir'])
   return out
+
+
+NAME = re.compile(r'[A-Za-z0-9_.-]+')
+
+
+def default_name(instance_dir: str) -> str:
+  """A concept's name when none is given: its photo folder's name, other characters replaced by '_'."""
+  base = os.path.basename(os.path.normpath(instance_dir)) if instance_dir else ''
+  return re.sub(r'[^A-Za-z0-9_.-]', '_', base).strip('.') or 'subject'
+
+
+def adapter_name(concepts) -> str:
+  """The name of a run's single adapter: its concept's, or the first one's + the count of the others."""
+  first = concepts[0]['name']
+  return first if len(concepts) == 1 else f'{first}+{len(concepts) - 1}'
+
+
+def _lora_problems(config) -> list[str]:
+  """LoRA settings that cannot work, found without the model (targets are checked on it once loaded)."""
+  lo, t = config.lora, config.train
+  problems = [
+    f'lora.{key} must not be negative, got {lo[key]}'
+    for key in ('rank', 'alpha', 'conv_rank', 'conv_alpha')
+    if lo[key] < 0
+  ]
+  if lo.rank <= 0:
+    for key in ('text_encoder', 'conv_rank', 'per_subject', 'export_kohya', 'export_merged'):
+      if lo[key]:
+        problems.append(f'lora.{key}={lo[key]!r} needs lora.rank > 0 (lora.rank=0 is full fine-tuning)')
+    return problems
+  if t.train_text_encoder:
+    problems.append(
+      'train.train_text_encoder trains the whole text encoder, which a LoRA run (lora.rank > 0) neither '
+      'trains nor exports: use lora.text_encoder=True for text-encoder adapters'
+    )
+  if len(t.param_groups):
+    problems.append('train.param_groups cannot be combined with lora.rank > 0 (a LoRA run trains only its adapters)')
+  for key, needed in (
+    ('unet_targets', True),
+    ('text_encoder_targets', lo.text_encoder),
+    ('conv_targets', lo.conv_rank),
+  ):
+    if needed and not lo[key]:
+      problems.append(f'lora.{key} is empty: name the layers to adapt')
+  return problems
 
 
 def validate(config) -> list[dict]:
@@ -323,11 +418,12 @@ def validate(config) -> list[dict]:
     )
   if t.cache_text_embeddings and (
     t.train_text_encoder
+    or (config.lora.rank > 0 and config.lora.text_encoder)
     or any('text_encoder' in g.pattern for g in t.param_groups.values() if isinstance(g, ml_collections.ConfigDict))
   ):
     problems.append(
-      'train.cache_text_embeddings needs a frozen text encoder (train.train_text_encoder=False '
-      'and no param_groups over text_encoder/)'
+      'train.cache_text_embeddings needs a frozen text encoder (train.train_text_encoder=False, '
+      'lora.text_encoder=False and no param_groups over text_encoder/)'
     )
   for name, group in t.param_groups.items():
     if not isinstance(group, ml_collections.ConfigDict) or set(group.keys()) != {'pattern', 'learning_rate'}:
@@ -339,6 +435,7 @@ def validate(config) -> list[dict]:
       problems.append(f'train.param_groups.{name}.pattern is not a valid regex ({e})')
     if re.match(group.pattern, 'vae/') or group.pattern.startswith('vae') or group.pattern.startswith('^vae'):
       problems.append(f'train.param_groups.{name}: the VAE is always frozen')
+  problems += _lora_problems(config)
   try:
     concepts = load_concepts(config)
   except (OSError, json.JSONDecodeError, RunConfigError) as e:
@@ -346,8 +443,15 @@ def validate(config) -> list[dict]:
     concepts = []
   if not concepts:
     problems.append('no concepts: set concepts[0].instance_dir (or data.concepts_file)')
+  names = [c['name'] for c in concepts]
   for i, c in enumerate(concepts):
     where = f'concept {i} ({c["instance_dir"]})'
+    if not NAME.fullmatch(c['name']) or c['name'] in ('.', '..'):
+      problems.append(f'{where}: name {c["name"]!r} may only use letters, digits, _ . and - (concepts.{i}.name)')
+    elif config.lora.rank > 0 and names.index(c['name']) != i:  # names name adapter files
+      problems.append(
+        f"{where}: name {c['name']!r} is also concept {names.index(c['name'])}'s: give each a distinct concepts.N.name"
+      )
     if not os.path.isdir(c['instance_dir']):
       problems.append(f'{where}: instance_dir does not exist')
     ident = c['identifier']
@@ -373,8 +477,13 @@ def validate(config) -> list[dict]:
 def run_defining(config) -> dict:
   """The part of a config that a resumed run must share with the checkpoint."""
   d = json.loads(config.to_json_best_effort())
+  for c in d['concepts']:  # an unset name (the default) as before names existed
+    if not c.get('name'):
+      c.pop('name', None)
   out = {}
   for key in RUN_DEFINING:
+    if key.startswith('lora.') and config.lora.rank <= 0:
+      continue
     node = d
     for part in key.split('.'):
       node = node[part]

@@ -26,6 +26,7 @@ from jaxdream.training import config as config_lib
 from jaxdream.training.checkpoint import _checkpointer, _restore, _save
 from jaxdream.training.data import DataError, data_source, instance_prompt, make_iterator, prepare_dataset, scan_images
 from jaxdream.training.lock import workdir_lock
+from jaxdream.training.lora import adapter_key, add_adapters, export_adapters, lora_paths, lora_plan, merge_adapters
 from jaxdream.training.params import (
   _set_params,
   lr_schedule,
@@ -105,7 +106,9 @@ def _load_base(config, workdir):
 
 
 def train(config, workdir: str) -> dict:
-  """Run (or resume) a DreamBooth fine-tuning; returns a summary. Writes `workdir/model`.
+  """Run (or resume) a DreamBooth fine-tuning; returns a summary. Writes `workdir/model`, or with
+  lora.rank > 0 the adapter `workdir/loras/NAME/pytorch_lora_weights.safetensors` (NAME: the concept's name;
+  workdir/model only with lora.export_merged).
 
   The config and every image are checked before anything is made; the workdir is locked for the run."""
   concepts = config_lib.validate(config)
@@ -135,10 +138,17 @@ def _run(config, workdir, concepts, instance) -> dict:
     raise config_lib.RunConfigError(
       f'resolution {config.resolution} is not a multiple of the VAE factor {pipeline.vae_scale_factor}'
     )
+  lora = config.lora.rank > 0
+  if lora and config.lora.per_subject:
+    raise config_lib.RunConfigError('lora.per_subject: one adapter per subject is not supported yet')
+  plan = lora_plan(pipeline, config) if lora else {}  # the targets are checked before anything slow
   examples = {
     'instance': instance,
     'class': _class_examples(config, concepts, pipeline, mesh) if config.prior.enabled else [],
   }
+  # After the class images, which the base model makes. With per-subject adapters the key will be
+  # adapter_key(config.seed, subject name).
+  adapted = add_adapters(pipeline, plan, adapter_key(config.seed)) if lora else {}
   data_folder = multihost.primary_first(
     lambda: prepare_dataset(os.path.join(workdir, 'data'), examples, config.resolution), 'dataset'
   )
@@ -249,9 +259,22 @@ def _run(config, workdir, concepts, instance) -> dict:
   summary = {'step': int(state['step']), 'bad_steps': int(state['bad_steps']), 'losses': losses}
   final = state['ema'] if config.train.ema_decay > 0 else state['trainable']
   _set_params(pipeline, multihost.to_host(final))  # every process: gathering is a collective
-  if multihost.is_primary():
-    save_pipeline(pipeline, os.path.join(workdir, 'model'))
-  summary['outputs'] = _final_outputs(pipeline, config, concepts, workdir, losses, mesh, writer)
+  model = os.path.join(workdir, 'model')
+  if lora:  # a LoRA run's output is its adapter; the base model is the user's, unchanged
+    exported = lora_paths(workdir, config_lib.adapter_name(concepts), config.lora.export_kohya)
+    if multihost.is_primary():
+      export_adapters(pipeline, adapted, exported)
+  else:
+    exported = {'model': model}
+    if multihost.is_primary():
+      save_pipeline(pipeline, model)
+  # Validation samples of the adapted model.
+  summary['outputs'] = dict(exported, **_final_outputs(pipeline, config, concepts, workdir, losses, mesh, writer))
+  if lora and config.lora.export_merged:
+    merge_adapters(pipeline)
+    if multihost.is_primary():
+      save_pipeline(pipeline, model)
+    summary['outputs']['model'] = model
   if writer:
     writer.close()
   multihost.barrier('exported')
@@ -373,7 +396,7 @@ def _final_outputs(pipeline, config, concepts, workdir, losses, mesh, writer) ->
 
   folder = os.path.join(workdir, 'samples')
   images = _validation_images(pipeline, config, concepts, mesh)
-  out = {'model': os.path.join(workdir, 'model'), 'samples': {}, 'loss_curve': os.path.join(folder, 'loss_curve.png')}
+  out = {'samples': {}, 'loss_curve': os.path.join(folder, 'loss_curve.png')}
   if not multihost.is_primary():
     return out
   os.makedirs(folder, exist_ok=True)

@@ -44,6 +44,11 @@ def split_models(pipeline) -> tuple[dict, dict, dict]:
 def param_groups(config) -> dict[str, tuple[str, float]]:
   """Trainable groups: name -> (regex over flat paths, learning rate). First match wins."""
   t = config.train
+  if config.lora.rank > 0:  # only the adapters: the base gets no gradient and no optimizer state
+    groups = {'unet': (r'^unet/.*/lora_[ab]$', t.learning_rate)}
+    if config.lora.text_encoder:
+      groups['text_encoder'] = (r'^text_encoder/.*/lora_[ab]$', t.text_encoder_learning_rate)
+    return groups
   if len(t.param_groups):
     return {name: (g.pattern, g.learning_rate) for name, g in t.param_groups.items()}
   groups = {'unet': (r'^unet/', t.learning_rate)}
