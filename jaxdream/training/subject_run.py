@@ -168,8 +168,10 @@ def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
 
   outputs, losses = {}, {}
   for group in subject_groups(names, size):
-    trainables = [{k: adapter_params(_adapted(pipeline, plan, config.seed, n))[k] for k in template} for n in group]
-    states = [subject_state(t, tx, config.seed, n, ema) for t, n in zip(trainables, group)]
+    states = []
+    for n in group:
+      adapters = adapter_params(_adapted(pipeline, plan, config.seed, n))
+      states.append(subject_state({k: adapters[k] for k in template}, tx, config.seed, n, ema))
     state = jax.device_put(stack(padded(states, size)), shardings[0])
     iterators, latents, contexts = {}, {}, {}
     for n in group:
