@@ -70,7 +70,7 @@ def together(folders, tmp_path_factory):
 
 def test_each_subject_gets_its_own_adapter_file_equal_to_its_run_alone(folders, together, tmp_path):
   workdir, summary = together
-  assert sorted(summary['outputs']) == ['a', 'b', 'c']
+  assert sorted(summary['outputs']['loras']) == ['a', 'b', 'c']
   for n in 'abc':
     assert os.path.isfile(os.path.join(workdir, 'loras', n + '.safetensors'))  # the kohya layout too
   files = {n: _weights(workdir, n) for n in 'abc'}

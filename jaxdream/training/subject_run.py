@@ -221,7 +221,7 @@ def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
       export_adapters(pipe, plan, outputs[n])
   return {
     'step': config.train.num_steps,
-    'outputs': outputs,
+    'outputs': {'loras': outputs, 'skipped': os.path.join(workdir, 'loras', 'skipped.json')},
     'skipped': [s['name'] for s in skipped],
     'losses': losses,
   }
