@@ -62,7 +62,7 @@ def one_device():
 
 @pytest.fixture(scope='module')
 def together(folders, tmp_path_factory):
-  """a, bad, b, c in groups of two: [a, b] and [c + a padding dummy]; bad is skipped."""
+  """a, bad, b, c in groups of two: [a, b] and [c + a dummy copy of c]; bad is skipped."""
   workdir = str(tmp_path_factory.mktemp('together'))
   summary = train(_config(folders, ['a', 'bad', 'b', 'c'], subjects_per_step=2), workdir)
   return workdir, summary
@@ -74,7 +74,6 @@ def test_each_subject_gets_its_own_adapter_file_equal_to_its_run_alone(folders, 
   for n in 'abc':
     assert os.path.isfile(os.path.join(workdir, 'loras', n + '.safetensors'))  # the kohya layout too
   files = {n: _weights(workdir, n) for n in 'abc'}
-  assert all(any(k.endswith('lora_B.weight') or 'up' in k for k in f) for f in files.values())
   # The subjects trained (lora_B starts at zero) and differently (own data and init).
   ups = {n: _flat({k: v for k, v in f.items() if 'lora_B' in k or '.up.' in k}) for n, f in files.items()}
   assert all(np.any(u) for u in ups.values())
@@ -84,6 +83,8 @@ def test_each_subject_gets_its_own_adapter_file_equal_to_its_run_alone(folders, 
   train(_config(folders, ['c']), alone)
   ref = _weights(alone, 'c')
   assert sorted(ref) == sorted(files['c'])
+  # Measured 7.5e-6: float32 rounding of the batched matmuls, which Adam's sign-like first update amplifies
+  # where a gradient is near eps (test_subjects bounds the updates alone at 1e-4 for that reason).
   assert rel_err(_flat(files['c']), _flat(ref)) <= 1e-5
 
 
