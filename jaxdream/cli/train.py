@@ -151,7 +151,14 @@ def main(argv=None):
       lines.append(f'LoRA adapter (kohya/A1111 format): {out["lora_kohya"]}')
     if 'model' in out:
       lines.append(f'Fine-tuned model (diffusers format): {out["model"]}')
-    lines.append(f'Samples: {os.path.dirname(out["loss_curve"])}/  (loss curve: {out["loss_curve"]})')
+    if 'loras' in out:  # lora.per_subject: one adapter per subject
+      lines.append(
+        f'{len(out["loras"])} LoRA adapters (diffusers/peft format): {os.path.dirname(out["skipped"])}/NAME/'
+      )
+      if summary['skipped']:
+        lines.append(f'Skipped {len(summary["skipped"])} subject(s), listed in {out["skipped"]}')
+    else:
+      lines.append(f'Samples: {os.path.dirname(out["loss_curve"])}/  (loss curve: {out["loss_curve"]})')
     if 'model' in out:
       lines.append(f'Sample more with: jaxdream sample --model {out["model"]} --prompt "..." --out DIR')
     multihost.log('\n'.join(lines))

@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
       caption_ext='.txt',  # per-image caption sidecars: photo.jpg + photo.txt
       caption_mode='append',  # 'append' to the instance prompt, or 'replace' it
       on_bad_image='fail',  # or 'skip' (with a warning)
+      on_bad_subject='fail',  # lora.per_subject: or 'skip' a subject whose photos are unusable, train the others
       min_instance_images=3,
       min_image_size=32,  # smaller images are reported as bad
     )
@@ -97,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
       cache_latents=False,  # encode images once (needs center crops and no flips)
       cache_text_embeddings=False,  # encode prompts once (needs a frozen text encoder)
       nan_policy='stop',  # 'stop' the run, or 'skip' the step
+      subjects_per_step=0,  # lora.per_subject: subjects trained together in one step (0: all)
     )
   )
   c.lora = ml_collections.ConfigDict(
@@ -167,6 +169,8 @@ KEY_DOCS = {
   'data.caption_ext': 'per-image caption sidecars: photo.jpg + photo.txt',
   'data.caption_mode': "'append' a sidecar caption to the instance prompt, or 'replace' it",
   'data.on_bad_image': "'fail' on a bad image, or 'skip' it with a warning",
+  'data.on_bad_subject': "lora.per_subject: 'fail' on a subject with unusable photos, or 'skip' it "
+  '(named in workdir/loras/skipped.json) and train the others',
   'data.min_instance_images': 'fewest usable photos per concept',
   'data.min_image_size': 'smaller images (pixels) are reported as bad',
   'prior.enabled': 'prior preservation: train on class images too',
@@ -195,6 +199,8 @@ KEY_DOCS = {
   'train.cache_latents': 'encode every image once (needs centre crops and no flips)',
   'train.cache_text_embeddings': 'encode every prompt once (needs a frozen text encoder)',
   'train.nan_policy': "on a non-finite loss: 'stop' the run, or 'skip' the step",
+  'train.subjects_per_step': 'lora.per_subject: subjects trained together in one step, groups one after '
+  'another (0: all subjects in one group)',
   'lora.rank': 'LoRA rank: > 0 trains adapters instead of the model (0: full fine-tuning)',
   'lora.alpha': 'LoRA alpha: the update is scaled by alpha / rank (0: the rank, scale 1)',
   'lora.rslora': 'rank-stabilised LoRA: scale alpha / sqrt(rank)',
@@ -296,6 +302,7 @@ _CHOICES = {
   'attention': IMPLEMENTATIONS,
   'data.caption_mode': ('append', 'replace'),
   'data.on_bad_image': ('fail', 'skip'),
+  'data.on_bad_subject': ('fail', 'skip'),
   'train.lr_schedule': ('constant', 'warmup_constant', 'cosine'),
   'train.nan_policy': ('stop', 'skip'),
   'lora.init': ('kaiming_uniform', 'gaussian'),
@@ -350,6 +357,12 @@ def _lora_problems(config) -> list[str]:
     for key in ('rank', 'alpha', 'conv_rank', 'conv_alpha')
     if lo[key] < 0
   ]
+  if t.subjects_per_step < 0:
+    problems.append(f'train.subjects_per_step must not be negative, got {t.subjects_per_step}')
+  if not lo.per_subject:
+    for key, default in (('train.subjects_per_step', 0), ('data.on_bad_subject', 'fail')):
+      if _get(config, key) != default:
+        problems.append(f'{key}={_get(config, key)!r} needs lora.per_subject=True')
   if lo.rank <= 0:
     for key in ('text_encoder', 'conv_rank', 'per_subject', 'export_kohya', 'export_merged'):
       if lo[key]:

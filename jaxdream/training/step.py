@@ -22,6 +22,10 @@ from jaxdream.schedulers import NoiseSchedule
 from jaxdream.training.params import unflatten
 
 
+class TrainingError(RuntimeError):
+  """The run cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
 def dreambooth_loss(
   pred, target, timesteps, schedule: NoiseSchedule, *, num_instance: int, prior_weight: float, snr_gamma: float
 ):

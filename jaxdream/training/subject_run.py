@@ -1,0 +1,227 @@
+"""A per-subject LoRA run (lora.per_subject=True): one adapter per concept, trained by the vmapped subject
+step of training.subjects, each subject exactly as it would train alone.
+
+Subjects train in groups of train.subjects_per_step (0: all in one), one group after another with the same
+compiled step (a short last group is padded). Each group has its own checkpoint folder
+(workdir/groups/subjects-HASH/checkpoints, HASH of its names), so a resumed run skips finished groups and continues
+the interrupted one. Each subject's adapter goes to workdir/loras/NAME/ (lora.export_kohya: also
+workdir/loras/NAME.safetensors); subjects skipped for bad photos (data.on_bad_subject='skip') are listed in
+workdir/loras/skipped.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+import zlib
+
+import jax
+
+from jaxdream.distributed import multihost
+from jaxdream.distributed.mesh import make_mesh
+from jaxdream.io.files import atomic_write
+from jaxdream.schedulers import NoiseSchedule
+from jaxdream.training import config as config_lib
+from jaxdream.training.checkpoint import _checkpointer, _restore, _save
+from jaxdream.training.data import DataError, data_source, make_iterator, prepare_dataset
+from jaxdream.training.inputs import (
+  _cache_latents,
+  _cache_text_embeddings,
+  _class_examples,
+  _concept_examples,
+  _load_base,
+  _next_batch,
+)
+from jaxdream.training.lora import add_adapters, export_adapters, lora_paths, lora_plan
+from jaxdream.training.params import _set_params, make_optimizer, param_groups, split_models, split_trainable
+from jaxdream.training.step import StepFn, TrainingError
+from jaxdream.training.subjects import (
+  adapted_copy,
+  adapter_params,
+  jit_subject_step,
+  padded,
+  stack,
+  subject_groups,
+  subject_key,
+  subject_seed,
+  subject_state,
+  subject_step_shardings,
+  unstack,
+)
+
+
+def check_subjects(config, concepts) -> tuple[list[dict], list[dict], list[dict]]:
+  """(concepts to train, their instance examples, skipped subjects): every subject's photos checked before
+  anything is built. A bad subject fails the run, or with data.on_bad_subject='skip' is left out and
+  reported ({'name', 'instance_dir', 'problems'})."""
+  kept, examples, skipped, problems = [], [], [], []
+  for c in concepts:
+    found, bad = _concept_examples(config, len(kept), c)
+    if not bad:
+      kept.append(c)
+      examples += found
+    elif config.data.on_bad_subject == 'skip':
+      skipped.append({'name': c['name'], 'instance_dir': c['instance_dir'], 'problems': bad})
+      multihost.log(f'skipping subject {c["name"]!r}: ' + '; '.join(bad))
+    else:
+      problems += bad
+  if problems:
+    raise DataError('\n'.join(problems) + "\n(data.on_bad_subject='skip' trains the other subjects)")
+  if not kept:
+    raise DataError(
+      'every subject was skipped:\n' + '\n'.join(f'{s["name"]}: {"; ".join(s["problems"])}' for s in skipped)
+    )
+  return kept, examples, skipped
+
+
+def _adapted(pipeline, plan, seed: int, name: str):
+  """A copy of the base with subject `name`'s freshly initialised adapters (its subject_key)."""
+  return adapted_copy(
+    pipeline,
+    lambda comps, key: add_adapters(dataclasses.replace(pipeline, components=comps), plan, key),
+    subject_key(seed, name),
+  )
+
+
+def _group_folder(names: list[str]) -> str:
+  return f'subjects-{zlib.crc32(",".join(names).encode()):08x}'
+
+
+def _subject_iterators(config, folder, name, tokenize) -> dict:
+  """The subject's instance (and class) iterators, seeded by its name: its data is that it has alone."""
+  seed = subject_seed(config.seed, name)
+  splits = ['instance'] + (['class'] if config.prior.enabled else [])
+  return {
+    s: make_iterator(
+      data_source(folder, s),
+      batch_size=config.train.batch_size,
+      seed=seed + 17 * k,
+      resolution=config.resolution,
+      center_crop=config.data.center_crop,
+      flip_p=config.data.flip_p,
+      tokenize=tokenize,
+    )
+    for k, s in enumerate(splits)
+  }
+
+
+def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
+  if jax.process_count() > 1:
+    raise config_lib.RunConfigError('lora.per_subject runs on one host for now (use one process)')
+  if multihost.is_primary():
+    path = os.path.join(workdir, 'loras', 'skipped.json')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, json.dumps(skipped, indent=2))
+  names = [c['name'] for c in concepts]
+  mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  pipeline = _load_base(config, workdir)
+  if config.resolution % pipeline.vae_scale_factor:
+    raise config_lib.RunConfigError(
+      f'resolution {config.resolution} is not a multiple of the VAE factor {pipeline.vae_scale_factor}'
+    )
+  plan = lora_plan(pipeline, config)
+  # Class images are made once per class folder (ensure_class_images finds them for the next subject).
+  classes = _class_examples(config, concepts, pipeline, mesh) if config.prior.enabled else []
+  splits = ['instance'] + (['class'] if config.prior.enabled else [])
+  folders = {
+    name: prepare_dataset(
+      os.path.join(workdir, 'data', name),
+      {
+        'instance': [e for e in instance if e['concept'] == i],
+        'class': [e for e in classes if e['concept'] == i],
+      },
+      config.resolution,
+    )
+    for i, name in enumerate(names)
+  }
+
+  # The step's structure: any subject's adapted copy (same graph for all; values come from the state).
+  pipe = _adapted(pipeline, plan, config.seed, names[0])
+  graphdefs, templates, flat = split_models(pipe)
+  groups = param_groups(config)
+  template, frozen, labels = split_trainable(flat, groups)
+  tx = make_optimizer(config, groups, labels)
+  b = config.train.batch_size
+  examples = b * (2 if config.prior.enabled else 1)
+  step_fn = StepFn(
+    graphdefs=graphdefs,
+    templates=templates,
+    schedule=NoiseSchedule.from_config(pipeline.scheduler_config),
+    tx=tx,
+    num_instance=b,
+    prior_weight=config.prior.loss_weight if config.prior.enabled else 0.0,
+    snr_gamma=config.train.snr_gamma,
+    offset_noise=config.train.offset_noise,
+    ema_decay=config.train.ema_decay,
+    encode_prompt=pipeline.encode_prompt,
+  )
+  size = config.train.subjects_per_step or len(names)
+  try:
+    shardings = subject_step_shardings(pipe, template, frozen, tx, mesh, config, size, examples)
+  except ValueError as e:
+    raise config_lib.RunConfigError(str(e)) from None
+  frozen = jax.device_put(frozen, shardings[1])
+  jstep = jit_subject_step(step_fn, shardings, mesh)
+  ema = config.train.ema_decay > 0
+
+  outputs, losses = {}, {}
+  for group in subject_groups(names, size):
+    states = []
+    for n in group:
+      adapters = adapter_params(_adapted(pipeline, plan, config.seed, n))
+      states.append(subject_state({k: adapters[k] for k in template}, tx, config.seed, n, ema))
+    state = jax.device_put(stack(padded(states, size)), shardings[0])
+    iterators, latents, contexts = {}, {}, {}
+    for n in group:
+      its = _subject_iterators(config, folders[n], n, pipeline.tokenize)
+      iterators.update({f'{n}/{s}': it for s, it in its.items()})
+      if config.train.cache_latents:
+        latents[n] = _cache_latents(pipeline, folders[n], splits, config.resolution)
+      if config.train.cache_text_embeddings:
+        contexts[n] = _cache_text_embeddings(pipeline, folders[n], splits)
+    mngr = _checkpointer(os.path.join(workdir, 'groups', _group_folder(group)), config)
+    try:
+      state = _restore(mngr, state, iterators, config)
+      for step in range(int(state['step'][0]), config.train.num_steps):
+        batches = [
+          _next_batch(
+            {s: iterators[f'{n}/{s}'] for s in splits},
+            config.prior.enabled,
+            latents.get(n),
+            contexts.get(n),
+          )
+          for n in group
+        ]
+        state, metrics = jstep(state, frozen, jax.device_put(stack(padded(batches, size)), shardings[2]))
+        m = unstack(jax.device_get(metrics), len(group))
+        done = step + 1
+        bad = [n for n, mi in zip(group, m) if not mi['finite']]
+        if bad:
+          msg = f'non-finite loss or gradient at step {done} of subject(s) {", ".join(bad)}'
+          if config.train.nan_policy == 'stop':
+            raise TrainingError(
+              msg + f'; the run stopped. The last good checkpoint is in {mngr.directory}. Lower the learning '
+              "rate, or set train.nan_policy='skip' to skip such steps (per subject)."
+            )
+          warnings.warn(msg + '; their step skipped')
+        for n, mi in zip(group, m):
+          losses.setdefault(n, []).append((done, float(mi['loss'])))
+        if done % config.logging.every_steps == 0 or done == config.train.num_steps:
+          multihost.log(f'step {done}: ' + ', '.join(f'{n} loss {float(mi["loss"]):.4f}' for n, mi in zip(group, m)))
+        if done % config.checkpoint.every_steps == 0 or done == config.train.num_steps:
+          _save(mngr, done, state, iterators, config)
+    finally:
+      mngr.wait_until_finished()
+    final = state['ema'] if ema else state['trainable']
+    for n, values in zip(group, unstack(jax.device_get(final), len(group))):
+      _set_params(pipe, values)
+      outputs[n] = lora_paths(workdir, n, config.lora.export_kohya)
+      export_adapters(pipe, plan, outputs[n])
+  return {
+    'step': config.train.num_steps,
+    'outputs': {'loras': outputs, 'skipped': os.path.join(workdir, 'loras', 'skipped.json')},
+    'skipped': [s['name'] for s in skipped],
+    'losses': losses,
+  }
