@@ -17,11 +17,10 @@ from jaxdream.nn.layers import Conv2d, Linear
 from jaxdream.training.config import RunConfigError
 
 
-def adapter_key(seed: int, subject: str | None = None):
-  """The adapters' init key: config.seed's. A per-subject run folds in each subject's name (so a subject's
-  init does not depend on the other subjects); each layer's key is then folded from its name (add_lora)."""
-  key = jax.random.key(seed)
-  return key if subject is None else jax.random.fold_in(key, zlib.crc32(subject.encode()) & 0x7FFFFFFF)
+def adapter_key(seed: int):
+  """The adapters' init key of a one-adapter run: config.seed's (per-subject runs use
+  training.subjects.subject_key(seed, name)); each layer's key is then folded from its name (add_lora)."""
+  return jax.random.key(seed)
 
 
 def _short(name: str) -> str:
