@@ -8,6 +8,7 @@ import sys
 from jaxdream.cli import quiet
 from jaxdream.cli.lora import _add_lora_parsers
 from jaxdream.cli.sample import SampleSession, _add_sample_parser, _demo, _inspect, _sample
+from jaxdream.cli.subjects import _add_subjects_parser
 from jaxdream.cli.vlm import _add_vlm_parsers
 from jaxdream.runtime import CompileCache
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_sample_parser(sub)
   _add_vlm_parsers(sub)
   _add_lora_parsers(sub)
+  _add_subjects_parser(sub)
   return p
 
 

@@ -1,0 +1,56 @@
+"""The DreamBench layout (the DreamBooth paper's dataset): `DATASET/<subject>/*.jpg` and
+`DATASET/prompts_and_classes.txt`, which lists subject,class rows and two 25-prompt lists (object and live
+subject) written as `'a {0} {1} in the jungle'.format(unique_token, class_token)`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+PROMPTS_FILE = 'prompts_and_classes.txt'
+LIVE_CLASSES = ('dog', 'cat')  # subjects of these classes get the live-subject prompts, the others the object ones
+_PROMPT = re.compile(r"""^\s*(['"])(.*)\1\s*\.format\(\s*unique_token\s*,\s*class_token\s*\)\s*,?\s*$""")
+
+
+class DreamBenchError(ValueError):
+  """A folder that is not in the DreamBench layout; the message says what is missing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DreamBench:
+  folder: str
+  classes: dict[str, str]  # subject -> class, in the file's order
+  object_prompts: tuple[str, ...]  # templates with {0} (identifier) and {1} (class)
+  live_prompts: tuple[str, ...]
+
+  def prompts(self, subject: str) -> tuple[str, ...]:
+    """The subject's prompt templates: the live-subject list for dogs and cats, the object list otherwise."""
+    return self.live_prompts if self.classes[subject] in LIVE_CLASSES else self.object_prompts
+
+
+def read_dreambench(folder: str) -> DreamBench:
+  path = os.path.join(folder, PROMPTS_FILE)
+  if not os.path.isfile(path):
+    raise DreamBenchError(f'{folder}: no {PROMPTS_FILE}; expected the DreamBench layout (DATASET/<subject>/*.jpg)')
+  classes, lists, section = {}, {'object': [], 'live': []}, None
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      text = line.strip()
+      low = text.lower()
+      if low == 'object prompts':
+        section = 'object'
+      elif low == 'live subject prompts':
+        section = 'live'
+      elif section is None and ',' in text and low != 'subject_name,class':
+        subject, cls = (s.strip() for s in text.split(',', 1))
+        classes[subject] = cls
+      elif section and (m := _PROMPT.match(text)):
+        lists[section].append(m.group(2))
+  missing = [s for s in classes if not os.path.isdir(os.path.join(folder, s))]
+  if not classes or not lists['object'] or not lists['live'] or missing:
+    raise DreamBenchError(
+      f'{path}: read {len(classes)} subject(s), {len(lists["object"])} object and {len(lists["live"])} '
+      f'live-subject prompt(s)' + (f'; no folder for {missing}' if missing else '')
+    )
+  return DreamBench(folder, classes, tuple(lists['object']), tuple(lists['live']))

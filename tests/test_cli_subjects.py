@@ -1,0 +1,94 @@
+"""`jaxdream subjects`: a DreamBench-layout folder becomes a concepts file the per-subject LoRA trainer accepts."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxdream.cli.main import main
+from jaxdream.io.dreambench import read_dreambench
+from jaxdream.training import config as config_lib
+
+SHARED = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'dreambench')
+PROMPTS = """Classes
+
+subject_name,class
+backpack,backpack
+dog,dog
+bear_plushie,stuffed animal
+teddy,stuffed animal
+
+Prompts
+
+Object Prompts
+
+prompt_list = [
+'a {0} {1} in the jungle'.format(unique_token, class_token),
+'a red {0} {1}'.format(unique_token, class_token)
+]
+
+Live Subject Prompts
+
+prompt_list = [
+'a {0} {1} in the snow'.format(unique_token, class_token),
+"a {0} {1} wearing a red hat".format(unique_token, class_token),
+'a {0} {1} in a chef outfit'.format(unique_token, class_token)
+]
+"""
+
+
+@pytest.fixture
+def bench(tmp_path):
+  folder = tmp_path / 'bench'
+  rng = np.random.default_rng(0)
+  for subject in ('backpack', 'dog', 'bear_plushie', 'teddy'):
+    (folder / subject).mkdir(parents=True)
+    for i in range(3):
+      Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(folder / subject / f'{i:02d}.jpg')
+  (folder / 'prompts_and_classes.txt').write_text(PROMPTS)
+  return folder
+
+
+def test_subjects_file_has_one_concept_per_subject_and_one_class_folder_per_class(bench, tmp_path, capsys):
+  out = tmp_path / 'subjects.json'
+  assert main(['subjects', '--dreambench', str(bench), '--out', str(out), '--num-class-images', '7']) == 0
+  assert '4 subjects, 3 classes' in capsys.readouterr().out
+  concepts = json.loads(out.read_text())
+  assert [c['name'] for c in concepts] == ['backpack', 'dog', 'bear_plushie', 'teddy']
+  by_name = {c['name']: c for c in concepts}
+  assert by_name['bear_plushie']['instance_prompt'] == 'a photo of sks stuffed animal'
+  assert by_name['bear_plushie']['class_prompt'] == 'a photo of stuffed animal'
+  assert by_name['bear_plushie']['class_dir'] == by_name['teddy']['class_dir'] != by_name['dog']['class_dir']
+  assert by_name['dog']['instance_dir'] == os.path.abspath(bench / 'dog') and by_name['dog']['num_class_images'] == 7
+
+  c = config_lib.config_file(os.path.join(os.path.dirname(__file__), '..', 'configs', 'lora_many_subjects.py'))
+  c.data.concepts_file = str(out)
+  checked = config_lib.validate(c)  # what the trainer does before anything else
+  assert [x['name'] for x in checked] == [x['name'] for x in concepts]
+
+
+def test_prompt_lists_follow_the_protocol_live_for_dogs_and_cats(bench):
+  b = read_dreambench(str(bench))
+  assert b.object_prompts == ('a {0} {1} in the jungle', 'a red {0} {1}')
+  assert b.prompts('dog') == b.live_prompts and len(b.live_prompts) == 3
+  assert b.prompts('bear_plushie') == b.object_prompts
+  assert b.live_prompts[1].format('sks', 'dog') == 'a sks dog wearing a red hat'
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason='the shared DreamBench copy is not next to this checkout')
+def test_the_shared_dreambench_has_30_subjects_9_of_them_live_and_25_prompts_each():
+  b = read_dreambench(SHARED)
+  assert len(b.classes) == 30 and len(b.object_prompts) == len(b.live_prompts) == 25
+  assert sum(b.prompts(s) == b.live_prompts for s in b.classes) == 9
+
+
+def test_a_folder_without_the_layout_is_an_error_naming_what_is_missing(bench, tmp_path, capsys):
+  assert main(['subjects', '--dreambench', str(tmp_path), '--out', str(tmp_path / 'x.json')]) == 2
+  assert 'no prompts_and_classes.txt' in capsys.readouterr().err
+  shutil.rmtree(bench / 'teddy')
+  assert main(['subjects', '--dreambench', str(bench), '--out', str(tmp_path / 'x.json')]) == 2
+  assert "no folder for ['teddy']" in capsys.readouterr().err
+  assert not (tmp_path / 'x.json').exists()
