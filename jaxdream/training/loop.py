@@ -19,7 +19,6 @@ import numpy as np
 from jaxdream.distributed import multihost
 from jaxdream.distributed.mesh import make_mesh
 from jaxdream.distributed.sharding import batch_sharding, process_rows
-from jaxdream.schedulers import NoiseSchedule
 from jaxdream.training import config as config_lib
 from jaxdream.training.checkpoint import _checkpointer, _restore, _save
 from jaxdream.training.data import data_source, make_iterator, prepare_dataset
@@ -121,19 +120,7 @@ def _run(config, workdir, concepts, instance) -> dict:
   if not trainable:
     raise config_lib.RunConfigError(f'no parameter matches the trainable groups {groups}')
   tx = make_optimizer(config, groups, labels)
-  schedule = NoiseSchedule.from_config(pipeline.scheduler_config)
-  step_fn = StepFn(
-    graphdefs=graphdefs,
-    templates=templates,
-    schedule=schedule,
-    tx=tx,
-    num_instance=b,
-    prior_weight=config.prior.loss_weight if config.prior.enabled else 0.0,
-    snr_gamma=config.train.snr_gamma,
-    offset_noise=config.train.offset_noise,
-    ema_decay=config.train.ema_decay,
-    encode_prompt=pipeline.encode_prompt,
-  )
+  step_fn = StepFn.from_config(config, pipeline, graphdefs, templates, tx)
   state, frozen, jstep, _ = _place(step_fn, pipeline, trainable, frozen, tx, mesh, config)
   mngr = _checkpointer(workdir, config)
   state = _restore(mngr, state, iterators, config)

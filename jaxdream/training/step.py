@@ -57,6 +57,23 @@ class StepFn:
   ema_decay: float
   encode_prompt: Callable  # the pipeline's: token ids -> (context, extra UNet inputs)
 
+  @classmethod
+  def from_config(cls, config, pipeline, graphdefs, templates, tx) -> StepFn:
+    """The run's step: `config.train.batch_size` instance examples first, then as many class examples."""
+    t = config.train
+    return cls(
+      graphdefs=graphdefs,
+      templates=templates,
+      schedule=NoiseSchedule.from_config(pipeline.scheduler_config),
+      tx=tx,
+      num_instance=t.batch_size,
+      prior_weight=config.prior.loss_weight if config.prior.enabled else 0.0,
+      snr_gamma=t.snr_gamma,
+      offset_noise=t.offset_noise,
+      ema_decay=t.ema_decay,
+      encode_prompt=pipeline.encode_prompt,
+    )
+
   def draws(self, key, latent_shape):
     """The step's random numbers: posterior sample noise, diffusion noise, timesteps."""
     k_latent, k_noise, k_time, k_offset = jax.random.split(key, 4)

@@ -22,7 +22,6 @@ import jax
 from jaxdream.distributed import multihost
 from jaxdream.distributed.mesh import make_mesh
 from jaxdream.io.files import atomic_write
-from jaxdream.schedulers import NoiseSchedule
 from jaxdream.training import config as config_lib
 from jaxdream.training.checkpoint import _checkpointer, _restore, _save
 from jaxdream.training.data import DataError, data_source, make_iterator, prepare_dataset
@@ -145,18 +144,7 @@ def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
   tx = make_optimizer(config, groups, labels)
   b = config.train.batch_size
   examples = b * (2 if config.prior.enabled else 1)
-  step_fn = StepFn(
-    graphdefs=graphdefs,
-    templates=templates,
-    schedule=NoiseSchedule.from_config(pipeline.scheduler_config),
-    tx=tx,
-    num_instance=b,
-    prior_weight=config.prior.loss_weight if config.prior.enabled else 0.0,
-    snr_gamma=config.train.snr_gamma,
-    offset_noise=config.train.offset_noise,
-    ema_decay=config.train.ema_decay,
-    encode_prompt=pipeline.encode_prompt,
-  )
+  step_fn = StepFn.from_config(config, pipeline, graphdefs, templates, tx)
   size = config.train.subjects_per_step or len(names)
   try:
     shardings = subject_step_shardings(pipe, template, frozen, tx, mesh, config, size, examples)
