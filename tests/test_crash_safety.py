@@ -1,5 +1,6 @@
 """What a fault probe hits: a damaged newest checkpoint, two runs on one workdir, Ctrl-C during training.
-Checkpoint tests use a tiny state and the checkpoint functions directly; one real run covers Ctrl-C."""
+Checkpoint tests use a tiny state and the checkpoint functions directly; real runs interrupted by Ctrl-C
+and resumed from a damaged checkpoint: tests/test_train_run.py."""
 
 import glob
 import json
@@ -142,30 +143,3 @@ def test_first_ctrl_c_asks_to_save_and_second_stops_at_once(capsys):
   finally:
     preempt.restore()
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
-@pytest.mark.slow
-def test_ctrl_c_saves_and_a_run_whose_newest_checkpoint_is_damaged_resumes_from_the_one_before(tmp_path):
-  from test_train_run import _start, _wait_for_checkpoint, _write_config
-
-  from jaxdream.diffusion.tiny_model import create_tiny_pipeline
-
-  shared = {'base': create_tiny_pipeline(str(tmp_path / 'base')), 'class_dir': str(tmp_path / 'class')}
-  config = _write_config(shared, tmp_path / 'cfg.py', num_steps=6)  # a checkpoint every step
-  workdir = str(tmp_path / 'run')
-  proc = _start(config, workdir)
-  _wait_for_checkpoint(proc, workdir, 2)
-  proc.send_signal(signal.SIGINT)
-  output = proc.communicate(timeout=300)[0]
-  assert proc.returncode == 0 and 'Traceback' not in output, output
-  step = int(output.split('Ctrl-C (SIGINT): saved the checkpoint at step ')[1].split(';')[0])
-  assert os.path.isdir(os.path.join(workdir, 'checkpoints', str(step))) and 'run the same command' in output
-  assert not os.path.exists(os.path.join(workdir, LOCK_FILE))
-  _damage(_largest_data_file(workdir, step), 'truncated')
-  proc = _start(config, workdir)
-  output = proc.communicate(timeout=600)[0]
-  assert proc.returncode == 0 and 'Traceback' not in output, output
-  assert (
-    f'checkpoint step {step} is unreadable' in output and f'resumed from the checkpoint at step {step - 1}' in output
-  )
-  assert any(n.startswith(f'{step}.damaged-') for n in os.listdir(os.path.join(workdir, 'checkpoints')))

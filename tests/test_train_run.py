@@ -1,5 +1,6 @@
 """Whole DreamBooth runs on the tiny model: the exported model loads in diffusers and jaxdream, a run killed
-at any moment resumes to bitwise-identical weights, SIGTERM saves, changed runs and NaN losses are refused."""
+at any moment (or stopped by Ctrl-C, or with a damaged checkpoint) resumes to bitwise-identical weights,
+changed runs and NaN losses are refused."""
 
 import json
 import os
@@ -263,7 +264,14 @@ KILL_RUN_STEPS = 10
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_sigkill_at_any_moment_resumes_to_identical_weights(shared, tmp_path):
+def test_ctrl_c_saves_sigkill_at_any_moment_and_a_damaged_checkpoint_resume_to_identical_weights(shared, tmp_path):
+  """One interrupted run, resumed after each fault, ends with the weights and loss history of a straight
+  run: Ctrl-C (save and exit cleanly), SIGKILL while starting, mid-save and after a save, then its newest
+  checkpoint damaged (moved aside, the one before resumed). SIGTERM's save: tests/test_multihost.py."""
+  from test_crash_safety import _damage, _largest_data_file
+
+  from jaxdream.training.lock import LOCK_FILE
+
   config = _write_config(shared, tmp_path / 'cfg.py', num_steps=KILL_RUN_STEPS)
   straight = str(tmp_path / 'straight')
   proc = _start(config, straight)
@@ -272,13 +280,15 @@ def test_sigterm_saves_and_sigkill_at_any_moment_resumes_to_identical_weights(sh
   interrupted = str(tmp_path / 'interrupted')
   proc = _start(config, interrupted)
   _wait_for_checkpoint(proc, interrupted, 2)
-  proc.send_signal(signal.SIGTERM)  # preemption: save and exit cleanly
+  proc.send_signal(signal.SIGINT)  # Ctrl-C: save and exit cleanly
   output = proc.communicate(timeout=900)[0]
-  assert proc.returncode == 0 and 'SIGTERM: saved the checkpoint' in output, output
+  assert proc.returncode == 0 and 'Traceback' not in output, output
+  step = int(output.split('Ctrl-C (SIGINT): saved the checkpoint at step ')[1].split(';')[0])
+  assert step in _checkpoints(interrupted)[0] and 'run the same command' in output
+  assert not os.path.exists(os.path.join(interrupted, LOCK_FILE))
   # SIGKILL at several moments, each resumed by the next run: while starting, mid-save (an orbax
   # temporary folder is there, and still there after the kill; retried if the save won the race) and
   # just after a checkpoint is complete.
-  steps = _checkpoints(interrupted)[0]
   t0 = time.time()
   steps = _kill_when(_start(config, interrupted), interrupted, lambda s, tmp: time.time() > t0 + 3)
   for _ in range(3):
@@ -289,9 +299,16 @@ def test_sigterm_saves_and_sigkill_at_any_moment_resumes_to_identical_weights(sh
     pytest.fail('every save finished before its kill')
   last = steps[-1]
   steps = _kill_when(_start(config, interrupted), interrupted, lambda s, tmp: s[-1] >= last + 2)
+  # The newest checkpoint damaged (a disk fault): named, moved aside, and the one before resumed.
+  damaged = steps[-1]
+  assert damaged - 1 in steps
+  _damage(_largest_data_file(interrupted, damaged), 'truncated')
   proc = _start(config, interrupted)
   output = proc.communicate(timeout=1800)[0]
-  assert proc.returncode == 0 and f'resumed from the checkpoint at step {steps[-1]}' in output, output
+  assert proc.returncode == 0 and 'Traceback' not in output, output
+  assert f'checkpoint step {damaged} is unreadable' in output, output
+  assert f'resumed from the checkpoint at step {damaged - 1}' in output, output
+  assert any(n.startswith(f'{damaged}.damaged-') for n in os.listdir(os.path.join(interrupted, 'checkpoints')))
   for rel in (UNET_FILE, TE_FILE):
     a = read_safetensors(os.path.join(straight, rel))
     b = read_safetensors(os.path.join(interrupted, rel))

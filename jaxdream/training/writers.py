@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -56,15 +57,28 @@ def loss_curve_image(losses, size=(640, 360)) -> np.ndarray:
   return np.asarray(im)
 
 
+def _summary_writer():
+  """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it can only to
+  accept torch tensors (jaxdream passes numpy), and that import is 6-9 s of a run's start-up."""
+  if 'torch' in sys.modules or 'tensorboardX' in sys.modules:
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
+  sys.modules['torch'] = None  # makes `import torch` raise ImportError, which tensorboardX allows for
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
+
+
 class _Writer:
   """TensorBoard event files (tensorboardX, no TensorFlow) and, if asked for, Weights & Biases."""
 
   def __init__(self, workdir, config):
     self.tb = self.wandb = None
     if config.logging.tensorboard:
-      from tensorboardX import SummaryWriter
-
-      self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self.tb = _summary_writer()(os.path.join(workdir, 'tensorboard'))
     if config.logging.wandb:
       try:
         import wandb
