@@ -7,6 +7,7 @@ remainder, as torch's strided conv floors), a DINO-like ViTModel (36 px, patch 8
 no qkv bias, a pooler). Each scoring model compiles once: every test reuses the same batch shapes.
 """
 
+import dataclasses
 import json
 import os
 
@@ -27,6 +28,7 @@ from jaxdream.evaluation import (
   load_dino,
 )
 from jaxdream.models import ConfigError, load_vit
+from jaxdream.runtime import CompileCache
 
 pytestmark = pytest.mark.reference
 
@@ -199,7 +201,13 @@ def test_embeddings_equal_transformers_clip_and_dino(models, scorers):
     texts = sorted(set(PROMPTS['dog'] + PROMPTS['backpack']))
     want_text = clip_t.get_text_features(**tokenizer(texts, padding=True, return_tensors='pt')).pooler_output.numpy()
   assert rel_err(clip_image_embed(clip, images), want_clip) <= 1e-5
-  assert rel_err(dino_embed(dino, images), want_dino.last_hidden_state[:, 0].numpy()) <= 1e-5
+  got_dino = dino_embed(dino, images)
+  assert rel_err(got_dino, want_dino.last_hidden_state[:, 0].numpy()) <= 1e-5
+  # Smaller batches, the last one padded: the same embeddings; progress hears of each batch.
+  sizes = []
+  small = dataclasses.replace(dino, batch_size=4, compile_cache=CompileCache())
+  assert rel_err(dino_embed(small, images, progress=sizes.append), got_dino) <= 1e-6
+  assert sizes == [4, 4, 2] and _compiles(small) == [1]
   assert rel_err(clip_text_embed(clip, None, texts), want_text) <= 1e-5
   assert _compiles(clip) == [1, 1] and _compiles(dino) == [1]
 

@@ -67,13 +67,21 @@ def _check_inputs(real_images: dict, generated: dict, prompts: dict):
 
 
 def dreambench_scores(
-  real_images: dict, generated: dict, prompts_without_identifier: dict, clip: Scorer, dino: Scorer, *, seed: int = 0
+  real_images: dict,
+  generated: dict,
+  prompts_without_identifier: dict,
+  clip: Scorer,
+  dino: Scorer,
+  *,
+  seed: int = 0,
+  progress=None,
 ) -> dict:
   """DreamBench scores of generated images.
 
   real_images: subject -> the subject's real images; generated: subject -> generated images;
   prompts_without_identifier: subject -> one prompt per generated image, without the identifier.
-  Images are paths, PIL images or uint8 arrays. Each model embeds all images in one batched call.
+  Images are paths, PIL images or uint8 arrays. Each model embeds all images in one batched call;
+  `progress(n)` is told the size of each batch embedded (2 * images + prompts in all), e.g. a bar's update.
 
   Returns plain floats: 'subjects' {subject: {dino, clip_i, clip_t}}, 'overall' {metric: mean over subjects},
   'ci' {metric: [lo, hi]} (bootstrap_ci over subjects with `seed`), 'real' {dino, clip_i} and 'real_ci'
@@ -87,11 +95,11 @@ def dreambench_scores(
   counts = [len(r) for r in reals] + [len(g) for g in gens]
   everything = [im for group in reals + gens for im in group]
   embeds = {
-    'dino': _split(dino_embed(dino, everything), counts),
-    'clip_i': _split(clip_image_embed(clip, everything), counts),
+    'dino': _split(dino_embed(dino, everything, progress=progress), counts),
+    'clip_i': _split(clip_image_embed(clip, everything, progress=progress), counts),
   }
   texts = sorted({p for s in subjects for p in prompts_without_identifier[s]})
-  text = dict(zip(texts, _unit(clip_text_embed(clip, None, texts))))
+  text = dict(zip(texts, _unit(clip_text_embed(clip, None, texts, progress=progress))))
 
   n = len(subjects)
   out = {'subjects': {}, 'real_subjects': {}, 'images': {}}

@@ -65,9 +65,10 @@ def _check_kind(scorer: Scorer, kind: str, fn: str):
     raise TypeError(f'{fn} takes a scorer from load_{kind}(...), got {got!r}')
 
 
-def _embed(scorer: Scorer, method: str, inputs: np.ndarray) -> np.ndarray:
-  """`scorer.model.<method>` over `inputs` in batches, as float32 numpy."""
-  n = len(inputs)
+def _embed(scorer: Scorer, method: str, items: list, prepare, progress=None) -> np.ndarray:
+  """`scorer.model.<method>` over `prepare(batch of items)` batch by batch (images are decoded and resized one
+  batch at a time, never all at once), as float32 numpy. `progress(n)` is told each batch's size."""
+  n = len(items)
   if n == 0:
     raise ValueError('nothing to embed: no inputs')
   graphdef, state = nnx.split(scorer.model)
@@ -79,30 +80,33 @@ def _embed(scorer: Scorer, method: str, inputs: np.ndarray) -> np.ndarray:
   b = min(scorer.batch_size, n)
   out = []
   for i in range(0, n, b):
-    chunk = inputs[i : i + b]
-    if len(chunk) < b:  # one batch shape: the last batch is padded with zeros, their rows dropped
-      chunk = np.concatenate([chunk, np.zeros((b - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-    out.append(np.asarray(fn(state, chunk)))
-  return np.concatenate(out)[:n]
+    chunk = prepare(items[i : i + b])
+    m = len(chunk)
+    if m < b:  # one batch shape: the last batch is padded with zeros, their rows dropped
+      chunk = np.concatenate([chunk, np.zeros((b - m,) + chunk.shape[1:], chunk.dtype)])
+    out.append(np.asarray(fn(state, chunk))[:m])
+    if progress is not None:
+      progress(m)
+  return np.concatenate(out)
 
 
-def clip_image_embed(clip: Scorer, images) -> np.ndarray:
+def clip_image_embed(clip: Scorer, images, *, progress=None) -> np.ndarray:
   """(N, projection_dim) CLIP image embeddings (get_image_features' pooler_output)."""
   _check_kind(clip, 'clip', 'clip_image_embed')
-  return _embed(clip, 'get_image_features', clip.transform(list(images)))
+  return _embed(clip, 'get_image_features', list(images), clip.transform, progress)
 
 
-def clip_text_embed(clip: Scorer, tokenizer, texts) -> np.ndarray:
+def clip_text_embed(clip: Scorer, tokenizer, texts, *, progress=None) -> np.ndarray:
   """(N, projection_dim) CLIP text embeddings (get_text_features' pooler_output); tokenizer None: the folder's."""
   _check_kind(clip, 'clip', 'clip_text_embed')
-  tokenizer = tokenizer or clip.tokenizer
+  tokenizer = clip.tokenizer if tokenizer is None else tokenizer
   if tokenizer is None:
     raise ValueError(f'{clip.path}: no tokenizer files ({" or ".join(_TOKENIZER_FILES)}); pass a tokenizer')
   length = min(tokenizer.model_max_length, clip.model.max_position_embeddings)
-  return _embed(clip, 'get_text_features', tokenize(tokenizer, list(texts), length))
+  return _embed(clip, 'get_text_features', list(texts), lambda batch: tokenize(tokenizer, batch, length), progress)
 
 
-def dino_embed(dino: Scorer, images) -> np.ndarray:
+def dino_embed(dino: Scorer, images, *, progress=None) -> np.ndarray:
   """(N, hidden_size) DINO embeddings: the class token after the final layer norm."""
   _check_kind(dino, 'dino', 'dino_embed')
-  return _embed(dino, 'cls_embedding', dino.transform(list(images)))
+  return _embed(dino, 'cls_embedding', list(images), dino.transform, progress)
