@@ -23,6 +23,16 @@ from jaxdream.models.unet_2d_condition import UNet2DConditionModel
 from jaxdream.models.vit import ViTModel
 
 
+def check_component(cls, path: str) -> dict:
+  """The folder's config, checked to be one of `cls` (reads config.json alone: nothing is built or compiled)."""
+  config = read_config(path, cls.CONFIG_NAME)
+  try:
+    cls.resolve_config(config)
+  except ConfigError as e:  # name the folder: a wrong one (e.g. another model type) is the usual cause
+    raise ConfigError(f'{path}: {e}') from None
+  return config
+
+
 def load_component(cls, path: str, *, dtype=jnp.float32, attention_impl: str = 'auto', allow_pickle: bool = False):
   """Load a model class from its component folder (config.json + weights).
 
@@ -30,11 +40,7 @@ def load_component(cls, path: str, *, dtype=jnp.float32, attention_impl: str = '
   without allocating or compiling anything. A class whose structure depends on the file (ViT's optional
   pooler) says how in `options_from_weights(weights) -> constructor kwargs`.
   """
-  config = read_config(path, cls.CONFIG_NAME)
-  try:
-    cls.resolve_config(config)
-  except ConfigError as e:  # name the folder: a wrong one (e.g. another model type) is the usual cause
-    raise ConfigError(f'{path}: {e}') from None
+  config = check_component(cls, path)
   weights = read_weights(path, cls.WEIGHTS_NAME, allow_pickle=allow_pickle)
   options = cls.options_from_weights(weights) if hasattr(cls, 'options_from_weights') else {}
   model = abstract_model(lambda rngs: cls(config, dtype=dtype, attention_impl=attention_impl, rngs=rngs, **options))
