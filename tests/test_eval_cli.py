@@ -1,5 +1,5 @@
-"""`jaxdream eval dreambench` and `jaxdream eval compare`, in-process through the CLI's main(argv): the quickstart's
-tiny model, 2 DreamBench subjects, 2 prompts, 1 image each, 2 steps at 32 px, conftest's tiny scoring models.
+"""`jaxdream eval dreambench` and `jaxdream eval compare`, in-process through the CLI's main(argv): conftest's
+tiny SD model, 2 DreamBench subjects, 2 prompts, 1 image each, 2 steps at 32 px, conftest's tiny scoring models.
 
 One run generates and scores; every other command reuses its images and compiled programs (one CompileCache for
 the module), so the file compiles one sampling loop and one program per scoring model and method.
@@ -40,12 +40,11 @@ def cache():
 
 
 @pytest.fixture(scope='module')
-def setup(scoring_models, tmp_path_factory):
-  from jaxdream.diffusion.tiny_model import create_tiny_pipeline
-
+def setup(scoring_models, tiny_sd_folder, tmp_path_factory):
+  # conftest's tiny SD folder (shared with the sampling tests), not create_tiny_pipeline: building that one
+  # initialises every model through jitted programs, tens of seconds here.
   root = tmp_path_factory.mktemp('eval')
-  model = create_tiny_pipeline(str(root / 'tiny-sd'))
-  return dict(root=root, model=model, clip=scoring_models['clip'][1], dino=scoring_models['dino'][1])
+  return dict(root=root, model=tiny_sd_folder[1], clip=scoring_models['clip'][1], dino=scoring_models['dino'][1])
 
 
 def _argv(setup, out, *extra, source=None):
@@ -272,3 +271,31 @@ def test_bad_input_is_one_clear_line_and_exit_2_before_anything_loads(setup, fir
   assert 'not a scores.json file' in error(
     ['eval', 'compare', str(first_run / 'scores.json'), str(gen / 'dog' / '0_0.png')]
   )
+
+
+def test_loras_sample_each_subject_with_its_own_adapter(setup, first_run, cache):
+  import jax
+  from flax import nnx
+  from PIL import Image
+
+  from jaxdream.cli.sample import SampleSession
+  from jaxdream.lora import save_lora
+  from jaxdream.nn.adapters import add_lora, lora_layers
+
+  pipe = cache.get(('sample-session',), SampleSession).pipeline(setup['model'], False)  # the first run's
+  run = setup['root'] / 'subject_run'
+  for s, scale in (('dog', 1.0), ('backpack', 0.0)):  # backpack's adapter adds nothing: the base model's images
+    unet = nnx.clone(pipe.unet)
+    add_lora(unet, targets=('to_q', 'to_v'), rank=2, key=jax.random.key(0))
+    for i, layer in enumerate(lora_layers(unet).values()):
+      layer.lora_b.set_value(scale * jax.random.normal(jax.random.key(i), layer.lora_b.shape))
+    os.makedirs(run / 'loras' / s)
+    save_lora(str(run / 'loras' / s / 'pytorch_lora_weights.safetensors'), {'unet': unet})
+  out = setup['root'] / 'run_lora'
+  assert main(_argv(setup, out, '--loras', str(run)), cache=cache) == 0
+  pixels = lambda folder, s, p: np.asarray(Image.open(folder / s / f'{p}_0.png'))
+  for p in range(2):
+    assert np.array_equal(pixels(out / 'images', 'backpack', p), pixels(first_run / 'images', 'backpack', p))
+    assert not np.array_equal(pixels(out / 'images', 'dog', p), pixels(first_run / 'images', 'dog', p))
+  manifest = _load(out / 'scores.json')['manifest']
+  assert set(manifest['files']['loras']) == set(SUBJECTS) and manifest['config']['loras'] == str(run)
