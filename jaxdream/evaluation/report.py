@@ -66,17 +66,19 @@ def git_commit() -> str | None:
 
 def environment() -> dict:
   """Versions and the device: what else must match for two runs to give the same numbers."""
+  import sys
+
   import flax
   import jax
-
-  import jaxdream
+  import jaxlib
 
   devices = jax.devices()
   return {
-    'jaxdream': jaxdream.__version__,
+    # The parent package is loaded with this module; importing it by name would be an upward import.
+    'jaxdream': sys.modules['jaxdream'].__version__,
     'git_commit': git_commit(),
     'jax': jax.__version__,
-    'jaxlib': getattr(jax.lib, '__version__', None) or jax.__version__,
+    'jaxlib': jaxlib.__version__,
     'flax': flax.__version__,
     'numpy': np.__version__,
     'platform': devices[0].platform,
