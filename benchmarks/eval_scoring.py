@@ -27,6 +27,7 @@ def _parse():
   p.add_argument('--batch', type=int, default=32)
   p.add_argument('--threads', type=int, default=2, help='CPU cores for each side (0: all)')
   p.add_argument('--repeats', type=int, default=3, help='timed calls per side (median)')
+  p.add_argument('--attention', default='auto', help="jaxdream's attention implementation (nn.attention)")
   return p.parse_args()
 
 
@@ -70,7 +71,7 @@ def bench(name, args):
   tmodel = _torch_model(name)
   with tempfile.TemporaryDirectory() as tmp:
     tmodel.save_pretrained(tmp)
-    model = (load_vit if name == 'dino' else load_clip_model)(tmp)
+    model = (load_vit if name == 'dino' else load_clip_model)(tmp, attention_impl=args.attention)
   method = 'cls_embedding' if name == 'dino' else 'get_image_features'
   graphdef, state = nnx.split(model)
   fn = jax.jit(lambda state, x: getattr(nnx.merge(graphdef, state), method)(x))
