@@ -299,3 +299,34 @@ def test_loras_sample_each_subject_with_its_own_adapter(setup, first_run, cache)
     assert not np.array_equal(pixels(out / 'images', 'dog', p), pixels(first_run / 'images', 'dog', p))
   manifest = _load(out / 'scores.json')['manifest']
   assert set(manifest['files']['loras']) == set(SUBJECTS) and manifest['config']['loras'] == str(run)
+
+
+def test_vlm_column_is_the_grounded_fraction_per_subject(setup, first_run, cache, monkeypatch, tmp_path):
+  """--vlm's plumbing, with Kosmos-2 itself replaced (its port has its own tests): each image asked about its
+  subject's class noun, the fractions per subject, their mean and CI, and the report's column."""
+  import jaxdream.vlm.api as vlm_api
+
+  asked = []
+
+  def check_subject(bundle, images, phrase):
+    asked.append((bundle, [os.path.relpath(p, first_run / 'images') for p in images], phrase))
+    return {'images': [{'grounded': phrase == 'dog' or i == 0} for i, _ in enumerate(images)]}
+
+  monkeypatch.setattr(vlm_api, 'load', lambda path: 'kosmos-2 bundle')
+  monkeypatch.setattr(vlm_api, 'check_subject', check_subject)
+  kosmos = tmp_path / 'kosmos2'
+  kosmos.mkdir()
+  (kosmos / 'config.json').write_text(json.dumps({'model_type': 'kosmos-2'}))
+  out = tmp_path / 'run_vlm'
+  assert main(_argv(setup, out, '--vlm', str(kosmos), source=['--images', str(first_run / 'images')]), cache=cache) == 0
+  assert asked == [
+    ('kosmos-2 bundle', ['dog/0_0.png', 'dog/1_0.png'], 'dog'),
+    ('kosmos-2 bundle', ['backpack/0_0.png', 'backpack/1_0.png'], 'backpack'),
+  ]
+  scores = _load(out / 'scores.json')
+  assert scores['subjects']['dog']['vlm'] == 1.0 and scores['subjects']['backpack']['vlm'] == 0.5
+  assert scores['overall']['vlm'] == 0.75 and [r['grounded'] for r in scores['images']['backpack']] == [True, False]
+  assert '| DINO | CLIP-I | CLIP-T | Kosmos-2 grounded |' in (out / 'report.md').read_text()
+  assert (out / 'scores.csv').read_text().splitlines()[0].split(',')[6] == 'vlm'
+  (kosmos / 'config.json').write_text(json.dumps({'model_type': 'clip'}))
+  assert main(_argv(setup, out, '--vlm', str(kosmos), source=['--images', str(first_run / 'images')])) == 2
