@@ -268,6 +268,10 @@ def test_bad_input_is_one_clear_line_and_exit_2_before_anything_loads(setup, fir
     _argv(setup, tmp_path / 'x', '--loras', str(tmp_path))
   )
   assert 'at least two scores.json files' in error(['eval', 'compare', str(first_run / 'scores.json')])
+  # Images kept in --out from a run with other settings are not reused.
+  argv = _argv(setup, first_run)
+  argv[argv.index('--steps') + 1] = '3'
+  assert f'{first_run}/images holds images generated with other settings (steps differ)' in error(argv)
   assert 'not a scores.json file' in error(
     ['eval', 'compare', str(first_run / 'scores.json'), str(gen / 'dog' / '0_0.png')]
   )

@@ -5,12 +5,26 @@ Every argument, folder and image is checked before a model is loaded or anything
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import json
 import os
 import sys
 import time
 
 LORA_FILE = 'pytorch_lora_weights.safetensors'
+GENERATION_FILE = 'generation.json'  # in the generated-images folder: what its images were made with
+
+
+@dataclasses.dataclass
+class _Generation:
+  """A checked --model run: image size, scheduler, mesh, and the settings its images depend on."""
+
+  size: tuple
+  scheduler: str
+  mesh: object
+  settings: dict  # written to GENERATION_FILE; a rerun into the same --out must match it
+  model_files: dict  # sha256 of every file of the model folder
 
 
 def _add_eval_parsers(sub):
@@ -109,7 +123,7 @@ def _check_sampling(args, factor: int, scheduler_config: dict) -> str:
 def _plan(args):
   """Check every input, reading configs and images only; returns (protocol, generated-image folder, loras,
   model info or None)."""
-  from jaxdream.cli.sample import _model_info, _sample_mesh
+  from jaxdream.cli.sample import _model_info
   from jaxdream.evaluation.dreambench import check_generated, check_readable, make_protocol
   from jaxdream.models import CLIPModel, ViTModel
 
@@ -134,9 +148,11 @@ def _plan(args):
   model = None
   if args.model:
     factor, (h, w), scheduler_config = _model_info(args.model)
-    scheduler = _check_sampling(args, factor, scheduler_config)
-    model = (factor, (args.height or h, args.width or w), scheduler_config, scheduler, _sample_mesh(args))
+    model = _generation(
+      args, (args.height or h, args.width or w), _check_sampling(args, factor, scheduler_config), loras
+    )
     folder = os.path.join(args.out, 'images')
+    _check_same_generation(folder, model.settings)
     existing = [
       os.path.join(folder, s, im.name)
       for s in protocol.subjects
@@ -155,6 +171,51 @@ def _plan(args):
   return protocol, folder, loras, model
 
 
+def _generation(args, size, scheduler, loras) -> _Generation:
+  import hashlib
+
+  from jaxdream.cli.sample import _sample_mesh
+  from jaxdream.evaluation.report import sha256_file, sha256_tree
+
+  files = sha256_tree(args.model)
+  settings = dict(
+    model_sha256=hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(),  # of all its files
+    loras={s: sha256_file(p) for s, p in loras.items()},
+    identifier=args.identifier,
+    seed=args.seed,
+    steps=args.steps,
+    guidance=args.guidance,
+    scheduler=scheduler,
+    height=size[0],
+    width=size[1],
+  )
+  return _Generation(size, scheduler, _sample_mesh(args), settings, files)
+
+
+def _earlier_generation(folder: str) -> dict:
+  path = os.path.join(folder, GENERATION_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def _check_same_generation(folder: str, settings: dict):
+  """Images kept from an earlier run into the same folder are reused only if made the same way (a LoRA
+  compared for the subjects both runs sample: another subset of subjects may follow)."""
+  before = _earlier_generation(folder)
+  if not before:
+    return
+  differ = sorted(k for k in set(before) | set(settings) if k != 'loras' and before.get(k) != settings.get(k))
+  old, new = before.get('loras', {}), settings['loras']
+  differ += [f'the LoRA of {s}' for s in sorted(set(old) & set(new)) if old[s] != new[s]]
+  if differ:
+    raise ValueError(
+      f'{folder} holds images generated with other settings ({", ".join(differ)} differ); '
+      'use another --out or remove that folder'
+    )
+
+
 def _scorer(args, kind: str, path: str):
   """A scoring model, kept in the command's cache (in-process callers reuse it and its compiled programs)."""
   from jaxdream.evaluation import load_clip, load_dino
@@ -169,10 +230,11 @@ def _generate(args, protocol, folder, loras, model, bar):
   from jaxdream.cli.lora import with_loras
   from jaxdream.cli.sample import SampleSession
   from jaxdream.evaluation.dreambench import generate
+  from jaxdream.io.files import atomic_write
   from jaxdream.io.images import format_parameters
   from jaxdream.lora import check_lora
 
-  _, (h, w), _, scheduler, mesh = model
+  (h, w), scheduler, mesh = model.size, model.scheduler, model.mesh
   pipe = args.cache.get(('sample-session',), SampleSession).pipeline(args.model, False)
   for path in loras.values():
     check_lora(pipe.components, path)  # a LoRA for another model fails before any compile
@@ -196,6 +258,9 @@ def _generate(args, protocol, folder, loras, model, bar):
     num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=scheduler, mesh=mesh, height=h, width=w
   )
   pipeline_for = (lambda s: with_loras(pipe, [(loras[s], 1.0)])) if loras else (lambda s: pipe)
+  os.makedirs(folder, exist_ok=True)
+  settings = dict(model.settings, loras={**_earlier_generation(folder).get('loras', {}), **model.settings['loras']})
+  atomic_write(os.path.join(folder, GENERATION_FILE), json.dumps(settings, indent=1, sort_keys=True) + '\n')
   return generate(protocol, pipeline_for, folder, progress=bar.update, parameters=parameters, **sampling)
 
 
@@ -228,7 +293,14 @@ def _manifest(args, protocol, model, loras, real, generated, folder, clip, dino)
     bootstrap_seed=args.seed,
   )
   if model:
-    config.update(steps=args.steps, guidance=args.guidance, scheduler=model[3], height=model[1][0], width=model[1][1])
+    config.update(
+      steps=args.steps,
+      guidance=args.guidance,
+      scheduler=model.scheduler,
+      height=model.size[0],
+      width=model.size[1],
+      devices=model.mesh.size if model.mesh is not None else 1,
+    )
   rel = lambda paths, root: {os.path.relpath(p, root): sha256_file(p) for s in protocol.subjects for p in paths[s]}
   files = {
     'dataset': sha256_file(os.path.join(args.dataset, PROMPTS_FILE)),
@@ -237,8 +309,8 @@ def _manifest(args, protocol, model, loras, real, generated, folder, clip, dino)
     'clip': sha256_tree(args.clip),
     'dino': sha256_tree(args.dino),
   }
-  if args.model:
-    files['model'] = sha256_tree(args.model)
+  if model:
+    files['model'] = model.model_files
   if loras:
     files['loras'] = {s: sha256_file(p) for s, p in loras.items()}
   if args.vlm:
