@@ -121,8 +121,8 @@ def _check_sampling(args, factor: int, scheduler_config: dict) -> str:
 
 
 def _plan(args):
-  """Check every input, reading configs and images only; returns (protocol, generated-image folder, loras,
-  model info or None)."""
+  """Check every input, reading configs and images only; returns (protocol, generated-image folder,
+  {subject: LoRA file}, the _Generation of a --model run or None)."""
   from jaxdream.cli.sample import _model_info
   from jaxdream.evaluation.dreambench import check_generated, check_readable, make_protocol
   from jaxdream.models import CLIPModel, ViTModel
@@ -196,8 +196,11 @@ def _earlier_generation(folder: str) -> dict:
   path = os.path.join(folder, GENERATION_FILE)
   if not os.path.exists(path):
     return {}
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f'{path}: unreadable ({e}); remove it with the images it describes') from None
 
 
 def _check_same_generation(folder: str, settings: dict):

@@ -15,8 +15,9 @@ import numpy as np
 
 from jaxdream.evaluation.metrics import METRICS, bootstrap_ci
 
-# Config keys that name what is evaluated (allowed to differ), or where it is written.
-_MODEL_KEYS = ('model', 'loras', 'images', 'out', 'dataset')
+# Config keys that name what is evaluated (allowed to differ), where its files are, or how many devices
+# shared the work (the scores agree across meshes to float32 rounding).
+_MODEL_KEYS = ('model', 'loras', 'images', 'out', 'dataset', 'clip', 'dino', 'vlm', 'devices')
 _ENVIRONMENT_KEYS = ('jax', 'flax', 'platform', 'device_kind')  # what changes the numbers, not who made them
 
 
