@@ -290,9 +290,9 @@ def test_loras_sample_each_subject_with_its_own_adapter(setup, first_run, cache)
   run = setup['root'] / 'subject_run'
   for s, scale in (('dog', 1.0), ('backpack', 0.0)):  # backpack's adapter adds nothing: the base model's images
     unet = nnx.clone(pipe.unet)
-    add_lora(unet, targets=('to_q', 'to_v'), rank=2, key=jax.random.key(0))
+    add_lora(unet, targets=('to_q',), rank=2, key=jax.random.key(0))  # one target: few eager ops to compile
     for i, layer in enumerate(lora_layers(unet).values()):
-      layer.lora_b.set_value(scale * jax.random.normal(jax.random.key(i), layer.lora_b.shape))
+      layer.lora_b.set_value(scale * np.random.default_rng(i).standard_normal(layer.lora_b.shape, np.float32))
     os.makedirs(run / 'loras' / s)
     save_lora(str(run / 'loras' / s / 'pytorch_lora_weights.safetensors'), {'unet': unet})
   out = setup['root'] / 'run_lora'
