@@ -32,15 +32,18 @@ def _parse():
 
 
 def _timed(fn, repeats):
+  """(first call's wall time, median wall time, median CPU time of this process, output). On a shared machine
+  the CPU time says how much work a call was, whatever share of the cores it got."""
   t0 = time.perf_counter()
   out = fn()
   first = time.perf_counter() - t0
-  times = []
+  wall, cpu = [], []
   for _ in range(repeats):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    times.append(time.perf_counter() - t0)
-  return first, statistics.median(times), out
+    wall.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+  return first, statistics.median(wall), statistics.median(cpu), out
 
 
 def _torch_model(name):
@@ -85,13 +88,14 @@ def bench(name, args):
       out = tmodel.get_image_features(pixel_values=xt)
       return (out.pooler_output if hasattr(out, 'pooler_output') else out).numpy()
 
-  first, jax_s, got = _timed(lambda: np.asarray(jax.block_until_ready(fn(state, x))), args.repeats)
-  _, torch_s, want = _timed(run_torch, args.repeats)
+  first, jax_s, jax_cpu, got = _timed(lambda: np.asarray(jax.block_until_ready(fn(state, x))), args.repeats)
+  _, torch_s, torch_cpu, want = _timed(run_torch, args.repeats)
   err = float(np.abs(got - want).max() / np.abs(want).max())
   label = {'dino': 'DINO ViT-S/16', 'clip': 'CLIP ViT-B/32 image'}[name]
   print(
     f'{label}, batch {args.batch}: jaxdream {args.batch / jax_s:.1f} images/s (first call {first:.1f} s), '
-    f'transformers {args.batch / torch_s:.1f} images/s; ratio {torch_s / jax_s:.2f}x (max rel. diff {err:.1e})',
+    f'transformers {args.batch / torch_s:.1f} images/s; ratio {torch_s / jax_s:.2f}x; CPU seconds per batch '
+    f'{jax_cpu:.1f} vs {torch_cpu:.1f} ({torch_cpu / jax_cpu:.2f}x) (max rel. diff {err:.1e})',
     flush=True,
   )
   return torch_s / jax_s
