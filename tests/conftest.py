@@ -207,6 +207,88 @@ def tiny_sd_folder(tmp_path_factory):
   return pipe, path
 
 
+@pytest.fixture(scope='session')
+def scoring_models(tmp_path_factory):
+  """Tiny random DreamBench scoring models saved with save_pretrained: a CLIPModel (30 px images, patch 4: a 7x7
+  grid with a remainder), a DINO-like ViTModel (36 px, patch 8) and a second ViT (quick_gelu, no qkv bias, a
+  pooler). {'clip': (model, folder, processor, tokenizer), 'dino': (model, folder), 'vit': (model, folder)}."""
+  from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, ViTConfig, ViTModel
+
+  from jaxdream.io.tokenizer import load_tokenizer, write_clip_tokenizer
+
+  root = tmp_path_factory.mktemp('scorers')
+  torch.manual_seed(0)
+  clip_dir = str(root / 'clip')
+  text = dict(
+    vocab_size=49408,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    hidden_act='quick_gelu',
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+  )
+  vision = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=30,
+    patch_size=4,
+    hidden_act='gelu',
+  )
+  clip = perturb_(CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)), seed=1)
+  clip.save_pretrained(clip_dir)
+  write_clip_tokenizer(clip_dir)
+  CLIPImageProcessor(size={'shortest_edge': 30}, crop_size={'height': 30, 'width': 30}).save_pretrained(clip_dir)
+
+  dino_dir = str(root / 'dino')
+  dino_cfg = ViTConfig(
+    hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=40, image_size=36, patch_size=8
+  )
+  dino = perturb_(ViTModel(dino_cfg, add_pooling_layer=False), seed=2)
+  dino.save_pretrained(dino_dir)
+
+  vit_dir = str(root / 'vit_quick_gelu_pooler')
+  vit_cfg = ViTConfig(
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=24,
+    image_size=30,
+    patch_size=4,
+    hidden_act='quick_gelu',
+    qkv_bias=False,
+  )
+  vit = perturb_(ViTModel(vit_cfg, add_pooling_layer=True), seed=3)
+  vit.save_pretrained(vit_dir)
+  return dict(
+    clip=(clip, clip_dir, CLIPImageProcessor.from_pretrained(clip_dir), load_tokenizer(clip_dir)),
+    dino=(dino, dino_dir),
+    vit=(vit, vit_dir),
+  )
+
+
+def torchvision_dino(image, image_size):
+  """DINO's eval transform as torchvision documents it, in torch: Resize(int) scales the shorter side to it and
+  the longer to int(size * long / short) (PIL, bicubic); CenterCrop's offsets are int(round((h - crop) / 2));
+  ToTensor divides by 255; Normalize subtracts the ImageNet mean and divides by the std."""
+  from PIL import Image
+
+  size = round(image_size * 256 / 224)
+  w, h = image.size
+  short, long = min(w, h), max(w, h)
+  new = (size, int(size * long / short)) if w <= h else (int(size * long / short), size)
+  image = image.convert('RGB').resize(new, Image.BICUBIC)
+  top, left = int(round((new[1] - image_size) / 2.0)), int(round((new[0] - image_size) / 2.0))
+  image = image.crop((left, top, left + image_size, top + image_size))
+  t = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)
+  mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+  return (t - mean) / std
+
+
 def pytest_collection_modifyitems(config, items):
   """The long whole-run tests (`slow`) first, in their usual order: xdist's workers then start them at once
   and fill in with the short ones, instead of one worker finishing alone with a long test picked up last."""

@@ -18,6 +18,7 @@ LEVELS = {
   'diffusion': 2,
   'vlm': 2,
   'training': 3,
+  'evaluation': 3,
   'cli': 4,
 }
 
@@ -108,3 +109,14 @@ def test_import_graph_has_no_cycles(level):
   for n in sorted(graph):
     if n not in state:
       visit(n)
+
+
+def test_evaluation_never_imports_training():
+  """Both sit on level 3: training may score its validation images with jaxdream.evaluation, not the reverse."""
+  upward = [
+    f'{m} -> {d}'
+    for m, deps in _imports().items()
+    for d in deps
+    if (_package(m), _package(d)) == ('evaluation', 'training')
+  ]
+  assert not upward, '\n'.join(upward)

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from jaxdream.cli import quiet
+from jaxdream.cli.eval import _add_eval_parsers
 from jaxdream.cli.lora import _add_lora_parsers
 from jaxdream.cli.sample import SampleSession, _add_sample_parser, _demo, _inspect, _sample
 from jaxdream.cli.subjects import _add_subjects_parser
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_vlm_parsers(sub)
   _add_lora_parsers(sub)
   _add_subjects_parser(sub)
+  _add_eval_parsers(sub)
   return p
 
 

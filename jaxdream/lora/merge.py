@@ -74,9 +74,10 @@ def merge_lora_components(
       var = new_slots[f'{name}.weight'].variable
       update = jnp.asarray(new_slots[f'{name}.weight'].to_jax(delta), jnp.float32)
       old = var[...]
-      var.set_value(
-        jax.device_put((old.astype(jnp.float32) + update).astype(old.dtype), old.sharding)
-      )  # keep its layout
+      new = (old.astype(jnp.float32) + update).astype(old.dtype)
+      # Keep its layout; an uncommitted kernel stays uncommitted: jit keys programs on committedness too, so a
+      # committed copy would recompile every loop the base pipeline already compiled.
+      var.set_value(jax.device_put(new, old.sharding) if old.committed else new)
   return out, skipped
 
 

@@ -96,6 +96,24 @@ class CLIPTextTransformer(nnx.Module):
     self.encoder = CLIPEncoder(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
     self.final_layer_norm = LayerNorm(cfg['hidden_size'], eps=cfg['layer_norm_eps'], dtype=dtype)
 
+  def forward(self, input_ids, attention_mask, eos_token_id: int) -> dict:
+    """{'last_hidden_state', 'pooler_output' (at the EOS token), 'hidden_states' (embeddings and every layer)}."""
+    b, n = input_ids.shape
+    mask = jnp.tril(jnp.ones((n, n), bool))[None, None]
+    if attention_mask is not None:
+      mask = mask & attention_mask.astype(bool)[:, None, None, :]
+    x = self.embeddings(input_ids)
+    hidden = [x]
+    for layer in self.encoder.layers:
+      x = layer(x, mask)
+      hidden.append(x)
+    last = self.final_layer_norm(x)
+    # Old CLIP configs have eos_token_id=2 while the real EOS is the largest id: transformers then
+    # pools at argmax(input_ids), otherwise at the first EOS.
+    eos = input_ids.argmax(-1) if eos_token_id == 2 else (input_ids == eos_token_id).astype(jnp.int32).argmax(-1)
+    pooled = last[jnp.arange(b), eos]
+    return dict(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
+
 
 class CLIPTextModel(nnx.Module):
   """`text_encoder(input_ids)` -> last hidden state (B, L, D).
@@ -124,24 +142,7 @@ class CLIPTextModel(nnx.Module):
     )
 
   def forward(self, input_ids, attention_mask=None):
-    tm = self.text_model
-    b, n = input_ids.shape
-    mask = jnp.tril(jnp.ones((n, n), bool))[None, None]
-    if attention_mask is not None:
-      mask = mask & attention_mask.astype(bool)[:, None, None, :]
-    x = tm.embeddings(input_ids)
-    hidden = [x]
-    for layer in tm.encoder.layers:
-      x = layer(x, mask)
-      hidden.append(x)
-    last = tm.final_layer_norm(x)
-    # Old CLIP configs have eos_token_id=2 while the real EOS is the largest id: transformers then
-    # pools at argmax(input_ids), otherwise at the first EOS.
-    eos = (
-      input_ids.argmax(-1) if self.eos_token_id == 2 else (input_ids == self.eos_token_id).astype(jnp.int32).argmax(-1)
-    )
-    pooled = last[jnp.arange(b), eos]
-    return dict(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
+    return self.text_model.forward(input_ids, attention_mask, self.eos_token_id)
 
   def __call__(self, input_ids, attention_mask=None, clip_skip: int = 0):
     out = self.forward(input_ids, attention_mask)

@@ -47,3 +47,12 @@ def per_block(value, n: int, key: str, model: str) -> list:
       raise ConfigError(f'{model} config {key} has {len(value)} entries for {n} blocks')
     return list(value)
   return [value] * n
+
+
+def square_size(value, key: str, model: str) -> int:
+  """An image or patch size given as an int or a square [h, w] pair, as an int."""
+  if isinstance(value, (list, tuple)):
+    if len(set(value)) != 1:
+      raise ConfigError(f'{model} config {key}={value!r}: only square sizes are supported')
+    value = value[0]
+  return int(value)

@@ -18,11 +18,11 @@ import numpy as np
 from flax import nnx
 
 from jaxdream.io.weights import abstract_model, load_state_dict, read_config, read_weights
-from jaxdream.models.clip_text import CLIPEncoder
+from jaxdream.models.clip_vision import CLIPVisionTransformer, resolve_vision_config
 from jaxdream.models.config import ConfigError, resolve_config
 from jaxdream.nn.adapters import Int8Embed, Int8Linear, Quantized, state_bytes, swap_modules  # noqa: F401
 from jaxdream.nn.attention import check_implementation, dot_product_attention, kernel_for, split_heads
-from jaxdream.nn.layers import Conv2d, Embed, LayerNorm, Linear, activation
+from jaxdream.nn.layers import Embed, LayerNorm, Linear, activation
 from jaxdream.runtime import CompileCache
 
 TEXT_DEFAULTS = dict(
@@ -55,17 +55,8 @@ VISION_DEFAULTS = dict(
 TEXT_SUPPORTED = dict(
   activation_function=('gelu', 'gelu_new', 'quick_gelu', 'relu', 'silu'), add_cross_attention=(False,)
 )
-VISION_SUPPORTED = dict(hidden_act=('quick_gelu', 'gelu'))
 
 _raw = (np.asarray, np.asarray)  # bare nn.Parameter tensors: same layout in both frameworks
-
-
-def _square(value, key):
-  if isinstance(value, (list, tuple)):
-    if len(set(value)) != 1:
-      raise ConfigError(f'Kosmos-2 vision config {key}={value!r}: only square sizes are supported')
-    value = value[0]
-  return int(value)
 
 
 def resolve_kosmos2_config(config: dict) -> dict:
@@ -73,18 +64,11 @@ def resolve_kosmos2_config(config: dict) -> dict:
   text = resolve_config(
     config.get('text_config') or {}, TEXT_DEFAULTS, model='Kosmos-2 text', supported=TEXT_SUPPORTED, strict=False
   )
-  vision = resolve_config(
-    config.get('vision_config') or {},
-    VISION_DEFAULTS,
-    model='Kosmos-2 vision',
-    supported=VISION_SUPPORTED,
-    strict=False,
-  )
-  vision['image_size'] = _square(vision['image_size'], 'image_size')
-  vision['patch_size'] = _square(vision['patch_size'], 'patch_size')
-  for cfg, dim, heads in ((text, 'embed_dim', 'attention_heads'), (vision, 'hidden_size', 'num_attention_heads')):
-    if cfg[dim] % cfg[heads]:
-      raise ConfigError(f'Kosmos-2 config: {dim}={cfg[dim]} is not divisible by {heads}={cfg[heads]}')
+  vision = resolve_vision_config(config.get('vision_config') or {}, VISION_DEFAULTS, model='Kosmos-2 vision')
+  if text['embed_dim'] % text['attention_heads']:
+    raise ConfigError(
+      f'Kosmos-2 config: embed_dim={text["embed_dim"]} is not divisible by attention_heads={text["attention_heads"]}'
+    )
   # transformers ties the LM head when either the outer or the text config asks for it.
   tie = bool(config.get('tie_word_embeddings', True) or text['tie_word_embeddings'])
   return dict(
@@ -95,52 +79,11 @@ def resolve_kosmos2_config(config: dict) -> dict:
 # ----------------------------------------------------------------------------------------------- vision tower
 
 
-class Kosmos2VisionEmbeddings(nnx.Module):
-  TORCH_PARAMS = {'class_embedding': ('class_embedding', *_raw)}
-
-  def param_axes(self) -> dict:
-    return {'class_embedding': ('embed',)}
-
-  def __init__(self, cfg: dict, *, dtype, rngs):
-    d, p = cfg['hidden_size'], cfg['patch_size']
-    self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (d,)) * d**-0.5)
-    self.patch_embedding = Conv2d(
-      cfg['num_channels'], d, p, stride=p, padding=0, use_bias=False, axes=('conv_in', 'embed'), dtype=dtype, rngs=rngs
-    )
-    self.position_embedding = Embed(
-      (cfg['image_size'] // p) ** 2 + 1, d, axes=('position', 'embed'), dtype=dtype, rngs=rngs
-    )
-    self.image_size = cfg['image_size']
-
-  def __call__(self, pixel_values):
-    b, h, w, _ = pixel_values.shape
-    if (h, w) != (self.image_size, self.image_size):
-      raise ValueError(f'Kosmos-2 expects {self.image_size}x{self.image_size} images, got {h}x{w}')
-    x = self.patch_embedding(pixel_values)
-    x = x.reshape(b, -1, x.shape[-1])  # row-major patches, as torch's flatten(2)
-    cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (b, 1, x.shape[-1]))
-    return jnp.concatenate([cls, x], 1) + self.position_embedding.embedding[...].astype(x.dtype)
-
-
-class Kosmos2VisionTransformer(nnx.Module):
-  def __init__(self, cfg: dict, *, attention_impl: str, dtype, rngs):
-    d, eps = cfg['hidden_size'], cfg['layer_norm_eps']
-    self.embeddings = Kosmos2VisionEmbeddings(cfg, dtype=dtype, rngs=rngs)
-    self.pre_layrnorm = LayerNorm(d, eps=eps, dtype=dtype)  # sic: the weights spell it so
-    # The encoder is CLIP's (pre-LN layers, q/k/v/out projections, fc1/fc2), names included.
-    self.encoder = CLIPEncoder(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
-    self.post_layernorm = LayerNorm(d, eps=eps, dtype=dtype)
-
-  def __call__(self, pixel_values):
-    x = self.pre_layrnorm(self.embeddings(pixel_values))
-    for layer in self.encoder.layers:
-      x = layer(x, None)
-    return x
-
-
 class Kosmos2VisionModel(nnx.Module):
+  """CLIP's vision tower, weight names included, one level down (`vision_model.model.*`)."""
+
   def __init__(self, cfg: dict, *, attention_impl: str, dtype, rngs):
-    self.model = Kosmos2VisionTransformer(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
+    self.model = CLIPVisionTransformer(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
 
 
 # ----------------------------------------------------------------------------------------------- text decoder

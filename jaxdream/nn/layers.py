@@ -237,6 +237,7 @@ ACTIVATIONS = {
   'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
   'quick_gelu': quick_gelu,
   'relu': jax.nn.relu,
+  'tanh': jnp.tanh,  # ViT's pooler
 }
 
 

@@ -86,9 +86,10 @@ class Kosmos2Processor:
     return self.tokenizer.batch_decode(np.asarray(ids).tolist(), skip_special_tokens=True)
 
 
-def read_image_processor_config(folder: str) -> dict:
+def read_image_processor_config(folder: str, default: dict | None = None) -> dict:
   """The CLIP image processor settings of a model folder: preprocessor_config.json, or the
-  `image_processor` entry of processor_config.json (what transformers 5 writes)."""
+  `image_processor` entry of processor_config.json (what transformers 5 writes); `default` when the folder
+  has neither (an error if it is None)."""
   for name, key in (('preprocessor_config.json', None), ('processor_config.json', 'image_processor')):
     path = os.path.join(folder, name)
     if os.path.exists(path):
@@ -98,7 +99,14 @@ def read_image_processor_config(folder: str) -> dict:
       kind = cfg.get('image_processor_type', 'CLIPImageProcessor')
       if not kind.startswith('CLIPImageProcessor'):
         raise WeightsError(f'{path}: image processor {kind!r} is not supported (only CLIPImageProcessor)')
+      # Older files (openai/clip-vit-base-patch32) give plain ints: CLIP's size is the shortest edge, the crop square.
+      if isinstance(cfg.get('size'), int):
+        cfg['size'] = {'shortest_edge': cfg['size']}
+      if isinstance(cfg.get('crop_size'), int):
+        cfg['crop_size'] = {'height': cfg['crop_size'], 'width': cfg['crop_size']}
       return cfg
+  if default is not None:
+    return default
   raise WeightsError(f'{folder}: no preprocessor_config.json or processor_config.json (image preprocessing)')
 
 

@@ -1,0 +1,120 @@
+"""DreamBench scoring throughput: images embedded per second by jaxdream's DINO and CLIP ports and by
+transformers/torch, on CPU, side by side in one run; prints both and the ratio (torch time / jaxdream time).
+
+  python benchmarks/eval_scoring.py --models dino clip --batch 32 --threads 2 --repeats 3
+
+dino: ViT-S/16 (facebook/dino-vits16's architecture: 384 wide, 12 layers, 6 heads, 224 px), the class token
+after the final layer norm; clip: CLIP ViT-B/32's vision tower with its projection (openai/clip-vit-base-patch32,
+get_image_features). Random weights (torch's init), handed to jaxdream through a save_pretrained folder, so both
+sides run the same numbers (the outputs are compared). Timed: the model on a batch of already preprocessed
+pixels, after a warm-up call (jaxdream compiles there), median of --repeats calls. Both sides are pinned to the
+same --threads cores before their thread pools start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+
+def _parse():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--models', nargs='+', choices=['dino', 'clip'], default=['dino', 'clip'])
+  p.add_argument('--batch', type=int, default=32)
+  p.add_argument('--threads', type=int, default=2, help='CPU cores for each side (0: all)')
+  p.add_argument('--repeats', type=int, default=3, help='timed calls per side (median)')
+  p.add_argument('--attention', default='auto', help="jaxdream's attention implementation (nn.attention)")
+  return p.parse_args()
+
+
+def _timed(fn, repeats):
+  """(first call's wall time, median wall time, median CPU time of this process, output). On a shared machine
+  the CPU time says how much work a call was, whatever share of the cores it got."""
+  t0 = time.perf_counter()
+  out = fn()
+  first = time.perf_counter() - t0
+  wall, cpu = [], []
+  for _ in range(repeats):
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    wall.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+  return first, statistics.median(wall), statistics.median(cpu), out
+
+
+def _torch_model(name):
+  from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+
+  if name == 'dino':
+    cfg = ViTConfig(
+      hidden_size=384,
+      num_hidden_layers=12,
+      num_attention_heads=6,
+      intermediate_size=1536,
+      image_size=224,
+      patch_size=16,
+    )
+    return ViTModel(cfg, add_pooling_layer=False).eval()
+  return CLIPModel(CLIPConfig(projection_dim=512)).eval()  # the defaults are ViT-B/32's vision tower
+
+
+def bench(name, args):
+  import jax
+  import numpy as np
+  import torch
+  from flax import nnx
+
+  from jaxdream.models import load_clip_model, load_vit
+
+  torch.manual_seed(0)
+  tmodel = _torch_model(name)
+  with tempfile.TemporaryDirectory() as tmp:
+    tmodel.save_pretrained(tmp)
+    model = (load_vit if name == 'dino' else load_clip_model)(tmp, attention_impl=args.attention)
+  method = 'cls_embedding' if name == 'dino' else 'get_image_features'
+  graphdef, state = nnx.split(model)
+  fn = jax.jit(lambda state, x: getattr(nnx.merge(graphdef, state), method)(x))
+  x = np.random.default_rng(0).standard_normal((args.batch, 224, 224, 3)).astype(np.float32)
+  xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+
+  def run_torch():
+    with torch.no_grad():
+      if name == 'dino':
+        return tmodel(pixel_values=xt).last_hidden_state[:, 0].numpy()
+      out = tmodel.get_image_features(pixel_values=xt)
+      return (out.pooler_output if hasattr(out, 'pooler_output') else out).numpy()
+
+  first, jax_s, jax_cpu, got = _timed(lambda: np.asarray(jax.block_until_ready(fn(state, x))), args.repeats)
+  _, torch_s, torch_cpu, want = _timed(run_torch, args.repeats)
+  err = float(np.abs(got - want).max() / np.abs(want).max())
+  label = {'dino': 'DINO ViT-S/16', 'clip': 'CLIP ViT-B/32 image'}[name]
+  print(
+    f'{label}, batch {args.batch}: jaxdream {args.batch / jax_s:.1f} images/s (first call {first:.1f} s), '
+    f'transformers {args.batch / torch_s:.1f} images/s; ratio {torch_s / jax_s:.2f}x; CPU seconds per batch '
+    f'{jax_cpu:.1f} vs {torch_cpu:.1f} ({torch_cpu / jax_cpu:.2f}x) (max rel. diff {err:.1e})',
+    flush=True,
+  )
+  return torch_s / jax_s
+
+
+def main():
+  args = _parse()
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  if args.threads:  # before jax and torch start their thread pools: both sides get the same cores
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
+  import torch
+
+  if args.threads:
+    torch.set_num_threads(args.threads)
+  print(f'load average before: {os.getloadavg()[0]:.1f}', flush=True)
+  for name in args.models:
+    bench(name, args)
+  print(f'load average after: {os.getloadavg()[0]:.1f}')
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,221 @@
+"""jaxdream.evaluation computes what the reference pipelines compute: transformers' CLIPModel and ViTModel on
+their reference preprocessing (CLIPImageProcessor; DINO's torchvision eval transform), and the DreamBench
+scores from those embeddings.
+
+Tiny random models saved with save_pretrained: a CLIPModel (30 px images, patch 4: a 7x7 grid with a
+remainder, as torch's strided conv floors), a DINO-like ViTModel (36 px, patch 8) and a second ViT (quick_gelu,
+no qkv bias, a pooler). Each scoring model compiles once: every test reuses the same batch shapes.
+"""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import rel_err, torchvision_dino
+
+from jaxdream.evaluation import (
+  ClipTransform,
+  bootstrap_ci,
+  clip_image_embed,
+  clip_text_embed,
+  dino_embed,
+  dino_pixels,
+  dreambench_scores,
+  load_clip,
+  load_dino,
+)
+from jaxdream.models import ConfigError, load_vit
+from jaxdream.runtime import CompileCache
+
+pytestmark = pytest.mark.reference
+
+DREAMBENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'dreambench')
+SUBJECTS = ('dog', 'backpack')
+PROMPTS = {'dog': ['a dog in the jungle', 'a dog in the snow'], 'backpack': ['a backpack on the beach'] * 2}
+
+
+def _images():
+  """Per subject: 3 real images (DreamBench's, else random) and 2 generated ones of odd, non-square sizes."""
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  real, generated = {}, {}
+  for k, s in enumerate(SUBJECTS):
+    folder = os.path.join(DREAMBENCH, s)
+    if os.path.isdir(folder):
+      real[s] = [Image.open(os.path.join(folder, f)).convert('RGB') for f in sorted(os.listdir(folder))[:3]]
+    else:
+      real[s] = [Image.fromarray(rng.integers(0, 256, (48, 40, 3), np.uint8)) for _ in range(3)]
+    generated[s] = [rng.integers(0, 256, (45 + k, 53, 3), np.uint8), rng.integers(0, 256, (61, 39 + k, 3), np.uint8)]
+  return real, generated
+
+
+@pytest.fixture(scope='module')
+def models(scoring_models):
+  return scoring_models
+
+
+@pytest.fixture(scope='module')
+def scorers(models):
+  return load_clip(models['clip'][1]), load_dino(models['dino'][1])
+
+
+def _pil(images):
+  from PIL import Image
+
+  return [im if isinstance(im, Image.Image) else Image.fromarray(im) for im in images]
+
+
+def _reference(models, real, generated):
+  """Per subject, the transformers models' unit embeddings: real and generated CLIP and DINO, and prompt text."""
+  clip, _, processor, tokenizer = models['clip']
+  dino = models['dino'][0]
+  out = {}
+  with torch.no_grad():
+    for s in SUBJECTS:
+      ims = {'real': _pil(real[s]), 'gen': _pil(generated[s])}
+      e = {}
+      for k, group in ims.items():
+        pixels = processor(images=group, return_tensors='pt').pixel_values
+        e['clip_' + k] = clip.get_image_features(pixel_values=pixels).pooler_output.numpy()
+        pixels = torch.stack([torchvision_dino(im, 36) for im in group])
+        e['dino_' + k] = dino(pixel_values=pixels).last_hidden_state[:, 0].numpy()
+      ids = tokenizer(PROMPTS[s], padding=True, return_tensors='pt')
+      e['text'] = clip.get_text_features(**ids).pooler_output.numpy()
+      out[s] = {k: v / np.linalg.norm(v, axis=-1, keepdims=True) for k, v in e.items()}
+  return out
+
+
+def test_preprocessing_equals_clip_image_processor_and_torchvision_dino(models, scorers, tmp_path):
+  from transformers import CLIPImageProcessor
+
+  clip, dino = scorers
+  real, generated = _images()
+  images = real['dog'] + generated['dog']
+  processor = models['clip'][2]
+  want = processor(images=_pil(images), return_tensors='np').pixel_values.transpose(0, 2, 3, 1)
+  got = clip.transform(images)
+  assert got.shape == want.shape == (5, 30, 30, 3)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  # Older preprocessor files (openai/clip-vit-base-patch32) give the sizes as plain ints.
+  legacy = dict(size=34, crop_size=30, image_processor_type='CLIPImageProcessor', resample=3, do_center_crop=True)
+  (tmp_path / 'preprocessor_config.json').write_text(json.dumps(legacy))
+  want = CLIPImageProcessor.from_pretrained(str(tmp_path))(images=_pil(images), return_tensors='np').pixel_values
+  np.testing.assert_allclose(ClipTransform(str(tmp_path), 30)(images), want.transpose(0, 2, 3, 1), atol=1e-5, rtol=0)
+  for size in (36, 224):  # the tiny model's size, and DINO's own (shorter side 256, crop 224)
+    want = np.stack([torchvision_dino(im, size).numpy().transpose(1, 2, 0) for im in _pil(images)])
+    got = np.stack([dino_pixels(im, size) for im in _pil(images)])
+    assert got.shape == want.shape == (5, size, size, 3)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(dino.transform(images), np.stack([dino_pixels(im, 36) for im in _pil(images)]))
+
+
+def test_embeddings_equal_transformers_clip_and_dino(models, scorers):
+  """get_image_features / get_text_features of CLIPModel (gelu vision, quick_gelu text, 30 px with patch 4),
+  ViTModel's last_hidden_state[:, 0] (gelu, 36 px with patch 8), from images through preprocessing."""
+  clip_t, _, processor, tokenizer = models['clip']
+  clip, dino = scorers
+  real, generated = _images()
+  images = real['dog'] + generated['dog'] + real['backpack'] + generated['backpack']  # 10: the scores' batch
+  with torch.no_grad():
+    pixels = processor(images=_pil(images), return_tensors='pt').pixel_values
+    want_clip = clip_t.get_image_features(pixel_values=pixels).pooler_output.numpy()
+    want_dino = models['dino'][0](torch.stack([torchvision_dino(im, 36) for im in _pil(images)]))
+    texts = sorted(set(PROMPTS['dog'] + PROMPTS['backpack']))
+    want_text = clip_t.get_text_features(**tokenizer(texts, padding=True, return_tensors='pt')).pooler_output.numpy()
+  assert rel_err(clip_image_embed(clip, images), want_clip) <= 1e-5
+  got_dino = dino_embed(dino, images)
+  assert rel_err(got_dino, want_dino.last_hidden_state[:, 0].numpy()) <= 1e-5
+  # Smaller batches, the last one padded: the same embeddings; progress hears of each batch.
+  sizes = []
+  small = dataclasses.replace(dino, batch_size=4, compile_cache=CompileCache())
+  assert rel_err(dino_embed(small, images, progress=sizes.append), got_dino) <= 1e-6
+  assert sizes == [4, 4, 2] and _compiles(small) == [1]
+  assert rel_err(clip_text_embed(clip, None, texts), want_text) <= 1e-5
+  assert _compiles(clip) == [1, 1] and _compiles(dino) == [1]
+
+
+def _compiles(scorer):
+  """How many programs each of the scorer's jitted functions has compiled (one per input shape)."""
+  return [fn._cache_size() for fn in scorer.compile_cache.values()]
+
+
+def test_vit_quick_gelu_without_qkv_bias_and_pooler_equals_transformers(models):
+  """The whole last hidden state and the pooler (dense + tanh), on 30 px images with patch 4 (floored 7x7)."""
+  from conftest import jit_call
+
+  vit_t, path = models['vit']
+  vit = load_vit(path)
+  assert vit.pooler is not None and vit.embeddings.patch_embeddings.projection.kernel.shape == (4, 4, 3, 16)
+  x = np.random.default_rng(1).standard_normal((2, 30, 30, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = vit_t(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2)))
+  got = jit_call(vit)(x)
+  assert rel_err(got['last_hidden_state'], want.last_hidden_state.numpy()) <= 1e-5
+  assert rel_err(got['pooler_output'], want.pooler_output.numpy()) <= 1e-5
+  with pytest.raises(ValueError, match='ViT expects 30x30 images, got 32x32'):
+    vit(np.zeros((1, 32, 32, 3), np.float32))
+
+
+def test_dreambench_scores_equal_a_direct_computation_on_transformers_embeddings(models, scorers):
+  clip, dino = scorers
+  real, generated = _images()
+  scores = dreambench_scores(real, generated, PROMPTS, clip, dino, seed=3)
+  ref = _reference(models, real, generated)
+  close = dict(rtol=1e-5, atol=1e-6)
+  for s in SUBJECTS:
+    e = ref[s]
+    want = {
+      'dino': (e['dino_gen'] @ e['dino_real'].T).mean(),
+      'clip_i': (e['clip_gen'] @ e['clip_real'].T).mean(),
+      'clip_t': np.mean(np.sum(e['clip_gen'] * e['text'], -1)),
+    }
+    for m, v in want.items():
+      np.testing.assert_allclose(scores['subjects'][s][m], v, **close, err_msg=f'{s} {m}')
+    for m in ('dino', 'clip_i'):  # each real image against the other two
+      r = e[m.replace('_i', '') + '_real']
+      pairs = [r[i] @ r[j] for i in range(3) for j in range(3) if i != j]
+      np.testing.assert_allclose(scores['real_subjects'][s][m], np.mean(pairs), **close, err_msg=f'real {s} {m}')
+    per_image = [im['dino'] for im in scores['images'][s]]
+    np.testing.assert_allclose(per_image, (e['dino_gen'] @ e['dino_real'].T).mean(1), **close)
+    assert [im['prompt'] for im in scores['images'][s]] == PROMPTS[s]
+  for m in ('dino', 'clip_i', 'clip_t'):
+    per = [scores['subjects'][s][m] for s in SUBJECTS]
+    assert scores['overall'][m] == pytest.approx(np.mean(per), abs=1e-12)
+    assert scores['ci'][m] == list(bootstrap_ci(per, 3))
+    assert all(isinstance(v, float) for v in [scores['overall'][m], *scores['ci'][m]])
+  assert scores['real']['dino'] == pytest.approx(np.mean([scores['real_subjects'][s]['dino'] for s in SUBJECTS]))
+  assert _compiles(clip) == [1, 1] and _compiles(dino) == [1]  # the embedding tests' programs, reused
+
+
+def test_bootstrap_ci_is_seeded_and_brackets_the_mean():
+  values = np.random.default_rng(0).normal(0.7, 0.05, 30)
+  lo, hi = bootstrap_ci(values, seed=5)
+  assert (lo, hi) == bootstrap_ci(values, seed=5) and (lo, hi) != bootstrap_ci(values, seed=6)
+  assert lo < values.mean() < hi
+  half = 1.96 * values.std() / np.sqrt(len(values))  # the normal approximation's half width
+  assert (hi - lo) / 2 == pytest.approx(half, rel=0.2)
+  assert bootstrap_ci([0.5], seed=0) == (0.5, 0.5)
+  with pytest.raises(ValueError, match='no values'):
+    bootstrap_ci([], seed=0)
+
+
+def test_bad_inputs_are_errors_naming_them_before_any_compile(models, scorers):
+  clip, dino = scorers
+  clip_dir, dino_dir = models['clip'][1], models['dino'][1]
+  with pytest.raises(ConfigError, match=f"{dino_dir}: not a CLIPModel config .*model_type='vit'"):
+    load_clip(dino_dir)
+  with pytest.raises(ConfigError, match=f"{clip_dir}: not a ViTModel config: model_type='clip'"):
+    load_dino(clip_dir)
+  with pytest.raises(TypeError, match='dino_embed takes a scorer from load_dino'):
+    dino_embed(clip, [])
+  real, generated = _images()
+  with pytest.raises(ValueError, match=r'backpack: 2 generated image\(s\) but 1 prompt\(s\)'):
+    dreambench_scores(real, generated, dict(PROMPTS, backpack=['a backpack']), clip, dino)
+  with pytest.raises(ValueError, match='dog: no real images'):
+    dreambench_scores(dict(real, dog=[]), generated, PROMPTS, clip, dino)
+  with pytest.raises(ValueError, match='uint8'):
+    dino_embed(dino, [np.zeros((8, 8, 3), np.float32)])
