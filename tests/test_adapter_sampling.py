@@ -8,12 +8,12 @@ import threading
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_base
 from flax import nnx
 
 from jaxdream import load_pipeline
 from jaxdream.diffusion.adapters import stack_adapters
 from jaxdream.diffusion.sampling import img2img, txt2img
-from jaxdream.diffusion.tiny_model import create_tiny_pipeline
 from jaxdream.nn.adapters import LoRAConv2d, LoRALinear, LoRAParam, add_lora, lora_layers, merge_lora_layers
 from jaxdream.nn.layers import Conv2d, Linear
 
@@ -72,7 +72,7 @@ def _with(base, comps, compiled=None):
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
-  base = load_pipeline(create_tiny_pipeline(str(tmp_path_factory.mktemp('tiny'))))
+  base = load_pipeline(tiny_base(str(tmp_path_factory.mktemp('tiny'))))
   adapters = [_adapted(base, jax.random.key(10 + i), alpha=a) for i, a in enumerate(ALPHAS)]
   stacked = stack_adapters(adapters)
   # The pipeline sampled from carries LoRA layers of its own, with values that must not be used.

@@ -9,13 +9,13 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_base
 from flax import nnx
 from PIL import Image
 
 from jaxdream.cli import main
 from jaxdream.cli.sample import SampleSession
 from jaxdream.diffusion.pipeline import load_pipeline
-from jaxdream.diffusion.tiny_model import create_tiny_pipeline
 from jaxdream.io.images import read_parameters
 from jaxdream.lora import merge_lora, save_lora
 from jaxdream.nn.adapters import add_lora, lora_layers
@@ -29,7 +29,7 @@ CACHE = CompileCache()
 def files(tmp_path_factory):
   """The tiny model, a folder with a LoRA for it (loras/style.safetensors) and one for another model."""
   root = tmp_path_factory.mktemp('lora_cli')
-  model = create_tiny_pipeline(str(root / 'tiny-sd'))
+  model = tiny_base(str(root / 'tiny-sd'))
   pipe = load_pipeline(model)
   unet = nnx.clone(pipe.unet)
   add_lora(unet, targets=('to_q', 'to_k', 'to_v', 'to_out.0'), rank=4, alpha=2, key=jax.random.key(0))

@@ -8,11 +8,11 @@ import os
 
 import numpy as np
 import pytest
+from conftest import tiny_base
 from PIL import Image
 
 from jaxdream.cli import main
 from jaxdream.cli.sample import SampleSession
-from jaxdream.diffusion.tiny_model import create_tiny_pipeline
 from jaxdream.io.images import (
   SAMPLER_NAMES,
   format_parameters,
@@ -33,7 +33,7 @@ CACHE = CompileCache()  # keeps the loaded model and its compiled loops for the 
 def files(tmp_path_factory):
   """The tiny model folder (named tiny-sd), an 80x64 init image and two 64x64 masks."""
   root = tmp_path_factory.mktemp('sample')
-  model = create_tiny_pipeline(str(root / 'tiny-sd'))
+  model = tiny_base(str(root / 'tiny-sd'))
   rng = np.random.default_rng(0)
   Image.fromarray(rng.integers(0, 256, (64, 80, 3), np.uint8)).save(root / 'init.png')
   half = np.zeros((64, 64), np.uint8)

@@ -11,6 +11,7 @@ import types
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_base
 
 import jaxdream
 from jaxdream.io.weights import read_safetensors
@@ -98,9 +99,7 @@ def test_full_fine_tuning_checkpoints_from_before_lora_still_resume(tmp_path):
 
 @pytest.fixture(scope='module')
 def base(tmp_path_factory):
-  from jaxdream.diffusion.tiny_model import create_tiny_pipeline
-
-  return create_tiny_pipeline(str(tmp_path_factory.mktemp('lora_base') / 'base'))
+  return tiny_base(str(tmp_path_factory.mktemp('lora_base') / 'base'))
 
 
 def test_targets_that_match_no_layer_are_refused_before_class_images(base, tmp_path):

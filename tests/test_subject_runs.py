@@ -7,11 +7,10 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import rel_err, tiny_base
 from PIL import Image
 from safetensors.numpy import load_file
 
-from jaxdream.diffusion.tiny_model import create_tiny_pipeline
 from jaxdream.distributed.mesh import make_mesh
 from jaxdream.training import config as config_lib
 from jaxdream.training import subject_run
@@ -23,7 +22,7 @@ def folders(tmp_path_factory):
   """A tiny base model, three subjects of 3 random photos each and one ('bad') with a single photo."""
   root = tmp_path_factory.mktemp('subjects')
   rng = np.random.default_rng(0)
-  out = {'model': create_tiny_pipeline(str(root / 'model'))}
+  out = {'model': tiny_base(str(root / 'model'))}
   for name, count in (('a', 3), ('b', 3), ('c', 3), ('bad', 1)):
     os.makedirs(root / name)
     for i in range(count):

@@ -6,12 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import rel_err, tiny_base
 from flax import nnx
 from PIL import Image
 
 from jaxdream import load_pipeline
-from jaxdream.diffusion.tiny_model import create_tiny_pipeline
 from jaxdream.distributed.mesh import make_mesh
 from jaxdream.nn.adapters import LoRALinear, LoRAParam, add_lora
 from jaxdream.nn.layers import Linear
@@ -89,7 +88,7 @@ def _batches(pipe, name):
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
-  base = load_pipeline(create_tiny_pipeline(str(tmp_path_factory.mktemp('tiny') / 'model')))
+  base = load_pipeline(tiny_base(str(tmp_path_factory.mktemp('tiny') / 'model')))
   c = base_config()
   c.train.learning_rate, c.train.text_encoder_learning_rate = 1e-2, 5e-3
   c.train.train_text_encoder = True

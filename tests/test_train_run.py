@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import tiny_base
 
 import jaxdream
 from jaxdream.io.weights import read_safetensors
@@ -25,10 +26,8 @@ TE_FILE = os.path.join('model', 'text_encoder', 'model.safetensors')
 
 @pytest.fixture(scope='module')
 def shared(tmp_path_factory):
-  from jaxdream.diffusion.tiny_model import create_tiny_pipeline
-
   root = tmp_path_factory.mktemp('runs')
-  return {'base': create_tiny_pipeline(str(root / 'base')), 'class_dir': str(root / 'class_images'), 'root': root}
+  return {'base': tiny_base(str(root / 'base')), 'class_dir': str(root / 'class_images'), 'root': root}
 
 
 def _config(shared, **train):
