@@ -120,7 +120,7 @@ def _parse(argv=None):
   )
   p.add_argument('--freeze-text-encoder', action='store_true', help='train the UNet only')
   p.add_argument('--dtype', choices=['bfloat16', 'float32'], default='bfloat16', help='compute dtype')
-  p.add_argument('--attention', choices=['xla', 'cudnn', 'tiled', 'auto'], default='xla')
+  p.add_argument('--attention', choices=['xla', 'cudnn', 'tiled', 'flash', 'auto'], default='xla')
   p.add_argument(
     '--tensor-rules',
     action='store_true',

@@ -154,7 +154,7 @@ KEY_DOCS = {
   'seed': 'seed of noise, timesteps, data order and class images',
   'resolution': 'training image size in pixels (a multiple of 8)',
   'compute_dtype': "'float32' or 'bfloat16' (parameters stay float32)",
-  'attention': "attention implementation: 'auto', 'xla', 'cudnn' or 'tiled'",
+  'attention': "attention implementation: 'auto' (training: 'flash'), 'xla', 'cudnn', 'tiled' or 'flash'",
   'resume_override': 'resume even if the run-defining config changed',
   'concepts.N.name': "the subject's name, [A-Za-z0-9_.-] (default: instance_dir's folder name); names LoRA files",
   'concepts.N.instance_dir': 'folder of photos of the subject (N: 0 for the first concept)',
