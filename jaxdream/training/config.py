@@ -13,6 +13,7 @@ import re
 import ml_collections
 
 from jaxdream.nn.attention import IMPLEMENTATIONS
+from jaxdream.nn.remat import REMAT
 
 BUILTIN_TINY = 'builtin:tiny'  # a tiny random base model created in the workdir (quickstart, tests)
 
@@ -99,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
       cache_text_embeddings=False,  # encode prompts once (needs a frozen text encoder)
       nan_policy='stop',  # 'stop' the run, or 'skip' the step
       subjects_per_step=0,  # lora.per_subject: subjects trained together in one step (0: all)
+      remat='none',  # none, attention, blocks, full: activations recomputed in the backward pass (nn/remat.py)
     )
   )
   c.lora = ml_collections.ConfigDict(
@@ -201,6 +203,8 @@ KEY_DOCS = {
   'train.nan_policy': "on a non-finite loss: 'stop' the run, or 'skip' the step",
   'train.subjects_per_step': 'lora.per_subject: subjects trained together in one step, groups one after '
   'another (0: all subjects in one group)',
+  'train.remat': "activations recomputed in the backward pass instead of kept: 'none', 'attention' (scores), "
+  "'blocks' (all but each block's inputs and weight products) or 'full' (all but each block's inputs)",
   'lora.rank': 'LoRA rank: > 0 trains adapters instead of the model (0: full fine-tuning)',
   'lora.alpha': 'LoRA alpha: the update is scaled by alpha / rank (0: the rank, scale 1)',
   'lora.rslora': 'rank-stabilised LoRA: scale alpha / sqrt(rank)',
@@ -305,6 +309,7 @@ _CHOICES = {
   'data.on_bad_subject': ('fail', 'skip'),
   'train.lr_schedule': ('constant', 'warmup_constant', 'cosine'),
   'train.nan_policy': ('stop', 'skip'),
+  'train.remat': REMAT,
   'lora.init': ('kaiming_uniform', 'gaussian'),
 }
 
