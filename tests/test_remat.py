@@ -1,5 +1,6 @@
 """Training-time remat policies (nn.remat, train.remat) change memory, not gradients."""
 
+import math
 import re
 
 import jax
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import UNET_SD1, rel_err
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 from jaxdream.models.clip_text import CLIPAttention, CLIPEncoderLayer, CLIPTextModel
 from jaxdream.models.unet_2d_condition import BasicTransformerBlock, UNet2DConditionModel
@@ -74,3 +76,19 @@ def test_a_misspelt_remat_policy_is_a_config_error_naming_the_choices():
     validate(config)
   with pytest.raises(ValueError, match='unknown remat policy'):
     set_training_mode(Attention(8, heads=1, dim_head=8, rngs=nnx.Rngs(0)), remat='block')
+
+
+def test_blocks_policy_keeps_weight_products_but_no_attention_scores(capsys):
+  """'blocks' keeps the projections' outputs by name; the flash kernel's own per-tile products, stacked
+  over its loops, would be whole score matrices (300 x 300 here, past 'flash''s hand-off to XLA)."""
+  block = BasicTransformerBlock(
+    32, 2, 16, 32, upcast=False, attention_impl='flash', dtype=jnp.float32, rngs=nnx.Rngs(0)
+  )
+  graphdef, state = nnx.split(set_training_mode(block, remat='blocks'))
+  x, context = jnp.ones((1, 300, 32)), jnp.ones((1, 77, 32))
+  print_saved_residuals(lambda s: jnp.sum(nnx.merge(graphdef, s)(x, context)), state)
+  # One line per residual, e.g. 'f32[1,300,32] output of ...'.
+  shapes = re.findall(r'^\w+\[([\d,]*)\]', capsys.readouterr().out, re.M)
+  sizes = [math.prod(int(n) for n in shape.split(',') if n) for shape in shapes]
+  assert max(sizes) < 300 * 300
+  assert sizes.count(300 * 32) >= 6  # q, k, v, to_out of self-attention, q and to_out of cross-attention

@@ -19,19 +19,18 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from jaxdream.nn.layers import WEIGHT_PRODUCT
+
 REMAT = ('none', 'attention', 'blocks', 'full')
 
 
-def _weight_products_saveable(prim, *args, **params) -> bool:
-  """Save convolutions and matmuls without batch dimensions (products with weights); attention's
-  score products have batch dimensions and are recomputed."""
-  return prim is jax.lax.conv_general_dilated_p or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(
-    prim, *args, **params
-  )
-
-
-# Block-level policies: what a checkpointed block keeps besides its inputs.
-_POLICIES = {'blocks': _weight_products_saveable, 'full': jax.checkpoint_policies.nothing_saveable}
+# Block-level policies: what a checkpointed block keeps besides its inputs. 'blocks' keeps values by name,
+# not by primitive: a policy saving every matmul would also keep the flash kernel's per-tile score
+# products (stacked over its loops: the whole score matrix).
+_POLICIES = {
+  'blocks': jax.checkpoint_policies.save_only_these_names(WEIGHT_PRODUCT),
+  'full': jax.checkpoint_policies.nothing_saveable,
+}
 
 
 def check_remat(name: str) -> str:
