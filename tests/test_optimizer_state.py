@@ -7,10 +7,15 @@ import numpy as np
 import optax
 import pytest
 from conftest import rel_err
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from optax.tree_utils import tree_get_all_with_path
 
+from jaxdream.distributed.mesh import make_mesh
+from jaxdream.distributed.sharding import state_shardings
 from jaxdream.training.config import RunConfigError, base_config, run_defining, validate
 from jaxdream.training.params import make_optimizer, param_groups, split_trainable
+from jaxdream.training.step import init_state
 
 # A matrix big enough for adafactor to factor (both dims >= 128), a small one, a bias; the VAE's is frozen.
 SHAPES = {
@@ -87,3 +92,17 @@ def test_optimizer_typos_and_bfloat16_adafactor_are_config_errors_and_defaults_k
   assert run_defining(config)['train.optimizer'] == 'adafactor'
   assert 'train.optimizer' not in run_defining(base_config())
   assert 'train.optimizer_state_dtype' not in run_defining(base_config())
+
+
+def test_adafactor_state_is_placed_on_an_fsdp_mesh():
+  """Factored moments (one value per row or column) are not shaped like their parameter: they replicate,
+  while full-size state follows the parameter's sharding."""
+  config, trainable, tx = _setup(optimizer='adafactor')
+  mesh = make_mesh(1, -1, 1)
+  sh = {k: NamedSharding(mesh, P('fsdp', None) if k == 'unet/proj/kernel' else P()) for k in trainable}
+  make = lambda tr: init_state(tr, tx, 0, False)
+  state_sh = state_shardings(jax.eval_shape(make, trainable), sh, mesh)
+  state = jax.jit(make, out_shardings=state_sh)(trainable)
+  assert state['trainable']['unet/proj/kernel'].sharding.spec == P('fsdp', None)
+  rows = [x for p, x in tree_get_all_with_path(state, 'v_row') if 'unet' in jax.tree_util.keystr(p)]
+  assert any(x['unet/proj/kernel'].ndim == 1 and x['unet/proj/kernel'].sharding.spec == P() for x in rows)
