@@ -78,9 +78,11 @@ def describe(implementation: str, backend: str | None = None) -> str:
     }.get(backend, 'the pure-JAX flash-attention kernel (custom backward, query tiles against all keys)')
     return f"attention 'flash' on {backend}: {kernel}; XLA below 256x256 scores per head"
   if implementation == 'auto':
-    return f"attention 'auto' on {backend}: " + (
-      'cuDNN for bfloat16/float16, else XLA' if backend == 'gpu' else 'tiled for long unmasked sequences, else XLA'
-    )
+    kernel = {
+      'gpu': 'cuDNN for bfloat16/float16',
+      'tpu': 'the Pallas TPU flash-attention kernel where lengths are multiples of 128',
+    }.get(backend, 'tiled for long unmasked sequences')
+    return f"attention 'auto' on {backend}: {kernel}, else XLA"
   return f'attention {implementation!r} on {backend}'
 
 
