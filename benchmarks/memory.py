@@ -17,6 +17,7 @@ keeps them on the device).
   python benchmarks/memory.py --models sd15 --meshes 8,1,1 1,8,1 --batch 1 2
   python benchmarks/memory.py --devices 16 --meshes 16,1,1 4,4,1 1,16,1 --json /tmp/memory.jsonl
   python benchmarks/memory.py --models sd15 --cached           # latents cached (no VAE encode)
+  python benchmarks/memory.py --models sd15 --meshes 8,1,1 --attention xla --remat blocks   # compare kernels, remat
   python benchmarks/memory.py --models sd15 --lora-rank 4 --meshes 8,1,1 --batch 2            # LoRA, one subject
   python benchmarks/memory.py --models sd15 --lora-rank 4 --subjects 64 --meshes 8,1,1 --batch 16
 
@@ -39,13 +40,13 @@ batch x data x fsdp must be even. The devices are simulated CPU devices
 planned on one machine; a 'tensor' axis > 1 only splits anything with --tensor-rules.
 
 What the numbers are: XLA:CPU's buffer assignment for the partitioned program, an estimate of what a
-TPU or GPU compile needs, not a measurement of one. Those backends fuse differently, may rematerialise,
-and their attention kernels differ: with --attention xla (the default; 'cudnn' only compiles on a GPU)
-every attention keeps its full score matrix for the backward pass, which flash attention (cuDNN on
-GPU, Pallas/Splash on TPU) does not, so for SD 1.5 the temporaries are an upper bound. SD 2.1 upcasts
-attention to float32, and float32 inputs make attention_impl='auto' fall back to XLA on GPU too
-(cuDNN takes half precision only): there the GPU step keeps those scores as well. The argument sizes
-are exact.
+TPU or GPU compile needs, not a measurement of one. Those backends fuse differently and their attention
+kernels differ. The step is measured as a run trains (--attention auto: 'flash', --remat none unless
+given): on these CPU devices 'flash' is jaxdream's pure-JAX flash-attention kernel, whose backward keeps
+no score matrix, as cuDNN's (GPU) and the Pallas kernel (TPU) do not either. --attention xla keeps
+every attention's full score matrix for the backward pass (the numbers measured before 'flash'
+existed); --remat attention|blocks|full recomputes activations instead of keeping them. The argument
+sizes are exact.
 
 How it scales beyond these meshes: the arguments (float32 parameters and AdamW's two moments, 12 bytes
 per trained parameter, and the frozen VAE) are FSDP-sharded, so they shrink about 1/fsdp, down to the
@@ -59,6 +60,9 @@ Measured (jax 0.10.2, bfloat16, 1 example per device, GiB per device): sd15 512 
 to 11.9 on 1,8,1 (arguments 11.1 -> 1.4, temporaries 15.4 -> 10.5), each further example per device
 +8.2 (temporaries 23.6 with 2 on 8,1,1); sd21 768 px 47.3 on 8,1,1, 30.4 on 1,8,1 (temporaries 33.5
 and 28.7).
+Those were with --attention xla. With the training default ('flash', remat none) sd15 512 px on 8,1,1
+is 21.25 GiB per device (temporaries 9.95); remat blocks 23.43 and full 22.91 (temporaries 12.13 and
+11.61: XLA:CPU's schedule does not turn remat into savings; docs/performance.md).
 
 Compiling one step on CPU takes 2-6 minutes and up to 5 GB of host memory; XLA prints "Very slow
 compile?" meanwhile and, on FSDP meshes, SPMD "Involuntary full rematerialization" warnings (which
@@ -120,7 +124,15 @@ def _parse(argv=None):
   )
   p.add_argument('--freeze-text-encoder', action='store_true', help='train the UNet only')
   p.add_argument('--dtype', choices=['bfloat16', 'float32'], default='bfloat16', help='compute dtype')
-  p.add_argument('--attention', choices=['xla', 'cudnn', 'tiled', 'auto'], default='xla')
+  p.add_argument(
+    '--attention',
+    choices=['xla', 'cudnn', 'tiled', 'flash', 'auto'],
+    default='auto',
+    help="attention of the models; the step trains with 'flash' for 'auto', as a run does",
+  )
+  p.add_argument(
+    '--remat', choices=['none', 'attention', 'blocks', 'full'], default='none', help="train.remat (default: a run's)"
+  )
   p.add_argument(
     '--tensor-rules',
     action='store_true',
@@ -206,6 +218,7 @@ def _run_config(args, resolution):
   c.resolution = resolution
   c.compute_dtype = args.dtype
   c.attention = args.attention
+  c.train.remat = args.remat
   c.train.train_text_encoder = not args.freeze_text_encoder
   c.train.cache_latents = args.cached
   c.train.cache_text_embeddings = args.cached and args.freeze_text_encoder
@@ -343,6 +356,7 @@ def measure(s: Setup, mesh_sizes, per_device: int, args) -> dict:
   import jax
 
   from jaxdream.distributed.mesh import make_mesh
+  from jaxdream.nn.attention import training_implementation
   from jaxdream.schedulers import NoiseSchedule
   from jaxdream.training.step import StepFn, init_state, jit_step, step_shardings
 
@@ -362,7 +376,8 @@ def measure(s: Setup, mesh_sizes, per_device: int, args) -> dict:
     cached=args.cached,
     text_encoder_trained=not args.freeze_text_encoder,
     dtype=args.dtype,
-    attention=args.attention,
+    attention=training_implementation(args.attention),
+    remat=args.remat,
   )
   if examples % (2 * s.subjects):
     return dict(row, error=f'{examples} examples cannot split into {s.subjects} subject(s) x instance + class pairs')
@@ -381,6 +396,8 @@ def measure(s: Setup, mesh_sizes, per_device: int, args) -> dict:
     offset_noise=c.train.offset_noise,
     ema_decay=c.train.ema_decay,
     encode_prompt=s.pipeline.encode_prompt,
+    attention=training_implementation(c.attention),
+    remat=c.train.remat,
   )
   if s.subjects == 1:
     shardings = step_shardings(s.pipeline, s.trainable, s.frozen, s.tx, mesh, c)
@@ -487,6 +504,8 @@ def main(argv=None):
   _use_devices(args.devices)  # before jax is imported (below and in jaxdream)
   import jax
 
+  from jaxdream.nn.attention import training_implementation
+
   if len(jax.devices()) != args.devices:
     print(f'asked for {args.devices} devices, jax has {len(jax.devices())}', file=sys.stderr)
     return 1
@@ -500,7 +519,8 @@ def main(argv=None):
     f'simulated devices: {args.dtype} compute, float32 parameters, UNet'
     f'{"" if args.freeze_text_encoder else " + text encoder"} trained with AdamW'
     f'{f" (LoRA rank {args.lora_rank} adapters only)" if args.lora_rank else ""}, prior preservation, '
-    f'{"cached latents" if args.cached else "VAE encode in the step"}, attention {args.attention} '
+    f'{"cached latents" if args.cached else "VAE encode in the step"}, attention {args.attention} (training: '
+    f'{training_implementation(args.attention)}), remat {args.remat} '
     f'(jax {jax.__version__})',
     flush=True,
   )

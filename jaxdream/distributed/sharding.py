@@ -85,14 +85,16 @@ def param_shardings(flat: dict, axes: dict, mesh, rules=DEFAULT_RULES, fsdp_min_
 
 
 def state_shardings(state, trainable_shardings: dict, mesh):
-  """Shardings of the training state: every leaf under a parameter's path key (the parameter, its
-  optimizer moments, its EMA) follows that parameter; everything else (step, rng, counts) replicates."""
+  """Shardings of the training state: every leaf under a parameter's path key shaped like the parameter
+  (the parameter, its optimizer moments, its EMA) follows that parameter; everything else (step, rng,
+  counts, adafactor's factored moments: one value per row or column) replicates."""
   replicated = NamedSharding(mesh, P())
+  shapes = {k: v.shape for k, v in state['trainable'].items()}
 
-  def follow(path, _):
+  def follow(path, leaf):
     for k in reversed(path):
       if isinstance(k, jax.tree_util.DictKey) and k.key in trainable_shardings:
-        return trainable_shardings[k.key]
+        return trainable_shardings[k.key] if leaf.shape == shapes[k.key] else replicated
     return replicated
 
   return jax.tree_util.tree_map_with_path(follow, state)

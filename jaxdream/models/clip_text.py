@@ -8,6 +8,7 @@ from flax import nnx
 from jaxdream.models.config import resolve_config
 from jaxdream.nn.attention import check_implementation, dot_product_attention, kernel_for, split_heads
 from jaxdream.nn.layers import Embed, LayerNorm, Linear, activation
+from jaxdream.nn.remat import remat_attention, remat_block
 
 DEFAULTS = dict(
   vocab_size=49408,
@@ -34,14 +35,18 @@ class CLIPAttention(nnx.Module):
     self.v_proj = Linear(dim, dim, **col)
     self.out_proj = Linear(dim, dim, axes=('heads', 'embed'), dtype=dtype, rngs=rngs)
     self.heads, self.attention_impl = heads, attention_impl
+    self.remat = 'none'  # set for training (nn.remat)
 
   def __call__(self, x, mask):
-    out = dot_product_attention(
+    impl = kernel_for(self.attention_impl, masked=mask is not None)
+    attend = remat_attention(
+      self.remat, lambda q, k, v, mask: dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    )
+    out = attend(
       split_heads(self.q_proj(x), self.heads),
       split_heads(self.k_proj(x), self.heads),
       split_heads(self.v_proj(x), self.heads),
-      mask=mask,
-      implementation=kernel_for(self.attention_impl, masked=mask is not None),
+      mask,
     )
     return self.out_proj(out.reshape(x.shape))
 
@@ -63,8 +68,12 @@ class CLIPEncoderLayer(nnx.Module):
     self.layer_norm1 = LayerNorm(d, eps=eps, dtype=dtype)
     self.mlp = CLIPMLP(d, cfg['intermediate_size'], cfg['hidden_act'], dtype=dtype, rngs=rngs)
     self.layer_norm2 = LayerNorm(d, eps=eps, dtype=dtype)
+    self.remat = 'none'  # set for training (nn.remat)
 
   def __call__(self, x, mask):
+    return remat_block(self, CLIPEncoderLayer._forward, x, mask)
+
+  def _forward(self, x, mask):
     x = x + self.self_attn(self.layer_norm1(x), mask)
     return x + self.mlp(self.layer_norm2(x))
 

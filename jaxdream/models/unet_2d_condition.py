@@ -12,6 +12,7 @@ from jaxdream.models.config import ConfigError, per_block, resolve_config
 from jaxdream.nn.attention import check_implementation
 from jaxdream.nn.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 from jaxdream.nn.layers import Conv2d, GroupNorm, LayerNorm, Linear, activation
+from jaxdream.nn.remat import remat_block
 
 # Every key diffusers writes, with its default. Keys listed in SUPPORTED accept only those values.
 DEFAULTS = dict(
@@ -187,8 +188,12 @@ class BasicTransformerBlock(nnx.Module):
     self.attn2 = Attention(dim, cross_attention_dim=cross_attention_dim, **attn)
     self.norm3 = LayerNorm(dim, dtype=dtype)
     self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
+    self.remat = 'none'  # set for training (nn.remat)
 
   def __call__(self, x, context):
+    return remat_block(self, BasicTransformerBlock._forward, x, context)
+
+  def _forward(self, x, context):
     x = self.attn1(self.norm1(x)) + x
     x = self.attn2(self.norm2(x), context) + x
     return self.ff(self.norm3(x)) + x

@@ -8,6 +8,7 @@ from flax import nnx
 
 from jaxdream.nn.attention import dot_product_attention, split_heads
 from jaxdream.nn.layers import Conv2d, GroupNorm, Linear, activation
+from jaxdream.nn.remat import remat_attention, remat_block
 
 
 class Attention(nnx.Module):
@@ -40,6 +41,7 @@ class Attention(nnx.Module):
     self.to_v = Linear(kv_dim, inner, use_bias=bias, axes=col, dtype=dtype, rngs=rngs)
     self.to_out = nnx.List([Linear(inner, query_dim, axes=row, dtype=dtype, rngs=rngs)])
     self.heads, self.upcast, self.residual, self.attention_impl = heads, upcast, residual, attention_impl
+    self.remat = 'none'  # set for training (nn.remat)
 
   def __call__(self, x, context=None):
     """x: (B, L, C) tokens, or (B, H, W, C) for the VAE's spatial attention."""
@@ -49,12 +51,14 @@ class Attention(nnx.Module):
       x = self.group_norm(x)
     x = x.reshape(shape[0], -1, shape[-1])
     context = x if context is None else context
-    out = dot_product_attention(
+    attend = remat_attention(
+      self.remat,
+      lambda q, k, v: dot_product_attention(q, k, v, implementation=self.attention_impl, upcast=self.upcast),
+    )
+    out = attend(
       split_heads(self.to_q(x), self.heads),
       split_heads(self.to_k(context), self.heads),
       split_heads(self.to_v(context), self.heads),
-      implementation=self.attention_impl,
-      upcast=self.upcast,
     )
     out = self.to_out[0](out.reshape(out.shape[0], out.shape[1], -1)).reshape(shape)
     return out + residual if self.residual else out
@@ -87,8 +91,12 @@ class ResnetBlock2D(nnx.Module):
       Conv2d(in_channels, out_channels, 1, padding=0, dtype=dtype, rngs=rngs) if in_channels != out_channels else None
     )
     self.act_fn, self.output_scale_factor = act_fn, output_scale_factor
+    self.remat = 'none'  # set for training (nn.remat)
 
   def __call__(self, x, temb=None):
+    return remat_block(self, ResnetBlock2D._forward, x, temb)
+
+  def _forward(self, x, temb):
     act = activation(self.act_fn)
     h = self.conv1(act(self.norm1(x)))
     if self.time_emb_proj is not None and temb is not None:

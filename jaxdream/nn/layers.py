@@ -18,6 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+# The name of Linear and Conv2d outputs: what remat='blocks' keeps (nn.remat).
+WEIGHT_PRODUCT = 'weight_product'
 
 
 def _linear_to_jax(w):
@@ -79,7 +83,7 @@ class Linear(nnx.Module):
     y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
-    return y
+    return checkpoint_name(y, WEIGHT_PRODUCT)
 
 
 class Conv2d(nnx.Module):
@@ -130,7 +134,7 @@ class Conv2d(nnx.Module):
       )
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
-    return y
+    return checkpoint_name(y, WEIGHT_PRODUCT)
 
 
 class _Norm(nnx.Module):

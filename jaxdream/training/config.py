@@ -13,6 +13,7 @@ import re
 import ml_collections
 
 from jaxdream.nn.attention import IMPLEMENTATIONS
+from jaxdream.nn.remat import REMAT
 
 BUILTIN_TINY = 'builtin:tiny'  # a tiny random base model created in the workdir (quickstart, tests)
 
@@ -99,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
       cache_text_embeddings=False,  # encode prompts once (needs a frozen text encoder)
       nan_policy='stop',  # 'stop' the run, or 'skip' the step
       subjects_per_step=0,  # lora.per_subject: subjects trained together in one step (0: all)
+      optimizer='adamw',  # or 'adafactor' (factored second moments, no first moment)
+      optimizer_state_dtype='float32',  # 'bfloat16': AdamW's first moment in bfloat16
+      remat='none',  # none, attention, blocks, full: activations recomputed in the backward pass (nn/remat.py)
     )
   )
   c.lora = ml_collections.ConfigDict(
@@ -154,7 +158,7 @@ KEY_DOCS = {
   'seed': 'seed of noise, timesteps, data order and class images',
   'resolution': 'training image size in pixels (a multiple of 8)',
   'compute_dtype': "'float32' or 'bfloat16' (parameters stay float32)",
-  'attention': "attention implementation: 'auto', 'xla', 'cudnn' or 'tiled'",
+  'attention': "attention implementation: 'auto' (training: 'flash'), 'xla', 'cudnn', 'tiled' or 'flash'",
   'resume_override': 'resume even if the run-defining config changed',
   'concepts.N.name': "the subject's name, [A-Za-z0-9_.-] (default: instance_dir's folder name); names LoRA files",
   'concepts.N.instance_dir': 'folder of photos of the subject (N: 0 for the first concept)',
@@ -201,6 +205,11 @@ KEY_DOCS = {
   'train.nan_policy': "on a non-finite loss: 'stop' the run, or 'skip' the step",
   'train.subjects_per_step': 'lora.per_subject: subjects trained together in one step, groups one after '
   'another (0: all subjects in one group)',
+  'train.optimizer': "'adamw' or 'adafactor' (optax; factored second moments: almost no optimizer memory)",
+  'train.optimizer_state_dtype': "'float32' or 'bfloat16' (AdamW's first moment in bfloat16: 6 bytes of "
+  'state per parameter instead of 8)',
+  'train.remat': "activations recomputed in the backward pass instead of kept: 'none', 'attention' (scores), "
+  "'blocks' (all but each block's inputs and weight products) or 'full' (all but each block's inputs)",
   'lora.rank': 'LoRA rank: > 0 trains adapters instead of the model (0: full fine-tuning)',
   'lora.alpha': 'LoRA alpha: the update is scaled by alpha / rank (0: the rank, scale 1)',
   'lora.rslora': 'rank-stabilised LoRA: scale alpha / sqrt(rank)',
@@ -282,6 +291,8 @@ RUN_DEFINING = (
   'train.offset_noise',
   'train.snr_gamma',
   'train.ema_decay',
+  'train.optimizer',
+  'train.optimizer_state_dtype',
   # Only with lora.rank > 0 (see run_defining): checkpoints of full fine-tuning runs made before LoRA existed
   # stay resumable.
   'lora.rank',
@@ -297,6 +308,10 @@ RUN_DEFINING = (
   'lora.per_subject',
 )
 
+# Run-defining keys added after runs were checkpointed: left out at their default value, so that those
+# checkpoints stay resumable.
+_LEFT_OUT_AT_DEFAULT = {'train.optimizer': 'adamw', 'train.optimizer_state_dtype': 'float32'}
+
 _CHOICES = {
   'compute_dtype': ('float32', 'bfloat16'),
   'attention': IMPLEMENTATIONS,
@@ -305,6 +320,9 @@ _CHOICES = {
   'data.on_bad_subject': ('fail', 'skip'),
   'train.lr_schedule': ('constant', 'warmup_constant', 'cosine'),
   'train.nan_policy': ('stop', 'skip'),
+  'train.remat': REMAT,
+  'train.optimizer': ('adamw', 'adafactor'),
+  'train.optimizer_state_dtype': ('float32', 'bfloat16'),
   'lora.init': ('kaiming_uniform', 'gaussian'),
 }
 
@@ -422,6 +440,11 @@ def validate(config) -> list[dict]:
   ):
     if t[key] < 0:
       problems.append(f'train.{key} must not be negative, got {t[key]}')
+  if t.optimizer == 'adafactor' and t.optimizer_state_dtype != 'float32':
+    problems.append(
+      "train.optimizer_state_dtype='bfloat16' makes AdamW's first moment bfloat16; adafactor has none "
+      "(its factored state is already small): use train.optimizer_state_dtype='float32'"
+    )
   if not 0.0 <= t.ema_decay < 1.0:
     problems.append(f'train.ema_decay must be in [0, 1), got {t.ema_decay}')
   if t.cache_latents and (not config.data.center_crop or config.data.flip_p > 0):
@@ -500,6 +523,8 @@ def run_defining(config) -> dict:
     node = d
     for part in key.split('.'):
       node = node[part]
+    if key in _LEFT_OUT_AT_DEFAULT and node == _LEFT_OUT_AT_DEFAULT[key]:
+      continue
     out[key] = node
   return out
 

@@ -121,6 +121,7 @@ def _run(config, workdir, concepts, instance) -> dict:
     raise config_lib.RunConfigError(f'no parameter matches the trainable groups {groups}')
   tx = make_optimizer(config, groups, labels)
   step_fn = StepFn.from_config(config, pipeline, graphdefs, templates, tx)
+  multihost.log(step_fn.describe())
   state, frozen, jstep, _ = _place(step_fn, pipeline, trainable, frozen, tx, mesh, config)
   mngr = _checkpointer(workdir, config)
   state = _restore(mngr, state, iterators, config)

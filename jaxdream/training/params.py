@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -88,13 +89,30 @@ def lr_schedule(config, lr: float) -> optax.Schedule:
   return optax.join_schedules([warmup, rest], [t.warmup_steps]) if t.warmup_steps else rest
 
 
-def make_optimizer(config, groups: dict, labels: dict) -> optax.GradientTransformation:
+def group_optimizer(config, lr: float) -> optax.GradientTransformation:
+  """The optimizer of one trainable group (train.optimizer, train.optimizer_state_dtype).
+
+  AdamW keeps two moments per parameter (8 bytes in float32); with optimizer_state_dtype='bfloat16' the
+  first moment is bfloat16 (6 bytes). The second stays float32: bfloat16's 8 significant bits cannot hold
+  its per-step decay of 1 - adam_b2 = 0.1% (rounding would undo it, and the moment would stop following
+  smaller gradients). Adafactor keeps factored second moments, one value per row and per column of each
+  matrix of at least 128 x 128 (a few bytes per thousand parameters) and no first moment; its learning
+  rate is absolute as AdamW's (not scaled by each parameter's size: diffusers' Adafactor(scale_parameter=
+  False, relative_step=False)), and weight decay is decoupled as AdamW's."""
   t = config.train
-  adamw = {
-    name: optax.adamw(lr_schedule(config, lr), b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, weight_decay=t.weight_decay)
-    for name, (_, lr) in groups.items()
-  }
-  tx = optax.multi_transform(adamw, labels)
+  schedule = lr_schedule(config, lr)
+  if t.optimizer == 'adafactor':
+    return optax.adafactor(schedule, multiply_by_parameter_scale=False, weight_decay_rate=t.weight_decay or None)
+  mu_dtype = jnp.bfloat16 if t.optimizer_state_dtype == 'bfloat16' else None
+  return optax.adamw(
+    schedule, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, mu_dtype=mu_dtype, weight_decay=t.weight_decay
+  )
+
+
+def make_optimizer(config, groups: dict, labels: dict) -> optax.GradientTransformation:
+  """One optimizer per group over the trainable parameters only: frozen ones get no state."""
+  t = config.train
+  tx = optax.multi_transform({name: group_optimizer(config, lr) for name, (_, lr) in groups.items()}, labels)
   if t.max_grad_norm > 0:  # one global norm over all trainable parameters, as diffusers clips
     tx = optax.chain(optax.clip_by_global_norm(t.max_grad_norm), tx)
   if t.grad_accum_steps > 1:

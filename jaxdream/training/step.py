@@ -18,6 +18,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxdream.distributed.sharding import batch_sharding, logical_axes, param_shardings, state_shardings
+from jaxdream.nn.attention import describe, training_implementation
+from jaxdream.nn.remat import set_training_mode
 from jaxdream.schedulers import NoiseSchedule
 from jaxdream.training.params import unflatten
 
@@ -56,6 +58,9 @@ class StepFn:
   offset_noise: float
   ema_decay: float
   encode_prompt: Callable  # the pipeline's: token ids -> (context, extra UNet inputs)
+  # Set on the step's own copy of the models only (nn.remat.set_training_mode): sampling is untouched.
+  attention: str | None = None  # None: as the models were built
+  remat: str = 'none'
 
   @classmethod
   def from_config(cls, config, pipeline, graphdefs, templates, tx) -> StepFn:
@@ -72,7 +77,14 @@ class StepFn:
       offset_noise=t.offset_noise,
       ema_decay=t.ema_decay,
       encode_prompt=pipeline.encode_prompt,
+      attention=training_implementation(config.attention),
+      remat=t.remat,
     )
+
+  def describe(self) -> str:
+    """The run log's line on how the step computes."""
+    attention = describe(self.attention) if self.attention else 'attention as the models were built'
+    return f'train step: {attention}; remat {self.remat!r}'
 
   def draws(self, key, latent_shape):
     """The step's random numbers: posterior sample noise, diffusion noise, timesteps."""
@@ -89,7 +101,10 @@ class StepFn:
 
   def loss(self, trainable, frozen, batch, key):
     params = unflatten({**trainable, **frozen}, self.templates)
-    models = {m: nnx.merge(graphdef, params[m]) for m, graphdef in self.graphdefs.items()}
+    models = {
+      m: set_training_mode(nnx.merge(graphdef, params[m]), remat=self.remat, attention=self.attention)
+      for m, graphdef in self.graphdefs.items()
+    }
     if 'latent_mean' in batch:  # cached posterior
       mean, std = batch['latent_mean'], batch['latent_std']
     else:

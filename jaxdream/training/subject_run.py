@@ -145,6 +145,7 @@ def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
   b = config.train.batch_size
   examples = b * (2 if config.prior.enabled else 1)
   step_fn = StepFn.from_config(config, pipeline, graphdefs, templates, tx)
+  multihost.log(step_fn.describe())
   size = config.train.subjects_per_step or len(names)
   try:
     shardings = subject_step_shardings(pipe, template, frozen, tx, mesh, config, size, examples)
