@@ -9,11 +9,11 @@ import tempfile
 # passes cost more than they save there (test_unet.py: 74 s -> 54 s). They change no HLO pass. XLA's
 # older elemental fusion emitters, in one codegen unit, compile the tiny model's train step in half the
 # CPU time of the new fusion emitters (13 s vs 27 s).
-os.environ.setdefault(
-  'XLA_FLAGS',
-  '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
-  ' --xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1',
+CHEAP_XLA_FLAGS = (
+  '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+  ' --xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1'
 )
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 ' + CHEAP_XLA_FLAGS)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # One persistent compilation cache per session, inherited by the tests' subprocesses: most of the
 # suite's time is XLA compiling the same tiny programs again (every new jax.jit object recompiles).

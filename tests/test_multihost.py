@@ -1,29 +1,33 @@
 """Two processes on this machine stand in for two hosts (jax.distributed over localhost, two simulated CPU
 devices each, gloo collectives): a two-host run on a (2, 2, 1) mesh, stopped by SIGTERM on the second
-host and resumed, exports the model of a one-device run."""
+host and resumed, exports the model of a one-device run (made in this process)."""
 
 import os
 import signal
 import socket
 import textwrap
 
+import jax
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import CHEAP_XLA_FLAGS, rel_err, tiny_base
 from test_train_run import SAMPLE, TE_FILE, UNET_FILE, _start, _wait_for_checkpoint
 
+from jaxdream.distributed.mesh import make_mesh
 from jaxdream.io.weights import read_safetensors
+from jaxdream.training import config as config_lib
+from jaxdream.training import loop
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
 
 
-def _config(path):
+def _config(path, base):
   path.write_text(
     textwrap.dedent(f"""
-      from jaxdream.training.config import BUILTIN_TINY, base_config, concept
+      from jaxdream.training.config import base_config, concept
       def get_config():
         c = base_config()
-        c.model = BUILTIN_TINY
+        c.model = {base!r}
         c.resolution = 64
         c.concepts = [concept(instance_dir={SAMPLE!r}, instance_prompt='a photo of sks dog',
                               class_prompt='a photo of dog', class_dir='{{workdir}}/class_images',
@@ -47,16 +51,23 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _run(config, workdir, devices, process=None, overrides=()):
-  env = {}
-  if process is not None:
-    env.update(JAXDREAM_COORDINATOR=process[0], JAXDREAM_NUM_PROCESSES='2', JAXDREAM_PROCESS_ID=str(process[1]))
-  return _start(config, workdir, *overrides, devices=devices, **env)
-
-
 def _two_hosts(config, workdir):
+  # The cheap compile flags: each host compiles its programs cold (at the same time, so neither finds them
+  # in the compilation cache), and for these 10 steps compiling costs more than unoptimised code.
   coordinator = f'localhost:{_free_port()}'
-  return [_run(config, workdir, 2, (coordinator, i)) for i in range(2)]
+  env = dict(JAXDREAM_COORDINATOR=coordinator, JAXDREAM_NUM_PROCESSES='2')
+  return [
+    _start(config, workdir, devices=2, xla_flags=CHEAP_XLA_FLAGS, JAXDREAM_PROCESS_ID=str(i), **env) for i in range(2)
+  ]
+
+
+def _one_device_run(config, workdir):
+  """The reference run, in this process on its first device."""
+  c = config_lib.config_file(config)
+  c.mesh.data = c.mesh.fsdp = 1
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(loop, 'make_mesh', lambda *sizes: make_mesh(*sizes, devices=jax.devices()[:1]))
+    loop.train(c, workdir)
 
 
 def _finish(procs, timeout=600):
@@ -66,9 +77,10 @@ def _finish(procs, timeout=600):
 
 
 def test_two_hosts_stopped_by_sigterm_on_one_resume_to_the_one_device_model(tmp_path):
-  config = _config(tmp_path / 'cfg.py')
+  base = tiny_base(tmp_path / 'base')
+  config = _config(tmp_path / 'cfg.py', base)
   one_device = str(tmp_path / 'one_device')
-  _finish([_run(config, one_device, 1, overrides=['--config.mesh.data=1', '--config.mesh.fsdp=1'])])
+  _one_device_run(config, one_device)
 
   two_hosts = str(tmp_path / 'two_hosts')
   procs = _two_hosts(config, two_hosts)
@@ -85,7 +97,7 @@ def test_two_hosts_stopped_by_sigterm_on_one_resume_to_the_one_device_model(tmp_
   for rel in (UNET_FILE, TE_FILE):
     a = read_safetensors(os.path.join(two_hosts, rel))
     b = read_safetensors(os.path.join(one_device, rel))
-    base = read_safetensors(os.path.join(one_device, 'base_model', rel.split(os.sep, 1)[1]))
+    base = read_safetensors(os.path.join(tmp_path, 'base', rel.split(os.sep, 1)[1]))
     keys = sorted(a)
     flat = lambda d: np.concatenate([d[k].ravel() for k in keys])
     assert rel_err(flat(a), flat(b)) <= 1e-5
