@@ -3,6 +3,8 @@ equal to the file of that subject trained alone, and subjects with unusable phot
 
 import json
 import os
+import signal
+import struct
 
 import jax
 import numpy as np
@@ -14,7 +16,10 @@ from safetensors.numpy import load_file
 from jaxdream.distributed.mesh import make_mesh
 from jaxdream.training import config as config_lib
 from jaxdream.training import subject_run
+from jaxdream.training.lock import LOCK_FILE
 from jaxdream.training.loop import train
+from jaxdream.training.lora import lora_paths
+from jaxdream.training.params import lr_schedule
 
 
 @pytest.fixture(scope='module')
@@ -40,6 +45,7 @@ def _config(folders, names, **train):
   c.data.on_bad_subject = 'skip'
   c.train.update(dict(num_steps=2, learning_rate=1e-2, **train))
   c.checkpoint.async_save = False
+  c.validation.num_images = 0  # no samples (the runs that check them ask for them)
   return c
 
 
@@ -116,3 +122,86 @@ def test_bad_subjects_fail_the_run_by_default_and_per_subject_keys_need_per_subj
     config_lib.validate(c)
   assert 'train.subjects_per_step=2 needs lora.per_subject=True' in str(e.value)
   assert "data.on_bad_subject='skip' needs lora.per_subject=True" in str(e.value)
+
+
+def _scalars(workdir) -> dict[str, list[tuple[int, float]]]:
+  """The TensorBoard scalars of a run's event files, {tag: [(step, value), ...]} in the order written."""
+  from tensorboardX.proto import event_pb2
+
+  folder, out = os.path.join(workdir, 'tensorboard'), {}
+  for name in sorted(os.listdir(folder), key=lambda f: os.path.getmtime(os.path.join(folder, f))):
+    with open(os.path.join(folder, name), 'rb') as f:
+      data = f.read()
+    i = 0
+    while i < len(data):  # TFRecords: length (u64), its crc, the Event, its crc
+      (n,) = struct.unpack('<Q', data[i : i + 8])
+      event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+      i += 16 + n
+      for v in event.summary.value:
+        if v.HasField('simple_value'):
+          out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out
+
+
+def _png(path):
+  with Image.open(path) as im:
+    return np.asarray(im)
+
+
+def test_sigterm_mid_group_saves_it_and_the_resumed_run_ends_with_the_uninterrupted_adapters(
+  folders, together, tmp_path, capsys
+):
+  """SIGTERM after step 1 of group [a, b] (of 2 steps; then group [c]): the run saves the group's checkpoint
+  and stops cleanly, and the same command then ends with the adapter files of the run never stopped
+  (`together`), bit for bit. On the way, as a single run does: each subject's validation samples with its own
+  adapter, and its loss in TensorBoard."""
+  c = _config(folders, ['a', 'bad', 'b', 'c'], subjects_per_step=2)
+  # One prompt for every subject: their samples differ by their adapters only.
+  c.validation.every_steps, c.validation.prompts, c.validation.num_images, c.validation.steps = 1, ['a photo'], 1, 2
+  c.logging.every_steps = 1
+  workdir = str(tmp_path / 'run')
+  handler = signal.getsignal(signal.SIGTERM)
+  real = subject_run.jit_subject_step
+
+  def preempted_after_each_step(*args):
+    step = real(*args)
+
+    def call(*a):
+      out = step(*a)
+      os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice, to this very process
+      return out
+
+    return call
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(subject_run, 'jit_subject_step', preempted_after_each_step)
+    first = train(c, workdir)
+  assert (first['preempted'], first['step'], first['group']) == (True, 1, ['a', 'b'])
+  out = capsys.readouterr().out
+  assert 'SIGTERM: saved the checkpoint of subject(s) a, b at step 1; run the same command to resume.' in out
+  assert signal.getsignal(signal.SIGTERM) == handler and not os.path.exists(os.path.join(workdir, LOCK_FILE))
+  assert not any(os.path.exists(p) for n in 'abc' for p in lora_paths(workdir, n, kohya=True).values())
+  assert sorted(os.listdir(os.path.join(workdir, 'samples'))) == ['a', 'b']
+
+  second = train(c, workdir)
+  assert 'resumed from the checkpoint at step 1' in capsys.readouterr().out
+  assert [s for s, _ in second['losses']['a']] == [2] and [s for s, _ in second['losses']['c']] == [1, 2]
+  for n in 'abc':
+    ours, ref = _weights(workdir, n), _weights(together[0], n)
+    assert sorted(ours) == sorted(ref)
+    for k in ref:
+      np.testing.assert_array_equal(ours[k], ref[k], err_msg=f'{n}: {k}')
+
+  samples = {(n, s): _png(os.path.join(workdir, 'samples', n, f'step_{s}.png')) for n in 'abc' for s in (1, 2)}
+  assert second['outputs']['samples'] == {n: os.path.join(workdir, 'samples', n, 'step_2.png') for n in 'abc'}
+  assert {im.shape for im in samples.values()} == {(32, 32, 3)}  # one prompt, validation.num_images=1
+  assert not np.array_equal(samples['a', 2], samples['b', 2])  # same prompt and seed, their own adapters
+  assert not np.array_equal(samples['c', 1], samples['c', 2])  # c's adapter moved between its steps
+
+  scalars = _scalars(workdir)
+  for n in 'abc':
+    (steps, losses), ref = zip(*scalars[f'train/loss/{n}']), together[1]['losses'][n]
+    assert steps == (1, 2) and losses == pytest.approx([v for _, v in ref], rel=1e-6)
+    assert [s for s, _ in scalars[f'train/grad_norm/{n}']] == [1, 2]
+  lr = lr_schedule(c, c.train.learning_rate)
+  assert scalars['train/learning_rate'] == [(s, pytest.approx(float(lr(s)))) for s in (1, 2, 1, 2)]  # per group
