@@ -1,10 +1,15 @@
 """Per-subject LoRA runs (lora.per_subject=True) through the trainer: one adapter file per subject, each
 equal to the file of that subject trained alone, and subjects with unusable photos skipped and listed."""
 
+import glob
 import json
 import os
+import runpy
 import signal
 import struct
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -205,3 +210,60 @@ def test_sigterm_mid_group_saves_it_and_the_resumed_run_ends_with_the_uninterrup
     assert [s for s, _ in scalars[f'train/grad_norm/{n}']] == [1, 2]
   lr = lr_schedule(c, c.train.learning_rate)
   assert scalars['train/learning_rate'] == [(s, pytest.approx(float(lr(s)))) for s in (1, 2, 1, 2)]  # per group
+
+
+MESH_CONFIG = """
+from jaxdream.training.config import base_config, concept
+
+
+def get_config():
+  c = base_config()
+  c.model, c.resolution, c.seed = {model!r}, 32, 3
+  c.concepts = [concept(instance_dir=d, instance_prompt='a photo of sks ' + n) for n, d in {subjects!r}]
+  c.prior.enabled = False
+  c.lora.rank, c.lora.per_subject = 4, True
+  c.train.num_steps, c.train.learning_rate, c.train.subjects_per_step = 3, 1e-2, 4  # a, b, c and a dummy
+  c.checkpoint.every_steps, c.checkpoint.async_save = 1, False
+  c.validation.num_images = 0  # no samples
+  c.mesh.data, c.mesh.tensor = 4, 2  # 8 devices: the subjects over 'data', the base's layers over 'tensor'
+  return c
+"""
+
+
+@pytest.mark.slow
+def test_a_per_subject_run_killed_on_8_devices_resumes_to_identical_adapters(folders, tmp_path, monkeypatch, capsys):
+  """`jaxdream train` on an 8-device mesh, SIGKILLed once its first checkpoint is written, then run again:
+  its adapters equal those of the run never killed, bit for bit. The killed run is a subprocess with the
+  session's XLA flags (8 host devices), so that every run computes with the same compiled programs."""
+  monkeypatch.setattr(subject_run, 'make_mesh', make_mesh)  # the config's mesh, not the module's one device
+  path = tmp_path / 'config.py'
+  path.write_text(MESH_CONFIG.format(model=folders['model'], subjects=[(n, folders[n]) for n in 'abc']))
+  config = runpy.run_path(str(path))['get_config']()
+  straight = str(tmp_path / 'straight')
+  straight_config = config.copy_and_resolve_references()
+  straight_config.checkpoint.every_steps = 100  # its checkpoints are not needed (not run-defining)
+  train(straight_config, straight)
+
+  killed = str(tmp_path / 'killed')
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  cmd = [sys.executable, '-m', 'jaxdream.cli', 'train', '--config', str(path), '--workdir', killed]
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  t0 = time.time()
+  while not glob.glob(os.path.join(killed, 'groups', '*', 'checkpoints', '1')):
+    assert proc.poll() is None, proc.stdout.read()
+    assert time.time() - t0 < 600, 'no checkpoint in time'
+    time.sleep(0.005)
+  proc.kill()
+  output = proc.communicate(timeout=60)[0]
+  assert proc.returncode == -signal.SIGKILL, output
+  assert not os.path.exists(lora_paths(killed, 'a')['lora'])  # killed mid-run
+
+  capsys.readouterr()
+  summary = train(config, killed)
+  resumed = int(capsys.readouterr().out.split('resumed from the checkpoint at step ')[1].split()[0])
+  assert 1 <= resumed < 3 and summary['losses']['a'][0][0] == resumed + 1
+  for n in 'abc':
+    ours, ref = _weights(killed, n), _weights(straight, n)
+    assert sorted(ours) == sorted(ref)
+    for k in ref:
+      np.testing.assert_array_equal(ours[k], ref[k], err_msg=f'{n}: {k}')
