@@ -22,7 +22,7 @@ def _validation_prompts(config, concepts) -> list[str]:
   return prompts
 
 
-def _sample(pipeline, config, prompts, mesh, **adapters) -> np.ndarray:
+def _sample(pipeline, config, prompts, mesh, **adapter_args) -> np.ndarray:
   """validation.num_images images of each prompt, (len(prompts) * num_images, H, W, 3); every prompt's
   images have the seeds validation.seed, + 1, ... (as if sampled alone)."""
   from jaxdream.diffusion.sampling import txt2img
@@ -40,7 +40,7 @@ def _sample(pipeline, config, prompts, mesh, **adapters) -> np.ndarray:
     height=config.resolution,
     width=config.resolution,
     mesh=mesh,
-    **adapters,
+    **adapter_args,
   )
 
 
