@@ -55,13 +55,17 @@ def _concept(name, folder, class_dir):
   }
 
 
-def _no_validation(config: str, tmp: str) -> str:
-  """The config without validation samples (per-subject runs make none; a list cannot be overridden)."""
+def _no_validation(config: str, tmp: str, samples: bool) -> str:
+  """The config with the default validation prompts (a list cannot be overridden), and without samples at all
+  unless `samples`: the one job's subjects are measured without theirs, as when the README's table was
+  measured (per-subject runs made none then), the separate jobs with the single run's final ones."""
   path = os.path.join(tmp, 'bench_' + os.path.basename(config))
   with open(path, 'w') as f:
     f.write(
       'from jaxdream.training.config import config_file\n'
-      f'def get_config():\n  c = config_file({config!r})\n  c.validation.prompts = []\n  return c\n'
+      f'def get_config():\n  c = config_file({config!r})\n  c.validation.prompts = []\n'
+      + ('' if samples else '  c.validation.num_images = 0\n')
+      + '  return c\n'
     )
   return path
 
@@ -100,8 +104,8 @@ def main():
     '--config.checkpoint.every_steps=100000',
     '--config.prior.sample_steps=2',
   ]
-  many = _no_validation(os.path.join(ROOT, 'configs', 'lora_many_subjects.py'), tmp)
-  one = _no_validation(os.path.join(ROOT, 'configs', 'lora_quickstart.py'), tmp)
+  many = _no_validation(os.path.join(ROOT, 'configs', 'lora_many_subjects.py'), tmp, samples=False)
+  one = _no_validation(os.path.join(ROOT, 'configs', 'lora_quickstart.py'), tmp, samples=True)
   subjects = _subject_dirs(max(args.subjects), tmp)
 
   def concepts_file(n):

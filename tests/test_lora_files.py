@@ -73,10 +73,11 @@ def torch_pipe(path, monkeypatch):
 @pytest.fixture(scope='module')
 def adapted(pipe):
   """Copies of the tiny UNet and text encoder with trained-looking adapters: nonzero B, alpha != rank, a LoCon
-  resnet conv with its own rank and alpha."""
+  resnet conv with its own rank and alpha, and GEGLU's projection (its output features interleaved in jaxdream,
+  [h; gate] in torch files)."""
   unet, te = nnx.clone(pipe.unet), nnx.clone(pipe.text_encoder)
   add_lora(
-    unet, targets=UNET_TARGETS, rank=4, alpha=8, conv_targets=('resnets.0.conv1',), conv_rank=2, conv_alpha=1,
+    unet, targets=(*UNET_TARGETS, 'ff.net.0.proj'), rank=4, alpha=8, conv_targets=('resnets.0.conv1',), conv_rank=2, conv_alpha=1,
     key=jax.random.key(1),
   )  # fmt: skip
   add_lora(te, targets=TE_TARGETS, rank=2, alpha=3, key=jax.random.key(2))
@@ -115,6 +116,7 @@ def test_apply_lora_attaches_the_files_factors_unmerged(adapted, pipe, tmp_path)
   comps = {'unet': nnx.clone(pipe.unet), 'text_encoder': nnx.clone(pipe.text_encoder)}
   done = apply_lora(comps, path, 0.5)
   assert done['unet'] == sorted(lora_layers(adapted['unet']))
+  assert any(n.endswith('ff.net.0.proj') for n in done['unet'])  # GEGLU's projection takes an adapter too
   for comp in ('unet', 'text_encoder'):
     want, got = lora_layers(adapted[comp]), lora_layers(comps[comp])
     assert sorted(got) == sorted(want)

@@ -1,8 +1,15 @@
 """Per-subject LoRA runs (lora.per_subject=True) through the trainer: one adapter file per subject, each
 equal to the file of that subject trained alone, and subjects with unusable photos skipped and listed."""
 
+import glob
 import json
 import os
+import runpy
+import signal
+import struct
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -14,7 +21,10 @@ from safetensors.numpy import load_file
 from jaxdream.distributed.mesh import make_mesh
 from jaxdream.training import config as config_lib
 from jaxdream.training import subject_run
+from jaxdream.training.lock import LOCK_FILE
 from jaxdream.training.loop import train
+from jaxdream.training.lora import lora_paths
+from jaxdream.training.params import lr_schedule
 
 
 @pytest.fixture(scope='module')
@@ -40,6 +50,7 @@ def _config(folders, names, **train):
   c.data.on_bad_subject = 'skip'
   c.train.update(dict(num_steps=2, learning_rate=1e-2, **train))
   c.checkpoint.async_save = False
+  c.validation.num_images = 0  # no samples (the runs that check them ask for them)
   return c
 
 
@@ -116,3 +127,143 @@ def test_bad_subjects_fail_the_run_by_default_and_per_subject_keys_need_per_subj
     config_lib.validate(c)
   assert 'train.subjects_per_step=2 needs lora.per_subject=True' in str(e.value)
   assert "data.on_bad_subject='skip' needs lora.per_subject=True" in str(e.value)
+
+
+def _scalars(workdir) -> dict[str, list[tuple[int, float]]]:
+  """The TensorBoard scalars of a run's event files, {tag: [(step, value), ...]} in the order written."""
+  from tensorboardX.proto import event_pb2
+
+  folder, out = os.path.join(workdir, 'tensorboard'), {}
+  for name in sorted(os.listdir(folder), key=lambda f: os.path.getmtime(os.path.join(folder, f))):
+    with open(os.path.join(folder, name), 'rb') as f:
+      data = f.read()
+    i = 0
+    while i < len(data):  # TFRecords: length (u64), its crc, the Event, its crc
+      (n,) = struct.unpack('<Q', data[i : i + 8])
+      event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+      i += 16 + n
+      for v in event.summary.value:
+        if v.HasField('simple_value'):
+          out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out
+
+
+def _png(path):
+  with Image.open(path) as im:
+    return np.asarray(im)
+
+
+def test_sigterm_mid_group_saves_it_and_the_resumed_run_ends_with_the_uninterrupted_adapters(
+  folders, together, tmp_path, capsys
+):
+  """SIGTERM after step 1 of group [a, b] (of 2 steps; then group [c]): the run saves the group's checkpoint
+  and stops cleanly, and the same command then ends with the adapter files of the run never stopped
+  (`together`), bit for bit. On the way, as a single run does: each subject's validation samples with its own
+  adapter, and its loss in TensorBoard."""
+  c = _config(folders, ['a', 'bad', 'b', 'c'], subjects_per_step=2)
+  # One prompt for every subject: their samples differ by their adapters only.
+  c.validation.every_steps, c.validation.prompts, c.validation.num_images, c.validation.steps = 1, ['a photo'], 1, 2
+  c.logging.every_steps = 1
+  workdir = str(tmp_path / 'run')
+  handler = signal.getsignal(signal.SIGTERM)
+  real = subject_run.jit_subject_step
+
+  def preempted_after_each_step(*args):
+    step = real(*args)
+
+    def call(*a):
+      out = step(*a)
+      os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice, to this very process
+      return out
+
+    return call
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(subject_run, 'jit_subject_step', preempted_after_each_step)
+    first = train(c, workdir)
+  assert (first['preempted'], first['step'], first['group']) == (True, 1, ['a', 'b'])
+  out = capsys.readouterr().out
+  assert 'SIGTERM: saved the checkpoint of subject(s) a, b at step 1; run the same command to resume.' in out
+  assert signal.getsignal(signal.SIGTERM) == handler and not os.path.exists(os.path.join(workdir, LOCK_FILE))
+  assert not any(os.path.exists(p) for n in 'abc' for p in lora_paths(workdir, n, kohya=True).values())
+  assert sorted(os.listdir(os.path.join(workdir, 'samples'))) == ['a', 'b']
+
+  second = train(c, workdir)
+  assert 'resumed from the checkpoint at step 1' in capsys.readouterr().out
+  assert [s for s, _ in second['losses']['a']] == [2] and [s for s, _ in second['losses']['c']] == [1, 2]
+  for n in 'abc':
+    ours, ref = _weights(workdir, n), _weights(together[0], n)
+    assert sorted(ours) == sorted(ref)
+    for k in ref:
+      np.testing.assert_array_equal(ours[k], ref[k], err_msg=f'{n}: {k}')
+
+  samples = {(n, s): _png(os.path.join(workdir, 'samples', n, f'step_{s}.png')) for n in 'abc' for s in (1, 2)}
+  assert second['outputs']['samples'] == {n: os.path.join(workdir, 'samples', n, 'step_2.png') for n in 'abc'}
+  assert {im.shape for im in samples.values()} == {(32, 32, 3)}  # one prompt, validation.num_images=1
+  assert not np.array_equal(samples['a', 2], samples['b', 2])  # same prompt and seed, their own adapters
+  assert not np.array_equal(samples['c', 1], samples['c', 2])  # c's adapter moved between its steps
+
+  scalars = _scalars(workdir)
+  for n in 'abc':
+    (steps, losses), ref = zip(*scalars[f'train/loss/{n}']), together[1]['losses'][n]
+    assert steps == (1, 2) and losses == pytest.approx([v for _, v in ref], rel=1e-6)
+    assert [s for s, _ in scalars[f'train/grad_norm/{n}']] == [1, 2]
+  lr = lr_schedule(c, c.train.learning_rate)
+  assert scalars['train/learning_rate'] == [(s, pytest.approx(float(lr(s)))) for s in (1, 2, 1, 2)]  # per group
+
+
+MESH_CONFIG = """
+from jaxdream.training.config import base_config, concept
+
+
+def get_config():
+  c = base_config()
+  c.model, c.resolution, c.seed = {model!r}, 32, 3
+  c.concepts = [concept(instance_dir=d, instance_prompt='a photo of sks ' + n) for n, d in {subjects!r}]
+  c.prior.enabled = False
+  c.lora.rank, c.lora.per_subject = 4, True
+  c.train.num_steps, c.train.learning_rate, c.train.subjects_per_step = 3, 1e-2, 4  # a, b, c and a dummy
+  c.checkpoint.every_steps, c.checkpoint.async_save = 1, False
+  c.validation.num_images = 0  # no samples
+  c.mesh.data, c.mesh.tensor = 4, 2  # 8 devices: the subjects over 'data', the base's layers over 'tensor'
+  return c
+"""
+
+
+@pytest.mark.slow
+def test_a_per_subject_run_killed_on_8_devices_resumes_to_identical_adapters(folders, tmp_path, monkeypatch, capsys):
+  """`jaxdream train` on an 8-device mesh, SIGKILLed once its first checkpoint is written, then run again:
+  its adapters equal those of the run never killed, bit for bit. The killed run is a subprocess with the
+  session's XLA flags (8 host devices), so that every run computes with the same compiled programs."""
+  monkeypatch.setattr(subject_run, 'make_mesh', make_mesh)  # the config's mesh, not the module's one device
+  path = tmp_path / 'config.py'
+  path.write_text(MESH_CONFIG.format(model=folders['model'], subjects=[(n, folders[n]) for n in 'abc']))
+  config = runpy.run_path(str(path))['get_config']()
+  straight = str(tmp_path / 'straight')
+  straight_config = config.copy_and_resolve_references()
+  straight_config.checkpoint.every_steps = 100  # its checkpoints are not needed (not run-defining)
+  train(straight_config, straight)
+
+  killed = str(tmp_path / 'killed')
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  cmd = [sys.executable, '-m', 'jaxdream.cli', 'train', '--config', str(path), '--workdir', killed]
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  t0 = time.time()
+  while not glob.glob(os.path.join(killed, 'groups', '*', 'checkpoints', '1')):
+    assert proc.poll() is None, proc.stdout.read()
+    assert time.time() - t0 < 600, 'no checkpoint in time'
+    time.sleep(0.005)
+  proc.kill()
+  output = proc.communicate(timeout=60)[0]
+  assert proc.returncode == -signal.SIGKILL, output
+  assert not os.path.exists(lora_paths(killed, 'a')['lora'])  # killed mid-run
+
+  capsys.readouterr()
+  summary = train(config, killed)
+  resumed = int(capsys.readouterr().out.split('resumed from the checkpoint at step ')[1].split()[0])
+  assert 1 <= resumed < 3 and summary['losses']['a'][0][0] == resumed + 1
+  for n in 'abc':
+    ours, ref = _weights(killed, n), _weights(straight, n)
+    assert sorted(ours) == sorted(ref)
+    for k in ref:
+      np.testing.assert_array_equal(ours[k], ref[k], err_msg=f'{n}: {k}')

@@ -16,6 +16,7 @@ from flax import nnx
 
 from jaxdream import load_pipeline
 from jaxdream.models import state_dict
+from jaxdream.models.unet_2d_condition import _deinterleave
 from jaxdream.nn.adapters import LoRAParam
 from jaxdream.schedulers import NoiseSchedule
 from jaxdream.training.config import base_config
@@ -87,6 +88,8 @@ def _torch_adapters(flat: dict, m: str) -> dict:
     if k.startswith(m + '/') and k.endswith('/lora_a'):
       name = k[len(m) + 1 : -len('/lora_a')].replace('/', '.').removeprefix('text_model.')
       a, b = np.asarray(v), np.asarray(flat[k[:-1] + 'b'])
+      if name.endswith('ff.net.0.proj'):  # GEGLU's B: output features interleaved as its kernel's
+        b = _deinterleave(b)
       out[name + '.lora_A.weight'] = a.T if a.ndim == 2 else a.transpose(3, 2, 0, 1)
       out[name + '.lora_B.weight'] = b.T if a.ndim == 2 else b.T[:, :, None, None]
   return out
@@ -256,10 +259,15 @@ CASES = {
     6,
   ),
   'bfloat16': (dict(train_text_encoder=False, dtype=jnp.bfloat16), 2),
-  # LoRA: attention adapters with alpha != rank, LoCon on the resnet convolutions at another rank (its alpha
-  # falls back to lora.alpha), EMA of the adapters; then rsLoRA with gaussian init on the text encoder too.
-  'lora+locon+ema': (
-    dict(train_text_encoder=False, lora=dict(rank=4, alpha=8.0, conv_rank=2), ema_decay=0.3),
+  # LoRA: attention and GEGLU projection adapters with alpha != rank, LoCon on the resnet convolutions at another
+  # rank (its alpha falls back to lora.alpha), EMA of the adapters; then rsLoRA with gaussian init on the text
+  # encoder too.
+  'lora+geglu+locon+ema': (
+    dict(
+      train_text_encoder=False,
+      lora=dict(rank=4, alpha=8.0, conv_rank=2, unet_targets=['to_q', 'to_k', 'to_v', 'to_out.0', 'ff.net.0.proj']),
+      ema_decay=0.3,
+    ),
     2,
   ),
   'lora+text_encoder+rslora+gaussian': (

@@ -155,6 +155,9 @@ def main(argv=None):
       lines.append(
         f'{len(out["loras"])} LoRA adapters (diffusers/peft format): {os.path.dirname(out["skipped"])}/NAME/'
       )
+      if out.get('samples'):
+        samples = os.path.join(os.path.dirname(os.path.dirname(out['skipped'])), 'samples')
+        lines.append(f'Validation samples of each subject: {samples}/NAME/step_N.png')
       if summary['skipped']:
         lines.append(f'Skipped {len(summary["skipped"])} subject(s), listed in {out["skipped"]}')
     else:

@@ -155,6 +155,10 @@ class Preemption:
       return multihost_utils.reached_preemption_sync_point(step)
     return self._requested
 
+  def stopped(self, step: int, what: str = 'the checkpoint'):
+    """Say that the run saved `what` at `step` and stopped (after waiting for the save): how to resume."""
+    log(f'\n{self.cause}: saved {what} at step {step}; run the same command to resume.')
+
   def restore(self):
     for s, previous in self._previous.items():
       signal.signal(s, previous)

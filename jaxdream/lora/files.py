@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdream.io.weights import PICKLE_SUFFIXES, WeightsError, read_safetensors, write_safetensors
-from jaxdream.nn.adapters import LoRAConv2d, LoRALinear, lora_layers, module_paths
+from jaxdream.nn.adapters import lora_layers, module_paths
 
 METADATA_KEY = 'lora_adapter_metadata'  # diffusers' LORA_ADAPTER_METADATA_KEY
 FORMATS = ('diffusers', 'kohya')
@@ -163,16 +163,6 @@ def ldm_names(layers_per_block: int, levels: int) -> dict[str, str]:
 # --- writing --------------------------------------------------------------------------------------------------
 
 
-def _torch_factors(layer: LoRALinear | LoRAConv2d) -> tuple[np.ndarray, np.ndarray]:
-  """(down, up) of a LoRA layer in torch layout, float32."""
-  a, b = (np.asarray(x[...], np.float32) for x in (layer.lora_a, layer.lora_b))
-  if isinstance(layer, LoRAConv2d):
-    return a.transpose(3, 2, 0, 1), b.T[
-      :, :, None, None
-    ]  # (kh, kw, in, r) -> (r, in, kh, kw); (r, out) -> (out, r, 1, 1)
-  return a.T, b.T
-
-
 def _peft_config(layers: dict) -> dict:
   """peft's LoraConfig fields for these layers: the most common rank and alpha, others as patterns. alpha is
   written as scale * rank, which peft scales back to the layer's scale (rsLoRA included)."""
@@ -208,7 +198,7 @@ def lora_tensors(
   for comp in COMPONENTS:
     layers = lora_layers(components[comp]) if comp in components else {}
     for name, layer in layers.items():
-      down, up = _torch_factors(layer)
+      down, up = layer.torch_factors()
       if format == 'diffusers':
         tensors[f'{comp}.{name}.lora_A.weight'], tensors[f'{comp}.{name}.lora_B.weight'] = down, up
       else:

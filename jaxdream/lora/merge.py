@@ -13,8 +13,7 @@ from flax import nnx
 
 from jaxdream.io.weights import WeightsError, torch_slots
 from jaxdream.lora.files import LoRAModule, LoRAWeights, load_lora
-from jaxdream.nn.adapters import LoRAConv2d, LoRALinear, add_lora, module_paths
-from jaxdream.nn.layers import Conv2d, Linear
+from jaxdream.nn.adapters import LoRAConv2d, LoRALinear, add_lora, lora_class, module_paths
 
 
 def _as_weights(lora) -> LoRAWeights:
@@ -101,22 +100,23 @@ def apply_lora(
 ) -> dict[str, list[str]]:
   """Attach the file's adapters unmerged, in place: each named Linear/Conv2d becomes a LoRALinear/LoRAConv2d
   with the file's factors and scale * alpha / r. Returns {component: adapted module names}. Layers that already
-  carry an adapter, or are no plain Linear/Conv2d (e.g. the GEGLU projection), are errors (merge those)."""
+  carry an adapter, or take none (nn.adapters.lora_class), are errors (merge those)."""
   lora = _as_weights(lora)
   plan, _ = _check(lora, components, strict)
   done = {}
   for comp, mods in plan.items():
     model = components[comp]
     paths = module_paths(model)
-    bad = [n for n in mods if type(paths[n]) not in (Linear, Conv2d)]
+    kinds = {n: lora_class(paths[n]) for n in mods}
+    bad = [n for n, cls in kinds.items() if cls is None]
     if bad:
       raise WeightsError(
         f'{lora.path or "LoRA"}: cannot attach adapters to {comp} layer(s) {", ".join(bad[:10])} '
         f'({", ".join(sorted({type(paths[n]).__name__ for n in bad}))}); merge the file instead'
       )
     for rank in sorted({m.rank for m, _ in mods.values()}):
-      lin = [n for n, (m, _) in mods.items() if m.rank == rank and type(paths[n]) is Linear]
-      conv = [n for n, (m, _) in mods.items() if m.rank == rank and type(paths[n]) is Conv2d]
+      lin = [n for n, (m, _) in mods.items() if m.rank == rank and issubclass(kinds[n], LoRALinear)]
+      conv = [n for n, (m, _) in mods.items() if m.rank == rank and issubclass(kinds[n], LoRAConv2d)]
       add_lora(model, targets=lin, rank=rank, conv_targets=conv, conv_rank=rank, key=jax.random.key(0))
     layers = module_paths(model)
     for name, (mod, _) in mods.items():
@@ -126,10 +126,5 @@ def apply_lora(
 
 
 def _set_factors(layer: LoRALinear | LoRAConv2d, mod: LoRAModule, scale: float):
-  if isinstance(layer, LoRAConv2d):
-    a, b = mod.down.transpose(2, 3, 1, 0), mod.up[:, :, 0, 0].T  # torch (r, in, kh, kw) -> (kh, kw, in, r)
-  else:
-    a, b = mod.down.T, mod.up.T
-  layer.lora_a.set_value(jnp.asarray(a, jnp.float32))
-  layer.lora_b.set_value(jnp.asarray(b, jnp.float32))
+  layer.set_torch_factors(mod.down, mod.up)
   layer.lora_scale = scale * mod.scale

@@ -9,6 +9,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdream.models.config import ConfigError, per_block, resolve_config
+from jaxdream.nn.adapters import LoRALinear, register_lora_class
 from jaxdream.nn.attention import check_implementation
 from jaxdream.nn.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 from jaxdream.nn.layers import Conv2d, GroupNorm, LayerNorm, Linear, activation
@@ -147,6 +148,14 @@ class GEGLUProjection(Linear):
     'kernel': ('weight', lambda w: _interleave(_LINEAR_TO_JAX(w)), lambda k: _LINEAR_TO_TORCH(_deinterleave(k))),
     'bias': ('bias', _interleave, _deinterleave),
   }
+
+
+class LoRAGEGLUProjection(LoRALinear, GEGLUProjection):
+  """LoRA on GEGLU's projection (peft's and kohya's `ff.net.0.proj` target): B's output features are interleaved
+  as the kernel's, so the update gates and shards with it, and files hold torch's [h; gate] order."""
+
+
+register_lora_class(GEGLUProjection, LoRAGEGLUProjection)
 
 
 class GEGLU(nnx.Module):

@@ -130,6 +130,20 @@ class LoRALinear(Linear):
     """The update as a kernel: scale * A B, (in, out)."""
     return self.lora_scale * (self.lora_a[...] @ self.lora_b[...])
 
+  # B (rank, out) is laid out as the base kernel (in, out) is, and converts to torch's up factor (out, rank)
+  # as the kernel does to its weight: a base type with its own output order (GEGLU's interleaved projection)
+  # keeps B's features in that order.
+  def torch_factors(self) -> tuple[np.ndarray, np.ndarray]:
+    """(down (rank, in), up (out, rank)) in torch layout, float32."""
+    to_torch = type(self).TORCH_PARAMS['kernel'][2]
+    return np.asarray(self.lora_a[...], np.float32).T, np.asarray(to_torch(np.asarray(self.lora_b[...], np.float32)))
+
+  def set_torch_factors(self, down, up):
+    """Set A and B from torch-layout factors (see torch_factors)."""
+    to_jax = type(self).TORCH_PARAMS['kernel'][1]
+    self.lora_a.set_value(jnp.asarray(np.asarray(down).T, jnp.float32))
+    self.lora_b.set_value(jnp.asarray(to_jax(np.asarray(up)), jnp.float32))
+
   def __call__(self, x):
     a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
     if a.ndim == 2:
@@ -164,6 +178,16 @@ class LoRAConv2d(Conv2d):
     """The update as a kernel of the base's shape: scale * A B, (kh, kw, in, out)."""
     return self.lora_scale * jnp.einsum('hwir,ro->hwio', self.lora_a[...], self.lora_b[...])
 
+  def torch_factors(self) -> tuple[np.ndarray, np.ndarray]:
+    """(down (rank, in, kh, kw), up (out, rank, 1, 1)) in torch layout, float32."""
+    a, b = (np.asarray(x[...], np.float32) for x in (self.lora_a, self.lora_b))
+    return a.transpose(3, 2, 0, 1), b.T[:, :, None, None]
+
+  def set_torch_factors(self, down, up):
+    """Set A and B from torch-layout factors (see torch_factors)."""
+    self.lora_a.set_value(jnp.asarray(np.asarray(down).transpose(2, 3, 1, 0), jnp.float32))
+    self.lora_b.set_value(jnp.asarray(np.asarray(up)[:, :, 0, 0].T, jnp.float32))
+
   def _down(self, x, a):
     p = self.padding
     return jax.lax.conv_general_dilated(
@@ -180,6 +204,25 @@ class LoRAConv2d(Conv2d):
       h = jax.vmap(lambda xi, ai: self._down(xi[None], ai)[0])(x_, a)
       up = jnp.einsum('bhwr,bro->bhwo', h, b)
     return super().__call__(x) + up * jnp.asarray(self.lora_scale, self.dtype)
+
+
+# The LoRA class of each layer type that takes an adapter. A Linear subclass with its own parameter layout (GEGLU's
+# projection, in jaxdream.models) registers its LoRA class, so that files, merging and plain_layer keep its
+# layout; any other subclass is refused rather than adapted with the wrong layout.
+_LORA_CLASSES: dict[type, type] = {Linear: LoRALinear, Conv2d: LoRAConv2d}
+
+
+def register_lora_class(base: type, lora: type):
+  """Let `base` layers (a Linear or Conv2d subclass) take adapters as `lora` (a subclass of base and of
+  LoRALinear / LoRAConv2d)."""
+  if not (issubclass(lora, base) and issubclass(lora, (LoRALinear, LoRAConv2d))):
+    raise TypeError(f'{lora.__name__} must subclass {base.__name__} and LoRALinear or LoRAConv2d')
+  _LORA_CLASSES[base] = lora
+
+
+def lora_class(layer) -> type | None:
+  """The LoRA class that adapts `layer` (None: no adapter fits it, e.g. an already adapted layer)."""
+  return _LORA_CLASSES.get(type(layer))
 
 
 def module_paths(model: nnx.Module) -> dict[str, nnx.Module]:
@@ -222,11 +265,14 @@ def add_lora(
   all is an error (a typo would otherwise train nothing)."""
   done = []
   for name, node in module_paths(model).items():
-    if type(node) is Linear and rank and matches_target(name, targets):
-      new = LoRALinear(node, rank, scale=lora_scale(rank, alpha, rslora), key=_name_key(key, name), init=init)
-    elif type(node) is Conv2d and conv_rank and matches_target(name, conv_targets):
+    cls = lora_class(node)
+    if cls is None:
+      continue
+    if issubclass(cls, LoRALinear) and rank and matches_target(name, targets):
+      new = cls(node, rank, scale=lora_scale(rank, alpha, rslora), key=_name_key(key, name), init=init)
+    elif issubclass(cls, LoRAConv2d) and conv_rank and matches_target(name, conv_targets):
       s = lora_scale(conv_rank, conv_alpha if conv_alpha is not None else alpha, rslora)
-      new = LoRAConv2d(node, conv_rank, scale=s, key=_name_key(key, name), init=init)
+      new = cls(node, conv_rank, scale=s, key=_name_key(key, name), init=init)
     else:
       continue
     _replace(model, name, new)
@@ -246,13 +292,14 @@ def lora_layers(model: nnx.Module) -> dict[str, LoRALinear | LoRAConv2d]:
 
 
 def _plain_layer(layer: LoRALinear | LoRAConv2d) -> Linear | Conv2d:
-  """The base layer of a LoRA one (same parameter objects, no adapter)."""
+  """The base layer of a LoRA one (same parameter objects, no adapter), of the type it adapted."""
+  base = next(b for b, lora in _LORA_CLASSES.items() if lora is type(layer))
   kw = dict(use_bias=layer.bias is not None, axes=layer.axes, dtype=layer.dtype)
   if isinstance(layer, LoRALinear):
-    build = lambda: Linear(*layer.kernel.shape, rngs=nnx.Rngs(0), **kw)
+    build = lambda: base(*layer.kernel.shape, rngs=nnx.Rngs(0), **kw)
   else:
     kh, _, c_in, c_out = layer.kernel.shape
-    build = lambda: Conv2d(c_in, c_out, kh, stride=layer.stride, padding=layer.padding, rngs=nnx.Rngs(0), **kw)
+    build = lambda: base(c_in, c_out, kh, stride=layer.stride, padding=layer.padding, rngs=nnx.Rngs(0), **kw)
   plain = nnx.eval_shape(build)  # structure only: no random init of a kernel about to be replaced
   plain.kernel, plain.bias = layer.kernel, layer.bias
   return plain

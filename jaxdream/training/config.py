@@ -234,7 +234,7 @@ KEY_DOCS = {
   'validation.every_steps': 'sample validation images every this many steps (0: only at the end)',
   'validation.prompts': "validation prompts (default: each concept's instance and class prompts)",
   'validation.negative_prompt': 'negative prompt of validation images',
-  'validation.num_images': 'images per validation prompt',
+  'validation.num_images': 'images per validation prompt (0: no validation samples)',
   'validation.steps': 'sampler steps of validation images',
   'validation.guidance_scale': 'classifier-free guidance of validation images',
   'validation.seed': 'seed of validation images',
@@ -426,6 +426,8 @@ def validate(config) -> list[dict]:
       problems.append(f'{key} must be at least 1, got {_get(config, key)}')
   if config.checkpoint.resume_step < 0:
     problems.append(f'checkpoint.resume_step must not be negative, got {config.checkpoint.resume_step}')
+  if config.validation.num_images < 0:
+    problems.append(f'validation.num_images must not be negative (0: no samples), got {config.validation.num_images}')
   if config.resolution % 8:
     problems.append(f'resolution must be a multiple of 8, got {config.resolution}')
   t = config.train

@@ -81,7 +81,12 @@ def _load_base(config, workdir):
       lambda: create_tiny_pipeline(os.path.join(workdir, 'base_model')), 'tiny-base-model'
     )
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.compute_dtype]
-  return load_pipeline(model, dtype=dtype, attention_impl=config.attention, allow_pickle=config.allow_pickle)
+  pipeline = load_pipeline(model, dtype=dtype, attention_impl=config.attention, allow_pickle=config.allow_pickle)
+  if config.resolution % pipeline.vae_scale_factor:
+    raise config_lib.RunConfigError(
+      f'resolution {config.resolution} is not a multiple of the VAE factor {pipeline.vae_scale_factor}'
+    )
+  return pipeline
 
 
 def _next_batch(iterators, prior: bool, latents: dict | None = None, contexts: dict | None = None) -> dict:

@@ -14,7 +14,6 @@ import time
 import warnings
 
 import jax
-import numpy as np
 
 from jaxdream.distributed import multihost
 from jaxdream.distributed.mesh import make_mesh
@@ -42,6 +41,7 @@ from jaxdream.training.params import (
 )
 from jaxdream.training.step import StepFn, TrainingError, _place
 from jaxdream.training.subject_run import check_subjects, run_subjects
+from jaxdream.training.validation import _validation_images
 from jaxdream.training.writers import _load_losses, _save_losses, _Writer, loss_curve_image
 
 
@@ -80,10 +80,6 @@ def _run(config, workdir, concepts, instance) -> dict:
       f'top) do not split over the {n_dev} devices of the data axes'
     )
   pipeline = _load_base(config, workdir)
-  if config.resolution % pipeline.vae_scale_factor:
-    raise config_lib.RunConfigError(
-      f'resolution {config.resolution} is not a multiple of the VAE factor {pipeline.vae_scale_factor}'
-    )
   lora = config.lora.rank > 0
   plan = lora_plan(pipeline, config) if lora else {}  # the targets are checked before anything slow
   examples = {
@@ -182,7 +178,7 @@ def _run(config, workdir, concepts, instance) -> dict:
           writer.images(done, images)
       if stop:
         mngr.wait_until_finished()
-        multihost.log(f'\n{preempt.cause}: saved the checkpoint at step {done}; run the same command to resume.')
+        preempt.stopped(done)
         return {'step': done, 'preempted': True}
     bar.close()
   finally:
@@ -211,36 +207,6 @@ def _run(config, workdir, concepts, instance) -> dict:
     writer.close()
   multihost.barrier('exported')
   return summary
-
-
-def _validation_prompts(config, concepts) -> list[str]:
-  if config.validation.prompts:
-    return list(config.validation.prompts)
-  prompts = []
-  for c in concepts[:4]:
-    prompts += [c['instance_prompt']] + ([c['class_prompt']] if c['class_prompt'] else [])
-  return prompts
-
-
-def _validation_images(pipeline, config, concepts, mesh) -> dict[str, np.ndarray]:
-  from jaxdream.diffusion.sampling import txt2img
-
-  v = config.validation
-  out = {}
-  for prompt in _validation_prompts(config, concepts):
-    out[prompt] = txt2img(
-      pipeline,
-      [prompt] * v.num_images,
-      negative_prompts=[v.negative_prompt] * v.num_images,
-      num_inference_steps=v.steps,
-      guidance_scale=v.guidance_scale,
-      scheduler=v.scheduler or None,
-      seed=v.seed,
-      height=config.resolution,
-      width=config.resolution,
-      mesh=mesh,
-    )
-  return out
 
 
 def _final_outputs(pipeline, config, concepts, workdir, losses, mesh, writer) -> dict:

@@ -12,8 +12,15 @@ import zlib
 
 import jax
 
-from jaxdream.nn.adapters import add_lora, matches_target, merge_lora_layers, module_paths
-from jaxdream.nn.layers import Conv2d, Linear
+from jaxdream.nn.adapters import (
+  LoRAConv2d,
+  LoRALinear,
+  add_lora,
+  lora_class,
+  matches_target,
+  merge_lora_layers,
+  module_paths,
+)
 from jaxdream.training.config import RunConfigError
 
 
@@ -21,6 +28,12 @@ def adapter_key(seed: int):
   """The adapters' init key of a one-adapter run: config.seed's (per-subject runs use
   training.subjects.subject_key(seed, name)); each layer's key is then folded from its name (add_lora)."""
   return jax.random.key(seed)
+
+
+def _takes(module, kind) -> bool:
+  """Whether `module` takes a LoRA adapter of `kind` (LoRALinear: Linear layers and GEGLU's projection)."""
+  cls = lora_class(module)
+  return cls is not None and issubclass(cls, kind)
 
 
 def _short(name: str) -> str:
@@ -49,11 +62,11 @@ def lora_plan(pipeline, config) -> dict[str, dict]:
   plan, problems = {}, []
   for component, (config_key, targets) in wanted.items():
     paths = module_paths(pipeline.components[component])
-    linears = [n for n, m in paths.items() if type(m) is Linear]
+    linears = [n for n, m in paths.items() if _takes(m, LoRALinear)]
     problems += _unmatched(config_key, targets, linears, f'Linear layer of the {component}')
     plan[component] = dict(targets=list(targets), rank=lo.rank, alpha=lo.alpha or None, rslora=lo.rslora, init=lo.init)
     if component == 'unet' and lo.conv_rank:
-      convs = [n for n, m in paths.items() if type(m) is Conv2d and 'resnets' in n.split('.')]
+      convs = [n for n, m in paths.items() if _takes(m, LoRAConv2d) and 'resnets' in n.split('.')]
       problems += _unmatched('conv_targets', lo.conv_targets, convs, 'convolution under resnets of the unet')
       plan[component].update(
         conv_targets=[n for n in convs if matches_target(n, lo.conv_targets)],

@@ -7,6 +7,11 @@ compiled step (a short last group is padded). Each group has its own checkpoint 
 the interrupted one. Each subject's adapter goes to workdir/loras/NAME/ (lora.export_kohya: also
 workdir/loras/NAME.safetensors); subjects skipped for bad photos (data.on_bad_subject='skip') are listed in
 workdir/loras/skipped.json.
+
+As a single run does: SIGTERM or Ctrl-C saves the current group's checkpoint and stops (multihost.Preemption);
+each subject's validation samples, with its own adapter, go to workdir/samples/NAME/step_N.png (every
+validation.every_steps, and at the end of its group); TensorBoard gets each subject's loss and gradient norm
+(train/loss/NAME, train/grad_norm/NAME) and the learning rate.
 """
 
 from __future__ import annotations
@@ -34,7 +39,14 @@ from jaxdream.training.inputs import (
   _next_batch,
 )
 from jaxdream.training.lora import add_adapters, export_adapters, lora_paths, lora_plan
-from jaxdream.training.params import _set_params, make_optimizer, param_groups, split_models, split_trainable
+from jaxdream.training.params import (
+  _set_params,
+  lr_schedule,
+  make_optimizer,
+  param_groups,
+  split_models,
+  split_trainable,
+)
 from jaxdream.training.step import StepFn, TrainingError
 from jaxdream.training.subjects import (
   adapted_copy,
@@ -49,6 +61,8 @@ from jaxdream.training.subjects import (
   subject_step_shardings,
   unstack,
 )
+from jaxdream.training.validation import save_subject_samples, subject_sample_path, subject_validation_images
+from jaxdream.training.writers import _Writer
 
 
 def check_subjects(config, concepts) -> tuple[list[dict], list[dict], list[dict]]:
@@ -106,6 +120,19 @@ def _subject_iterators(config, folder, name, tokenize) -> dict:
   }
 
 
+def _group_samples(workdir, step, pipe, config, members, adapters, mesh, writer) -> dict[str, str]:
+  """The group's validation samples at `step`, each subject's with its own row of the stacked `adapters`
+  (see training.validation); {name: PNG path}. Samples already there (a finished group resumed) are kept;
+  none with validation.num_images=0."""
+  if not config.validation.num_images:
+    return {}
+  paths = {c['name']: subject_sample_path(workdir, c['name'], step) for c in members}
+  if all(os.path.isfile(p) for p in paths.values()):
+    return paths
+  images = subject_validation_images(pipe, config, members, adapters, mesh)
+  return save_subject_samples(workdir, step, images, writer)
+
+
 def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
   if jax.process_count() > 1:
     raise config_lib.RunConfigError('lora.per_subject runs on one host for now (use one process)')
@@ -116,10 +143,6 @@ def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
   names = [c['name'] for c in concepts]
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   pipeline = _load_base(config, workdir)
-  if config.resolution % pipeline.vae_scale_factor:
-    raise config_lib.RunConfigError(
-      f'resolution {config.resolution} is not a multiple of the VAE factor {pipeline.vae_scale_factor}'
-    )
   plan = lora_plan(pipeline, config)
   # Class images are made once per class folder (ensure_class_images finds them for the next subject).
   classes = _class_examples(config, concepts, pipeline, mesh) if config.prior.enabled else []
@@ -155,62 +178,88 @@ def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
   jstep = jit_subject_step(step_fn, shardings, mesh)
   ema = config.train.ema_decay > 0
 
-  outputs, losses = {}, {}
-  for group in subject_groups(names, size):
-    states = []
-    for n in group:
-      adapters = adapter_params(_adapted(pipeline, plan, config.seed, n))
-      states.append(subject_state({k: adapters[k] for k in template}, tx, config.seed, n, ema))
-    state = jax.device_put(stack(padded(states, size)), shardings[0])
-    iterators, latents, contexts = {}, {}, {}
-    for n in group:
-      its = _subject_iterators(config, folders[n], n, pipeline.tokenize)
-      iterators.update({f'{n}/{s}': it for s, it in its.items()})
-      if config.train.cache_latents:
-        latents[n] = _cache_latents(pipeline, folders[n], splits, config.resolution)
-      if config.train.cache_text_embeddings:
-        contexts[n] = _cache_text_embeddings(pipeline, folders[n], splits)
-    mngr = _checkpointer(os.path.join(workdir, 'groups', _group_folder(group)), config)
-    try:
-      state = _restore(mngr, state, iterators, config)
-      for step in range(int(state['step'][0]), config.train.num_steps):
-        batches = [
-          _next_batch(
-            {s: iterators[f'{n}/{s}'] for s in splits},
-            config.prior.enabled,
-            latents.get(n),
-            contexts.get(n),
-          )
-          for n in group
-        ]
-        state, metrics = jstep(state, frozen, jax.device_put(stack(padded(batches, size)), shardings[2]))
-        m = unstack(jax.device_get(metrics), len(group))
-        done = step + 1
-        bad = [n for n, mi in zip(group, m) if not mi['finite']]
-        if bad:
-          msg = f'non-finite loss or gradient at step {done} of subject(s) {", ".join(bad)}'
-          if config.train.nan_policy == 'stop':
-            raise TrainingError(
-              msg + f'; the run stopped. The last good checkpoint is in {mngr.directory}. Lower the learning '
-              "rate, or set train.nan_policy='skip' to skip such steps (per subject)."
+  outputs, losses, samples = {}, {}, {}
+  by_name = {c['name']: c for c in concepts}
+  writer = _Writer(workdir, config) if multihost.is_primary() else None
+  lr = lr_schedule(config, next(iter(groups.values()))[1])
+  preempt = multihost.Preemption()
+  try:
+    for group in subject_groups(names, size):
+      states = []
+      for n in group:
+        adapters = adapter_params(_adapted(pipeline, plan, config.seed, n))
+        states.append(subject_state({k: adapters[k] for k in template}, tx, config.seed, n, ema))
+      state = jax.device_put(stack(padded(states, size)), shardings[0])
+      iterators, latents, contexts = {}, {}, {}
+      for n in group:
+        its = _subject_iterators(config, folders[n], n, pipeline.tokenize)
+        iterators.update({f'{n}/{s}': it for s, it in its.items()})
+        if config.train.cache_latents:
+          latents[n] = _cache_latents(pipeline, folders[n], splits, config.resolution)
+        if config.train.cache_text_embeddings:
+          contexts[n] = _cache_text_embeddings(pipeline, folders[n], splits)
+      mngr = _checkpointer(os.path.join(workdir, 'groups', _group_folder(group)), config)
+      members = [by_name[n] for n in group]
+      try:
+        state = _restore(mngr, state, iterators, config)
+        for step in range(int(state['step'][0]), config.train.num_steps):
+          batches = [
+            _next_batch(
+              {s: iterators[f'{n}/{s}'] for s in splits},
+              config.prior.enabled,
+              latents.get(n),
+              contexts.get(n),
             )
-          warnings.warn(msg + '; their step skipped')
-        for n, mi in zip(group, m):
-          losses.setdefault(n, []).append((done, float(mi['loss'])))
-        if done % config.logging.every_steps == 0 or done == config.train.num_steps:
-          multihost.log(f'step {done}: ' + ', '.join(f'{n} loss {float(mi["loss"]):.4f}' for n, mi in zip(group, m)))
-        if done % config.checkpoint.every_steps == 0 or done == config.train.num_steps:
-          _save(mngr, done, state, iterators, config)
-    finally:
-      mngr.wait_until_finished()
-    final = state['ema'] if ema else state['trainable']
-    for n, values in zip(group, unstack(jax.device_get(final), len(group))):
-      _set_params(pipe, values)
-      outputs[n] = lora_paths(workdir, n, config.lora.export_kohya)
-      export_adapters(pipe, plan, outputs[n])
+            for n in group
+          ]
+          state, metrics = jstep(state, frozen, jax.device_put(stack(padded(batches, size)), shardings[2]))
+          m = unstack(jax.device_get(metrics), len(group))
+          done = step + 1
+          stop = preempt.reached(done)
+          bad = [n for n, mi in zip(group, m) if not mi['finite']]
+          if bad:
+            msg = f'non-finite loss or gradient at step {done} of subject(s) {", ".join(bad)}'
+            if config.train.nan_policy == 'stop':
+              raise TrainingError(
+                msg + f'; the run stopped. The last good checkpoint is in {mngr.directory}. Lower the learning '
+                "rate, or set train.nan_policy='skip' to skip such steps (per subject)."
+              )
+            warnings.warn(msg + '; their step skipped')
+          for n, mi in zip(group, m):
+            losses.setdefault(n, []).append((done, float(mi['loss'])))
+          if done % config.logging.every_steps == 0 or done == config.train.num_steps:
+            multihost.log(f'step {done}: ' + ', '.join(f'{n} loss {float(mi["loss"]):.4f}' for n, mi in zip(group, m)))
+            if writer:  # each subject's curve over its own steps (groups train one after another)
+              per_subject = {f'{k}/{n}': mi[k] for n, mi in zip(group, m) for k in ('loss', 'grad_norm')}
+              writer.scalars(done, learning_rate=lr(done // config.train.grad_accum_steps), **per_subject)
+          if done % config.checkpoint.every_steps == 0 or done == config.train.num_steps or stop:
+            _save(mngr, done, state, iterators, config)
+          if (
+            config.validation.every_steps
+            and done % config.validation.every_steps == 0
+            and done < config.train.num_steps
+          ):
+            _group_samples(workdir, done, pipe, config, members, state['trainable'], mesh, writer)
+          if stop:
+            mngr.wait_until_finished()
+            preempt.stopped(done, f'the checkpoint of subject(s) {", ".join(group)}')
+            return {'step': done, 'preempted': True, 'group': group, 'losses': losses}
+      finally:
+        mngr.wait_until_finished()
+      final = state['ema'] if ema else state['trainable']
+      # Every group ends with its subjects' samples of their exported adapters.
+      samples.update(_group_samples(workdir, config.train.num_steps, pipe, config, members, final, mesh, writer))
+      for n, values in zip(group, unstack(jax.device_get(final), len(group))):
+        _set_params(pipe, values)
+        outputs[n] = lora_paths(workdir, n, config.lora.export_kohya)
+        export_adapters(pipe, plan, outputs[n])
+  finally:
+    preempt.restore()
+    if writer:
+      writer.close()
   return {
     'step': config.train.num_steps,
-    'outputs': {'loras': outputs, 'skipped': os.path.join(workdir, 'loras', 'skipped.json')},
+    'outputs': {'loras': outputs, 'samples': samples, 'skipped': os.path.join(workdir, 'loras', 'skipped.json')},
     'skipped': [s['name'] for s in skipped],
     'losses': losses,
   }
