@@ -41,6 +41,7 @@ def _parse():
   p.add_argument(
     '--int8', action='store_true', help="then quantize jaxdream's weights to int8: memory, logits error, tokens/s"
   )
+  p.add_argument('--json', help='write the per-repeat times of each side to this file (benchmarks/_report.py)')
   return p.parse_args()
 
 
