@@ -143,7 +143,7 @@ def main():
         print(f'S={n}: {n} separate jobs {total:.1f} s; one job is {total / together[r]:.2f}x faster', flush=True)
       sides.append(_report.side('separate', separate, label=f'{n} separate jobs'))
     work = f'per-subject LoRA, {n} subject(s) x {args.steps} steps, tiny base, {args.resolution} px'
-    rows.append(_report.row(work, sides, per_call=n * args.steps, item='subject-step'))
+    rows.append(_report.row(work, sides, subject_steps=n * args.steps))  # whole jobs: load + compile included
   _report.write_json(args.json, rows)
 
 

@@ -221,7 +221,7 @@ def _cell(row: dict, side: dict, show_label: bool) -> str:
   if len(side['values']) > 1:
     lo, hi = sorted(_number(row, style, side[k]) for k in ('min', 'max'))
     text += f' ({lo:.3g}-{hi:.3g})'
-  return text + (f' ({side["label"]})' if show_label else '')
+  return text + (f' ({" ".join(side["label"].split())})' if show_label else '')
 
 
 def markdown_table(rows: list[dict]) -> str:
