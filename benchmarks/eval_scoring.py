@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
+
+import _report
 
 
 def _parse():
@@ -28,22 +28,8 @@ def _parse():
   p.add_argument('--threads', type=int, default=2, help='CPU cores for each side (0: all)')
   p.add_argument('--repeats', type=int, default=3, help='timed calls per side (median)')
   p.add_argument('--attention', default='auto', help="jaxdream's attention implementation (nn.attention)")
+  p.add_argument('--json', help='write the per-repeat times of each side to this file (benchmarks/_report.py)')
   return p.parse_args()
-
-
-def _timed(fn, repeats):
-  """(first call's wall time, median wall time, median CPU time of this process, output). On a shared machine
-  the CPU time says how much work a call was, whatever share of the cores it got."""
-  t0 = time.perf_counter()
-  out = fn()
-  first = time.perf_counter() - t0
-  wall, cpu = [], []
-  for _ in range(repeats):
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    wall.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
-  return first, statistics.median(wall), statistics.median(cpu), out
 
 
 def _torch_model(name):
@@ -88,8 +74,10 @@ def bench(name, args):
       out = tmodel.get_image_features(pixel_values=xt)
       return (out.pooler_output if hasattr(out, 'pooler_output') else out).numpy()
 
-  first, jax_s, jax_cpu, got = _timed(lambda: np.asarray(jax.block_until_ready(fn(state, x))), args.repeats)
-  _, torch_s, torch_cpu, want = _timed(run_torch, args.repeats)
+  jax_t = _report.timed(lambda: np.asarray(jax.block_until_ready(fn(state, x))), args.repeats)
+  torch_t = _report.timed(run_torch, args.repeats)
+  first, jax_s, jax_cpu, got = jax_t.first, jax_t.median, jax_t.cpu_median, jax_t.out
+  torch_s, torch_cpu, want = torch_t.median, torch_t.cpu_median, torch_t.out
   err = float(np.abs(got - want).max() / np.abs(want).max())
   label = {'dino': 'DINO ViT-S/16', 'clip': 'CLIP ViT-B/32 image'}[name]
   print(
@@ -98,7 +86,10 @@ def bench(name, args):
     f'{jax_cpu:.1f} vs {torch_cpu:.1f} ({torch_cpu / jax_cpu:.2f}x) (max rel. diff {err:.1e})',
     flush=True,
   )
-  return torch_s / jax_s
+  sides = [_report.timing_side('jaxdream', jax_t), _report.timing_side('torch', torch_t, 'transformers')]
+  return _report.row(
+    f'DreamBench scoring, {label}, batch {args.batch}', sides, per_call=args.batch, item='image', max_rel_diff=err
+  )
 
 
 def main():
@@ -111,9 +102,9 @@ def main():
   if args.threads:
     torch.set_num_threads(args.threads)
   print(f'load average before: {os.getloadavg()[0]:.1f}', flush=True)
-  for name in args.models:
-    bench(name, args)
+  rows = [bench(name, args) for name in args.models]
   print(f'load average after: {os.getloadavg()[0]:.1f}')
+  _report.write_json(args.json, rows)
 
 
 if __name__ == '__main__':

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
+
+import _report
 
 TINY = dict(
   text_config=dict(embed_dim=256, layers=4, ffn_dim=1024, attention_heads=8),
@@ -40,16 +41,8 @@ def _parse():
   p.add_argument(
     '--int8', action='store_true', help="then quantize jaxdream's weights to int8: memory, logits error, tokens/s"
   )
+  p.add_argument('--json', help='write the per-repeat times of each side to this file (benchmarks/_report.py)')
   return p.parse_args()
-
-
-def _timed(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), out
 
 
 def _inputs(batch, image_size, num_image_tokens=64):
@@ -97,23 +90,26 @@ def bench(name, args):
     return vlm.generate(model, px, ids, attention, image_mask, max_new_tokens=tokens, eos_token_id=[-1])
 
   def report(side, run, note):
-    """Time the whole call for n tokens and for 1 (vision + prefill): the difference is n - 1 decode steps."""
-    s_n, out = _timed(lambda: run(n), args.repeats)
-    s_1, _ = _timed(lambda: run(1), args.repeats)
+    """Time the whole call for n tokens and for 1 (vision + prefill): the difference is n - 1 decode steps.
+    Returns the n-token calls' Timing."""
+    timing = _report.timed(lambda: run(n), args.repeats, warmup=False)  # warmed up by the caller
+    s_n = timing.median
+    s_1 = _report.timed(lambda: run(1), args.repeats, warmup=False).median
     decode = f'{b * (n - 1) / (s_n - s_1):.1f} tokens/s' if s_n > s_1 else 'n/a (timing noise)'
     print(
       f'[{name}] {side:12s} batch {b}, {n} new tokens: {s_n:.2f} s, {b * n / s_n:.1f} tokens/s '
       f'(vision + prefill {s_1:.2f} s, decoding {decode}; {note})',
       flush=True,
     )
-    return s_n, out
+    return timing
 
   t0 = time.perf_counter()
   run_jax(n), run_jax(1)
   compile_s = time.perf_counter() - t0
-  jax_s, jax_out = report(
+  jax_t = report(
     'jaxdream', run_jax, f'{args.dtype}, first calls incl. compile {compile_s:.1f} s, backend {jax.default_backend()}'
   )
+  jax_s, jax_out = jax_t.median, jax_t.out
 
   torch.set_num_threads(args.threads)
   tin = {
@@ -129,14 +125,26 @@ def bench(name, args):
       return tmodel.generate(**tin, max_new_tokens=tokens, do_sample=False).numpy()  # noqa: F821 (deleted after use, below)
 
   run_torch(n)  # warm-up
-  torch_s, torch_out = report('transformers', run_torch, f'float32, torch {torch.__version__}, {args.threads} threads')
+  torch_t = report('transformers', run_torch, f'float32, torch {torch.__version__}, {args.threads} threads')
+  torch_s, torch_out = torch_t.median, torch_t.out
   same = torch_out.shape == jax_out.shape and bool(np.all(torch_out == jax_out))
   print(
     f'[{name}] speed ratio (torch time / jaxdream time): {torch_s / jax_s:.2f}x   identical tokens: {same}', flush=True
   )
   del tmodel, tin
+  result = _report.row(
+    f'Kosmos-2 greedy, {name} config, batch {b}, {n} new tokens',
+    [
+      _report.timing_side('jaxdream', jax_t, f'jaxdream {args.dtype}'),
+      _report.timing_side('torch', torch_t, 'transformers'),
+    ],
+    per_call=b * n,
+    item='token',
+    compile_s=compile_s,
+    identical_tokens=same,
+  )
   if not args.int8:
-    return
+    return result
 
   inputs = (jnp.asarray(px, model.dtype), jnp.asarray(ids), jnp.asarray(image_mask), jnp.asarray(attention))
   # The model's compile cache keys on its structure: after quantizing in place, this compiles anew.
@@ -148,7 +156,8 @@ def bench(name, args):
   err = float(np.linalg.norm(logits - ref) / np.linalg.norm(ref))
   agree = float(np.mean(logits.argmax(-1) == ref.argmax(-1)))
   run_jax(n), run_jax(1)
-  int8_s, int8_out = report('jaxdream int8', run_jax, 'weight-only int8')
+  int8_t = report('jaxdream int8', run_jax, 'weight-only int8')
+  int8_s, int8_out = int8_t.median, int8_t.out
   same = float(np.mean(int8_out[:, -n:] == jax_out[:, -n:]))
   print(
     f'[{name}] int8 weights: {before / 2**30:.2f} GiB -> {state_bytes(model) / 2**30:.2f} GiB, prompt logits '
@@ -156,13 +165,14 @@ def bench(name, args):
     f'speed vs float32 {jax_s / int8_s:.2f}x',
     flush=True,
   )
+  result['notes'].update(int8_times=int8_t.times, int8_logits_rel_err=err)
+  return result
 
 
 def main():
   args = _parse()
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  for name in args.config:
-    bench(name, args)
+  _report.write_json(args.json, [bench(name, args) for name in args.config])
 
 
 if __name__ == '__main__':

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 
+import _report
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,6 +91,8 @@ def main():
   p.add_argument('--steps', type=int, default=20)
   p.add_argument('--resolution', type=int, default=64)
   p.add_argument('--one-job-only', action='store_true', help='skip the separate jobs (steps/s per subject only)')
+  p.add_argument('--repeats', type=int, default=1, help='times each measurement runs (each a fresh job or jobs)')
+  p.add_argument('--json', help='write the wall times of each run to this file (benchmarks/_report.py)')
   args = p.parse_args()
 
   from jaxdream.diffusion.tiny_model import create_tiny_pipeline
@@ -120,19 +123,32 @@ def main():
     os.path.join(tmp, 'warmup'),
     [*common[:2], '--config.train.num_steps=1', f'--config.data.concepts_file={concepts_file(1)}'],
   )
+  rows = []
   for n in args.subjects:
-    together = _train(
-      many, os.path.join(tmp, f'one-job-{n}'), [*common, f'--config.data.concepts_file={concepts_file(n)}']
-    )
-    print(f'S={n}: one job {together:.1f} s, {n * args.steps / together:.2f} subject-steps/s (load + compile included)')
-    if args.one_job_only:
-      continue
-    separate = 0.0
-    for i, (name, folder) in enumerate(subjects[:n]):
-      concept = _concept(name, folder, class_dir)
-      overrides = [f'--config.concepts.0.{k}={v}' for k, v in concept.items()]
-      separate += _train(one, os.path.join(tmp, f'alone-{n}-{i}'), [*common, *overrides])
-    print(f'S={n}: {n} separate jobs {separate:.1f} s; one job is {separate / together:.2f}x faster')
+    together = []
+    for r in range(args.repeats):
+      workdir = os.path.join(tmp, f'one-job-{n}-{r}')
+      together.append(_train(many, workdir, [*common, f'--config.data.concepts_file={concepts_file(n)}']))
+      print(
+        f'S={n}: one job {together[-1]:.1f} s, {n * args.steps / together[-1]:.2f} subject-steps/s '
+        '(load + compile included)',
+        flush=True,
+      )
+    sides = [_report.side('jaxdream', together, label='one job')]
+    if not args.one_job_only:
+      separate = []
+      for r in range(args.repeats):
+        total = 0.0
+        for i, (name, folder) in enumerate(subjects[:n]):
+          concept = _concept(name, folder, class_dir)
+          overrides = [f'--config.concepts.0.{k}={v}' for k, v in concept.items()]
+          total += _train(one, os.path.join(tmp, f'alone-{n}-{r}-{i}'), [*common, *overrides])
+        separate.append(total)
+        print(f'S={n}: {n} separate jobs {total:.1f} s; one job is {total / together[r]:.2f}x faster', flush=True)
+      sides.append(_report.side('separate', separate, label=f'{n} separate jobs'))
+    work = f'per-subject LoRA, {n} subject(s) x {args.steps} steps, tiny base, {args.resolution} px'
+    rows.append(_report.row(work, sides, subject_steps=n * args.steps))  # whole jobs: load + compile included
+  _report.write_json(args.json, rows)
 
 
 if __name__ == '__main__':

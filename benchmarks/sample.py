@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
+
+import _report
 
 # name -> (diffusers class, the options our name fixes)
 SCHEDULERS = {
@@ -45,6 +46,7 @@ def _parse():
   p.add_argument('--repeats', type=int, default=3, help='timed calls per side after a warm-up call')
   p.add_argument('--no-torch-compile', action='store_true', help='GPU: skip the torch.compile run')
   p.add_argument('--skip-torch', action='store_true')
+  p.add_argument('--json', help='write the per-repeat times of each side to this file (benchmarks/_report.py)')
   return p.parse_args()
 
 
@@ -89,20 +91,8 @@ def build_torch_pipeline(preset: str, folder: str, scheduler: str):
   return pipe
 
 
-def _time(fn, repeats):
-  """(first call, median of `repeats` further calls) in seconds, and the last result."""
-  t0 = time.perf_counter()
-  out = fn()
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - t0)
-  return first, statistics.median(times), out
-
-
-def _report(name, batch, first, steady):
+def _print(name, batch, timing):
+  first, steady = timing.first, timing.median
   print(
     f'{name}: {steady / batch:.3f} s/image, {batch / steady:.3f} images/s '
     f'(first call {first:.1f} s, so compile/warm-up ~{max(first - steady, 0):.1f} s)',
@@ -145,7 +135,7 @@ def main():
     flush=True,
   )
 
-  first, steady, ours = _time(
+  jax_t = _report.timed(
     lambda: txt2img(
       jpipe,
       prompts,
@@ -158,8 +148,17 @@ def main():
     ),
     args.repeats,
   )
-  jax_ips = _report(f'jaxdream  ({jnp.dtype(jpipe.unet.dtype).name})', b, first, steady)
+  ours = jax_t.out
+  jax_label = f'jaxdream {jnp.dtype(jpipe.unet.dtype).name}'
+  jax_ips = _print(f'jaxdream  ({jnp.dtype(jpipe.unet.dtype).name})', b, jax_t)
+  sides = [_report.timing_side('jaxdream', jax_t, jax_label)]
+  name = f'txt2img, {work}'
+
+  def write():
+    _report.write_json(args.json, [_report.row(name, sides, per_call=b, item='image')])
+
   if args.skip_torch:
+    write()
     return 0
 
   if gpu:
@@ -181,20 +180,26 @@ def main():
       torch.cuda.synchronize()
     return images
 
-  first, steady, ref = _time(run_torch, args.repeats)
-  torch_ips = _report(f'diffusers ({str(torch_dtype)[6:]}, eager)', b, first, steady)
+  torch_t = _report.timed(run_torch, args.repeats)
+  ref = torch_t.out
+  torch_ips = _print(f'diffusers ({str(torch_dtype)[6:]}, eager)', b, torch_t)
+  best_torch = _report.timing_side('torch', torch_t, f'diffusers {str(torch_dtype)[6:]}')
   diff = int(np.abs(ours.astype(int) - np.round(np.clip(ref, 0, 1) * 255)).max())
   if gpu and not args.no_torch_compile:
     try:
       tpipe.unet = torch.compile(tpipe.unet, mode='max-autotune-no-cudagraphs', fullgraph=True)
-      first, steady, _ = _time(run_torch, args.repeats)
-      torch_ips = max(torch_ips, _report('diffusers (fp16, torch.compile UNet)', b, first, steady))
+      compiled_t = _report.timed(run_torch, args.repeats)
+      compiled_ips = _print('diffusers (fp16, torch.compile UNet)', b, compiled_t)
+      if compiled_ips > torch_ips:
+        torch_ips, best_torch = compiled_ips, _report.timing_side('torch', compiled_t, 'diffusers fp16, torch.compile')
     except Exception as e:  # noqa: BLE001 -- report and compare with eager torch
       print(f'torch.compile failed, comparing with eager torch: {type(e).__name__}: {str(e)[:200]}')
   print(
     f'ratio (jaxdream images/s / torch images/s, best torch): {jax_ips / torch_ips:.2f}x   '
     f'largest pixel difference: {diff}'
   )
+  sides.append(best_torch)
+  write()
   return 0
 
 

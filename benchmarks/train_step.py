@@ -36,6 +36,8 @@ import tempfile
 import threading
 import time
 
+import _report
+
 RESULT = '@@result '  # a child's last line: its measurements as JSON
 PROMPTS = ('a photo of sks dog', 'a photo of dog')  # instance, class
 GIB = 2**30
@@ -60,6 +62,7 @@ def _parse(argv=None):
     default=1.0,
     help="kill a side when the machine's available memory falls below this (0: never)",
   )
+  p.add_argument('--json', help='write the per-step times and memory of each side to this file (benchmarks/_report.py)')
   p.add_argument('--side', choices=['build', 'jax', 'torch'], help=argparse.SUPPRESS)  # internal
   p.add_argument('--folder', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -270,6 +273,8 @@ def _jax_side(args, folder):
     memory_analysis=mem,
     device_peak=device_peak,
     version=f'jax {jax.__version__}',
+    threads=len(os.sched_getaffinity(0)),
+    device={'platform': jax.devices()[0].platform, 'kind': jax.devices()[0].device_kind, 'count': jax.device_count()},
   )
 
 
@@ -376,10 +381,38 @@ def _torch_side(args, folder):
     memory_analysis=None,
     device_peak=torch.cuda.max_memory_allocated() if gpu else None,
     version=f'torch {torch.__version__}, {torch.get_num_threads()} threads',
+    threads=torch.get_num_threads(),
   )
 
 
 # ----------------------------------------------------------------------------- parent
+
+
+def _rows(args, results: dict) -> list[dict]:
+  """The --json rows: every timed step of every round per side, and the step-phase memory of each round
+  (device peak on GPU, RSS growth over imports on CPU) where both sides measured it."""
+  labels = {'jax': 'jaxdream', 'torch': 'torch'}
+  work = f'DreamBooth step, {args.preset} {args.resolution}x{args.resolution}, 1+1 examples, UNet + text encoder'
+  sides = [
+    _report.side(labels[s], [t for r in rs for t in r['times']], first=rs[0]['first_s'], label=rs[0]['label'])
+    for s, rs in results.items()
+    if rs
+  ]
+  rows = [_report.row(work, sides, item='step', rounds=args.rounds)] if sides else []
+  peaks = {
+    s: [r['device_peak'] or (r['peak_steps'] - r['base'] if r['peak_steps'] else None) for r in rs]
+    for s, rs in results.items()
+  }
+  if len(peaks) == 2 and all(p and None not in p for p in peaks.values()):
+    kind = 'device memory peak' if args.device == 'gpu' else 'RSS growth over imports'
+    rows.append(
+      _report.row(
+        f'{work}: memory during the steps ({kind})',
+        [_report.side(labels[s], [b / GIB for b in p]) for s, p in peaks.items()],
+        unit='GiB',
+      )
+    )
+  return rows
 
 
 def _child(args, side, folder) -> dict | None:
@@ -425,7 +458,7 @@ def _gib(x):
   return f'{x / GIB:.2f} GiB'
 
 
-def _report(r) -> tuple[float, float | None]:
+def _print_side(r) -> tuple[float, float | None]:
   """Print one side's line(s); returns (steps/s, step-phase memory growth in bytes)."""
   s = statistics.median(r['times'])
   warm = f'compile {r["compile_s"]:.1f} s, ' if r['compile_s'] is not None else ''
@@ -492,7 +525,7 @@ def main():
       shutil.rmtree(tmp, ignore_errors=True)
   print()
   best = {s: min(rs, key=lambda r: statistics.median(r['times'])) for s, rs in results.items() if rs}
-  speed = {s: _report(r) for s, r in best.items()}
+  speed = {s: _print_side(r) for s, r in best.items()}
   if len(speed) == 2:
     (js, jm), (ts, tm) = speed['jax'], speed['torch']
     print(f'speed ratio (jaxdream steps/s / torch steps/s): {js / ts:.2f}x')
@@ -507,6 +540,9 @@ def main():
         f'first-step loss (same weights, batch and draws): jaxdream {t["loss0_ref"]:.6f}, '
         f'torch {t["loss0"]:.6f} (relative difference {rel:.1e})'
       )
+  threads = {s: rs[0]['threads'] for s, rs in results.items() if rs}
+  device = next((rs[0]['device'] for s, rs in results.items() if s == 'jax' and rs), None)
+  _report.write_json(args.json, _rows(args, results), threads=threads, device=device)
   return 0 if len(best) == len(sides) else 1
 
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
+
+import _report
 
 
 def _parse():
@@ -29,17 +30,8 @@ def _parse():
   p.add_argument('--device', choices=['cpu', 'gpu'], default='cpu')
   p.add_argument('--attention', default='auto', help='jaxdream attention implementation')
   p.add_argument('--skip-torch', action='store_true')
+  p.add_argument('--json', help='write the per-repeat times of each side to this file (benchmarks/_report.py)')
   return p.parse_args()
-
-
-def _timed(fn, repeats):
-  fn()  # warm-up (and compile, for jax)
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def main():
@@ -97,13 +89,17 @@ def main():
     nonlocal jax_out
     jax_out = compiled(params, jx, jt, jc).block_until_ready()
 
-  jax_s = _timed(run_jax, args.repeats)
+  jax_t = _report.timed(run_jax, args.repeats)  # the warm-up call runs the compiled program once
+  jax_s = jax_t.median
+  name = f'UNet forward, {args.preset}, batch {b}, {s}x{s} latents'
+  sides = [_report.timing_side('jaxdream', jax_t, f'jaxdream {jnp.dtype(jax_dtype).name}')]
   print(
     f'jaxdream  {args.preset} batch {b} {s}x{s} {jnp.dtype(jax_dtype).name}: {jax_s:.3f} s/forward '
     f'(compile {compile_s:.1f} s, backend {jax.default_backend()}, attention {args.attention})',
     flush=True,
   )
   if args.skip_torch:
+    _report.write_json(args.json, [_report.row(name, sides, item='forward', compile_s=compile_s)])
     return
   tx, tt, tc = (torch.from_numpy(a).to(torch_device) for a in (x, t, c))
   tx, tc = tx.to(torch_dtype), tc.to(torch_dtype)
@@ -116,7 +112,8 @@ def main():
       if gpu:
         torch.cuda.synchronize()
 
-  torch_s = _timed(run_torch, args.repeats)
+  torch_t = _report.timed(run_torch, args.repeats)
+  torch_s = torch_t.median
   ref = torch_out.float().cpu().numpy().transpose(0, 2, 3, 1)
   rel = float(np.linalg.norm(np.asarray(jax_out, np.float32) - ref) / np.linalg.norm(ref))
   print(
@@ -124,6 +121,8 @@ def main():
     f'(torch {torch.__version__}, {args.threads} threads)'
   )
   print(f'speed ratio (torch time / jaxdream time): {torch_s / jax_s:.2f}x   output relative difference: {rel:.2e}')
+  sides.append(_report.timing_side('torch', torch_t, f'diffusers {str(torch_dtype)[6:]}'))
+  _report.write_json(args.json, [_report.row(name, sides, item='forward', compile_s=compile_s, rel_diff=rel)])
 
 
 if __name__ == '__main__':

@@ -219,3 +219,41 @@ def test_bad_inputs_are_errors_naming_them_before_any_compile(models, scorers):
     dreambench_scores(dict(real, dog=[]), generated, PROMPTS, clip, dino)
   with pytest.raises(ValueError, match='uint8'):
     dino_embed(dino, [np.zeros((8, 8, 3), np.float32)])
+
+
+def _numbers(scores) -> np.ndarray:
+  """Every score of a dreambench_scores result, in a fixed order: per image, per subject, overall, CIs, real."""
+  out = [im[m] for s in SUBJECTS for im in scores['images'][s] for m in ('dino', 'clip_i', 'clip_t')]
+  out += [scores[k][s][m] for k in ('subjects', 'real_subjects') for s in SUBJECTS for m in scores[k][s]]
+  out += [v for m in scores['ci'] for v in scores['ci'][m]] + list(scores['overall'].values())
+  return np.array(out + list(scores['real'].values()), np.float64)
+
+
+def test_scores_agree_on_one_device_and_with_the_batch_split_over_an_8_device_mesh(scorers, monkeypatch):
+  """#14 item 3: the same images scored on one device and with every batch split over a ('data', 'fsdp') mesh of
+  8 devices give the same DINO, CLIP-I and CLIP-T numbers to relative error 1e-5."""
+  import jax
+
+  from jaxdream.distributed.mesh import make_mesh
+  from jaxdream.evaluation import scorers as scorers_module
+
+  assert jax.device_count() == 8
+  clip, dino = scorers
+  real, generated = _images()
+  one = dreambench_scores(real, generated, PROMPTS, clip, dino, seed=3)
+  # The embeddings come back split over the 8 devices: 10 images padded to 16, 2 per device.
+  outputs = []
+  to_host = scorers_module.to_host
+  monkeypatch.setattr(scorers_module, 'to_host', lambda x: (outputs.append(x), to_host(x))[1])
+  mesh = make_mesh(data=4, fsdp=2)
+  fresh = lambda s: dataclasses.replace(s, compile_cache=CompileCache())
+  clip8, dino8 = fresh(clip), fresh(dino)
+  many = dreambench_scores(real, generated, PROMPTS, clip8, dino8, seed=3, mesh=mesh)
+  assert [x.shape[0] for x in outputs] == [16, 16, 8]  # DINO and CLIP images (10), the 3 prompts
+  assert all(x.sharding.shard_shape(x.shape)[0] == x.shape[0] // 8 for x in outputs)
+  assert [im['prompt'] for s in SUBJECTS for im in many['images'][s]] == [p for s in SUBJECTS for p in PROMPTS[s]]
+  a, b = _numbers(one), _numbers(many)
+  assert a.shape == b.shape == (33,)
+  assert rel_err(b, a) <= 1e-5
+  assert np.abs(b - a).max() <= 1e-5
+  assert _compiles(clip8) == [1, 1] and _compiles(dino8) == [1]

@@ -55,7 +55,9 @@ def _add_eval_parsers(sub):
   d.add_argument('--scheduler', help="scheduler name (default: the model folder's own)")
   d.add_argument('--height', type=int, help="image height (default: the model's)")
   d.add_argument('--width', type=int, help="image width (default: the model's)")
-  d.add_argument('--devices', type=int, default=-1, help='devices that split each batch (default -1: all)')
+  d.add_argument(
+    '--devices', type=int, default=-1, help='devices that split each generation and scoring batch (default -1: all)'
+  )
   d.add_argument('--seed', type=int, default=0, help='base seed of the images and the bootstrap (default 0)')
   d.add_argument('--vlm', help='Kosmos-2 folder: also report the fraction of images where it grounds the class noun')
   d.add_argument('--batch-size', type=int, default=32, help='scoring batch size (default 32)')
@@ -229,6 +231,13 @@ def _scorer(args, kind: str, path: str):
   return args.cache.get(key, lambda: load(path, batch_size=args.batch_size))
 
 
+def _scoring_mesh(args, model):
+  """The mesh whose data axes split each scoring batch, as generation's (--devices; None: one device)."""
+  from jaxdream.cli.sample import _sample_mesh
+
+  return model.mesh if model else _sample_mesh(args)
+
+
 def _generate(args, protocol, folder, loras, model, bar):
   from jaxdream.cli.lora import with_loras
   from jaxdream.cli.sample import SampleSession
@@ -335,6 +344,7 @@ def _dreambench(args) -> int:
 
   t0 = time.perf_counter()
   protocol, folder, loras, model = _plan(args)
+  mesh = _scoring_mesh(args, model)  # a bad --devices fails here, before any model loads
   clip, dino = _scorer(args, 'clip', args.clip), _scorer(args, 'dino', args.dino)
   subjects = protocol.subjects
   images = {s: protocol.images(s) for s in subjects}
@@ -349,7 +359,7 @@ def _dreambench(args) -> int:
   n_real, n_gen = sum(map(len, real.values())), sum(map(len, generated.values()))
   n_text = len({p for s in subjects for p in prompts[s]})
   with tqdm(total=2 * (n_real + n_gen) + n_text, desc='scoring', unit='input') as bar:
-    scores = dreambench_scores(real, generated, prompts, clip, dino, seed=args.seed, progress=bar.update)
+    scores = dreambench_scores(real, generated, prompts, clip, dino, seed=args.seed, progress=bar.update, mesh=mesh)
   for s in subjects:
     for row, im in zip(scores['images'][s], images[s]):
       row.update(file=f'{s}/{im.name}', prompt_with_identifier=im.prompt, seed=im.seed)

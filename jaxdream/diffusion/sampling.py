@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from jaxdream.diffusion import adapters as per_image_adapters
 from jaxdream.distributed.mesh import as_auto
 from jaxdream.distributed.multihost import run_together, to_global, to_host
+from jaxdream.distributed.sharding import split_batch
 from jaxdream.runtime import Structure
 from jaxdream.schedulers import make_scheduler
 
@@ -404,11 +405,9 @@ def _place_on_mesh(args: dict, mesh) -> dict:
   """Parameters replicated, per-image inputs split over the mesh's data axes. A batch that does not
   divide is padded with copies of its last image (dropped afterwards; images are independent)."""
   mesh = as_auto(mesh)
-  axes = tuple(a for a in ('data', 'fsdp') if a in mesh.axis_names)
-  n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+  split, n = split_batch(mesh)
   pad = lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], (-a.shape[0]) % n, axis=0)])
   rep = NamedSharding(mesh, P())
-  split = NamedSharding(mesh, P(axes if axes else None))
   return {
     name: to_global(jax.tree.map(pad, a), split) if name in _PER_IMAGE else to_global(a, rep)
     for name, a in args.items()

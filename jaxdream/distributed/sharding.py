@@ -104,6 +104,14 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def split_batch(mesh) -> tuple[NamedSharding, int]:
+  """The sharding that splits a batch's first dimension over whichever of BATCH_AXES the mesh has (any mesh,
+  not only make_mesh's), and into how many pieces: a batch must be a multiple of that."""
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  n = math.prod(mesh.shape[a] for a in axes)
+  return NamedSharding(mesh, P(axes if axes else None)), n
+
+
 def process_rows(sharding, total: int) -> slice:
   """The rows of a `total`-row global batch that this process's devices hold: what it reads and feeds
   (jax.make_mesh orders devices host by host, so they are one contiguous range)."""
