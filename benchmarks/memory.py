@@ -41,12 +41,12 @@ planned on one machine; a 'tensor' axis > 1 only splits anything with --tensor-r
 
 What the numbers are: XLA:CPU's buffer assignment for the partitioned program, an estimate of what a
 TPU or GPU compile needs, not a measurement of one. Those backends fuse differently and their attention
-kernels differ. The step is measured as a run trains (--attention auto: 'flash', --remat none unless
-given): on these CPU devices 'flash' is jaxdream's pure-JAX flash-attention kernel, whose backward keeps
-no score matrix, as cuDNN's (GPU) and the Pallas kernel (TPU) do not either. --attention xla keeps
-every attention's full score matrix for the backward pass (the numbers measured before 'flash'
-existed); --remat attention|blocks|full recomputes activations instead of keeping them. The argument
-sizes are exact.
+kernels differ. The step is measured as a run trains: the config's defaults (attention 'auto', which
+trains with 'flash', and train.remat) unless --attention/--remat are given. On these CPU devices 'flash'
+is jaxdream's pure-JAX flash-attention kernel, whose backward keeps no score matrix, as cuDNN's (GPU)
+and the Pallas kernel (TPU) do not either. --attention xla keeps every attention's full score matrix for
+the backward pass (the numbers measured before 'flash' existed); --remat attention|blocks|full
+recomputes activations instead of keeping them. The argument sizes are exact.
 
 How it scales beyond these meshes: the arguments (float32 parameters and AdamW's two moments, 12 bytes
 per trained parameter, and the frozen VAE) are FSDP-sharded, so they shrink about 1/fsdp, down to the
@@ -127,11 +127,11 @@ def _parse(argv=None):
   p.add_argument(
     '--attention',
     choices=['xla', 'cudnn', 'tiled', 'flash', 'auto'],
-    default='auto',
-    help="attention of the models; the step trains with 'flash' for 'auto', as a run does",
+    help="the config's attention (default: a run's, base_config's); the step trains with 'flash' for 'auto', "
+    'as a run does',
   )
   p.add_argument(
-    '--remat', choices=['none', 'attention', 'blocks', 'full'], default='none', help="train.remat (default: a run's)"
+    '--remat', choices=['none', 'attention', 'blocks', 'full'], help="train.remat (default: a run's, base_config's)"
   )
   p.add_argument(
     '--tensor-rules',
@@ -505,6 +505,11 @@ def main(argv=None):
   import jax
 
   from jaxdream.nn.attention import training_implementation
+  from jaxdream.training.config import base_config
+
+  defaults = base_config()  # what a run trains with unless its config says otherwise
+  args.attention = args.attention or defaults.attention
+  args.remat = args.remat or defaults.train.remat
 
   if len(jax.devices()) != args.devices:
     print(f'asked for {args.devices} devices, jax has {len(jax.devices())}', file=sys.stderr)
