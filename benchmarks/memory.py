@@ -60,9 +60,9 @@ Measured (jax 0.10.2, bfloat16, 1 example per device, GiB per device): sd15 512 
 to 11.9 on 1,8,1 (arguments 11.1 -> 1.4, temporaries 15.4 -> 10.5), each further example per device
 +8.2 (temporaries 23.6 with 2 on 8,1,1); sd21 768 px 47.3 on 8,1,1, 30.4 on 1,8,1 (temporaries 33.5
 and 28.7).
-Those were with --attention xla. With the training default ('flash', remat none) sd15 512 px on 8,1,1
-is 21.25 GiB per device (temporaries 9.95); remat blocks 23.43 and full 22.91 (temporaries 12.13 and
-11.61: XLA:CPU's schedule does not turn remat into savings; docs/performance.md).
+Those were with --attention xla. With the training defaults ('flash', remat none) sd15 512 px on 8,1,1
+is 19.94 GiB per device (temporaries 8.64), and the same with --remat full: at this size the peak is not
+the kept activations (docs/performance.md; on the tiny model remat halves the temporaries).
 
 Compiling one step on CPU takes 2-6 minutes and up to 5 GB of host memory; XLA prints "Very slow
 compile?" meanwhile and, on FSDP meshes, SPMD "Involuntary full rematerialization" warnings (which
