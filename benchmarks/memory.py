@@ -41,12 +41,12 @@ planned on one machine; a 'tensor' axis > 1 only splits anything with --tensor-r
 
 What the numbers are: XLA:CPU's buffer assignment for the partitioned program, an estimate of what a
 TPU or GPU compile needs, not a measurement of one. Those backends fuse differently and their attention
-kernels differ. The step is measured as a run trains (--attention auto: 'flash', --remat none unless
-given): on these CPU devices 'flash' is jaxdream's pure-JAX flash-attention kernel, whose backward keeps
-no score matrix, as cuDNN's (GPU) and the Pallas kernel (TPU) do not either. --attention xla keeps
-every attention's full score matrix for the backward pass (the numbers measured before 'flash'
-existed); --remat attention|blocks|full recomputes activations instead of keeping them. The argument
-sizes are exact.
+kernels differ. The step is measured as a run trains: the config's defaults (attention 'auto', which
+trains with 'flash', and train.remat) unless --attention/--remat are given. On these CPU devices 'flash'
+is jaxdream's pure-JAX flash-attention kernel, whose backward keeps no score matrix, as cuDNN's (GPU)
+and the Pallas kernel (TPU) do not either. --attention xla keeps every attention's full score matrix for
+the backward pass (the numbers measured before 'flash' existed); --remat attention|blocks|full
+recomputes activations instead of keeping them. The argument sizes are exact.
 
 How it scales beyond these meshes: the arguments (float32 parameters and AdamW's two moments, 12 bytes
 per trained parameter, and the frozen VAE) are FSDP-sharded, so they shrink about 1/fsdp, down to the
@@ -60,9 +60,9 @@ Measured (jax 0.10.2, bfloat16, 1 example per device, GiB per device): sd15 512 
 to 11.9 on 1,8,1 (arguments 11.1 -> 1.4, temporaries 15.4 -> 10.5), each further example per device
 +8.2 (temporaries 23.6 with 2 on 8,1,1); sd21 768 px 47.3 on 8,1,1, 30.4 on 1,8,1 (temporaries 33.5
 and 28.7).
-Those were with --attention xla. With the training default ('flash', remat none) sd15 512 px on 8,1,1
-is 21.25 GiB per device (temporaries 9.95); remat blocks 23.43 and full 22.91 (temporaries 12.13 and
-11.61: XLA:CPU's schedule does not turn remat into savings; docs/performance.md).
+Those were with --attention xla. With the training defaults ('flash', remat none) sd15 512 px on 8,1,1
+is 19.94 GiB per device (temporaries 8.64), and the same with --remat full: at this size the peak is not
+the kept activations (docs/performance.md; on the tiny model remat halves the temporaries).
 
 Compiling one step on CPU takes 2-6 minutes and up to 5 GB of host memory; XLA prints "Very slow
 compile?" meanwhile and, on FSDP meshes, SPMD "Involuntary full rematerialization" warnings (which
@@ -127,11 +127,11 @@ def _parse(argv=None):
   p.add_argument(
     '--attention',
     choices=['xla', 'cudnn', 'tiled', 'flash', 'auto'],
-    default='auto',
-    help="attention of the models; the step trains with 'flash' for 'auto', as a run does",
+    help="the config's attention (default: a run's, base_config's); the step trains with 'flash' for 'auto', "
+    'as a run does',
   )
   p.add_argument(
-    '--remat', choices=['none', 'attention', 'blocks', 'full'], default='none', help="train.remat (default: a run's)"
+    '--remat', choices=['none', 'attention', 'blocks', 'full'], help="train.remat (default: a run's, base_config's)"
   )
   p.add_argument(
     '--tensor-rules',
@@ -505,6 +505,11 @@ def main(argv=None):
   import jax
 
   from jaxdream.nn.attention import training_implementation
+  from jaxdream.training.config import base_config
+
+  defaults = base_config()  # what a run trains with unless its config says otherwise
+  args.attention = args.attention or defaults.attention
+  args.remat = args.remat or defaults.train.remat
 
   if len(jax.devices()) != args.devices:
     print(f'asked for {args.devices} devices, jax has {len(jax.devices())}', file=sys.stderr)

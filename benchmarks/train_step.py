@@ -4,6 +4,9 @@ peak memory and the ratio.
 The step (diffusers' train_dreambooth.py with --train_text_encoder --with_prior_preservation): one
 instance and one class example, frozen VAE encode, UNet and text encoder trained, AdamW (two groups),
 global-norm gradient clipping. The batch is fixed and already on the device: data loading is not timed.
+jaxdream's steps run as the training loop runs them, each step's metrics read to the host after the next
+step is dispatched (--metrics-lag 0: before, so that every step waits for the previous one); its s/step is
+the median time between two such reads. Each side also prints CPU seconds per step (all its threads).
 
 CPU (the reference measurements; sd15 needs a machine with more than 24 GB: at 256x256 torch peaks at
 16.3 GiB, and jaxdream's compiled step holds 11.1 GiB of arguments and 8.0 GiB of temporaries):
@@ -52,6 +55,14 @@ def _parse(argv=None):
   p.add_argument('--device', choices=['cpu', 'gpu'], default='cpu')
   p.add_argument('--threads', type=int, help='CPU cores for each side (default: all this process may use)')
   p.add_argument('--attention', default='auto', help='jaxdream attention implementation')
+  p.add_argument(
+    '--metrics-lag',
+    type=int,
+    choices=[0, 1],
+    default=1,
+    help="jaxdream: read a step's metrics after the next step is dispatched, as the training loop does (1), "
+    'or before (0: every step waits for the previous one)',
+  )
   p.add_argument('--skip-torch', action='store_true')
   p.add_argument('--skip-jax', action='store_true')
   p.add_argument('--model-dir', help='build the random model here, or reuse the one there (default: temp)')
@@ -246,13 +257,35 @@ def _jax_side(args, folder):
     nonlocal state
     t0 = time.perf_counter()
     state, metrics = compiled(state, frozen, batch)
-    metrics = jax.device_get(metrics)  # the training loop reads the metrics every step
+    metrics = jax.device_get(metrics)
     jax.block_until_ready(state)
     return time.perf_counter() - t0, metrics
 
+  def steps(n):
+    """n steps as the training loop runs them: each step's metrics read to the host after the next step is
+    dispatched (--metrics-lag 1), or before it (0); the time from one read to the next, and CPU seconds."""
+    nonlocal state
+    times, pending = [], []
+    c0, t_last = time.process_time(), time.perf_counter()
+    for _ in range(n):
+      state, metrics = compiled(state, frozen, batch)
+      pending.append(metrics)
+      while len(pending) > args.metrics_lag:
+        jax.device_get(pending.pop(0))
+        now = time.perf_counter()
+        times.append(now - t_last)
+        t_last = now
+    for m in pending:
+      jax.device_get(m)
+      now = time.perf_counter()
+      times.append(now - t_last)
+      t_last = now
+    jax.block_until_ready(state)
+    return times, (time.process_time() - c0) / n
+
   first_s, metrics = step()
   np.savez(draws_path, loss=np.float64(metrics['loss']), **draws)
-  times = [step()[0] for _ in range(args.steps)]
+  times, cpu_s = steps(args.steps)
   device_peak = None
   if gpu:
     stats = jax.devices()[0].memory_stats() or {}
@@ -263,6 +296,7 @@ def _jax_side(args, folder):
     compile_s=compile_s,
     first_s=first_s,
     times=times,
+    cpu_s=cpu_s,
     loss0=float(metrics['loss']),
     n_trainable=n_trainable,
     base=base,
@@ -363,13 +397,16 @@ def _torch_side(args, folder):
   if gpu:
     torch.cuda.reset_peak_memory_stats()
   first_s, loss0 = step(shared)  # also allocates AdamW's state
+  c0 = time.process_time()
   times = [step()[0] for _ in range(args.steps)]
+  cpu_s = (time.process_time() - c0) / args.steps
   return dict(
     label=f'diffusers ({"fp16 autocast" if gpu else "float32"}, {dev})',
     setup_s=setup_s,
     compile_s=None,
     first_s=first_s,
     times=times,
+    cpu_s=cpu_s,
     loss0=loss0,
     loss0_ref=float(shared['loss']) if shared else None,
     n_trainable=n_trainable,
@@ -463,8 +500,9 @@ def _print_side(r) -> tuple[float, float | None]:
   s = statistics.median(r['times'])
   warm = f'compile {r["compile_s"]:.1f} s, ' if r['compile_s'] is not None else ''
   print(
-    f'{r["label"]}: {s:.3f} s/step, {1 / s:.3f} steps/s  ({warm}first step {r["first_s"]:.2f} s, '
-    f'setup {r["setup_s"]:.1f} s; {r["n_trainable"] / 1e6:.1f}M trained parameters; {r["version"]})'
+    f'{r["label"]}: {s:.3f} s/step, {1 / s:.3f} steps/s, {r["cpu_s"]:.3f} CPU s/step  ({warm}first step '
+    f'{r["first_s"]:.2f} s, setup {r["setup_s"]:.1f} s; {r["n_trainable"] / 1e6:.1f}M trained parameters; '
+    f'{r["version"]})'
   )
   growth = r['peak_steps'] - r['base'] if r['peak_steps'] else None
   steps = f'peak {_gib(r["peak_steps"])} during the steps, +{_gib(growth)} over imports; ' if growth else ''

@@ -93,3 +93,29 @@ def test_blocks_policy_keeps_weight_products_but_no_attention_scores(capsys):
   sizes = [math.prod(int(n) for n in shape.split(',') if n) for shape in shapes]
   assert max(sizes) < 300 * 300
   assert sizes.count(300 * 32) >= 6  # q, k, v, to_out of self-attention, q and to_out of cross-attention
+
+
+class _Chain(nnx.Module):
+  def __init__(self, n: int, channels: int):
+    self.blocks = nnx.List(
+      [ResnetBlock2D(channels, channels, temb_channels=None, groups=8, eps=1e-5, rngs=nnx.Rngs(i)) for i in range(n)]
+    )
+
+  def __call__(self, x):
+    for block in self.blocks:
+      x = block(x)
+    return x
+
+
+def test_remat_keeps_less_for_the_backward_pass_in_the_compiled_gradient():
+  """XLA's memory analysis of a chain of four ResNet blocks' gradient: 'full' keeps each block's input and
+  recomputes one block at a time, 'blocks' also keeps convolution outputs; both hold far less than 'none'.
+  With jax.checkpoint alone XLA:CPU ran every recomputation early and both held more than 'none' (8.7 MB
+  against 8.2 MB here); remat.checkpoint makes each block's recomputation wait for its incoming gradient."""
+  graphdef, params = nnx.split(_Chain(4, 32))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 32)), jnp.float32)
+  temp = {}
+  for remat in ('none', 'blocks', 'full'):
+    loss = lambda p: jnp.mean(jnp.square(set_training_mode(nnx.merge(graphdef, p), remat=remat)(x)))
+    temp[remat] = jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+  assert temp['full'] <= 0.6 * temp['none'] and temp['blocks'] <= 0.7 * temp['none'], temp

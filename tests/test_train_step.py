@@ -354,15 +354,17 @@ def _close(measured, expected):
 
 def _update_flops(tx, state, guard=False):
   """The step's work per trainable parameter given a gradient g (any array will do): clipped AdamW and the
-  gradient norm (with `guard`, also the selects that drop a non-finite step)."""
+  gradient norm (with `guard`, as the step drops a non-finite step: the update under a conditional)."""
+
+  def update(g, opt_state):
+    updates, opt_state = tx.update(g, opt_state, g)
+    return optax.apply_updates(g, updates), opt_state
 
   def apply(s):
-    g = s['trainable']
-    updates, opt_state = tx.update(g, s['opt_state'], g)
-    new, norm = (optax.apply_updates(g, updates), opt_state), optax.global_norm(g)
+    g, norm = s['trainable'], optax.global_norm(s['trainable'])
     if guard:
-      new = jax.tree.map(lambda n, o: jnp.where(norm < 1, n, o), new, (g, s['opt_state']))
-    return new, norm
+      return jax.lax.cond(norm < 1, update, lambda g, o: (g, o), g, s['opt_state']), norm
+    return update(g, s['opt_state']), norm
 
   return _flops(apply, state)
 

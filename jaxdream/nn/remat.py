@@ -17,6 +17,7 @@ Remat recomputes the same operations: gradients equal those without it.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxdream.nn.layers import WEIGHT_PRODUCT
@@ -39,18 +40,54 @@ def check_remat(name: str) -> str:
   return name
 
 
+def checkpoint(f, policy=None):
+  """`jax.checkpoint(f, policy=policy)` whose backward recomputation cannot start before the gradient of
+  f's output exists.
+
+  jax.checkpoint's recomputation depends only on what the forward pass kept, so a scheduler may run it
+  right after the forward pass, and then every block's recomputed activations are alive together, as
+  without remat. XLA:CPU's does: it removes optimization barriers before scheduling, and its temporaries
+  were the same for 'none', 'blocks' and 'full' (docs/performance.md). Here what the forward pass kept is
+  made to depend on the incoming gradient (an exact zero computed from it is added), so that each block is
+  recomputed only when the backward pass reaches it, on every backend."""
+  checkpointed = jax.checkpoint(f, policy=policy)
+
+  @jax.custom_vjp
+  def run(*args):
+    return checkpointed(*args)
+
+  def forward(*args):
+    return jax.vjp(checkpointed, *args)  # the VJP function's leaves are what the policy keeps
+
+  def backward(vjp, grad):
+    return _after(grad, vjp)(grad)
+
+  run.defvjp(forward, backward)
+  return run
+
+
+def _after(grad, tree):
+  """`tree` with its floating-point arrays plus an exact zero computed from `grad` (finite or not): equal
+  values that a compiler can only compute once `grad` exists."""
+  zero = jnp.nan_to_num(jnp.ravel(jax.tree.leaves(grad)[0])[0]) * 0
+  floating = lambda x: isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)
+  return jax.tree.map(lambda x: x + zero.astype(x.dtype) if floating(x) else x, tree)
+
+
 def remat_block(module, method, *args):
   """`method(module, *args)`, checkpointed under the module's `remat` policy when it is a block-level one
-  ('blocks', 'full'); modules carry `remat = 'none'` until set_training_mode sets it."""
+  ('blocks', 'full'); modules carry `remat = 'none'` until set_training_mode sets it. The block must not
+  change its own state (none of the checkpointed blocks does): it runs on a copy."""
   policy = _POLICIES.get(module.remat)
   if policy is None:
     return method(module, *args)
-  return nnx.remat(method, policy=policy)(module, *args)
+  graphdef, state = nnx.split(module)
+  return checkpoint(lambda state, *args: method(nnx.merge(graphdef, state), *args), policy)(state, *args)
 
 
 def remat_attention(remat: str, attend):
   """The attention call `attend`, checkpointed (only its inputs kept) under remat='attention'."""
-  return jax.checkpoint(attend) if remat == 'attention' else attend
+  return checkpoint(attend) if remat == 'attention' else attend
 
 
 def set_training_mode(model: nnx.Module, *, remat: str = 'none', attention: str | None = None) -> nnx.Module:

@@ -128,11 +128,11 @@ def _run(config, workdir, concepts, instance) -> dict:
   # Losses past the restored checkpoint are of steps that will be redone (a kill mid-save, or an older
   # resume_step): drop them.
   losses = [x for x in _load_losses(workdir) if x[0] <= start]
-  t_last, s_last = time.perf_counter(), start
   try:
     from tqdm import tqdm
 
     bar = tqdm(total=config.train.num_steps, initial=start, desc='train', disable=not multihost.is_primary())
+    log = _StepLog(config, workdir, writer, bar, losses, lr_schedule(config, next(iter(groups.values()))[1]), start)
     for step in range(start, config.train.num_steps):
       batch = _next_batch(iterators, config.prior.enabled, latents, contexts)
       batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sh, x, (total,) + x.shape[1:]), batch)
@@ -140,38 +140,18 @@ def _run(config, workdir, concepts, instance) -> dict:
         jstep = jstep.lower(state, frozen, batch).compile()
         multihost.barrier('train step compiled')
       state, metrics = jstep(state, frozen, batch)
-      m = multihost.to_host(metrics)
       done = step + 1
       stop = preempt.reached(done)
-      if not m['finite']:
-        msg = f'non-finite loss or gradient at step {done} (loss={float(m["loss"])})'
-        if config.train.nan_policy == 'stop':
-          raise TrainingError(
-            msg + '; the step was not applied and the run stopped. The last good '
-            f'checkpoint is in {workdir}/checkpoints. Lower the learning rate, or set '
-            "train.nan_policy='skip' to skip such steps."
-          )
-        warnings.warn(msg + '; step skipped')
-      losses.append((done, float(m['loss'])))
-      bar.set_postfix(loss=f'{float(m["loss"]):.4f}')
-      bar.update(1)
-      if writer and (done % config.logging.every_steps == 0 or done == config.train.num_steps):
-        now = time.perf_counter()
-        writer.scalars(
-          done,
-          loss=m['loss'],
-          instance_loss=m['instance_loss'],
-          prior_loss=m['prior_loss'],
-          grad_norm=m['grad_norm'],
-          learning_rate=lr_schedule(config, next(iter(groups.values()))[1])(done // config.train.grad_accum_steps),
-          steps_per_second=(done - s_last) / max(now - t_last, 1e-9),
-        )
-        t_last, s_last = now, done
-      if done % config.checkpoint.every_steps == 0 or done == config.train.num_steps or stop:
+      log.push(done, metrics)  # reads the previous step's metrics while this one runs
+      save = done % config.checkpoint.every_steps == 0 or done == config.train.num_steps or stop
+      validate = config.validation.every_steps and done % config.validation.every_steps == 0
+      if save or validate:
+        log.flush()  # a non-finite step stops the run here, before it is saved
+      if save:
         _save(mngr, done, state, iterators, config)
         if multihost.is_primary():
           _save_losses(workdir, losses)
-      if config.validation.every_steps and done % config.validation.every_steps == 0:
+      if validate:
         _set_params(pipeline, multihost.to_host(state['trainable']))  # every process: a collective
         images = _validation_images(pipeline, config, concepts, mesh)
         if writer:
@@ -207,6 +187,55 @@ def _run(config, workdir, concepts, instance) -> dict:
     writer.close()
   multihost.barrier('exported')
   return summary
+
+
+class _StepLog:
+  """The steps' metrics (the non-finite check, the loss history, the progress bar, the logged scalars),
+  read to the host one step late: step N's after step N+1 is dispatched, so the host prepares the next
+  batch while a step runs instead of waiting for each to finish. `flush` reads the pending step's at once:
+  before a checkpoint is saved, so that a non-finite step's state is never saved under nan_policy='stop'."""
+
+  def __init__(self, config, workdir, writer, bar, losses, learning_rate, start):
+    self.config, self.workdir, self.writer, self.bar, self.losses = config, workdir, writer, bar, losses
+    self.learning_rate = learning_rate  # of the first group, by optimizer update
+    self.pending = None
+    self.t_last, self.s_last = time.perf_counter(), start
+
+  def push(self, done: int, metrics):
+    """Step `done` was dispatched: read the step before it, and keep this one's for later."""
+    self.flush()
+    self.pending = (done, metrics)
+
+  def flush(self):
+    if self.pending is None:
+      return
+    (done, metrics), self.pending = self.pending, None
+    m = multihost.to_host(metrics)
+    t = self.config.train
+    if not m['finite']:
+      msg = f'non-finite loss or gradient at step {done} (loss={float(m["loss"])})'
+      if t.nan_policy == 'stop':
+        raise TrainingError(
+          msg + '; the step was not applied and the run stopped. The last good '
+          f'checkpoint is in {self.workdir}/checkpoints. Lower the learning rate, or set '
+          "train.nan_policy='skip' to skip such steps."
+        )
+      warnings.warn(msg + '; step skipped')
+    self.losses.append((done, float(m['loss'])))
+    self.bar.set_postfix(loss=f'{float(m["loss"]):.4f}')
+    self.bar.update(1)
+    if self.writer and (done % self.config.logging.every_steps == 0 or done == t.num_steps):
+      now = time.perf_counter()
+      self.writer.scalars(
+        done,
+        loss=m['loss'],
+        instance_loss=m['instance_loss'],
+        prior_loss=m['prior_loss'],
+        grad_norm=m['grad_norm'],
+        learning_rate=self.learning_rate(done // t.grad_accum_steps),
+        steps_per_second=(done - self.s_last) / max(now - self.t_last, 1e-9),
+      )
+      self.t_last, self.s_last = now, done
 
 
 def _final_outputs(pipeline, config, concepts, workdir, losses, mesh, writer) -> dict:

@@ -130,21 +130,33 @@ class StepFn:
     )
     return loss, {'instance_loss': inst, 'prior_loss': prior}
 
+  def update(self, grads, params, opt_state):
+    """The optimizer step: (new parameters, new optimizer state)."""
+    updates, opt_state = self.tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
   def __call__(self, state, frozen, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
     (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(state['trainable'], frozen, batch, key)
-    updates, opt_state = self.tx.update(grads, state['opt_state'], state['trainable'])
-    trainable = optax.apply_updates(state['trainable'], updates)
     grad_norm = optax.global_norm(grads)
     # A non-finite loss or gradient never reaches the weights: the step is dropped in the graph, and
-    # the host stops the run (nan_policy='stop') or carries on (nan_policy='skip').
+    # the host stops the run (nan_policy='stop') or carries on (nan_policy='skip'). Dropped by a
+    # conditional, not a select per leaf: where(ok, new, old) needs the old and the new state at once, so
+    # XLA kept a second copy of it (docs/performance.md); the conditional updates the donated state in place.
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    trainable, opt_state = jax.lax.cond(
+      ok,
+      self.update,
+      lambda grads, params, opt_state: (params, opt_state),
+      grads,
+      state['trainable'],
+      state['opt_state'],
+    )
     new = dict(
       state,
       step=state['step'] + 1,
-      trainable=keep(trainable, state['trainable']),
-      opt_state=keep(opt_state, state['opt_state']),
+      trainable=trainable,
+      opt_state=opt_state,
       bad_steps=state['bad_steps'] + (~ok),
     )
     if self.ema_decay:
