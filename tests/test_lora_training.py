@@ -174,6 +174,7 @@ def _state(workdir, step):
   return jax.tree.map(np.asarray, restored['state'])
 
 
+@pytest.mark.slow
 def test_lora_run_trains_only_the_adapters_and_exports_their_ema(lora_run, base):
   from jaxdream import load_pipeline
   from jaxdream.training.lora import adapter_key, add_adapters, lora_plan
@@ -205,6 +206,7 @@ def test_lora_run_trains_only_the_adapters_and_exports_their_ema(lora_run, base)
     np.testing.assert_array_equal(calls[0][3][k], state['ema'][k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_merged_export_is_the_base_plus_the_ema_adapters(lora_run, base):
   from jaxdream.nn.adapters import lora_scale
 
@@ -226,6 +228,7 @@ def test_merged_export_is_the_base_plus_the_ema_adapters(lora_run, base):
   assert all(np.array_equal(new_vae[k], old_vae[k]) for k in old_vae)
 
 
+@pytest.mark.slow
 def test_exported_lora_file_holds_the_ema_adapters_in_peft_layout(lora_run):
   pytest.importorskip('jaxdream.lora.files')
   _, workdir, summary, _ = lora_run
@@ -237,6 +240,7 @@ def test_exported_lora_file_holds_the_ema_adapters_in_peft_layout(lora_run):
   assert os.path.exists(summary['outputs']['lora_kohya'])
 
 
+@pytest.mark.slow
 def test_a_lora_run_resumes_from_its_adapter_checkpoint(lora_run, tmp_path):
   import shutil
 

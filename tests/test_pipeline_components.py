@@ -106,6 +106,7 @@ def _batch(pipe):
   }
 
 
+@pytest.mark.slow
 def test_training_step_trains_or_freezes_a_second_text_encoder_by_its_parameter_paths(base):
   pipe = with_second_encoder(base, 0)
   batch = _batch(pipe)

@@ -52,6 +52,7 @@ def _on_mesh(setup, shape, rules=None):
   return mesh, placed, frozen_placed, step, batch_sh, config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'shape,rules', [((8, 1, 1), None), ((1, 8, 1), None), ((2, 4, 1), None), ((2, 2, 2), None), ((2, 2, 2), TENSOR_RULES)]
 )  # tensor parallelism over every rule-sharded dimension
@@ -76,6 +77,7 @@ def test_step_on_any_mesh_equals_the_single_device_step(setup, shape, rules, cap
   assert rel_err(ours - before, ref - before) <= 1e-3
 
 
+@pytest.mark.slow
 def test_fsdp_divides_parameter_and_optimizer_memory_by_the_device_count(setup):
   _, state, frozen, _, _, _ = _on_mesh(setup, (1, 8, 1))
   held = per_device_bytes((state['trainable'], state['opt_state']))
@@ -84,6 +86,7 @@ def test_fsdp_divides_parameter_and_optimizer_memory_by_the_device_count(setup):
   assert per_device_bytes(frozen) <= 1.1 * sum(x.nbytes for x in jax.tree.leaves(frozen)) / 8
 
 
+@pytest.mark.slow
 def test_checkpoint_written_on_one_mesh_resumes_on_others(setup, tmp_path):
   _, written, _, step, _, config = _on_mesh(setup, (2, 4, 1))
   config.checkpoint.async_save = False

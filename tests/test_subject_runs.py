@@ -26,6 +26,8 @@ from jaxdream.training.loop import train
 from jaxdream.training.lora import lora_paths
 from jaxdream.training.params import lr_schedule
 
+pytestmark = pytest.mark.slow  # whole per-subject training runs
+
 
 @pytest.fixture(scope='module')
 def folders(tmp_path_factory):
@@ -230,7 +232,6 @@ def get_config():
 """
 
 
-@pytest.mark.slow
 def test_a_per_subject_run_killed_on_8_devices_resumes_to_identical_adapters(folders, tmp_path, monkeypatch, capsys):
   """`jaxdream train` on an 8-device mesh, SIGKILLed once its first checkpoint is written, then run again:
   its adapters equal those of the run never killed, bit for bit. The killed run is a subprocess with the

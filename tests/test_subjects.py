@@ -161,6 +161,7 @@ def _flat(tree):
   return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 
 
+@pytest.mark.slow
 def test_each_subject_trained_together_equals_it_trained_alone(setup, together):
   alone = setup['alone']
   for i in range(STEPS):
@@ -185,6 +186,7 @@ def test_each_subject_trained_together_equals_it_trained_alone(setup, together):
           assert rel_err(metrics[k], ref_metrics[k]) <= 1e-5, (name, i, k)
 
 
+@pytest.mark.slow
 def test_clipping_and_the_nan_guard_act_per_subject(setup, together):
   history = together['history']
   for i in range(STEPS):
@@ -207,6 +209,7 @@ def test_clipping_and_the_nan_guard_act_per_subject(setup, together):
   assert min(rel_err(finals[a], finals[b]) for a in range(3) for b in range(3) if a != b) > 1e-2
 
 
+@pytest.mark.slow
 def test_subject_axis_is_sharded_over_the_mesh(together):
   if together['devices'] == 1:
     assert together['subject_spec'] is None

@@ -19,6 +19,8 @@ import jaxdream
 from jaxdream.io.weights import read_safetensors
 from jaxdream.training import config as config_lib
 
+pytestmark = pytest.mark.slow  # whole training runs
+
 SAMPLE = os.path.join(os.path.dirname(jaxdream.__file__), 'assets', 'sample_subject', 'dog')
 UNET_FILE = os.path.join('model', 'unet', 'diffusion_pytorch_model.safetensors')
 TE_FILE = os.path.join('model', 'text_encoder', 'model.safetensors')
@@ -262,7 +264,6 @@ def _kill_when(proc, workdir, ready, timeout=1800) -> list[int]:
 KILL_RUN_STEPS = 10
 
 
-@pytest.mark.slow
 def test_ctrl_c_saves_sigkill_at_any_moment_and_a_damaged_checkpoint_resume_to_identical_weights(shared, tmp_path):
   """One interrupted run, resumed after each fault, ends with the weights and loss history of a straight
   run: Ctrl-C (save and exit cleanly), SIGKILL while starting, mid-save and after a save, then its newest

@@ -277,7 +277,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize('case', list(CASES))
+# The fast subset (-m 'not slow') keeps the first case; the others are slow.
+@pytest.mark.parametrize(
+  'case', [c if i == 0 else pytest.param(c, marks=pytest.mark.slow) for i, c in enumerate(CASES)]
+)
 def test_steps_equal_the_pytorch_reference(tiny_sd_folder, case):
   _, path = tiny_sd_folder
   options, steps = CASES[case]
