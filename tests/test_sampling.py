@@ -25,7 +25,9 @@ DIFFUSERS_CLASS = {
 
 @pytest.fixture(scope='module')
 def pipes(tiny_sd_folder):
-  return tiny_sd_folder[0], load_pipeline(tiny_sd_folder[1])
+  # A pipeline object of this module's own (sharing the session's modules): the tests replace its scheduler.
+  ref = tiny_sd_folder[0]
+  return type(ref)(**ref.components), load_pipeline(tiny_sd_folder[1])
 
 
 def _with_scheduler(ref_pipe, pipe, name, prediction_type):
