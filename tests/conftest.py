@@ -41,6 +41,15 @@ UNET_SD1 = dict(
   attention_head_dim=4,
   norm_num_groups=8,
 )
+# UNET_SD1 cut to one level: transformer and ResNet blocks in the down, mid and up blocks, for tests that
+# compile several gradients or steps of the UNet alone.
+UNET_ONE_LEVEL = dict(
+  UNET_SD1,
+  sample_size=8,
+  block_out_channels=(32,),
+  down_block_types=('CrossAttnDownBlock2D',),
+  up_block_types=('CrossAttnUpBlock2D',),
+)
 UNET_SD2 = dict(
   UNET_SD1,
   attention_head_dim=(2, 4, 8),

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import UNET_SD1
+from conftest import UNET_ONE_LEVEL
 from flax import nnx
 
 from jaxdream.diffusion.tiny_model import SD15_SCHEDULER
@@ -15,13 +15,7 @@ from jaxdream.training.step import StepFn, init_state
 
 # UNET_SD1 cut to one level, fed cached latents and text embeddings: the step's structure (gradient,
 # clipped AdamW, the drop) at a small fraction of the tiny pipeline's compile time.
-UNET = dict(
-  UNET_SD1,
-  sample_size=8,
-  block_out_channels=(32,),
-  down_block_types=('CrossAttnDownBlock2D',),
-  up_block_types=('CrossAttnUpBlock2D',),
-)
+UNET = UNET_ONE_LEVEL
 
 
 def _step():
