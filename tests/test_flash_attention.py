@@ -83,9 +83,9 @@ def test_backward_keeps_no_score_matrix(implementation):
   assert B * H * 300 in sizes  # the log-sum-exp
 
 
-def _resolved(implementation, backend, lq=4096, lk=4096, dtype=jnp.bfloat16, **kw):
-  q = jax.ShapeDtypeStruct((1, lq, 8, 64), dtype)
-  k = jax.ShapeDtypeStruct((1, lk, 8, 64), dtype)
+def _resolved(implementation, backend, lq=4096, lk=4096, dtype=jnp.bfloat16, head_dim=64, **kw):
+  q = jax.ShapeDtypeStruct((1, lq, 8, head_dim), dtype)
+  k = jax.ShapeDtypeStruct((1, lk, 8, head_dim), dtype)
   return _resolve(implementation, q, k, k, backend=backend, **kw)
 
 
@@ -95,6 +95,10 @@ def test_each_backend_gets_its_memory_efficient_kernel():
   assert _resolved('flash', 'gpu') == 'cudnn'
   assert _resolved('flash', 'gpu', dtype=jnp.float32) == 'flash'
   assert _resolved('flash', 'gpu', mask=mask) == 'flash'
+  # Head dims cuDNN refuses (the VAE's one 512-wide head; not a multiple of 8) go to the next kernel.
+  assert _resolved('flash', 'gpu', head_dim=512) == 'flash'
+  assert _resolved('auto', 'gpu', head_dim=512) == 'xla'
+  assert _resolved('auto', 'gpu', head_dim=20) == 'xla'
   # TPU: the Pallas kernel where its 128-blocks divide the lengths (causal included), else the pure-JAX one.
   assert _resolved('flash', 'tpu') == 'pallas'
   assert _resolved('flash', 'tpu', causal=True) == 'pallas'
@@ -134,3 +138,28 @@ def test_upcast_half_precision_attention_stays_half_only_for_cudnn(monkeypatch):
     dot_product_attention(q, q, q, upcast=True, implementation=implementation)
   dot_product_attention(q, q, q, upcast=True, implementation='xla')
   assert seen == [('cudnn', jnp.bfloat16), ('cudnn', jnp.bfloat16), ('xla', jnp.float32)]
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN flash attention runs on NVIDIA GPUs only')
+def test_gpu_attention_equals_xla_float32_on_sd_shapes():
+  """On a GPU, 'auto' and 'flash' (cuDNN where it fits) give XLA's float32 attention of the same bfloat16
+  inputs, forward and gradients, within bfloat16 rounding, on SD 1.5's shapes: self-attention with head
+  dims 40/80/160, cross-attention to 77 keys, and the VAE's 512-wide head that cuDNN refuses."""
+  shapes = {
+    'self, 4096 tokens, d 40': (4096, 4096, 8, 40),
+    'cross, 77 keys, d 80': (1024, 77, 8, 80),
+    'self, 64 tokens, d 160': (64, 64, 8, 160),
+    'VAE, one 512-wide head': (4096, 4096, 1, 512),
+  }
+  rng = np.random.default_rng(0)
+  for name, (lq, lk, h, d) in shapes.items():
+    q, k, v, g = (jnp.asarray(rng.standard_normal((2, n, h, d)), jnp.bfloat16) for n in (lq, lk, lk, lq))
+    want = jax.jit(lambda *a: _out_and_grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v), *a))(
+      *(x.astype(jnp.float32) for x in (q, k, v, g))
+    )
+    for implementation in ('auto', 'flash'):
+      attention = lambda q, k, v: dot_product_attention(q, k, v, implementation=implementation)
+      got = jax.jit(lambda *a: _out_and_grads(attention, *a))(q, k, v, g)
+      for part, a, b in zip(('out', 'dq', 'dk', 'dv'), got, want):
+        assert a.dtype == jnp.bfloat16, (name, implementation, part)
+        assert rel_err(np.asarray(a, np.float32), b) <= 2e-2, (name, implementation, part)

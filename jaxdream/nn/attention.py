@@ -95,22 +95,38 @@ def _pallas_fits(q, k, v, masked_beyond_causal):
   )
 
 
+def _cudnn_max_head_dim() -> int:
+  """cuDNN's flash attention takes head dims up to 256 on Hopper and later (compute capability 9.0), up to
+  128 before (jax's own check, which raises rather than falls back)."""
+  try:
+    capability = jax.devices('gpu')[0].compute_capability
+    return 256 if tuple(int(x) for x in str(capability).split('.')) >= (9, 0) else 128
+  except (RuntimeError, ValueError, AttributeError, IndexError):
+    return 128
+
+
+def _cudnn_fits(q, v):
+  """SD's VAE attends with one 512-wide head: too wide for cuDNN, so it goes elsewhere."""
+  d = q.shape[-1]
+  return d == v.shape[-1] and d % 8 == 0 and d <= _cudnn_max_head_dim()
+
+
 def _resolve(implementation, q, k, v, *, mask=None, causal=False, backend=None):
   """The kernel one call runs: 'xla', 'cudnn', 'tiled', 'flash' (the pure-JAX kernel) or 'pallas'."""
   backend = backend or jax.default_backend()
   masked = mask is not None or causal
-  half = q.dtype in (jnp.bfloat16, jnp.float16)
+  cudnn = backend == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16) and not masked and _cudnn_fits(q, v)
   long = q.shape[1] * k.shape[1] >= _TILED_MIN_SCORES
   if implementation == 'auto':
     if backend == 'gpu':
-      return 'cudnn' if half and not masked else 'xla'
+      return 'cudnn' if cudnn else 'xla'
     if backend == 'tpu' and long and _pallas_fits(q, k, v, mask is not None):
       return 'pallas'
     if backend == 'cpu' and not masked and long:
       return 'tiled'
     return 'xla'
   if implementation == 'flash':
-    if backend == 'gpu' and half and not masked:
+    if cudnn:
       return 'cudnn'
     if not long:
       return 'xla'
