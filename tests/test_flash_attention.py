@@ -99,6 +99,10 @@ def test_each_backend_gets_its_memory_efficient_kernel():
   assert _resolved('flash', 'gpu', head_dim=512) == 'flash'
   assert _resolved('auto', 'gpu', head_dim=512) == 'xla'
   assert _resolved('auto', 'gpu', head_dim=20) == 'xla'
+  # cuDNN's backward refuses odd lengths (77 text tokens as keys); so few keys keep their scores on GPU.
+  assert _resolved('auto', 'gpu', lk=77) == 'xla'
+  assert _resolved('flash', 'gpu', lk=77) == 'xla'
+  assert _resolved('flash', 'gpu', lk=1001) == 'flash'
   # TPU: the Pallas kernel where its 128-blocks divide the lengths (causal included), else the pure-JAX one.
   assert _resolved('flash', 'tpu') == 'pallas'
   assert _resolved('flash', 'tpu', causal=True) == 'pallas'

@@ -105,17 +105,20 @@ def _cudnn_max_head_dim() -> int:
     return 128
 
 
-def _cudnn_fits(q, v):
-  """SD's VAE attends with one 512-wide head: too wide for cuDNN, so it goes elsewhere."""
+def _cudnn_fits(q, k, v):
+  """What jax's cuDNN path takes without raising: SD's VAE attends with one 512-wide head, too wide; its
+  backward refuses odd lengths (the text encoder's 77 tokens as cross-attention keys), and whether a call
+  is differentiated is unknown here, so odd lengths never go to cuDNN."""
   d = q.shape[-1]
-  return d == v.shape[-1] and d % 8 == 0 and d <= _cudnn_max_head_dim()
+  even = q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0
+  return even and d == v.shape[-1] and d % 8 == 0 and d <= _cudnn_max_head_dim()
 
 
 def _resolve(implementation, q, k, v, *, mask=None, causal=False, backend=None):
   """The kernel one call runs: 'xla', 'cudnn', 'tiled', 'flash' (the pure-JAX kernel) or 'pallas'."""
   backend = backend or jax.default_backend()
   masked = mask is not None or causal
-  cudnn = backend == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16) and not masked and _cudnn_fits(q, v)
+  cudnn = backend == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16) and not masked and _cudnn_fits(q, k, v)
   long = q.shape[1] * k.shape[1] >= _TILED_MIN_SCORES
   if implementation == 'auto':
     if backend == 'gpu':
@@ -128,7 +131,8 @@ def _resolve(implementation, q, k, v, *, mask=None, causal=False, backend=None):
   if implementation == 'flash':
     if cudnn:
       return 'cudnn'
-    if not long:
+    if not long or (backend == 'gpu' and k.shape[1] <= _ACCELERATOR_BLOCK):
+      # Few keys (cross-attention to text): the scores are no larger than the activations around them.
       return 'xla'
     if backend == 'tpu' and _pallas_fits(q, k, v, mask is not None):
       return 'pallas'
