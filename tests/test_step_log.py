@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxdream.training import config as config_lib
-from jaxdream.training.loop import _StepLog
+from jaxdream.training.runner import _StepLog
 from jaxdream.training.step import TrainingError
 
 

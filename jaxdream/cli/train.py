@@ -151,6 +151,8 @@ def main(argv=None):
       lines.append(f'LoRA adapter (kohya/A1111 format): {out["lora_kohya"]}')
     if 'model' in out:
       lines.append(f'Fine-tuned model (diffusers format): {out["model"]}')
+    if 'vae' in out:  # task='vae'
+      lines.append(f'Trained VAE (diffusers AutoencoderKL format): {out["vae"]}')
     if 'loras' in out:  # lora.per_subject: one adapter per subject
       lines.append(
         f'{len(out["loras"])} LoRA adapters (diffusers/peft format): {os.path.dirname(out["skipped"])}/NAME/'

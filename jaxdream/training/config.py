@@ -1,4 +1,7 @@
-"""DreamBooth run configs (ml_collections) and their validation, done before anything is compiled.
+"""Training run configs (ml_collections) and their validation, done before anything is compiled.
+
+`task` chooses the run: 'dreambooth' (fine-tuning a Stable Diffusion model on concepts) or 'vae' (training an
+AutoencoderKL on an image folder, settings in the `vae` group: training/vae.py).
 
 Config files in configs/ define `get_config()` on top of `base_config()`; any key can be overridden on
 the command line (`--config.train.num_steps=400`). The config is locked, so a misspelt key is an error.
@@ -6,6 +9,7 @@ the command line (`--config.train.num_steps=400`). The config is locked, so a mi
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -50,6 +54,7 @@ def concept(
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.task = 'dreambooth'  # or 'vae': train an AutoencoderKL (the `vae` group)
   c.model = ''  # diffusers-format folder (SD 1.x/2.x), or 'builtin:tiny'
   c.allow_pickle = False  # load .bin/.ckpt weights (unpickling can run code)
   c.seed = 0
@@ -122,6 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
       export_merged=False,
     )
   )
+  c.vae = vae_group()
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=3, async_save=True, resume_step=0))
   c.logging = ml_collections.ConfigDict(dict(every_steps=10, tensorboard=True, wandb=False, wandb_project='jaxdream'))
   c.validation = ml_collections.ConfigDict(
@@ -151,9 +157,23 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def vae_group() -> ml_collections.ConfigDict:
+  """task='vae': what an AutoencoderKL is trained on and with which loss (training/vae.py)."""
+  return ml_collections.ConfigDict(
+    dict(
+      data_dir='',  # image folder, searched recursively
+      recon_loss='l1',  # or 'l2'
+      kl_weight=1e-6,  # weight of KL(posterior || N(0, I)), as LDM's autoencoders
+      sample_posterior=True,  # decode a posterior sample (False: its mean)
+    )
+  )
+
+
 # One line per config key for `jaxdream train --help` (tests check that every key has one).
 KEY_DOCS = {
-  'model': f"diffusers-format model folder (SD 1.x/2.x), or '{BUILTIN_TINY}' (a tiny random model)",
+  'task': "'dreambooth' (fine-tune a Stable Diffusion model) or 'vae' (train an AutoencoderKL: the vae.* keys)",
+  'model': f"diffusers-format model folder (SD 1.x/2.x; task='vae': also an AutoencoderKL folder), or "
+  f"'{BUILTIN_TINY}' (a tiny random model)",
   'allow_pickle': 'also load .bin/.ckpt weights (unpickling can run code)',
   'seed': 'seed of noise, timesteps, data order and class images',
   'resolution': 'training image size in pixels (a multiple of 8)',
@@ -223,6 +243,10 @@ KEY_DOCS = {
   'lora.per_subject': 'one adapter per concept (see concepts.N.name)',
   'lora.export_kohya': 'also write the adapters in the kohya/A1111 layout, workdir/loras/NAME.safetensors',
   'lora.export_merged': 'also write workdir/model: the base with the adapters merged in (a plain diffusers model)',
+  'vae.data_dir': "task='vae': the training images' folder (searched recursively)",
+  'vae.recon_loss': "task='vae': reconstruction loss, 'l1' or 'l2' (mean over pixels)",
+  'vae.kl_weight': "task='vae': weight of the KL divergence of the posterior from N(0, I)",
+  'vae.sample_posterior': "task='vae': decode a posterior sample (False: the posterior mean)",
   'checkpoint.every_steps': 'save a checkpoint every this many steps',
   'checkpoint.keep': 'checkpoints kept (the newest ones)',
   'checkpoint.async_save': 'write checkpoints in the background',
@@ -231,10 +255,12 @@ KEY_DOCS = {
   'logging.tensorboard': 'write TensorBoard event files to workdir/tensorboard',
   'logging.wandb': 'also log to Weights & Biases',
   'logging.wandb_project': 'Weights & Biases project',
-  'validation.every_steps': 'sample validation images every this many steps (0: only at the end)',
+  'validation.every_steps': "sample validation images (task='vae': reconstructions) every this many steps (0: only "
+  'at the end)',
   'validation.prompts': "validation prompts (default: each concept's instance and class prompts)",
   'validation.negative_prompt': 'negative prompt of validation images',
-  'validation.num_images': 'images per validation prompt (0: no validation samples)',
+  'validation.num_images': "images per validation prompt (0: no validation samples); task='vae': dataset images "
+  'reconstructed',
   'validation.steps': 'sampler steps of validation images',
   'validation.guidance_scale': 'classifier-free guidance of validation images',
   'validation.seed': 'seed of validation images',
@@ -268,6 +294,8 @@ def config_keys(config) -> list[tuple[str, object]]:
 
 # Keys that define what the run computes: resuming with any of these changed is refused.
 RUN_DEFINING = (
+  'task',
+  'vae',  # only with task='vae' (see run_defining)
   'model',
   'seed',
   'resolution',
@@ -310,9 +338,11 @@ RUN_DEFINING = (
 
 # Run-defining keys added after runs were checkpointed: left out at their default value, so that those
 # checkpoints stay resumable.
-_LEFT_OUT_AT_DEFAULT = {'train.optimizer': 'adamw', 'train.optimizer_state_dtype': 'float32'}
+_LEFT_OUT_AT_DEFAULT = {'task': 'dreambooth', 'train.optimizer': 'adamw', 'train.optimizer_state_dtype': 'float32'}
 
 _CHOICES = {
+  'task': ('dreambooth', 'vae'),
+  'vae.recon_loss': ('l1', 'l2'),
   'compute_dtype': ('float32', 'bfloat16'),
   'attention': IMPLEMENTATIONS,
   'data.caption_mode': ('append', 'replace'),
@@ -403,8 +433,52 @@ def _lora_problems(config) -> list[str]:
   return problems
 
 
+# DreamBooth settings that a VAE run has no use for: changed from their defaults, they are refused, not ignored.
+_DREAMBOOTH_ONLY = (
+  'train.train_text_encoder',
+  'train.param_groups',
+  'train.offset_noise',
+  'train.snr_gamma',
+  'train.cache_latents',
+  'train.cache_text_embeddings',
+  'data.concepts_file',
+  'lora.rank',
+  'lora.per_subject',
+)
+
+
+def _vae_group_problems(config) -> list[str]:
+  """Misspelt keys of the vae group (a config file can add keys before the config is locked), and vae
+  settings in a run that is not a VAE run (task='vae' forgotten)."""
+  known, problems = vae_group(), []
+  for key in sorted(set(config.vae.keys()) - set(known.keys())):
+    close = difflib.get_close_matches(key, list(known.keys()), n=1)
+    hint = f"; did you mean 'vae.{close[0]}'?" if close else f' (known: {", ".join(known.keys())})'
+    problems.append(f"unknown config key 'vae.{key}'{hint}")
+  changed = [k for k in known.keys() if k in config.vae and config.vae[k] != known[k]]
+  if config.task != 'vae' and changed:
+    problems.append(f"vae.{changed[0]} is set but task={config.task!r}: set task='vae' to train a VAE")
+  return problems
+
+
+def _vae_problems(config) -> list[str]:
+  """A VAE run's own settings: its image folder and loss, and no DreamBooth setting it would ignore."""
+  v, problems = config.vae, []
+  if not v.data_dir:
+    problems.append('vae.data_dir is empty: give the folder of training images')
+  elif not os.path.isdir(v.data_dir):
+    problems.append(f'vae.data_dir={v.data_dir!r} does not exist')
+  if v.kl_weight < 0:
+    problems.append(f'vae.kl_weight must not be negative, got {v.kl_weight}')
+  defaults = base_config()
+  for key in _DREAMBOOTH_ONLY:
+    if _get(config, key) != _get(defaults, key):
+      problems.append(f"{key}={_get(config, key)!r} is a DreamBooth setting that task='vae' does not use")
+  return problems
+
+
 def validate(config) -> list[dict]:
-  """Check a run config; return its concepts. Raises RunConfigError listing every problem."""
+  """Check a run config; return its concepts (none for task='vae'). Raises RunConfigError listing every problem."""
   problems = []
   for key, choices in _CHOICES.items():
     if _get(config, key) not in choices:
@@ -412,7 +486,13 @@ def validate(config) -> list[dict]:
   if not config.model:
     problems.append(f"model is empty: give a diffusers model folder (or '{BUILTIN_TINY}')")
   elif config.model != BUILTIN_TINY and not os.path.isfile(os.path.join(config.model, 'model_index.json')):
-    problems.append(f'model={config.model!r}: not a diffusers model folder (no model_index.json)')
+    if config.task != 'vae':
+      problems.append(f'model={config.model!r}: not a diffusers model folder (no model_index.json)')
+    elif not os.path.isfile(os.path.join(config.model, 'config.json')):
+      problems.append(
+        f'model={config.model!r}: neither a diffusers model folder (model_index.json) nor an AutoencoderKL folder '
+        '(config.json)'
+      )
   for key in (
     'resolution',
     'train.num_steps',
@@ -449,6 +529,21 @@ def validate(config) -> list[dict]:
     )
   if not 0.0 <= t.ema_decay < 1.0:
     problems.append(f'train.ema_decay must be in [0, 1), got {t.ema_decay}')
+  problems += _vae_group_problems(config)
+  if config.task == 'vae':
+    problems += _vae_problems(config)
+    concepts = []
+  else:
+    found, concepts = _dreambooth_problems(config)
+    problems += found
+  if problems:
+    raise RunConfigError('the config has problems:\n  - ' + '\n  - '.join(problems))
+  return concepts
+
+
+def _dreambooth_problems(config) -> tuple[list[str], list[dict]]:
+  """(problems, concepts) of a DreamBooth run's own settings: caching, parameter groups, LoRA, concepts."""
+  problems, t = [], config.train
   if t.cache_latents and (not config.data.center_crop or config.data.flip_p > 0):
     problems.append(
       'train.cache_latents needs data.center_crop=True and data.flip_p=0 '
@@ -507,9 +602,7 @@ def validate(config) -> list[dict]:
         problems.append(f'{where}: class_dir is empty (class images are generated there)')
       if c['num_class_images'] < 1:
         problems.append(f'{where}: num_class_images must be at least 1')
-  if problems:
-    raise RunConfigError('the config has problems:\n  - ' + '\n  - '.join(problems))
-  return concepts
+  return problems, concepts
 
 
 def run_defining(config) -> dict:
@@ -520,7 +613,7 @@ def run_defining(config) -> dict:
       c.pop('name', None)
   out = {}
   for key in RUN_DEFINING:
-    if key.startswith('lora.') and config.lora.rank <= 0:
+    if (key.startswith('lora.') and config.lora.rank <= 0) or (key == 'vae' and config.task != 'vae'):
       continue
     node = d
     for part in key.split('.'):

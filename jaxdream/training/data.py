@@ -66,13 +66,22 @@ def check_image(path: str, min_size: int) -> str | None:
   return None
 
 
-def scan_images(folder: str, *, min_size: int, on_bad: str) -> list[str]:
-  """The usable images of a folder. Bad ones raise DataError (on_bad='fail') or are skipped with a
-  warning (on_bad='skip'); either way every bad file is named."""
+def image_folders(root: str) -> list[str]:
+  """`root` and every folder under it, in a fixed order (hidden folders skipped): a recursive image search."""
+  out = []
+  for path, folders, _ in os.walk(root):
+    folders[:] = sorted(f for f in folders if not f.startswith('.'))
+    out.append(path)
+  return out
+
+
+def scan_images(folder: str, *, min_size: int, on_bad: str, recursive: bool = False) -> list[str]:
+  """The usable images of a folder (and with `recursive`, of the folders under it). Bad ones raise
+  DataError (on_bad='fail') or are skipped with a warning (on_bad='skip'); either way every bad file is named."""
   paths, bad = [], []
   with warnings.catch_warnings():
     warnings.simplefilter('error', Image.DecompressionBombWarning)
-    for path in list_images(folder):
+    for path in list_images(image_folders(folder) if recursive else folder):
       reason = check_image(path, min_size)
       (bad.append(f'{path}: {reason}') if reason else paths.append(path))
   if bad:

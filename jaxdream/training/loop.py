@@ -1,4 +1,4 @@
-"""DreamBooth fine-tuning: one explicit training loop.
+"""DreamBooth fine-tuning (and VAE training, training/vae.py): one explicit training loop.
 
     jaxdream train --config configs/quickstart.py --workdir DIR [--config.train.num_steps=...]
 
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
-import warnings
 
 import jax
 
@@ -19,7 +17,6 @@ from jaxdream.distributed import multihost
 from jaxdream.distributed.mesh import make_mesh
 from jaxdream.distributed.sharding import batch_sharding, process_rows
 from jaxdream.training import config as config_lib
-from jaxdream.training.checkpoint import _checkpointer, _restore, _save
 from jaxdream.training.data import data_source, make_iterator, prepare_dataset
 from jaxdream.training.inputs import (
   _cache_latents,
@@ -39,10 +36,11 @@ from jaxdream.training.params import (
   split_models,
   split_trainable,
 )
-from jaxdream.training.step import StepFn, TrainingError, _place
+from jaxdream.training.runner import run_steps
+from jaxdream.training.step import StepFn, TrainingError, _place  # noqa: F401 - TrainingError: re-exported
 from jaxdream.training.subject_run import check_subjects, run_subjects
 from jaxdream.training.validation import _validation_images
-from jaxdream.training.writers import _load_losses, _save_losses, _Writer, loss_curve_image
+from jaxdream.training.writers import loss_curve_image
 
 
 def train(config, workdir: str) -> dict:
@@ -51,8 +49,14 @@ def train(config, workdir: str) -> dict:
   workdir/model only with lora.export_merged); with lora.per_subject one such adapter per concept
   (training.subject_run).
 
+  With task='vae' the run trains an AutoencoderKL instead (training/vae.py): workdir/vae.
+
   The config and every image are checked before anything is made; the workdir is locked for the run."""
   concepts = config_lib.validate(config)
+  if config.task == 'vae':
+    from jaxdream.training.vae import train_vae
+
+    return train_vae(config, workdir)
   for c in concepts:  # class images may live in the run folder
     c['class_dir'] = c['class_dir'].replace('{workdir}', workdir)
   if config.lora.per_subject:
@@ -119,51 +123,21 @@ def _run(config, workdir, concepts, instance) -> dict:
   step_fn = StepFn.from_config(config, pipeline, graphdefs, templates, tx)
   multihost.log(step_fn.describe())
   state, frozen, jstep, _ = _place(step_fn, pipeline, trainable, frozen, tx, mesh, config)
-  mngr = _checkpointer(workdir, config)
-  state = _restore(mngr, state, iterators, config)
-  start = int(state['step'])
 
-  writer = _Writer(workdir, config) if multihost.is_primary() else None
-  preempt = multihost.Preemption()
-  # Losses past the restored checkpoint are of steps that will be redone (a kill mid-save, or an older
-  # resume_step): drop them.
-  losses = [x for x in _load_losses(workdir) if x[0] <= start]
-  try:
-    from tqdm import tqdm
+  def next_batch():
+    batch = _next_batch(iterators, config.prior.enabled, latents, contexts)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sh, x, (total,) + x.shape[1:]), batch)
 
-    bar = tqdm(total=config.train.num_steps, initial=start, desc='train', disable=not multihost.is_primary())
-    log = _StepLog(config, workdir, writer, bar, losses, lr_schedule(config, next(iter(groups.values()))[1]), start)
-    for step in range(start, config.train.num_steps):
-      batch = _next_batch(iterators, config.prior.enabled, latents, contexts)
-      batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sh, x, (total,) + x.shape[1:]), batch)
-      if step == start:  # compiled ahead, so that no host waits in a collective while another compiles
-        jstep = jstep.lower(state, frozen, batch).compile()
-        multihost.barrier('train step compiled')
-      state, metrics = jstep(state, frozen, batch)
-      done = step + 1
-      stop = preempt.reached(done)
-      log.push(done, metrics)  # reads the previous step's metrics while this one runs
-      save = done % config.checkpoint.every_steps == 0 or done == config.train.num_steps or stop
-      validate = config.validation.every_steps and done % config.validation.every_steps == 0
-      if save or validate:
-        log.flush()  # a non-finite step stops the run here, before it is saved
-      if save:
-        _save(mngr, done, state, iterators, config)
-        if multihost.is_primary():
-          _save_losses(workdir, losses)
-      if validate:
-        _set_params(pipeline, multihost.to_host(state['trainable']))  # every process: a collective
-        images = _validation_images(pipeline, config, concepts, mesh)
-        if writer:
-          writer.images(done, images)
-      if stop:
-        mngr.wait_until_finished()
-        preempt.stopped(done)
-        return {'step': done, 'preempted': True}
-    bar.close()
-  finally:
-    preempt.restore()
-    mngr.wait_until_finished()
+  def validate(done, state, writer):
+    _set_params(pipeline, multihost.to_host(state['trainable']))  # every process: a collective
+    images = _validation_images(pipeline, config, concepts, mesh)
+    if writer:
+      writer.images(done, images)
+
+  lr = lr_schedule(config, next(iter(groups.values()))[1])
+  state, losses, stopped, writer = run_steps(config, workdir, state, frozen, jstep, next_batch, iterators, lr, validate)
+  if stopped:
+    return {'step': stopped, 'preempted': True}
   summary = {'step': int(state['step']), 'bad_steps': int(state['bad_steps']), 'losses': losses}
   final = state['ema'] if config.train.ema_decay > 0 else state['trainable']
   _set_params(pipeline, multihost.to_host(final))  # every process: gathering is a collective
@@ -187,55 +161,6 @@ def _run(config, workdir, concepts, instance) -> dict:
     writer.close()
   multihost.barrier('exported')
   return summary
-
-
-class _StepLog:
-  """The steps' metrics (the non-finite check, the loss history, the progress bar, the logged scalars),
-  read to the host one step late: step N's after step N+1 is dispatched, so the host prepares the next
-  batch while a step runs instead of waiting for each to finish. `flush` reads the pending step's at once:
-  before a checkpoint is saved, so that a non-finite step's state is never saved under nan_policy='stop'."""
-
-  def __init__(self, config, workdir, writer, bar, losses, learning_rate, start):
-    self.config, self.workdir, self.writer, self.bar, self.losses = config, workdir, writer, bar, losses
-    self.learning_rate = learning_rate  # of the first group, by optimizer update
-    self.pending = None
-    self.t_last, self.s_last = time.perf_counter(), start
-
-  def push(self, done: int, metrics):
-    """Step `done` was dispatched: read the step before it, and keep this one's for later."""
-    self.flush()
-    self.pending = (done, metrics)
-
-  def flush(self):
-    if self.pending is None:
-      return
-    (done, metrics), self.pending = self.pending, None
-    m = multihost.to_host(metrics)
-    t = self.config.train
-    if not m['finite']:
-      msg = f'non-finite loss or gradient at step {done} (loss={float(m["loss"])})'
-      if t.nan_policy == 'stop':
-        raise TrainingError(
-          msg + '; the step was not applied and the run stopped. The last good '
-          f'checkpoint is in {self.workdir}/checkpoints. Lower the learning rate, or set '
-          "train.nan_policy='skip' to skip such steps."
-        )
-      warnings.warn(msg + '; step skipped')
-    self.losses.append((done, float(m['loss'])))
-    self.bar.set_postfix(loss=f'{float(m["loss"]):.4f}')
-    self.bar.update(1)
-    if self.writer and (done % self.config.logging.every_steps == 0 or done == t.num_steps):
-      now = time.perf_counter()
-      self.writer.scalars(
-        done,
-        loss=m['loss'],
-        instance_loss=m['instance_loss'],
-        prior_loss=m['prior_loss'],
-        grad_norm=m['grad_norm'],
-        learning_rate=self.learning_rate(done // t.grad_accum_steps),
-        steps_per_second=(done - self.s_last) / max(now - self.t_last, 1e-9),
-      )
-      self.t_last, self.s_last = now, done
 
 
 def _final_outputs(pipeline, config, concepts, workdir, losses, mesh, writer) -> dict:

@@ -44,8 +44,66 @@ def dreambooth_loss(
   return instance_loss + prior_weight * prior_loss, (instance_loss, prior_loss)
 
 
+class TrainStep:
+  """A jitted training step over a state pytree ({step, trainable, opt_state, rng, bad_steps[, ema]}): the
+  gradient of `loss(trainable, frozen, batch, key) -> (loss, aux)`, the optimizer `tx` and the EMA of the
+  weights. Subclasses (frozen dataclasses) hold what `loss` needs, `tx` and `ema_decay`."""
+
+  tx: optax.GradientTransformation
+  ema_decay: float
+
+  def loss(self, trainable, frozen, batch, key):
+    raise NotImplementedError
+
+  def update(self, grads, params, opt_state):
+    """The optimizer step: (new parameters, new optimizer state)."""
+    updates, opt_state = self.tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  def __call__(self, state, frozen, batch):
+    key = step_key(state)
+    (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(state['trainable'], frozen, batch, key)
+    grad_norm = optax.global_norm(grads)
+    # A non-finite loss or gradient never reaches the weights: the step is dropped in the graph, and
+    # the host stops the run (nan_policy='stop') or carries on (nan_policy='skip'). Dropped by a
+    # conditional, not a select per leaf: where(ok, new, old) needs the old and the new state at once, so
+    # XLA kept a second copy of it (docs/performance.md); the conditional updates the donated state in place.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    trainable, opt_state = jax.lax.cond(
+      ok,
+      self.update,
+      lambda grads, params, opt_state: (params, opt_state),
+      grads,
+      state['trainable'],
+      state['opt_state'],
+    )
+    new = dict(
+      state,
+      step=state['step'] + 1,
+      trainable=trainable,
+      opt_state=opt_state,
+      bad_steps=state['bad_steps'] + (~ok),
+    )
+    if self.ema_decay:
+      # diffusers' EMAModel: one EMA step per optimizer update; the first copies the weights (decay 0),
+      # the n-th decays by n / (9 + n), capped at ema_decay.
+      applied, n = _optimizer_updates(opt_state, new['step'] - new['bad_steps'])
+      n = n.astype(jnp.float32)
+      d = jnp.where(n > 1, jnp.minimum(self.ema_decay, n / (9 + n)), 0.0)
+      new['ema'] = jax.tree.map(
+        lambda e, p: jnp.where(ok & applied, d * e + (1 - d) * p, e), state['ema'], new['trainable']
+      )
+    return new, dict(aux, loss=loss, grad_norm=grad_norm, finite=ok)
+
+
+def step_key(state):
+  """The random key of the step about to run: the run's key folded with the step number (a resumed run
+  draws the same numbers)."""
+  return jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
+
+
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: jax.jit caches on it
-class StepFn:
+class StepFn(TrainStep):
   """What the jitted step closes over: graph definitions, the noise schedule and static settings."""
 
   graphdefs: dict
@@ -129,46 +187,6 @@ class StepFn:
       snr_gamma=self.snr_gamma,
     )
     return loss, {'instance_loss': inst, 'prior_loss': prior}
-
-  def update(self, grads, params, opt_state):
-    """The optimizer step: (new parameters, new optimizer state)."""
-    updates, opt_state = self.tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  def __call__(self, state, frozen, batch):
-    key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
-    (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(state['trainable'], frozen, batch, key)
-    grad_norm = optax.global_norm(grads)
-    # A non-finite loss or gradient never reaches the weights: the step is dropped in the graph, and
-    # the host stops the run (nan_policy='stop') or carries on (nan_policy='skip'). Dropped by a
-    # conditional, not a select per leaf: where(ok, new, old) needs the old and the new state at once, so
-    # XLA kept a second copy of it (docs/performance.md); the conditional updates the donated state in place.
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    trainable, opt_state = jax.lax.cond(
-      ok,
-      self.update,
-      lambda grads, params, opt_state: (params, opt_state),
-      grads,
-      state['trainable'],
-      state['opt_state'],
-    )
-    new = dict(
-      state,
-      step=state['step'] + 1,
-      trainable=trainable,
-      opt_state=opt_state,
-      bad_steps=state['bad_steps'] + (~ok),
-    )
-    if self.ema_decay:
-      # diffusers' EMAModel: one EMA step per optimizer update; the first copies the weights (decay 0),
-      # the n-th decays by n / (9 + n), capped at ema_decay.
-      applied, n = _optimizer_updates(opt_state, new['step'] - new['bad_steps'])
-      n = n.astype(jnp.float32)
-      d = jnp.where(n > 1, jnp.minimum(self.ema_decay, n / (9 + n)), 0.0)
-      new['ema'] = jax.tree.map(
-        lambda e, p: jnp.where(ok & applied, d * e + (1 - d) * p, e), state['ema'], new['trainable']
-      )
-    return new, dict(aux, loss=loss, grad_norm=grad_norm, finite=ok)
 
 
 def _optimizer_updates(opt_state, good_steps):

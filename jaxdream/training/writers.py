@@ -95,17 +95,18 @@ class _Writer:
     if self.wandb:
       self.wandb.log(values, step=step)
 
-  def images(self, step, images: dict):
+  def images(self, step, images: dict, prefix: str = 'validation'):
+    """Each entry's images side by side, tagged PREFIX/NN NAME (validation prompts, VAE reconstructions)."""
     from jaxdream.io.images import make_grid
 
     for k, (prompt, ims) in enumerate(images.items()):
       grid = make_grid(list(ims), 1, len(ims))
       if self.tb:
-        self.tb.add_image(f'validation/{k:02d} {prompt}', grid, step, dataformats='HWC')
+        self.tb.add_image(f'{prefix}/{k:02d} {prompt}', grid, step, dataformats='HWC')
       if self.wandb:
         import wandb
 
-        self.wandb.log({f'validation/{prompt}': wandb.Image(grid)}, step=step)
+        self.wandb.log({f'{prefix}/{prompt}': wandb.Image(grid)}, step=step)
 
   def close(self):
     if self.tb:
