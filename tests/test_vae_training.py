@@ -2,6 +2,7 @@
 clipped AdamW update); a whole run exports a VAE that diffusers loads and resumes to bitwise-identical
 weights; bad VAE settings are refused before anything is built."""
 
+import contextlib
 import copy
 import glob
 import os
@@ -10,13 +11,14 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import nchw, rel_err
+from conftest import VAE, nchw, perturb_, rel_err
 
 import jaxdream
 from jaxdream.diffusion.pipeline import Pipeline
 from jaxdream.io.weights import read_safetensors, state_dict
 from jaxdream.models import load_vae
 from jaxdream.training import config as config_lib
+from jaxdream.training import vae as vae_lib
 from jaxdream.training.data import data_source
 from jaxdream.training.params import _set_params, split_models
 from jaxdream.training.step import step_key
@@ -26,6 +28,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VAE_TINY = os.path.join(ROOT, 'configs', 'vae_tiny.py')
 SAMPLE = os.path.join(os.path.dirname(jaxdream.__file__), 'assets', 'sample_subject')
 VAE_FILE = os.path.join('vae', 'diffusion_pytorch_model.safetensors')
+VAE_TWO_LEVELS = dict(
+  VAE,
+  block_out_channels=(32, 64),
+  down_block_types=('DownEncoderBlock2D',) * 2,
+  up_block_types=('UpDecoderBlock2D',) * 2,
+)
 
 
 def _torch_named(pipe, flat: dict) -> dict:
@@ -36,7 +44,7 @@ def _torch_named(pipe, flat: dict) -> dict:
 
 
 def _run_config(model_path, num_steps):
-  """A whole VAE run's config: 2 images a step on 8 simulated devices, EMA, a checkpoint every step."""
+  """A whole VAE run's config: 2 images a step, EMA, a checkpoint every step."""
   c = config_lib.config_file(VAE_TINY)
   c.model = model_path  # conftest's tiny AutoencoderKL (the built-in tiny VAE's architecture): no init to compile
   c.resolution = 32
@@ -47,18 +55,41 @@ def _run_config(model_path, num_steps):
   c.train.ema_decay = 0.9  # the exported weights are the EMA ones: they resume too
   c.checkpoint.every_steps, c.logging.every_steps = 1, 1
   c.validation.every_steps, c.validation.num_images = 2, 2
-  c.mesh.data, c.mesh.tensor = 2, 4  # the batch of 2 splits over 'data'
   return c
 
 
 @pytest.fixture(scope='module')
-def straight(torch_vae, tmp_path_factory):
+def small_vae(tmp_path_factory):
+  """conftest's tiny VAE cut to two levels: every kind of block, fewer parameters to trace, compile and save."""
+  from diffusers import AutoencoderKL
+
+  torch.manual_seed(2)
+  model = perturb_(AutoencoderKL(**VAE_TWO_LEVELS), seed=2)
+  path = str(tmp_path_factory.mktemp('vae_two_levels'))
+  model.save_pretrained(path)
+  return model, path
+
+
+@pytest.fixture(scope='module')
+def straight(small_vae, tmp_path_factory):
   """A 2-step VAE run from conftest's tiny VAE: (config, workdir, summary)."""
   from jaxdream.training.loop import train
 
-  config = _run_config(torch_vae[1], 2)
+  config = _run_config(small_vae[1], 2)
   workdir = str(tmp_path_factory.mktemp('vae_runs') / 'straight')
-  return config, workdir, train(config, workdir)
+  with _one_device():
+    return config, workdir, train(config, workdir)
+
+
+@contextlib.contextmanager
+def _one_device():
+  """Runs on one device: on the 8-device mesh the step compiles a third slower and computes 8 times over (the
+  sharded loop, shared with DreamBooth runs, is tested on 8 devices in test_train_run.py)."""
+  from jaxdream.distributed.mesh import make_mesh
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(vae_lib, 'make_mesh', lambda *sizes: make_mesh(*sizes, devices=jax.devices()[:1]))
+    yield
 
 
 def _restored(workdir, step) -> dict:
@@ -69,11 +100,11 @@ def _restored(workdir, step) -> dict:
     return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
 
 
-def test_a_vae_runs_first_step_equals_diffusers_loss_gradients_and_clipped_adamw_update(straight, torch_vae):
+def test_a_vae_runs_first_step_equals_diffusers_loss_gradients_and_clipped_adamw_update(straight, small_vae):
   """The run's own first step (its batch, its posterior draw, its checkpoint) against diffusers' AutoencoderKL
   trained by torch on the same batch and noise: loss and gradients to 1e-5, the AdamW update to 1e-4."""
   config, workdir, summary = straight
-  model, path = torch_vae
+  model, path = small_vae
   model = copy.deepcopy(model).train()  # the session's model stays as it is
   t = config.train
   (folder,) = glob.glob(os.path.join(workdir, 'data', '*'))
@@ -83,7 +114,7 @@ def test_a_vae_runs_first_step_equals_diffusers_loss_gradients_and_clipped_adamw
   pipe = Pipeline(components={'vae': load_vae(path)}, tokenizers={}, scheduler_config={})
   graphdefs, templates, trainable = split_models(pipe)
   step_fn = VaeStep.from_config(config, graphdefs, templates, None)
-  noise = step_fn.posterior_noise(key, (2, 8, 8, 4))
+  noise = step_fn.posterior_noise(key, (2, 16, 16, 4))
   (loss, aux), grads = jax.jit(jax.value_and_grad(step_fn.loss, has_aux=True))(trainable, {}, {'pixels': x}, key)
   norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64))) for g in grads.values())))
   assert norm > 2 * t.max_grad_norm, norm  # the clipping acts
@@ -130,7 +161,7 @@ def test_a_vae_runs_first_step_equals_diffusers_loss_gradients_and_clipped_adamw
   assert rel_err(reconstruction_loss(r, nchw(x), 'l2'), torch.nn.functional.mse_loss(rec, xt).item()) <= 1e-6
 
 
-def test_vae_run_exports_a_vae_diffusers_loads_and_resumes_to_bitwise_identical_weights(straight, torch_vae, tmp_path):
+def test_vae_run_exports_a_vae_diffusers_loads_and_resumes_to_bitwise_identical_weights(straight, small_vae, tmp_path):
   import shutil
 
   from diffusers import AutoencoderKL
@@ -144,7 +175,7 @@ def test_vae_run_exports_a_vae_diffusers_loads_and_resumes_to_bitwise_identical_
   assert out['vae'] == os.path.join(workdir, 'vae')
   model, info = AutoencoderKL.from_pretrained(out['vae'], output_loading_info=True)
   assert not any(info.values()), info  # no missing, unexpected or mismatched weights
-  assert list(model.config.block_out_channels) == [32, 64, 64]
+  assert list(model.config.block_out_channels) == [32, 64]
   assert Image.open(out['reconstructions']).size == (64, 64)  # 2 images x (input | reconstruction) of 32 px
   folder = os.path.join(workdir, 'tensorboard')
   events = b''.join(open(os.path.join(folder, f), 'rb').read() for f in os.listdir(folder))
@@ -155,18 +186,21 @@ def test_vae_run_exports_a_vae_diffusers_loads_and_resumes_to_bitwise_identical_
   resumed = shutil.copytree(workdir, str(tmp_path / 'resumed'))
   shutil.rmtree(os.path.join(resumed, 'checkpoints', '2'))
   shutil.rmtree(os.path.join(resumed, 'vae'))
-  summary2 = train(config, resumed)
+  with _one_device():
+    summary2 = train(config, resumed)
   assert summary2['losses'] == summary['losses'] and summary2['step'] == 2
   a, b = read_safetensors(os.path.join(workdir, VAE_FILE)), read_safetensors(os.path.join(resumed, VAE_FILE))
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-  initial = read_safetensors(os.path.join(torch_vae[1], 'diffusion_pytorch_model.safetensors'))
+  initial = read_safetensors(os.path.join(small_vae[1], 'diffusion_pytorch_model.safetensors'))
   assert sum(not np.array_equal(a[k], initial[k]) for k in a) > len(a) // 2  # the run trained the weights
 
 
 def test_misspelt_or_unused_vae_settings_are_refused_before_anything_is_built(tmp_path, capsys):
   from jaxdream.cli import main
 
-  config_lib.validate(config_lib.config_file(VAE_TINY))  # the shipped config is valid as it is
+  shipped = config_lib.config_file(VAE_TINY)
+  shipped.lock()  # as the command line has it
+  config_lib.validate(shipped)  # valid as it is
   c = config_lib.config_file(VAE_TINY)
   c.vae.kl_wieght = 1.0  # a config file's typo (the config is locked only after get_config)
   c.vae.recon_loss, c.vae.data_dir = 'l3', str(tmp_path / 'missing')

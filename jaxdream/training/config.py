@@ -472,8 +472,11 @@ def _vae_problems(config) -> list[str]:
     problems.append(f'vae.kl_weight must not be negative, got {v.kl_weight}')
   defaults = base_config()
   for key in _DREAMBOOTH_ONLY:
-    if _get(config, key) != _get(defaults, key):
-      problems.append(f"{key}={_get(config, key)!r} is a DreamBooth setting that task='vae' does not use")
+    value, default = _get(config, key), _get(defaults, key)
+    if isinstance(default, ml_collections.ConfigDict):  # as dicts: a locked ConfigDict never equals an unlocked one
+      value, default = value.to_dict(), default.to_dict()
+    if value != default:
+      problems.append(f"{key}={value!r} is a DreamBooth setting that task='vae' does not use")
   return problems
 
 
