@@ -151,7 +151,7 @@ def test_a_vae_runs_first_step_equals_diffusers_loss_gradients_and_clipped_adamw
   after, torch_after = _torch_named(pipe, step1['trainable']), dict(model.named_parameters())
   ours = np.concatenate([(after[n] - before[n]).ravel() for n in names])
   theirs = np.concatenate([(torch_after[n].detach().numpy() - before[n]).ravel() for n in names])
-  assert rel_err(ours, theirs) <= 1e-4  # of the update (the weights agree to ~1e-7)
+  assert rel_err(ours, theirs) <= 1e-4  # of the update (3.8e-5 measured; gradients 1.1e-6)
   assert int(step1['step']) == 1 and int(step1['bad_steps']) == 0
 
   # The other reconstruction loss and the KL divergence against torch's on the same posterior.
