@@ -50,6 +50,13 @@ UNET_ONE_LEVEL = dict(
   down_block_types=('CrossAttnDownBlock2D',),
   up_block_types=('CrossAttnUpBlock2D',),
 )
+# UNET_SD1 cut to two levels: still every block kind (cross-attention and plain, down- and upsamplers).
+UNET_TWO_LEVEL = dict(
+  UNET_SD1,
+  block_out_channels=(32, 64),
+  down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
+  up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'),
+)
 UNET_SD2 = dict(
   UNET_SD1,
   attention_head_dim=(2, 4, 8),
@@ -160,19 +167,17 @@ def make_text_encoder(path, hidden_act, seed=3, **overrides):
   return model
 
 
-@pytest.fixture(scope='session')
-def tiny_sd_folder(tmp_path_factory):
-  """A tiny random diffusers StableDiffusionPipeline folder with the real CLIP tokenizer."""
+def _sd_pipeline_folder(root, unet_config, text_layers):
+  """A tiny random diffusers StableDiffusionPipeline saved in root/'model', with the real CLIP tokenizer."""
   from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
   from transformers import CLIPTextConfig, CLIPTextModel
 
   from jaxdream.io.tokenizer import load_tokenizer, write_clip_tokenizer
 
-  root = tmp_path_factory.mktemp('tiny_sd')
   tok_dir = str(root / 'tok')
   write_clip_tokenizer(tok_dir)
   torch.manual_seed(4)
-  unet = perturb_(UNet2DConditionModel(**UNET_SD1), seed=4)
+  unet = perturb_(UNet2DConditionModel(**unet_config), seed=4)
   vae = perturb_(AutoencoderKL(**VAE), seed=5)
   te = perturb_(
     CLIPTextModel(
@@ -180,7 +185,7 @@ def tiny_sd_folder(tmp_path_factory):
         vocab_size=49408,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=text_layers,
         num_attention_heads=4,
         max_position_embeddings=77,
         bos_token_id=49406,
@@ -217,6 +222,21 @@ def tiny_sd_folder(tmp_path_factory):
   cfg['clip_sample'] = False
   json.dump(cfg, open(cfg_path, 'w'))
   return pipe, path
+
+
+@pytest.fixture(scope='session')
+def tiny_sd_folder(tmp_path_factory):
+  """A tiny random diffusers StableDiffusionPipeline folder (the three-level UNET_SD1, a two-layer text
+  encoder) with the real CLIP tokenizer."""
+  return _sd_pipeline_folder(tmp_path_factory.mktemp('tiny_sd'), UNET_SD1, text_layers=2)
+
+
+@pytest.fixture(scope='session')
+def small_sd_folder(tmp_path_factory):
+  """tiny_sd_folder with a two-level UNet (UNET_TWO_LEVEL) and a one-layer text encoder: every kind of
+  block and layer, at half the compile time, for the tests that compile whole training steps and samplers
+  (most of the suite's time)."""
+  return _sd_pipeline_folder(tmp_path_factory.mktemp('small_sd'), UNET_TWO_LEVEL, text_layers=1)
 
 
 @pytest.fixture(scope='session')

@@ -37,8 +37,8 @@ def _recorder(calls):
   return progress
 
 
-def test_two_threads_sampling_one_pipeline_get_their_own_images_and_progress(tiny_sd_folder):
-  pipe = load_pipeline(tiny_sd_folder[1])
+def test_two_threads_sampling_one_pipeline_get_their_own_images_and_progress(small_sd_folder):
+  pipe = load_pipeline(small_sd_folder[1])
   alone, alone_calls = {}, {}
   for name in JOBS:
     alone_calls[name] = []

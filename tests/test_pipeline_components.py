@@ -47,8 +47,8 @@ def with_second_encoder(base: Pipeline, seed: int) -> Pipeline:
 
 
 @pytest.fixture(scope='module')
-def base(tiny_sd_folder):
-  return load_pipeline(tiny_sd_folder[1])
+def base(small_sd_folder):
+  return load_pipeline(small_sd_folder[1])
 
 
 def test_components_are_named_attributes_and_tokenize_gives_ids_per_text_encoder(base):

@@ -24,10 +24,10 @@ DIFFUSERS_CLASS = {
 
 
 @pytest.fixture(scope='module')
-def pipes(tiny_sd_folder):
+def pipes(small_sd_folder):
   # A pipeline object of this module's own (sharing the session's modules): the tests replace its scheduler.
-  ref = tiny_sd_folder[0]
-  return type(ref)(**ref.components), load_pipeline(tiny_sd_folder[1])
+  ref = small_sd_folder[0]
+  return type(ref)(**ref.components), load_pipeline(small_sd_folder[1])
 
 
 def _with_scheduler(ref_pipe, pipe, name, prediction_type):
@@ -272,13 +272,13 @@ def test_inpainting_a_standard_model_matches_diffusers_latent_blending(pipes, mo
 def test_inpainting_with_a_nine_channel_unet_matches_diffusers(pipes, monkeypatch, tmp_path):
   import diffusers.models.autoencoders.vae as vae_module
   import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint_module
-  from conftest import UNET_SD1, perturb_
+  from conftest import UNET_TWO_LEVEL, perturb_
   from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
   from PIL import Image
 
   ref_pipe, _ = pipes
   torch.manual_seed(8)
-  unet9 = perturb_(UNet2DConditionModel(**dict(UNET_SD1, in_channels=9)), seed=8)
+  unet9 = perturb_(UNet2DConditionModel(**dict(UNET_TWO_LEVEL, in_channels=9)), seed=8)
   ref = StableDiffusionInpaintPipeline(**dict(ref_pipe.components, unet=unet9))
   ref.save_pretrained(tmp_path)
   pipe = load_pipeline(str(tmp_path))

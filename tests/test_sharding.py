@@ -34,8 +34,8 @@ def _batch(pipe, n=8):
 
 
 @pytest.fixture(scope='module')
-def setup(tiny_sd_folder):
-  pipe, config, fn, state, frozen = _setup(tiny_sd_folder[1], train_text_encoder=True)
+def setup(small_sd_folder):
+  pipe, config, fn, state, frozen = _setup(small_sd_folder[1], train_text_encoder=True)
   fn = type(fn)(**{**fn.__dict__, 'num_instance': 4})
   single_state, metrics = jax.jit(fn)(state, frozen, _batch(pipe))
   return pipe, config, fn, jax.device_get(state), frozen, jax.device_get(single_state), jax.device_get(metrics)
@@ -108,7 +108,7 @@ def test_checkpoint_written_on_one_mesh_resumes_on_others(setup, tmp_path):
 
 
 @pytest.mark.slow
-def test_sixty_four_synthetic_subjects_train_on_the_eight_device_mesh_as_on_one_device(tiny_sd_folder, tmp_path):
+def test_sixty_four_synthetic_subjects_train_on_the_eight_device_mesh_as_on_one_device(small_sd_folder, tmp_path):
   import json
 
   from PIL import Image
@@ -140,7 +140,7 @@ def test_sixty_four_synthetic_subjects_train_on_the_eight_device_mesh_as_on_one_
     )
   (tmp_path / 'concepts.json').write_text(json.dumps(concepts))
   c = config_lib.base_config()
-  c.model, c.resolution = tiny_sd_folder[1], 64
+  c.model, c.resolution = small_sd_folder[1], 64
   c.concepts = []
   c.data.concepts_file, c.data.min_instance_images = str(tmp_path / 'concepts.json'), 2
   c.prior.sample_steps, c.prior.batch_size = 2, 8

@@ -281,8 +281,8 @@ CASES = {
 @pytest.mark.parametrize(
   'case', [c if i == 0 else pytest.param(c, marks=pytest.mark.slow) for i, c in enumerate(CASES)]
 )
-def test_steps_equal_the_pytorch_reference(tiny_sd_folder, case):
-  _, path = tiny_sd_folder
+def test_steps_equal_the_pytorch_reference(small_sd_folder, case):
+  _, path = small_sd_folder
   options, steps = CASES[case]
   options = dict(options)
   if 'param_groups' in options:
@@ -372,11 +372,11 @@ def _update_flops(tx, state, guard=False):
   return _flops(apply, state)
 
 
-def test_no_gradient_is_computed_for_frozen_parameters(tiny_sd_folder):
+def test_no_gradient_is_computed_for_frozen_parameters(small_sd_folder):
   """Exact forms of the step's cost (XLA's flop count of the lowered step). Feeding precomputed text embeddings
   ('context' instead of 'input_ids') saves exactly the text encoder's forward when it is frozen, and its
   forward and backward when it is trained; the VAE (always frozen) costs one forward encode."""
-  _, path = tiny_sd_folder
+  _, path = small_sd_folder
   pipe, _, fn, state, frozen = _setup(path, train_text_encoder=False)
   _, _, fn_te, state_te, frozen_te = _setup(path, train_text_encoder=True)
   batch = _batch(pipe, 0)
@@ -413,11 +413,11 @@ def test_no_gradient_is_computed_for_frozen_parameters(tiny_sd_folder):
   assert 0.8 * vae_forward <= with_vae <= 1.2 * vae_forward
 
 
-def test_lora_step_computes_no_gradient_for_the_base_and_keeps_optimizer_state_only_for_adapters(tiny_sd_folder):
+def test_lora_step_computes_no_gradient_for_the_base_and_keeps_optimizer_state_only_for_adapters(small_sd_folder):
   """A LoRA step costs the full fine-tuning step less exactly the UNet's base weight gradient and its AdamW
   work (measured apart: the UNet's backward for all its weights vs for the adapters only, ~0.9 of a forward
   here); had the step differentiated the base, the saving would be ~0."""
-  _, path = tiny_sd_folder
+  _, path = small_sd_folder
   pipe, _, fn, state, frozen = _setup(path, train_text_encoder=False)
   lpipe, _, lfn, lstate, lfrozen = _setup(path, train_text_encoder=False, lora=dict(rank=4))
   adapters = {k for k in split_models(lpipe)[2] if k.endswith(('/lora_a', '/lora_b'))}
