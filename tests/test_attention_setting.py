@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import UNET_SD1, VAE, rel_err
+from conftest import UNET_TWO_LEVEL, VAE, rel_err
 from flax import nnx
 
 from jaxdream.io.weights import abstract_model, init_model
@@ -31,7 +31,7 @@ def _kosmos2_inputs():
 MODELS = {
   'unet': (
     UNet2DConditionModel,
-    UNET_SD1,
+    UNET_TWO_LEVEL,
     lambda: (jnp.ones((1, 8, 8, 4)), jnp.array([10]), jnp.ones((1, 7, 32))),
     lambda m, *a: m(*a),
   ),
