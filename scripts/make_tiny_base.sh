@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The tiny base model from scratch (issue #15): a VAE, then the UNet + text encoder on its latents, both on
-# DreamBench without the quickstart's dog (jaxdream/training/pretrain_data.py), then the diffusers folder at OUT.
+# The tiny base model from scratch (issue #15): a VAE (its scaling_factor set for unit-variance latents), then the
+# UNet + text encoder on its latents, both on DreamBench without the quickstart's dog
+# (jaxdream/training/pretrain_data.py), then the diffusers folder at OUT.
 #
 #   scripts/make_tiny_base.sh [OUT] [--dreambench DIR] [--steps-vae N] [--steps-unet M] [--seed S] [--workdir W]
 #
@@ -20,7 +21,7 @@ JAXDREAM=${JAXDREAM:-jaxdream}
 PYTHON=${PYTHON:-python}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-usage() { sed -n '2,10s/^# \{0,1\}//p' "$0"; exit "${1:-0}"; }
+usage() { sed -n '2,11s/^# \{0,1\}//p' "$0"; exit "${1:-0}"; }
 positional=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -50,6 +51,8 @@ fi
 echo "== 2/3 VAE: $STEPS_VAE steps -> $WORK/vae/vae"
 "$JAXDREAM" train --config "$HERE/configs/vae_tiny.py" --workdir "$WORK/vae" \
   --config.vae.data_dir="$WORK/data" --config.train.num_steps="$STEPS_VAE" --config.seed="$SEED"
+
+"$PYTHON" -m jaxdream.training.pretrain_data --calibrate-vae "$WORK/vae/vae" --out "$WORK/data" --resolution 64
 
 echo "== 3/3 UNet + text encoder: $STEPS_UNET steps on the VAE's latents -> $WORK/pretrain/model"
 "$JAXDREAM" train --config "$HERE/configs/tiny_base_pretrain.py:$DREAMBENCH" --workdir "$WORK/pretrain" \

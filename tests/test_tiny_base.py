@@ -4,6 +4,7 @@ built-in tiny model, with a given VAE that it leaves as it was. (scripts/make_ti
 byte-identical weights: checked by hand, too slow for CI.)"""
 
 import contextlib
+import json
 import os
 import shutil
 
@@ -18,11 +19,12 @@ import jaxdream
 from jaxdream.io.dreambench import read_dreambench
 from jaxdream.io.images import list_images
 from jaxdream.io.weights import read_safetensors, write_safetensors
+from jaxdream.models import load_vae
 from jaxdream.training import config as config_lib
 from jaxdream.training import loop
-from jaxdream.training.data import data_source, make_iterator
+from jaxdream.training.data import _crop_flip, data_source, make_iterator, resized_png
 from jaxdream.training.inputs import _instance_examples
-from jaxdream.training.pretrain_data import pretraining_concepts, write_captioned_folder
+from jaxdream.training.pretrain_data import calibrate_scaling_factor, pretraining_concepts, write_captioned_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(ROOT, 'configs', 'tiny_base_pretrain.py')
@@ -108,7 +110,9 @@ def _one_device():
     yield
 
 
-def test_pretraining_run_trains_unet_and_text_encoder_and_exports_the_given_vae_untouched(tiny_sd_folder, tmp_path):
+def test_pretraining_run_trains_unet_and_text_encoder_on_a_calibrated_vae_it_exports_untouched(
+  tiny_sd_folder, tmp_path
+):
   from diffusers import UNet2DConditionModel
 
   # conftest's tiny model with a one-level UNet: every kind of block, a step that compiles in half the time.
@@ -122,6 +126,14 @@ def test_pretraining_run_trains_unet_and_text_encoder_and_exports_the_given_vae_
   rng = np.random.default_rng(0)
   weights = {k: (v + 0.01 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in weights.items()}
   write_safetensors(os.path.join(vae, 'diffusion_pytorch_model.safetensors'), weights)
+  # Its scaling factor set from the photos: their latents, as the diffusion model sees them, have unit std.
+  factor = calibrate_scaling_factor(str(vae), os.path.join(DREAMBENCH, 'teapot'), 32)
+  crops = [
+    _crop_flip(np.frombuffer(resized_png(p, 32), np.uint8), 32, True, 0.0, None)
+    for p in list_images(os.path.join(DREAMBENCH, 'teapot'))
+  ]
+  mean, _ = jax.jit(load_vae(str(vae)).encode_latents)(np.stack(crops).astype(np.float32) / 127.5 - 1)
+  assert abs(float(np.std(np.asarray(mean, np.float64))) - 1.0) < 1e-4 and abs(factor - 0.18215) > 0.01
 
   config = config_lib.config_file(PRETRAIN)
   config.model, config.vae_model = base, str(vae)
@@ -142,6 +154,8 @@ def test_pretraining_run_trains_unet_and_text_encoder_and_exports_the_given_vae_
     assert before.keys() == after.keys()
     changed = sum(not np.array_equal(before[k], after[k]) for k in before)
     assert (changed > len(before) // 2) if trained else changed == 0, (name, changed, len(before))
+  with open(os.path.join(model, 'vae', 'config.json')) as f:
+    assert json.load(f)['scaling_factor'] == factor  # exported with the VAE
 
   # Caption dropout empties prompts (here about half) and leaves the crops and flips as they were.
   source = data_source(os.path.join(workdir, 'data', os.listdir(os.path.join(workdir, 'data'))[0]), 'instance')
