@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = 'dreambooth'  # or 'vae': train an AutoencoderKL (the `vae` group)
   c.model = ''  # diffusers-format folder (SD 1.x/2.x), or 'builtin:tiny'
+  c.vae_model = ''  # an AutoencoderKL folder replacing the model's VAE (e.g. a task='vae' run's workdir/vae)
   c.allow_pickle = False  # load .bin/.ckpt weights (unpickling can run code)
   c.seed = 0
   c.resolution = 512
@@ -99,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
       max_grad_norm=1.0,  # 0 disables clipping
       grad_accum_steps=1,
       offset_noise=0.0,
+      caption_dropout=0.0,  # probability of training an example on the empty prompt (classifier-free guidance)
       snr_gamma=0.0,  # min-SNR-gamma weighting; 0 disables it
       ema_decay=0.0,  # EMA of the trainable weights; 0 disables it
       cache_latents=False,  # encode images once (needs center crops and no flips)
@@ -174,6 +176,8 @@ KEY_DOCS = {
   'task': "'dreambooth' (fine-tune a Stable Diffusion model) or 'vae' (train an AutoencoderKL: the vae.* keys)",
   'model': f"diffusers-format model folder (SD 1.x/2.x; task='vae': also an AutoencoderKL folder), or "
   f"'{BUILTIN_TINY}' (a tiny random model)",
+  'vae_model': "an AutoencoderKL folder (or a diffusers model folder: its vae/) replacing the model's VAE, e.g. "
+  "a task='vae' run's workdir/vae; it stays frozen and is exported with the model",
   'allow_pickle': 'also load .bin/.ckpt weights (unpickling can run code)',
   'seed': 'seed of noise, timesteps, data order and class images',
   'resolution': 'training image size in pixels (a multiple of 8)',
@@ -186,7 +190,8 @@ KEY_DOCS = {
   'concepts.N.class_prompt': 'prompt of the class-prior images, e.g. "a photo of dog"',
   'concepts.N.class_dir': 'folder of class-prior images (generated when short); {workdir} is replaced',
   'concepts.N.num_class_images': 'class-prior images to use (and make if missing)',
-  'concepts.N.identifier': 'the rare token naming the subject',
+  'concepts.N.identifier': "the rare token naming the subject ('': none, the prompt is a plain caption: "
+  'text-to-image training, as configs/tiny_base_pretrain.py)',
   'data.concepts_file': 'JSON list of concepts (same keys as concepts), for many subjects',
   'data.center_crop': 'True: centre crops; False: random crops',
   'data.flip_p': 'probability of a horizontal flip',
@@ -218,6 +223,8 @@ KEY_DOCS = {
   'train.max_grad_norm': 'global gradient clipping (0 disables it)',
   'train.grad_accum_steps': 'batches accumulated per optimizer step',
   'train.offset_noise': 'offset noise strength (0 disables it)',
+  'train.caption_dropout': 'probability of an example trained on the empty prompt, which classifier-free guidance '
+  'samples against (0: never; pretraining uses ~0.1)',
   'train.snr_gamma': 'min-SNR-gamma loss weighting (0 disables it)',
   'train.ema_decay': 'EMA of the trainable weights, exported instead of them (0 disables it)',
   'train.cache_latents': 'encode every image once (needs centre crops and no flips)',
@@ -297,6 +304,7 @@ RUN_DEFINING = (
   'task',
   'vae',  # only with task='vae' (see run_defining)
   'model',
+  'vae_model',
   'seed',
   'resolution',
   'concepts',
@@ -317,6 +325,7 @@ RUN_DEFINING = (
   'train.max_grad_norm',
   'train.grad_accum_steps',
   'train.offset_noise',
+  'train.caption_dropout',
   'train.snr_gamma',
   'train.ema_decay',
   'train.optimizer',
@@ -338,7 +347,13 @@ RUN_DEFINING = (
 
 # Run-defining keys added after runs were checkpointed: left out at their default value, so that those
 # checkpoints stay resumable.
-_LEFT_OUT_AT_DEFAULT = {'task': 'dreambooth', 'train.optimizer': 'adamw', 'train.optimizer_state_dtype': 'float32'}
+_LEFT_OUT_AT_DEFAULT = {
+  'task': 'dreambooth',
+  'vae_model': '',
+  'train.optimizer': 'adamw',
+  'train.optimizer_state_dtype': 'float32',
+  'train.caption_dropout': 0.0,
+}
 
 _CHOICES = {
   'task': ('dreambooth', 'vae'),
@@ -435,6 +450,8 @@ def _lora_problems(config) -> list[str]:
 
 # DreamBooth settings that a VAE run has no use for: changed from their defaults, they are refused, not ignored.
 _DREAMBOOTH_ONLY = (
+  'vae_model',
+  'train.caption_dropout',
   'train.train_text_encoder',
   'train.param_groups',
   'train.offset_noise',
@@ -530,6 +547,15 @@ def validate(config) -> list[dict]:
       "train.optimizer_state_dtype='bfloat16' makes AdamW's first moment bfloat16; adafactor has none "
       "(its factored state is already small): use train.optimizer_state_dtype='float32'"
     )
+  if not 0.0 <= t.caption_dropout < 1.0:
+    problems.append(f'train.caption_dropout must be in [0, 1), got {t.caption_dropout}')
+  if config.vae_model and not any(
+    os.path.isfile(os.path.join(config.vae_model, *p)) for p in (('config.json',), ('vae', 'config.json'))
+  ):
+    problems.append(
+      f'vae_model={config.vae_model!r}: neither an AutoencoderKL folder (config.json) nor a diffusers model folder '
+      'with a vae/'
+    )
   if not 0.0 <= t.ema_decay < 1.0:
     problems.append(f'train.ema_decay must be in [0, 1), got {t.ema_decay}')
   problems += _vae_group_problems(config)
@@ -561,6 +587,11 @@ def _dreambooth_problems(config) -> tuple[list[str], list[dict]]:
       'train.cache_text_embeddings needs a frozen text encoder (train.train_text_encoder=False, '
       'lora.text_encoder=False and no param_groups over text_encoder/)'
     )
+  if t.caption_dropout > 0 and (t.cache_text_embeddings or config.lora.per_subject):
+    problems.append(
+      'train.caption_dropout needs train.cache_text_embeddings=False and lora.per_subject=False (it drops '
+      "captions as the run's batches are read)"
+    )
   for name, group in t.param_groups.items():
     if not isinstance(group, ml_collections.ConfigDict) or set(group.keys()) != {'pattern', 'learning_rate'}:
       problems.append(f'train.param_groups.{name} needs exactly pattern and learning_rate')
@@ -591,7 +622,12 @@ def _dreambooth_problems(config) -> tuple[list[str], list[dict]]:
     if not os.path.isdir(c['instance_dir']):
       problems.append(f'{where}: instance_dir does not exist')
     ident = c['identifier']
-    if not ident or not re.search(rf'(^|\W){re.escape(ident)}(\W|$)', c['instance_prompt']):
+    if not ident:  # no identifier: a captioned text-to-image concept (pretraining)
+      if not c['instance_prompt'].strip():
+        problems.append(
+          f'{where}: instance_prompt is empty (without an identifier it is the caption of images without a sidecar)'
+        )
+    elif not re.search(rf'(^|\W){re.escape(ident)}(\W|$)', c['instance_prompt']):
       problems.append(
         f'{where}: instance_prompt {c["instance_prompt"]!r} must contain the identifier '
         f'{ident!r} (e.g. "a photo of {ident} dog")'

@@ -225,6 +225,7 @@ def make_iterator(
   tokenize,
   rows: slice = slice(None),
   prefetch: int = 2,
+  caption_dropout: float = 0.0,
 ):
   """An endless, shuffled, checkpointable iterator of batches: pixels float32 NHWC in [-1, 1],
   input_ids (int32 token ids, as `tokenize` gives them: per text encoder), concept int32, index int32.
@@ -232,7 +233,9 @@ def make_iterator(
   Every host walks the same global sequence of batches (a shuffled index stream, reshuffled each
   epoch) and reads and decodes only `rows` of each: the rows its devices hold. Sharding batches rather
   than the dataset keeps a 5-image subject usable on a 64-host pod, and makes the run independent of
-  the number of hosts: each example's crop and flip depend only on (seed, batch, row).
+  the number of hosts: each example's crop and flip depend only on (seed, batch, row). With `caption_dropout`
+  an example's prompt is replaced by the empty one with that probability (drawn after its crop and flip, so
+  that runs without it see the batches they always saw).
 
   `prefetch` batches are decoded ahead, one thread each. (grain's default, 16 threads filling a buffer
   of 500 batches, decoded hundreds of images per step that a short run never used, held them all in
@@ -255,6 +258,8 @@ def make_iterator(
       rng = np.random.default_rng([seed, step, row])
       im = _crop_flip(ex['png'], resolution, center_crop, flip_p, rng)
       prompt = ex['prompt'].decode() if isinstance(ex['prompt'], bytes) else str(ex['prompt'])
+      if caption_dropout > 0 and rng.random() < caption_dropout:
+        prompt = ''
       out.append(
         {
           'pixels': im.astype(np.float32) / 127.5 - 1.0,

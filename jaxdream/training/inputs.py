@@ -82,11 +82,31 @@ def _load_base(config, workdir):
     )
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.compute_dtype]
   pipeline = load_pipeline(model, dtype=dtype, attention_impl=config.attention, allow_pickle=config.allow_pickle)
+  if config.vae_model:
+    _replace_vae(pipeline, config, dtype)
   if config.resolution % pipeline.vae_scale_factor:
     raise config_lib.RunConfigError(
       f'resolution {config.resolution} is not a multiple of the VAE factor {pipeline.vae_scale_factor}'
     )
   return pipeline
+
+
+def _replace_vae(pipeline, config, dtype):
+  """config.vae_model's AutoencoderKL in place of the model's VAE (before anything is compiled with it): its
+  latents must have the channels the UNet takes."""
+  from jaxdream.models import load_vae
+
+  path = config.vae_model
+  if not os.path.isfile(os.path.join(path, 'config.json')):
+    path = os.path.join(path, 'vae')
+  vae = load_vae(path, dtype=dtype, attention_impl=config.attention, allow_pickle=config.allow_pickle)
+  channels = pipeline.unet.config['in_channels']
+  if vae.latent_channels != channels:
+    raise config_lib.RunConfigError(
+      f'vae_model={config.vae_model!r} makes {vae.latent_channels}-channel latents; the UNet takes {channels}'
+    )
+  pipeline.components['vae'] = vae
+  pipeline.compiled.clear()
 
 
 def _next_batch(iterators, prior: bool, latents: dict | None = None, contexts: dict | None = None) -> dict:

@@ -108,6 +108,7 @@ def _run(config, workdir, concepts, instance) -> dict:
       flip_p=config.data.flip_p,
       tokenize=pipeline.tokenize,
       rows=slice(max(rows.start - k * b, 0), max(rows.stop - k * b, 0)),
+      caption_dropout=config.train.caption_dropout,
     )
     for k, s in enumerate(splits)
   }
