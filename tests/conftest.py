@@ -340,7 +340,53 @@ def tiny_base(dest) -> str:
   return str(dest)
 
 
+# Seconds a test takes on the 2-core CI machine, for the few that take minutes (CI's --durations list);
+# any other slow test counts SLOW_SECONDS, a fast one FAST_SECONDS. Only the order depends on them.
+KNOWN_SECONDS = {
+  'test_two_hosts_stopped_by_sigterm_on_one_resume_to_the_one_device_model': 220,
+  'test_ctrl_c_saves_sigkill_at_any_moment_and_a_damaged_checkpoint_resume_to_identical_weights': 175,
+  'test_sixty_four_synthetic_subjects_train_on_the_eight_device_mesh_as_on_one_device': 85,
+  'test_readme_command_trains_offline_without_third_party_chatter': 70,
+  'test_a_per_subject_run_killed_on_8_devices_resumes_to_identical_adapters': 60,
+}
+SLOW_SECONDS, FAST_SECONDS = 30, 2
+
+
+def _module_fixture_group(item) -> str | None:
+  """The test's module, if the test uses a module-scoped fixture defined there (a whole training run, a
+  compiled step): such tests are kept together on one xdist worker, so the fixture is built once."""
+  module = item.module.__name__
+  for defs in item._fixtureinfo.name2fixturedefs.values():
+    if defs and defs[-1].scope == 'module' and defs[-1].baseid.split('::')[0].endswith(module + '.py'):
+      return module
+  return None
+
+
 def pytest_collection_modifyitems(config, items):
-  """The long whole-run tests (`slow`) first, in their usual order: xdist's workers then start them at once
-  and fill in with the short ones, instead of one worker finishing alone with a long test picked up last."""
-  items.sort(key=lambda item: item.get_closest_marker('slow') is None)
+  """An order for xdist's worksteal, which hands worker k the k-th equal share of this list and lets an
+  idle worker take the tail of a busy one's: the heavy work units (slow tests, and the tests sharing a
+  module fixture) are spread over the shares longest first, each share's tail filled with quick tests.
+  Both workers start the minutes-long runs at once, and a module fixture is built on one worker only."""
+  workers = int(getattr(config, 'workerinput', {}).get('workercount', 1))
+  units, weight = {}, {}
+  for item in items:
+    unit = _module_fixture_group(item) or item.nodeid
+    units.setdefault(unit, []).append(item)
+    seconds = KNOWN_SECONDS.get(item.originalname) or (
+      SLOW_SECONDS if item.get_closest_marker('slow') else FAST_SECONDS
+    )
+    weight[unit] = weight.get(unit, 0) + seconds
+  heavy = sorted((u for u in units if weight[u] > FAST_SECONDS), key=lambda u: -weight[u])  # stable
+  light = [item for u in units if weight[u] <= FAST_SECONDS for item in units[u]]
+  shares, load = [[] for _ in range(workers)], [0] * workers
+  for unit in heavy:  # longest first, each to the least loaded share
+    k = min(range(workers), key=lambda k: load[k])
+    shares[k] += units[unit]
+    load[k] += weight[unit]
+  ordered = []
+  for k, share in enumerate(shares):
+    size = len(items) // workers if k < workers - 1 else len(items)  # worksteal's split: floor, rest last
+    ordered += share
+    while light and len(ordered) < size * (k + 1) and k < workers - 1:
+      ordered.append(light.pop(0))
+  items[:] = ordered + light
