@@ -355,8 +355,10 @@ SLOW_SECONDS, FAST_SECONDS = 30, 2
 def _module_fixture_group(item) -> str | None:
   """The test's module, if the test uses a module-scoped fixture defined there (a whole training run, a
   compiled step): such tests are kept together on one xdist worker, so the fixture is built once."""
-  module = item.module.__name__
-  for defs in item._fixtureinfo.name2fixturedefs.values():
+  info, module = getattr(item, '_fixtureinfo', None), getattr(item.module, '__name__', None)
+  if info is None or module is None:  # pytest's private fixture info: only an ordering hint if it moves
+    return None
+  for defs in info.name2fixturedefs.values():
     if defs and defs[-1].scope == 'module' and defs[-1].baseid.split('::')[0].endswith(module + '.py'):
       return module
   return None
