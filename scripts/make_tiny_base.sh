@@ -60,6 +60,7 @@ echo "== 3/3 UNet + text encoder: $STEPS_UNET steps on the VAE's latents -> $WOR
 
 rm -rf "$OUT"
 mkdir -p "$(dirname "$OUT")"
-cp -r "$WORK/pretrain/model" "$OUT"
+# float16 weights: the package ships the folder (half the size; loaded back as float32 parameters)
+"$PYTHON" -m jaxdream.training.pretrain_data --export-base "$WORK/pretrain/model" --out "$OUT"
 echo "The tiny base model (diffusers format): $OUT"
 echo "Try it: $JAXDREAM sample --model $OUT --prompt 'a photo of teapot' --out samples_tiny_base"

@@ -12,6 +12,10 @@ from PIL import Image
 from jaxdream.training import config as config_lib
 from jaxdream.training.data import DataError, data_source, make_iterator, prepare_dataset, scan_images, to_rgb
 
+SAMPLE = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'jaxdream', 'assets', 'sample_subject', 'dog'
+)
+
 
 def _save(path, array, mode=None, **kw):
   Image.fromarray(array, mode=mode).save(path, **kw) if mode else Image.fromarray(array).save(path, **kw)
@@ -150,6 +154,27 @@ def test_config_problems_are_all_listed_in_one_message(tmp_path):
     'cache_latents needs',
   ):
     assert needle in message
+
+
+def test_validation_metrics_without_or_with_the_wrong_scoring_models_is_a_config_problem(tmp_path, scoring_models):
+  c = _config(tmp_path, instance_dir=SAMPLE, instance_prompt='a photo of sks dog', class_prompt='', class_dir='')
+  c.prior.enabled = False
+  c.validation.metrics = True
+  with pytest.raises(config_lib.RunConfigError) as e:
+    config_lib.validate(c)
+  assert 'validation.metrics needs validation.clip_model' in str(e.value)
+  assert 'validation.metrics needs validation.dino_model' in str(e.value)
+  # swapped folders: each named with what it is not, before anything is loaded or compiled
+  c.validation.clip_model, c.validation.dino_model = scoring_models['dino'][1], scoring_models['clip'][1]
+  with pytest.raises(config_lib.RunConfigError) as e:
+    config_lib.validate(c)
+  assert 'validation.clip_model: ' in str(e.value) and 'not a CLIPModel config' in str(e.value)
+  assert 'validation.dino_model: ' in str(e.value) and 'not a ViTModel config' in str(e.value)
+  c.validation.clip_model, c.validation.dino_model = scoring_models['clip'][1], scoring_models['dino'][1]
+  config_lib.validate(c)
+  c.validation.num_images = 0
+  with pytest.raises(config_lib.RunConfigError, match='validation.num_images > 0'):
+    config_lib.validate(c)
 
 
 def test_misspelt_or_mistyped_override_is_an_error_before_anything_runs(capsys):

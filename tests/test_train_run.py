@@ -60,12 +60,59 @@ def _config(shared, **train):
 
 
 @pytest.fixture(scope='module')
-def finished(shared):
+def finished(shared, scoring_models):
   from jaxdream.training.loop import train
 
   workdir = str(shared['root'] / 'finished')
-  summary = train(_config(shared), workdir)
+  c = _config(shared)
+  c.validation.metrics = True  # DreamBench scores of the samples, the scoring models' batches split over the mesh
+  c.validation.clip_model, c.validation.dino_model = scoring_models['clip'][1], scoring_models['dino'][1]
+  summary = train(c, workdir)
   return workdir, summary
+
+
+def _tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value)]} of the event files' scalars (TFRecord framing: length, crc, Event proto, crc)."""
+  import struct
+
+  from tensorboardX.proto.event_pb2 import Event
+
+  out = {}
+  for name in sorted(os.listdir(folder)):
+    data = open(os.path.join(folder, name), 'rb').read()
+    i = 0
+    while i < len(data):
+      (n,) = struct.unpack('<Q', data[i : i + 8])
+      event = Event.FromString(data[i + 12 : i + 12 + n])
+      i += 16 + n
+      for v in event.summary.value:
+        if v.HasField('simple_value'):
+          out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out
+
+
+def test_validation_metrics_are_the_dreambench_scores_of_the_samples_against_the_photos(finished, scoring_models):
+  from PIL import Image
+
+  from jaxdream.evaluation import dreambench_scores, load_clip, load_dino
+  from jaxdream.io.images import list_images
+
+  workdir, summary = finished
+  saved = json.load(open(os.path.join(workdir, 'samples', 'metrics.json')))
+  assert saved['step'] == 4 and saved['overall'] == summary['metrics']['overall']
+  sample = np.asarray(Image.open(summary['outputs']['samples']['a photo of sks dog']))  # one image: lossless PNG
+  clip, dino = load_clip(scoring_models['clip'][1]), load_dino(scoring_models['dino'][1])
+  photos = {'dog': list_images(SAMPLE)}
+  ref = dreambench_scores(photos, {'dog': [sample]}, {'dog': ['a photo of dog']}, clip, dino)
+  for m in ('dino', 'clip_i', 'clip_t'):
+    np.testing.assert_allclose(saved['subjects']['dog'][m], ref['subjects']['dog'][m], rtol=1e-5, atol=1e-6)
+  # CLIP-T reads the prompt without the identifier, as the DreamBooth paper's protocol does
+  with_identifier = dreambench_scores(photos, {'dog': [sample]}, {'dog': ['a photo of sks dog']}, clip, dino)
+  assert abs(with_identifier['subjects']['dog']['clip_t'] - saved['subjects']['dog']['clip_t']) > 1e-4
+  scalars = _tensorboard_scalars(os.path.join(workdir, 'tensorboard'))
+  for m in ('dino', 'clip_i', 'clip_t'):
+    step, value = scalars[f'validation/{m}'][-1]
+    assert step == 4 and value == pytest.approx(saved['overall'][m], rel=1e-6)
 
 
 def test_run_writes_samples_logs_and_a_model_that_diffusers_and_jaxdream_load(finished):

@@ -129,8 +129,9 @@ def _is_text_encoder(name: str) -> bool:
   return name.startswith('text_encoder')
 
 
-def save_pipeline(pipeline: Pipeline, path: str):
-  """Write a diffusers-format folder that diffusers/torch and jaxdream both load.
+def save_pipeline(pipeline: Pipeline, path: str, *, weights_dtype=None):
+  """Write a diffusers-format folder that diffusers/torch and jaxdream both load; `weights_dtype='float16'`
+  stores half-precision weights (loaded back as float32 parameters).
 
   Each part is written to a temporary folder first and moved in place, so an interrupted save never
   leaves a half-written model behind a complete-looking model_index.json (which is written last).
@@ -141,7 +142,7 @@ def save_pipeline(pipeline: Pipeline, path: str):
   os.makedirs(path, exist_ok=True)
   index = dict(_MODEL_INDEX)
   for name, model in pipeline.components.items():
-    _write_part(path, name, lambda tmp, model=model: models.save_component(model, tmp))
+    _write_part(path, name, lambda tmp, model=model: models.save_component(model, tmp, weights_dtype=weights_dtype))
     index[name] = [MODEL_CLASSES[model.CLASS_NAME][0], model.CLASS_NAME]
   for name, tok in pipeline.tokenizers.items():
     _write_part(path, tokenizer_folder(name), tok.save_pretrained)

@@ -1,5 +1,6 @@
-"""A tiny random Stable Diffusion model folder, made locally (no download, no torch): the base model of
-the demo and quickstart, with SD 1.5's architecture in miniature and the real CLIP tokenizer."""
+"""The built-in models: a tiny random Stable Diffusion model folder, made locally (no download, no torch;
+SD 1.5's architecture in miniature with the real CLIP tokenizer), and the same architecture trained by
+jaxdream itself and shipped in the package (assets/tiny_base, made by scripts/make_tiny_base.sh)."""
 
 from __future__ import annotations
 
@@ -85,3 +86,29 @@ def create_tiny_pipeline(path: str, *, seed: int = 0) -> str:
   )
   save_pipeline(pipe, path)
   return path
+
+
+BUILTIN_TINY = 'builtin:tiny'
+BUILTIN_TINY_BASE = 'builtin:tiny-base'
+BUILTIN_MODELS = {
+  BUILTIN_TINY: 'a tiny random model, created in the workdir (tests)',
+  BUILTIN_TINY_BASE: 'the tiny base model jaxdream trained and ships (64 px; the quickstart)',
+}
+TINY_BASE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets', 'tiny_base')
+
+
+def builtin_model_folder(model: str, workdir: str) -> str:
+  """The diffusers folder of a built-in model name (builtin:tiny is created under `workdir`); any other
+  name (a model folder) is returned unchanged."""
+  if model == BUILTIN_TINY:
+    return create_tiny_pipeline(os.path.join(workdir, 'base_model'))
+  if model == BUILTIN_TINY_BASE:
+    if not os.path.isfile(os.path.join(TINY_BASE_DIR, 'model_index.json')):
+      raise FileNotFoundError(
+        f'{BUILTIN_TINY_BASE}: {TINY_BASE_DIR} has no model (a package installed without its assets?); '
+        'scripts/make_tiny_base.sh makes it'
+      )
+    return TINY_BASE_DIR
+  if model.startswith('builtin:'):
+    raise ValueError(f'{model}: no such built-in model; built-in models: {", ".join(BUILTIN_MODELS)}')
+  return model

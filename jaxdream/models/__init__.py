@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdream.io.weights import (
   WeightsError,
@@ -50,14 +51,18 @@ def load_component(cls, path: str, *, dtype=jnp.float32, attention_impl: str = '
   return model
 
 
-def save_component(model, path: str):
-  """Write `model` as a diffusers/transformers component folder (config + safetensors)."""
+def save_component(model, path: str, *, weights_dtype=None):
+  """Write `model` as a diffusers/transformers component folder (config + safetensors); `weights_dtype`
+  (e.g. 'float16', as SD's half-precision checkpoints) stores the floating-point tensors in that type."""
   config = dict(model.config)
   config.setdefault('_class_name', model.CLASS_NAME)
+  tensors = state_dict(model)
+  if weights_dtype is not None:
+    tensors = {k: v.astype(weights_dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in tensors.items()}
   save_folder(
     path,
     model.export_config() if hasattr(model, 'export_config') else config,
-    state_dict(model),
+    tensors,
     model.WEIGHTS_NAME,
     model.CONFIG_NAME,
   )

@@ -16,10 +16,9 @@ import re
 
 import ml_collections
 
+from jaxdream.diffusion.tiny_model import BUILTIN_MODELS, BUILTIN_TINY, BUILTIN_TINY_BASE  # noqa: F401 (configs import them)
 from jaxdream.nn.attention import IMPLEMENTATIONS
 from jaxdream.nn.remat import REMAT
-
-BUILTIN_TINY = 'builtin:tiny'  # a tiny random base model created in the workdir (quickstart, tests)
 
 
 class RunConfigError(ValueError):
@@ -142,6 +141,9 @@ def base_config() -> ml_collections.ConfigDict:
       guidance_scale=7.5,
       seed=0,
       scheduler='',
+      metrics=False,  # DreamBench's DINO, CLIP-I and CLIP-T of each concept's validation images
+      clip_model='',  # a local CLIPModel folder (e.g. openai/clip-vit-base-patch32), for validation.metrics
+      dino_model='',  # a local DINO ViTModel folder (e.g. facebook/dino-vits16), for validation.metrics
     )
   )
   c.mesh = ml_collections.ConfigDict(
@@ -174,8 +176,8 @@ def vae_group() -> ml_collections.ConfigDict:
 # One line per config key for `jaxdream train --help` (tests check that every key has one).
 KEY_DOCS = {
   'task': "'dreambooth' (fine-tune a Stable Diffusion model) or 'vae' (train an AutoencoderKL: the vae.* keys)",
-  'model': f"diffusers-format model folder (SD 1.x/2.x; task='vae': also an AutoencoderKL folder), or "
-  f"'{BUILTIN_TINY}' (a tiny random model)",
+  'model': "diffusers-format model folder (SD 1.x/2.x; task='vae': also an AutoencoderKL folder), or "
+  + '; '.join(f"'{name}' ({what})" for name, what in BUILTIN_MODELS.items()),
   'vae_model': "an AutoencoderKL folder (or a diffusers model folder: its vae/) replacing the model's VAE, e.g. "
   "a task='vae' run's workdir/vae; it stays frozen and is exported with the model",
   'allow_pickle': 'also load .bin/.ckpt weights (unpickling can run code)',
@@ -272,6 +274,10 @@ KEY_DOCS = {
   'validation.guidance_scale': 'classifier-free guidance of validation images',
   'validation.seed': 'seed of validation images',
   'validation.scheduler': "sampler of validation images ('': the model's)",
+  'validation.metrics': "score each validation: DreamBench's DINO, CLIP-I and CLIP-T of the images of prompts with a "
+  "concept's identifier against its photos (TensorBoard validation/*, samples/metrics.json; docs/evaluation.md)",
+  'validation.clip_model': 'CLIPModel folder (transformers format) of validation.metrics: CLIP-I and CLIP-T',
+  'validation.dino_model': 'DINO ViTModel folder (transformers format) of validation.metrics',
   'mesh.data': 'devices on the data axis (-1: all that are left)',
   'mesh.fsdp': 'devices on the FSDP axis (parameters split over them)',
   'mesh.tensor': 'devices on the tensor axis',
@@ -497,6 +503,30 @@ def _vae_problems(config) -> list[str]:
   return problems
 
 
+def _metric_model_problems(config) -> list[str]:
+  """validation.metrics' scoring model folders, checked from their configs alone (a CLIP folder given as DINO's
+  is named here, not at the first validation)."""
+  from jaxdream.models import CLIPModel, ConfigError, ViTModel, WeightsError, check_component
+
+  problems = []
+  if config.task != 'dreambooth' or not config.validation.num_images:
+    problems.append(
+      'validation.metrics scores validation images: it needs a DreamBooth run with validation.num_images > 0'
+    )
+  for key, cls in (('clip_model', CLIPModel), ('dino_model', ViTModel)):
+    path = config.validation[key]
+    if not path:
+      problems.append(f'validation.metrics needs validation.{key} (a local {cls.CLASS_NAME} folder)')
+    elif not os.path.isdir(path):
+      problems.append(f'validation.{key}={path!r}: no such folder')
+    else:
+      try:
+        check_component(cls, path)
+      except (ConfigError, WeightsError) as e:
+        problems.append(f'validation.{key}: {e}')
+  return problems
+
+
 def validate(config) -> list[dict]:
   """Check a run config; return its concepts (none for task='vae'). Raises RunConfigError listing every problem."""
   problems = []
@@ -504,8 +534,10 @@ def validate(config) -> list[dict]:
     if _get(config, key) not in choices:
       problems.append(f'{key}={_get(config, key)!r}: choose one of {choices}')
   if not config.model:
-    problems.append(f"model is empty: give a diffusers model folder (or '{BUILTIN_TINY}')")
-  elif config.model != BUILTIN_TINY and not os.path.isfile(os.path.join(config.model, 'model_index.json')):
+    problems.append(f'model is empty: give a diffusers model folder (or one of {", ".join(BUILTIN_MODELS)})')
+  elif config.model.startswith('builtin:') and config.model not in BUILTIN_MODELS:
+    problems.append(f'model={config.model!r}: no such built-in model; built-in models: {", ".join(BUILTIN_MODELS)}')
+  elif config.model not in BUILTIN_MODELS and not os.path.isfile(os.path.join(config.model, 'model_index.json')):
     if config.task != 'vae':
       problems.append(f'model={config.model!r}: not a diffusers model folder (no model_index.json)')
     elif not os.path.isfile(os.path.join(config.model, 'config.json')):
@@ -528,6 +560,8 @@ def validate(config) -> list[dict]:
     problems.append(f'checkpoint.resume_step must not be negative, got {config.checkpoint.resume_step}')
   if config.validation.num_images < 0:
     problems.append(f'validation.num_images must not be negative (0: no samples), got {config.validation.num_images}')
+  if config.validation.metrics:
+    problems += _metric_model_problems(config)
   if config.resolution % 8:
     problems.append(f'resolution must be a multiple of 8, got {config.resolution}')
   t = config.train

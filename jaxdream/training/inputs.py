@@ -72,14 +72,10 @@ def _class_examples(config, concepts, pipeline, mesh) -> list[dict]:
 
 def _load_base(config, workdir):
   from jaxdream.diffusion.pipeline import load_pipeline
+  from jaxdream.diffusion.tiny_model import builtin_model_folder
 
-  model = config.model
-  if model == config_lib.BUILTIN_TINY:
-    from jaxdream.diffusion.tiny_model import create_tiny_pipeline
-
-    model = multihost.primary_first(
-      lambda: create_tiny_pipeline(os.path.join(workdir, 'base_model')), 'tiny-base-model'
-    )
+  # builtin:tiny is written once, by the primary host, into the shared workdir
+  model = multihost.primary_first(lambda: builtin_model_folder(config.model, workdir), 'tiny-base-model')
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.compute_dtype]
   pipeline = load_pipeline(model, dtype=dtype, attention_impl=config.attention, allow_pickle=config.allow_pickle)
   if config.vae_model:

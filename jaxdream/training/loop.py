@@ -8,6 +8,7 @@ checked (config, model folder, every image) before anything is compiled.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -16,6 +17,7 @@ import jax
 from jaxdream.distributed import multihost
 from jaxdream.distributed.mesh import make_mesh
 from jaxdream.distributed.sharding import batch_sharding, process_rows
+from jaxdream.io.files import atomic_write
 from jaxdream.training import config as config_lib
 from jaxdream.training.data import data_source, make_iterator, prepare_dataset
 from jaxdream.training.inputs import (
@@ -39,7 +41,7 @@ from jaxdream.training.params import (
 from jaxdream.training.runner import run_steps
 from jaxdream.training.step import StepFn, TrainingError, _place  # noqa: F401 - TrainingError: re-exported
 from jaxdream.training.subject_run import check_subjects, run_subjects
-from jaxdream.training.validation import _validation_images
+from jaxdream.training.validation import ValidationMetrics, _validation_images, concept_images
 from jaxdream.training.writers import loss_curve_image
 
 
@@ -129,11 +131,16 @@ def _run(config, workdir, concepts, instance) -> dict:
     batch = _next_batch(iterators, config.prior.enabled, latents, contexts)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sh, x, (total,) + x.shape[1:]), batch)
 
+  metrics = ValidationMetrics(config, concepts, mesh) if config.validation.metrics else None
+
   def validate(done, state, writer):
     _set_params(pipeline, multihost.to_host(state['trainable']))  # every process: a collective
     images = _validation_images(pipeline, config, concepts, mesh)
+    scores = metrics(concept_images(concepts, images)) if metrics else None  # every process: a collective
     if writer:
       writer.images(done, images)
+      if scores:
+        writer.scalars(done, prefix='validation', **scores['overall'])
 
   lr = lr_schedule(config, next(iter(groups.values()))[1])
   state, losses, stopped, writer = run_steps(config, workdir, state, frozen, jstep, next_batch, iterators, lr, validate)
@@ -152,7 +159,9 @@ def _run(config, workdir, concepts, instance) -> dict:
     if multihost.is_primary():
       save_pipeline(pipeline, model)
   # Validation samples of the adapted model.
-  summary['outputs'] = dict(exported, **_final_outputs(pipeline, config, concepts, workdir, losses, mesh, writer))
+  summary['outputs'] = dict(
+    exported, **_final_outputs(pipeline, config, concepts, workdir, losses, mesh, writer, metrics, summary)
+  )
   if lora and config.lora.export_merged:
     merge_adapters(pipeline)
     if multihost.is_primary():
@@ -164,17 +173,27 @@ def _run(config, workdir, concepts, instance) -> dict:
   return summary
 
 
-def _final_outputs(pipeline, config, concepts, workdir, losses, mesh, writer) -> dict:
-  """Validation images of every prompt side by side, and the loss curve, as PNGs in workdir/samples.
-  Every process samples (the batch is split over the mesh); the primary one writes."""
+def _final_outputs(pipeline, config, concepts, workdir, losses, mesh, writer, metrics, summary) -> dict:
+  """Validation images of every prompt side by side, and the loss curve, as PNGs in workdir/samples; with
+  validation.metrics their scores in workdir/samples/metrics.json and summary['metrics'].
+  Every process samples and scores (the batch is split over the mesh); the primary one writes."""
   from jaxdream.io.images import make_grid, save_png
 
   folder = os.path.join(workdir, 'samples')
   images = _validation_images(pipeline, config, concepts, mesh)
   out = {'samples': {}, 'loss_curve': os.path.join(folder, 'loss_curve.png')}
+  scores = metrics(concept_images(concepts, images)) if metrics else None
+  if scores:
+    summary['metrics'] = scores
+    out['metrics'] = os.path.join(folder, 'metrics.json')
   if not multihost.is_primary():
     return out
   os.makedirs(folder, exist_ok=True)
+  if scores:
+    step = int(losses[-1][0]) if losses else 0
+    atomic_write(out['metrics'], json.dumps(dict(step=step, **scores), indent=2))
+    if writer:
+      writer.scalars(step, prefix='validation', **scores['overall'])
   paths = out['samples']
   for k, (prompt, ims) in enumerate(images.items()):
     path = os.path.join(folder, f'{k:02d}_' + re.sub(r'[^A-Za-z0-9]+', '_', prompt).strip('_')[:60] + '.png')

@@ -15,7 +15,12 @@ folder: what a VAE run (vae.data_dir, searched recursively) or any captioned-fol
   python -m jaxdream.training.pretrain_data --calibrate-vae VAE_FOLDER --out FOLDER
 
 sets a trained VAE's scaling_factor so that the diffusion model's latents of those images have unit standard
-deviation (Stable Diffusion's 0.18215 was chosen so for its VAE; a new VAE's latents have their own scale).
+deviation (Stable Diffusion's 0.18215 was chosen so for its VAE; a new VAE's latents have their own scale), and
+
+  python -m jaxdream.training.pretrain_data --export-base MODEL_FOLDER --out FOLDER
+
+writes the trained model as the shipped base (float16 weights: half the size, as SD's own half-precision
+checkpoints; jaxdream loads them back as float32 parameters).
 """
 
 from __future__ import annotations
@@ -107,6 +112,13 @@ def calibrate_scaling_factor(vae_folder: str, image_dir: str, resolution: int, b
   return factor
 
 
+def export_base(model_folder: str, out: str):
+  """The trained model folder at `out` with float16 weights: the tokenizer, configs and scheduler as they are."""
+  from jaxdream.diffusion.pipeline import load_pipeline, save_pipeline
+
+  save_pipeline(load_pipeline(model_folder), out, weights_dtype='float16')
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--dreambench', default=os.path.join('..', 'shared', 'dreambench'), help='DreamBench folder')
@@ -114,7 +126,12 @@ def main(argv=None) -> int:
   p.add_argument('--exclude', nargs='*', default=list(QUICKSTART_SUBJECTS), help='subjects left out')
   p.add_argument('--calibrate-vae', metavar='VAE_FOLDER', help="set this VAE's scaling_factor from --out's images")
   p.add_argument('--resolution', type=int, default=64, help='with --calibrate-vae: the training resolution')
+  p.add_argument('--export-base', metavar='MODEL_FOLDER', help='write this trained model to --out, float16 weights')
   args = p.parse_args(argv)
+  if args.export_base:
+    export_base(args.export_base, args.out)
+    print(f'{args.out}: {args.export_base} with float16 weights')
+    return 0
   if args.calibrate_vae:
     factor = calibrate_scaling_factor(args.calibrate_vae, args.out, args.resolution)
     print(f'{args.calibrate_vae}: scaling_factor {factor:.6g} (unit-variance latents of {args.out})')

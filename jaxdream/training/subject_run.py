@@ -61,7 +61,13 @@ from jaxdream.training.subjects import (
   subject_step_shardings,
   unstack,
 )
-from jaxdream.training.validation import save_subject_samples, subject_sample_path, subject_validation_images
+from jaxdream.training.validation import (
+  ValidationMetrics,
+  concept_images,
+  save_subject_samples,
+  subject_sample_path,
+  subject_validation_images,
+)
 from jaxdream.training.writers import _Writer
 
 
@@ -120,16 +126,26 @@ def _subject_iterators(config, folder, name, tokenize) -> dict:
   }
 
 
-def _group_samples(workdir, step, pipe, config, members, adapters, mesh, writer) -> dict[str, str]:
+def _group_samples(workdir, step, pipe, config, members, adapters, mesh, writer, metrics=None) -> dict[str, str]:
   """The group's validation samples at `step`, each subject's with its own row of the stacked `adapters`
   (see training.validation); {name: PNG path}. Samples already there (a finished group resumed) are kept;
-  none with validation.num_images=0."""
+  none with validation.num_images=0. With validation.metrics, each subject's scores go to TensorBoard
+  (validation/METRIC/NAME) and to samples/NAME/metrics_step_STEP.json."""
   if not config.validation.num_images:
     return {}
   paths = {c['name']: subject_sample_path(workdir, c['name'], step) for c in members}
   if all(os.path.isfile(p) for p in paths.values()):
     return paths
   images = subject_validation_images(pipe, config, members, adapters, mesh)
+  by_name = {c['name']: c for c in members}
+  scores = metrics({n: concept_images([by_name[n]], bp).get(n, {}) for n, bp in images.items()}) if metrics else None
+  if scores and multihost.is_primary():
+    for n, values in scores['subjects'].items():
+      atomic_write(os.path.join(os.path.dirname(paths[n]), f'metrics_step_{step}.json'), json.dumps(values))
+    if writer:
+      writer.scalars(
+        step, prefix='validation', **{f'{m}/{n}': v for n, d in scores['subjects'].items() for m, v in d.items()}
+      )
   return save_subject_samples(workdir, step, images, writer)
 
 
@@ -181,6 +197,7 @@ def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
   outputs, losses, samples = {}, {}, {}
   by_name = {c['name']: c for c in concepts}
   writer = _Writer(workdir, config) if multihost.is_primary() else None
+  metrics = ValidationMetrics(config, concepts, mesh) if config.validation.metrics else None
   lr = lr_schedule(config, next(iter(groups.values()))[1])
   preempt = multihost.Preemption()
   try:
@@ -239,7 +256,7 @@ def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
             and done % config.validation.every_steps == 0
             and done < config.train.num_steps
           ):
-            _group_samples(workdir, done, pipe, config, members, state['trainable'], mesh, writer)
+            _group_samples(workdir, done, pipe, config, members, state['trainable'], mesh, writer, metrics)
           if stop:
             mngr.wait_until_finished()
             preempt.stopped(done, f'the checkpoint of subject(s) {", ".join(group)}')
@@ -248,7 +265,9 @@ def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
         mngr.wait_until_finished()
       final = state['ema'] if ema else state['trainable']
       # Every group ends with its subjects' samples of their exported adapters.
-      samples.update(_group_samples(workdir, config.train.num_steps, pipe, config, members, final, mesh, writer))
+      samples.update(
+        _group_samples(workdir, config.train.num_steps, pipe, config, members, final, mesh, writer, metrics)
+      )
       for n, values in zip(group, unstack(jax.device_get(final), len(group))):
         _set_params(pipe, values)
         outputs[n] = lora_paths(workdir, n, config.lora.export_kohya)

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdream.diffusion.pipeline import Pipeline
+from jaxdream.diffusion.tiny_model import TINY_VAE, builtin_model_folder
 from jaxdream.distributed import multihost
 from jaxdream.distributed.mesh import make_mesh
 from jaxdream.distributed.sharding import batch_sharding, process_rows
@@ -107,12 +108,10 @@ def load_base_vae(config) -> AutoencoderKL:
   vae/, or an AutoencoderKL folder."""
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.compute_dtype]
   if config.model == config_lib.BUILTIN_TINY:
-    from jaxdream.diffusion.tiny_model import TINY_VAE
-
     return init_model(
       lambda rngs: AutoencoderKL(TINY_VAE, dtype=dtype, attention_impl=config.attention, rngs=rngs), config.seed
     )
-  path = config.model
+  path = builtin_model_folder(config.model, '')  # builtin:tiny-base: the shipped folder
   if os.path.isfile(os.path.join(path, 'model_index.json')):
     path = os.path.join(path, 'vae')
   return load_vae(path, dtype=dtype, attention_impl=config.attention, allow_pickle=config.allow_pickle)

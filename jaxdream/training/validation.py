@@ -54,6 +54,47 @@ def _validation_images(pipeline, config, concepts, mesh) -> dict[str, np.ndarray
   return out
 
 
+def concept_images(concepts, images: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+  """{concept name: {prompt: images}} of the validation prompts that name exactly one concept's identifier
+  (as a word): the images validation.metrics scores against that concept's photos."""
+  out = {}
+  for prompt, ims in images.items():
+    owners = [c for c in concepts if c['identifier'] and c['identifier'] in prompt.split()]
+    if len(owners) == 1:
+      out.setdefault(owners[0]['name'], {})[prompt] = ims
+  return out
+
+
+class ValidationMetrics:
+  """validation.metrics: DreamBench's DINO, CLIP-I and CLIP-T (jaxdream.evaluation) of each concept's
+  validation images against its photos, CLIP-T with the prompt's identifier removed (the DreamBooth paper's
+  protocol, docs/evaluation.md). The scoring models are loaded at the first call and compiled once."""
+
+  def __init__(self, config, concepts, mesh):
+    self.config, self.concepts, self.mesh = config, {c['name']: c for c in concepts}, mesh
+    self.scorers = None
+
+  def __call__(self, by_concept: dict[str, dict[str, np.ndarray]]) -> dict | None:
+    """dreambench_scores' dict ('overall', 'subjects', 'ci', ...) of {concept name: {prompt: images}}; None
+    when no validation prompt names a concept."""
+    from jaxdream.evaluation import dreambench_scores, load_clip, load_dino
+    from jaxdream.io.images import list_images
+
+    by_concept = {name: p for name, p in by_concept.items() if p}
+    if not by_concept:
+      return None
+    if self.scorers is None:
+      v = self.config.validation
+      self.scorers = load_clip(v.clip_model), load_dino(v.dino_model)
+    real, generated, prompts = {}, {}, {}
+    for name, by_prompt in by_concept.items():
+      ident = self.concepts[name]['identifier']
+      real[name] = list_images(self.concepts[name]['instance_dir'])
+      generated[name] = [im for ims in by_prompt.values() for im in ims]
+      prompts[name] = [' '.join(w for w in p.split() if w != ident) for p, ims in by_prompt.items() for _ in ims]
+    return dreambench_scores(real, generated, prompts, *self.scorers, seed=self.config.seed, mesh=self.mesh)
+
+
 def stacked_adapters(pipe, trainable: dict) -> dict:
   """A group's adapters (the trainer's flat paths, a leading subject axis) as the sampler's stacked tree
   (diffusion.adapters.stack_adapters'): {component: {layer: {'a', 'b'}}}, each layer's scale folded into B."""

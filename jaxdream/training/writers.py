@@ -87,13 +87,14 @@ class _Writer:
       except ImportError:
         warnings.warn('logging.wandb=True but wandb is not installed; logging to TensorBoard only')
 
-  def scalars(self, step, **values):
+  def scalars(self, step, prefix='train', **values):
+    """Tagged PREFIX/NAME in TensorBoard; Weights & Biases keeps the training scalars' bare names."""
     values = {k: float(v) for k, v in values.items()}
     if self.tb:
       for k, v in values.items():
-        self.tb.add_scalar(f'train/{k}', v, step)
+        self.tb.add_scalar(f'{prefix}/{k}', v, step)
     if self.wandb:
-      self.wandb.log(values, step=step)
+      self.wandb.log(values if prefix == 'train' else {f'{prefix}/{k}': v for k, v in values.items()}, step=step)
 
   def images(self, step, images: dict, prefix: str = 'validation'):
     """Each entry's images side by side, tagged PREFIX/NN NAME (validation prompts, VAE reconstructions)."""
