@@ -23,6 +23,7 @@ from jaxdream.diffusion.pipeline import load_pipeline
 from jaxdream.lora import apply_lora
 from jaxdream.lora.tags import lora_in_dir, lora_name
 from jaxdream.models import ConfigError, WeightsError
+from jaxdream.runtime import CallbackRegistry, CompileCache
 from jaxdream.schedulers import make_scheduler
 from jaxdream.serve.limits import ApiError
 
@@ -79,6 +80,9 @@ class Engine:
     self._loaded: tuple[str, object] | None = None
     self._adapters: dict = {}  # (model, file, mtime) -> (signature, stacked tree of one adapter)
     self._templates: dict = {}  # (model, signature) -> components carrying LoRA layers of that signature
+    # Every model loaded shares one compile cache (its keys name the model structure) and the registry its loops
+    # report progress to: switching back to a model, or to one of the same architecture, compiles nothing.
+    self._compiled, self._callbacks = CompileCache(), CallbackRegistry()
     self.refresh_models()
     self.current = self.default_model = next(iter(self._models))
     self.pipeline(self.current)
@@ -115,9 +119,11 @@ class Engine:
         self._adapters.clear()
         self._templates.clear()
         try:
-          self._loaded = (name, load_pipeline(self._models[name], allow_pickle=self.allow_pickle))
+          pipe = load_pipeline(self._models[name], allow_pickle=self.allow_pickle)
         except (WeightsError, ConfigError, OSError) as e:
           raise ApiError(422, 'sd_model_checkpoint', f'model {name}: {e}') from None
+        pipe.compiled, pipe.callbacks = self._compiled, self._callbacks
+        self._loaded = (name, pipe)
       return self._loaded[1]
 
   # -- LoRA files
