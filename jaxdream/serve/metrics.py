@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import threading
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -76,8 +77,20 @@ class Metrics:
         f'# HELP {p}batch_size Images per sampler call.',
         f'# TYPE {p}batch_size histogram',
         *self.batch_sizes.lines(f'{p}batch_size'),
+        '# HELP process_resident_memory_bytes Resident memory of the server process.',
+        '# TYPE process_resident_memory_bytes gauge',
+        f'process_resident_memory_bytes {_rss_bytes()}',
         f'# HELP {p}batch_seconds Seconds per sampler call.',
         f'# TYPE {p}batch_seconds histogram',
         *self.batch_seconds.lines(f'{p}batch_seconds'),
       ]
     return '\n'.join(lines) + '\n'
+
+
+def _rss_bytes() -> int:
+  """This process's resident memory (Linux /proc; 0 where there is none)."""
+  try:
+    with open('/proc/self/statm') as f:
+      return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+  except (OSError, ValueError, IndexError):
+    return 0
