@@ -351,11 +351,13 @@ def test_the_queue_batches_compatible_images_in_order_interrupts_skips_and_shuts
 
 
 @contextlib.contextmanager
-def live(served_server):
+def live(served_server, run=None):
   """A real uvicorn on a free loopback port, serving the module's engine through its own queue, without auth."""
   engine = served_server.engine
   metrics = Metrics(MAX_BATCH)
-  queue = BatchQueue(engine.run, max_batch=MAX_BATCH, max_requests=8, metrics=metrics, num_steps=engine.num_steps)
+  queue = BatchQueue(
+    run or engine.run, max_batch=MAX_BATCH, max_requests=8, metrics=metrics, num_steps=engine.num_steps
+  )
   server = Server(engine, queue, metrics, LIMITS)
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -375,10 +377,38 @@ def live(served_server):
     queue.close()
 
 
-def test_a_real_uvicorn_serves_and_sigterm_answers_the_queued_requests_503_and_stops(served):
-  with live(served[0]) as (server, uv, thread, url):
+def test_a_real_uvicorn_serves_interrupts_and_sigterm_answers_the_queued_requests_503_and_stops(served):
+  engine, at_step, go_on = served[0].engine, threading.Event(), threading.Event()
+
+  def run(key, tasks, progress):  # the compiled loop's progress callback holds at the first step until told
+    def held(i):
+      if key.steps == 2 and tasks[0].prompt == 'hold':
+        at_step.set()
+        go_on.wait(60)
+      progress(i)
+
+    return engine.run(key, tasks, held)
+
+  with live(served[0], run) as (server, uv, thread, url):
     r = httpx.post(f'{url}/sdapi/v1/txt2img', json={**SMALL, 'prompt': 'a dog', 'seed': 5}, timeout=120)
     assert r.status_code == 200 and len(r.json()['images']) == 1
+    # Interrupt stops the loop between two steps (the callback raises inside the compiled loop): the request
+    # ends without images, its second batch never runs.
+    held = {}
+    body = {**SMALL, 'prompt': 'hold', 'batch_size': MAX_BATCH, 'n_iter': 2}
+    t = threading.Thread(
+      target=lambda: held.setdefault('r', httpx.post(f'{url}/sdapi/v1/txt2img', json=body, timeout=120))
+    )
+    t.start()
+    assert at_step.wait(60)
+    progress = httpx.get(f'{url}/sdapi/v1/progress').json()
+    assert progress['state']['sampling_steps'] == 2 and progress['state']['job'] == f'batch of {MAX_BATCH}'
+    assert httpx.post(f'{url}/sdapi/v1/interrupt').json() == {'interrupted': True}
+    go_on.set()
+    t.join(60)
+    assert held['r'].status_code == 200 and held['r'].json()['images'] == []
+    assert json.loads(held['r'].json()['info'])['interrupted'] is True
+    assert server.metrics.images == 1
     server.queue.pause()
     queued = {}
     t = threading.Thread(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import logging
 import threading
 import time
 
@@ -28,6 +29,16 @@ class ShuttingDown(Exception):
 
 class _Stop(Exception):
   """Raised from the progress callback to end the running batch (interrupt / skip)."""
+
+
+class _QuietStop(logging.Filter):
+  """JAX logs every exception of a debug callback with its traceback; an interrupt is no error."""
+
+  def filter(self, record):
+    return not (record.exc_info and isinstance(record.exc_info[1], _Stop))
+
+
+logging.getLogger('jax._src.debugging').addFilter(_QuietStop())
 
 
 @dataclasses.dataclass(eq=False)
