@@ -457,6 +457,10 @@ def test_the_web_page_generates_an_image_in_headless_chromium(served, tmp_path):
       wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, '#sampler_name option')) > 1)
       wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, '#loras span')) == 2)
       browser.find_element(By.ID, 'prompt').send_keys('a photo of sks dog')
+      scale = browser.find_element(By.ID, 'lora_scale')
+      scale.clear()
+      scale.send_keys('0.5')
+      browser.find_element(By.XPATH, "//div[@id='loras']/span[text()='subject']").click()  # the LoRA picker
       Select(browser.find_element(By.ID, 'sampler_name')).select_by_visible_text('Euler')
       for field, value in (('steps', 2), ('seed', 5), ('width', 32), ('height', 32)):
         box = browser.find_element(By.ID, field)
@@ -471,7 +475,7 @@ def test_the_web_page_generates_an_image_in_headless_chromium(served, tmp_path):
       assert browser.execute_script('return [window.innerWidth, document.documentElement.scrollWidth]') == [360, 360]
     finally:
       browser.quit()
-  assert text.startswith('a photo of sks dog') and 'Seed: 5' in text and 'Size: 32x32' in text, text
+  assert text.startswith('a photo of sks dog <lora:subject:0.5>') and 'Seed: 5' in text and 'Size: 32x32' in text, text
   assert 'Sampler: Euler,' in text
   assert (tmp_path / 'serve_page.png').stat().st_size > 0
 

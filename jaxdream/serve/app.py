@@ -26,7 +26,7 @@ from jaxdream.io.images import format_parameters, parse_parameters, png_bytes, r
 from jaxdream.lora.tags import parse_tags
 from jaxdream.serve import samplers
 from jaxdream.serve.engine import BatchKey, Engine, Task
-from jaxdream.serve.limits import ApiError, Limits, check_range, check_size, decode_image, resized
+from jaxdream.serve.limits import ApiError, Limits, check_range, check_size, decode_image, image_bytes, resized
 from jaxdream.serve.metrics import Metrics
 from jaxdream.serve.queue import BatchQueue, QueueFull, ShuttingDown
 from jaxdream.serve.schemas import Img2ImgRequest, OptionsRequest, PngInfoRequest, Txt2ImgRequest
@@ -406,10 +406,8 @@ def create_app(server: Server) -> FastAPI:
 
   @app.post('/sdapi/v1/png-info')
   async def png_info(req: PngInfoRequest):
-    im = decode_image('image', req.image, server.limits)  # checks size and format before reading chunks
-    del im
-    data = base64.b64decode(req.image.split(',', 1)[-1] if req.image.startswith('data:') else req.image)
-    text = read_parameters(io.BytesIO(data)) or ''
+    decode_image('image', req.image, server.limits)  # a readable image within the limits
+    text = read_parameters(io.BytesIO(image_bytes('image', req.image))) or ''
     items = {'parameters': text} if text else {}
     return {'info': text, 'items': items, 'parameters': parse_parameters(text) if text else {}}
 

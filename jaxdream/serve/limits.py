@@ -46,17 +46,22 @@ def check_size(field: str, value: int, factor: int, limits: Limits):
 _DATA_URL = re.compile(r'^data:image/[\w.+-]+;base64,', re.IGNORECASE)
 
 
+def image_bytes(field: str, text: str) -> bytes:
+  """The file bytes of a base64 image or data URL."""
+  if not isinstance(text, str) or not text:
+    raise ApiError(422, field, f'{field}: expected a base64-encoded image')
+  try:
+    return base64.b64decode(_DATA_URL.sub('', text.strip()), validate=True)
+  except (binascii.Error, ValueError):
+    raise ApiError(422, field, f'{field}: not valid base64') from None
+
+
 def decode_image(field: str, text: str, limits: Limits, mode: str = 'RGB'):
   """A base64 (or data-URL) image as a PIL image; its size is read from the header and checked before any
   pixel is decoded, so a small file that decodes to gigapixels (a decompression bomb) is refused (413)."""
   from PIL import Image
 
-  if not isinstance(text, str) or not text:
-    raise ApiError(422, field, f'{field}: expected a base64-encoded image')
-  try:
-    data = base64.b64decode(_DATA_URL.sub('', text.strip()), validate=True)
-  except (binascii.Error, ValueError):
-    raise ApiError(422, field, f'{field}: not valid base64') from None
+  data = image_bytes(field, text)
   try:
     im = Image.open(io.BytesIO(data))
   except (OSError, Image.DecompressionBombError) as e:
