@@ -30,7 +30,7 @@ from jaxdream.cli.serve import make_uvicorn_server
 from jaxdream.lora import save_lora
 from jaxdream.nn.adapters import add_lora, lora_layers
 from jaxdream.serve.app import Server, create_app, make_server
-from jaxdream.serve.engine import BatchKey, Task
+from jaxdream.serve.engine import BatchKey, Engine, Task
 from jaxdream.serve.limits import Limits, check_bind, parse_auth
 from jaxdream.serve.metrics import Metrics
 from jaxdream.serve.queue import BatchQueue, ShuttingDown
@@ -490,3 +490,6 @@ def test_serving_beyond_loopback_needs_auth_or_insecure(small_sd_folder, capsys)
   assert parse_auth('ann:s3cret, bob:x:y') == {'ann': 's3cret', 'bob': 'x:y'}
   with pytest.raises(ValueError, match='user:password'):
     parse_auth('ann')
+  for kw, message in ((dict(devices=99), 'this machine has'), (dict(max_batch=0), 'at least 1')):
+    with pytest.raises(ValueError, match=message):  # checked before any model is loaded
+      Engine(small_sd_folder[1], **kw)

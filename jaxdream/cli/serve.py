@@ -54,6 +54,7 @@ def _serve(args):
     queue_size=args.queue_size,
     limits=limits,
     users=users,
+    devices=args.devices,
     allow_pickle=args.allow_pickle,
   )
   if args.warmup_steps > 0:
@@ -84,6 +85,9 @@ def _add_serve_parser(sub):
   s.add_argument('--api-auth', help='HTTP basic auth, user:password[,user2:password2]; needed beyond loopback')
   s.add_argument('--insecure', action='store_true', help='allow a non-loopback --host without --api-auth')
   s.add_argument('--max-batch', type=int, default=8, help='images per sampler call (default 8)')
+  s.add_argument(
+    '--devices', type=int, default=1, help='split each batch over this many devices (-1: all of them; default 1)'
+  )
   s.add_argument('--queue-size', type=int, default=64, help='requests queued or running before 429 (default 64)')
   s.add_argument('--max-size', type=int, default=2048, help='largest width/height in pixels (default 2048)')
   s.add_argument('--max-steps', type=int, default=150, help='most steps per request (default 150)')

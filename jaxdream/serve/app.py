@@ -56,11 +56,14 @@ def make_server(
   queue_size: int = 64,
   limits: Limits | None = None,
   users: dict | None = None,
+  devices: int = 1,
   allow_pickle: bool = False,
 ) -> Server:
   if queue_size < 1:
     raise ValueError(f'--queue-size must be at least 1, got {queue_size}')
-  engine = Engine(model, models_dir=models_dir, lora_dir=lora_dir, max_batch=max_batch, allow_pickle=allow_pickle)
+  engine = Engine(
+    model, models_dir=models_dir, lora_dir=lora_dir, max_batch=max_batch, devices=devices, allow_pickle=allow_pickle
+  )
   metrics = Metrics(max_batch)
   queue = BatchQueue(
     engine.run, max_batch=max_batch, max_requests=queue_size, metrics=metrics, num_steps=engine.num_steps

@@ -20,6 +20,7 @@ from flax import nnx
 from jaxdream.diffusion import sampling
 from jaxdream.diffusion.adapters import stack_adapters
 from jaxdream.diffusion.pipeline import load_pipeline
+from jaxdream.distributed.mesh import make_mesh
 from jaxdream.lora import apply_lora
 from jaxdream.lora.tags import lora_in_dir, lora_name
 from jaxdream.models import ConfigError, WeightsError
@@ -67,9 +68,16 @@ def _signature(tree: dict) -> tuple:
 class Engine:
   """The models (--model, and --models-dir's folders), the LoRA files (--lora-dir), one model loaded at a time."""
 
-  def __init__(self, model: str, *, models_dir=None, lora_dir=None, max_batch: int = 8, allow_pickle=False):
+  def __init__(
+    self, model: str, *, models_dir=None, lora_dir=None, max_batch: int = 8, devices: int = 1, allow_pickle=False
+  ):
     if max_batch < 1:
       raise ValueError(f'--max-batch must be at least 1, got {max_batch}')
+    n = jax.device_count() if devices == -1 else devices
+    if not 1 <= n <= jax.device_count():
+      raise ValueError(f'--devices {devices}: this machine has {jax.device_count()} device(s)')
+    # Each batch split over the devices' 'data' axis (padded to a multiple of them; parameters replicated).
+    self.mesh = make_mesh(data=n, devices=jax.devices()[:n]) if n > 1 else None
     for flag, folder in (('--models-dir', models_dir), ('--lora-dir', lora_dir)):
       if folder and not os.path.isdir(folder):
         raise ValueError(f'{flag} {folder}: no such folder')
@@ -194,6 +202,7 @@ class Engine:
         height=key.height,
         width=key.width,
         progress=progress,
+        mesh=self.mesh,
       )
       if key.adapters is not None:
         pipe, kw['adapters'], kw['adapter_ids'], kw['adapter_scales'] = self._with_adapters(pipe, key, padded)
