@@ -152,6 +152,7 @@ def test_routes_answer_in_a1111_shapes_with_a1111_defaults(served):
     ('style', 'style.safetensors'),
     ('subject', 'subject.safetensors'),
   ]
+  assert client.get('/sdapi/v1/sd-vae').json() == [] and client.get('/sdapi/v1/embeddings').json()['loaded'] == {}
   for path in ('/sdapi/v1/refresh-checkpoints', '/sdapi/v1/refresh-loras'):
     assert client.post(path).status_code == 200
   idle = client.get('/sdapi/v1/progress').json()

@@ -289,6 +289,11 @@ class _BodyLimit:
     return await self.app(scope, replay, send)
 
 
+def _constant(value):
+  """A route handler without parameters that answers `value`."""
+  return lambda: value
+
+
 def create_app(server: Server) -> FastAPI:
   @contextlib.asynccontextmanager
   async def lifespan(app):
@@ -397,6 +402,15 @@ def create_app(server: Server) -> FastAPI:
   @app.get('/sdapi/v1/loras')
   async def loras():
     return server.engine.loras()
+
+  # What A1111 clients also list at start-up, and that jaxdream has none of.
+  for path, empty in (
+    ('/sdapi/v1/sd-vae', []),
+    ('/sdapi/v1/upscalers', []),
+    ('/sdapi/v1/prompt-styles', []),
+    ('/sdapi/v1/embeddings', {'loaded': {}, 'skipped': {}}),
+  ):
+    app.add_api_route(path, _constant(empty), methods=['GET'])
 
   @app.post('/sdapi/v1/refresh-checkpoints')
   async def refresh_checkpoints():
