@@ -3,9 +3,9 @@
 The whole denoising loop (the pipeline's `encode_prompt`, every UNet step, the scheduler, VAE decoding) is
 one jitted function over the pipeline's components, cached in the pipeline's own CompileCache.
 Conditional and unconditional passes are one batched UNet call. Prompts (as token ids), seeds, guidance
-scales (one per image), strength and the progress callback are per-call values, so new ones never recompile; a new image
-size, batch size, step count, scheduler or model structure does. Calls may run from several threads at
-once: each gets its own images and its own progress calls.
+scales (one per image), strength and the progress callback are per-call values, so new ones never
+recompile; a new image size, batch size, step count, scheduler or model structure does. Calls may run
+from several threads at once: each gets its own images and its own progress calls.
 
 Randomness is per image: image b draws everything (initial noise, VAE posterior samples, ancestral step
 noise) from `jax.random.key(seeds[b])`, so an image depends only on its own seed and prompt.
