@@ -18,6 +18,7 @@ LEVELS = {
   'diffusion': 2,
   'vlm': 2,
   'training': 3,
+  'serve': 3,
   'evaluation': 3,
   'cli': 4,
 }

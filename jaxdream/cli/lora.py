@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import os
-import re
 
-# A1111's prompt syntax: <lora:name> or <lora:name:0.8>
-_TAG = re.compile(r'<lora:([^:>]+)(?::([^:>]*))?>')
+from jaxdream.lora.tags import lora_in_dir, lora_name, prompt_loras, with_tags  # noqa: F401 (re-exported)
 
 
 def parse_lora_spec(spec: str, flag: str = '--lora') -> tuple[str, float]:
@@ -27,47 +25,6 @@ def parse_lora_spec(spec: str, flag: str = '--lora') -> tuple[str, float]:
   if not os.path.isfile(path):
     raise ValueError(f'{flag} {path}: no such LoRA file')
   return path, value
-
-
-def lora_in_dir(folder: str | None, name: str) -> str:
-  """The file of a prompt tag's name: DIR/name.safetensors, or DIR/name/pytorch_lora_weights.safetensors (as the
-  trainer writes DIR/loras/<name>/)."""
-  if not folder:
-    raise ValueError(f'prompt tag <lora:{name}>: give --lora-dir, the folder to find {name}.safetensors in')
-  for path in (
-    os.path.join(folder, f'{name}.safetensors'),
-    os.path.join(folder, name, 'pytorch_lora_weights.safetensors'),
-  ):
-    if os.path.isfile(path):
-      return path
-  raise ValueError(
-    f'prompt tag <lora:{name}>: no {name}.safetensors or {name}/pytorch_lora_weights.safetensors in {folder}'
-  )
-
-
-def lora_name(path: str) -> str:
-  """The name a prompt tag gives a file: its stem, or its folder's name for DIR/<name>/pytorch_lora_weights."""
-  stem = os.path.basename(path).removesuffix('.safetensors')
-  return os.path.basename(os.path.dirname(os.path.abspath(path))) if stem == 'pytorch_lora_weights' else stem
-
-
-def with_tags(prompt: str, loras) -> str:
-  """The prompt with a <lora:name:scale> tag per (path, scale), as A1111 records the LoRAs an image used."""
-  return ' '.join([prompt, *(f'<lora:{lora_name(p)}:{s:g}>' for p, s in loras)]).strip()
-
-
-def prompt_loras(prompt: str, folder: str | None) -> tuple[str, tuple[tuple[str, float], ...]]:
-  """(the prompt without its <lora:name:scale> tags, ((path, scale), ...) of the tags)."""
-  found = []
-  for m in _TAG.finditer(prompt):
-    name, scale = m.group(1).strip(), m.group(2)
-    try:
-      value = 1.0 if scale is None or not scale.strip() else float(scale)
-    except ValueError:
-      raise ValueError(f'prompt tag {m.group(0)}: the scale must be a number') from None
-    found.append((lora_in_dir(folder, name), value))
-  text = re.sub(r'\s{2,}', ' ', _TAG.sub('', prompt)).strip()
-  return text, tuple(found)
 
 
 def check_lora_files(loras) -> None:

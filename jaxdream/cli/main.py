@@ -9,6 +9,7 @@ from jaxdream.cli import quiet
 from jaxdream.cli.eval import _add_eval_parsers
 from jaxdream.cli.lora import _add_lora_parsers
 from jaxdream.cli.sample import SampleSession, _add_sample_parser, _demo, _inspect, _sample
+from jaxdream.cli.serve import _add_serve_parser
 from jaxdream.cli.subjects import _add_subjects_parser
 from jaxdream.cli.vlm import _add_vlm_parsers
 from jaxdream.runtime import CompileCache
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_lora_parsers(sub)
   _add_subjects_parser(sub)
   _add_eval_parsers(sub)
+  _add_serve_parser(sub)
   return p
 
 

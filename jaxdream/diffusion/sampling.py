@@ -3,9 +3,9 @@
 The whole denoising loop (the pipeline's `encode_prompt`, every UNet step, the scheduler, VAE decoding) is
 one jitted function over the pipeline's components, cached in the pipeline's own CompileCache.
 Conditional and unconditional passes are one batched UNet call. Prompts (as token ids), seeds, guidance
-scale, strength and the progress callback are per-call values, so new ones never recompile; a new image
-size, batch size, step count, scheduler or model structure does. Calls may run from several threads at
-once: each gets its own images and its own progress calls.
+scales (one per image), strength and the progress callback are per-call values, so new ones never
+recompile; a new image size, batch size, step count, scheduler or model structure does. Calls may run
+from several threads at once: each gets its own images and its own progress calls.
 
 Randomness is per image: image b draws everything (initial noise, VAE posterior samples, ancestral step
 noise) from `jax.random.key(seeds[b])`, so an image depends only on its own seed and prompt.
@@ -50,7 +50,7 @@ def image_noise(seeds: Sequence[int], shape: tuple[int, ...], stream: int = _NOI
 
 @dataclasses.dataclass(frozen=True)
 class _Mode:
-  cfg: bool  # classifier-free guidance (guidance_scale > 1), as diffusers decides
+  cfg: bool  # classifier-free guidance (a guidance_scale > 1), as diffusers decides
   init: str  # 'noise' (txt2img), 'image' (img2img / inpaint with strength < 1), 'noise_full' (inpaint)
   blend: bool  # 4-channel inpainting: re-impose the known region after every step
   unet_mask: bool  # 9-channel inpainting UNet: mask and masked-image latents are UNet inputs
@@ -129,7 +129,7 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
       eps = models['unet'](inp, t, context, **extra).astype(jnp.float32)
       if mode.cfg:
         uncond, cond = jnp.split(eps, 2)
-        eps = uncond + guidance * (cond - uncond)
+        eps = uncond + guidance.reshape((-1,) + (1,) * (eps.ndim - 1)) * (cond - uncond)
       keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(step_keys, i)
       x, state = per_image_step(state, eps, i, x, keys)
       if mode.blend:  # known region: the original latents noised to the next step's level
@@ -277,6 +277,7 @@ def _generate(
   if not 0.0 <= strength <= 1.0:
     raise ValueError(f'strength must be in [0, 1], got {strength}')
   seeds = _seeds(seed, b)
+  guidance = per_image_adapters.per_image(guidance_scale, b, num_images_per_prompt, 'guidance scales')
   ids, scales = _adapter_choice(pipeline, adapters, adapter_ids, adapter_scales, b, num_images_per_prompt)
   sch = make_scheduler(scheduler, pipeline.scheduler_config, num_inference_steps, eta=eta)
   f, c = pipeline.vae_scale_factor, pipeline.vae.latent_channels
@@ -317,7 +318,7 @@ def _generate(
 
   inpainting = masks is not None
   mode = _Mode(
-    cfg=guidance_scale > 1.0,
+    cfg=max(guidance) > 1.0,
     init='image' if init_images is not None and not (inpainting and strength >= 1.0) else 'noise',
     blend=inpainting and unet_in == c,
     unet_mask=inpainting and unet_in != c,
@@ -339,7 +340,7 @@ def _generate(
       step_keys=image_keys(seeds, _STEPS),
       adapter_ids=ids,
       adapter_scales=scales,
-      guidance=jnp.float32(guidance_scale),
+      guidance=jnp.asarray(guidance, jnp.float32),
       start=jnp.int32(start),
       image_latents=jnp.asarray(image_latents),
       mask=jnp.asarray(mask),
@@ -395,6 +396,7 @@ _PER_IMAGE = (
   'step_keys',
   'adapter_ids',
   'adapter_scales',
+  'guidance',
   'image_latents',
   'mask',
   'masked_latents',
@@ -420,7 +422,7 @@ def txt2img(
   *,
   negative_prompts=None,
   num_inference_steps: int = 50,
-  guidance_scale: float = 7.5,
+  guidance_scale=7.5,
   scheduler: str | None = None,
   seed=0,
   height: int | None = None,
@@ -439,6 +441,8 @@ def txt2img(
 
   scheduler: a name from jaxdream.schedulers.SCHEDULER_NAMES, or None for the model folder's own.
   seed: an int (image b gets seed + b) or one seed per image.
+  guidance_scale: one for all images, or one per prompt (a server batches requests with different ones);
+    guidance runs for every image when any scale is > 1.
   latents: optional initial standard-normal noise, NHWC (B, H/f, W/f, C); it is scaled by the
     scheduler's initial sigma, as in diffusers.
   mesh: a jax.sharding.Mesh: the batch is split over its 'data' (and 'fsdp') axes.
@@ -482,7 +486,7 @@ def img2img(
   strength: float = 0.8,
   negative_prompts=None,
   num_inference_steps: int = 50,
-  guidance_scale: float = 7.5,
+  guidance_scale=7.5,
   scheduler: str | None = None,
   seed=0,
   height: int | None = None,
@@ -532,7 +536,7 @@ def inpaint(
   strength: float = 1.0,
   negative_prompts=None,
   num_inference_steps: int = 50,
-  guidance_scale: float = 7.5,
+  guidance_scale=7.5,
   scheduler: str | None = None,
   seed=0,
   height: int | None = None,

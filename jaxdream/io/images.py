@@ -13,6 +13,7 @@ The prompt may span lines; the negative prompt line is left out when there is no
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -123,22 +124,29 @@ def parse_parameters(text: str) -> dict[str, str]:
   return out
 
 
-def save_png(path: str, image, parameters: str | None = None):
-  """Write a uint8 (H, W, 3) image as PNG with `parameters` in a text chunk of that name (tEXt, or
-  iTXt when the text is not Latin-1). Written to a temporary file first and moved into place, so a
-  reader never sees half an image."""
+def png_bytes(image, parameters: str | None = None) -> bytes:
+  """A uint8 (H, W, 3) image as PNG file bytes with `parameters` in a text chunk of that name (tEXt, or
+  iTXt when the text is not Latin-1)."""
   from PIL import Image
   from PIL.PngImagePlugin import PngInfo
 
   info = PngInfo()
   if parameters is not None:
     info.add_text('parameters', parameters)
+  out = io.BytesIO()
+  Image.fromarray(np.asarray(image, np.uint8)).save(out, format='PNG', pnginfo=info)
+  return out.getvalue()
+
+
+def save_png(path: str, image, parameters: str | None = None):
+  """Write `png_bytes(image, parameters)` to a temporary file first and move it into place, so a reader
+  never sees half an image."""
   with atomic_open(path, 'wb') as f:
-    Image.fromarray(np.asarray(image, np.uint8)).save(f, format='PNG', pnginfo=info)
+    f.write(png_bytes(image, parameters))
 
 
-def read_parameters(path: str) -> str | None:
-  """The `parameters` text of a PNG (None if it has none)."""
+def read_parameters(path) -> str | None:
+  """The `parameters` text of a PNG, a path or a binary file object (None if it has none)."""
   from PIL import Image
 
   with Image.open(path) as im:

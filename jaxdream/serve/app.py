@@ -1,0 +1,431 @@
+"""The FastAPI app: A1111's `/sdapi/v1` routes, the web page at `/`, `/metrics`; auth, body limit, one JSON log
+line per request. Handlers check a request (in a worker thread: images are decoded, LoRA files read), submit it
+to the queue and await its future; the event loop never samples."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import hmac
+import io
+import json
+import logging
+import random
+import time
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+
+from jaxdream.io.images import format_parameters, parse_parameters, png_bytes, read_parameters
+from jaxdream.lora.tags import parse_tags
+from jaxdream.serve import samplers
+from jaxdream.serve.engine import BatchKey, Engine, Task
+from jaxdream.serve.limits import ApiError, Limits, check_range, check_size, decode_image, image_bytes, resized
+from jaxdream.serve.metrics import Metrics
+from jaxdream.serve.queue import BatchQueue, QueueFull, ShuttingDown
+from jaxdream.serve.schemas import Img2ImgRequest, OptionsRequest, PngInfoRequest, Txt2ImgRequest
+
+log = logging.getLogger('jaxdream.serve')
+RETRY_AFTER_S = 5
+
+
+@dataclasses.dataclass
+class Server:
+  """What the app serves: the engine (models, LoRA files, sampling), its queue, limits, users and metrics."""
+
+  engine: Engine
+  queue: BatchQueue
+  metrics: Metrics
+  limits: Limits = dataclasses.field(default_factory=Limits)
+  users: dict = dataclasses.field(default_factory=dict)  # user -> password; empty: no auth
+  options: dict = dataclasses.field(default_factory=dict)  # A1111 options other than the model
+
+
+def make_server(
+  model: str,
+  *,
+  models_dir=None,
+  lora_dir=None,
+  max_batch: int = 8,
+  queue_size: int = 64,
+  limits: Limits | None = None,
+  users: dict | None = None,
+  devices: int = 1,
+  allow_pickle: bool = False,
+) -> Server:
+  if queue_size < 1:
+    raise ValueError(f'--queue-size must be at least 1, got {queue_size}')
+  engine = Engine(
+    model, models_dir=models_dir, lora_dir=lora_dir, max_batch=max_batch, devices=devices, allow_pickle=allow_pickle
+  )
+  metrics = Metrics(max_batch)
+  queue = BatchQueue(
+    engine.run, max_batch=max_batch, max_requests=queue_size, metrics=metrics, num_steps=engine.num_steps
+  )
+  return Server(engine, queue, metrics, limits or Limits(), dict(users or {}))
+
+
+def warm_up(server: Server, steps: int = 20, sampler: str = samplers.DEFAULT_SAMPLER, cfg_scale: float = 7.0):
+  """Compile the sampler for the default model's own size (one batch through the queue's own path)."""
+  eng = server.engine
+  h, w = eng.pipeline(eng.current).default_size
+  key = BatchKey(eng.current, 'txt2img', h, w, steps, samplers.resolve(sampler), cfg=cfg_scale > 1)
+  server.queue.submit(key, [Task('', '', 0, cfg_scale)]).result()
+
+
+# -- checking a request
+
+
+def _plan(server: Server, req: Txt2ImgRequest, kind: str):
+  """(BatchKey, tasks, facts for the response) of a request, or an ApiError naming the field at fault."""
+  eng, lim = server.engine, server.limits
+  override = req.override_settings or {}
+  model = eng.model_name(override['sd_model_checkpoint']) if 'sd_model_checkpoint' in override else eng.current
+  pipe = eng.pipeline(model)
+  f, (dh, dw) = pipe.vae_scale_factor, pipe.default_size
+  width, height = req.width or dw, req.height or dh
+  check_size('width', width, f, lim)
+  check_size('height', height, f, lim)
+  check_range('steps', req.steps, 1, lim.max_steps)
+  check_range('batch_size', req.batch_size, 1, lim.max_batch_size)
+  check_range('n_iter', req.n_iter, 1, lim.max_n_iter)
+  n = req.batch_size * req.n_iter
+  if n > lim.max_images:
+    raise ApiError(422, 'batch_size', f'batch_size * n_iter = {n} images; at most {lim.max_images} per request')
+  check_range('cfg_scale', req.cfg_scale, 0, 100)
+  try:
+    sampler = samplers.resolve(req.sampler_name or req.sampler_index, req.scheduler)
+  except samplers.UnknownSampler as e:
+    raise ApiError(422, e.field, str(e)) from None
+  seed = req.seed if req.seed != -1 else random.randrange(2**32 - n)
+  check_range('seed', seed, 0, 2**32 - n)
+  try:
+    text, tags = parse_tags(req.prompt)
+  except ValueError as e:
+    raise ApiError(422, 'prompt', str(e)) from None
+  tags = [(name, s) for name, s in tags if s != 0]
+  if len(tags) > 1:
+    raise ApiError(422, 'prompt', 'one <lora:name:weight> per prompt: each image of a batch has its own adapter')
+  lora = signature = None
+  if tags:
+    path = eng.lora_path(tags[0][0])
+    signature = eng.adapter(model, path)[0]
+    lora = (path, tags[0][1])
+  inits, mask, strength = [None], None, None
+  if kind == 'img2img':
+    req: Img2ImgRequest
+    if not req.init_images:
+      raise ApiError(422, 'init_images', 'init_images: give at least one base64-encoded image')
+    inits = [resized(decode_image('init_images', im, lim), width, height) for im in req.init_images]
+    strength = 0.75 if req.denoising_strength is None else req.denoising_strength
+    check_range('denoising_strength', strength, 0, 1)
+    if req.mask:
+      mask = _mask(decode_image('mask', req.mask, lim, 'L'), req, width, height)
+      kind = 'inpaint'
+  key = BatchKey(model, kind, height, width, req.steps, sampler, req.cfg_scale > 1, strength, signature)
+  tasks = [
+    Task(text, req.negative_prompt, seed + i, req.cfg_scale, lora, inits[i % len(inits)], mask) for i in range(n)
+  ]
+  return key, tasks, dict(model=model, width=width, height=height, seed=seed, sampler=sampler, strength=strength)
+
+
+def _mask(im, req, width, height):
+  """The inpainting mask at the image size: blurred by mask_blur, inverted with inpainting_mask_invert."""
+  import numpy as np
+  from PIL import ImageFilter, ImageOps
+
+  blur = req.mask_blur if req.mask_blur is not None else max(req.mask_blur_x, req.mask_blur_y)
+  if req.inpainting_mask_invert:
+    im = ImageOps.invert(im)
+  if blur > 0:
+    im = im.filter(ImageFilter.GaussianBlur(blur))
+  return np.asarray(resized(im, width, height))
+
+
+def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list) -> dict:
+  """A1111's {images, parameters, info}: base64 PNGs carrying their infotext, info a JSON string."""
+  n = len(images)
+  seeds = [facts['seed'] + i for i in range(n)]
+  texts = [
+    format_parameters(
+      req.prompt,
+      req.negative_prompt,
+      steps=key.steps,
+      scheduler=key.sampler,
+      guidance=req.cfg_scale,
+      seed=s,
+      width=key.width,
+      height=key.height,
+      model=key.model,
+      strength=key.strength,
+    )
+    for s in seeds
+  ]
+  done = [i for i, im in enumerate(images) if im is not None]
+  encoded = [base64.b64encode(png_bytes(images[i], texts[i])).decode('ascii') for i in done]
+  info = {
+    'prompt': req.prompt,
+    'all_prompts': [req.prompt] * n,
+    'negative_prompt': req.negative_prompt,
+    'all_negative_prompts': [req.negative_prompt] * n,
+    'seed': facts['seed'],
+    'all_seeds': seeds,
+    'subseed': facts['seed'],
+    'all_subseeds': seeds,
+    'subseed_strength': 0,
+    'width': key.width,
+    'height': key.height,
+    'sampler_name': samplers.a1111_name(key.sampler),
+    'cfg_scale': req.cfg_scale,
+    'steps': key.steps,
+    'batch_size': req.batch_size,
+    'restore_faces': False,
+    'sd_model_name': key.model,
+    'sd_model_hash': None,
+    'seed_resize_from_w': -1,
+    'seed_resize_from_h': -1,
+    'denoising_strength': key.strength,
+    'extra_generation_params': {},
+    'index_of_first_image': 0,
+    'infotexts': [texts[i] for i in done],
+    'styles': req.styles or [],
+    'job_timestamp': time.strftime('%Y%m%d%H%M%S'),
+    'clip_skip': 1,
+    'is_using_inpainting_conditioning': key.kind == 'inpaint',
+    'interrupted': len(done) < n,
+  }
+  params = req.model_dump()
+  params.update(width=key.width, height=key.height)
+  if isinstance(req, Img2ImgRequest):
+    params['init_images'] = params['mask'] = None  # as A1111: the inputs are not sent back
+  return {'images': encoded if req.send_images else [], 'parameters': params, 'info': json.dumps(info)}
+
+
+async def _generate(server: Server, req: Txt2ImgRequest, kind: str) -> dict:
+  key, tasks, facts = await run_in_threadpool(_plan, server, req, kind)
+  try:
+    future = server.queue.submit(key, tasks)
+  except QueueFull as e:
+    raise ApiError(429, None, f'{e}; retry later', 'queue_full') from None
+  except ShuttingDown as e:
+    raise ApiError(503, None, str(e), 'shutting_down') from None
+  try:
+    images = await asyncio.wrap_future(future)
+  except ShuttingDown as e:
+    raise ApiError(503, None, str(e), 'shutting_down') from None
+  except Exception as e:  # noqa: BLE001
+    log.exception('sampling failed')
+    raise ApiError(500, None, f'sampling failed: {type(e).__name__}: {e}', 'sampling') from None
+  return await run_in_threadpool(_response, req, key, facts, images)
+
+
+# -- the app
+
+
+def _authorized(server: Server, header: str | None) -> str | None:
+  """The user of a valid Basic Authorization header (passwords compared in constant time), else None."""
+  if not header or not header.lower().startswith('basic '):
+    return None
+  try:
+    user, _, password = base64.b64decode(header[6:].strip(), validate=True).decode('utf-8').partition(':')
+  except (ValueError, UnicodeDecodeError):
+    return None
+  ok = False
+  for name, secret in server.users.items():  # every entry compared: the time says nothing about which matched
+    ok |= hmac.compare_digest(name.encode(), user.encode()) & hmac.compare_digest(secret.encode(), password.encode())
+  return user if ok else None
+
+
+class _BodyLimit:
+  """413 for a body over the limit: by its Content-Length, or, sent chunked, once the bytes read pass it."""
+
+  def __init__(self, app, server: Server):
+    self.app, self.server = app, server
+
+  async def __call__(self, scope, receive, send):
+    if scope['type'] != 'http':
+      return await self.app(scope, receive, send)
+    limit = self.server.limits.max_body_bytes
+    headers = dict(scope.get('headers') or [])
+    length = headers.get(b'content-length')
+    too_big = JSONResponse(
+      {'error': 'too_large', 'detail': f'request body over {limit} bytes', 'field': 'body'}, status_code=413
+    )
+    if length is not None:
+      if not length.isdigit() or int(length) > limit:
+        self.server.metrics.error('too_large')
+        return await too_big(scope, receive, send)
+      return await self.app(scope, receive, send)
+    if headers.get(b'transfer-encoding', b'').lower() != b'chunked':
+      return await self.app(scope, receive, send)
+    chunks, size = [], 0
+    while True:
+      message = await receive()
+      if message['type'] == 'http.disconnect':
+        return
+      chunks.append(message.get('body', b''))
+      size += len(chunks[-1])
+      if size > limit:
+        self.server.metrics.error('too_large')
+        return await too_big(scope, receive, send)
+      if not message.get('more_body'):
+        break
+    body = b''.join(chunks)
+    replayed = False
+
+    async def replay():
+      nonlocal replayed
+      if replayed:
+        return await receive()
+      replayed = True
+      return {'type': 'http.request', 'body': body, 'more_body': False}
+
+    return await self.app(scope, replay, send)
+
+
+def _constant(value):
+  """A route handler without parameters that answers `value`."""
+  return lambda: value
+
+
+def create_app(server: Server) -> FastAPI:
+  @contextlib.asynccontextmanager
+  async def lifespan(app):
+    yield
+    await run_in_threadpool(server.queue.close)  # queued requests get 503; the running batch finishes
+
+  app = FastAPI(
+    title='jaxdream serve', description='AUTOMATIC1111-compatible sdapi/v1 over jaxdream', lifespan=lifespan
+  )
+  app.state.server = server
+  app.add_middleware(_BodyLimit, server=server)
+
+  @app.middleware('http')
+  async def auth_and_log(request: Request, call_next):
+    t0 = time.monotonic()
+    user = None
+    if server.users:
+      user = _authorized(server, request.headers.get('authorization'))
+      if user is None:
+        server.metrics.error('unauthorized')
+        response = JSONResponse(
+          {'error': 'unauthorized', 'detail': 'authentication required', 'field': None},
+          status_code=401,
+          headers={'WWW-Authenticate': 'Basic realm="jaxdream"'},
+        )
+    if not server.users or user is not None:
+      response = await call_next(request)
+    seconds = time.monotonic() - t0
+    path = request.url.path
+    server.metrics.request(
+      path if path.startswith('/sdapi/') or path in ('/', '/metrics') else 'other', response.status_code, seconds
+    )
+    line = dict(method=request.method, path=path, status=response.status_code, ms=round(seconds * 1000, 1))
+    line.update(client=request.client.host if request.client else None, user=user)
+    log.info(json.dumps(line))
+    return response
+
+  @app.exception_handler(ApiError)
+  async def api_error(request: Request, e: ApiError):
+    server.metrics.error(e.kind)
+    headers = {'Retry-After': str(RETRY_AFTER_S)} if e.status in (429, 503) else None
+    return JSONResponse({'error': e.kind, 'detail': e.detail, 'field': e.field}, status_code=e.status, headers=headers)
+
+  @app.exception_handler(RequestValidationError)
+  async def invalid(request: Request, e: RequestValidationError):
+    server.metrics.error('invalid_request')
+    return await request_validation_exception_handler(request, e)
+
+  @app.get('/', response_class=HTMLResponse, include_in_schema=False)
+  async def page():
+    return HTMLResponse(resources.files('jaxdream.serve').joinpath('static/index.html').read_text('utf-8'))
+
+  @app.get('/metrics', response_class=PlainTextResponse)
+  async def metrics():
+    return PlainTextResponse(server.metrics.render(server.queue.depth()), media_type='text/plain; version=0.0.4')
+
+  @app.post('/sdapi/v1/txt2img')
+  async def txt2img(req: Txt2ImgRequest):
+    return await _generate(server, req, 'txt2img')
+
+  @app.post('/sdapi/v1/img2img')
+  async def img2img(req: Img2ImgRequest):
+    return await _generate(server, req, 'img2img')
+
+  @app.get('/sdapi/v1/progress')
+  async def progress(skip_current_image: bool = False):
+    return server.queue.progress()
+
+  @app.post('/sdapi/v1/interrupt')
+  async def interrupt():
+    return {'interrupted': server.queue.interrupt()}
+
+  @app.post('/sdapi/v1/skip')
+  async def skip():
+    return {'skipped': server.queue.interrupt(skip=True)}
+
+  @app.get('/sdapi/v1/options')
+  async def get_options():
+    return {**server.options, 'sd_model_checkpoint': server.engine.current, 'samples_format': 'png'}
+
+  @app.post('/sdapi/v1/options')
+  async def set_options(req: OptionsRequest):
+    values = req.model_dump()
+    if 'sd_model_checkpoint' in values:
+      name = server.engine.model_name(values.pop('sd_model_checkpoint'))
+      await run_in_threadpool(server.engine.pipeline, name)  # loaded now: a broken model fails this call
+      server.engine.current = name
+    server.options.update(values)
+    return None
+
+  @app.get('/sdapi/v1/sd-models')
+  async def sd_models():
+    return [
+      {'title': name, 'model_name': name, 'hash': None, 'sha256': None, 'filename': path, 'config': None}
+      for name, path in server.engine.models().items()
+    ]
+
+  @app.get('/sdapi/v1/samplers')
+  async def sampler_list():
+    return samplers.samplers()
+
+  @app.get('/sdapi/v1/schedulers')
+  async def scheduler_list():
+    return list(samplers.SCHEDULERS)
+
+  @app.get('/sdapi/v1/loras')
+  async def loras():
+    return server.engine.loras()
+
+  # What A1111 clients also list at start-up, and that jaxdream has none of.
+  for path, empty in (
+    ('/sdapi/v1/sd-vae', []),
+    ('/sdapi/v1/upscalers', []),
+    ('/sdapi/v1/prompt-styles', []),
+    ('/sdapi/v1/embeddings', {'loaded': {}, 'skipped': {}}),
+  ):
+    app.add_api_route(path, _constant(empty), methods=['GET'])
+
+  @app.post('/sdapi/v1/refresh-checkpoints')
+  async def refresh_checkpoints():
+    server.engine.refresh_models()
+    return None
+
+  @app.post('/sdapi/v1/refresh-loras')
+  async def refresh_loras():
+    return None  # /loras lists the folder as it is at each call
+
+  @app.post('/sdapi/v1/png-info')
+  async def png_info(req: PngInfoRequest):
+    decode_image('image', req.image, server.limits)  # a readable image within the limits
+    text = read_parameters(io.BytesIO(image_bytes('image', req.image))) or ''
+    items = {'parameters': text} if text else {}
+    return {'info': text, 'items': items, 'parameters': parse_parameters(text) if text else {}}
+
+  return app

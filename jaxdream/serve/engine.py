@@ -1,0 +1,231 @@
+"""The models and LoRA files a server offers, and one call of the compiled sampler for a batch of images.
+
+Every batch runs at the same batch size (--max-batch; the rest padded with copies of its last image, dropped
+afterwards) and, with adapters, the same number of stacked adapters: XLA may round an image differently in a
+program of another batch size, and one program per (size, steps, sampler, mode) is all a server compiles.
+So an image never depends on what it was batched with: its own seed, prompt, guidance and adapter decide it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdream.diffusion import sampling
+from jaxdream.diffusion.adapters import stack_adapters
+from jaxdream.diffusion.pipeline import load_pipeline
+from jaxdream.distributed.mesh import make_mesh
+from jaxdream.lora import apply_lora
+from jaxdream.lora.tags import lora_in_dir, lora_name
+from jaxdream.models import ConfigError, WeightsError
+from jaxdream.runtime import CallbackRegistry, CompileCache
+from jaxdream.schedulers import make_scheduler
+from jaxdream.serve.limits import ApiError
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One image to generate."""
+
+  prompt: str  # without its <lora:...> tag
+  negative_prompt: str
+  seed: int
+  guidance: float
+  lora: tuple[str, float] | None = None  # (file, weight)
+  init: np.ndarray | None = None  # uint8 (H, W, 3), img2img / inpainting
+  mask: np.ndarray | None = None  # uint8 (H, W), white: repaint
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchKey:
+  """What images must share to be generated in one call; everything else is per image."""
+
+  model: str
+  kind: str  # 'txt2img', 'img2img', 'inpaint'
+  height: int
+  width: int
+  steps: int
+  sampler: str  # our scheduler name
+  cfg: bool  # guidance on (some scale > 1): a different program, so never mixed
+  strength: float | None = None
+  adapters: tuple | None = None  # the LoRA layers' signature (targets and ranks), None: no LoRA
+
+
+def _signature(tree: dict) -> tuple:
+  return tuple(
+    sorted(
+      (comp, name, f['a'].shape[1:], f['b'].shape[1:]) for comp, layers in tree.items() for name, f in layers.items()
+    )
+  )
+
+
+class Engine:
+  """The models (--model, and --models-dir's folders), the LoRA files (--lora-dir), one model loaded at a time."""
+
+  def __init__(
+    self, model: str, *, models_dir=None, lora_dir=None, max_batch: int = 8, devices: int = 1, allow_pickle=False
+  ):
+    if max_batch < 1:
+      raise ValueError(f'--max-batch must be at least 1, got {max_batch}')
+    n = jax.device_count() if devices == -1 else devices
+    if not 1 <= n <= jax.device_count():
+      raise ValueError(f'--devices {devices}: this machine has {jax.device_count()} device(s)')
+    # Each batch split over the devices' 'data' axis (padded to a multiple of them; parameters replicated).
+    self.mesh = make_mesh(data=n, devices=jax.devices()[:n]) if n > 1 else None
+    for flag, folder in (('--models-dir', models_dir), ('--lora-dir', lora_dir)):
+      if folder and not os.path.isdir(folder):
+        raise ValueError(f'{flag} {folder}: no such folder')
+    self.model_path, self.models_dir, self.lora_dir = model, models_dir, lora_dir
+    self.max_batch, self.allow_pickle = max_batch, allow_pickle
+    self._lock = threading.RLock()  # the loaded model: loading, switching and sampling
+    self._lora_lock = threading.Lock()
+    self._loaded: tuple[str, object] | None = None
+    self._adapters: dict = {}  # (model, file, mtime) -> (signature, stacked tree of one adapter)
+    self._templates: dict = {}  # (model, signature) -> components carrying LoRA layers of that signature
+    # Every model loaded shares one compile cache (its keys name the model structure) and the registry its loops
+    # report progress to: switching back to a model, or to one of the same architecture, compiles nothing.
+    self._compiled, self._callbacks = CompileCache(), CallbackRegistry()
+    self.refresh_models()
+    self.current = self.default_model = next(iter(self._models))
+    self.pipeline(self.current)
+
+  # -- models
+  def refresh_models(self):
+    models = {os.path.basename(os.path.abspath(self.model_path)): self.model_path}
+    if self.models_dir:
+      for name in sorted(os.listdir(self.models_dir)):
+        path = os.path.join(self.models_dir, name)
+        if os.path.isfile(os.path.join(path, 'model_index.json')):
+          models.setdefault(name, path)
+    self._models = models
+
+  def models(self) -> dict[str, str]:
+    return dict(self._models)
+
+  def model_name(self, title: str, field: str = 'sd_model_checkpoint') -> str:
+    """A model's name from A1111's title ('name [hash]') or name; a 422 lists the known ones."""
+    name = title.split(' [')[0].strip() if isinstance(title, str) else title
+    if name not in self._models:
+      raise ApiError(422, field, f'{field} {title!r}: no such model; known: {", ".join(self._models)}')
+    return name
+
+  def pipeline(self, name: str):
+    """The named model's pipeline, loaded (and the previous one dropped) if it is not the loaded one. The
+    loaded one is returned without the lock: checking a request never waits for the running batch."""
+    loaded = self._loaded
+    if loaded is not None and loaded[0] == name:
+      return loaded[1]
+    with self._lock:
+      if self._loaded is None or self._loaded[0] != name:
+        self._loaded = None
+        self._adapters.clear()
+        self._templates.clear()
+        try:
+          pipe = load_pipeline(self._models[name], allow_pickle=self.allow_pickle)
+        except (WeightsError, ConfigError, OSError) as e:
+          raise ApiError(422, 'sd_model_checkpoint', f'model {name}: {e}') from None
+        pipe.compiled, pipe.callbacks = self._compiled, self._callbacks
+        self._loaded = (name, pipe)
+      return self._loaded[1]
+
+  # -- LoRA files
+  def loras(self) -> list[dict]:
+    """GET /sdapi/v1/loras: {name, alias, path, metadata} of each file in --lora-dir."""
+    if not self.lora_dir:
+      return []
+    out = []
+    for entry in sorted(os.listdir(self.lora_dir)):
+      for path in (
+        os.path.join(self.lora_dir, entry),
+        os.path.join(self.lora_dir, entry, 'pytorch_lora_weights.safetensors'),
+      ):
+        if path.endswith('.safetensors') and os.path.isfile(path):
+          out.append({'name': lora_name(path), 'alias': lora_name(path), 'path': path, 'metadata': {}})
+    return out
+
+  def lora_path(self, name: str, field: str = 'prompt') -> str:
+    """The file of a prompt tag's name, which must be a plain name: nothing a request sends reaches a path
+    outside --lora-dir."""
+    if not name or name in ('.', '..') or any(c in name for c in '/\\\0') or os.sep in name or ':' in name:
+      raise ApiError(422, field, f'<lora:{name}>: a LoRA name is a file name in --lora-dir, without a path')
+    try:
+      return lora_in_dir(self.lora_dir, name)
+    except ValueError as e:
+      raise ApiError(422, field, str(e)) from None
+
+  def adapter(self, model: str, path: str):
+    """(signature, stacked tree of one adapter) of a LoRA file attached to the model's UNet/text encoders."""
+    base = self.pipeline(model)
+    key = (model, path, os.stat(path).st_mtime_ns)
+    with self._lora_lock:
+      if key not in self._adapters:
+        comps = {c: m for c, m in base.components.items() if c == 'unet' or c.startswith('text_encoder')}
+        comps = {c: nnx.clone(m) for c, m in comps.items()}
+        try:
+          done = apply_lora(comps, path, 1.0)
+        except (WeightsError, ValueError, OSError) as e:
+          raise ApiError(422, 'prompt', f'LoRA {lora_name(path)}: {e}') from None
+        comps = {c: comps[c] for c in done}
+        if not comps:
+          raise ApiError(422, 'prompt', f'LoRA {lora_name(path)}: adapts no layer of model {model}')
+        tree = stack_adapters([comps])
+        sig = _signature(tree)
+        self._templates.setdefault((model, sig), comps)
+        self._adapters[key] = (sig, tree)
+      return self._adapters[key]
+
+  # -- sampling
+  def num_steps(self, key: BatchKey) -> int:
+    """Steps the loop runs for this key (img2img starts part way)."""
+    sch = make_scheduler(key.sampler, self.pipeline(key.model).scheduler_config, key.steps)
+    return sch.num_steps - (0 if key.strength is None else sch.start_index(key.strength))
+
+  def run(self, key: BatchKey, tasks: list[Task], progress=None) -> np.ndarray:
+    """uint8 images (len(tasks), H, W, 3) of one batch of compatible tasks, in one call of the compiled loop."""
+    if not 1 <= len(tasks) <= self.max_batch:
+      raise ValueError(f'{len(tasks)} tasks for a batch of at most {self.max_batch}')
+    padded = list(tasks) + [tasks[-1]] * (self.max_batch - len(tasks))
+    with self._lock:
+      pipe = self.pipeline(key.model)
+      kw = dict(
+        negative_prompts=[t.negative_prompt for t in padded],
+        num_inference_steps=key.steps,
+        guidance_scale=[t.guidance for t in padded],
+        scheduler=key.sampler,
+        seed=[t.seed for t in padded],
+        height=key.height,
+        width=key.width,
+        progress=progress,
+        mesh=self.mesh,
+      )
+      if key.adapters is not None:
+        pipe, kw['adapters'], kw['adapter_ids'], kw['adapter_scales'] = self._with_adapters(pipe, key, padded)
+      prompts = [t.prompt for t in padded]
+      if key.kind == 'txt2img':
+        images = sampling.txt2img(pipe, prompts, **kw)
+      else:
+        init = np.stack([t.init for t in padded])
+        if key.kind == 'inpaint':
+          images = sampling.inpaint(
+            pipe, prompts, init, np.stack([t.mask for t in padded]), strength=key.strength, **kw
+          )
+        else:
+          images = sampling.img2img(pipe, prompts, init, strength=key.strength, **kw)
+    return np.asarray(images)[: len(tasks)]
+
+  def _with_adapters(self, base, key: BatchKey, tasks: list[Task]):
+    """(pipeline carrying LoRA layers of the key's signature, stacked adapters padded to max_batch, ids, scales)."""
+    files = list(dict.fromkeys(t.lora[0] for t in tasks))
+    trees = [self.adapter(key.model, f)[1] for f in files]
+    trees += [trees[0]] * (self.max_batch - len(trees))  # a fixed number of stacked adapters: one program
+    stacked = jax.tree.map(lambda *a: jnp.concatenate(a), *trees)
+    template = self._templates[(key.model, key.adapters)]
+    pipe = dataclasses.replace(base, components=dict(base.components, **template))
+    pipe.compiled, pipe.callbacks = base.compiled, base.callbacks  # same structure: the base's loops
+    return pipe, stacked, [files.index(t.lora[0]) for t in tasks], [t.lora[1] for t in tasks]

@@ -1,0 +1,496 @@
+"""jaxdream serve: A1111's sdapi/v1 routes, shapes and defaults; errors naming the field (422/401/413/429/503);
+an image never depends on the batch it was generated in (prompts, seeds, guidance and LoRA adapters differing);
+the queue's batching, interrupt and shutdown; a real uvicorn; the web page in headless Chromium.
+
+One server for the module (small_sd_folder at 32x32 px, 2 steps, batches of 4): its few programs (txt2img,
+txt2img with adapters, inpainting) are compiled once and shared by every test, the live servers included."""
+
+import base64
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import jax
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from flax import nnx
+from PIL import Image
+
+from jaxdream.cli.main import main
+from jaxdream.cli.serve import make_uvicorn_server
+from jaxdream.lora import save_lora
+from jaxdream.nn.adapters import add_lora, lora_layers
+from jaxdream.serve.app import Server, create_app, make_server
+from jaxdream.serve.engine import BatchKey, Engine, Task
+from jaxdream.serve.limits import Limits, check_bind, parse_auth
+from jaxdream.serve.metrics import Metrics
+from jaxdream.serve.queue import BatchQueue, ShuttingDown
+
+AUTH = ('ann', 's3cret')
+SMALL = dict(width=32, height=32, steps=2, sampler_name='Euler')
+MAX_BATCH = 4
+LIMITS = Limits(max_size=64, max_steps=10, max_body_bytes=2**20, max_image_pixels=64 * 64)
+
+
+@pytest.fixture(scope='module')
+def served(small_sd_folder, tmp_path_factory):
+  """(server, authenticated test client): models-dir with a second name for the same model, two LoRA files of
+  one shape (rank 2 on the UNet's attention), a queue of 3 requests, tight limits, basic auth."""
+  root = tmp_path_factory.mktemp('serve')
+  model = small_sd_folder[1]
+  os.makedirs(root / 'models')
+  os.symlink(model, root / 'models' / 'other')
+  os.makedirs(root / 'loras')
+  server = make_server(
+    model,
+    models_dir=str(root / 'models'),
+    lora_dir=str(root / 'loras'),
+    max_batch=MAX_BATCH,
+    queue_size=3,
+    limits=LIMITS,
+    users=dict([AUTH]),
+  )
+  base = server.engine.pipeline(server.engine.current)
+  for i, name in enumerate(('subject', 'style')):
+    unet = nnx.clone(base.unet)
+    add_lora(unet, targets=('to_q', 'to_k', 'to_v', 'to_out.0'), rank=2, key=jax.random.key(i))
+    for j, layer in enumerate(lora_layers(unet).values()):
+      layer.lora_b.set_value(0.5 * jax.random.normal(jax.random.key(100 * i + j), layer.lora_b.shape))
+    save_lora(str(root / 'loras' / f'{name}.safetensors'), {'unet': unet})
+  yield server, TestClient(create_app(server), headers=basic(*AUTH))
+  server.queue.close()
+
+
+def basic(user, password) -> dict:
+  return {'Authorization': 'Basic ' + base64.b64encode(f'{user}:{password}'.encode()).decode()}
+
+
+def pixels(b64: str) -> np.ndarray:
+  return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def png_b64(array, fmt='PNG') -> str:
+  out = io.BytesIO()
+  Image.fromarray(np.asarray(array, np.uint8)).save(out, format=fmt)
+  return base64.b64encode(out.getvalue()).decode()
+
+
+def txt2img(client, **body):
+  r = client.post('/sdapi/v1/txt2img', json={**SMALL, **body})
+  assert r.status_code == 200, r.text
+  return r.json()
+
+
+def batched(server, client, bodies: list[dict]) -> list[dict]:
+  """The requests sent at once while the worker holds, so that they are queued together, then released."""
+  server.queue.pause()
+  out = [None] * len(bodies)
+  threads = [
+    threading.Thread(target=lambda i=i, b=b: out.__setitem__(i, txt2img(client, **b))) for i, b in enumerate(bodies)
+  ]
+  try:
+    for t in threads:
+      t.start()
+    deadline = time.monotonic() + 60
+    while server.queue.depth() < len(bodies):
+      assert time.monotonic() < deadline, 'requests not queued'
+      time.sleep(0.02)
+  finally:
+    server.queue.resume()
+  for t in threads:
+    t.join(120)
+  return out
+
+
+def batch_count(server, size: int) -> int:
+  """Sampler calls so far that held exactly `size` images."""
+  h = server.metrics.batch_sizes
+  return h.counts[size - 1] - (h.counts[size - 2] if size > 1 else 0)
+
+
+def test_routes_answer_in_a1111_shapes_with_a1111_defaults(served):
+  server, client = served
+  data = txt2img(client, prompt='a dog', seed=5, an_unknown_field={'ignored': True})
+  assert set(data) == {'images', 'parameters', 'info'} and len(data['images']) == 1
+  params, info = data['parameters'], json.loads(data['info'])
+  assert 'an_unknown_field' not in params
+  defaults = dict(negative_prompt='', batch_size=1, n_iter=1, cfg_scale=7.0, sampler_index='Euler', send_images=True)
+  assert {k: params[k] for k in defaults} == defaults
+  assert info['prompt'] == 'a dog' and info['all_prompts'] == ['a dog']
+  assert (info['seed'], info['all_seeds'], info['width'], info['height']) == (5, [5], 32, 32)
+  assert (info['sampler_name'], info['cfg_scale'], info['steps']) == ('Euler', 7.0, 2)
+  image = pixels(data['images'][0])
+  assert image.shape == (32, 32, 3) and image.std() > 0
+  # PNG Info reads the image's own A1111 parameters chunk back.
+  png = client.post('/sdapi/v1/png-info', json={'image': 'data:image/png;base64,' + data['images'][0]}).json()
+  assert (
+    png['info']
+    == info['infotexts'][0]
+    == Image.open(io.BytesIO(base64.b64decode(data['images'][0]))).text['parameters']
+  )
+  assert {k: png['parameters'][k] for k in ('Prompt', 'Seed', 'Sampler', 'Size')} == dict(
+    Prompt='a dog', Seed='5', Sampler='Euler', Size='32x32'
+  )
+  # seed -1: a random seed, reported; a batch's images get seed, seed + 1.
+  two = json.loads(txt2img(client, prompt='a dog', seed=-1, batch_size=2)['info'])
+  assert two['seed'] >= 0 and two['all_seeds'] == [two['seed'], two['seed'] + 1]
+  assert [m['title'] for m in client.get('/sdapi/v1/sd-models').json()] == [server.engine.current, 'other']
+  names = [s['name'] for s in client.get('/sdapi/v1/samplers').json()]
+  assert {'Euler a', 'Euler', 'DPM++ 2M', 'DPM++ 2M Karras', 'DDIM', 'LMS', 'PLMS'} <= set(names)
+  assert [s['label'] for s in client.get('/sdapi/v1/schedulers').json()] == ['Automatic', 'Karras']
+  loras = client.get('/sdapi/v1/loras').json()
+  assert [(lo['name'], os.path.basename(lo['path'])) for lo in loras] == [
+    ('style', 'style.safetensors'),
+    ('subject', 'subject.safetensors'),
+  ]
+  assert client.get('/sdapi/v1/sd-vae').json() == [] and client.get('/sdapi/v1/embeddings').json()['loaded'] == {}
+  for path in ('/sdapi/v1/refresh-checkpoints', '/sdapi/v1/refresh-loras'):
+    assert client.post(path).status_code == 200
+  idle = client.get('/sdapi/v1/progress').json()
+  assert idle['progress'] == 0 and idle['eta_relative'] == 0
+  assert {'job_count', 'sampling_step', 'sampling_steps', 'interrupted'} <= set(idle['state'])
+  assert client.post('/sdapi/v1/interrupt').json() == {'interrupted': False}
+  assert 'Generate' in client.get('/').text and client.get('/docs').status_code == 200
+  # sd_model_checkpoint switches among --models-dir models ('other' is the same weights: the same pixels,
+  # and its loops are the shared compiled ones).
+  first = server.engine.current
+  assert client.post('/sdapi/v1/options', json={'sd_model_checkpoint': 'nope'}).json()['field'] == 'sd_model_checkpoint'
+  assert client.post('/sdapi/v1/options', json={'sd_model_checkpoint': 'other'}).status_code == 200
+  try:
+    assert client.get('/sdapi/v1/options').json()['sd_model_checkpoint'] == 'other'
+    again = txt2img(client, prompt='a dog', seed=5)
+    assert json.loads(again['info'])['sd_model_name'] == 'other'
+    assert np.array_equal(pixels(again['images'][0]), image)
+  finally:
+    client.post('/sdapi/v1/options', json={'sd_model_checkpoint': first})
+  text = client.get('/metrics').text
+  for line in ('jaxdream_serve_queue_depth 0', 'jaxdream_serve_batch_size_count', 'request_latency_seconds_bucket'):
+    assert line in text
+  assert int(re.search(r'^jaxdream_serve_images_generated_total (\d+)$', text, re.M).group(1)) >= 4
+
+
+def test_bad_requests_are_refused_naming_the_field(served):
+  server, client = served
+  images_before = server.metrics.images
+
+  def refused(status, field, body, path='/sdapi/v1/txt2img', **kw):
+    r = client.post(path, json={**SMALL, **body}, **kw)
+    assert r.status_code == status, r.text
+    if field:
+      assert r.json()['field'] == field, r.json()
+    return r.json()
+
+  detail = refused(422, 'sampler_name', {'sampler_name': 'Heun++'})['detail']
+  assert all(name in detail for name in ('Euler a', 'DPM++ 2M Karras', 'DDIM'))
+  assert 'Karras' in refused(422, 'scheduler', {'sampler_name': 'Euler', 'scheduler': 'Exponential'})['detail']
+  assert '[4, 64]' in refused(422, 'width', {'width': 1024})['detail']
+  assert 'multiple of 4' in refused(422, 'height', {'height': 30})['detail']
+  refused(422, 'steps', {'steps': 0})
+  refused(422, 'batch_size', {'batch_size': 17})
+  assert 'without a path' in refused(422, 'prompt', {'prompt': 'x <lora:../../etc/passwd:1>'})['detail']
+  refused(422, 'prompt', {'prompt': 'x <lora:sub/subject:1>'})
+  assert 'no nope.safetensors' in refused(422, 'prompt', {'prompt': 'x <lora:nope:1>'})['detail']
+  refused(422, 'prompt', {'prompt': '<lora:subject:1> <lora:style:1>'})
+  refused(422, None, {'steps': 'many'})  # a type error: FastAPI's own 422
+  refused(422, 'init_images', {}, '/sdapi/v1/img2img')
+  refused(422, 'init_images', {'init_images': ['not base64!']}, '/sdapi/v1/img2img')
+  # A small file that decodes to more pixels than the limit (a decompression bomb) is refused before decoding.
+  bomb = png_b64(np.zeros((128, 128, 3)))
+  assert '128x128' in refused(413, 'init_images', {'init_images': [bomb]}, '/sdapi/v1/img2img')['detail']
+  refused(413, 'body', {'prompt': 'x' * (2**20 + 10)})
+  for headers in ({}, basic(AUTH[0], 'wrong'), basic('bob', AUTH[1]), {'Authorization': 'Basic !!'}):
+    r = TestClient(client.app).post('/sdapi/v1/txt2img', json=SMALL, headers=headers)
+    assert r.status_code == 401 and r.headers['www-authenticate'].startswith('Basic')
+  assert TestClient(client.app).get('/sdapi/v1/sd-models').status_code == 401
+  assert server.metrics.images == images_before
+  assert 'jaxdream_serve_errors_total{kind="unauthorized"} 5' in client.get('/metrics').text
+
+
+def test_an_image_is_the_same_alone_and_batched_with_other_prompts_seeds_and_guidance(served):
+  server, client = served
+  request = dict(prompt='a red fox', negative_prompt='blurry', seed=11, cfg_scale=6.0)
+  alone = pixels(txt2img(client, **request)['images'][0])
+  others = [dict(prompt='a castle', seed=1, cfg_scale=9.0), dict(prompt='a cat', negative_prompt='x', seed=2)]
+  calls = batch_count(server, 3)
+  server.queue.pause()
+  try:  # the queue holds 3 requests: a 4th is refused while they wait
+    got = [None] * 3
+    threads = [
+      threading.Thread(target=lambda i=i, b=b: got.__setitem__(i, txt2img(client, **b)))
+      for i, b in enumerate([others[0], request, others[1]])
+    ]
+    for t in threads:
+      t.start()
+    deadline = time.monotonic() + 60
+    while server.queue.depth() < 3:
+      assert time.monotonic() < deadline
+      time.sleep(0.02)
+    full = client.post('/sdapi/v1/txt2img', json={**SMALL, 'prompt': 'one too many'})
+    assert full.status_code == 429 and int(full.headers['retry-after']) > 0
+  finally:
+    server.queue.resume()
+  for t in threads:
+    t.join(120)
+  assert batch_count(server, 3) == calls + 1  # the three were one sampler call
+  images = [pixels(g['images'][0]) for g in got]
+  assert np.array_equal(images[1], alone)
+  assert not np.array_equal(images[0], alone) and not np.array_equal(images[2], alone)
+  assert json.loads(got[0]['info'])['cfg_scale'] == 9.0
+
+
+def test_lora_prompt_tags_give_each_image_its_adapter_alone_and_batched(served):
+  server, client = served
+  plain = pixels(txt2img(client, prompt='a dog', seed=3)['images'][0])
+  data = txt2img(client, prompt='a dog <lora:subject:0.8>', seed=3)
+  alone = pixels(data['images'][0])
+  assert not np.array_equal(alone, plain)  # the adapter changes the image
+  info = json.loads(data['info'])
+  assert info['prompt'] == 'a dog <lora:subject:0.8>' and '<lora:subject:0.8>' in info['infotexts'][0]
+  calls = batch_count(server, 3)
+  got = batched(
+    server,
+    client,
+    [
+      dict(prompt='a cat <lora:style:1>', seed=4),
+      dict(prompt='a dog <lora:subject:0.8>', seed=3),
+      dict(prompt='a dog <lora:subject:0.3>', seed=3),
+    ],
+  )
+  assert batch_count(server, 3) == calls + 1
+  images = [pixels(g['images'][0]) for g in got]
+  assert np.array_equal(images[1], alone)
+  assert not np.array_equal(images[2], alone) and not np.array_equal(images[0], alone)
+
+
+def test_inpainting_from_a_data_url_image_and_a_base64_mask(served):
+  _, client = served
+  rng = np.random.default_rng(0)
+  init = 'data:image/png;base64,' + png_b64(rng.integers(0, 256, (40, 40, 3)))  # resized to 32x32, as A1111
+  mask = np.zeros((32, 32), np.uint8)
+  mask[:, 16:] = 255
+  r = client.post(
+    '/sdapi/v1/img2img',
+    json={
+      **SMALL,
+      'prompt': 'a dog',
+      'seed': 1,
+      'init_images': [init],
+      'mask': png_b64(mask),
+      'mask_blur': 0,
+      'denoising_strength': 0.5,
+    },
+  )
+  assert r.status_code == 200, r.text
+  info = json.loads(r.json()['info'])
+  assert (info['denoising_strength'], info['is_using_inpainting_conditioning']) == (0.5, True)
+  assert 'Denoising strength: 0.5' in info['infotexts'][0]
+  assert r.json()['parameters']['init_images'] is None
+  assert pixels(r.json()['images'][0]).shape == (32, 32, 3)
+
+
+def test_the_queue_batches_compatible_images_in_order_interrupts_skips_and_shuts_down():
+  calls, release = [], threading.Event()
+
+  def run(key, tasks, progress):
+    calls.append((key.width, [t.prompt for t in tasks]))
+    for i in range(200 if key.steps > 1 else 1):
+      progress(i)
+      if key.steps > 1:
+        release.wait(0.01)
+    return np.full((len(tasks), 1, 1, 3), len(calls), np.uint8)
+
+  def key(width, steps=1):
+    return BatchKey('m', 'txt2img', 8, width, steps, 'euler', True)
+
+  def tasks(name, n):
+    return [Task(f'{name}{i}', '', i, 7.0) for i in range(n)]
+
+  q = BatchQueue(run, max_batch=4, max_requests=8)
+  try:
+    q.pause()
+    a, b, c = q.submit(key(8), tasks('a', 3)), q.submit(key(16), tasks('b', 1)), q.submit(key(8), tasks('c', 2))
+    q.resume()
+    assert [len(f.result(10)) for f in (a, b, c)] == [3, 1, 2]
+    # The head request and every compatible image after it, in order, up to max_batch; then the next key.
+    assert calls == [(8, ['a0', 'a1', 'a2', 'c0']), (16, ['b0']), (8, ['c1'])]
+    assert [im[0, 0, 0] for im in c.result()] == [1, 3]
+    for skip in (False, True):  # 6 images: two batches; stopped in the first
+      calls.clear()
+      f = q.submit(key(8, steps=2), tasks('d', 6))
+      while q.progress()['state']['sampling_step'] < 2:
+        time.sleep(0.01)
+      assert q.progress()['progress'] > 0
+      assert q.interrupt(skip=skip)
+      images = f.result(10)
+      if skip:  # the running batch is dropped, the request goes on
+        assert [im is None for im in images] == [True] * 4 + [False] * 2 and len(calls) == 2
+      else:  # the request ends with what it has
+        assert images == [None] * 6 and len(calls) == 1
+    # Shutdown: the running batch finishes, the queued requests fail (503), new ones are refused.
+    running = q.submit(key(8, steps=2), tasks('e', 4))
+    while q.progress()['state']['sampling_step'] < 1:
+      time.sleep(0.01)
+    queued = q.submit(key(8), tasks('f', 1))
+    release.set()
+    q.close()
+    assert all(im is not None for im in running.result(10))
+    with pytest.raises(ShuttingDown):
+      queued.result(10)
+    with pytest.raises(ShuttingDown):
+      q.submit(key(8), tasks('g', 1))
+  finally:
+    q.close()
+
+
+@contextlib.contextmanager
+def live(served_server, run=None):
+  """A real uvicorn on a free loopback port, serving the module's engine through its own queue, without auth."""
+  engine = served_server.engine
+  metrics = Metrics(MAX_BATCH)
+  queue = BatchQueue(
+    run or engine.run, max_batch=MAX_BATCH, max_requests=8, metrics=metrics, num_steps=engine.num_steps
+  )
+  server = Server(engine, queue, metrics, LIMITS)
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  uv = make_uvicorn_server(create_app(server), queue, '127.0.0.1', port)
+  thread = threading.Thread(target=uv.run, daemon=True)
+  thread.start()
+  deadline = time.monotonic() + 30
+  while not uv.started:
+    assert thread.is_alive() and time.monotonic() < deadline, 'uvicorn did not start'
+    time.sleep(0.02)
+  try:
+    yield server, uv, thread, f'http://127.0.0.1:{port}'
+  finally:
+    uv.should_exit = True
+    thread.join(30)
+    queue.close()
+
+
+def test_a_real_uvicorn_serves_interrupts_and_sigterm_answers_the_queued_requests_503_and_stops(served):
+  engine, at_step, go_on = served[0].engine, threading.Event(), threading.Event()
+
+  def run(key, tasks, progress):  # the compiled loop's progress callback holds at the first step until told
+    def held(i):
+      if key.steps == 2 and tasks[0].prompt == 'hold':
+        at_step.set()
+        go_on.wait(60)
+      progress(i)
+
+    return engine.run(key, tasks, held)
+
+  with live(served[0], run) as (server, uv, thread, url):
+    r = httpx.post(f'{url}/sdapi/v1/txt2img', json={**SMALL, 'prompt': 'a dog', 'seed': 5}, timeout=120)
+    assert r.status_code == 200 and len(r.json()['images']) == 1
+    # Interrupt stops the loop between two steps (the callback raises inside the compiled loop): the request
+    # ends without images, its second batch never runs.
+    held = {}
+    body = {**SMALL, 'prompt': 'hold', 'batch_size': MAX_BATCH, 'n_iter': 2}
+    t = threading.Thread(
+      target=lambda: held.setdefault('r', httpx.post(f'{url}/sdapi/v1/txt2img', json=body, timeout=120))
+    )
+    t.start()
+    assert at_step.wait(60)
+    progress = httpx.get(f'{url}/sdapi/v1/progress').json()
+    assert progress['state']['sampling_steps'] == 2 and progress['state']['job'] == f'batch of {MAX_BATCH}'
+    assert httpx.post(f'{url}/sdapi/v1/interrupt').json() == {'interrupted': True}
+    go_on.set()
+    t.join(60)
+    assert held['r'].status_code == 200 and held['r'].json()['images'] == []
+    assert json.loads(held['r'].json()['info'])['interrupted'] is True
+    assert server.metrics.images == 1
+    server.queue.pause()
+    queued = {}
+    t = threading.Thread(
+      target=lambda: queued.setdefault('r', httpx.post(f'{url}/sdapi/v1/txt2img', json=SMALL, timeout=120))
+    )
+    t.start()
+    while server.queue.depth() < 1:
+      time.sleep(0.02)
+    uv.handle_exit(signal.SIGTERM, None)
+    t.join(60)
+    assert queued['r'].status_code == 503 and queued['r'].json()['error'] == 'shutting_down'
+    thread.join(60)
+    assert not thread.is_alive()
+
+
+def test_the_web_page_generates_an_image_in_headless_chromium(served, tmp_path):
+  chromium, driver = shutil.which('chromium'), shutil.which('chromedriver')
+  if not chromium or not driver:
+    pytest.skip('headless browser test: needs Debian chromium and chromium-driver (/usr/bin/chromium, chromedriver)')
+  from selenium import webdriver
+  from selenium.webdriver.chrome.service import Service
+  from selenium.webdriver.common.by import By
+  from selenium.webdriver.support import expected_conditions as ec
+  from selenium.webdriver.support.ui import Select, WebDriverWait
+
+  options = webdriver.ChromeOptions()
+  options.binary_location = chromium
+  for flag in (
+    '--headless',
+    '--no-sandbox',
+    '--disable-gpu',
+    '--disable-quic',
+    '--no-first-run',
+    '--disable-background-networking',
+    '--disable-component-update',
+    '--disable-sync',
+    f'--user-data-dir={tmp_path / "profile"}',
+  ):
+    options.add_argument(flag)
+  options.add_experimental_option('mobileEmulation', {'deviceMetrics': {'width': 360, 'height': 740, 'pixelRatio': 1}})
+  with live(served[0]) as (_, _, _, url):
+    browser = webdriver.Chrome(service=Service(driver), options=options)
+    try:
+      browser.get(url + '/')
+      wait = WebDriverWait(browser, 120)
+      wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, '#sampler_name option')) > 1)
+      wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, '#loras span')) == 2)
+      browser.find_element(By.ID, 'prompt').send_keys('a photo of sks dog')
+      scale = browser.find_element(By.ID, 'lora_scale')
+      scale.clear()
+      scale.send_keys('0.5')
+      browser.find_element(By.XPATH, "//div[@id='loras']/span[text()='subject']").click()  # the LoRA picker
+      Select(browser.find_element(By.ID, 'sampler_name')).select_by_visible_text('Euler')
+      for field, value in (('steps', 2), ('seed', 5), ('width', 32), ('height', 32)):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(str(value))
+      browser.find_element(By.ID, 'generate').click()
+      image = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, '#gallery figure img')))
+      wait.until(lambda b: b.execute_script('return arguments[0].complete && arguments[0].naturalWidth', image) == 32)
+      text = browser.find_element(By.CSS_SELECTOR, '#gallery pre.parameters').text
+      browser.save_screenshot(str(tmp_path / 'serve_page.png'))
+      # Usable at phone width: nothing wider than the 360 px screen.
+      assert browser.execute_script('return [window.innerWidth, document.documentElement.scrollWidth]') == [360, 360]
+    finally:
+      browser.quit()
+  assert text.startswith('a photo of sks dog <lora:subject:0.5>') and 'Seed: 5' in text and 'Size: 32x32' in text, text
+  assert 'Sampler: Euler,' in text
+  assert (tmp_path / 'serve_page.png').stat().st_size > 0
+
+
+def test_serving_beyond_loopback_needs_auth_or_insecure(small_sd_folder, capsys):
+  assert main(['serve', '--model', small_sd_folder[1], '--host', '0.0.0.0', '--warmup-steps', '0']) == 2
+  assert '--api-auth' in capsys.readouterr().err
+  check_bind('127.0.0.1', None, False)
+  check_bind('::1', None, False)
+  check_bind('0.0.0.0', 'a:b', False)
+  check_bind('0.0.0.0', None, True)
+  assert parse_auth('ann:s3cret, bob:x:y') == {'ann': 's3cret', 'bob': 'x:y'}
+  with pytest.raises(ValueError, match='user:password'):
+    parse_auth('ann')
+  for kw, message in ((dict(devices=99), 'this machine has'), (dict(max_batch=0), 'at least 1')):
+    with pytest.raises(ValueError, match=message):  # checked before any model is loaded
+      Engine(small_sd_folder[1], **kw)
