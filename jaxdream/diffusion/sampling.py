@@ -1,7 +1,8 @@
 """Sampling: txt2img, img2img and inpainting with classifier-free guidance, one compiled loop each.
 
 The whole denoising loop (the pipeline's `encode_prompt`, every UNet step, the scheduler, VAE decoding) is
-one jitted function over the pipeline's components, cached in the pipeline's own CompileCache.
+one jitted function over the pipeline's components, cached in the pipeline's own CompileCache. The UNet's
+conditioning is the pipeline's (diffusion/conditioning.py): the prompt's, plus its micro-conditioning per image.
 Conditional and unconditional passes are one batched UNet call. Prompts (as token ids), seeds, guidance
 scale, strength and the progress callback are per-call values, so new ones never recompile; a new image
 size, batch size, step count, scheduler or model structure does. Calls may run from several threads at
@@ -95,6 +96,9 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
     adapters,
     cond_ids,
     uncond_ids,
+    cond_inputs,
+    uncond_inputs,
+    keep_uncond,
     noise,
     step_keys,
     adapter_ids,
@@ -110,8 +114,12 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
     if mode.adapters:  # both halves of a guided image use its adapter, as its merged weights would
       twice = lambda a: jnp.concatenate([a, a]) if mode.cfg else a
       per_image_adapters.set_per_example(models, adapters, twice(adapter_ids), twice(adapter_scales))
-    ids = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond_ids, cond_ids) if mode.cfg else cond_ids
-    context, extra = encode_prompt(models, ids)
+    halves = lambda u, c: jax.tree.map(lambda u, c: jnp.concatenate([u, c]), u, c) if mode.cfg else c
+    context, extra = encode_prompt(models, halves(uncond_ids, cond_ids))
+    if mode.cfg:  # force_zeros_for_empty_prompt without a negative prompt: the negative half's embeddings are zeros
+      keep = lambda a: a.at[: a.shape[0] // 2].multiply(keep_uncond.astype(a.dtype))
+      context, extra = keep(context), jax.tree.map(keep, extra)
+    extra = {**extra, **halves(uncond_inputs, cond_inputs)}
     if mode.init == 'image':
       x = per_image_noise(image_latents, noise, start)
     else:
@@ -327,6 +335,10 @@ def _generate(
   )
   if mode.init == 'noise' and init_images is not None:
     start = 0  # inpainting at full strength starts from pure noise
+  micro = lambda negative: {
+    k: jnp.broadcast_to(jnp.asarray(v, jnp.float32), (b, *np.shape(v)))
+    for k, v in pipeline.micro_conditioning(height, width, negative=negative).items()
+  }
   graphdefs, params = _split(pipeline)
   fn = _sampler(pipeline, graphdefs, sch, mode)
   with pipeline.callbacks.register(progress) as token:
@@ -335,6 +347,9 @@ def _generate(
       adapters=adapters,
       cond_ids=jax.tree.map(jnp.asarray, pipeline.tokenize(prompts)),
       uncond_ids=jax.tree.map(jnp.asarray, pipeline.tokenize(negatives)),
+      cond_inputs=micro(False),
+      uncond_inputs=micro(True),
+      keep_uncond=jnp.bool_(not (pipeline.force_zeros_for_empty_prompt and negative_prompts is None)),
       noise=noise,
       step_keys=image_keys(seeds, _STEPS),
       adapter_ids=ids,
@@ -391,6 +406,8 @@ def _adapter_choice(pipeline, adapters, adapter_ids, adapter_scales, b, per_prom
 _PER_IMAGE = (
   'cond_ids',
   'uncond_ids',
+  'cond_inputs',
+  'uncond_inputs',
   'noise',
   'step_keys',
   'adapter_ids',

@@ -1,0 +1,219 @@
+"""SDXL: the UNet's added conditioning, the second text encoder, prompt encoding and txt2img equal diffusers'
+StableDiffusionXLPipeline on a tiny random model folder saved by diffusers."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import jit_call, nchw, nhwc, perturb_, rel_err
+from flax import nnx
+
+from jaxdream import load_pipeline
+from jaxdream.diffusion import sdxl
+from jaxdream.diffusion.sampling import image_noise, txt2img
+from jaxdream.models import load_unet
+
+pytestmark = pytest.mark.reference
+
+PROMPTS = ['a photo of sks dog', 'a red fox in the snow']
+NEGATIVES = ['blurry', 'a cat']
+TIME_EMBED = 8  # addition_time_embed_dim
+# Two levels, the first without attention as SDXL's; the transformer depth per level a list ([1, 2]: the
+# up blocks take it reversed), linear projections, per-level heads, context = both encoders' 32 features.
+UNET_SDXL = dict(
+  sample_size=16,
+  block_out_channels=(32, 64),
+  layers_per_block=1,
+  down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
+  up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'),
+  transformer_layers_per_block=[1, 2],
+  attention_head_dim=(2, 4),
+  cross_attention_dim=64,
+  use_linear_projection=True,
+  norm_num_groups=8,
+  addition_embed_type='text_time',
+  addition_time_embed_dim=TIME_EMBED,
+  projection_class_embeddings_input_dim=32 + 6 * TIME_EMBED,  # pooled + 6 time ids
+)
+VAE_SDXL = dict(
+  block_out_channels=(32, 64),
+  down_block_types=('DownEncoderBlock2D',) * 2,
+  up_block_types=('UpDecoderBlock2D',) * 2,
+  latent_channels=4,
+  norm_num_groups=8,
+  layers_per_block=1,
+  sample_size=32,
+  scaling_factor=0.13025,
+  force_upcast=True,
+)
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json
+EULER_SDXL = dict(
+  beta_start=0.00085,
+  beta_end=0.012,
+  beta_schedule='scaled_linear',
+  interpolation_type='linear',
+  num_train_timesteps=1000,
+  prediction_type='epsilon',
+  steps_offset=1,
+  timestep_spacing='leading',
+  use_karras_sigmas=False,
+)
+
+
+def _clip_config(seed_layers, **overrides):
+  from transformers import CLIPTextConfig
+
+  cfg = dict(
+    vocab_size=49408,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=seed_layers,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+  )
+  return CLIPTextConfig(**dict(cfg, **overrides))
+
+
+@pytest.fixture(scope='module')
+def sdxl_folder(tmp_path_factory):
+  """(diffusers StableDiffusionXLPipeline, its saved folder, jaxdream's pipeline loaded from it). The second
+  encoder is SDXL's as its config says: gelu, a text projection, eos_token_id 2 (pooled at the largest id),
+  and its tokenizer pads with '!' (id 0)."""
+  from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+  from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+  from jaxdream.io.tokenizer import load_tokenizer, write_clip_tokenizer
+
+  root = tmp_path_factory.mktemp('tiny_sdxl')
+  write_clip_tokenizer(str(root / 'tok'))
+  write_clip_tokenizer(str(root / 'tok_2'), pad_token='!')
+  torch.manual_seed(0)
+  ref = StableDiffusionXLPipeline(
+    unet=perturb_(UNet2DConditionModel(**UNET_SDXL), seed=1),
+    vae=perturb_(AutoencoderKL(**VAE_SDXL), seed=2),
+    text_encoder=perturb_(CLIPTextModel(_clip_config(2)), seed=3),
+    text_encoder_2=perturb_(
+      CLIPTextModelWithProjection(
+        _clip_config(2, hidden_act='gelu', projection_dim=32, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+      ),
+      seed=4,
+    ),
+    tokenizer=load_tokenizer(str(root / 'tok')),
+    tokenizer_2=load_tokenizer(str(root / 'tok_2')),
+    scheduler=EulerDiscreteScheduler(**EULER_SDXL),
+    add_watermarker=False,
+  )
+  path = str(root / 'model')
+  ref.save_pretrained(path)
+  return ref, path, load_pipeline(path)
+
+
+def test_sdxl_unet_with_pooled_embedding_and_time_ids_matches_diffusers(sdxl_folder):
+  ref, _, pipe = sdxl_folder
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)
+  t = np.array([3, 917])
+  context = rng.standard_normal((2, 7, 64)).astype(np.float32)
+  pooled = rng.standard_normal((2, 32)).astype(np.float32)
+  time_ids = np.array([[1024, 768, 0, 0, 1024, 768], [512, 512, 16, 32, 256, 256]], np.float32)
+  with torch.no_grad():
+    expected = ref.unet(
+      *map(torch.from_numpy, (x, t, context)),
+      added_cond_kwargs={'text_embeds': torch.from_numpy(pooled), 'time_ids': torch.from_numpy(time_ids)},
+    ).sample.numpy()
+  unet = jit_call(pipe.unet)
+  out = unet(nhwc(x), t, context, pooled, time_ids)
+  assert rel_err(nchw(out), expected) <= 1e-5
+  # the added conditioning counts: other time ids change the output
+  assert rel_err(nchw(unet(nhwc(x), t, context, pooled, time_ids[::-1])), expected) > 1e-2
+  with pytest.raises(ValueError, match='needs text_embeds= and time_ids='):
+    pipe.unet(nhwc(x), t, context, text_embeds=pooled)
+  with pytest.raises(ValueError, match='expects 80'):
+    pipe.unet(nhwc(x), t, context, text_embeds=pooled, time_ids=time_ids[:, :5])
+
+
+def test_refiner_shaped_unet_with_per_layer_transformer_depths_matches_diffusers(tmp_path):
+  """The refiner's added conditioning (5 time ids: sizes, crop, aesthetic score; text_encoder_2's 32 features as
+  context), and transformer depths given per layer, with the up blocks' own list."""
+  from diffusers import UNet2DConditionModel
+
+  config = dict(
+    UNET_SDXL,
+    layers_per_block=2,
+    transformer_layers_per_block=[1, [1, 2]],
+    reverse_transformer_layers_per_block=[[2, 1, 1], 1],
+    cross_attention_dim=32,
+    projection_class_embeddings_input_dim=32 + 5 * TIME_EMBED,
+  )
+  torch.manual_seed(5)
+  model = perturb_(UNet2DConditionModel(**config), seed=5)
+  model.save_pretrained(str(tmp_path))
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+  context = rng.standard_normal((1, 5, 32)).astype(np.float32)
+  pooled = rng.standard_normal((1, 32)).astype(np.float32)
+  time_ids = np.array([[1024, 1024, 0, 0, 2.5]], np.float32)
+  with torch.no_grad():
+    expected = model(
+      torch.from_numpy(x),
+      torch.tensor([500]),
+      torch.from_numpy(context),
+      added_cond_kwargs={'text_embeds': torch.from_numpy(pooled), 'time_ids': torch.from_numpy(time_ids)},
+    ).sample.numpy()
+  unet = load_unet(str(tmp_path))
+  assert [len(a.transformer_blocks) for a in unet.up_blocks[0].attentions] == [2, 1, 1]
+  out = jit_call(unet)(nhwc(x), np.array([500]), context, pooled, time_ids)
+  assert rel_err(nchw(out), expected) <= 1e-5
+
+
+def test_prompt_embeddings_and_pooled_embeddings_match_diffusers_encode_prompt(sdxl_folder):
+  ref, _, pipe = sdxl_folder
+  assert pipe.encode_prompt is sdxl.encode_prompt and set(pipe.tokenizers) == {'text_encoder', 'text_encoder_2'}
+  ids = pipe.tokenize(PROMPTS + NEGATIVES)
+  assert ids['text_encoder_2'][0, -1] == pipe.tokenizers['text_encoder_2'].convert_tokens_to_ids('!')  # its padding
+  graphdefs, params = _split_text_encoders(pipe)
+  context, extra = jax.jit(lambda p, ids: sdxl.encode_prompt(_merge(graphdefs, p), ids))(params, ids)
+  with torch.no_grad():
+    embeds, neg_embeds, pooled, neg_pooled = ref.encode_prompt(
+      PROMPTS, device='cpu', do_classifier_free_guidance=True, negative_prompt=NEGATIVES
+    )
+    projected = ref.text_encoder_2(torch.from_numpy(ids['text_encoder_2'][:2].astype(np.int64))).text_embeds
+  assert context.shape == (4, 77, 64) and extra['text_embeds'].shape == (4, 32)
+  assert rel_err(context[:2], embeds.numpy()) <= 1e-5
+  assert rel_err(context[2:], neg_embeds.numpy()) <= 1e-5
+  assert rel_err(extra['text_embeds'][:2], pooled.numpy()) <= 1e-5
+  assert rel_err(extra['text_embeds'][2:], neg_pooled.numpy()) <= 1e-5
+  assert rel_err(extra['text_embeds'][:2], projected.numpy()) <= 1e-5  # CLIPTextModelWithProjection's text_embeds
+
+
+def _split_text_encoders(pipe):
+  split = {name: nnx.split(model) for name, model in pipe.components.items() if name.startswith('text_encoder')}
+  return {n: s[0] for n, s in split.items()}, {n: s[1] for n, s in split.items()}
+
+
+def _merge(graphdefs, params):
+  return {name: nnx.merge(graphdefs[name], params[name]) for name in graphdefs}
+
+
+def test_txt2img_matches_diffusers_from_the_same_noise_with_and_without_negative_prompts(sdxl_folder):
+  """Both CFG halves with their time ids; without negative prompts diffusers' force_zeros_for_empty_prompt
+  (zero negative embeddings, not the empty prompt's). Our uint8 images are diffusers' float images rounded."""
+  ref, _, pipe = sdxl_folder
+  assert pipe.force_zeros_for_empty_prompt and pipe.micro_conditioning is sdxl.size_time_ids
+  latents = np.asarray(image_noise([11, 12], (16, 16, 4)))
+  kw = dict(num_inference_steps=3, guidance_scale=5.0)
+  expected = {}
+  for negatives in (None, NEGATIVES):
+    with torch.no_grad():
+      expected[negatives is None] = ref(
+        PROMPTS, negative_prompt=negatives, latents=torch.from_numpy(nchw(latents)), output_type='np', **kw
+      ).images
+  assert np.abs(expected[True] - expected[False]).max() > 0.05  # the negative prompts count
+  for negatives in (None, NEGATIVES):
+    ours = txt2img(pipe, PROMPTS, negative_prompts=negatives, latents=latents, **kw)
+    assert ours.shape == (2, 32, 32, 3) and ours.dtype == np.uint8
+    diff = np.abs(ours / 255.0 - expected[negatives is None]).max()
+    assert diff <= 0.51 / 255, diff  # rounding to uint8 (half a level) plus float error (measured: 0.0003 level)
