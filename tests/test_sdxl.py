@@ -1,5 +1,9 @@
-"""SDXL: the UNet's added conditioning, the second text encoder, prompt encoding and txt2img equal diffusers'
-StableDiffusionXLPipeline on a tiny random model folder saved by diffusers."""
+"""SDXL: the UNet's added conditioning, the second text encoder, prompt encoding, txt2img and the refiner's img2img
+equal diffusers' StableDiffusionXLPipeline / StableDiffusionXLImg2ImgPipeline on tiny random folders saved by
+diffusers; a folder jaxdream saves loads in diffusers."""
+
+import json
+import os
 
 import jax
 import numpy as np
@@ -10,8 +14,8 @@ from flax import nnx
 
 from jaxdream import load_pipeline
 from jaxdream.diffusion import sdxl
-from jaxdream.diffusion.sampling import image_noise, txt2img
-from jaxdream.models import load_unet
+from jaxdream.diffusion.pipeline import _conditioning, save_pipeline
+from jaxdream.diffusion.sampling import _ENCODE, image_noise, img2img, txt2img
 
 pytestmark = pytest.mark.reference
 
@@ -135,37 +139,58 @@ def test_sdxl_unet_with_pooled_embedding_and_time_ids_matches_diffusers(sdxl_fol
     pipe.unet(nhwc(x), t, context, text_embeds=pooled, time_ids=time_ids[:, :5])
 
 
-def test_refiner_shaped_unet_with_per_layer_transformer_depths_matches_diffusers(tmp_path):
-  """The refiner's added conditioning (5 time ids: sizes, crop, aesthetic score; text_encoder_2's 32 features as
-  context), and transformer depths given per layer, with the up blocks' own list."""
-  from diffusers import UNet2DConditionModel
+# The refiner's shape: 5 time ids (sizes, crop, aesthetic score), text_encoder_2's 32 features as context; and
+# transformer depths given per layer, the up blocks with their own list.
+UNET_REFINER = dict(
+  UNET_SDXL,
+  transformer_layers_per_block=[1, [2]],
+  reverse_transformer_layers_per_block=[[2, 1], 1],
+  cross_attention_dim=32,
+  projection_class_embeddings_input_dim=32 + 5 * TIME_EMBED,
+)
 
-  config = dict(
-    UNET_SDXL,
-    layers_per_block=2,
-    transformer_layers_per_block=[1, [1, 2]],
-    reverse_transformer_layers_per_block=[[2, 1, 1], 1],
-    cross_attention_dim=32,
-    projection_class_embeddings_input_dim=32 + 5 * TIME_EMBED,
-  )
+
+@pytest.fixture(scope='module')
+def refiner_folder(sdxl_folder, tmp_path_factory):
+  """A StableDiffusionXLImg2ImgPipeline refiner folder (no text_encoder, aesthetic scores, no zeroed negatives)
+  with the base's VAE, text_encoder_2 and scheduler: (diffusers pipeline, folder, jaxdream pipeline)."""
+  from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+  base = sdxl_folder[0]
   torch.manual_seed(5)
-  model = perturb_(UNet2DConditionModel(**config), seed=5)
-  model.save_pretrained(str(tmp_path))
+  ref = StableDiffusionXLImg2ImgPipeline(
+    vae=base.vae,
+    text_encoder=None,
+    text_encoder_2=base.text_encoder_2,
+    tokenizer=None,
+    tokenizer_2=base.tokenizer_2,
+    unet=perturb_(UNet2DConditionModel(**UNET_REFINER), seed=5),
+    scheduler=base.scheduler,
+    requires_aesthetics_score=True,
+    force_zeros_for_empty_prompt=False,
+    add_watermarker=False,
+  )
+  path = str(tmp_path_factory.mktemp('tiny_sdxl_refiner') / 'model')
+  ref.save_pretrained(path)
+  return ref, path, load_pipeline(path)
+
+
+def test_refiner_unet_with_per_layer_transformer_depths_matches_diffusers(refiner_folder):
+  ref, _, pipe = refiner_folder
+  assert [len(a.transformer_blocks) for a in pipe.unet.up_blocks[0].attentions] == [2, 1]
   rng = np.random.default_rng(1)
   x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
   context = rng.standard_normal((1, 5, 32)).astype(np.float32)
   pooled = rng.standard_normal((1, 32)).astype(np.float32)
   time_ids = np.array([[1024, 1024, 0, 0, 2.5]], np.float32)
   with torch.no_grad():
-    expected = model(
+    expected = ref.unet(
       torch.from_numpy(x),
       torch.tensor([500]),
       torch.from_numpy(context),
       added_cond_kwargs={'text_embeds': torch.from_numpy(pooled), 'time_ids': torch.from_numpy(time_ids)},
     ).sample.numpy()
-  unet = load_unet(str(tmp_path))
-  assert [len(a.transformer_blocks) for a in unet.up_blocks[0].attentions] == [2, 1, 1]
-  out = jit_call(unet)(nhwc(x), np.array([500]), context, pooled, time_ids)
+  out = jit_call(pipe.unet)(nhwc(x), np.array([500]), context, pooled, time_ids)
   assert rel_err(nchw(out), expected) <= 1e-5
 
 
@@ -204,7 +229,7 @@ def test_txt2img_matches_diffusers_from_the_same_noise_with_and_without_negative
   ref, _, pipe = sdxl_folder
   assert pipe.force_zeros_for_empty_prompt and pipe.micro_conditioning is sdxl.size_time_ids
   latents = np.asarray(image_noise([11, 12], (16, 16, 4)))
-  kw = dict(num_inference_steps=3, guidance_scale=5.0)
+  kw = dict(num_inference_steps=2, guidance_scale=5.0)
   expected = {}
   for negatives in (None, NEGATIVES):
     with torch.no_grad():
@@ -217,3 +242,60 @@ def test_txt2img_matches_diffusers_from_the_same_noise_with_and_without_negative
     assert ours.shape == (2, 32, 32, 3) and ours.dtype == np.uint8
     diff = np.abs(ours / 255.0 - expected[negatives is None]).max()
     assert diff <= 0.51 / 255, diff  # rounding to uint8 (half a level) plus float error (measured: 0.0003 level)
+
+
+def test_refiner_img2img_with_aesthetic_scores_matches_diffusers(refiner_folder, monkeypatch):
+  """text_encoder_2 alone as context, time ids with the aesthetic score (6.0) and the negative one (2.5) for the
+  negative half, the empty negative prompt encoded (force_zeros_for_empty_prompt false)."""
+  import diffusers.models.autoencoders.vae as vae_module
+  import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img as img2img_module
+  from PIL import Image
+
+  ref, _, pipe = refiner_folder
+  assert set(pipe.tokenizers) == {'text_encoder_2'} and not pipe.force_zeros_for_empty_prompt
+  assert pipe.micro_conditioning is sdxl.aesthetic_time_ids
+  image = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  seeds = [21]
+  noise = np.asarray(image_noise(seeds, (16, 16, 4)))
+  monkeypatch.setattr(vae_module, 'randn_tensor', _FixedNoise(image_noise(seeds, (16, 16, 4), _ENCODE)))
+  monkeypatch.setattr(img2img_module, 'randn_tensor', _FixedNoise(noise))
+  kw = dict(strength=0.6, num_inference_steps=3, guidance_scale=5.0)
+  with torch.no_grad():
+    expected = ref(PROMPTS[0], image=Image.fromarray(image), output_type='np', **kw).images
+  ours = img2img(pipe, PROMPTS[0], image, seed=seeds, latents=noise, **kw)
+  diff = np.abs(ours / 255.0 - expected).max()
+  assert diff <= 0.51 / 255, diff
+
+
+class _FixedNoise:
+  """Stand-in for diffusers' randn_tensor that hands out given tensors (NHWC) in order."""
+
+  def __init__(self, *arrays):
+    self.queue = [torch.from_numpy(nchw(a).copy()) for a in arrays]
+
+  def __call__(self, shape, **kwargs):
+    out = self.queue.pop(0)
+    assert tuple(out.shape) == tuple(shape), (out.shape, shape)
+    return out
+
+
+def test_saved_sdxl_folder_loads_in_diffusers_and_in_jaxdream(sdxl_folder, tmp_path):
+  from diffusers import StableDiffusionXLPipeline
+
+  ref, _, pipe = sdxl_folder
+  save_pipeline(pipe, str(tmp_path))
+  with open(os.path.join(tmp_path, 'model_index.json')) as f:
+    index = json.load(f)
+  assert index['_class_name'] == 'StableDiffusionXLPipeline' and index['force_zeros_for_empty_prompt'] is True
+  assert index['text_encoder_2'] == ['transformers', 'CLIPTextModelWithProjection'] and 'safety_checker' not in index
+  loaded = StableDiffusionXLPipeline.from_pretrained(str(tmp_path))
+  for name in ('text_encoder_2.text_projection.weight', 'unet.add_embedding.linear_1.weight'):
+    component, key = name.split('.', 1)
+    assert torch.equal(getattr(loaded, component).state_dict()[key], getattr(ref, component).state_dict()[key])
+  # what load_pipeline reads back from it
+  assert _conditioning(index) == dict(
+    encode_prompt=sdxl.encode_prompt,
+    micro_conditioning=sdxl.size_time_ids,
+    force_zeros_for_empty_prompt=True,
+    pipeline_class='StableDiffusionXLPipeline',
+  )
