@@ -224,29 +224,35 @@ def _merge(graphdefs, params):
 
 
 def test_txt2img_matches_diffusers_from_the_same_noise_with_and_without_negative_prompts(sdxl_folder):
-  """Both CFG halves with their time ids; without negative prompts diffusers' force_zeros_for_empty_prompt
-  (zero negative embeddings, not the empty prompt's). Our uint8 images are diffusers' float images rounded."""
+  """Both CFG halves with their time ids (the output size, or the sizes and crop given); without negative prompts
+  diffusers' force_zeros_for_empty_prompt (zero negative embeddings, not the empty prompt's). Our uint8 images are
+  diffusers' float images rounded."""
   ref, _, pipe = sdxl_folder
   assert pipe.force_zeros_for_empty_prompt and pipe.micro_conditioning is sdxl.size_time_ids
   latents = np.asarray(image_noise([11, 12], (16, 16, 4)))
   kw = dict(num_inference_steps=2, guidance_scale=5.0)
+  micro = dict(original_size=(64, 48), crops_coords_top_left=(4, 8), target_size=(40, 32))
+  cases = {'no negatives': (None, {}), 'negatives': (NEGATIVES, {}), 'sizes and crop': (NEGATIVES, micro)}
   expected = {}
-  for negatives in (None, NEGATIVES):
+  for case, (negatives, settings) in cases.items():
     with torch.no_grad():
-      expected[negatives is None] = ref(
-        PROMPTS, negative_prompt=negatives, latents=torch.from_numpy(nchw(latents)), output_type='np', **kw
+      expected[case] = ref(
+        PROMPTS, negative_prompt=negatives, latents=torch.from_numpy(nchw(latents)), output_type='np', **kw, **settings
       ).images
-  assert np.abs(expected[True] - expected[False]).max() > 0.05  # the negative prompts count
-  for negatives in (None, NEGATIVES):
-    ours = txt2img(pipe, PROMPTS, negative_prompts=negatives, latents=latents, **kw)
+  for case in ('no negatives', 'sizes and crop'):  # each setting counts
+    assert np.abs(expected[case] - expected['negatives']).max() > 0.05, case
+  for case, (negatives, settings) in cases.items():
+    ours = txt2img(pipe, PROMPTS, negative_prompts=negatives, latents=latents, micro_conditioning=settings, **kw)
     assert ours.shape == (2, 32, 32, 3) and ours.dtype == np.uint8
-    diff = np.abs(ours / 255.0 - expected[negatives is None]).max()
-    assert diff <= 0.51 / 255, diff  # rounding to uint8 (half a level) plus float error (measured: 0.0003 level)
+    diff = np.abs(ours / 255.0 - expected[case]).max()
+    assert diff <= 0.51 / 255, (case, diff)  # rounding to uint8 (half a level) plus float error (measured: 0.0003)
+  with pytest.raises(TypeError, match='aesthetic_score'):  # the base model has no aesthetic score
+    txt2img(pipe, PROMPTS, latents=latents, micro_conditioning=dict(aesthetic_score=6.0), **kw)
 
 
 def test_refiner_img2img_with_aesthetic_scores_matches_diffusers(refiner_folder, monkeypatch):
-  """text_encoder_2 alone as context, time ids with the aesthetic score (6.0) and the negative one (2.5) for the
-  negative half, the empty negative prompt encoded (force_zeros_for_empty_prompt false)."""
+  """text_encoder_2 alone as context, time ids with the aesthetic score and the negative one for the negative
+  half, the empty negative prompt encoded (force_zeros_for_empty_prompt false)."""
   import diffusers.models.autoencoders.vae as vae_module
   import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img as img2img_module
   from PIL import Image
@@ -260,9 +266,10 @@ def test_refiner_img2img_with_aesthetic_scores_matches_diffusers(refiner_folder,
   monkeypatch.setattr(vae_module, 'randn_tensor', _FixedNoise(image_noise(seeds, (16, 16, 4), _ENCODE)))
   monkeypatch.setattr(img2img_module, 'randn_tensor', _FixedNoise(noise))
   kw = dict(strength=0.6, num_inference_steps=3, guidance_scale=5.0)
+  scores = dict(aesthetic_score=7.0, negative_aesthetic_score=2.0)
   with torch.no_grad():
-    expected = ref(PROMPTS[0], image=Image.fromarray(image), output_type='np', **kw).images
-  ours = img2img(pipe, PROMPTS[0], image, seed=seeds, latents=noise, **kw)
+    expected = ref(PROMPTS[0], image=Image.fromarray(image), output_type='np', **kw, **scores).images
+  ours = img2img(pipe, PROMPTS[0], image, seed=seeds, latents=noise, micro_conditioning=scores, **kw)
   diff = np.abs(ours / 255.0 - expected).max()
   assert diff <= 0.51 / 255, diff
 
@@ -299,3 +306,13 @@ def test_saved_sdxl_folder_loads_in_diffusers_and_in_jaxdream(sdxl_folder, tmp_p
     force_zeros_for_empty_prompt=True,
     pipeline_class='StableDiffusionXLPipeline',
   )
+
+
+def test_training_refuses_an_sdxl_model_by_name(sdxl_folder):
+  from jaxdream.training.config import RunConfigError
+  from jaxdream.training.inputs import check_trainable
+
+  with pytest.raises(
+    RunConfigError, match='StableDiffusionXLPipeline model; jaxdream samples from it but cannot train'
+  ):
+    check_trainable(sdxl_folder[2])

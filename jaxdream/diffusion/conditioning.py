@@ -6,8 +6,9 @@ name, `ids` the token ids per text encoder (as `Pipeline.tokenize` gives them). 
 diffusion/sdxl.py) brings its own function and no caller changes.
 
 UNet inputs that do not come from the prompt (SDXL's micro-conditioning `time_ids`: sizes, crop, aesthetic score)
-come from the pipeline's `micro_conditioning(height, width, *, negative) -> {name: (K,) array}`, one value per image
-(`negative`: for the negative prompt's half of a guided batch); they join `extra`.
+come from the pipeline's `micro_conditioning(height, width, *, negative, **settings) -> {name: (K,) array}`, one
+value per image (`negative`: for the negative prompt's half of a guided batch; `settings`: the caller's, e.g. SDXL's
+original_size); they join `extra`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ def tokenizer_folder(encoder: str) -> str:
   return 'tokenizer' + encoder.removeprefix('text_encoder')
 
 
-def no_micro_conditioning(height: int, width: int, *, negative: bool = False) -> dict:
-  """Stable Diffusion 1.x/2.x: no UNet inputs besides the prompt's."""
+def no_micro_conditioning(height: int, width: int, *, negative: bool = False, **settings) -> dict:
+  """Stable Diffusion 1.x/2.x: no UNet inputs besides the prompt's (and no settings for them)."""
   del height, width, negative
+  if settings:
+    raise ValueError(f'this model takes no micro-conditioning (SDXL does): got {", ".join(sorted(settings))}')
   return {}

@@ -267,6 +267,7 @@ def _generate(
   adapters=None,
   adapter_ids=None,
   adapter_scales=None,
+  micro_conditioning: dict | None = None,
 ):
   if output_type not in ('uint8', 'latent'):
     raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
@@ -337,7 +338,7 @@ def _generate(
     start = 0  # inpainting at full strength starts from pure noise
   micro = lambda negative: {
     k: jnp.broadcast_to(jnp.asarray(v, jnp.float32), (b, *np.shape(v)))
-    for k, v in pipeline.micro_conditioning(height, width, negative=negative).items()
+    for k, v in pipeline.micro_conditioning(height, width, negative=negative, **(micro_conditioning or {})).items()
   }
   graphdefs, params = _split(pipeline)
   fn = _sampler(pipeline, graphdefs, sch, mode)
@@ -451,6 +452,7 @@ def txt2img(
   adapters: dict | None = None,
   adapter_ids=None,
   adapter_scales=None,
+  micro_conditioning: dict | None = None,
 ) -> np.ndarray:
   """Images for prompts, uint8 (B, H, W, 3), B = len(prompts) * num_images_per_prompt.
 
@@ -468,6 +470,9 @@ def txt2img(
     `adapter_ids[i]` (an int, or one per prompt) at weight `adapter_scales[i]` (default 1.0; 0 is the base
     model), as if merged at that weight; new ids and scales never recompile (a new number of stacked
     adapters does).
+  micro_conditioning: the model's micro-conditioning settings (SDXL, diffusion/sdxl.py): original_size,
+    crops_coords_top_left, target_size (base; sizes (height, width), default the output size), aesthetic_score,
+    negative_aesthetic_score (refiner); new values never recompile.
   """
   return _generate(
     pipeline,
@@ -488,6 +493,7 @@ def txt2img(
     adapters=adapters,
     adapter_ids=adapter_ids,
     adapter_scales=adapter_scales,
+    micro_conditioning=micro_conditioning,
   )
 
 
@@ -512,11 +518,12 @@ def img2img(
   adapters: dict | None = None,
   adapter_ids=None,
   adapter_scales=None,
+  micro_conditioning: dict | None = None,
 ) -> np.ndarray:
   """Images that start from `init_images` (uint8 arrays, PIL images or paths), noised to `strength`
   (1.0: the image is replaced by noise entirely; 0.0: returned almost unchanged), as diffusers'
   StableDiffusionImg2ImgPipeline. `latents` here is the noise added to the image latents. `adapters`,
-  `adapter_ids`, `adapter_scales`: per-image LoRA adapters, as in txt2img."""
+  `adapter_ids`, `adapter_scales`: per-image LoRA adapters, `micro_conditioning`: as in txt2img."""
   return _generate(
     pipeline,
     prompts,
@@ -537,6 +544,7 @@ def img2img(
     adapters=adapters,
     adapter_ids=adapter_ids,
     adapter_scales=adapter_scales,
+    micro_conditioning=micro_conditioning,
   )
 
 
@@ -562,11 +570,13 @@ def inpaint(
   adapters: dict | None = None,
   adapter_ids=None,
   adapter_scales=None,
+  micro_conditioning: dict | None = None,
 ) -> np.ndarray:
   """Repaint the white (>= 0.5) region of `masks` in `init_images`, as diffusers'
   StableDiffusionInpaintPipeline: 9-channel inpainting UNets get the mask and masked image as inputs;
   standard 4-channel models keep the unmasked region by blending the noised original latents back in
-  after every step. `adapters`, `adapter_ids`, `adapter_scales`: per-image LoRA adapters, as in txt2img."""
+  after every step. `adapters`, `adapter_ids`, `adapter_scales`: per-image LoRA adapters, `micro_conditioning`: as
+  in txt2img."""
   return _generate(
     pipeline,
     prompts,
@@ -588,4 +598,5 @@ def inpaint(
     adapters=adapters,
     adapter_ids=adapter_ids,
     adapter_scales=adapter_scales,
+    micro_conditioning=micro_conditioning,
   )
