@@ -64,6 +64,17 @@ EULER_SDXL = dict(
 )
 
 
+@pytest.fixture(scope='module', autouse=True)
+def _one_torch_thread():
+  """diffusers' many tiny ops on one torch thread: with conftest's two, torch's OpenMP threads wait on each other
+  while JAX's threads and other processes hold the 2 cores (a tiny 2-step pipeline call: 0.07 s on one thread,
+  2-5 s on two on the shared machine)."""
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+
+
 def _clip_config(seed_layers, **overrides):
   from transformers import CLIPTextConfig
 
@@ -316,3 +327,20 @@ def test_training_refuses_an_sdxl_model_by_name(sdxl_folder):
     RunConfigError, match='StableDiffusionXLPipeline model; jaxdream samples from it but cannot train'
   ):
     check_trainable(sdxl_folder[2])
+
+
+def test_sdxl_unet_configs_missing_a_key_are_errors_naming_it():
+  from jaxdream.models import ConfigError, UNet2DConditionModel, presets
+
+  for preset in (presets.SDXL_UNET, presets.SDXL_REFINER_UNET):
+    UNet2DConditionModel.resolve_config(preset)
+  with pytest.raises(ConfigError, match='needs projection_class_embeddings_input_dim'):
+    UNet2DConditionModel.resolve_config(dict(presets.SDXL_UNET, projection_class_embeddings_input_dim=None))
+  with pytest.raises(ConfigError, match='needs reverse_transformer_layers_per_block'):
+    UNet2DConditionModel.resolve_config(dict(presets.SDXL_UNET, transformer_layers_per_block=[1, [1, 2], 10]))
+  # a per-layer list has one depth per layer of its block
+  per_layer = dict(
+    UNET_SDXL, transformer_layers_per_block=[1, [1, 1, 1]], reverse_transformer_layers_per_block=[[1, 1], 1]
+  )
+  with pytest.raises(ConfigError, match=r'depths \[1, 1, 1\] given per layer for a block of 1 layers'):
+    nnx.eval_shape(lambda: UNet2DConditionModel(per_layer, rngs=nnx.Rngs(0)))

@@ -404,7 +404,11 @@ class UNet2DConditionModel(nnx.Module):
       """Each of the block's transformers' settings (block i, in down order), or None for a block without them."""
       if not is_cross:
         return None
-      depths = per_block(depth, num_layers, 'transformer_layers_per_block (per layer)', name)
+      depths = [depth] * num_layers if isinstance(depth, int) else list(depth)
+      if len(depths) != num_layers:
+        raise ConfigError(
+          f'{name} config: transformer depths {depth} given per layer for a block of {num_layers} layers'
+        )
       return [
         dict(
           heads=heads[i],
