@@ -1,5 +1,5 @@
-"""SDXL: the UNet's added conditioning, the second text encoder, prompt encoding, txt2img and the refiner's img2img
-equal diffusers' StableDiffusionXLPipeline / StableDiffusionXLImg2ImgPipeline on tiny random folders saved by
+"""SDXL: the UNet's added conditioning, the second text encoder, prompt encoding, txt2img, inpainting and the
+refiner's img2img equal diffusers' StableDiffusionXL(Img2Img|Inpaint)Pipeline on tiny random folders saved by
 diffusers; a folder jaxdream saves loads in diffusers."""
 
 import json
@@ -15,7 +15,7 @@ from flax import nnx
 from jaxdream import load_pipeline
 from jaxdream.diffusion import sdxl
 from jaxdream.diffusion.pipeline import _conditioning, save_pipeline
-from jaxdream.diffusion.sampling import _ENCODE, image_noise, img2img, txt2img
+from jaxdream.diffusion.sampling import _ENCODE, _MASKED_ENCODE, image_noise, img2img, inpaint, txt2img
 
 pytestmark = pytest.mark.reference
 
@@ -281,6 +281,33 @@ def test_refiner_img2img_with_aesthetic_scores_matches_diffusers(refiner_folder,
   with torch.no_grad():
     expected = ref(PROMPTS[0], image=Image.fromarray(image), output_type='np', **kw, **scores).images
   ours = img2img(pipe, PROMPTS[0], image, seed=seeds, latents=noise, micro_conditioning=scores, **kw)
+  diff = np.abs(ours / 255.0 - expected).max()
+  assert diff <= 0.51 / 255, diff
+
+
+def test_inpainting_with_the_base_model_matches_diffusers_latent_blending(sdxl_folder, monkeypatch):
+  import diffusers.models.autoencoders.vae as vae_module
+  import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint as inpaint_module
+  from diffusers import StableDiffusionXLInpaintPipeline
+  from PIL import Image
+
+  ref, _, pipe = sdxl_folder
+  rng = np.random.default_rng(3)
+  image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  mask = np.zeros((32, 32), np.uint8)
+  mask[8:24, 10:26] = 255
+  seeds = [31]
+  noise = np.asarray(image_noise(seeds, (16, 16, 4)))
+  # diffusers encodes the image, then the masked image (which a 4-channel UNet does not use)
+  encode_noise = [image_noise(seeds, (16, 16, 4), stream) for stream in (_ENCODE, _MASKED_ENCODE)]
+  monkeypatch.setattr(vae_module, 'randn_tensor', _FixedNoise(*encode_noise))
+  monkeypatch.setattr(inpaint_module, 'randn_tensor', _FixedNoise(noise))
+  kw = dict(strength=0.7, num_inference_steps=3, guidance_scale=5.0)
+  with torch.no_grad():
+    expected = StableDiffusionXLInpaintPipeline(**ref.components)(
+      PROMPTS[1], image=Image.fromarray(image), mask_image=Image.fromarray(mask), output_type='np', **kw
+    ).images
+  ours = inpaint(pipe, PROMPTS[1], image, mask, seed=seeds, latents=noise, **kw)
   diff = np.abs(ours / 255.0 - expected).max()
   assert diff <= 0.51 / 255, diff
 
