@@ -75,14 +75,14 @@ def _one_torch_thread():
   torch.set_num_threads(threads)
 
 
-def _clip_config(seed_layers, **overrides):
+def _clip_config(num_layers, **overrides):
   from transformers import CLIPTextConfig
 
   cfg = dict(
     vocab_size=49408,
     hidden_size=32,
     intermediate_size=64,
-    num_hidden_layers=seed_layers,
+    num_hidden_layers=num_layers,
     num_attention_heads=4,
     max_position_embeddings=77,
     bos_token_id=49406,
@@ -96,7 +96,7 @@ def _clip_config(seed_layers, **overrides):
 def sdxl_folder(tmp_path_factory):
   """(diffusers StableDiffusionXLPipeline, its saved folder, jaxdream's pipeline loaded from it). The second
   encoder is SDXL's as its config says: gelu, a text projection, eos_token_id 2 (pooled at the largest id),
-  and its tokenizer pads with '!' (id 0)."""
+  and its tokenizer pads with '!', not with the end token."""
   from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
   from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
