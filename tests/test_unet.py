@@ -76,7 +76,7 @@ def test_unknown_config_key_is_an_error_naming_it():
   'key,value',
   [
     ('class_embed_type', 'timestep'),
-    ('addition_embed_type', 'text_time'),
+    ('addition_embed_type', 'text_image'),
     ('down_block_types', ['CrossAttnDownBlock2D', 'SimpleDownBlock2D', 'DownBlock2D', 'DownBlock2D']),
   ],
 )

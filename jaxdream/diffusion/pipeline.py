@@ -1,4 +1,5 @@
-"""A Stable Diffusion model folder in diffusers format: its named components, loading them, writing them back."""
+"""A Stable Diffusion (1.x, 2.x, XL) model folder in diffusers format: its named components, loading them, writing
+them back."""
 
 from __future__ import annotations
 
@@ -12,21 +13,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdream import models
+from jaxdream.diffusion import sdxl
 from jaxdream.diffusion.conditioning import encode_prompt as sd_encode_prompt
-from jaxdream.diffusion.conditioning import tokenizer_folder
+from jaxdream.diffusion.conditioning import no_micro_conditioning, tokenizer_folder
 from jaxdream.io.files import atomic_write
 from jaxdream.io.tokenizer import load_tokenizer, tokenize
-from jaxdream.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel, WeightsError
+from jaxdream.models import (
+  AutoencoderKL,
+  CLIPTextModel,
+  CLIPTextModelWithProjection,
+  UNet2DConditionModel,
+  WeightsError,
+)
 from jaxdream.runtime import CallbackRegistry, CompileCache
 
-# Folders every Stable Diffusion model folder has; more text encoders (text_encoder_2, ...) may come.
-REQUIRED = ('unet', 'text_encoder', 'vae', 'tokenizer', 'scheduler')
+# Folders every Stable Diffusion model folder has, besides its text encoders (text_encoder, text_encoder_2, ...: at
+# least one) and their tokenizers.
+REQUIRED = ('unet', 'vae', 'scheduler')
 # The model classes a model_index.json may name, with the library whose format they are written in.
 # Other entries (safety_checker, feature_extractor, ...) are not loaded.
 MODEL_CLASSES = {
   'UNet2DConditionModel': ('diffusers', UNet2DConditionModel),
   'AutoencoderKL': ('diffusers', AutoencoderKL),
   'CLIPTextModel': ('transformers', CLIPTextModel),
+  'CLIPTextModelWithProjection': ('transformers', CLIPTextModelWithProjection),
 }
 _MODEL_INDEX = {
   '_class_name': 'StableDiffusionPipeline',
@@ -41,15 +51,21 @@ _MODEL_INDEX = {
 @dataclasses.dataclass
 class Pipeline:
   """A diffusion model as its named components, in order (unet, text_encoder, vae, ...; each also an
-  attribute: `pipeline.unet`), a tokenizer per text encoder, the scheduler config, and `encode_prompt`,
-  which turns token ids into UNet conditioning. The pipeline owns its compiled functions (`compiled`)
-  and the registry through which they reach each call's progress callback (`callbacks`)."""
+  attribute: `pipeline.unet`), a tokenizer per text encoder, the scheduler config, and how its UNet is conditioned
+  (diffusion/conditioning.py): `encode_prompt` turns token ids into UNet conditioning, `micro_conditioning` gives
+  the UNet inputs that do not come from the prompt, and `force_zeros_for_empty_prompt` (SDXL) makes the negative
+  half of a guided batch zeros when no negative prompt is given. `pipeline_class` is model_index.json's
+  `_class_name`. The pipeline owns its compiled functions (`compiled`) and the registry through which they reach
+  each call's progress callback (`callbacks`)."""
 
   components: dict  # name -> nnx.Module
   tokenizers: dict  # text encoder name -> tokenizer
   scheduler_config: dict
   path: str | None = None
   encode_prompt: Callable = sd_encode_prompt
+  micro_conditioning: Callable = no_micro_conditioning
+  force_zeros_for_empty_prompt: bool = False
+  pipeline_class: str = 'StableDiffusionPipeline'
   compiled: CompileCache = dataclasses.field(default_factory=CompileCache, init=False, repr=False, compare=False)
   callbacks: CallbackRegistry = dataclasses.field(
     default_factory=CallbackRegistry, init=False, repr=False, compare=False
@@ -86,8 +102,9 @@ class Pipeline:
 def load_pipeline(
   path: str, *, dtype=jnp.float32, attention_impl: str = 'auto', allow_pickle: bool = False
 ) -> Pipeline:
-  """Load a local diffusers-format Stable Diffusion folder. All configs are checked before any
-  weights are read, so a broken folder fails at once with the file to fix."""
+  """Load a local diffusers-format Stable Diffusion folder (1.x, 2.x, or XL base or refiner: model_index.json's
+  `_class_name` says which). All configs are checked before any weights are read, so a broken folder fails at
+  once with the file to fix."""
   if not os.path.isdir(path):
     raise WeightsError(f'{path}: no such model folder')
   index = models.read_config(
@@ -95,15 +112,17 @@ def load_pipeline(
     'model_index.json',
     'a diffusers model folder has model_index.json with unet/, text_encoder/, vae/, tokenizer/, scheduler/ beside it',
   )
-  missing = [c for c in REQUIRED if not os.path.isdir(os.path.join(path, c))]
-  if missing:
-    raise WeightsError(f'{path}: missing component folder(s) {", ".join(missing)}')
   classes = {
     name: MODEL_CLASSES[entry[1]][1]
     for name, entry in index.items()
     if isinstance(entry, list) and len(entry) == 2 and entry[1] in MODEL_CLASSES
   }
-  unnamed = [c for c in ('unet', 'text_encoder', 'vae') if c not in classes]
+  encoders = [name for name in classes if _is_text_encoder(name)]
+  folders = [*REQUIRED, *encoders, *map(tokenizer_folder, encoders)]
+  missing = [c for c in folders if not os.path.isdir(os.path.join(path, c))]
+  if missing:
+    raise WeightsError(f'{path}: missing component folder(s) {", ".join(missing)}')
+  unnamed = [c for c in ('unet', 'vae') if c not in classes] + ([] if encoders else ['text_encoder'])
   if unnamed:
     raise WeightsError(
       f'{path}/model_index.json: no supported model class for {", ".join(unnamed)} '
@@ -122,6 +141,20 @@ def load_pipeline(
     },
     scheduler_config=scheduler_config,
     path=path,
+    **_conditioning(index),
+  )
+
+
+def _conditioning(index: dict) -> dict:
+  """The Pipeline fields that say how the UNet is conditioned, from model_index.json."""
+  name = index.get('_class_name', 'StableDiffusionPipeline')
+  if name not in sdxl.PIPELINE_CLASSES:
+    return dict(pipeline_class=name)
+  return dict(
+    encode_prompt=sdxl.encode_prompt,
+    micro_conditioning=sdxl.aesthetic_time_ids if index.get('requires_aesthetics_score') else sdxl.size_time_ids,
+    force_zeros_for_empty_prompt=bool(index.get('force_zeros_for_empty_prompt', True)),  # diffusers' default
+    pipeline_class=name,
   )
 
 
@@ -140,7 +173,11 @@ def save_pipeline(pipeline: Pipeline, path: str, *, weights_dtype=None):
   if unknown:
     raise WeightsError(f'cannot save component(s) {", ".join(unknown)}: not one of {", ".join(MODEL_CLASSES)}')
   os.makedirs(path, exist_ok=True)
-  index = dict(_MODEL_INDEX)
+  index = dict(_MODEL_INDEX, _class_name=pipeline.pipeline_class)
+  if pipeline.pipeline_class in sdxl.PIPELINE_CLASSES:  # no safety checker; its own two options
+    del index['safety_checker'], index['requires_safety_checker']
+    index['force_zeros_for_empty_prompt'] = pipeline.force_zeros_for_empty_prompt
+    index['requires_aesthetics_score'] = pipeline.micro_conditioning is sdxl.aesthetic_time_ids
   for name, model in pipeline.components.items():
     _write_part(path, name, lambda tmp, model=model: models.save_component(model, tmp, weights_dtype=weights_dtype))
     index[name] = [MODEL_CLASSES[model.CLASS_NAME][0], model.CLASS_NAME]

@@ -1,7 +1,8 @@
 """Sampling: txt2img, img2img and inpainting with classifier-free guidance, one compiled loop each.
 
 The whole denoising loop (the pipeline's `encode_prompt`, every UNet step, the scheduler, VAE decoding) is
-one jitted function over the pipeline's components, cached in the pipeline's own CompileCache.
+one jitted function over the pipeline's components, cached in the pipeline's own CompileCache. The UNet's
+conditioning is the pipeline's (diffusion/conditioning.py): the prompt's, plus its micro-conditioning per image.
 Conditional and unconditional passes are one batched UNet call. Prompts (as token ids), seeds, guidance
 scales (one per image), strength and the progress callback are per-call values, so new ones never
 recompile; a new image size, batch size, step count, scheduler or model structure does. Calls may run
@@ -95,6 +96,9 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
     adapters,
     cond_ids,
     uncond_ids,
+    cond_inputs,
+    uncond_inputs,
+    keep_uncond,
     noise,
     step_keys,
     adapter_ids,
@@ -110,8 +114,12 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
     if mode.adapters:  # both halves of a guided image use its adapter, as its merged weights would
       twice = lambda a: jnp.concatenate([a, a]) if mode.cfg else a
       per_image_adapters.set_per_example(models, adapters, twice(adapter_ids), twice(adapter_scales))
-    ids = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond_ids, cond_ids) if mode.cfg else cond_ids
-    context, extra = encode_prompt(models, ids)
+    halves = lambda u, c: jax.tree.map(lambda u, c: jnp.concatenate([u, c]), u, c) if mode.cfg else c
+    context, extra = encode_prompt(models, halves(uncond_ids, cond_ids))
+    if mode.cfg:  # force_zeros_for_empty_prompt without a negative prompt: the negative half's embeddings are zeros
+      keep = lambda a: a.at[: a.shape[0] // 2].multiply(keep_uncond.astype(a.dtype))
+      context, extra = keep(context), jax.tree.map(keep, extra)
+    extra = {**extra, **halves(uncond_inputs, cond_inputs)}
     if mode.init == 'image':
       x = per_image_noise(image_latents, noise, start)
     else:
@@ -259,6 +267,7 @@ def _generate(
   adapters=None,
   adapter_ids=None,
   adapter_scales=None,
+  micro_conditioning: dict | None = None,
 ):
   if output_type not in ('uint8', 'latent'):
     raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
@@ -328,6 +337,10 @@ def _generate(
   )
   if mode.init == 'noise' and init_images is not None:
     start = 0  # inpainting at full strength starts from pure noise
+  micro = lambda negative: {
+    k: jnp.broadcast_to(jnp.asarray(v, jnp.float32), (b, *np.shape(v)))
+    for k, v in pipeline.micro_conditioning(height, width, negative=negative, **(micro_conditioning or {})).items()
+  }
   graphdefs, params = _split(pipeline)
   fn = _sampler(pipeline, graphdefs, sch, mode)
   with pipeline.callbacks.register(progress) as token:
@@ -336,6 +349,9 @@ def _generate(
       adapters=adapters,
       cond_ids=jax.tree.map(jnp.asarray, pipeline.tokenize(prompts)),
       uncond_ids=jax.tree.map(jnp.asarray, pipeline.tokenize(negatives)),
+      cond_inputs=micro(False),
+      uncond_inputs=micro(True),
+      keep_uncond=jnp.bool_(not (pipeline.force_zeros_for_empty_prompt and negative_prompts is None)),
       noise=noise,
       step_keys=image_keys(seeds, _STEPS),
       adapter_ids=ids,
@@ -392,6 +408,8 @@ def _adapter_choice(pipeline, adapters, adapter_ids, adapter_scales, b, per_prom
 _PER_IMAGE = (
   'cond_ids',
   'uncond_ids',
+  'cond_inputs',
+  'uncond_inputs',
   'noise',
   'step_keys',
   'adapter_ids',
@@ -436,6 +454,7 @@ def txt2img(
   adapters: dict | None = None,
   adapter_ids=None,
   adapter_scales=None,
+  micro_conditioning: dict | None = None,
 ) -> np.ndarray:
   """Images for prompts, uint8 (B, H, W, 3), B = len(prompts) * num_images_per_prompt.
 
@@ -455,6 +474,9 @@ def txt2img(
     `adapter_ids[i]` (an int, or one per prompt) at weight `adapter_scales[i]` (default 1.0; 0 is the base
     model), as if merged at that weight; new ids and scales never recompile (a new number of stacked
     adapters does).
+  micro_conditioning: the model's micro-conditioning settings (SDXL, diffusion/sdxl.py): original_size,
+    crops_coords_top_left, target_size (base; sizes (height, width), default the output size), aesthetic_score,
+    negative_aesthetic_score (refiner); new values never recompile.
   """
   return _generate(
     pipeline,
@@ -475,6 +497,7 @@ def txt2img(
     adapters=adapters,
     adapter_ids=adapter_ids,
     adapter_scales=adapter_scales,
+    micro_conditioning=micro_conditioning,
   )
 
 
@@ -499,11 +522,12 @@ def img2img(
   adapters: dict | None = None,
   adapter_ids=None,
   adapter_scales=None,
+  micro_conditioning: dict | None = None,
 ) -> np.ndarray:
   """Images that start from `init_images` (uint8 arrays, PIL images or paths), noised to `strength`
   (1.0: the image is replaced by noise entirely; 0.0: returned almost unchanged), as diffusers'
   StableDiffusionImg2ImgPipeline. `latents` here is the noise added to the image latents. `adapters`,
-  `adapter_ids`, `adapter_scales`: per-image LoRA adapters, as in txt2img."""
+  `adapter_ids`, `adapter_scales`: per-image LoRA adapters, `micro_conditioning`: as in txt2img."""
   return _generate(
     pipeline,
     prompts,
@@ -524,6 +548,7 @@ def img2img(
     adapters=adapters,
     adapter_ids=adapter_ids,
     adapter_scales=adapter_scales,
+    micro_conditioning=micro_conditioning,
   )
 
 
@@ -549,11 +574,13 @@ def inpaint(
   adapters: dict | None = None,
   adapter_ids=None,
   adapter_scales=None,
+  micro_conditioning: dict | None = None,
 ) -> np.ndarray:
   """Repaint the white (>= 0.5) region of `masks` in `init_images`, as diffusers'
   StableDiffusionInpaintPipeline: 9-channel inpainting UNets get the mask and masked image as inputs;
   standard 4-channel models keep the unmasked region by blending the noised original latents back in
-  after every step. `adapters`, `adapter_ids`, `adapter_scales`: per-image LoRA adapters, as in txt2img."""
+  after every step. `adapters`, `adapter_ids`, `adapter_scales`: per-image LoRA adapters, `micro_conditioning`: as
+  in txt2img."""
   return _generate(
     pipeline,
     prompts,
@@ -575,4 +602,5 @@ def inpaint(
     adapters=adapters,
     adapter_ids=adapter_ids,
     adapter_scales=adapter_scales,
+    micro_conditioning=micro_conditioning,
   )

@@ -17,7 +17,7 @@ from jaxdream.io.weights import (
   state_dict,
 )
 from jaxdream.models.autoencoder_kl import AutoencoderKL, DiagonalGaussian
-from jaxdream.models.clip_text import CLIPTextModel
+from jaxdream.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from jaxdream.models.clip_vision import CLIPModel
 from jaxdream.models.config import ConfigError
 from jaxdream.models.unet_2d_condition import UNet2DConditionModel

@@ -1,4 +1,5 @@
-"""CLIP text encoder (transformers' CLIPTextModel): SD1's ViT-L/14 tower and SD2's OpenCLIP ViT-H."""
+"""CLIP text encoders (transformers' CLIPTextModel and CLIPTextModelWithProjection): SD1's ViT-L/14 tower, SD2's
+OpenCLIP ViT-H, SDXL's two (ViT-L and OpenCLIP bigG with its text projection)."""
 
 from __future__ import annotations
 
@@ -158,3 +159,24 @@ class CLIPTextModel(nnx.Module):
     if not clip_skip:
       return out['last_hidden_state']
     return self.text_model.final_layer_norm(out['hidden_states'][-(clip_skip + 1)])
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+  """CLIPTextModel with its `text_projection` (no bias): forward() also gives `text_embeds`, the projected pooled
+  output (SDXL's pooled prompt embedding, from its second text encoder)."""
+
+  CLASS_NAME = 'CLIPTextModelWithProjection'
+  IGNORED_KEYS = (r'text_model\.embeddings\.position_ids',)
+
+  @staticmethod
+  def resolve_config(config: dict) -> dict:
+    return resolve_config(config, DEFAULTS, model='CLIPTextModelWithProjection', supported=SUPPORTED, strict=False)
+
+  def __init__(self, config: dict, *, dtype=jnp.float32, attention_impl: str = 'auto', rngs: nnx.Rngs):
+    super().__init__(config, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
+    cfg = self.resolve_config(config)
+    self.text_projection = Linear(cfg['hidden_size'], cfg['projection_dim'], use_bias=False, dtype=dtype, rngs=rngs)
+
+  def forward(self, input_ids, attention_mask=None):
+    out = super().forward(input_ids, attention_mask)
+    return dict(out, text_embeds=self.text_projection(out['pooler_output']))

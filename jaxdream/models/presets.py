@@ -72,3 +72,52 @@ SD21_TEXT_ENCODER = dict(
   num_hidden_layers=23,
   projection_dim=512,
 )
+
+# stabilityai/stable-diffusion-xl-base-1.0: a first level without attention, 1/2/10 transformer layers per level,
+# both text encoders' features (768 + 1280) as context, the pooled embedding and 6 time ids as added conditioning.
+SDXL_UNET = dict(
+  SD15_UNET,
+  addition_embed_type='text_time',
+  addition_embed_type_num_heads=64,
+  addition_time_embed_dim=256,
+  attention_head_dim=[5, 10, 20],
+  block_out_channels=[320, 640, 1280],
+  cross_attention_dim=2048,
+  down_block_types=['DownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D'],
+  projection_class_embeddings_input_dim=2816,  # 1280 (pooled) + 6 time ids * 256
+  sample_size=128,
+  transformer_layers_per_block=[1, 2, 10],
+  up_block_types=['CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'UpBlock2D'],
+  upcast_attention=None,
+  use_linear_projection=True,
+)
+
+# stabilityai/stable-diffusion-xl-refiner-1.0: text_encoder_2 alone (1280) as context; 5 time ids (the sizes, the
+# crop and the aesthetic score).
+SDXL_REFINER_UNET = dict(
+  SDXL_UNET,
+  attention_head_dim=[6, 12, 24, 24],
+  block_out_channels=[384, 768, 1536, 1536],
+  cross_attention_dim=1280,
+  down_block_types=['DownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'],
+  projection_class_embeddings_input_dim=2560,  # 1280 (pooled) + 5 time ids * 256
+  transformer_layers_per_block=4,
+  up_block_types=['UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'UpBlock2D'],
+)
+
+SDXL_VAE = dict(SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+
+# SDXL's text_encoder: CLIP ViT-L/14, as SD 1.5's.
+SDXL_TEXT_ENCODER = SD15_TEXT_ENCODER
+
+# SDXL's text_encoder_2: OpenCLIP ViT-bigG/14 with its text projection.
+SDXL_TEXT_ENCODER_2 = dict(
+  SD15_TEXT_ENCODER,
+  architectures=['CLIPTextModelWithProjection'],
+  hidden_act='gelu',
+  hidden_size=1280,
+  intermediate_size=5120,
+  num_attention_heads=20,
+  num_hidden_layers=32,
+  projection_dim=1280,
+)

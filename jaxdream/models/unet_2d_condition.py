@@ -1,4 +1,4 @@
-"""UNet2DConditionModel (Stable Diffusion 1.x / 2.x), NHWC, named as diffusers' weights name it."""
+"""UNet2DConditionModel (Stable Diffusion 1.x / 2.x and SDXL), NHWC, named as diffusers' weights name it."""
 
 from __future__ import annotations
 
@@ -78,8 +78,7 @@ SUPPORTED = dict(
   num_attention_heads=(None,),
   dual_cross_attention=(False,),
   class_embed_type=(None,),
-  addition_embed_type=(None,),
-  addition_time_embed_dim=(None,),
+  addition_embed_type=(None, 'text_time'),
   num_class_embeds=(None,),
   resnet_time_scale_shift=('default',),
   resnet_skip_time_act=(False,),
@@ -89,12 +88,10 @@ SUPPORTED = dict(
   time_embedding_act_fn=(None,),
   timestep_post_act=(None,),
   time_cond_proj_dim=(None,),
-  projection_class_embeddings_input_dim=(None,),
   attention_type=('default',),
   class_embeddings_concat=(False,),
   mid_block_only_cross_attention=(None, False),
   cross_attention_norm=(None,),
-  reverse_transformer_layers_per_block=(None,),
 )
 
 
@@ -257,7 +254,7 @@ class Transformer2DModel(nnx.Module):
 
 
 class DownBlock(nnx.Module):
-  """CrossAttnDownBlock2D (with `attentions`) or DownBlock2D (without)."""
+  """CrossAttnDownBlock2D (with `attentions`, one per resnet: `cross` holds each one's settings) or DownBlock2D."""
 
   def __init__(
     self,
@@ -266,7 +263,7 @@ class DownBlock(nnx.Module):
     *,
     num_layers: int,
     add_downsample: bool,
-    cross: dict | None,
+    cross: list[dict] | None,
     resnet: dict,
     downsample_padding: int,
     dtype,
@@ -275,9 +272,7 @@ class DownBlock(nnx.Module):
     self.resnets = nnx.List(
       [ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, **resnet) for i in range(num_layers)]
     )
-    self.attentions = (
-      nnx.List([Transformer2DModel(channels=out_channels, **cross) for _ in range(num_layers)]) if cross else None
-    )
+    self.attentions = nnx.List([Transformer2DModel(channels=out_channels, **c) for c in cross]) if cross else None
     self.downsamplers = (
       nnx.List([Downsample2D(out_channels, out_channels, padding=downsample_padding, dtype=dtype, rngs=rngs)])
       if add_downsample
@@ -298,7 +293,7 @@ class DownBlock(nnx.Module):
 
 
 class UpBlock(nnx.Module):
-  """CrossAttnUpBlock2D (with `attentions`) or UpBlock2D (without)."""
+  """CrossAttnUpBlock2D (with `attentions`, one per resnet: `cross` holds each one's settings) or UpBlock2D."""
 
   def __init__(
     self,
@@ -308,7 +303,7 @@ class UpBlock(nnx.Module):
     *,
     num_layers: int,
     add_upsample: bool,
-    cross: dict | None,
+    cross: list[dict] | None,
     resnet: dict,
     dtype,
     rngs,
@@ -323,9 +318,7 @@ class UpBlock(nnx.Module):
         for i in range(num_layers)
       ]
     )
-    self.attentions = (
-      nnx.List([Transformer2DModel(channels=out_channels, **cross) for _ in range(num_layers)]) if cross else None
-    )
+    self.attentions = nnx.List([Transformer2DModel(channels=out_channels, **c) for c in cross]) if cross else None
     self.upsamplers = nnx.List([Upsample2D(out_channels, dtype=dtype, rngs=rngs)]) if add_upsample else None
 
   def __call__(self, x, skips, temb, context, upsample_size=None):
@@ -339,9 +332,9 @@ class UpBlock(nnx.Module):
 
 
 class UNetMidBlock2DCrossAttn(nnx.Module):
-  def __init__(self, channels: int, *, cross: dict, resnet: dict):
+  def __init__(self, channels: int, *, cross: list[dict], resnet: dict):
     self.resnets = nnx.List([ResnetBlock2D(channels, channels, **resnet) for _ in range(2)])
-    self.attentions = nnx.List([Transformer2DModel(channels=channels, **cross)])
+    self.attentions = nnx.List([Transformer2DModel(channels=channels, **cross[0])])
 
   def __call__(self, x, temb, context):
     x = self.resnets[0](x, temb)
@@ -350,7 +343,11 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
 
 
 class UNet2DConditionModel(nnx.Module):
-  """`unet(sample (B,H,W,C), timesteps (B,) or scalar, encoder_hidden_states (B,L,D))` -> (B,H,W,C_out)."""
+  """`unet(sample (B,H,W,C), timesteps (B,) or scalar, encoder_hidden_states (B,L,D))` -> (B,H,W,C_out).
+
+  SDXL's UNets (addition_embed_type='text_time') also take `text_embeds` (B, P), the pooled prompt embedding,
+  and `time_ids` (B, K), the micro-conditioning values, as keywords (diffusers' `added_cond_kwargs`).
+  """
 
   CONFIG_NAME = 'config.json'
   WEIGHTS_NAME = 'diffusion_pytorch_model'
@@ -365,6 +362,16 @@ class UNet2DConditionModel(nnx.Module):
       raise ConfigError('UNet2DConditionModel config: down_block_types and up_block_types differ in length')
     if len(cfg['block_out_channels']) != len(cfg['down_block_types']):
       raise ConfigError('UNet2DConditionModel config: block_out_channels must have one entry per block')
+    if cfg['addition_embed_type'] == 'text_time':
+      for key in ('addition_time_embed_dim', 'projection_class_embeddings_input_dim'):
+        if cfg[key] is None:
+          raise ConfigError(f"UNet2DConditionModel config: addition_embed_type='text_time' needs {key}")
+    tl = cfg['transformer_layers_per_block']
+    if isinstance(tl, (list, tuple)) and any(isinstance(d, (list, tuple)) for d in tl):
+      if cfg['reverse_transformer_layers_per_block'] is None:  # as diffusers: the up blocks' depths are not implied
+        raise ConfigError(
+          'UNet2DConditionModel config: per-layer transformer_layers_per_block needs reverse_transformer_layers_per_block'
+        )
     return cfg
 
   def __init__(self, config: dict, *, dtype=jnp.float32, attention_impl: str = 'auto', rngs: nnx.Rngs):
@@ -379,7 +386,13 @@ class UNet2DConditionModel(nnx.Module):
     heads = per_block(cfg['attention_head_dim'], n, 'attention_head_dim', name)
     layers = per_block(cfg['layers_per_block'], n, 'layers_per_block', name)
     cross_dim = per_block(cfg['cross_attention_dim'], n, 'cross_attention_dim', name)
+    # Transformer depth per block (an int, or one per layer); the up blocks mirror the down blocks' unless given.
     tlayers = per_block(cfg['transformer_layers_per_block'], n, 'transformer_layers_per_block', name)
+    up_tlayers = (
+      list(reversed(tlayers))
+      if cfg['reverse_transformer_layers_per_block'] is None
+      else per_block(cfg['reverse_transformer_layers_per_block'], n, 'reverse_transformer_layers_per_block', name)
+    )
     for i, c in enumerate(channels):
       if c % heads[i]:
         raise ConfigError(f'{name} config: block {i} has {c} channels, not divisible by {heads[i]} heads')
@@ -387,26 +400,41 @@ class UNet2DConditionModel(nnx.Module):
     temb_dim = channels[0] * 4
     resnet = dict(temb_channels=temb_dim, groups=groups, eps=eps, act_fn=cfg['act_fn'], dtype=dtype, rngs=rngs)
 
-    def cross(i, is_cross=True):
+    def cross(i, depth, num_layers, is_cross=True):
+      """Each of the block's transformers' settings (block i, in down order), or None for a block without them."""
       if not is_cross:
         return None
-      return dict(
-        heads=heads[i],
-        num_layers=tlayers[i],
-        cross_attention_dim=cross_dim[i],
-        groups=groups,
-        use_linear_projection=cfg['use_linear_projection'],
-        upcast=cfg['upcast_attention'],
-        attention_impl=attention_impl,
-        dtype=dtype,
-        rngs=rngs,
-      )
+      depths = [depth] * num_layers if isinstance(depth, int) else list(depth)
+      if len(depths) != num_layers:
+        raise ConfigError(
+          f'{name} config: transformer depths {depth} given per layer for a block of {num_layers} layers'
+        )
+      return [
+        dict(
+          heads=heads[i],
+          num_layers=d,
+          cross_attention_dim=cross_dim[i],
+          groups=groups,
+          use_linear_projection=cfg['use_linear_projection'],
+          upcast=bool(cfg['upcast_attention']),  # SDXL's config says null
+          attention_impl=attention_impl,
+          dtype=dtype,
+          rngs=rngs,
+        )
+        for d in depths
+      ]
 
     self.flip_sin_to_cos, self.freq_shift = cfg['flip_sin_to_cos'], cfg['freq_shift']
     self.center_input_sample = cfg['center_input_sample']
     self.time_proj_dim = channels[0]
     self.conv_in = Conv2d(cfg['in_channels'], channels[0], cfg['conv_in_kernel'], dtype=dtype, rngs=rngs)
     self.time_embedding = TimestepEmbedding(channels[0], temb_dim, cfg['act_fn'], dtype=dtype, rngs=rngs)
+    # SDXL's added conditioning: the pooled text embedding and the sinusoidal features of each micro-conditioning
+    # value (time_ids: sizes, crop, aesthetic score), projected and added to the time embedding.
+    self.addition_time_embed_dim = cfg['addition_time_embed_dim'] if cfg['addition_embed_type'] else None
+    if self.addition_time_embed_dim:
+      proj_dim = cfg['projection_class_embeddings_input_dim']
+      self.add_embedding = TimestepEmbedding(proj_dim, temb_dim, 'silu', dtype=dtype, rngs=rngs)
 
     down, out_ch = [], channels[0]
     for i, kind in enumerate(cfg['down_block_types']):
@@ -417,7 +445,7 @@ class UNet2DConditionModel(nnx.Module):
           out_ch,
           num_layers=layers[i],
           add_downsample=i < n - 1,
-          cross=cross(i, kind == 'CrossAttnDownBlock2D'),
+          cross=cross(i, tlayers[i], layers[i], kind == 'CrossAttnDownBlock2D'),
           resnet=resnet,
           downsample_padding=cfg['downsample_padding'],
           dtype=dtype,
@@ -427,7 +455,8 @@ class UNet2DConditionModel(nnx.Module):
     self.down_blocks = nnx.List(down)
 
     mid_resnet = dict(resnet, output_scale_factor=cfg['mid_block_scale_factor'])
-    self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], cross=cross(n - 1), resnet=mid_resnet)
+    mid_depth = tlayers[-1] if isinstance(tlayers[-1], int) else tlayers[-1][0]  # its one transformer: the first
+    self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], cross=cross(n - 1, mid_depth, 1), resnet=mid_resnet)
 
     rev = list(reversed(range(n)))  # block index in down order for each up block
     up, out_ch = [], channels[-1]
@@ -441,7 +470,7 @@ class UNet2DConditionModel(nnx.Module):
           out_ch,
           num_layers=layers[rev[i]] + 1,
           add_upsample=i < n - 1,
-          cross=cross(rev[i], kind == 'CrossAttnUpBlock2D'),
+          cross=cross(rev[i], up_tlayers[i], layers[rev[i]] + 1, kind == 'CrossAttnUpBlock2D'),
           resnet=resnet,
           dtype=dtype,
           rngs=rngs,
@@ -453,13 +482,17 @@ class UNet2DConditionModel(nnx.Module):
     self.act_fn = cfg['act_fn']
     self.conv_out = Conv2d(channels[0], cfg['out_channels'], cfg['conv_out_kernel'], dtype=dtype, rngs=rngs)
 
-  def __call__(self, sample, timesteps, encoder_hidden_states):
+  def __call__(self, sample, timesteps, encoder_hidden_states, text_embeds=None, time_ids=None):
     b = sample.shape[0]
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
     t = timestep_embedding(
       timesteps, self.time_proj_dim, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
     )
     temb = self.time_embedding(t.astype(self.dtype))
+    if self.addition_time_embed_dim:
+      temb = temb + self.add_embedding(self._added_features(text_embeds, time_ids, b).astype(self.dtype))
+    elif text_embeds is not None or time_ids is not None:
+      raise ValueError('this UNet has no added conditioning (addition_embed_type=None): text_embeds/time_ids given')
     context = encoder_hidden_states.astype(self.dtype)
     if self.center_input_sample:
       sample = 2 * sample - 1.0
@@ -477,3 +510,23 @@ class UNet2DConditionModel(nnx.Module):
       x = block(x, block_skips, temb, context, size)
     x = activation(self.act_fn)(self.conv_norm_out(x))
     return self.conv_out(x)
+
+  def _added_features(self, text_embeds, time_ids, batch: int):
+    """[pooled text embedding, sinusoidal features of each time id], the input of `add_embedding`."""
+    if text_embeds is None or time_ids is None:
+      raise ValueError("an SDXL UNet (addition_embed_type='text_time') needs text_embeds= and time_ids=")
+    time_ids = jnp.asarray(time_ids)
+    expected = self.add_embedding.linear_1.kernel.shape[0]
+    got = text_embeds.shape[-1] + time_ids.shape[-1] * self.addition_time_embed_dim
+    if text_embeds.shape[0] != batch or time_ids.shape[0] != batch or got != expected:
+      raise ValueError(
+        f'text_embeds {tuple(text_embeds.shape)} and time_ids {tuple(time_ids.shape)} give {got} added features '
+        f'for a batch of {batch}; this UNet expects {expected} (projection_class_embeddings_input_dim) per image'
+      )
+    features = timestep_embedding(
+      time_ids.reshape(-1),
+      self.addition_time_embed_dim,
+      flip_sin_to_cos=self.flip_sin_to_cos,
+      freq_shift=self.freq_shift,
+    ).reshape(batch, -1)
+    return jnp.concatenate([text_embeds.astype(jnp.float32), features], axis=-1)

@@ -78,6 +78,7 @@ def _load_base(config, workdir):
   model = multihost.primary_first(lambda: builtin_model_folder(config.model, workdir), 'tiny-base-model')
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.compute_dtype]
   pipeline = load_pipeline(model, dtype=dtype, attention_impl=config.attention, allow_pickle=config.allow_pickle)
+  check_trainable(pipeline)
   if config.vae_model:
     _replace_vae(pipeline, config, dtype)
   if config.resolution % pipeline.vae_scale_factor:
@@ -85,6 +86,16 @@ def _load_base(config, workdir):
       f'resolution {config.resolution} is not a multiple of the VAE factor {pipeline.vae_scale_factor}'
     )
   return pipeline
+
+
+def check_trainable(pipeline):
+  """Training feeds the UNet the prompt's conditioning only: a model whose UNet also takes micro-conditioning
+  (SDXL's time ids) is refused by name, before anything is compiled."""
+  if pipeline.micro_conditioning(64, 64):
+    raise config_lib.RunConfigError(
+      f'{pipeline.path}: a {pipeline.pipeline_class} model; jaxdream samples from it but cannot train it yet '
+      '(its UNet takes micro-conditioning time ids that training does not provide)'
+    )
 
 
 def _replace_vae(pipeline, config, dtype):

@@ -1,0 +1,63 @@
+"""Stable Diffusion XL conditioning, as diffusers' StableDiffusionXLPipeline computes it.
+
+The prompt: every text encoder's penultimate hidden state, concatenated on the feature axis (base: CLIP ViT-L's 768
++ OpenCLIP bigG's 1280 = 2048; the refiner has text_encoder_2 alone), and the last encoder's projected pooled output
+(`text_embeds`). Micro-conditioning, the UNet's `time_ids` per image: original size, crop's top-left corner and target
+size (base), or original size, crop and an aesthetic score (refiner: 6.0 for the prompt, 2.5 for the negative).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PIPELINE_CLASSES = ('StableDiffusionXLPipeline', 'StableDiffusionXLImg2ImgPipeline', 'StableDiffusionXLInpaintPipeline')
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # diffusers' defaults
+
+
+def _encoder_order(name: str) -> int:
+  """text_encoder -> 1, text_encoder_2 -> 2: the order in which diffusers concatenates their features."""
+  return int(name.removeprefix('text_encoder').removeprefix('_') or 1)
+
+
+def encode_prompt(models: dict, ids: dict) -> tuple[jax.Array, dict]:
+  """(context (B, L, sum of hidden sizes), {'text_embeds': (B, projection_dim)}) from token ids per text encoder."""
+  outs = [models[name].forward(ids[name]) for name in sorted(ids, key=_encoder_order)]
+  context = jnp.concatenate([out['hidden_states'][-2] for out in outs], axis=-1)
+  if 'text_embeds' not in outs[-1]:
+    raise ValueError('SDXL needs a CLIPTextModelWithProjection as its last text encoder (the pooled prompt embedding)')
+  return context, {'text_embeds': outs[-1]['text_embeds']}
+
+
+def size_time_ids(
+  height: int,
+  width: int,
+  *,
+  negative: bool = False,
+  original_size: tuple[int, int] | None = None,
+  crops_coords_top_left: tuple[int, int] = (0, 0),
+  target_size: tuple[int, int] | None = None,
+) -> dict:
+  """SDXL base's micro-conditioning: {'time_ids': original_size + crops_coords_top_left + target_size}, both sizes
+  (height, width) of the output unless given; the same for the prompt and the negative prompt."""
+  del negative
+  ids = (*(original_size or (height, width)), *crops_coords_top_left, *(target_size or (height, width)))
+  return {'time_ids': np.asarray(ids, np.float32)}
+
+
+def aesthetic_time_ids(
+  height: int,
+  width: int,
+  *,
+  negative: bool = False,
+  original_size: tuple[int, int] | None = None,
+  crops_coords_top_left: tuple[int, int] = (0, 0),
+  aesthetic_score: float = AESTHETIC_SCORE,
+  negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
+) -> dict:
+  """The refiner's micro-conditioning (requires_aesthetics_score): {'time_ids': original_size +
+  crops_coords_top_left + (score,)}, the score the negative one for the negative prompt."""
+  score = negative_aesthetic_score if negative else aesthetic_score
+  ids = (*(original_size or (height, width)), *crops_coords_top_left, score)
+  return {'time_ids': np.asarray(ids, np.float32)}

@@ -1,0 +1,373 @@
+"""SDXL: the UNet's added conditioning, the second text encoder, prompt encoding, txt2img, inpainting and the
+refiner's img2img equal diffusers' StableDiffusionXL(Img2Img|Inpaint)Pipeline on tiny random folders saved by
+diffusers; a folder jaxdream saves loads in diffusers."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import jit_call, nchw, nhwc, perturb_, rel_err
+from flax import nnx
+
+from jaxdream import load_pipeline
+from jaxdream.diffusion import sdxl
+from jaxdream.diffusion.pipeline import _conditioning, save_pipeline
+from jaxdream.diffusion.sampling import _ENCODE, _MASKED_ENCODE, image_noise, img2img, inpaint, txt2img
+
+pytestmark = pytest.mark.reference
+
+PROMPTS = ['a photo of sks dog', 'a red fox in the snow']
+NEGATIVES = ['blurry', 'a cat']
+TIME_EMBED = 8  # addition_time_embed_dim
+# Two levels, the first without attention as SDXL's; the transformer depth per level a list ([1, 2]: the
+# up blocks take it reversed), linear projections, per-level heads, context = both encoders' 32 features.
+UNET_SDXL = dict(
+  sample_size=16,
+  block_out_channels=(32, 64),
+  layers_per_block=1,
+  down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
+  up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'),
+  transformer_layers_per_block=[1, 2],
+  attention_head_dim=(2, 4),
+  cross_attention_dim=64,
+  use_linear_projection=True,
+  norm_num_groups=8,
+  addition_embed_type='text_time',
+  addition_time_embed_dim=TIME_EMBED,
+  projection_class_embeddings_input_dim=32 + 6 * TIME_EMBED,  # pooled + 6 time ids
+)
+VAE_SDXL = dict(
+  block_out_channels=(32, 64),
+  down_block_types=('DownEncoderBlock2D',) * 2,
+  up_block_types=('UpDecoderBlock2D',) * 2,
+  latent_channels=4,
+  norm_num_groups=8,
+  layers_per_block=1,
+  sample_size=32,
+  scaling_factor=0.13025,
+  force_upcast=True,
+)
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json
+EULER_SDXL = dict(
+  beta_start=0.00085,
+  beta_end=0.012,
+  beta_schedule='scaled_linear',
+  interpolation_type='linear',
+  num_train_timesteps=1000,
+  prediction_type='epsilon',
+  steps_offset=1,
+  timestep_spacing='leading',
+  use_karras_sigmas=False,
+)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _one_torch_thread():
+  """diffusers' many tiny ops on one torch thread: with conftest's two, torch's OpenMP threads wait on each other
+  while JAX's threads and other processes hold the 2 cores (a tiny 2-step pipeline call: 0.07 s on one thread,
+  2-5 s on two on the shared machine)."""
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+
+
+def _clip_config(num_layers, **overrides):
+  from transformers import CLIPTextConfig
+
+  cfg = dict(
+    vocab_size=49408,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=num_layers,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+  )
+  return CLIPTextConfig(**dict(cfg, **overrides))
+
+
+@pytest.fixture(scope='module')
+def sdxl_folder(tmp_path_factory):
+  """(diffusers StableDiffusionXLPipeline, its saved folder, jaxdream's pipeline loaded from it). The second
+  encoder is SDXL's as its config says: gelu, a text projection, eos_token_id 2 (pooled at the largest id),
+  and its tokenizer pads with '!', not with the end token."""
+  from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+  from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+  from jaxdream.io.tokenizer import load_tokenizer, write_clip_tokenizer
+
+  root = tmp_path_factory.mktemp('tiny_sdxl')
+  write_clip_tokenizer(str(root / 'tok'))
+  write_clip_tokenizer(str(root / 'tok_2'), pad_token='!')
+  torch.manual_seed(0)
+  ref = StableDiffusionXLPipeline(
+    unet=perturb_(UNet2DConditionModel(**UNET_SDXL), seed=1),
+    vae=perturb_(AutoencoderKL(**VAE_SDXL), seed=2),
+    text_encoder=perturb_(CLIPTextModel(_clip_config(2)), seed=3),
+    text_encoder_2=perturb_(
+      CLIPTextModelWithProjection(
+        _clip_config(2, hidden_act='gelu', projection_dim=32, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+      ),
+      seed=4,
+    ),
+    tokenizer=load_tokenizer(str(root / 'tok')),
+    tokenizer_2=load_tokenizer(str(root / 'tok_2')),
+    scheduler=EulerDiscreteScheduler(**EULER_SDXL),
+    add_watermarker=False,
+  )
+  path = str(root / 'model')
+  ref.save_pretrained(path)
+  return ref, path, load_pipeline(path)
+
+
+def test_sdxl_unet_with_pooled_embedding_and_time_ids_matches_diffusers(sdxl_folder):
+  ref, _, pipe = sdxl_folder
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)
+  t = np.array([3, 917])
+  context = rng.standard_normal((2, 7, 64)).astype(np.float32)
+  pooled = rng.standard_normal((2, 32)).astype(np.float32)
+  time_ids = np.array([[1024, 768, 0, 0, 1024, 768], [512, 512, 16, 32, 256, 256]], np.float32)
+  with torch.no_grad():
+    expected = ref.unet(
+      *map(torch.from_numpy, (x, t, context)),
+      added_cond_kwargs={'text_embeds': torch.from_numpy(pooled), 'time_ids': torch.from_numpy(time_ids)},
+    ).sample.numpy()
+  unet = jit_call(pipe.unet)
+  out = unet(nhwc(x), t, context, pooled, time_ids)
+  assert rel_err(nchw(out), expected) <= 1e-5
+  # the added conditioning counts: other time ids change the output
+  assert rel_err(nchw(unet(nhwc(x), t, context, pooled, time_ids[::-1])), expected) > 1e-2
+  with pytest.raises(ValueError, match='needs text_embeds= and time_ids='):
+    pipe.unet(nhwc(x), t, context, text_embeds=pooled)
+  with pytest.raises(ValueError, match='expects 80'):
+    pipe.unet(nhwc(x), t, context, text_embeds=pooled, time_ids=time_ids[:, :5])
+
+
+# The refiner's shape: 5 time ids (sizes, crop, aesthetic score), text_encoder_2's 32 features as context; and
+# transformer depths given per layer, the up blocks with their own list.
+UNET_REFINER = dict(
+  UNET_SDXL,
+  transformer_layers_per_block=[1, [2]],
+  reverse_transformer_layers_per_block=[[2, 1], 1],
+  cross_attention_dim=32,
+  projection_class_embeddings_input_dim=32 + 5 * TIME_EMBED,
+)
+
+
+@pytest.fixture(scope='module')
+def refiner_folder(sdxl_folder, tmp_path_factory):
+  """A StableDiffusionXLImg2ImgPipeline refiner folder (no text_encoder, aesthetic scores, no zeroed negatives)
+  with the base's VAE, text_encoder_2 and scheduler: (diffusers pipeline, folder, jaxdream pipeline)."""
+  from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+  base = sdxl_folder[0]
+  torch.manual_seed(5)
+  ref = StableDiffusionXLImg2ImgPipeline(
+    vae=base.vae,
+    text_encoder=None,
+    text_encoder_2=base.text_encoder_2,
+    tokenizer=None,
+    tokenizer_2=base.tokenizer_2,
+    unet=perturb_(UNet2DConditionModel(**UNET_REFINER), seed=5),
+    scheduler=base.scheduler,
+    requires_aesthetics_score=True,
+    force_zeros_for_empty_prompt=False,
+    add_watermarker=False,
+  )
+  path = str(tmp_path_factory.mktemp('tiny_sdxl_refiner') / 'model')
+  ref.save_pretrained(path)
+  return ref, path, load_pipeline(path)
+
+
+def test_refiner_unet_with_per_layer_transformer_depths_matches_diffusers(refiner_folder):
+  ref, _, pipe = refiner_folder
+  assert [len(a.transformer_blocks) for a in pipe.unet.up_blocks[0].attentions] == [2, 1]
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+  context = rng.standard_normal((1, 5, 32)).astype(np.float32)
+  pooled = rng.standard_normal((1, 32)).astype(np.float32)
+  time_ids = np.array([[1024, 1024, 0, 0, 2.5]], np.float32)
+  with torch.no_grad():
+    expected = ref.unet(
+      torch.from_numpy(x),
+      torch.tensor([500]),
+      torch.from_numpy(context),
+      added_cond_kwargs={'text_embeds': torch.from_numpy(pooled), 'time_ids': torch.from_numpy(time_ids)},
+    ).sample.numpy()
+  out = jit_call(pipe.unet)(nhwc(x), np.array([500]), context, pooled, time_ids)
+  assert rel_err(nchw(out), expected) <= 1e-5
+
+
+def test_prompt_embeddings_and_pooled_embeddings_match_diffusers_encode_prompt(sdxl_folder):
+  ref, _, pipe = sdxl_folder
+  assert pipe.encode_prompt is sdxl.encode_prompt and set(pipe.tokenizers) == {'text_encoder', 'text_encoder_2'}
+  ids = pipe.tokenize(PROMPTS + NEGATIVES)
+  assert ids['text_encoder_2'][0, -1] == pipe.tokenizers['text_encoder_2'].convert_tokens_to_ids('!')  # its padding
+  graphdefs, params = _split_text_encoders(pipe)
+  context, extra = jax.jit(lambda p, ids: sdxl.encode_prompt(_merge(graphdefs, p), ids))(params, ids)
+  with torch.no_grad():
+    embeds, neg_embeds, pooled, neg_pooled = ref.encode_prompt(
+      PROMPTS, device='cpu', do_classifier_free_guidance=True, negative_prompt=NEGATIVES
+    )
+    projected = ref.text_encoder_2(torch.from_numpy(ids['text_encoder_2'][:2].astype(np.int64))).text_embeds
+  assert context.shape == (4, 77, 64) and extra['text_embeds'].shape == (4, 32)
+  assert rel_err(context[:2], embeds.numpy()) <= 1e-5
+  assert rel_err(context[2:], neg_embeds.numpy()) <= 1e-5
+  assert rel_err(extra['text_embeds'][:2], pooled.numpy()) <= 1e-5
+  assert rel_err(extra['text_embeds'][2:], neg_pooled.numpy()) <= 1e-5
+  assert rel_err(extra['text_embeds'][:2], projected.numpy()) <= 1e-5  # CLIPTextModelWithProjection's text_embeds
+
+
+def _split_text_encoders(pipe):
+  split = {name: nnx.split(model) for name, model in pipe.components.items() if name.startswith('text_encoder')}
+  return {n: s[0] for n, s in split.items()}, {n: s[1] for n, s in split.items()}
+
+
+def _merge(graphdefs, params):
+  return {name: nnx.merge(graphdefs[name], params[name]) for name in graphdefs}
+
+
+def test_txt2img_matches_diffusers_from_the_same_noise_with_and_without_negative_prompts(sdxl_folder):
+  """Both CFG halves with their time ids (the output size, or the sizes and crop given); without negative prompts
+  diffusers' force_zeros_for_empty_prompt (zero negative embeddings, not the empty prompt's). Our uint8 images are
+  diffusers' float images rounded."""
+  ref, _, pipe = sdxl_folder
+  assert pipe.force_zeros_for_empty_prompt and pipe.micro_conditioning is sdxl.size_time_ids
+  latents = np.asarray(image_noise([11, 12], (16, 16, 4)))
+  kw = dict(num_inference_steps=2, guidance_scale=5.0)
+  micro = dict(original_size=(64, 48), crops_coords_top_left=(4, 8), target_size=(40, 32))
+  cases = {'no negatives': (None, {}), 'negatives': (NEGATIVES, {}), 'sizes and crop': (NEGATIVES, micro)}
+  expected = {}
+  for case, (negatives, settings) in cases.items():
+    with torch.no_grad():
+      expected[case] = ref(
+        PROMPTS, negative_prompt=negatives, latents=torch.from_numpy(nchw(latents)), output_type='np', **kw, **settings
+      ).images
+  for case in ('no negatives', 'sizes and crop'):  # each setting counts
+    assert np.abs(expected[case] - expected['negatives']).max() > 0.05, case
+  for case, (negatives, settings) in cases.items():
+    ours = txt2img(pipe, PROMPTS, negative_prompts=negatives, latents=latents, micro_conditioning=settings, **kw)
+    assert ours.shape == (2, 32, 32, 3) and ours.dtype == np.uint8
+    diff = np.abs(ours / 255.0 - expected[case]).max()
+    assert diff <= 0.51 / 255, (case, diff)  # rounding to uint8 (half a level) plus float error (measured: 0.0003)
+  with pytest.raises(TypeError, match='aesthetic_score'):  # the base model has no aesthetic score
+    txt2img(pipe, PROMPTS, latents=latents, micro_conditioning=dict(aesthetic_score=6.0), **kw)
+
+
+def test_refiner_img2img_with_aesthetic_scores_matches_diffusers(refiner_folder, monkeypatch):
+  """text_encoder_2 alone as context, time ids with the aesthetic score and the negative one for the negative
+  half, the empty negative prompt encoded (force_zeros_for_empty_prompt false)."""
+  import diffusers.models.autoencoders.vae as vae_module
+  import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img as img2img_module
+  from PIL import Image
+
+  ref, _, pipe = refiner_folder
+  assert set(pipe.tokenizers) == {'text_encoder_2'} and not pipe.force_zeros_for_empty_prompt
+  assert pipe.micro_conditioning is sdxl.aesthetic_time_ids
+  image = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  seeds = [21]
+  noise = np.asarray(image_noise(seeds, (16, 16, 4)))
+  monkeypatch.setattr(vae_module, 'randn_tensor', _FixedNoise(image_noise(seeds, (16, 16, 4), _ENCODE)))
+  monkeypatch.setattr(img2img_module, 'randn_tensor', _FixedNoise(noise))
+  kw = dict(strength=0.6, num_inference_steps=3, guidance_scale=5.0)
+  scores = dict(aesthetic_score=7.0, negative_aesthetic_score=2.0)
+  with torch.no_grad():
+    expected = ref(PROMPTS[0], image=Image.fromarray(image), output_type='np', **kw, **scores).images
+  ours = img2img(pipe, PROMPTS[0], image, seed=seeds, latents=noise, micro_conditioning=scores, **kw)
+  diff = np.abs(ours / 255.0 - expected).max()
+  assert diff <= 0.51 / 255, diff
+
+
+def test_inpainting_with_the_base_model_matches_diffusers_latent_blending(sdxl_folder, monkeypatch):
+  import diffusers.models.autoencoders.vae as vae_module
+  import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint as inpaint_module
+  from diffusers import StableDiffusionXLInpaintPipeline
+  from PIL import Image
+
+  ref, _, pipe = sdxl_folder
+  rng = np.random.default_rng(3)
+  image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  mask = np.zeros((32, 32), np.uint8)
+  mask[8:24, 10:26] = 255
+  seeds = [31]
+  noise = np.asarray(image_noise(seeds, (16, 16, 4)))
+  # diffusers encodes the image, then the masked image (which a 4-channel UNet does not use)
+  encode_noise = [image_noise(seeds, (16, 16, 4), stream) for stream in (_ENCODE, _MASKED_ENCODE)]
+  monkeypatch.setattr(vae_module, 'randn_tensor', _FixedNoise(*encode_noise))
+  monkeypatch.setattr(inpaint_module, 'randn_tensor', _FixedNoise(noise))
+  kw = dict(strength=0.7, num_inference_steps=3, guidance_scale=5.0)
+  with torch.no_grad():
+    expected = StableDiffusionXLInpaintPipeline(**ref.components)(
+      PROMPTS[1], image=Image.fromarray(image), mask_image=Image.fromarray(mask), output_type='np', **kw
+    ).images
+  ours = inpaint(pipe, PROMPTS[1], image, mask, seed=seeds, latents=noise, **kw)
+  diff = np.abs(ours / 255.0 - expected).max()
+  assert diff <= 0.51 / 255, diff
+
+
+class _FixedNoise:
+  """Stand-in for diffusers' randn_tensor that hands out given tensors (NHWC) in order."""
+
+  def __init__(self, *arrays):
+    self.queue = [torch.from_numpy(nchw(a).copy()) for a in arrays]
+
+  def __call__(self, shape, **kwargs):
+    out = self.queue.pop(0)
+    assert tuple(out.shape) == tuple(shape), (out.shape, shape)
+    return out
+
+
+def test_saved_sdxl_folder_loads_in_diffusers_and_in_jaxdream(sdxl_folder, tmp_path):
+  from diffusers import StableDiffusionXLPipeline
+
+  ref, _, pipe = sdxl_folder
+  save_pipeline(pipe, str(tmp_path))
+  with open(os.path.join(tmp_path, 'model_index.json')) as f:
+    index = json.load(f)
+  assert index['_class_name'] == 'StableDiffusionXLPipeline' and index['force_zeros_for_empty_prompt'] is True
+  assert index['text_encoder_2'] == ['transformers', 'CLIPTextModelWithProjection'] and 'safety_checker' not in index
+  loaded = StableDiffusionXLPipeline.from_pretrained(str(tmp_path))
+  for name in ('text_encoder_2.text_projection.weight', 'unet.add_embedding.linear_1.weight'):
+    component, key = name.split('.', 1)
+    assert torch.equal(getattr(loaded, component).state_dict()[key], getattr(ref, component).state_dict()[key])
+  # what load_pipeline reads back from it
+  assert _conditioning(index) == dict(
+    encode_prompt=sdxl.encode_prompt,
+    micro_conditioning=sdxl.size_time_ids,
+    force_zeros_for_empty_prompt=True,
+    pipeline_class='StableDiffusionXLPipeline',
+  )
+
+
+def test_training_refuses_an_sdxl_model_by_name(sdxl_folder):
+  from jaxdream.training.config import RunConfigError
+  from jaxdream.training.inputs import check_trainable
+
+  with pytest.raises(
+    RunConfigError, match='StableDiffusionXLPipeline model; jaxdream samples from it but cannot train'
+  ):
+    check_trainable(sdxl_folder[2])
+
+
+def test_sdxl_unet_configs_missing_a_key_are_errors_naming_it():
+  from jaxdream.models import ConfigError, UNet2DConditionModel, presets
+
+  for preset in (presets.SDXL_UNET, presets.SDXL_REFINER_UNET):
+    UNet2DConditionModel.resolve_config(preset)
+  with pytest.raises(ConfigError, match='needs projection_class_embeddings_input_dim'):
+    UNet2DConditionModel.resolve_config(dict(presets.SDXL_UNET, projection_class_embeddings_input_dim=None))
+  with pytest.raises(ConfigError, match='needs reverse_transformer_layers_per_block'):
+    UNet2DConditionModel.resolve_config(dict(presets.SDXL_UNET, transformer_layers_per_block=[1, [1, 2], 10]))
+  # a per-layer list has one depth per layer of its block
+  per_layer = dict(
+    UNET_SDXL, transformer_layers_per_block=[1, [1, 1, 1]], reverse_transformer_layers_per_block=[[1, 1], 1]
+  )
+  with pytest.raises(ConfigError, match=r'depths \[1, 1, 1\] given per layer for a block of 1 layers'):
+    nnx.eval_shape(lambda: UNet2DConditionModel(per_layer, rngs=nnx.Rngs(0)))
