@@ -68,6 +68,32 @@ def test_tokenizer_loads_from_vocab_and_merges_or_from_tokenizer_json_alone(tiny
     np.testing.assert_array_equal(tokenize(load_tokenizer(str(folder)), PROMPTS, 77), expected)
 
 
+def _gpt2_bytes_to_unicode() -> dict[int, str]:
+  """openai/gpt-2's encoder.py bytes_to_unicode, as CLIP's simple_tokenizer.py copies it: the reference order."""
+  bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
+  cs = bs[:]
+  n = 0
+  for b in range(2**8):
+    if b not in bs:
+      bs.append(b)
+      cs.append(2**8 + n)
+      n += 1
+  return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def test_written_clip_vocabulary_has_clips_ids_for_single_characters_too(tmp_path):
+  from jaxdream.io.tokenizer import write_clip_tokenizer
+
+  write_clip_tokenizer(str(tmp_path))
+  vocab = json.load(open(tmp_path / 'vocab.json', encoding='utf-8'))
+  # CLIP's vocabulary starts with the 256 byte characters, then the same with '</w>', in bytes_to_unicode's order
+  chars = list(_gpt2_bytes_to_unicode().values())
+  assert [t for t, i in sorted(vocab.items(), key=lambda x: x[1])[:512]] == chars + [c + '</w>' for c in chars]
+  ids = tokenize(load_tokenizer(str(tmp_path)), ['a photo of sks dog !'], 9)[0]
+  assert list(ids[:8]) == [49406, vocab['a</w>'], 1125, 539, 48136, 1929, vocab['!</w>'], 49407]
+  assert vocab['a</w>'] == 256 + chars.index('a')  # 320, as in every CLIP tokenizer
+
+
 def test_folder_without_model_index_is_reported(tmp_path):
   with pytest.raises(WeightsError, match='model_index.json'):
     load_pipeline(str(tmp_path))

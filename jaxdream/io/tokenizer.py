@@ -27,17 +27,15 @@ def clip_bpe_path() -> str:
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-  """The byte -> printable character table of byte-level BPE (GPT-2 and CLIP)."""
+  """The byte -> printable character table of byte-level BPE (GPT-2 and CLIP), in their order: the printable
+  bytes first, then the others (the vocabulary's first 256 ids follow this order)."""
   printable = (
     list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
   )
-  table, extra = {}, 0
+  table = {b: chr(b) for b in printable}
   for b in range(256):
-    if b in printable:
-      table[b] = chr(b)
-    else:
-      table[b] = chr(256 + extra)
-      extra += 1
+    if b not in table:
+      table[b] = chr(256 + len(table) - len(printable))
   return table
 
 
