@@ -26,7 +26,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-torch.set_num_threads(2)
+# One torch thread per worker: the suite's two xdist workers share 2 cores, and OpenMP threads that spin while
+# another process holds the core turn a 0.07 s reference call into seconds (test_sampling.py: 118 s -> 55 s).
+torch.set_num_threads(1)
 
 # An SD1-like and an SD2-like tiny UNet: three resolution levels, both kinds of blocks.
 UNET_SD1 = dict(

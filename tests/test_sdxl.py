@@ -64,17 +64,6 @@ EULER_SDXL = dict(
 )
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_torch_thread():
-  """diffusers' many tiny ops on one torch thread: with conftest's two, torch's OpenMP threads wait on each other
-  while JAX's threads and other processes hold the 2 cores (a tiny 2-step pipeline call: 0.07 s on one thread,
-  2-5 s on two on the shared machine)."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
-
-
 def _clip_config(num_layers, **overrides):
   from transformers import CLIPTextConfig
 
