@@ -62,9 +62,10 @@ def test_nine_channel_inpainting_unet_matches_diffusers(tmp_path):
   assert rel_err(nchw(out), ref) <= 1e-5
 
 
-def test_sd15_config_has_diffusers_parameter_count():
-  model = abstract_model(lambda rngs: UNet2DConditionModel(presets.SD15_UNET, rngs=rngs))
-  assert count_params(model) == 859_520_964
+@pytest.mark.parametrize('preset, count', [('SD15_UNET', 859_520_964), ('SDXL_UNET', 2_567_463_684)])
+def test_published_configs_have_diffusers_parameter_counts(preset, count):
+  model = abstract_model(lambda rngs: UNet2DConditionModel(getattr(presets, preset), rngs=rngs))
+  assert count_params(model) == count
 
 
 def test_unknown_config_key_is_an_error_naming_it():
