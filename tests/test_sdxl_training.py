@@ -5,12 +5,14 @@ example (original size, crop's top-left corner, target size)."""
 import jax
 import numpy as np
 import pytest
-from conftest import rel_err
+import torch
+from conftest import jit_call, nchw, nhwc, rel_err
 from PIL import Image
 from test_train_step import _ZERO_GRADIENT, _our_weights, _Reference, _setup, _weights
 
 from jaxdream.training.data import make_iterator, resized_png_and_size
 from jaxdream.training.inputs import _next_batch
+from jaxdream.training.lora import export_adapters, lora_paths
 
 pytestmark = pytest.mark.reference
 
@@ -59,6 +61,16 @@ def _sdxl_batch(pipe, tmp_path):
   return _next_batch(iterators, prior=True)
 
 
+def _check_unused_decayed(ours, before, unused, m, c):
+  """The first encoder's last layer (SDXL reads its penultimate one) has no gradient: torch's AdamW skips its
+  parameters, optax's AdamW applies its decoupled weight decay alone. No other parameter goes unused."""
+  assert all(k.startswith(('encoder.layers.1.', 'final_layer_norm.')) for k in unused), (m, unused)
+  assert (m == 'text_encoder') == bool(unused), (m, unused)
+  lr = c.train.learning_rate if m == 'unet' else c.train.text_encoder_learning_rate
+  for k in unused:
+    np.testing.assert_allclose(ours[k], before[k] * (1 - lr * c.train.weight_decay), rtol=1e-6, err_msg=f'{m} {k}')
+
+
 def test_sdxl_full_step_with_both_text_encoders_and_prior_equals_pytorch(sdxl_folder, tmp_path):
   """The data's time ids are (original height, width, crop top, left, target height, width) per example; one
   step training the UNet and both text encoders (prior preservation, clipping, AdamW) gives diffusers' loss,
@@ -84,23 +96,73 @@ def test_sdxl_full_step_with_both_text_encoders_and_prior_equals_pytorch(sdxl_fo
   assert rel_err(metrics['loss'], ref_loss) <= 1e-5
   assert rel_err(metrics['grad_norm'], ref_norm) <= 1e-4
   ours, theirs = _our_weights(pipe, state['trainable']), _weights(ref.state_dicts())
-  lr = {'unet': c.train.learning_rate, 'text_encoder': c.train.text_encoder_learning_rate}
   for m in ('unet', 'text_encoder', 'text_encoder_2'):
     assert set(ours[m]) == set(theirs[m]) == set(before[m]), m
     keys = sorted(k for k in theirs[m] if not _ZERO_GRADIENT.search(k))
     trained = [k for k in keys if np.any(theirs[m][k] != before[m][k])]
     assert len(trained) >= len(keys) // 2, m  # the step did train this component (2-layer encoders)
-    # The first encoder's last layer (SDXL reads its penultimate one) has no gradient: torch's AdamW skips it,
-    # optax's applies AdamW's decoupled weight decay alone.
-    unused = [k for k in keys if k not in trained]
-    assert all(k.startswith(('encoder.layers.1.', 'final_layer_norm.')) for k in unused) and (
-      m == 'text_encoder'
-    ) == bool(unused), (m, unused)
-    for k in unused:
-      decayed = before[m][k] * (1 - lr[m.rstrip('_2')] * c.train.weight_decay)
-      assert rel_err(ours[m][k], decayed) <= 1e-6, (m, k)
+    _check_unused_decayed(ours[m], before[m], [k for k in keys if k not in trained], m, c)
     # The updated weights; and their changes (one AdamW step of lr: rounding of the gradients' signs).
     flat = lambda w: np.concatenate([w[k].ravel() for k in trained])
     assert rel_err(flat(ours[m]), flat(theirs[m])) <= 1e-5, m
     delta = lambda w: np.concatenate([(w[k] - before[m][k]).ravel() for k in trained])
     assert rel_err(delta(ours[m]), delta(theirs[m])) <= 5e-4, m
+
+
+def test_sdxl_lora_step_on_unet_and_both_encoders_equals_peft_and_its_file_loads_in_diffusers(sdxl_folder, tmp_path):
+  """One LoRA step (adapters on the UNet and both text encoders, prior preservation) equals peft's on diffusers'
+  models; the exported file loads in StableDiffusionXLPipeline.load_lora_weights, whose adapted UNet and second
+  encoder give jaxdream's outputs."""
+  from diffusers import StableDiffusionXLPipeline
+
+  _, path, _ = sdxl_folder
+  pipe, c, fn, state, frozen = _setup(path, train_text_encoder=False, lora=dict(rank=4, alpha=8.0, text_encoder=True))
+  assert {k.split('/')[0] for k in state['trainable']} == {'unet', 'text_encoder', 'text_encoder_2'}
+  assert all(k.endswith(('/lora_a', '/lora_b')) for k in state['trainable'])
+  batch = _sdxl_batch(pipe, tmp_path)
+  ref = _Reference(path, c, pipe.scheduler_config, 'epsilon', state['trainable'])
+  before = _weights(ref.state_dicts())
+  key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
+  draws = jax.device_get(fn.draws(key, (2, 16, 16, 4)))
+  state, metrics = jax.jit(fn)(state, frozen, batch)
+  ref_loss, ref_norm = ref.step(batch, draws)
+  assert rel_err(metrics['loss'], ref_loss) <= 1e-5
+  assert rel_err(metrics['grad_norm'], ref_norm) <= 1e-4
+  ours, theirs = _our_weights(pipe, state['trainable']), _weights(ref.state_dicts())
+  for m in ('unet', 'text_encoder', 'text_encoder_2'):
+    adapters = sorted(k for k in theirs[m] if '.lora_' in k)
+    assert adapters and set(ours[m]) == set(theirs[m]), m
+    changed = [k for k in adapters if np.any(theirs[m][k] != before[m][k])]
+    assert any('lora_B' in k for k in changed), m  # B starts at zero: the step trained this component's adapters
+    _check_unused_decayed(ours[m], before[m], [k for k in adapters if k not in changed], m, c)
+    delta = lambda w: np.concatenate([(w[k] - before[m][k]).ravel() for k in changed])
+    assert rel_err(delta(ours[m]), delta(theirs[m])) <= 1e-4, m
+
+  # The trained adapters (written into `pipe` by _our_weights), exported and loaded by diffusers.
+  exported = lora_paths(str(tmp_path), 'sks')
+  export_adapters(pipe, ['unet', 'text_encoder', 'text_encoder_2'], exported)
+  diffusers_pipe = StableDiffusionXLPipeline.from_pretrained(path)
+  diffusers_pipe.load_lora_weights(exported['lora'])
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((1, 4, 16, 16)).astype(np.float32)
+  context = rng.standard_normal((1, 7, 64)).astype(np.float32)
+  pooled = rng.standard_normal((1, 32)).astype(np.float32)
+  time_ids = np.array([[40, 56, 0, 7, 32, 32]], np.float32)
+  ids = pipe.tokenize(['a photo of sks dog'])['text_encoder_2']
+  with torch.no_grad():
+    expected = diffusers_pipe.unet(
+      *map(torch.from_numpy, (x, np.array([321]), context)),
+      added_cond_kwargs={'text_embeds': torch.from_numpy(pooled), 'time_ids': torch.from_numpy(time_ids)},
+    ).sample.numpy()
+    expected_pooled = diffusers_pipe.text_encoder_2(torch.from_numpy(ids).long()).text_embeds.numpy()
+    diffusers_pipe.disable_lora()
+    base = diffusers_pipe.unet(
+      *map(torch.from_numpy, (x, np.array([321]), context)),
+      added_cond_kwargs={'text_embeds': torch.from_numpy(pooled), 'time_ids': torch.from_numpy(time_ids)},
+    ).sample.numpy()
+    base_pooled = diffusers_pipe.text_encoder_2(torch.from_numpy(ids).long()).text_embeds.numpy()
+  # One step's adapters change the outputs (by ~1e-2) far beyond the tolerance: the file's adapters were applied.
+  assert rel_err(expected, base) > 1e-3 and rel_err(expected_pooled, base_pooled) > 1e-3
+  out = jit_call(pipe.unet)(nhwc(x), np.array([321]), context, pooled, time_ids)
+  assert rel_err(nchw(out), expected) <= 1e-5
+  assert rel_err(jit_call(pipe.text_encoder_2, 'forward')(ids)['text_embeds'], expected_pooled) <= 1e-5
