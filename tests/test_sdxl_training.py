@@ -2,6 +2,8 @@
 diffusers' train_dreambooth(_lora)_sdxl.py computation in PyTorch, with the time ids the data pipeline makes per
 example (original size, crop's top-left corner, target size)."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -109,6 +111,7 @@ def test_sdxl_full_step_with_both_text_encoders_and_prior_equals_pytorch(sdxl_fo
     assert rel_err(delta(ours[m]), delta(theirs[m])) <= 5e-4, m
 
 
+@pytest.mark.slow  # the fast subset keeps one SDXL step (the full one)
 def test_sdxl_lora_step_on_unet_and_both_encoders_equals_peft_and_its_file_loads_in_diffusers(sdxl_folder, tmp_path):
   """One LoRA step (adapters on the UNet and both text encoders, prior preservation) equals peft's on diffusers'
   models; the exported file loads in StableDiffusionXLPipeline.load_lora_weights, whose adapted UNet and second
@@ -166,3 +169,46 @@ def test_sdxl_lora_step_on_unet_and_both_encoders_equals_peft_and_its_file_loads
   out = jit_call(pipe.unet)(nhwc(x), np.array([321]), context, pooled, time_ids)
   assert rel_err(nchw(out), expected) <= 1e-5
   assert rel_err(jit_call(pipe.text_encoder_2, 'forward')(ids)['text_embeds'], expected_pooled) <= 1e-5
+
+
+@pytest.mark.slow  # a whole training run
+def test_sdxl_run_trains_validates_and_exports_a_model_diffusers_loads(sdxl_folder, tmp_path):
+  """A 2-step DreamBooth run on the tiny SDXL base (random crops: per-example time ids; one device) samples its
+  validation image and exports a folder that StableDiffusionXLPipeline loads, with the trained UNet."""
+  from diffusers import StableDiffusionXLPipeline
+
+  from jaxdream.distributed.mesh import make_mesh
+  from jaxdream.training import config as config_lib
+  from jaxdream.training import loop
+
+  ref, path, _ = sdxl_folder
+  photos = tmp_path / 'photos'
+  photos.mkdir()
+  rng = np.random.default_rng(1)
+  for i, size in enumerate([(40, 48), (48, 36), (36, 36)]):
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(photos / f'{i}.png')
+  c = config_lib.base_config()
+  c.model, c.resolution = path, RESOLUTION
+  c.attention = 'xla'  # 'auto' trains with the flash kernel, whose custom backward doubles the step's compile
+  c.concepts = [config_lib.concept(instance_dir=str(photos), instance_prompt='a photo of sks dog')]
+  c.prior.enabled = False
+  c.data.center_crop, c.data.flip_p = False, 0.5
+  c.train.num_steps, c.train.learning_rate = 2, 1e-3
+  c.checkpoint.async_save = False
+  c.logging.tensorboard = False
+  c.validation.prompts, c.validation.num_images, c.validation.steps = ['a photo of sks dog'], 1, 2
+  c.mesh.data = 1
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(loop, 'make_mesh', lambda *sizes: make_mesh(*sizes, devices=jax.devices()[:1]))
+    summary = loop.train(c, str(tmp_path / 'run'))
+  assert summary['step'] == 2 and summary['bad_steps'] == 0
+  assert all(np.isfinite(loss) for _, loss in summary['losses'])
+  assert os.path.isfile(summary['outputs']['samples']['a photo of sks dog'])
+  exported = StableDiffusionXLPipeline.from_pretrained(summary['outputs']['model'])
+  assert exported.text_encoder_2 is not None and exported.unet.config.addition_embed_type == 'text_time'
+  trained, base = exported.unet.state_dict(), ref.unet.state_dict()
+  assert set(trained) == set(base)
+  assert any(not torch.equal(trained[k], base[k]) for k in base)  # the UNet was trained
+  for name in ('text_encoder', 'text_encoder_2'):  # frozen encoders are written back unchanged
+    ours, theirs = getattr(exported, name).state_dict(), getattr(ref, name).state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
