@@ -13,6 +13,7 @@ from conftest import jit_call, nchw, nhwc, rel_err
 from PIL import Image
 from test_train_step import _ZERO_GRADIENT, PRIOR_WEIGHT, _our_weights, _Reference, _setup, _weights
 
+from jaxdream.io.weights import read_safetensors
 from jaxdream.training.data import make_iterator, resized_png_and_size
 from jaxdream.training.inputs import _next_batch
 from jaxdream.training.lora import export_adapters, lora_paths
@@ -114,8 +115,10 @@ def test_sdxl_lora_step_on_unet_and_both_encoders_equals_peft_and_its_file_loads
     assert rel_err(delta(ours[m]), delta(theirs[m])) <= 1e-4, m
 
   # The trained adapters (written into `pipe` by _our_weights), exported and loaded by diffusers.
-  exported = lora_paths(str(tmp_path), 'sks')
+  exported = lora_paths(str(tmp_path), 'sks', kohya=True)
   export_adapters(pipe, ['unet', 'text_encoder', 'text_encoder_2'], exported)
+  kohya = {k.split('_', 2)[1] for k in read_safetensors(exported['lora_kohya'])}
+  assert kohya == {'unet', 'te1', 'te2'}  # kohya's SDXL names: lora_unet_, lora_te1_, lora_te2_
   diffusers_pipe = StableDiffusionXLPipeline.from_pretrained(path)
   diffusers_pipe.load_lora_weights(exported['lora'])
   rng = np.random.default_rng(5)
