@@ -243,12 +243,15 @@ def test_saved_sdxl_folder_loads_in_diffusers_and_in_jaxdream(sdxl_folder, tmp_p
   )
 
 
-def test_training_refuses_the_sdxl_refiner_by_name(refiner_folder):
+def test_training_refuses_the_sdxl_refiner_and_per_subject_sdxl_runs_by_name(sdxl_folder, refiner_folder):
   from jaxdream.training.config import RunConfigError
   from jaxdream.training.inputs import check_trainable
 
   with pytest.raises(RunConfigError, match='an SDXL refiner .requires_aesthetics_score.; jaxdream samples from it'):
     check_trainable(refiner_folder[2])
+  check_trainable(sdxl_folder[2])  # the base trains
+  with pytest.raises(RunConfigError, match='lora.per_subject runs cannot train a StableDiffusionXLPipeline model'):
+    check_trainable(sdxl_folder[2], per_subject=True)
 
 
 def test_sdxl_unet_configs_missing_a_key_are_errors_naming_it():

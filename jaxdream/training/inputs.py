@@ -78,7 +78,7 @@ def _load_base(config, workdir):
   model = multihost.primary_first(lambda: builtin_model_folder(config.model, workdir), 'tiny-base-model')
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.compute_dtype]
   pipeline = load_pipeline(model, dtype=dtype, attention_impl=config.attention, allow_pickle=config.allow_pickle)
-  check_trainable(pipeline)
+  check_trainable(pipeline, per_subject=config.lora.per_subject)
   if config.vae_model:
     _replace_vae(pipeline, config, dtype)
   if config.resolution % pipeline.vae_scale_factor:
@@ -88,16 +88,22 @@ def _load_base(config, workdir):
   return pipeline
 
 
-def check_trainable(pipeline):
+def check_trainable(pipeline, per_subject: bool = False):
   """SDXL base trains with per-example time ids (original size, crop, target size: data.make_iterator). The
   refiner's time ids carry an aesthetic score instead of the target size, which training images do not have
-  (and diffusers has no refiner training script to follow): refused by name, before anything is compiled."""
+  (and diffusers has no refiner training script to follow): refused by name, before anything is compiled; so are
+  per-subject LoRA runs of SDXL, whose batches do not carry time ids yet."""
   from jaxdream.diffusion import sdxl
 
   if pipeline.micro_conditioning is sdxl.aesthetic_time_ids:
     raise config_lib.RunConfigError(
       f'{pipeline.path}: an SDXL refiner (requires_aesthetics_score); jaxdream samples from it but cannot train it '
       '(its time ids take an aesthetic score that training images do not have): train the SDXL base model'
+    )
+  if per_subject and pipeline.micro_conditioning(64, 64):
+    raise config_lib.RunConfigError(
+      f'{pipeline.path}: lora.per_subject runs cannot train a {pipeline.pipeline_class} model yet (its UNet takes '
+      'time ids that per-subject batches do not carry): train one adapter per run'
     )
 
 
