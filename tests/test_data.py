@@ -298,7 +298,17 @@ def test_run_config_attention_choices_are_the_attention_functions(tmp_path):
 
 
 @pytest.mark.parametrize(
-  'name', ['quickstart', 'dreambooth_sd15', 'dreambooth_sd21', 'multi_subject', 'lora_quickstart', 'lora_sd15']
+  'name',
+  [
+    'quickstart',
+    'dreambooth_sd15',
+    'dreambooth_sd21',
+    'dreambooth_sdxl',
+    'multi_subject',
+    'lora_quickstart',
+    'lora_sd15',
+    'lora_sdxl',
+  ],
 )
 def test_shipped_configs_load_and_validate(name, tmp_path):
   c = config_lib.config_file(os.path.join(os.path.dirname(__file__), '..', 'configs', f'{name}.py'))

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import jit_call, nchw, nhwc, perturb_, rel_err
+from conftest import TIME_EMBED, UNET_SDXL, jit_call, nchw, nhwc, perturb_, rel_err
 from flax import nnx
 
 from jaxdream import load_pipeline
@@ -21,98 +21,6 @@ pytestmark = pytest.mark.reference
 
 PROMPTS = ['a photo of sks dog', 'a red fox in the snow']
 NEGATIVES = ['blurry', 'a cat']
-TIME_EMBED = 8  # addition_time_embed_dim
-# Two levels, the first without attention as SDXL's; the transformer depth per level a list ([1, 2]: the
-# up blocks take it reversed), linear projections, per-level heads, context = both encoders' 32 features.
-UNET_SDXL = dict(
-  sample_size=16,
-  block_out_channels=(32, 64),
-  layers_per_block=1,
-  down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
-  up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'),
-  transformer_layers_per_block=[1, 2],
-  attention_head_dim=(2, 4),
-  cross_attention_dim=64,
-  use_linear_projection=True,
-  norm_num_groups=8,
-  addition_embed_type='text_time',
-  addition_time_embed_dim=TIME_EMBED,
-  projection_class_embeddings_input_dim=32 + 6 * TIME_EMBED,  # pooled + 6 time ids
-)
-VAE_SDXL = dict(
-  block_out_channels=(32, 64),
-  down_block_types=('DownEncoderBlock2D',) * 2,
-  up_block_types=('UpDecoderBlock2D',) * 2,
-  latent_channels=4,
-  norm_num_groups=8,
-  layers_per_block=1,
-  sample_size=32,
-  scaling_factor=0.13025,
-  force_upcast=True,
-)
-# stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json
-EULER_SDXL = dict(
-  beta_start=0.00085,
-  beta_end=0.012,
-  beta_schedule='scaled_linear',
-  interpolation_type='linear',
-  num_train_timesteps=1000,
-  prediction_type='epsilon',
-  steps_offset=1,
-  timestep_spacing='leading',
-  use_karras_sigmas=False,
-)
-
-
-def _clip_config(num_layers, **overrides):
-  from transformers import CLIPTextConfig
-
-  cfg = dict(
-    vocab_size=49408,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=num_layers,
-    num_attention_heads=4,
-    max_position_embeddings=77,
-    bos_token_id=49406,
-    eos_token_id=49407,
-    pad_token_id=49407,
-  )
-  return CLIPTextConfig(**dict(cfg, **overrides))
-
-
-@pytest.fixture(scope='module')
-def sdxl_folder(tmp_path_factory):
-  """(diffusers StableDiffusionXLPipeline, its saved folder, jaxdream's pipeline loaded from it). The second
-  encoder is SDXL's as its config says: gelu, a text projection, eos_token_id 2 (pooled at the largest id),
-  and its tokenizer pads with '!', not with the end token."""
-  from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-  from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-  from jaxdream.io.tokenizer import load_tokenizer, write_clip_tokenizer
-
-  root = tmp_path_factory.mktemp('tiny_sdxl')
-  write_clip_tokenizer(str(root / 'tok'))
-  write_clip_tokenizer(str(root / 'tok_2'), pad_token='!')
-  torch.manual_seed(0)
-  ref = StableDiffusionXLPipeline(
-    unet=perturb_(UNet2DConditionModel(**UNET_SDXL), seed=1),
-    vae=perturb_(AutoencoderKL(**VAE_SDXL), seed=2),
-    text_encoder=perturb_(CLIPTextModel(_clip_config(2)), seed=3),
-    text_encoder_2=perturb_(
-      CLIPTextModelWithProjection(
-        _clip_config(2, hidden_act='gelu', projection_dim=32, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-      ),
-      seed=4,
-    ),
-    tokenizer=load_tokenizer(str(root / 'tok')),
-    tokenizer_2=load_tokenizer(str(root / 'tok_2')),
-    scheduler=EulerDiscreteScheduler(**EULER_SDXL),
-    add_watermarker=False,
-  )
-  path = str(root / 'model')
-  ref.save_pretrained(path)
-  return ref, path, load_pipeline(path)
 
 
 def test_sdxl_unet_with_pooled_embedding_and_time_ids_matches_diffusers(sdxl_folder):
@@ -335,14 +243,15 @@ def test_saved_sdxl_folder_loads_in_diffusers_and_in_jaxdream(sdxl_folder, tmp_p
   )
 
 
-def test_training_refuses_an_sdxl_model_by_name(sdxl_folder):
+def test_training_refuses_the_sdxl_refiner_and_per_subject_sdxl_runs_by_name(sdxl_folder, refiner_folder):
   from jaxdream.training.config import RunConfigError
   from jaxdream.training.inputs import check_trainable
 
-  with pytest.raises(
-    RunConfigError, match='StableDiffusionXLPipeline model; jaxdream samples from it but cannot train'
-  ):
-    check_trainable(sdxl_folder[2])
+  with pytest.raises(RunConfigError, match='an SDXL refiner .requires_aesthetics_score.; jaxdream samples from it'):
+    check_trainable(refiner_folder[2])
+  check_trainable(sdxl_folder[2])  # the base trains
+  with pytest.raises(RunConfigError, match='lora.per_subject runs cannot train a StableDiffusionXLPipeline model'):
+    check_trainable(sdxl_folder[2], per_subject=True)
 
 
 def test_sdxl_unet_configs_missing_a_key_are_errors_naming_it():

@@ -2,6 +2,7 @@
 gradient for frozen parameters."""
 
 import dataclasses
+import os
 import re
 
 import jax
@@ -125,7 +126,9 @@ class _Reference:
   """diffusers' train_dreambooth.py step in PyTorch (float32), with diffusers' own EMAModel, compute_snr and
   get_scheduler, and gradient accumulation as accelerate does it (the mean of the micro-batch gradients).
   With config.lora.rank, train_dreambooth_lora.py's: peft adapters on the same layers, starting from `init`'s
-  (jaxdream's initial trainable parameters)."""
+  (jaxdream's initial trainable parameters). An SDXL folder (text_encoder_2) is trained as diffusers'
+  train_dreambooth(_lora)_sdxl.py does: both encoders' penultimate hidden states, the second's pooled projection
+  and the batch's per-example time ids."""
 
   _LR_SCHEDULERS = {'constant': 'constant', 'warmup_constant': 'constant_with_warmup', 'cosine': 'cosine'}
 
@@ -133,11 +136,13 @@ class _Reference:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     t = self.t = c.train
     self.unet = UNet2DConditionModel.from_pretrained(path, subfolder='unet')
     self.te = CLIPTextModel.from_pretrained(path, subfolder='text_encoder')
+    sdxl = os.path.isdir(os.path.join(path, 'text_encoder_2'))
+    self.te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder='text_encoder_2') if sdxl else None
     self.vae = AutoencoderKL.from_pretrained(path, subfolder='vae')
     self.vae.requires_grad_(False)
     self.sched = DDPMScheduler.from_config(scheduler_config, prediction_type=prediction_type)
@@ -145,9 +150,12 @@ class _Reference:
       self.unet = _add_peft_adapters(self.unet, 'unet', c, init)
       if c.lora.text_encoder:
         self.te = _add_peft_adapters(self.te, 'text_encoder', c, init)
+        if self.te2 is not None:
+          self.te2 = _add_peft_adapters(self.te2, 'text_encoder_2', c, init)
     # The config's regex groups (first match wins) over the same paths jaxdream matches them against.
     named = {f'unet/{k}': p for k, p in self.unet.named_parameters()}
-    named.update({f'text_encoder/{k.removeprefix("text_model.")}': p for k, p in self.te.named_parameters()})
+    for m, te in self.encoders().items():
+      named.update({f'{m}/{k.removeprefix("text_model.")}': p for k, p in te.named_parameters()})
     groups, members = param_groups(c), {}
     for name, p in named.items():
       path_ = _flat_path(name)
@@ -181,8 +189,15 @@ class _Reference:
       latents = (dist.mean + dist.std * t(draws['latent_noise'])) * self.vae.config.scaling_factor
     noise, steps = t(draws['noise']), torch.from_numpy(np.asarray(draws['timesteps'])).long()
     noisy = self.sched.add_noise(latents, noise, steps)
-    context = self.te(torch.from_numpy(np.asarray(batch['input_ids']['text_encoder'])).long())[0]
-    pred = self.unet(noisy, steps, context).sample
+    ids = {m: torch.from_numpy(np.asarray(v)).long() for m, v in batch['input_ids'].items()}
+    if self.te2 is None:
+      pred = self.unet(noisy, steps, self.te(ids['text_encoder'])[0]).sample
+    else:  # train_dreambooth_lora_sdxl.py's encode_prompt: penultimate hidden states, the pooled projection
+      outs = [te(ids[m], output_hidden_states=True) for m, te in self.encoders().items()]
+      context = torch.cat([out.hidden_states[-2] for out in outs], dim=-1)
+      time_ids = torch.from_numpy(np.asarray(batch['micro_conditioning']['time_ids']))
+      added = {'text_embeds': outs[-1].text_embeds, 'time_ids': time_ids}
+      pred = self.unet(noisy, steps, context, added_cond_kwargs=added).sample
     v = self.sched.config.prediction_type == 'v_prediction'
     target = self.sched.get_velocity(latents, noise, steps) if v else noise
     err = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
@@ -193,10 +208,14 @@ class _Reference:
       self.snr_weights.append(float(weight))
       instance = instance * weight
     loss = instance.mean() + PRIOR_WEIGHT * err[1:].mean()
-    grads = torch.autograd.grad(loss, self.params)
+    # SDXL's first text encoder feeds its penultimate layer: its last one gets no gradient (None), which torch's
+    # AdamW and clipping skip.
+    found = torch.autograd.grad(loss, self.params, allow_unused=True)
+    grads = [g for g in found if g is not None]
     k = self.t.grad_accum_steps
-    for p, g in zip(self.params, grads):
-      p.grad = g / k if p.grad is None else p.grad + g / k
+    for p, g in zip(self.params, found):
+      if g is not None:
+        p.grad = g / k if p.grad is None else p.grad + g / k
     self.micro_steps += 1
     if self.micro_steps % k == 0:
       torch.nn.utils.clip_grad_norm_(self.params, self.t.max_grad_norm)
@@ -207,8 +226,11 @@ class _Reference:
         self.ema.step(self.params)
     return float(loss), float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
+  def encoders(self):
+    return {'text_encoder': self.te} | ({'text_encoder_2': self.te2} if self.te2 is not None else {})
+
   def state_dicts(self):
-    return {'unet': self.unet.state_dict(), 'text_encoder': self.te.state_dict()}
+    return {'unet': self.unet.state_dict()} | {m: te.state_dict() for m, te in self.encoders().items()}
 
 
 def _weights(state_dicts):
@@ -222,7 +244,8 @@ def _our_weights(pipe, flat):
   return {
     m: {k.removeprefix('text_model.'): v for k, v in state_dict(getattr(pipe, m)).items()}
     | _torch_adapters(jax.device_get(flat), m)
-    for m in ('unet', 'text_encoder')
+    for m in pipe.components
+    if m != 'vae'
   }
 
 

@@ -187,6 +187,12 @@ def _peft_config(layers: dict) -> dict:
   }
 
 
+def _kohya_prefix(comp: str, components) -> str:
+  """kohya's key prefix of a component: SDXL's two text encoders are lora_te1_ and lora_te2_ (SD 1.x/2.x's one:
+  lora_te_)."""
+  return 'lora_te1_' if comp == 'text_encoder' and 'text_encoder_2' in components else _KOHYA_PREFIX[comp]
+
+
 def lora_tensors(
   components: Mapping[str, nnx.Module], *, format: str = 'diffusers'
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -202,7 +208,7 @@ def lora_tensors(
       if format == 'diffusers':
         tensors[f'{comp}.{name}.lora_A.weight'], tensors[f'{comp}.{name}.lora_B.weight'] = down, up
       else:
-        key = _KOHYA_PREFIX[comp] + name.replace('.', '_')
+        key = _kohya_prefix(comp, components) + name.replace('.', '_')
         tensors[f'{key}.lora_down.weight'], tensors[f'{key}.lora_up.weight'] = down, up
         tensors[f'{key}.alpha'] = np.asarray(layer.lora_scale * down.shape[0], np.float32)
     if layers:

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 from jaxdream.io.images import list_images
 
 MAX_PIXELS = 64 * 1024 * 1024  # larger images are refused as possible decompression bombs
+FORMAT = 2  # the records' features; 2: each image's original size (SDXL's micro-conditioning)
 
 
 class DataError(ValueError):
@@ -106,14 +107,20 @@ def instance_prompt(path: str, concept: dict, caption_ext: str, caption_mode: st
 
 def resized_png(path: str, resolution: int) -> bytes:
   """The image with its shorter side scaled to `resolution`, PNG-encoded."""
+  return resized_png_and_size(path, resolution)[0]
+
+
+def resized_png_and_size(path: str, resolution: int) -> tuple[bytes, tuple[int, int]]:
+  """(resized_png's; the image's (height, width) before resizing, SDXL's original size)."""
   with Image.open(path) as im:
     im = to_rgb(im)
+  original = (im.size[1], im.size[0])
   scale = resolution / min(im.size)
   size = (max(resolution, round(im.size[0] * scale)), max(resolution, round(im.size[1] * scale)))
   im = im.resize(size, Image.BICUBIC)
   buf = io.BytesIO()
   im.save(buf, format='PNG')
-  return buf.getvalue()
+  return buf.getvalue(), original
 
 
 @functools.cache  # tfds registers builder classes by name: define it once
@@ -141,6 +148,7 @@ def _builder_class():
             'concept': np.int32,
             'index': np.int32,
             'file': tfds.features.Text(),
+            'original_size': tfds.features.Tensor(shape=(2,), dtype=np.int32),  # (height, width) before resizing
           }
         ),
       )
@@ -159,7 +167,8 @@ def _builder_class():
 
     def _generate_examples(self, split):
       for i, ex in enumerate(self._examples[split]):
-        yield i, dict(ex, index=i, png=np.frombuffer(resized_png(ex['file'], self._resolution), np.uint8))
+        png, original = resized_png_and_size(ex['file'], self._resolution)
+        yield i, dict(ex, index=i, png=np.frombuffer(png, np.uint8), original_size=np.asarray(original, np.int32))
 
   return DreamBoothSubjects
 
@@ -171,8 +180,9 @@ def prepare_dataset(data_dir: str, examples: dict[str, list[dict]], resolution: 
   """
   for split in ('instance', 'class'):
     examples.setdefault(split, [])
-  # A fingerprint of everything the dataset is made from: a changed file or prompt rebuilds it.
-  h = hashlib.sha256(json.dumps([resolution, examples], sort_keys=True).encode())
+  # A fingerprint of everything the dataset is made from: a changed file or prompt rebuilds it (and so does a
+  # change of the records' features: a dataset of another FORMAT is not read).
+  h = hashlib.sha256(json.dumps([FORMAT, resolution, examples], sort_keys=True).encode())
   for split in ('instance', 'class'):
     for ex in examples[split]:
       st = os.stat(ex['file'])
@@ -202,6 +212,11 @@ def data_source(folder: str, split: str):
 
 
 def _crop_flip(png, resolution: int, center_crop: bool, flip_p: float, rng: np.random.Generator):
+  return _crop_flip_at(png, resolution, center_crop, flip_p, rng)[0]
+
+
+def _crop_flip_at(png, resolution: int, center_crop: bool, flip_p: float, rng: np.random.Generator):
+  """(the cropped, maybe flipped image; the crop's top-left corner (top, left) in the resized image)."""
   im = np.asarray(Image.open(io.BytesIO(np.asarray(png).tobytes())).convert('RGB'))
   h, w = im.shape[:2]
   if center_crop:
@@ -211,7 +226,7 @@ def _crop_flip(png, resolution: int, center_crop: bool, flip_p: float, rng: np.r
   im = im[top : top + resolution, left : left + resolution]
   if flip_p > 0 and rng.random() < flip_p:
     im = im[:, ::-1]
-  return im
+  return im, (top, left)
 
 
 def make_iterator(
@@ -226,6 +241,7 @@ def make_iterator(
   rows: slice = slice(None),
   prefetch: int = 2,
   caption_dropout: float = 0.0,
+  micro_conditioning=None,
 ):
   """An endless, shuffled, checkpointable iterator of batches: pixels float32 NHWC in [-1, 1],
   input_ids (int32 token ids, as `tokenize` gives them: per text encoder), concept int32, index int32.
@@ -233,7 +249,9 @@ def make_iterator(
   Every host walks the same global sequence of batches (a shuffled index stream, reshuffled each
   epoch) and reads and decodes only `rows` of each: the rows its devices hold. Sharding batches rather
   than the dataset keeps a 5-image subject usable on a 64-host pod, and makes the run independent of
-  the number of hosts: each example's crop and flip depend only on (seed, batch, row). With `caption_dropout`
+  the number of hosts: each example's crop and flip depend only on (seed, batch, row). A model's
+  `micro_conditioning` (Pipeline.micro_conditioning: SDXL's time ids) adds its UNet inputs per example under
+  'micro_conditioning', from the image's original size and its crop's top-left corner. With `caption_dropout`
   an example's prompt is replaced by the empty one with that probability (drawn after its crop and flip, so
   that runs without it see the batches they always saw).
 
@@ -244,30 +262,37 @@ def make_iterator(
   import grain
 
   wanted = range(batch_size)[rows]
+  micro = micro_conditioning(resolution, resolution) if micro_conditioning else {}  # {} for SD 1.x/2.x
   empty = {
     'pixels': np.zeros((0, resolution, resolution, 3), np.float32),
     'input_ids': jax.tree.map(lambda a: np.asarray(a)[:0], tokenize([''])),
     'concept': np.zeros((0,), np.int32),
     'index': np.zeros((0,), np.int32),
   }
+  if micro:
+    empty['micro_conditioning'] = jax.tree.map(lambda a: np.asarray(a)[None][:0], micro)
 
   def load(step, indices):
     out = []
     for row in wanted:
       ex = source[int(indices[row])]
       rng = np.random.default_rng([seed, step, row])
-      im = _crop_flip(ex['png'], resolution, center_crop, flip_p, rng)
+      im, crop = _crop_flip_at(ex['png'], resolution, center_crop, flip_p, rng)
       prompt = ex['prompt'].decode() if isinstance(ex['prompt'], bytes) else str(ex['prompt'])
       if caption_dropout > 0 and rng.random() < caption_dropout:
         prompt = ''
-      out.append(
-        {
-          'pixels': im.astype(np.float32) / 127.5 - 1.0,
-          'input_ids': jax.tree.map(lambda a: np.asarray(a[0]), tokenize([prompt])),
-          'concept': np.int32(ex['concept']),
-          'index': np.int32(ex['index']),
-        }
-      )
+      example = {
+        'pixels': im.astype(np.float32) / 127.5 - 1.0,
+        'input_ids': jax.tree.map(lambda a: np.asarray(a[0]), tokenize([prompt])),
+        'concept': np.int32(ex['concept']),
+        'index': np.int32(ex['index']),
+      }
+      if micro:  # as diffusers' SDXL scripts: the size before resizing, the crop in the resized image
+        original = tuple(int(v) for v in ex['original_size'])
+        example['micro_conditioning'] = micro_conditioning(
+          resolution, resolution, original_size=original, crops_coords_top_left=crop
+        )
+      out.append(example)
     return jax.tree.map(lambda *xs: np.stack(xs), *out) if out else dict(empty)
 
   ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()

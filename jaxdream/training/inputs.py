@@ -78,7 +78,7 @@ def _load_base(config, workdir):
   model = multihost.primary_first(lambda: builtin_model_folder(config.model, workdir), 'tiny-base-model')
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.compute_dtype]
   pipeline = load_pipeline(model, dtype=dtype, attention_impl=config.attention, allow_pickle=config.allow_pickle)
-  check_trainable(pipeline)
+  check_trainable(pipeline, per_subject=config.lora.per_subject)
   if config.vae_model:
     _replace_vae(pipeline, config, dtype)
   if config.resolution % pipeline.vae_scale_factor:
@@ -88,13 +88,22 @@ def _load_base(config, workdir):
   return pipeline
 
 
-def check_trainable(pipeline):
-  """Training feeds the UNet the prompt's conditioning only: a model whose UNet also takes micro-conditioning
-  (SDXL's time ids) is refused by name, before anything is compiled."""
-  if pipeline.micro_conditioning(64, 64):
+def check_trainable(pipeline, per_subject: bool = False):
+  """SDXL base trains with per-example time ids (original size, crop, target size: data.make_iterator). The
+  refiner's time ids carry an aesthetic score instead of the target size, which training images do not have
+  (and diffusers has no refiner training script to follow): refused by name, before anything is compiled; so are
+  per-subject LoRA runs of SDXL, whose batches do not carry time ids yet."""
+  from jaxdream.diffusion import sdxl
+
+  if pipeline.micro_conditioning is sdxl.aesthetic_time_ids:
     raise config_lib.RunConfigError(
-      f'{pipeline.path}: a {pipeline.pipeline_class} model; jaxdream samples from it but cannot train it yet '
-      '(its UNet takes micro-conditioning time ids that training does not provide)'
+      f'{pipeline.path}: an SDXL refiner (requires_aesthetics_score); jaxdream samples from it but cannot train it '
+      '(its time ids take an aesthetic score that training images do not have): train the SDXL base model'
+    )
+  if per_subject and pipeline.micro_conditioning(64, 64):
+    raise config_lib.RunConfigError(
+      f'{pipeline.path}: lora.per_subject runs cannot train a {pipeline.pipeline_class} model yet (its UNet takes '
+      'time ids that per-subject batches do not carry): train one adapter per run'
     )
 
 
@@ -119,7 +128,8 @@ def _replace_vae(pipeline, config, dtype):
 def _next_batch(iterators, prior: bool, latents: dict | None = None, contexts: dict | None = None) -> dict:
   """The step's examples: instance ones first, then class ones. Cached latents replace the images by
   their stored posterior (mean, std), cached prompt conditioning (context, extra) replaces the token
-  ids; both are looked up by example index."""
+  ids; both are looked up by example index. A model's micro-conditioning (SDXL's time ids) comes with each
+  example."""
   parts = []
   for split in ('instance', 'class') if prior else ('instance',):
     ex = next(iterators[split])
@@ -130,6 +140,8 @@ def _next_batch(iterators, prior: bool, latents: dict | None = None, contexts: d
       part.update(jax.tree.map(lambda a: a[ex['index']], contexts[split]))
     else:
       part['input_ids'] = ex['input_ids']
+    if 'micro_conditioning' in ex:  # SDXL's time ids, per example
+      part['micro_conditioning'] = ex['micro_conditioning']
     parts.append(part)
   return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 

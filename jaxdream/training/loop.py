@@ -111,6 +111,7 @@ def _run(config, workdir, concepts, instance) -> dict:
       tokenize=pipeline.tokenize,
       rows=slice(max(rows.start - k * b, 0), max(rows.stop - k * b, 0)),
       caption_dropout=config.train.caption_dropout,
+      micro_conditioning=pipeline.micro_conditioning,
     )
     for k, s in enumerate(splits)
   }

@@ -42,6 +42,10 @@ def _short(name: str) -> str:
   return '.'.join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
+def _is_text_encoder(name: str) -> bool:
+  return name == 'text_encoder' or name.startswith('text_encoder_')
+
+
 def _unmatched(config_key: str, targets, names: list[str], what: str) -> list[str]:
   known = sorted({_short(n) for n in names})
   return [
@@ -57,8 +61,14 @@ def lora_plan(pipeline, config) -> dict[str, dict]:
   convolutions under `resnets` (a suffix like 'conv1' must not reach other blocks)."""
   lo = config.lora
   wanted = {'unet': ('unet_targets', lo.unet_targets)}
-  if lo.text_encoder:
-    wanted['text_encoder'] = ('text_encoder_targets', lo.text_encoder_targets)
+  if lo.text_encoder:  # every text encoder (SDXL's text_encoder_2 too), the same targets
+    wanted.update(
+      {
+        name: ('text_encoder_targets', lo.text_encoder_targets)
+        for name in pipeline.components
+        if _is_text_encoder(name)
+      }
+    )
   plan, problems = {}, []
   for component, (config_key, targets) in wanted.items():
     paths = module_paths(pipeline.components[component])

@@ -47,14 +47,14 @@ def param_groups(config) -> dict[str, tuple[str, float]]:
   t = config.train
   if config.lora.rank > 0:  # only the adapters: the base gets no gradient and no optimizer state
     groups = {'unet': (r'^unet/.*/lora_[ab]$', t.learning_rate)}
-    if config.lora.text_encoder:
-      groups['text_encoder'] = (r'^text_encoder/.*/lora_[ab]$', t.text_encoder_learning_rate)
+    if config.lora.text_encoder:  # every text encoder's (SDXL's text_encoder_2 too)
+      groups['text_encoder'] = (r'^text_encoder(_2)?/.*/lora_[ab]$', t.text_encoder_learning_rate)
     return groups
   if len(t.param_groups):
     return {name: (g.pattern, g.learning_rate) for name, g in t.param_groups.items()}
   groups = {'unet': (r'^unet/', t.learning_rate)}
-  if t.train_text_encoder:
-    groups['text_encoder'] = (r'^text_encoder/', t.text_encoder_learning_rate)
+  if t.train_text_encoder:  # every text encoder (SDXL's text_encoder_2 too)
+    groups['text_encoder'] = (r'^text_encoder(_2)?/', t.text_encoder_learning_rate)
   return groups
 
 

@@ -175,6 +175,7 @@ class StepFn(TrainStep):
       context, extra = batch['context'], batch.get('extra', {})
     else:
       context, extra = self.encode_prompt(models, batch['input_ids'])
+    extra = {**extra, **batch.get('micro_conditioning', {})}  # SDXL's time ids
     pred = models['unet'](noisy, t, context, **extra)
     target = self.schedule.target(latents, noise, t)
     loss, (inst, prior) = dreambooth_loss(
