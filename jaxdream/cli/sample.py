@@ -314,7 +314,7 @@ def _sample(args, session: SampleSession | None = None):
   from jaxdream.io.images import format_parameters, grid_shape, make_grid, save_png
   from jaxdream.lora import check_lora
 
-  args.model = builtin_model_folder(args.model, args.out)  # builtin:tiny-base: the shipped folder
+  args.model = builtin_model_folder(args.model)  # builtin:tiny-base: the shipped folder
   plan = _plan(args)
   t0 = time.perf_counter()
   pipe = (session or SampleSession()).pipeline(args.model, args.allow_pickle)
@@ -396,7 +396,9 @@ def _add_sample_parser(sub):
     'them back), together with grid.png of all images. Files of an earlier run in the same '
     '--out folder are replaced.',
   )
-  s.add_argument('--model', required=True, help="diffusers-format model folder, or 'builtin:tiny-base'")
+  s.add_argument(
+    '--model', required=True, help="diffusers-format model folder, or 'builtin:tiny-base' (jaxdream's own tiny model)"
+  )
   s.add_argument('--prompt', required=True)
   s.add_argument('--negative-prompt', default='')
   s.add_argument('--steps', type=int, default=20, help='number of denoising steps (default 20)')

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import time
 
-BUILTIN_TINY = 'builtin:tiny'
-
 
 def _model_folder(model: str) -> str:
-  """A model folder, or the built-in tiny random model made in a cache folder (created once)."""
-  if model != BUILTIN_TINY:
-    return model
-  from jaxdream.diffusion.tiny_model import create_tiny_pipeline
+  """A model folder, or a built-in model's (builtin:tiny is made once in the user's cache folder)."""
+  from jaxdream.diffusion.tiny_model import builtin_model_folder
 
-  cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return create_tiny_pipeline(os.path.join(cache, 'jaxdream', 'builtin-tiny'))
+  return builtin_model_folder(model)
 
 
 def make_uvicorn_server(app, queue, host: str, port: int):
@@ -77,7 +71,11 @@ def _add_serve_parser(sub):
     'options, loras, ...) and a web page at /. Concurrent compatible requests (same model, size, steps, sampler) '
     'are generated in one batch, each with its own prompt, seed, guidance and <lora:name:weight>.',
   )
-  s.add_argument('--model', required=True, help=f'diffusers-format model folder, or {BUILTIN_TINY}')
+  s.add_argument(
+    '--model',
+    required=True,
+    help="diffusers-format model folder, or 'builtin:tiny-base' (jaxdream's own tiny model), 'builtin:tiny' (random)",
+  )
   s.add_argument('--models-dir', help='folder of more model folders, chosen with sd_model_checkpoint')
   s.add_argument('--lora-dir', help='folder of LoRA files for <lora:name:weight> prompt tags')
   s.add_argument('--host', default='127.0.0.1', help='address to bind (default 127.0.0.1: this machine only)')

@@ -97,10 +97,13 @@ BUILTIN_MODELS = {
 TINY_BASE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets', 'tiny_base')
 
 
-def builtin_model_folder(model: str, workdir: str) -> str:
-  """The diffusers folder of a built-in model name (builtin:tiny is created under `workdir`); any other
-  name (a model folder) is returned unchanged."""
+def builtin_model_folder(model: str, workdir: str | None = None) -> str:
+  """The diffusers folder of a built-in model name (builtin:tiny is created once, in `workdir`/base_model or
+  without a workdir in the user's cache folder); any other name (a model folder) is returned unchanged."""
   if model == BUILTIN_TINY:
+    if workdir is None:
+      cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+      return create_tiny_pipeline(os.path.join(cache, 'jaxdream', 'builtin-tiny'))
     return create_tiny_pipeline(os.path.join(workdir, 'base_model'))
   if model == BUILTIN_TINY_BASE:
     if not os.path.isfile(os.path.join(TINY_BASE_DIR, 'model_index.json')):

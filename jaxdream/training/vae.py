@@ -111,7 +111,7 @@ def load_base_vae(config) -> AutoencoderKL:
     return init_model(
       lambda rngs: AutoencoderKL(TINY_VAE, dtype=dtype, attention_impl=config.attention, rngs=rngs), config.seed
     )
-  path = builtin_model_folder(config.model, '')  # builtin:tiny-base: the shipped folder
+  path = builtin_model_folder(config.model)  # builtin:tiny-base: the shipped folder
   if os.path.isfile(os.path.join(path, 'model_index.json')):
     path = os.path.join(path, 'vae')
   return load_vae(path, dtype=dtype, attention_impl=config.attention, allow_pickle=config.allow_pickle)
