@@ -1,4 +1,4 @@
-"""LoRA DreamBooth quickstart: the tiny local base model, the bundled sample dog, rank-4 adapters; about two
+"""LoRA DreamBooth quickstart: jaxdream's tiny base model (builtin:tiny-base), the bundled sample dog, rank-4 adapters; about two
 minutes on 2 CPU cores (115 s measured from a cold compilation cache).
 
   jaxdream train --config configs/lora_quickstart.py --workdir outputs/lora_quickstart

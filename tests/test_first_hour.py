@@ -78,7 +78,7 @@ def test_train_help_prints_usage_and_every_config_key_with_its_doc(flag, capsys)
 def test_train_help_shows_the_config_files_values(capsys):
   assert main(['train', '--config', QUICKSTART, '--help']) == 0
   out = capsys.readouterr().out
-  assert "model='builtin:tiny'" in out and 'resolution=64' in out and f'values of {QUICKSTART}' in out
+  assert "model='builtin:tiny-base'" in out and 'resolution=64' in out and f'values of {QUICKSTART}' in out
 
 
 def test_every_config_key_has_a_doc():
@@ -206,45 +206,6 @@ def test_plms_bar_counts_the_unet_evaluations_diffusers_makes_too():
     assert sch.num_steps == len(ref.timesteps) == steps + 1
     np.testing.assert_array_equal(np.asarray(sch.timesteps), ref.timesteps.numpy())
   assert make_scheduler('euler', config, 20).num_steps == 20
-
-
-@pytest.mark.slow
-def test_readme_command_trains_offline_without_third_party_chatter(tmp_path):
-  """The README's form (--config.concepts.0.instance_dir) end to end, with torch hidden as on a user's machine."""
-  code = (
-    "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
-    'from jaxdream.cli import main; sys.exit(main(sys.argv[1:]))'
-  )
-  workdir = tmp_path / 'run'
-  env = dict(
-    os.environ,
-    PYTHONUNBUFFERED='1',
-    XLA_FLAGS=os.environ['XLA_FLAGS'].replace('device_count=8', 'device_count=1'),  # conftest's cheap flags
-  )
-  for key in ('TRANSFORMERS_VERBOSITY', 'TRANSFORMERS_NO_ADVISORY_WARNINGS'):
-    env.pop(key, None)
-  proc = subprocess.run(
-    [sys.executable, '-c', code, 'train', '--config', QUICKSTART, '--workdir', str(workdir)]
-    + [
-      f'--config.concepts.0.instance_dir={SAMPLE}',
-      '--config.concepts.0.num_class_images=2',
-      '--config.prior.sample_steps=2',
-      '--config.prior.batch_size=2',
-      '--config.train.num_steps=2',
-      '--config.checkpoint.every_steps=2',
-      '--config.validation.steps=2',
-      '--config.validation.num_images=1',
-    ],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
-  output = proc.stdout + proc.stderr
-  assert proc.returncode == 0, output
-  assert (workdir / 'model' / 'model_index.json').exists()
-  assert 'PyTorch was not found' not in output and 'Downloading and preparing' not in output, output
-  assert 'Traceback' not in output
 
 
 def test_after_the_cli_starts_transformers_imports_quietly_without_torch():

@@ -22,7 +22,7 @@ def _validation_prompts(config, concepts) -> list[str]:
   return prompts
 
 
-def _sample(pipeline, config, prompts, mesh, **adapter_args) -> np.ndarray:
+def validation_samples(pipeline, config, prompts, mesh, **adapter_args) -> np.ndarray:
   """validation.num_images images of each prompt, (len(prompts) * num_images, H, W, 3); every prompt's
   images have the seeds validation.seed, + 1, ... (as if sampled alone)."""
   from jaxdream.diffusion.sampling import txt2img
@@ -50,7 +50,7 @@ def _validation_images(pipeline, config, concepts, mesh) -> dict[str, np.ndarray
   if not config.validation.num_images:
     return out
   for prompt in _validation_prompts(config, concepts):
-    out[prompt] = _sample(pipeline, config, [prompt], mesh)
+    out[prompt] = validation_samples(pipeline, config, [prompt], mesh)
   return out
 
 
@@ -120,7 +120,7 @@ def subject_validation_images(pipe, config, concepts, trainable, mesh) -> dict[s
     own = _validation_prompts(config, [c])
     prompts += own
     ids += [i] * len(own)
-  images = _sample(pipe, config, prompts, mesh, adapters=stacked_adapters(pipe, trainable), adapter_ids=ids)
+  images = validation_samples(pipe, config, prompts, mesh, adapters=stacked_adapters(pipe, trainable), adapter_ids=ids)
   n = config.validation.num_images
   out = {}
   for k, (prompt, i) in enumerate(zip(prompts, ids)):
