@@ -156,15 +156,17 @@ def _png(path):
 
 
 def test_sigterm_mid_group_saves_it_and_the_resumed_run_ends_with_the_uninterrupted_adapters(
-  folders, together, tmp_path, capsys
+  folders, together, tmp_path, capsys, scoring_models
 ):
   """SIGTERM after step 1 of group [a, b] (of 2 steps; then group [c]): the run saves the group's checkpoint
   and stops cleanly, and the same command then ends with the adapter files of the run never stopped
   (`together`), bit for bit. On the way, as a single run does: each subject's validation samples with its own
-  adapter, and its loss in TensorBoard."""
+  adapter, their DreamBench scores (validation.metrics), and its loss in TensorBoard."""
   c = _config(folders, ['a', 'bad', 'b', 'c'], subjects_per_step=2)
-  # One prompt for every subject: their samples differ by their adapters only.
-  c.validation.every_steps, c.validation.prompts, c.validation.num_images, c.validation.steps = 1, ['a photo'], 1, 2
+  # One prompt for every subject (naming the identifier, so it is scored): their samples differ by their adapters only.
+  c.validation.every_steps, c.validation.prompts, c.validation.num_images = 1, ['a photo of sks'], 1
+  c.validation.steps, c.validation.metrics = 2, True
+  c.validation.clip_model, c.validation.dino_model = scoring_models['clip'][1], scoring_models['dino'][1]
   c.logging.every_steps = 1
   workdir = str(tmp_path / 'run')
   handler = signal.getsignal(signal.SIGTERM)
@@ -212,6 +214,12 @@ def test_sigterm_mid_group_saves_it_and_the_resumed_run_ends_with_the_uninterrup
     assert [s for s, _ in scalars[f'train/grad_norm/{n}']] == [1, 2]
   lr = lr_schedule(c, c.train.learning_rate)
   assert scalars['train/learning_rate'] == [(s, pytest.approx(float(lr(s)))) for s in (1, 2, 1, 2)]  # per group
+  for n in 'abc':  # each subject's scores of its own samples, at each validation
+    for m in ('dino', 'clip_i', 'clip_t'):
+      assert [s for s, _ in scalars[f'validation/{m}/{n}']] in ([1, 2], [1, 1, 2]), (m, n)  # a's step 1 twice: resumed
+    saved = json.load(open(os.path.join(workdir, 'samples', n, 'metrics_step_2.json')))
+    assert saved.keys() == {'dino', 'clip_i', 'clip_t'} and all(np.isfinite(list(saved.values())))
+    assert scalars[f'validation/dino/{n}'][-1][1] == pytest.approx(saved['dino'], rel=1e-6)
 
 
 MESH_CONFIG = """

@@ -126,7 +126,7 @@ def _subject_iterators(config, folder, name, tokenize) -> dict:
   }
 
 
-def _group_samples(workdir, step, pipe, config, members, adapters, mesh, writer, metrics=None) -> dict[str, str]:
+def _group_samples(workdir, step, pipe, config, members, adapters, mesh, writer, scorer=None) -> dict[str, str]:
   """The group's validation samples at `step`, each subject's with its own row of the stacked `adapters`
   (see training.validation); {name: PNG path}. Samples already there (a finished group resumed) are kept;
   none with validation.num_images=0. With validation.metrics, each subject's scores go to TensorBoard
@@ -138,9 +138,10 @@ def _group_samples(workdir, step, pipe, config, members, adapters, mesh, writer,
     return paths
   images = subject_validation_images(pipe, config, members, adapters, mesh)
   by_name = {c['name']: c for c in members}
-  scores = metrics({n: concept_images([by_name[n]], bp).get(n, {}) for n, bp in images.items()}) if metrics else None
+  scores = scorer({n: concept_images([by_name[n]], bp).get(n, {}) for n, bp in images.items()}) if scorer else None
   if scores and multihost.is_primary():
     for n, values in scores['subjects'].items():
+      os.makedirs(os.path.dirname(paths[n]), exist_ok=True)
       atomic_write(os.path.join(os.path.dirname(paths[n]), f'metrics_step_{step}.json'), json.dumps(values))
     if writer:
       writer.scalars(
@@ -197,7 +198,7 @@ def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
   outputs, losses, samples = {}, {}, {}
   by_name = {c['name']: c for c in concepts}
   writer = _Writer(workdir, config) if multihost.is_primary() else None
-  metrics = ValidationMetrics(config, concepts, mesh) if config.validation.metrics else None
+  scorer = ValidationMetrics(config, concepts, mesh) if config.validation.metrics else None  # not `metrics`: the step's
   lr = lr_schedule(config, next(iter(groups.values()))[1])
   preempt = multihost.Preemption()
   try:
@@ -256,7 +257,7 @@ def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
             and done % config.validation.every_steps == 0
             and done < config.train.num_steps
           ):
-            _group_samples(workdir, done, pipe, config, members, state['trainable'], mesh, writer, metrics)
+            _group_samples(workdir, done, pipe, config, members, state['trainable'], mesh, writer, scorer)
           if stop:
             mngr.wait_until_finished()
             preempt.stopped(done, f'the checkpoint of subject(s) {", ".join(group)}')
@@ -266,7 +267,7 @@ def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
       final = state['ema'] if ema else state['trainable']
       # Every group ends with its subjects' samples of their exported adapters.
       samples.update(
-        _group_samples(workdir, config.train.num_steps, pipe, config, members, final, mesh, writer, metrics)
+        _group_samples(workdir, config.train.num_steps, pipe, config, members, final, mesh, writer, scorer)
       )
       for n, values in zip(group, unstack(jax.device_get(final), len(group))):
         _set_params(pipe, values)
