@@ -177,6 +177,24 @@ def test_validation_metrics_without_or_with_the_wrong_scoring_models_is_a_config
     config_lib.validate(c)
 
 
+def test_validation_metrics_that_would_score_nothing_stop_the_run_before_its_first_step():
+  from jaxdream.models import WeightsError
+  from jaxdream.training.validation import ValidationMetrics
+
+  c = config_lib.base_config()
+  c.validation.metrics = True
+  # Two concepts with the default identifier: every prompt names both, so none could be scored.
+  both = [
+    dict(name=n, identifier='sks', instance_prompt=f'a photo of sks {n}', class_prompt=f'a photo of {n}')
+    for n in ('dog', 'cat')
+  ]
+  with pytest.raises(config_lib.RunConfigError, match="no validation prompt names exactly one concept's identifier"):
+    ValidationMetrics(c, both, None)
+  c.lora.per_subject = True  # each subject's own prompts name only its identifier: scored, so the models load
+  with pytest.raises(WeightsError, match='missing config.json'):  # (here: no scoring folders configured)
+    ValidationMetrics(c, both, None)
+
+
 def test_misspelt_or_mistyped_override_is_an_error_before_anything_runs(capsys):
   from jaxdream.cli import main
 

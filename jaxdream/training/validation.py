@@ -68,24 +68,33 @@ def concept_images(concepts, images: dict[str, np.ndarray]) -> dict[str, dict[st
 class ValidationMetrics:
   """validation.metrics: DreamBench's DINO, CLIP-I and CLIP-T (jaxdream.evaluation) of each concept's
   validation images against its photos, CLIP-T with the prompt's identifier removed (the DreamBooth paper's
-  protocol, docs/evaluation.md). The scoring models are loaded at the first call and compiled once."""
+  protocol, docs/evaluation.md). Made before the first step: a run whose validation prompts would score nothing,
+  or whose scoring weights do not load, stops there and not at its first validation, hours in. The models
+  compile once, at the first call."""
 
   def __init__(self, config, concepts, mesh):
+    from jaxdream.evaluation import load_clip, load_dino
+    from jaxdream.training.config import RunConfigError
+
     self.config, self.concepts, self.mesh = config, {c['name']: c for c in concepts}, mesh
-    self.scorers = None
+    groups = [[c] for c in concepts] if config.lora.per_subject else [concepts]  # each subject: its own prompts
+    if not any(concept_images(g, dict.fromkeys(_validation_prompts(config, g))) for g in groups):
+      raise RunConfigError(
+        "validation.metrics: no validation prompt names exactly one concept's identifier (as a word), so nothing "
+        'would be scored; give concepts their own identifiers, or validation.prompts that name one'
+      )
+    v = config.validation
+    self.scorers = load_clip(v.clip_model), load_dino(v.dino_model)
 
   def __call__(self, by_concept: dict[str, dict[str, np.ndarray]]) -> dict | None:
     """dreambench_scores' dict ('overall', 'subjects', 'ci', ...) of {concept name: {prompt: images}}; None
     when no validation prompt names a concept."""
-    from jaxdream.evaluation import dreambench_scores, load_clip, load_dino
+    from jaxdream.evaluation import dreambench_scores
     from jaxdream.io.images import list_images
 
     by_concept = {name: p for name, p in by_concept.items() if p}
     if not by_concept:
       return None
-    if self.scorers is None:
-      v = self.config.validation
-      self.scorers = load_clip(v.clip_model), load_dino(v.dino_model)
     real, generated, prompts = {}, {}, {}
     for name, by_prompt in by_concept.items():
       ident = self.concepts[name]['identifier']
