@@ -45,6 +45,7 @@ _DEFAULTS = {
     rope_theta=1000000.0,
     mrope_section=(16, 24, 24),
     use_sliding_window=False,
+    sliding_window=4096,
     max_window_layers=80,
     layer_types=None,
   ),
@@ -114,7 +115,8 @@ def resolve_qwen_text_config(config: dict, model_type: str) -> dict:
       raise ConfigError(f'{name} config: hidden_size={hidden} is not divisible by num_attention_heads={heads}')
     head_dim = hidden // heads
     layers = int(text['num_hidden_layers'])
-    if text['use_sliding_window'] and int(text['max_window_layers']) < layers:
+    # transformers makes layers from max_window_layers on sliding-window ones when use_sliding_window is set.
+    if text['use_sliding_window'] and text['sliding_window'] is not None and int(text['max_window_layers']) < layers:
       raise ConfigError(
         f'{name} config use_sliding_window=True (sliding-window attention from layer '
         f'{text["max_window_layers"]}) is not supported by jaxdream'
