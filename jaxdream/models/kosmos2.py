@@ -21,7 +21,14 @@ from jaxdream.io.weights import abstract_model, load_state_dict, read_config, re
 from jaxdream.models.clip_vision import CLIPVisionTransformer, resolve_vision_config
 from jaxdream.models.config import ConfigError, resolve_config
 from jaxdream.nn.adapters import Int8Embed, Int8Linear, Quantized, state_bytes, swap_modules  # noqa: F401
-from jaxdream.nn.attention import check_implementation, dot_product_attention, kernel_for, split_heads
+from jaxdream.nn.attention import (
+  check_implementation,
+  decoder_mask,
+  dot_product_attention,
+  kernel_for,
+  split_heads,
+  write_cache,
+)
 from jaxdream.nn.layers import Embed, LayerNorm, Linear, activation
 from jaxdream.runtime import CompileCache
 
@@ -112,9 +119,7 @@ class KosmosTextAttention(nnx.Module):
     kv = x if kv is None else kv
     q, k, v = self.split(self.q_proj(x)), self.split(self.k_proj(kv)), self.split(self.v_proj(kv))
     if cache is not None:
-      k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0))
-      v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, index, 0, 0))
-      cache = (k, v)
+      cache = k, v = write_cache(cache, k, v, index)
     out = dot_product_attention(
       q, k, v, mask=mask, implementation=kernel_for(self.attention_impl, masked=mask is not None)
     )
@@ -238,15 +243,6 @@ class Kosmos2ImageToTextProjection(nnx.Module):
 
 
 # ----------------------------------------------------------------------------------------------- full model
-
-
-def decoder_mask(query_index, kv_valid):
-  """Boolean (B, 1, Lq, T) mask: causal over cache slots, only valid slots (not padding), and always the
-  query's own slot, so that rows of left padding never see an empty softmax."""
-  slots = jnp.arange(kv_valid.shape[1])
-  causal = slots[None, :] <= query_index[:, None]
-  own = slots[None, :] == query_index[:, None]
-  return ((causal[None] & kv_valid.astype(bool)[:, None, :]) | own[None])[:, None]
 
 
 def prompt_position_ids(input_ids, padding_idx: int):

@@ -55,6 +55,24 @@ def split_heads(x, heads: int):
   return x.reshape(x.shape[0], x.shape[1], heads, -1)
 
 
+def decoder_mask(query_index, kv_valid):
+  """Boolean (B, 1, Lq, T) mask of a decoder over a KV cache: causal over cache slots, only valid slots (not
+  padding), and always the query's own slot, so that rows of left padding never see an empty softmax.
+  query_index: (Lq,) the queries' cache slots; kv_valid: (B, T)."""
+  slots = jnp.arange(kv_valid.shape[1])
+  causal = slots[None, :] <= query_index[:, None]
+  own = slots[None, :] == query_index[:, None]
+  return ((causal[None] & kv_valid.astype(bool)[:, None, :]) | own[None])[:, None]
+
+
+def write_cache(cache, k, v, index):
+  """(keys, values) of a fixed-shape (B, T, H, D) KV cache with k, v (B, L, H, D) written at slots
+  index..index+L-1 (index: int or traced scalar). Returns the new cache, which is also what to attend to."""
+  k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0))
+  v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, index, 0, 0))
+  return k, v
+
+
 def kernel_for(implementation: str, *, masked: bool) -> str:
   """The implementation one attention call of a model built with `implementation` uses. 'tiled' takes no
   mask, so a masked call (CLIP's causal text, the Kosmos-2 decoder: short sequences where tiling gains

@@ -209,6 +209,29 @@ class LayerNorm(_Norm):
     return y.astype(self.dtype)
 
 
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm with a `scale` (T5, Llama, Qwen): statistics in float32, normalised values cast
+  to the compute dtype before the scale, as transformers' Qwen2/Qwen3 RMSNorm does."""
+
+  TORCH_PARAMS = {'scale': ('weight', _identity, _identity)}
+
+  def __init__(
+    self, num_features: int, *, eps: float = 1e-6, axes=('norm',), dtype=jnp.float32, rngs: nnx.Rngs | None = None
+  ):
+    self.axes = _check_axes('RMSNorm', axes, 1)
+    self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+    self.eps = eps
+    self.dtype = dtype
+
+  def param_axes(self) -> dict:
+    return {'scale': self.axes}
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)
+    return y.astype(self.dtype) * self.scale[...].astype(self.dtype)
+
+
 class Embed(nnx.Module):
   """`axes`: logical names of the (rows, features) of the table; ('vocab', 'embed') for tokens."""
 

@@ -1,0 +1,241 @@
+"""The Qwen2.5-VL and Qwen3-VL decoders compute what transformers' Qwen2_5_VLTextModel / Qwen3VLTextModel
+compute, at the M-RoPE positions transformers' get_rope_index gives, and a cached decode continues a prompt
+as the full forward does.
+
+The prompts hold two images of different grids in one row, one image in another, none in a third, all left
+padded. Each model runs as one jitted program: the full forward, then a prefill of all but the last token
+into a KV cache and the last token decoded at its slot.
+"""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import perturb_, rel_err
+from flax import nnx
+
+from jaxdream.distributed.sharding import logical_axes
+from jaxdream.io.weights import abstract_model, load_state_dict
+from jaxdream.models.config import ConfigError
+from jaxdream.models.qwen_text import (
+  QwenTextModel,
+  decode_position_ids,
+  get_rope_index,
+  resolve_qwen_text_config,
+)
+
+pytestmark = pytest.mark.reference
+
+IMAGE, VISION_START, VISION_END, PAD = 60, 61, 62, 0
+MERGE = 2
+# Merged grids: (1, 2, 3) -> 6 tokens, (1, 1, 2) -> 2 tokens, (1, 2, 2) -> 4 tokens.
+GRIDS = np.array([[1, 4, 6], [1, 2, 4], [1, 4, 4]])
+TOKEN_IDS = dict(
+  image_token_id=IMAGE, video_token_id=63, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END
+)
+
+
+def _image(n):
+  return [VISION_START] + [IMAGE] * n + [VISION_END]
+
+
+def prompts():
+  """input_ids and attention_mask (3, 19), left padded; every row ends in text."""
+  rng = np.random.default_rng(0)
+  text = lambda n: list(rng.integers(1, 50, n))
+  rows = [
+    text(2) + _image(6) + text(1) + _image(2) + text(2),
+    text(1) + _image(4) + text(7),
+    text(16),
+  ]
+  length = max(map(len, rows)) + 2
+  ids = np.array([[PAD] * (length - len(r)) + r for r in rows])
+  mask = np.array([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+  return ids, mask
+
+
+def torch_rope_index(model_cls, config, ids, mask):
+  """transformers' get_rope_index, without building the vision tower it does not use."""
+  fake = types.SimpleNamespace(config=config)
+  fake.get_vision_position_ids = lambda *a, **k: model_cls.get_vision_position_ids(fake, *a, **k)
+  ids_t = torch.tensor(ids)
+  pos, deltas = model_cls.get_rope_index(
+    fake,
+    ids_t,
+    mm_token_type_ids=(ids_t == IMAGE).int(),
+    image_grid_thw=torch.tensor(GRIDS),
+    attention_mask=torch.tensor(mask),
+  )
+  return pos.numpy(), deltas.numpy()[:, 0]
+
+
+def qwen2_5():
+  from transformers import Qwen2_5_VLConfig
+  from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel, Qwen2_5_VLTextModel
+
+  config = Qwen2_5_VLConfig(
+    text_config=dict(
+      vocab_size=64,
+      hidden_size=64,
+      intermediate_size=96,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      rope_parameters=dict(rope_type='default', mrope_section=[4, 2, 2], rope_theta=10000.0),
+    ),
+    vision_config=dict(spatial_merge_size=MERGE),
+    **TOKEN_IDS,
+  )
+  return config, Qwen2_5_VLModel, Qwen2_5_VLTextModel(config.text_config)
+
+
+def qwen3():
+  from transformers import Qwen3VLConfig
+  from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel, Qwen3VLTextModel
+
+  config = Qwen3VLConfig(
+    text_config=dict(
+      vocab_size=64,
+      hidden_size=48,
+      intermediate_size=96,
+      num_hidden_layers=3,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      head_dim=16,
+      attention_bias=True,
+      rope_parameters=dict(rope_type='default', mrope_section=[4, 2, 2], mrope_interleaved=True, rope_theta=10000.0),
+    ),
+    vision_config=dict(spatial_merge_size=MERGE),
+    **TOKEN_IDS,
+  )
+  return config, Qwen3VLModel, Qwen3VLTextModel(config.text_config)
+
+
+def _forward_and_decode(model, embeds, positions, valid, prefix_positions, prefix_deltas, deepstack):
+  """One program: the full forward, and the last token decoded after a prefill of the others."""
+  graphdef, state = nnx.split(model)
+  n = embeds.shape[1] - 1
+
+  @jax.jit
+  def run(state, embeds, positions, valid, prefix_positions, prefix_deltas, deepstack):
+    m = nnx.merge(graphdef, state)
+    full, _ = m(embeds, positions, valid, deepstack=deepstack)
+    cache = m.init_cache(embeds.shape[0], n + 1)
+    _, cache = m(embeds[:, :n], prefix_positions, valid, cache, 0, deepstack=[d[:, :n] for d in deepstack])
+    last, _ = m(
+      embeds[:, n:], decode_position_ids(n, prefix_deltas), valid, cache, n, deepstack=[d[:, n:] for d in deepstack]
+    )
+    return full, last[:, 0]
+
+  return run(state, embeds, positions, valid, prefix_positions, prefix_deltas, deepstack)
+
+
+@pytest.mark.parametrize('build', [qwen2_5, qwen3], ids=['qwen2_5_vl', 'qwen3_vl'])
+def test_decoder_matches_transformers_and_cached_decode_matches_full_forward(build):
+  config, model_cls, torch_model = build()
+  perturb_(torch_model, scale=0.1)
+  ids, mask = prompts()
+  pads = (mask == 0).sum(1)
+
+  # get_rope_index: transformers' integers; deltas relative to cache slots (transformers' minus the padding).
+  kw = dict(spatial_merge_size=MERGE, image_token_id=IMAGE, vision_start_token_id=VISION_START)
+  positions, deltas = get_rope_index(ids, GRIDS, mask, **kw)
+  want_pos, want_deltas = torch_rope_index(model_cls, config, ids, mask)
+  np.testing.assert_array_equal(positions, want_pos)
+  np.testing.assert_array_equal(deltas, want_deltas - pads)
+  assert positions[:, 0].max() < positions.shape[-1] - 2  # the images really compress row 0's positions
+  n = ids.shape[1] - 1
+  prefix_positions, prefix_deltas = get_rope_index(ids[:, :n], GRIDS, mask[:, :n], **kw)
+  np.testing.assert_array_equal(np.asarray(decode_position_ids(n, prefix_deltas))[..., 0], positions[:, :, n])
+
+  cfg = resolve_qwen_text_config(config.to_dict(), config.model_type)
+  model = abstract_model(lambda rngs: QwenTextModel(cfg, rngs=rngs))
+  load_state_dict(model, {k: v.numpy() for k, v in torch_model.state_dict().items()})
+  axes = logical_axes(model)
+  assert axes['layers/0/self_attn/k_proj/kernel'] == ('embed', 'heads')
+  assert axes['layers/0/mlp/down_proj/kernel'] == ('mlp', 'embed')
+
+  rng = np.random.default_rng(1)
+  embeds = rng.standard_normal((*ids.shape, cfg['hidden_size'])).astype(np.float32)
+  visual = ids == IMAGE
+  torch_kw, deepstack = {}, []
+  if cfg['qk_norm']:  # Qwen3-VL: deepstack features added after the first two layers, at the image tokens
+    features = [rng.standard_normal((visual.sum(), cfg['hidden_size'])).astype(np.float32) for _ in range(2)]
+    for f in features:
+      d = np.zeros_like(embeds)
+      d[visual] = f
+      deepstack.append(d)
+    torch_kw = dict(visual_pos_masks=torch.tensor(visual), deepstack_visual_embeds=[torch.tensor(f) for f in features])
+  with torch.no_grad():
+    want = torch_model(
+      inputs_embeds=torch.tensor(embeds),
+      attention_mask=torch.tensor(mask),
+      position_ids=torch.tensor(want_pos),
+      **torch_kw,
+    ).last_hidden_state.numpy()
+
+  full, last = _forward_and_decode(
+    model, jnp.asarray(embeds), positions, jnp.asarray(mask, bool), prefix_positions, prefix_deltas, deepstack
+  )
+  real = mask.astype(bool)
+  assert rel_err(np.asarray(full)[real], want[real]) <= 1e-5
+  assert rel_err(last, np.asarray(full)[:, n]) <= 1e-5
+  if deepstack:  # the deepstack features matter (else the comparison above would not test them)
+    plain = torch_model(
+      inputs_embeds=torch.tensor(embeds), attention_mask=torch.tensor(mask), position_ids=torch.tensor(want_pos)
+    )
+    assert rel_err(plain.last_hidden_state.detach().numpy()[real], want[real]) > 1e-2
+
+
+def test_config_forms_and_errors():
+  from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
+
+  text = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, vocab_size=64)
+  nested = resolve_qwen_text_config(
+    dict(model_type='qwen2_5_vl', text_config=dict(text, rope_scaling=dict(type='mrope', mrope_section=[4, 2, 2]))),
+    'qwen2_5_vl',
+  )
+  # Older Qwen2.5-VL folders keep the text fields at the top level, theta beside rope_scaling.
+  flat = resolve_qwen_text_config(
+    dict(text, model_type='qwen2_5_vl', rope_theta=1e6, rope_scaling=dict(type='mrope', mrope_section=[4, 2, 2])),
+    'qwen2_5_vl',
+  )
+  assert nested == flat
+  assert flat['head_dim'] == 16 and flat['mrope_section'] == (4, 2, 2) and flat['rope_theta'] == 1e6
+  assert (flat['qkv_bias'], flat['o_bias'], flat['qk_norm'], flat['mrope_interleaved']) == (True, False, False, False)
+  q3 = resolve_qwen_text_config(Qwen3VLConfig().to_dict(), 'qwen3_vl')  # transformers' defaults: Qwen3-VL-8B's shape
+  assert (q3['head_dim'], q3['mrope_section'], q3['mrope_interleaved'], q3['qk_norm']) == (
+    128,
+    (24, 20, 20),
+    True,
+    True,
+  )
+  assert resolve_qwen_text_config(Qwen2_5_VLConfig().to_dict(), 'qwen2_5_vl')['mrope_section'] == (16, 24, 24)
+
+  bad = [
+    (dict(text, rope_scaling=dict(rope_type='yarn', mrope_section=[4, 2, 2])), 'rope_scaling.rope_type'),
+    (dict(text, use_sliding_window=True, max_window_layers=0), 'use_sliding_window'),
+    (dict(text, rope_parameters=dict(mrope_section=[4, 4, 4])), 'mrope_section'),
+    (dict(text, rope_parameters=dict(mrope_section=[4, 2, 2], mrope_interleaved=True)), 'mrope_interleaved'),
+    (dict(text, hidden_act='swiglu'), 'hidden_act'),
+    (dict(text, num_key_value_heads=3), 'num_key_value_heads'),
+  ]
+  for text_config, key in bad:
+    with pytest.raises(ConfigError, match=key):
+      resolve_qwen_text_config(dict(text_config=text_config), 'qwen2_5_vl')
+  with pytest.raises(ConfigError, match='qwen2_vl'):
+    resolve_qwen_text_config({}, 'qwen2_vl')
+
+  ids, mask = prompts()
+  kw = dict(spatial_merge_size=MERGE, image_token_id=IMAGE, vision_start_token_id=VISION_START)
+  with pytest.raises(ValueError, match='an image run of 6 tokens'):
+    get_rope_index(ids, GRIDS[[1, 0, 2]], mask, **kw)
+  with pytest.raises(ValueError, match='more image-token runs'):
+    get_rope_index(ids, GRIDS[:2], mask, **kw)
+  with pytest.raises(ValueError, match='more rows'):
+    get_rope_index(ids, np.concatenate([GRIDS, GRIDS]), mask, **kw)
+  with pytest.raises(ValueError, match='vision_start_token_id'):
+    get_rope_index(np.where(ids == VISION_START, 5, ids), GRIDS, mask, **kw)
