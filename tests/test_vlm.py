@@ -1,7 +1,9 @@
 """Kosmos-2 captioning: prompts, pixels, generation and grounding parses are transformers' own."""
 
+import dataclasses
 import json
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,8 @@ from test_kosmos2 import make_processor, tiny_tokenizer
 
 from jaxdream import vlm
 from jaxdream.cli import main
+from jaxdream.io.weights import WeightsError
+from jaxdream.models import ConfigError
 from jaxdream.runtime import CompileCache
 
 kosmos2_folder = test_kosmos2.kosmos2_folder  # the session fixture, shared with test_kosmos2.py
@@ -421,3 +425,219 @@ def test_caption_errors_are_reported(bundle):
     vlm.caption(bundle, [np.zeros((8, 8, 3), np.uint8)], prompt=['a', 'b'])
   with pytest.raises(ValueError, match='uint8'):
     vlm.caption(bundle, [np.zeros((8, 8, 3), np.float32)])
+
+
+# ----------------------------------------------------------------------------------------------- one interface
+
+FENCED = (
+  'Here they are:\n```json\n[\n  {"bbox_2d": [10, 5, 50, 25], "label": "dog"},\n  {"bbox_2d": [60, 0, 100, 50], '
+  '"label": "dog"},\n  {"bbox_2d": [0, 0, 20, 20], "label": "cat"}\n]\n```'
+)
+# (answer, model_type, expected entities as (phrase, [boxes]); spans are checked apart)
+QWEN_ANSWERS = [
+  (FENCED, 'qwen2_5_vl', [('dog', [(0.1, 0.1, 0.5, 0.5), (0.6, 0.0, 1.0, 1.0)]), ('cat', [(0.0, 0.0, 0.2, 0.4)])]),
+  (
+    FENCED,
+    'qwen3_vl',
+    [('dog', [(0.01, 0.005, 0.05, 0.025), (0.06, 0.0, 0.1, 0.05)]), ('cat', [(0.0, 0.0, 0.02, 0.02)])],
+  ),
+  ('The dog: {"bbox_2d": [100, 200, 300, 400], "label": "dog"}', 'qwen3_vl', [('dog', [(0.1, 0.2, 0.3, 0.4)])]),
+  (
+    '```json\n[{"bbox_2d": [100, 200, 300, 400], "label": " dog "}, {"bbox_2d": [5',
+    'qwen3_vl',
+    [('dog', [(0.1, 0.2, 0.3, 0.4)])],
+  ),
+  ('[{"bbox_2d": [1, 2, 3, 4], "label": "dog",}]', 'qwen3_vl', []),  # broken JSON in the only object
+  (
+    '[{"bbox_2d": [-50, 900, 1200, 1100], "label": "a"}, {"point_2d": [500, 250], "label": "b"}]',
+    'qwen3_vl',
+    [('a', [(0.0, 0.9, 1.0, 1.0)]), ('b', [(0.5, 0.25, 0.5, 0.25)])],
+  ),
+  (
+    '[{"bbox_2d": [300, 0, 100, 10], "label": "inverted"}, {"bbox_2d": [1100, 0, 1200, 10], "label": "outside"},'
+    ' {"bbox_2d": ["1", 2, 3, 4], "label": "string"}, {"bbox_2d": [true, 0, 1, 1], "label": "bool"},'
+    ' {"bbox_2d": [NaN, 0, 1, 1], "label": "nan"}, {"bbox_2d": [0, 0, Infinity, 1], "label": "inf"},'
+    ' {"bbox_2d": [0, 0, 1], "label": "three"}, {"bbox_2d": [0, 0, 1, 1], "label": 5},'
+    ' {"bbox_2d": [0, 0, 1e999, 1], "label": "huge"}, {"bbox_2d": [0, 0, 10, 10]}, {"label": "no box"}]',
+    'qwen3_vl',
+    [('', [(0.0, 0.0, 0.01, 0.01)])],
+  ),
+  (
+    '```json\n{"bbox_2d": [0, 0, 10, 10], "label": "x"}\n```\nand\n```\n[{"bbox_2d": [0, 0, 20, 20], "label": "x"}]\n```',
+    'qwen3_vl',
+    [('x', [(0.0, 0.0, 0.01, 0.01), (0.0, 0.0, 0.02, 0.02)])],
+  ),
+  *[
+    (text, 'qwen2_5_vl', [])
+    for text in [
+      '',
+      'A dog on the grass.',
+      '"dog"',
+      '42',
+      '[1, 2, 3, 4]',
+      '```json\n```',
+      '{"bbox_2d": "0,0,1,1"}',
+      '[{"bbox_2d": {"x": 1}}]',
+      'null',
+      '{{{',
+    ]
+  ],
+]
+
+
+def test_parse_qwen_grounding_reads_json_boxes_and_survives_malformed_answers():
+  for text, kind, expected in QWEN_ANSWERS:
+    entities = vlm.parse_qwen_grounding(text, kind, (100, 50))
+    assert [(p, [tuple(round(v, 9) for v in b) for b in bs]) for p, _, bs in entities] == expected, text
+    for phrase, (start, end), _ in entities:  # the span: the label's first occurrence, else (0, 0)
+      assert (start, end) == ((text.index(phrase), text.index(phrase) + len(phrase)) if phrase else (0, 0))
+  with pytest.raises(ValueError, match='input_size'):
+    vlm.parse_qwen_grounding(FENCED, 'qwen2_5_vl', None)
+  with pytest.raises(ValueError, match='qwen3_vl'):
+    vlm.parse_qwen_grounding(FENCED, 'kosmos-2', (100, 50))
+
+
+def test_ask_uses_kosmos2_question_prompt_and_returns_the_answer_like_transformers(kosmos2_folder, bundle, images):
+  ref_model, processor, _ = kosmos2_folder
+  question = 'what is the dog by'
+  enc = _torch_inputs(processor, f'<grounding> Question: {question} Answer:', images[2])  # the model card's
+  prompt = vlm.api.KOSMOS2_QUESTION_PROMPT.format(question=question)
+  assert bundle.processor.prompts([prompt])[0].tolist() == enc['input_ids'].tolist()
+  with torch.no_grad():
+    ref = ref_model.generate(**enc, max_new_tokens=MAX_NEW)[0].numpy()
+  generated_text = processor.batch_decode([ref], skip_special_tokens=True)[0]
+  whole = processor.post_process_generation(generated_text)[0]
+  # The question as the tiny tokenizer round-trips it (it has no ':'), then the answer.
+  asked = processor.post_process_generation(processor.batch_decode(enc['input_ids'], skip_special_tokens=True)[0])[0]
+  assert asked == 'Question what is the dog by Answer' and whole.startswith(asked) and len(whole) > len(asked)
+  (result,) = vlm.ask(bundle, images[2:], question, max_new_tokens=MAX_NEW)
+  assert result['generated_text'] == generated_text and result['text'] == whole[len(asked) :].strip()
+  # A grounded answer: the entities of the answer only, their spans into it.
+  prompt_text = processor.batch_decode(enc['input_ids'], skip_special_tokens=True)[0]
+  grounded = (
+    f'{prompt_text}<phrase> a dog</phrase><object><patch_index_0044><patch_index_0863></object> by<phrase> the '
+    'fire</phrase><object><patch_index_0005><patch_index_0911></object>'
+  )
+  text, entities = processor.post_process_generation(grounded)
+  answer = vlm.api._after_prompt(bundle.processor, dict(text=text, entities=entities), prompt)
+  assert answer['text'] == 'a dog by the fire'
+  assert [(p, answer['text'][slice(*span)], b) for p, span, b in answer['entities']] == [
+    ('a dog', 'a dog', entities[0][2]),
+    ('the fire', 'the fire', entities[1][2]),
+  ]
+
+
+def test_ask_cli_prints_and_writes_the_answers(kosmos2_folder, bundle, images, tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(vlm, 'load', lambda *a, **k: bundle)  # the module's model: its ask program is compiled
+  images[2].save(tmp_path / 'a.png')
+  argv = ['ask', '--model', kosmos2_folder[2], '--image', str(tmp_path / 'a.png'), '--max-new-tokens', str(MAX_NEW)]
+  assert not main([*argv, '--json', str(tmp_path / 'out.json'), 'what is the dog by'])
+  (record,) = json.loads((tmp_path / 'out.json').read_text())
+  (expected,) = vlm.ask(bundle, images[2:], 'what is the dog by', max_new_tokens=MAX_NEW)
+  assert record['image'] == str(tmp_path / 'a.png') and record['question'] == 'what is the dog by'
+  assert record['text'] == expected['text'] != '' and record['generated_text'] == expected['generated_text']
+  assert capsys.readouterr().out.startswith(f'{tmp_path / "a.png"}: {expected["text"]}\n')
+  # Bad input: one line naming the problem, exit status 2, before any model is loaded.
+  (tmp_path / 'clip').mkdir()
+  (tmp_path / 'clip' / 'config.json').write_text(json.dumps({'model_type': 'clip'}))
+  for bad, message in [
+    (['--image', str(tmp_path / 'missing.png')], f'{tmp_path / "missing.png"}: no such image or folder'),
+    (['--model', str(tmp_path / 'clip')], "model_type 'clip' is not a supported vision-language model; supported:"),
+  ]:
+    assert main([*argv, *bad, 'q']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('jaxdream ask: error: ') and message in err and err.count('\n') == 1, err
+
+
+def test_load_dispatches_on_model_type_and_names_the_supported_types(kosmos2_folder, tmp_path):
+  assert isinstance(vlm.load(kosmos2_folder[2]), vlm.Kosmos2Bundle)
+  (tmp_path / 'unet').mkdir()
+  (tmp_path / 'unet' / 'config.json').write_text(json.dumps({'_class_name': 'UNet2DConditionModel'}))
+  (tmp_path / 'empty').mkdir()
+  supported = "Kosmos-2 ('kosmos-2'), Qwen2.5-VL ('qwen2_5_vl') and Qwen3-VL ('qwen3_vl')"
+  for folder, error in [('unet', ConfigError), ('empty', WeightsError), ('missing', FileNotFoundError)]:
+    with pytest.raises(error, match=re.escape(supported)):
+      vlm.load(str(tmp_path / folder))
+
+
+@dataclasses.dataclass
+class StubQwenBundle:
+  """The interface of jaxdream.vlm.qwen.QwenVLBundle that the API relies on."""
+
+  model_type: str
+  path: str | None = None
+  asked: list = dataclasses.field(default_factory=list)
+
+
+def _stub_qwen_generate(bundle, images, texts, *, max_new_tokens=64, batch_size=8, **kwargs):
+  """Canned answers: a grounding answer (boxes in the model's own coordinates) when asked to locate."""
+  bundle.asked.append((len(images), list(texts), max_new_tokens, kwargs))
+  box = [16, 8, 48, 40] if bundle.model_type == 'qwen2_5_vl' else [250, 125, 750, 625]  # the same box
+  located = f'```json\n[{{"bbox_2d": {box}, "label": "dog"}}, {{"bbox_2d": [1, 2, 3], "label": "dog"}}]\n```'
+  answer = lambda t: located if t.startswith('Locate') else f'A dog. ({t})'
+  return [dict(text=answer(t), input_size=(64, 64)) for t in texts]
+
+
+@pytest.fixture
+def stub_qwen(monkeypatch, tmp_path):
+  """jaxdream.vlm.qwen replaced by a stand-in with the lead's interface; returns {model_type: folder}."""
+  import sys
+  import types
+
+  loaded = []
+  qwen = types.ModuleType('jaxdream.vlm.qwen')
+  qwen.load_qwen = lambda path, **kw: loaded.append((path, kw)) or StubQwenBundle(vlm.model_type(path), path)
+  qwen.qwen_generate = _stub_qwen_generate
+  qwen.loaded = loaded
+  monkeypatch.setitem(sys.modules, 'jaxdream.vlm.qwen', qwen)
+  folders = {}
+  for kind in ('qwen2_5_vl', 'qwen3_vl'):
+    (tmp_path / kind).mkdir()
+    (tmp_path / kind / 'config.json').write_text(json.dumps({'model_type': kind}))
+    folders[kind] = str(tmp_path / kind)
+  return folders, loaded
+
+
+@pytest.mark.parametrize('kind', ['qwen2_5_vl', 'qwen3_vl'])
+def test_qwen_caption_ask_and_check_subject_go_through_qwen_generate(kind, stub_qwen, images):
+  folders, loaded = stub_qwen
+  qwen = vlm.load(folders[kind], dtype=jnp.bfloat16)
+  assert qwen.model_type == kind and loaded == [
+    (folders[kind], dict(dtype=jnp.bfloat16, attention_impl='auto', allow_pickle=False))
+  ]
+  results = vlm.caption(qwen, images[:2], max_new_tokens=5)
+  assert results == [dict(text=f'A dog. ({vlm.QWEN_CAPTION_PROMPT})', entities=[])] * 2
+  assert qwen.asked[-1] == (2, [vlm.QWEN_CAPTION_PROMPT] * 2, 5, {})
+  (answer,) = vlm.ask(qwen, images[:1], 'Locate the dog.', num_beams=2)
+  assert qwen.asked[-1] == (1, ['Locate the dog.'], 64, dict(num_beams=2))
+  start = answer['text'].index('dog')  # the second, malformed box is dropped
+  assert answer['entities'] == [('dog', (start, start + 3), [(0.25, 0.125, 0.75, 0.625)])]
+  summary = vlm.check_subject(qwen, images[:2], 'Dog')
+  assert qwen.asked[-1][1] == [vlm.QWEN_LOCATE_PROMPT.format(phrase='Dog')] * 2
+  assert summary['grounded_fraction'] == 1.0 and summary['images'][0]['boxes'] == [[0.25, 0.125, 0.75, 0.625]]
+  assert vlm.caption(folders[kind], images[:1])[0]['text'].startswith('A dog.')  # a folder is loaded
+  with pytest.raises(ValueError, match='Kosmos-2 only'):
+    vlm.caption(qwen, images[:1], heatmaps=True)
+
+
+def test_qwen_cli_ask_caption_sidecars_and_check_subject(stub_qwen, images, tmp_path, capsys):
+  folders, _ = stub_qwen
+  images[0].save(tmp_path / 'a.png')
+  model = ['--model', folders['qwen3_vl']]
+  assert not main(
+    ['ask', *model, '--image', str(tmp_path / 'a.png'), 'Locate the dog.', '--json', str(tmp_path / 'a.json')]
+  )
+  (record,) = json.loads((tmp_path / 'a.json').read_text())
+  assert record['entities'] == [
+    dict(
+      phrase='dog',
+      span=[record['text'].index('dog'), record['text'].index('dog') + 3],
+      boxes=[[0.25, 0.125, 0.75, 0.625]],
+    )
+  ]
+  assert 'generated_text' not in record and '  dog: (0.250, 0.125, 0.750, 0.625)' in capsys.readouterr().out
+  assert not main(['caption', *model, str(tmp_path / 'a.png'), '--write-captions', str(tmp_path / 'captions')])
+  assert (tmp_path / 'captions' / 'a.txt').read_text() == f'A dog. ({vlm.QWEN_CAPTION_PROMPT})'
+  capsys.readouterr()
+  assert not main(['check-subject', *model, '--images', str(tmp_path / 'a.png'), '--phrase', 'dog'])
+  assert json.loads(capsys.readouterr().out)['grounded_fraction'] == 1.0

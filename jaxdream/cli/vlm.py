@@ -1,4 +1,5 @@
-"""`jaxdream caption` and `check-subject`: grounded captions with a vision-language model."""
+"""`jaxdream caption`, `ask` and `check-subject`: captions, answers and grounding with a vision-language model
+(Kosmos-2, Qwen2.5-VL or Qwen3-VL, told apart by the folder's config.json)."""
 
 from __future__ import annotations
 
@@ -7,27 +8,22 @@ import os
 
 from jaxdream.io.files import atomic_write
 
-GET_KOSMOS2 = (
-  'get one on a machine with internet: huggingface-cli download microsoft/kosmos-2-patch14-224 --local-dir kosmos2'
+GET_VLM = (
+  'get one on a machine with internet: huggingface-cli download microsoft/kosmos-2-patch14-224 --local-dir kosmos2 '
+  '(or Qwen/Qwen2.5-VL-3B-Instruct, Qwen/Qwen3-VL-8B-Instruct)'
 )
 
 
 def _check_vlm_folder(path: str):
-  """A clear message for a --model that is not a Kosmos-2 folder, before anything is loaded."""
-  config = os.path.join(path, 'config.json')
-  if not os.path.isdir(path):
-    raise FileNotFoundError(
-      f'--model {path}: no such folder; it must be a transformers Kosmos-2 folder ({GET_KOSMOS2})'
-    )
-  if not os.path.isfile(config):
-    raise FileNotFoundError(f'--model {path}: no config.json, so not a transformers Kosmos-2 folder ({GET_KOSMOS2})')
+  """A clear message for a --model that is not a supported VLM folder, before anything is loaded."""
+  from jaxdream.io.weights import WeightsError
+  from jaxdream.models import ConfigError
+  from jaxdream.vlm.api import model_type
+
   try:
-    with open(config) as f:
-      model_type = json.load(f).get('model_type')
-  except (OSError, ValueError, AttributeError) as e:
-    raise ValueError(f'--model {path}: config.json is not readable JSON ({e})') from None
-  if model_type != 'kosmos-2':
-    raise ValueError(f"--model {path}: a {model_type!r} model, not Kosmos-2 (model_type 'kosmos-2'); {GET_KOSMOS2}")
+    model_type(path)
+  except (FileNotFoundError, WeightsError, ConfigError) as e:
+    raise type(e)(f'--model {e}; {GET_VLM}') from None
 
 
 def _image_paths(images) -> list[str]:
@@ -49,14 +45,14 @@ def _image_paths(images) -> list[str]:
 
 
 def _load_vlm(args):
-  """The Kosmos-2 bundle of --model, from the call's cache (`main(..., cache=)`): callers that pass the same
+  """The VLM bundle of --model, from the call's cache (`main(..., cache=)`): callers that pass the same
   cache to several commands reuse the loaded model and its compiled generation."""
   import jax.numpy as jnp
 
   from jaxdream import vlm
 
   dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
-  key = ('kosmos2', os.path.abspath(args.model), args.dtype)
+  key = ('vlm', os.path.abspath(args.model), args.dtype)
 
   def load():
     _check_vlm_folder(args.model)
@@ -69,8 +65,21 @@ def _vlm_generation(args) -> dict:
   return dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, batch_size=args.batch_size)
 
 
+def _print_result(path: str, r: dict):
+  print(f'{path}: {r["text"]}')
+  for phrase, _, boxes in r['entities']:
+    print(f'  {phrase}: ' + '; '.join('(' + ', '.join(f'{v:.3f}' for v in b) + ')' for b in boxes))
+
+
+def _record(path: str, r: dict, **extra) -> dict:
+  """One image's result as JSON: Kosmos-2's whole decoded sequence too, when there is one."""
+  whole = {'generated_text': r['generated_text']} if 'generated_text' in r else {}
+  entities = [dict(phrase=p, span=list(s), boxes=[list(b) for b in bs]) for p, s, bs in r['entities']]
+  return dict(image=path, **extra, **whole, text=r['text'], entities=entities)
+
+
 def _caption(args):
-  """Caption and ground images with Kosmos-2; optionally JSON, annotated copies and caption sidecars."""
+  """Caption and ground images; optionally JSON, annotated copies and caption sidecars."""
   import re
 
   from jaxdream import vlm
@@ -82,9 +91,7 @@ def _caption(args):
   records = []
   for path, r in zip(paths, results):
     stem = os.path.splitext(os.path.basename(path))[0]
-    print(f'{path}: {r["text"]}')
-    for phrase, _, boxes in r['entities']:
-      print(f'  {phrase}: ' + '; '.join('(' + ', '.join(f'{v:.3f}' for v in b) + ')' for b in boxes))
+    _print_result(path, r)
     if args.draw:
       os.makedirs(args.draw, exist_ok=True)
       vlm.draw_entities(path, r['entities']).save(os.path.join(args.draw, f'{stem}.png'))
@@ -97,15 +104,21 @@ def _caption(args):
       folder = args.write_captions or os.path.dirname(path)
       os.makedirs(folder, exist_ok=True)
       atomic_write(os.path.join(folder, f'{stem}.txt'), r['text'])
-    records.append(
-      dict(
-        image=path,
-        generated_text=r['generated_text'],
-        text=r['text'],
-        entities=[dict(phrase=p, span=list(s), boxes=[list(b) for b in bs]) for p, s, bs in r['entities']],
-      )
-    )
+    records.append(_record(path, r))
   if args.json:
+    atomic_write(args.json, json.dumps(records, indent=2))
+
+
+def _ask(args):
+  """Answer one question about each image."""
+  from jaxdream import vlm
+
+  paths = _image_paths(args.image)
+  results = vlm.ask(_load_vlm(args), paths, args.question, **_vlm_generation(args))
+  for path, r in zip(paths, results):
+    _print_result(path, r)
+  if args.json:
+    records = [_record(path, r, question=args.question) for path, r in zip(paths, results)]
     atomic_write(args.json, json.dumps(records, indent=2))
 
 
@@ -122,20 +135,20 @@ def _check_subject(args):
 
 def _add_vlm_parsers(sub):
   def common(parser):
-    parser.add_argument('--model', required=True, help='transformers-format Kosmos-2 folder')
+    parser.add_argument('--model', required=True, help='transformers-format folder of Kosmos-2, Qwen2.5-VL or Qwen3-VL')
     parser.add_argument('--max-new-tokens', type=int, default=64)
     parser.add_argument('--num-beams', type=int, default=1, help='beam search width (default 1: greedy)')
     parser.add_argument('--batch-size', type=int, default=8, help='images per generation batch')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='compute dtype')
     parser.add_argument('--json', metavar='FILE', help='also write the results to this JSON file')
 
-  c = sub.add_parser('caption', help='caption images and ground their phrases with boxes (Kosmos-2)')
+  c = sub.add_parser('caption', help='caption images and ground their phrases with boxes (Kosmos-2, Qwen-VL)')
   common(c)
   c.add_argument('images', nargs='+', help='image files or folders of images')
   c.add_argument(
     '--prompt',
-    default='<grounding>An image of',
-    help='prompt the caption continues; <grounding> asks for boxes (default: %(default)s)',
+    help="Kosmos-2: the prompt the caption continues, <grounding> asks for boxes (default: '<grounding>An image "
+    "of'); Qwen: the question asked (default: 'Describe this image in one sentence.')",
   )
   c.add_argument('--draw', metavar='DIR', help='write PNG copies with the boxes and phrases drawn on them')
   c.add_argument(
@@ -150,7 +163,12 @@ def _add_vlm_parsers(sub):
     'image when no DIR is given, for DreamBooth training',
   )
   c.set_defaults(fn=_caption)
-  s = sub.add_parser('check-subject', help='check that a subject phrase is grounded in each image (Kosmos-2)')
+  a = sub.add_parser('ask', help='answer a question about images (Kosmos-2, Qwen-VL)')
+  common(a)
+  a.add_argument('--image', required=True, action='append', help='an image file or folder of images (repeat for more)')
+  a.add_argument('question', help='e.g. "What color is the dog?"')
+  a.set_defaults(fn=_ask)
+  s = sub.add_parser('check-subject', help='check that a subject phrase is grounded in each image (Kosmos-2, Qwen-VL)')
   common(s)
   s.add_argument('--images', required=True, nargs='+', help='folder(s) or files of images')
   s.add_argument('--phrase', required=True, help='the subject, e.g. "dog"')
@@ -158,7 +176,7 @@ def _add_vlm_parsers(sub):
     '--mode',
     choices=('caption', 'refer'),
     default='caption',
-    help="caption: the phrase must appear among a free caption's grounded entities; refer: ask "
-    'the model where the phrase is (default: %(default)s)',
+    help="Kosmos-2: caption: the phrase must appear among a free caption's grounded entities; refer: ask "
+    'the model where the phrase is (default: %(default)s). Qwen models are always asked where it is',
   )
   s.set_defaults(fn=_check_subject)

@@ -1,18 +1,37 @@
-"""The user-facing Kosmos-2 API: `load` a transformers folder into a bundle, `caption` (and ground) images,
-draw `phrase_heatmaps`, and `check_subject` for DreamBooth training sets."""
+"""The user-facing VLM API over Kosmos-2, Qwen2.5-VL and Qwen3-VL: `load` a transformers folder into a
+bundle, `caption` and `ask` about images (with grounded entities), draw Kosmos-2's `phrase_heatmaps`, and
+`check_subject` for DreamBooth training sets.
+
+Every result has 'text' and 'entities' ((phrase, (start, end), [(x1, y1, x2, y2), ...]), boxes in [0, 1]);
+Kosmos-2's entities come from its grounding tags (`parse_grounding`), Qwen's from the JSON boxes of its answer
+(`parse_qwen_grounding`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import ClassVar
 
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdream.io.weights import read_config
+from jaxdream.models.config import ConfigError
 from jaxdream.models.kosmos2 import Kosmos2ForConditionalGeneration, load_kosmos2
 from jaxdream.vlm.generation import compiled, generate
-from jaxdream.vlm.grounding import parse_grounding, subject_boxes
+from jaxdream.vlm.grounding import parse_grounding, parse_qwen_grounding, subject_boxes
 from jaxdream.vlm.processor import _PROMPT_BUCKET, DEFAULT_PROMPT, Kosmos2Processor
+
+QWEN_MODEL_TYPES = ('qwen2_5_vl', 'qwen3_vl')
+MODEL_TYPES = ('kosmos-2',) + QWEN_MODEL_TYPES  # config.json's model_type of the folders `load` reads
+SUPPORTED_MODELS = "Kosmos-2 ('kosmos-2'), Qwen2.5-VL ('qwen2_5_vl') and Qwen3-VL ('qwen3_vl')"
+
+# Qwen's questions. Captions become training sidecars, so one sentence: a longer description would be cut
+# at max_new_tokens. The grounding question is the style of Qwen's published grounding examples.
+QWEN_CAPTION_PROMPT = 'Describe this image in one sentence.'
+QWEN_LOCATE_PROMPT = 'Locate every {phrase} in the image and output the bbox coordinates in JSON format.'
+# Kosmos-2's question answering prompt, as its model card gives it.
+KOSMOS2_QUESTION_PROMPT = '<grounding> Question: {question} Answer:'
 
 
 @dataclasses.dataclass
@@ -24,9 +43,36 @@ class Kosmos2Bundle:
   eos_token_id: tuple
   pad_token_id: int
   path: str | None = None
+  model_type: ClassVar[str] = 'kosmos-2'
 
 
-def load(path: str, *, dtype=jnp.float32, attention_impl: str = 'auto', allow_pickle: bool = False) -> Kosmos2Bundle:
+def model_type(path: str) -> str:
+  """config.json's model_type of a vision-language model folder; any other folder is an error naming the
+  supported types."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'{path}: no such folder; a VLM folder is a transformers folder of {SUPPORTED_MODELS}')
+  config = read_config(path, hint=f'a VLM folder is a transformers folder of {SUPPORTED_MODELS}')
+  kind = config.get('model_type') if isinstance(config, dict) else None
+  if kind not in MODEL_TYPES:
+    raise ConfigError(
+      f'{path}: model_type {kind!r} is not a supported vision-language model; supported: {SUPPORTED_MODELS}'
+    )
+  return kind
+
+
+def load(path: str, *, dtype=jnp.float32, attention_impl: str = 'auto', allow_pickle: bool = False):
+  """Load a transformers vision-language folder by its config.json's model_type: a `Kosmos2Bundle`
+  ('kosmos-2') or a `jaxdream.vlm.qwen.QwenVLBundle` ('qwen2_5_vl', 'qwen3_vl')."""
+  if model_type(path) in QWEN_MODEL_TYPES:
+    from jaxdream.vlm.qwen import load_qwen  # the Qwen port loads only when a Qwen folder is asked for
+
+    return load_qwen(path, dtype=dtype, attention_impl=attention_impl, allow_pickle=allow_pickle)
+  return load_kosmos2_bundle(path, dtype=dtype, attention_impl=attention_impl, allow_pickle=allow_pickle)
+
+
+def load_kosmos2_bundle(
+  path: str, *, dtype=jnp.float32, attention_impl: str = 'auto', allow_pickle: bool = False
+) -> Kosmos2Bundle:
   """Load a transformers Kosmos-2 folder: config.json, model.safetensors, tokenizer files and the
   (pre)processor config. EOS and pad ids come from the text config: transformers' Kosmos-2 generates with
   its text model's own generation settings, so generation_config.json does not apply there either."""
@@ -41,32 +87,63 @@ def load(path: str, *, dtype=jnp.float32, attention_impl: str = 'auto', allow_pi
   )
 
 
+def _bundle(model):
+  """A bundle from a folder (loaded) or a bundle (as it is)."""
+  return load(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else model
+
+
+def _is_qwen(bundle) -> bool:
+  return getattr(bundle, 'model_type', None) in QWEN_MODEL_TYPES
+
+
+def _per_image(value, images: list, what: str) -> list:
+  """One string for every image, or one per image."""
+  values = [value] * len(images) if isinstance(value, str) else list(value)
+  if len(values) != len(images):
+    raise ValueError(f'{len(values)} {what} for {len(images)} images')
+  return values
+
+
+def _qwen(bundle, images: list, questions: list[str], **generate_kwargs) -> list[dict]:
+  """Qwen's answers, each with the entities of the JSON boxes in it (on the image as resized for the model)."""
+  from jaxdream.vlm.qwen import qwen_generate
+
+  return [
+    dict(text=r['text'], entities=parse_qwen_grounding(r['text'], bundle.model_type, r['input_size']))
+    for r in qwen_generate(bundle, images, questions, **generate_kwargs)
+  ]
+
+
 def caption(
   model,
   images,
+  prompt: str | list[str] | None = None,
   *,
-  prompt: str | list[str] = DEFAULT_PROMPT,
   max_new_tokens: int = 64,
   batch_size: int = 8,
   heatmaps: bool = False,
   **generate_kwargs,
 ) -> list[dict]:
-  """Caption (and ground) images with Kosmos-2.
+  """Caption (and ground) images.
 
   model: a folder or a `load`ed bundle; images: paths, PIL images or uint8 arrays; prompt: one string or
-  one per image. generate_kwargs: do_sample, temperature, top_k, top_p, num_beams, seed, ...
-  Returns per image {'generated_text', 'text', 'entities'}: the decoded sequence (prompt included, as
-  processor.batch_decode(..., skip_special_tokens=True)) and its post_process_generation parse.
-  heatmaps=True adds 'heatmaps': [(phrase, (grid, grid) array in [0, 1])], where each `<phrase>`'s tokens
-  looked in the image (see `phrase_heatmaps`).
+  one per image, by default Kosmos-2's '<grounding>An image of' (a caption to continue) or Qwen's
+  `QWEN_CAPTION_PROMPT` (a question). generate_kwargs: do_sample, temperature, top_k, top_p, num_beams, seed, ...
+  Returns per image {'text', 'entities'}. Kosmos-2 adds 'generated_text', the decoded sequence (prompt
+  included, as processor.batch_decode(..., skip_special_tokens=True)), of which 'text' and 'entities' are the
+  post_process_generation parse; heatmaps=True (Kosmos-2 only) adds 'heatmaps': [(phrase, (grid, grid) array
+  in [0, 1])], where each `<phrase>`'s tokens looked in the image (see `phrase_heatmaps`).
   """
   if generate_kwargs.get('num_return_sequences', 1) != 1:
     raise ValueError('caption returns one result per image; call generate for num_return_sequences > 1')
-  bundle = model if isinstance(model, Kosmos2Bundle) else load(model)
+  bundle = _bundle(model)
   images = list(images)
-  prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
-  if len(prompts) != len(images):
-    raise ValueError(f'{len(prompts)} prompts for {len(images)} images')
+  if _is_qwen(bundle):
+    if heatmaps:
+      raise ValueError('heatmaps are Kosmos-2 only: Qwen-VL has no grounding tokens to follow')
+    prompts = _per_image(QWEN_CAPTION_PROMPT if prompt is None else prompt, images, 'prompts')
+    return _qwen(bundle, images, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, **generate_kwargs)
+  prompts = _per_image(DEFAULT_PROMPT if prompt is None else prompt, images, 'prompts')
   proc, results = bundle.processor, []
   for lo in range(0, len(images), batch_size):
     ids, attention, image_mask = proc.prompts(prompts[lo : lo + batch_size], bucket=_PROMPT_BUCKET)
@@ -89,6 +166,34 @@ def caption(
       if heatmaps:
         results[-1]['heatmaps'] = maps[i]
   return results
+
+
+def ask(model, images, question: str | list[str], *, max_new_tokens: int = 64, **caption_kwargs) -> list[dict]:
+  """Answer a question about each image: one question for all, or one per image.
+
+  Kosmos-2 is prompted with `KOSMOS2_QUESTION_PROMPT` (grounded); its 'text' is the answer after the
+  question, and 'entities' are those of the answer, their spans into it ('generated_text' keeps the whole
+  sequence). Qwen gets the question as the user message. caption_kwargs: batch_size and generate's settings.
+  """
+  bundle = _bundle(model)
+  images = list(images)
+  questions = _per_image(question, images, 'questions')
+  if _is_qwen(bundle):
+    return caption(bundle, images, questions, max_new_tokens=max_new_tokens, **caption_kwargs)
+  prompts = [KOSMOS2_QUESTION_PROMPT.format(question=q.strip()) for q in questions]
+  results = caption(bundle, images, prompts, max_new_tokens=max_new_tokens, **caption_kwargs)
+  return [_after_prompt(bundle.processor, r, p) for r, p in zip(results, prompts)]
+
+
+def _after_prompt(proc: Kosmos2Processor, result: dict, prompt: str) -> dict:
+  """A Kosmos-2 result cut to what follows its prompt: the text after the prompt as the tokenizer round-trips
+  it (a tokenizer may drop characters it lacks), and the entities there, their spans moved to the cut text."""
+  question = parse_grounding(proc.decode([proc.encode_prompt(prompt)])[0])[0]
+  text = result['text']
+  cut = len(question) if text.startswith(question) else 0
+  cut += len(text[cut:]) - len(text[cut:].lstrip())
+  entities = [(p, (s - cut, e - cut), boxes) for p, (s, e), boxes in result['entities'] if s >= cut]
+  return dict(result, text=text[cut:], entities=entities)
 
 
 def _attention_summary(model, pixel_values, ids, image_mask, attention):
@@ -135,16 +240,22 @@ def phrase_heatmaps(bundle: Kosmos2Bundle, pixel_values, ids, prompt_attention, 
 def check_subject(model, images, phrase: str, *, mode: str = 'caption', **caption_kwargs) -> dict:
   """Whether each image shows `phrase`, grounded with boxes: a DreamBooth training-set check.
 
-  mode 'caption': the phrase must be among the grounded entities of a free caption (conservative);
+  Kosmos-2: mode 'caption': the phrase must be among the grounded entities of a free caption (conservative);
   mode 'refer': the model is asked where `<phrase>phrase</phrase>` is (it nearly always answers a box).
+  Qwen: in either mode the model is asked `QWEN_LOCATE_PROMPT` (its free captions carry no boxes), and the
+  boxes labelled with the phrase count.
   Returns {'phrase', 'mode', 'grounded_fraction', 'images': [{'image', 'grounded', 'boxes', 'text'}]}.
   """
   if mode not in ('caption', 'refer'):
     raise ValueError(f"mode must be 'caption' or 'refer', not {mode!r}")
+  bundle = _bundle(model)
   images = list(images)
-  if mode == 'refer':
-    caption_kwargs['prompt'] = f'<grounding><phrase> {phrase.strip()}</phrase>'
-  results = caption(model, images, **caption_kwargs)
+  if _is_qwen(bundle):
+    results = ask(bundle, images, QWEN_LOCATE_PROMPT.format(phrase=phrase.strip()), **caption_kwargs)
+  else:
+    if mode == 'refer':
+      caption_kwargs['prompt'] = f'<grounding><phrase> {phrase.strip()}</phrase>'
+    results = caption(bundle, images, **caption_kwargs)
   rows = []
   for i, (image, r) in enumerate(zip(images, results)):
     boxes = subject_boxes(r['entities'], phrase)
