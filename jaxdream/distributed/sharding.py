@@ -84,6 +84,22 @@ def param_shardings(flat: dict, axes: dict, mesh, rules=DEFAULT_RULES, fsdp_min_
   }
 
 
+def place_model(model: nnx.Module, mesh, rules=TENSOR_RULES, fsdp_min_size: int = 1024) -> nnx.Module:
+  """Put `model`'s arrays on `mesh`, in place, each as its logical axes and `rules` say (by default
+  Megatron-style tensor parallelism: heads, MLP and vocabulary over 'tensor'; FSDP where the mesh has
+  'fsdp'); arrays without axes (int8 weights, buffers) are replicated. Jitted calls of the model then run
+  sharded, XLA adding the collectives. Returns the model."""
+  from jaxdream.distributed.multihost import to_global
+
+  axes = logical_axes(model)
+  for path, var in nnx.to_flat_state(nnx.state(model)):
+    value = var[...]
+    key = '/'.join(map(str, path))
+    spec = partition_spec(value.shape, axes.get(key), mesh, rules, fsdp_min_size)
+    var.set_value(to_global(value, NamedSharding(mesh, spec)))
+  return model
+
+
 def state_shardings(state, trainable_shardings: dict, mesh):
   """Shardings of the training state: every leaf under a parameter's path key shaped like the parameter
   (the parameter, its optimizer moments, its EMA) follows that parameter; everything else (step, rng,

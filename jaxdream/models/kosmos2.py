@@ -21,6 +21,7 @@ from jaxdream.io.weights import abstract_model, load_state_dict, read_config, re
 from jaxdream.models.clip_vision import CLIPVisionTransformer, resolve_vision_config
 from jaxdream.models.config import ConfigError, resolve_config
 from jaxdream.nn.adapters import Int8Embed, Int8Linear, Quantized, state_bytes, swap_modules  # noqa: F401
+from jaxdream.nn.adapters import quantize_int8 as int8
 from jaxdream.nn.attention import (
   check_implementation,
   decoder_mask,
@@ -453,13 +454,4 @@ def quantize_int8(model: Kosmos2ForConditionalGeneration) -> Kosmos2ForCondition
   """Weight-only int8 inference, in place: every Linear (vision tower, resampler, decoder, LM head) and the
   token embeddings keep int8 weights with float32 per-channel scales; activations stay in the model's
   compute dtype. Parameter memory drops about 4x from float32. Returns the model."""
-
-  def convert(m):
-    if isinstance(m, Linear):
-      return Int8Linear(m)
-    if isinstance(m, Embed) and m is model.text_model.model.embed_tokens:
-      return Int8Embed(m)
-    return None
-
-  swap_modules(model, convert)
-  return model
+  return int8(model, [model.text_model.model.embed_tokens])

@@ -78,6 +78,23 @@ def swap_modules(module: nnx.Module, convert):
         child[i] = new
 
 
+def quantize_int8(model: nnx.Module, embeddings=()) -> nnx.Module:
+  """Weight-only int8 inference, in place: every Linear, and the `embeddings` (token embeddings, which a tied
+  LM head reads too), keep int8 weights with float32 per-channel scales; activations stay in the compute
+  dtype. Parameter memory drops about 4x from float32. Returns the model."""
+  embeddings = [id(e) for e in embeddings]
+
+  def convert(m):
+    if isinstance(m, Linear):
+      return Int8Linear(m)
+    if isinstance(m, Embed) and id(m) in embeddings:
+      return Int8Embed(m)
+    return None
+
+  swap_modules(model, convert)
+  return model
+
+
 def state_bytes(model: nnx.Module) -> int:
   """Bytes held by the model's arrays (parameters and quantized weights)."""
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))

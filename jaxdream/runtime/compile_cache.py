@@ -11,6 +11,8 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from flax import nnx
+
 
 class CompileCache:
   def __init__(self):
@@ -57,3 +59,18 @@ class Structure:
 
   def __eq__(self, other) -> bool:
     return isinstance(other, Structure) and self.graphdef == other.graphdef
+
+
+def compiled(model, fn, **static):
+  """`fn(model, *arrays, **static)` jitted, called as `compiled(model, fn, **static)(*arrays)`. The model's
+  parameters are an argument of the compiled function, not constants baked into it; the function is cached
+  in `model.compile_cache` per `fn`, static settings and graph structure (quantizing a model in place changes
+  its structure, so it compiles anew)."""
+  import jax
+
+  graphdef, state = nnx.split(model)
+  key = (fn, tuple(sorted(static.items())), Structure(graphdef))
+  jitted = model.compile_cache.get(
+    key, lambda: jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args, **static))
+  )
+  return lambda *args: jitted(state, *args)

@@ -19,9 +19,8 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from jaxdream.runtime import CompileCache
+from jaxdream.runtime import CompileCache, compiled  # noqa: F401 (jaxdream.vlm.generation.compiled before runtime had it)
 
 
 class GenerativeModel(Protocol):
@@ -71,35 +70,6 @@ def warp_logits(logits, temperature, top_k: int, top_p):
   remove_sorted = (cumulative <= 1 - top_p).at[..., -1].set(False)
   remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
   return jnp.where(remove & (top_p < 1.0), -jnp.inf, logits)
-
-
-class _Structure:
-  """A model's graph structure as part of a cache key. Equal when the graphdefs are equal; hashed by the
-  state's tree structure, because a graphdef holding a config dict cannot be hashed itself."""
-
-  __slots__ = ('graphdef', '_hash')
-
-  def __init__(self, graphdef, state):
-    self.graphdef, self._hash = graphdef, hash(jax.tree.structure(state))
-
-  def __hash__(self):
-    return self._hash
-
-  def __eq__(self, other):
-    return isinstance(other, _Structure) and self._hash == other._hash and self.graphdef == other.graphdef
-
-
-def compiled(model, fn, **static):
-  """`fn(model, *arrays, **static)` jitted, called as `compiled(model, fn, **static)(*arrays)`. The model's
-  parameters are an argument of the compiled function, not constants baked into it; the function is cached
-  in `model.compile_cache` per `fn`, static settings and graph structure (quantizing a model in place changes
-  its structure, so it compiles anew)."""
-  graphdef, state = nnx.split(model)
-  key = (fn, tuple(sorted(static.items())), _Structure(graphdef, state))
-  jitted = model.compile_cache.get(
-    key, lambda: jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args, **static))
-  )
-  return lambda *args: jitted(state, *args)
 
 
 def _prefill(model, inputs, total: int):
