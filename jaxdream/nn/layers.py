@@ -209,6 +209,28 @@ class LayerNorm(_Norm):
     return y.astype(self.dtype)
 
 
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm with a per-feature `scale` and no bias, as transformers' Qwen/Llama RMSNorm: the
+  variance and the normalisation in float32, the result cast back to the compute dtype before the weight
+  multiplies it (so a bfloat16 model rounds where torch's does)."""
+
+  TORCH_PARAMS = {'scale': ('weight', _identity, _identity)}
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, axes=('norm',), dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    self.axes = _check_axes('RMSNorm', axes, 1)
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.eps = eps
+    self.dtype = dtype
+
+  def param_axes(self) -> dict:
+    return {'scale': self.axes}
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)
+    return y.astype(self.dtype) * self.scale[...].astype(self.dtype)
+
+
 class Embed(nnx.Module):
   """`axes`: logical names of the (rows, features) of the table; ('vocab', 'embed') for tokens."""
 
@@ -239,6 +261,7 @@ ACTIVATIONS = {
   'swish': jax.nn.silu,
   'gelu': lambda x: jax.nn.gelu(x, approximate=False),  # torch's default GELU is the exact one
   'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
+  'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),  # Qwen3-VL's vision tower
   'quick_gelu': quick_gelu,
   'relu': jax.nn.relu,
   'tanh': jnp.tanh,  # ViT's pooler

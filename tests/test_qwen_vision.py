@@ -1,0 +1,85 @@
+"""The Qwen2.5-VL and Qwen3-VL vision towers compute what transformers' `model.visual` computes, and the Qwen-VL
+processor makes the inputs transformers' processors make.
+
+The tiny folders (conftest.write_qwen_vl_folder) hold a random model saved by transformers, a byte-level BPE
+tokenizer with Qwen's added tokens, the published chat templates and small pixel budgets.
+"""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import jit_call, rel_err
+
+from jaxdream.io.weights import abstract_model, load_state_dict
+from jaxdream.models.config import ConfigError
+from jaxdream.models.qwen_vision import Qwen2_5VisionTransformer, Qwen3VisionModel, resolve_qwen_vision_config
+
+pytestmark = pytest.mark.reference
+
+TOWERS = {'qwen2_5_vl': Qwen2_5VisionTransformer, 'qwen3_vl': Qwen3VisionModel}
+# Two images of different sizes and a two-frame clip in one call. Qwen2.5 (windows of 2x2 merged tokens): the
+# 2x3 and 3x4 merged grids end in partial windows. Qwen3 (a 4x4 position table): 4x6 and 6x4 interpolate it.
+GRIDS = {'qwen2_5_vl': ((1, 4, 6), (1, 6, 8), (2, 4, 4)), 'qwen3_vl': ((1, 4, 6), (1, 6, 4), (2, 4, 4))}
+
+
+def load_tower(torch_model, path, kind):
+  cfg = resolve_qwen_vision_config(json.load(open(os.path.join(path, 'config.json'))), kind)
+  weights = {
+    k.removeprefix('model.visual.'): v.numpy()
+    for k, v in torch_model.state_dict().items()
+    if k.startswith('model.visual.')
+  }
+  tower = abstract_model(lambda rngs: TOWERS[kind](cfg, rngs=rngs))
+  load_state_dict(tower, weights)
+  return tower, cfg
+
+
+@pytest.mark.parametrize('kind', ['qwen2_5_vl', 'qwen3_vl'])
+def test_vision_tower_matches_transformers(kind, request):
+  torch_model, path = request.getfixturevalue(f'{kind}_folder')
+  tower, cfg = load_tower(torch_model, path, kind)
+  grid = GRIDS[kind]
+  n = sum(t * h * w for t, h, w in grid)
+  pixels = np.random.default_rng(0).standard_normal((n, 3 * 2 * cfg['patch_size'] ** 2)).astype(np.float32)
+  with torch.no_grad():
+    ref = torch_model.model.visual(torch.from_numpy(pixels), grid_thw=torch.tensor(grid))
+  out = jit_call(tower, grid_thw=grid)(jnp.asarray(pixels))
+  if kind == 'qwen3_vl':
+    out, deepstack = out
+    assert len(deepstack) == len(ref.deepstack_features) == 2
+    for ours, theirs in zip(deepstack, ref.deepstack_features):
+      assert ours.shape == (n // 4, cfg['out_hidden_size'])
+      assert rel_err(ours, theirs.numpy()) <= 1e-5
+  assert out.shape == (n // 4, cfg['out_hidden_size'])
+  assert rel_err(out, ref.pooler_output.numpy()) <= 1e-5
+
+
+def test_bad_vision_configs_and_inputs_are_named(qwen2_5_vl_folder):
+  _, path = qwen2_5_vl_folder
+  config = json.load(open(os.path.join(path, 'config.json')))
+  with pytest.raises(ConfigError, match='unsupported Qwen-VL model_type'):
+    resolve_qwen_vision_config(config, 'qwen2_vl')
+  with pytest.raises(ConfigError, match='no vision_config'):
+    resolve_qwen_vision_config({'model_type': 'qwen2_5_vl'}, 'qwen2_5_vl')
+  for key, value, message in (
+    ('hidden_act', 'swiglu', 'hidden_act'),
+    ('fullatt_block_indexes', [1, 7], 'fullatt_block_indexes'),
+    ('num_heads', 3, 'head dim'),
+    ('rope_parameters', {'rope_type': 'default'}, 'rope_type'),
+  ):
+    with pytest.raises(ConfigError, match=message):
+      resolve_qwen_vision_config(
+        dict(config, vision_config=dict(config['vision_config'], **{key: value})), 'qwen2_5_vl'
+      )
+  cfg = resolve_qwen_vision_config(config, 'qwen2_5_vl')
+  with pytest.raises(ConfigError, match='resolve_qwen_vision_config'):
+    Qwen3VisionModel(cfg, rngs=None)
+  tower = abstract_model(lambda rngs: Qwen2_5VisionTransformer(cfg, rngs=rngs))
+  with pytest.raises(ValueError, match='do not match grid_thw'):
+    tower(jnp.zeros((23, 1176)), ((1, 4, 6),))
+  with pytest.raises(ValueError, match='multiples of 2'):
+    tower(jnp.zeros((15, 1176)), ((1, 3, 5),))
