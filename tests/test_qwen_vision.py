@@ -83,3 +83,92 @@ def test_bad_vision_configs_and_inputs_are_named(qwen2_5_vl_folder):
     tower(jnp.zeros((23, 1176)), ((1, 4, 6),))
   with pytest.raises(ValueError, match='multiples of 2'):
     tower(jnp.zeros((15, 1176)), ((1, 3, 5),))
+
+
+def reference_processor(path, kind):
+  """transformers' processor as AutoProcessor would build it, without the video processor it cannot load here
+  (torchvision is not installed): the image processor AutoImageProcessor picks, the chat template the
+  processor finds."""
+  from unittest import mock
+
+  from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor, Qwen3VLProcessor
+
+  cls = {'qwen2_5_vl': Qwen2_5_VLProcessor, 'qwen3_vl': Qwen3VLProcessor}[kind]
+  template = cls.get_processor_dict(path)[0]['chat_template']
+  with mock.patch.object(cls, 'check_argument_for_proper_class', lambda *a: None):
+    return cls(
+      image_processor=AutoImageProcessor.from_pretrained(path),
+      tokenizer=AutoTokenizer.from_pretrained(path),
+      video_processor=None,
+      chat_template=template,
+    )
+
+
+@pytest.mark.parametrize('kind', ['qwen2_5_vl', 'qwen3_vl'])
+def test_processor_matches_transformers(kind, request):
+  from PIL import Image
+
+  from jaxdream.vlm.qwen_processor import QwenVLProcessor
+
+  _, path = request.getfixturevalue(f'{kind}_folder')
+  ref = reference_processor(path, kind)
+  assert type(ref.image_processor).__name__ == 'Qwen2VLImageProcessorPil'
+  ours = QwenVLProcessor(path)
+  rng = np.random.default_rng(0)
+  images = [
+    Image.fromarray(rng.integers(0, 256, (61, 90, 3), np.uint8)),
+    # far over the folder's max_pixels (12544 / 12288), and with transparency
+    Image.fromarray(rng.integers(0, 256, (230, 310, 4), np.uint8), 'RGBA'),
+  ]
+  questions = ['Describe this image.', 'Locate the sks dog and output its bbox coordinates in JSON format.']
+  prompts = [
+    ref.apply_chat_template(
+      [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': q}]}],
+      add_generation_prompt=True,
+      tokenize=False,
+    )
+    for q in questions
+  ]
+  assert [ours.prompt(q) for q in questions] == prompts
+  assert prompts[0].startswith('<|im_start|>system\n' if kind == 'qwen2_5_vl' else '<|im_start|>user\n')
+  expected = ref(images=images, text=prompts, padding=True, padding_side='left', return_tensors='np')
+  out = ours(images, questions)
+  np.testing.assert_array_equal(out['image_grid_thw'], expected['image_grid_thw'])
+  assert out['pixel_values'].dtype == np.float32
+  np.testing.assert_allclose(out['pixel_values'], expected['pixel_values'], rtol=0, atol=1e-6)
+  np.testing.assert_array_equal(out['input_ids'], expected['input_ids'])
+  np.testing.assert_array_equal(out['attention_mask'], expected['attention_mask'])
+  mask = out['attention_mask']
+  assert out['input_ids'].dtype == mask.dtype == np.int32
+  assert mask[:, 0].min() == 0 and (np.diff(mask, axis=1) >= 0).all()  # the shorter row is padded on the left
+  factor = ours.patch_size * ours.merge_size
+  assert [(w * factor // 2, h * factor // 2) for _, h, w in expected['image_grid_thw']] == out['input_sizes']
+  assert out['image_sizes'] == [(90, 61), (310, 230)]
+  tokens = [(out['input_ids'][i] == ours.image_token_id).sum() for i in range(2)]
+  assert tokens == [t * h * w // 4 for t, h, w in expected['image_grid_thw']]
+  torch_model, _ = request.getfixturevalue(f'{kind}_folder')
+  assert ours.image_token_id == torch_model.config.image_token_id
+  assert ours.vision_start_token_id == torch_model.config.vision_start_token_id
+  assert ours.eos_token_ids == tuple(torch_model.generation_config.eos_token_id)
+  assert ours.pad_token_id == ref.tokenizer.pad_token_id
+  assert ours.decode(out['input_ids']) == ref.batch_decode(expected['input_ids'], skip_special_tokens=True)
+
+
+def test_processor_folder_without_image_config_or_tokenizer_is_refused(qwen2_5_vl_folder, tmp_path):
+  import shutil
+
+  from jaxdream.io.weights import WeightsError
+  from jaxdream.vlm.qwen_processor import QwenVLProcessor
+
+  _, path = qwen2_5_vl_folder
+  for missing, message in (
+    ('preprocessor_config.json', 'no preprocessor_config.json'),
+    ('tokenizer.json', 'no tokenizer'),
+  ):
+    folder = tmp_path / missing
+    folder.mkdir()
+    for name in os.listdir(path):
+      if name not in (missing, 'model.safetensors'):
+        shutil.copy(os.path.join(path, name), folder / name)
+    with pytest.raises(WeightsError, match=message):
+      QwenVLProcessor(str(folder))
