@@ -26,14 +26,14 @@ TOWERS = {'qwen2_5_vl': Qwen2_5VisionTransformer, 'qwen3_vl': Qwen3VisionModel}
 GRIDS = {'qwen2_5_vl': ((1, 4, 6), (1, 6, 8), (2, 4, 4)), 'qwen3_vl': ((1, 4, 6), (1, 6, 4), (2, 4, 4))}
 
 
-def load_tower(torch_model, path, kind):
+def load_tower(torch_model, path, kind, dtype=jnp.float32):
   cfg = resolve_qwen_vision_config(json.load(open(os.path.join(path, 'config.json'))), kind)
   weights = {
     k.removeprefix('model.visual.'): v.numpy()
     for k, v in torch_model.state_dict().items()
     if k.startswith('model.visual.')
   }
-  tower = abstract_model(lambda rngs: TOWERS[kind](cfg, rngs=rngs))
+  tower = abstract_model(lambda rngs: TOWERS[kind](cfg, dtype=dtype, rngs=rngs))
   load_state_dict(tower, weights)
   return tower, cfg
 
@@ -56,6 +56,10 @@ def test_vision_tower_matches_transformers(kind, request):
       assert rel_err(ours, theirs.numpy()) <= 1e-5
   assert out.shape == (n // 4, cfg['out_hidden_size'])
   assert rel_err(out, ref.pooler_output.numpy()) <= 1e-5
+  half = jit_call(load_tower(torch_model, path, kind, jnp.bfloat16)[0], grid_thw=grid)(jnp.asarray(pixels))
+  half = half[0] if kind == 'qwen3_vl' else half
+  assert half.dtype == jnp.bfloat16  # float32 parameters, bfloat16 compute
+  assert rel_err(np.asarray(half, np.float32), ref.pooler_output.numpy()) <= 3e-2
 
 
 def test_bad_vision_configs_and_inputs_are_named(qwen2_5_vl_folder):

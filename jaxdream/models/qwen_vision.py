@@ -160,8 +160,8 @@ def frame_segments(grid) -> np.ndarray:
 def window_segments(grid, merge: int, window: int) -> np.ndarray:
   """(N,) int: which attention window each patch is in. Windows tile each frame's grid of merged tokens in
   `window` x `window` squares from the top left (the last row and column of windows may be partial), as
-  transformers' get_vision_window_index. Attention is masked to the window instead of reordering the tokens
-  window by window: the same result, and nothing to undo after the merger."""
+  transformers' get_vision_window_index. The tokens stay in the processor's order between blocks (each block
+  gathers its windows itself, `segment_attention`), so there is no window order to undo after the merger."""
   rows, cols = patch_rows_cols(grid, merge)
   out, start, offset = np.empty(len(rows), np.int64), 0, 0
   for t, h, w in grid:
@@ -252,7 +252,7 @@ def _rotate_half(x):
 
 class VisionAttention(nnx.Module):
   """Self-attention over the packed patches of all images, each patch attending only to patches of its own
-  segment (frame or window); rotary on queries and keys in float32, as transformers does."""
+  segment (frame or window, `segment_attention`); rotary on queries and keys in float32, as transformers."""
 
   def __init__(self, cfg: dict, *, attention_impl: str, dtype, rngs):
     d = cfg['hidden_size']
@@ -265,13 +265,36 @@ class VisionAttention(nnx.Module):
     qkv = self.qkv(x).reshape(n, 3, self.heads, -1)
     rope = lambda a: a.astype(jnp.float32) * cos[:, None] + _rotate_half(a.astype(jnp.float32)) * sin[:, None]
     q, k, v = rope(qkv[:, 0]).astype(x.dtype), rope(qkv[:, 1]).astype(x.dtype), qkv[:, 2]
-    mask = None
-    if len(np.unique(segments)) > 1:  # several images, frames or windows: attention stays within each
-      seg = jnp.asarray(segments, jnp.int32)
-      mask = (seg[:, None] == seg[None, :])[None, None]
-    impl = kernel_for(self.attention_impl, masked=mask is not None)
-    out = dot_product_attention(q[None], k[None], v[None], mask=mask, implementation=impl)
-    return self.proj(out.reshape(n, -1))
+    return self.proj(segment_attention(q, k, v, segments, self.attention_impl).reshape(n, -1))
+
+
+def segment_layout(segments: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """How to batch tokens by segment: `index` (S, L) the tokens of each segment in order, padded with N (a
+  zero row appended to the tokens); `valid` (S, L) which entries are tokens; `slot` (N,) each token's place
+  in the flattened (S * L) batch."""
+  n = len(segments)
+  _, seg, counts = np.unique(segments, return_inverse=True, return_counts=True)
+  order = np.argsort(seg, kind='stable')
+  rank = np.arange(n) - np.concatenate([[0], np.cumsum(counts)[:-1]])[seg[order]]
+  index = np.full((len(counts), counts.max()), n)
+  index[seg[order], rank] = order
+  slot = np.empty(n, np.int64)
+  slot[order] = seg[order] * counts.max() + rank
+  return index, index < n, slot
+
+
+def segment_attention(q, k, v, segments: np.ndarray, implementation: str):
+  """Attention of (N, H, D) tokens within their segments (frames or windows): the segments are gathered into
+  a batch padded to the longest, padded keys masked, and the outputs gathered back to the tokens' order. Its
+  cost is that of the segments, not of an N x N mask."""
+  if len(np.unique(segments)) == 1:
+    return dot_product_attention(q[None], k[None], v[None], implementation=implementation)[0]
+  index, valid, slot = segment_layout(segments)
+  batch = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:1])])[jnp.asarray(index)]  # (S, L, H, D)
+  mask = None if valid.all() else jnp.asarray(valid)[:, None, None, :]  # padded queries are dropped below
+  impl = kernel_for(implementation, masked=mask is not None)
+  out = dot_product_attention(batch(q), batch(k), batch(v), mask=mask, implementation=impl)
+  return out.reshape(-1, *out.shape[2:])[jnp.asarray(slot)]
 
 
 class Qwen2_5VisionMLP(nnx.Module):
