@@ -62,6 +62,64 @@ def test_vision_tower_matches_transformers(kind, request):
   assert rel_err(np.asarray(half, np.float32), ref.pooler_output.numpy()) <= 3e-2
 
 
+# The vision_config of Qwen2.5-VL-7B-Instruct's config.json (older key names: in_chans, spatial_patch_size) and
+# of Qwen3-VL-4B-Instruct's.
+PUBLISHED_VISION = {
+  'qwen2_5_vl': dict(
+    depth=32,
+    hidden_act='silu',
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    in_chans=3,
+    out_hidden_size=3584,
+    patch_size=14,
+    spatial_merge_size=2,
+    spatial_patch_size=14,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+    tokens_per_second=2,
+    temporal_patch_size=2,
+  ),
+  'qwen3_vl': dict(
+    deepstack_visual_indexes=[5, 11, 17],
+    depth=24,
+    hidden_act='gelu_pytorch_tanh',
+    hidden_size=1024,
+    in_channels=3,
+    intermediate_size=4096,
+    model_type='qwen3_vl',
+    num_heads=16,
+    num_position_embeddings=2304,
+    out_hidden_size=2560,
+    patch_size=16,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+  ),
+}
+
+
+@pytest.mark.parametrize('kind', ['qwen2_5_vl', 'qwen3_vl'])
+def test_parameter_count_of_published_vision_configs_matches_transformers(kind):
+  from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
+  from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+  from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+  from jaxdream.io.weights import count_params
+
+  config_cls, torch_cls = {
+    'qwen2_5_vl': (Qwen2_5_VLConfig, Qwen2_5_VisionTransformerPretrainedModel),
+    'qwen3_vl': (Qwen3VLConfig, Qwen3VLVisionModel),
+  }[kind]
+  vision = PUBLISHED_VISION[kind]
+  with torch.device('meta'):
+    ref = torch_cls._from_config(config_cls(vision_config=dict(vision)).vision_config)
+  cfg = resolve_qwen_vision_config({'vision_config': vision}, kind)
+  ours = abstract_model(lambda rngs: TOWERS[kind](cfg, rngs=rngs))
+  assert count_params(ours) == sum(p.numel() for p in ref.parameters())
+  assert cfg['in_channels'] == 3 and cfg['head_dim'] == (80 if kind == 'qwen2_5_vl' else 64)
+
+
 def test_bad_vision_configs_and_inputs_are_named(qwen2_5_vl_folder):
   _, path = qwen2_5_vl_folder
   config = json.load(open(os.path.join(path, 'config.json')))
