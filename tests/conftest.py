@@ -492,3 +492,296 @@ def pytest_collection_modifyitems(config, items):
     while light and len(ordered) < size * (k + 1) and k < workers - 1:
       ordered.append(light.pop(0))
   items[:] = ordered + light
+
+
+# ------------------------------------------------------------------------------------------------ Qwen-VL folders
+
+# Qwen2.5-VL's published chat template (Qwen2-VL's): a default system prompt before the first user turn.
+QWEN2_5_VL_CHAT_TEMPLATE = (
+  '{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}'
+  "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+  "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+  "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+  "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+  "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+  "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+  "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+  "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+  '<|im_start|>assistant\n{% endif %}'
+)
+# Qwen3-VL Instruct's (Qwen3's with vision content): no default system prompt, tools and tool responses.
+QWEN3_VL_CHAT_TEMPLATE = """{%- set image_count = namespace(value=0) %}
+{%- set video_count = namespace(value=0) %}
+{%- macro render_content(content, do_vision_count) %}
+    {%- if content is string %}
+        {{- content }}
+    {%- else %}
+        {%- for item in content %}
+            {%- if 'image' in item or 'image_url' in item or item.type == 'image' %}
+                {%- if do_vision_count %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                {%- endif %}
+                {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
+                <|vision_start|><|image_pad|><|vision_end|>
+            {%- elif 'video' in item or item.type == 'video' %}
+                {%- if do_vision_count %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                {%- endif %}
+                {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
+                <|vision_start|><|video_pad|><|vision_end|>
+            {%- elif 'text' in item %}
+                {{- item.text }}
+            {%- endif %}
+        {%- endfor %}
+    {%- endif %}
+{%- endmacro %}
+{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- render_content(messages[0].content, false) + '\\n\\n' }}
+    {%- endif %}
+    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\\n' + render_content(messages[0].content, false) + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- set content = render_content(message.content, True) %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role + '\\n' + content }}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+# The added tokens of Qwen2.5-VL's vocabulary in its order (ids 151643...); Qwen3-VL's adds the last four.
+QWEN_SPECIAL_TOKENS = (
+  '<|endoftext|>',
+  '<|im_start|>',
+  '<|im_end|>',
+  '<|object_ref_start|>',
+  '<|object_ref_end|>',
+  '<|box_start|>',
+  '<|box_end|>',
+  '<|quad_start|>',
+  '<|quad_end|>',
+  '<|vision_start|>',
+  '<|vision_end|>',
+  '<|vision_pad|>',
+  '<|image_pad|>',
+  '<|video_pad|>',
+)
+QWEN_PLAIN_ADDED_TOKENS = ('<tool_call>', '</tool_call>')
+QWEN_FIM_TOKENS = ('<|fim_prefix|>', '<|fim_middle|>', '<|fim_suffix|>', '<|fim_pad|>', '<|repo_name|>', '<|file_sep|>')
+QWEN3_EXTRA_TOKENS = ('<tool_response>', '</tool_response>', '<think>', '</think>')
+_QWEN_CORPUS = (
+  'Describe this image. What is in the picture? A photo of a dog on the grass, a cat by the window. '
+  'Locate the dog and output its bbox coordinates in JSON format. The sks dog is red and blue. '
+  '{"bbox_2d": [12, 34, 56, 78], "label": "dog"} Is there a sks dog in the image? Answer yes or no.'
+)
+# A tiny Qwen2.5-VL / Qwen3-VL: 32-wide, two decoder layers, 2 kv heads; vision towers of three blocks.
+QWEN2_5_VL_TINY = dict(
+  text_config=dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rope_parameters=dict(rope_type='default', rope_theta=1000000.0, mrope_section=[2, 1, 1]),
+  ),
+  vision_config=dict(
+    depth=3,
+    hidden_size=32,
+    intermediate_size=48,
+    num_heads=2,
+    out_hidden_size=32,
+    window_size=56,  # 2x2 merged tokens (4x4 patches of 14) per window
+    fullatt_block_indexes=[1],
+  ),
+)
+QWEN3_VL_TINY = dict(
+  text_config=dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=512,
+    rope_parameters=dict(rope_type='default', rope_theta=5000000.0, mrope_section=[2, 1, 1], mrope_interleaved=True),
+  ),
+  vision_config=dict(
+    depth=3,
+    hidden_size=32,
+    intermediate_size=48,
+    num_heads=2,
+    out_hidden_size=32,
+    num_position_embeddings=16,  # a 4x4 learned grid: every other grid size interpolates
+    deepstack_visual_indexes=[0, 1],
+  ),
+)
+# Small pixel budgets, so that a test image of a few hundred pixels a side is already too large.
+QWEN_IMAGE_PROCESSORS = {
+  'qwen2_5_vl': dict(
+    image_processor_type='Qwen2VLImageProcessor',
+    processor_class='Qwen2_5_VLProcessor',
+    do_convert_rgb=True,
+    do_normalize=True,
+    do_rescale=True,
+    do_resize=True,
+    image_mean=[0.48145466, 0.4578275, 0.40821073],
+    image_std=[0.26862954, 0.26130258, 0.27577711],
+    min_pixels=28 * 28 * 4,
+    max_pixels=28 * 28 * 16,
+    merge_size=2,
+    patch_size=14,
+    resample=3,
+    rescale_factor=1 / 255,
+    temporal_patch_size=2,
+  ),
+  'qwen3_vl': dict(
+    image_processor_type='Qwen2VLImageProcessorFast',
+    processor_class='Qwen3VLProcessor',
+    do_convert_rgb=True,
+    do_normalize=True,
+    do_rescale=True,
+    do_resize=True,
+    image_mean=[0.5, 0.5, 0.5],
+    image_std=[0.5, 0.5, 0.5],
+    size={'shortest_edge': 32 * 32 * 4, 'longest_edge': 32 * 32 * 12},
+    merge_size=2,
+    patch_size=16,
+    resample=3,
+    rescale_factor=1 / 255,
+    temporal_patch_size=2,
+  ),
+}
+
+
+def qwen_tokenizer(model_type: str):
+  """A byte-level BPE tokenizer laid out as Qwen's: a small trained vocabulary, then Qwen's added tokens in
+  their order (so the special ids are consecutive, as 151643... are in the real vocabulary)."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+  from transformers import AddedToken, Qwen2Tokenizer
+
+  bpe = Tokenizer(models.BPE())
+  bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  trainer = trainers.BpeTrainer(
+    vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+  )
+  bpe.train_from_iterator([_QWEN_CORPUS], trainer)
+  spec = json.loads(bpe.to_str())['model']
+  merges = [tuple(m.split(' ')) if isinstance(m, str) else tuple(m) for m in spec['merges']]
+  tok = Qwen2Tokenizer(vocab=spec['vocab'], merges=merges, eos_token='<|im_end|>', pad_token='<|endoftext|>')
+  added = (
+    [AddedToken(t, special=True) for t in QWEN_SPECIAL_TOKENS]
+    + [AddedToken(t, special=False) for t in QWEN_PLAIN_ADDED_TOKENS]
+    + [AddedToken(t, special=True) for t in QWEN_FIM_TOKENS]
+    + ([AddedToken(t, special=False) for t in QWEN3_EXTRA_TOKENS] if model_type == 'qwen3_vl' else [])
+  )
+  tok.add_tokens(added)
+  return tok
+
+
+def write_qwen_vl_folder(path, model_type: str = 'qwen2_5_vl', config: dict | None = None, seed: int = 0):
+  """A tiny random Qwen2.5-VL (model_type 'qwen2_5_vl') or Qwen3-VL ('qwen3_vl') folder laid out as the
+  published ones: config.json + model.safetensors (save_pretrained), tokenizer.json + tokenizer_config.json,
+  chat_template.json, preprocessor_config.json, generation_config.json. `config` entries override the tiny
+  config's (dicts merged one level down). Returns the torch model (eval mode, weights moved off init)."""
+  from transformers import (
+    GenerationConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+  )
+
+  path = str(path)
+  os.makedirs(path, exist_ok=True)
+  kinds = {
+    'qwen2_5_vl': (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, QWEN2_5_VL_TINY, QWEN2_5_VL_CHAT_TEMPLATE),
+    'qwen3_vl': (Qwen3VLConfig, Qwen3VLForConditionalGeneration, QWEN3_VL_TINY, QWEN3_VL_CHAT_TEMPLATE),
+  }
+  config_cls, model_cls, tiny, template = kinds[model_type]
+  tok = qwen_tokenizer(model_type)
+  ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+  cfg = {k: dict(v) for k, v in tiny.items()}
+  for key, value in (config or {}).items():
+    cfg[key] = dict(cfg.get(key, {}), **value) if isinstance(value, dict) else value
+  cfg['text_config'] = dict(
+    dict(vocab_size=len(tok), bos_token_id=ids['<|endoftext|>'], eos_token_id=ids['<|im_end|>']),
+    **cfg['text_config'],
+  )
+  cfg.setdefault('image_token_id', ids['<|image_pad|>'])
+  cfg.setdefault('video_token_id', ids['<|video_pad|>'])
+  cfg.setdefault('vision_start_token_id', ids['<|vision_start|>'])
+  cfg.setdefault('vision_end_token_id', ids['<|vision_end|>'])
+  torch.manual_seed(seed)
+  model = perturb_(model_cls(config_cls(**cfg)), seed=seed)
+  # As the published generation configs: stop at <|im_end|> or <|endoftext|>, pad with <|endoftext|>.
+  model.generation_config = GenerationConfig(
+    bos_token_id=ids['<|endoftext|>'],
+    eos_token_id=[ids['<|im_end|>'], ids['<|endoftext|>']],
+    pad_token_id=ids['<|endoftext|>'],
+  )
+  model.save_pretrained(path)
+  tok.save_pretrained(path)
+  with open(os.path.join(path, 'chat_template.json'), 'w') as f:
+    json.dump({'chat_template': template}, f, indent=2)
+  with open(os.path.join(path, 'preprocessor_config.json'), 'w') as f:
+    json.dump(QWEN_IMAGE_PROCESSORS[model_type], f, indent=2)
+  return model
+
+
+@pytest.fixture(scope='session')
+def qwen2_5_vl_folder(tmp_path_factory):
+  """(torch Qwen2_5_VLForConditionalGeneration, its folder): see write_qwen_vl_folder."""
+  path = str(tmp_path_factory.mktemp('qwen2_5_vl'))
+  return write_qwen_vl_folder(path, 'qwen2_5_vl'), path
+
+
+@pytest.fixture(scope='session')
+def qwen3_vl_folder(tmp_path_factory):
+  """(torch Qwen3VLForConditionalGeneration, its folder): see write_qwen_vl_folder."""
+  path = str(tmp_path_factory.mktemp('qwen3_vl'))
+  return write_qwen_vl_folder(path, 'qwen3_vl', seed=1), path

@@ -262,6 +262,7 @@ ACTIVATIONS = {
   'swish': jax.nn.silu,
   'gelu': lambda x: jax.nn.gelu(x, approximate=False),  # torch's default GELU is the exact one
   'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
+  'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),  # Qwen3-VL's vision tower
   'quick_gelu': quick_gelu,
   'relu': jax.nn.relu,
   'tanh': jnp.tanh,  # ViT's pooler

@@ -126,14 +126,21 @@ def load_image(image):
   return Image.fromarray(a)
 
 
+def to_rgb(image):
+  """A PIL image as RGB, as transformers' convert_to_rgb: transparency goes white."""
+  from PIL import Image
+
+  if 'A' in image.getbands() or image.info.get('transparency') is not None:
+    image = Image.alpha_composite(Image.new('RGBA', image.size, (255,) * 4), image.convert('RGBA'))
+  return image.convert('RGB')
+
+
 def preprocess_image(image, cfg: dict) -> np.ndarray:
   """CLIPImageProcessor (the PIL backend): RGB, resize with PIL on uint8, center crop, rescale, normalise."""
   from PIL import Image
 
   if cfg.get('do_convert_rgb', True):
-    if 'A' in image.getbands() or image.info.get('transparency') is not None:  # transparency goes white
-      image = Image.alpha_composite(Image.new('RGBA', image.size, (255,) * 4), image.convert('RGBA'))
-    image = image.convert('RGB')
+    image = to_rgb(image)
   x = np.asarray(image)
   if x.ndim == 2:
     x = x[..., None]
