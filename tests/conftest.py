@@ -773,6 +773,25 @@ def write_qwen_vl_folder(path, model_type: str = 'qwen2_5_vl', config: dict | No
   return model
 
 
+def reference_processor(path, kind):
+  """transformers' processor as AutoProcessor would build it, without the video processor it cannot load here
+  (torchvision is not installed): the image processor AutoImageProcessor picks, the chat template the
+  processor finds."""
+  from unittest import mock
+
+  from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor, Qwen3VLProcessor
+
+  cls = {'qwen2_5_vl': Qwen2_5_VLProcessor, 'qwen3_vl': Qwen3VLProcessor}[kind]
+  template = cls.get_processor_dict(path)[0]['chat_template']
+  with mock.patch.object(cls, 'check_argument_for_proper_class', lambda *a: None):
+    return cls(
+      image_processor=AutoImageProcessor.from_pretrained(path),
+      tokenizer=AutoTokenizer.from_pretrained(path),
+      video_processor=None,
+      chat_template=template,
+    )
+
+
 @pytest.fixture(scope='session')
 def qwen2_5_vl_folder(tmp_path_factory):
   """(torch Qwen2_5_VLForConditionalGeneration, its folder): see write_qwen_vl_folder."""

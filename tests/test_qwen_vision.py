@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import jit_call, rel_err
+from conftest import jit_call, reference_processor, rel_err
 
 from jaxdream.io.weights import abstract_model, load_state_dict
 from jaxdream.models.config import ConfigError
@@ -145,25 +145,6 @@ def test_bad_vision_configs_and_inputs_are_named(qwen2_5_vl_folder):
     tower(jnp.zeros((23, 1176)), ((1, 4, 6),))
   with pytest.raises(ValueError, match='multiples of 2'):
     tower(jnp.zeros((15, 1176)), ((1, 3, 5),))
-
-
-def reference_processor(path, kind):
-  """transformers' processor as AutoProcessor would build it, without the video processor it cannot load here
-  (torchvision is not installed): the image processor AutoImageProcessor picks, the chat template the
-  processor finds."""
-  from unittest import mock
-
-  from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor, Qwen3VLProcessor
-
-  cls = {'qwen2_5_vl': Qwen2_5_VLProcessor, 'qwen3_vl': Qwen3VLProcessor}[kind]
-  template = cls.get_processor_dict(path)[0]['chat_template']
-  with mock.patch.object(cls, 'check_argument_for_proper_class', lambda *a: None):
-    return cls(
-      image_processor=AutoImageProcessor.from_pretrained(path),
-      tokenizer=AutoTokenizer.from_pretrained(path),
-      video_processor=None,
-      chat_template=template,
-    )
 
 
 @pytest.mark.parametrize('kind', ['qwen2_5_vl', 'qwen3_vl'])

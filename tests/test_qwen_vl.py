@@ -1,0 +1,227 @@
+"""Qwen2.5-VL and Qwen3-VL assembled (vision tower + decoder + LM head, models/qwen_vl.py) compute transformers'
+logits, generate transformers' tokens (greedy, beam, left-padded batches), load from a folder through
+`jaxdream.vlm.load`, and generate the same on a tensor-parallel mesh.
+
+The tiny folders come from conftest.write_qwen_vl_folder (random weights saved by transformers, a byte-level BPE
+tokenizer with Qwen's added tokens, the published chat templates).
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import reference_processor, rel_err
+from flax import nnx
+
+from jaxdream import vlm
+from jaxdream.models.qwen_vl import QwenVLForConditionalGeneration, quantize_int8
+from jaxdream.nn.layers import Linear
+from jaxdream.runtime import compiled
+
+pytestmark = pytest.mark.reference
+
+KINDS = ['qwen2_5_vl', 'qwen3_vl']
+
+
+def _images():
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  return [Image.fromarray(rng.integers(0, 256, shape, np.uint8)) for shape in ((61, 90, 3), (120, 84, 3))]
+
+
+def _torch_inputs(inputs, image_token_id):
+  """Our processor's arrays as transformers' generate takes them (mm_token_type_ids marks image tokens)."""
+  ids = torch.from_numpy(np.asarray(inputs['input_ids'], np.int64))
+  return dict(
+    input_ids=ids,
+    attention_mask=torch.from_numpy(np.asarray(inputs['attention_mask'], np.int64)),
+    pixel_values=torch.from_numpy(np.asarray(inputs['pixel_values'])),
+    image_grid_thw=torch.from_numpy(np.asarray(inputs['image_grid_thw'], np.int64)),
+    mm_token_type_ids=(ids == image_token_id).int(),
+  )
+
+
+def _forward(model, inputs):
+  return compiled(model, QwenVLForConditionalGeneration.__call__)(inputs)
+
+
+@pytest.fixture(scope='module', params=KINDS)
+def qwen(request):
+  torch_model, path = request.getfixturevalue(f'{request.param}_folder')
+  return request.param, torch_model, path, vlm.load(path)
+
+
+def test_logits_and_generation_match_transformers(qwen):
+  """Two images of different sizes in one prompt, a left-padded second row with one image: logits at the
+  real tokens <= 1e-5; greedy tokens of a left-padded batch identical to transformers' (and so to each row
+  alone), beam search identical."""
+  kind, torch_model, path, bundle = qwen
+  proc = reference_processor(path, kind)
+  two = [{'type': 'image'}, {'type': 'image'}, {'type': 'text', 'text': 'Compare these.'}]
+  one = [{'type': 'image'}, {'type': 'text', 'text': 'What is this? Answer briefly.'}]
+  prompts = [proc.apply_chat_template([{'role': 'user', 'content': c}], add_generation_prompt=True) for c in (two, one)]
+  images = _images()
+  ref_in = proc(
+    images=[images[0], images[1], images[1]], text=prompts, padding=True, padding_side='left', return_tensors='np'
+  )
+  model = bundle.model
+  inputs = model.generation_inputs(
+    ref_in['pixel_values'], ref_in['image_grid_thw'], ref_in['input_ids'], ref_in['attention_mask']
+  )
+  ours = np.asarray(_forward(model, inputs))
+  t_in = _torch_inputs(ref_in, torch_model.config.image_token_id)
+  with torch.no_grad():
+    expected = torch_model(**t_in).logits.numpy()
+  real = ref_in['attention_mask'].astype(bool)
+  assert rel_err(ours[real], expected[real]) <= 1e-5
+
+  kw = dict(max_new_tokens=6, eos_token_id=bundle.eos_token_id, pad_token_id=bundle.pad_token_id)
+  with torch.no_grad():
+    ref_greedy = torch_model.generate(**t_in, do_sample=False, **kw).numpy()
+    ref_beam = torch_model.generate(**t_in, do_sample=False, num_beams=3, **kw).numpy()
+  args = (ref_in['pixel_values'], ref_in['image_grid_thw'], ref_in['input_ids'], ref_in['attention_mask'])
+  np.testing.assert_array_equal(vlm.generate(model, *args, **kw), ref_greedy)
+  np.testing.assert_array_equal(vlm.generate(model, *args, num_beams=3, **kw), ref_beam)
+
+
+def test_ask_decodes_transformers_answer_and_reports_the_input_size(qwen):
+  kind, torch_model, path, bundle = qwen
+  images = _images()
+  questions = ['Describe this image.', 'Where is the dog?']
+  out = vlm.ask(bundle, images, questions, max_new_tokens=5)
+  inputs = bundle.processor(images, questions)
+  with torch.no_grad():
+    ref = torch_model.generate(
+      **_torch_inputs(inputs, torch_model.config.image_token_id),
+      do_sample=False,
+      max_new_tokens=5,
+      eos_token_id=bundle.eos_token_id,
+      pad_token_id=bundle.pad_token_id,
+    ).numpy()
+  expected = bundle.processor.decode(ref[:, inputs['input_ids'].shape[1] :])
+  assert [o['text'] for o in out] == expected
+  assert all(o['entities'] == [] or isinstance(o['entities'], list) for o in out)
+  assert bundle.model_type == kind
+
+
+def test_generation_on_a_tensor_parallel_mesh_equals_one_device(qwen):
+  """Attention heads and MLP split over a (1, 1, 8) mesh's 'tensor' axis (kv heads 2: not divisible, so
+  replicated where the rules cannot split): the same tokens as one device, and the parameters really sharded."""
+  kind, _, path, bundle = qwen
+  from jaxdream.distributed.mesh import make_mesh
+  from jaxdream.distributed.sharding import place_model
+
+  images = _images()[:1]
+  inputs = bundle.processor(images, ['Describe this image.'])
+  args = (inputs['pixel_values'], inputs['image_grid_thw'], inputs['input_ids'], inputs['attention_mask'])
+  kw = dict(max_new_tokens=4, eos_token_id=bundle.eos_token_id, pad_token_id=bundle.pad_token_id)
+  single = vlm.generate(bundle.model, *args, **kw)
+  sharded = vlm.load(path)
+  mesh = make_mesh(data=1, fsdp=1, tensor=8)
+  place_model(sharded.model, mesh)
+  mlp = sharded.model.model.language_model.layers[0].mlp.gate_proj.kernel[...]
+  assert mlp.sharding.spec[1] == 'tensor'
+  np.testing.assert_array_equal(vlm.generate(sharded.model, *args, **kw), single)
+
+
+def test_int8_weights_shrink_memory_and_keep_logits_close(qwen2_5_vl_folder):
+  from jaxdream.nn.adapters import state_bytes
+
+  _, path = qwen2_5_vl_folder
+  bundle = vlm.load(path)
+  inputs = bundle.processor(_images()[:1], ['Describe this image.'])
+  prepared = bundle.model.generation_inputs(
+    inputs['pixel_values'], inputs['image_grid_thw'], inputs['input_ids'], inputs['attention_mask']
+  )
+  before, full = state_bytes(bundle.model), np.asarray(_forward(bundle.model, prepared))
+  quantize_int8(bundle.model)
+  # Every Linear is int8 (the tiny model's 32-wide layers carry a float32 scale per 32 weights, and its norms
+  # stay float32: about half the bytes here, a quarter at real widths).
+  assert not [m for _, m in nnx.iter_graph(bundle.model) if isinstance(m, Linear)]
+  assert state_bytes(bundle.model) < 0.55 * before
+  assert rel_err(np.asarray(_forward(bundle.model, prepared)), full) < 0.05
+
+
+def test_bad_inputs_are_named(qwen2_5_vl_folder, tmp_path):
+  _, path = qwen2_5_vl_folder
+  bundle = vlm.load(path)
+  inputs = bundle.processor(_images()[:1], ['Describe this image.'])
+  ids = inputs['input_ids'].copy()
+  ids[ids == bundle.processor.image_token_id] = bundle.pad_token_id  # placeholders not expanded
+  with pytest.raises(ValueError, match='image tokens where image_grid_thw'):
+    bundle.model.generation_inputs(inputs['pixel_values'], inputs['image_grid_thw'], ids)
+  limit = bundle.model.max_position_embeddings
+  with pytest.raises(ValueError, match=rf'{limit}'):
+    vlm.ask(bundle, _images()[:1], ['word ' * limit], max_new_tokens=2)
+  # An unsupported model type in an otherwise Qwen-like folder names the supported ones.
+  config = json.load(open(os.path.join(path, 'config.json')))
+  os.makedirs(tmp_path / 'other')
+  json.dump(dict(config, model_type='qwen2_vl'), open(tmp_path / 'other' / 'config.json', 'w'))
+  with pytest.raises(Exception, match='qwen2_5_vl'):
+    vlm.load(str(tmp_path / 'other'))
+
+
+def test_parameter_count_of_qwen2_5_vl_3b_matches_transformers():
+  """The published Qwen2.5-VL-3B-Instruct config (tied embeddings): 3,754,622,976 parameters, as transformers
+  counts them (built on the meta device: no memory)."""
+  from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+  from jaxdream.io.weights import abstract_model, count_params
+
+  config = dict(
+    model_type='qwen2_5_vl',
+    tie_word_embeddings=True,
+    image_token_id=151655,
+    video_token_id=151656,
+    vision_start_token_id=151652,
+    vision_end_token_id=151653,
+    text_config=dict(
+      vocab_size=151936,
+      hidden_size=2048,
+      intermediate_size=11008,
+      num_hidden_layers=36,
+      num_attention_heads=16,
+      num_key_value_heads=2,
+      max_position_embeddings=128000,
+      rms_norm_eps=1e-6,
+      tie_word_embeddings=True,
+      rope_parameters=dict(rope_type='default', rope_theta=1000000.0, mrope_section=[16, 24, 24]),
+    ),
+    vision_config=dict(
+      depth=32,
+      hidden_size=1280,
+      intermediate_size=3420,
+      num_heads=16,
+      out_hidden_size=2048,
+      patch_size=14,
+      spatial_merge_size=2,
+      temporal_patch_size=2,
+      window_size=112,
+      fullatt_block_indexes=[7, 15, 23, 31],
+      in_chans=3,
+      tokens_per_second=2,
+    ),
+  )
+  with torch.device('meta'):
+    ref = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config))
+  expected = sum(p.numel() for p in ref.parameters())
+  ours = count_params(abstract_model(lambda rngs: QwenVLForConditionalGeneration(config, rngs=rngs)))
+  assert ours == expected == 3_754_622_976
+
+
+def test_bfloat16_generation_runs_with_bfloat16_compute(qwen2_5_vl_folder):
+  _, path = qwen2_5_vl_folder
+  bundle = vlm.load(path, dtype=jnp.bfloat16)
+  inputs = bundle.processor(_images()[:1], ['Describe this image.'])
+  prepared = bundle.model.generation_inputs(
+    inputs['pixel_values'], inputs['image_grid_thw'], inputs['input_ids'], inputs['attention_mask']
+  )
+  assert prepared['image_embeds'].dtype == jnp.bfloat16
+  logits = _forward(bundle.model, prepared)
+  assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
+  assert jax.tree.leaves(bundle.model.model.language_model.layers[0].mlp)[0].dtype == jnp.float32
