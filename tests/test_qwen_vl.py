@@ -110,23 +110,33 @@ def test_ask_decodes_transformers_answer_and_reports_the_input_size(qwen):
 
 
 def test_generation_on_a_tensor_parallel_mesh_equals_one_device(qwen):
-  """Attention heads and MLP split over a (1, 1, 8) mesh's 'tensor' axis (kv heads 2: not divisible, so
-  replicated where the rules cannot split): the same tokens as one device, and the parameters really sharded."""
+  """Attention heads and MLP split over 8 devices' 'tensor' axis (`vlm.load(..., tensor_parallel=8)`; kv
+  heads 2, split mid-head where the width divides): the same tokens as one device, the parameters really
+  sharded."""
   kind, _, path, bundle = qwen
-  from jaxdream.distributed.mesh import make_mesh
-  from jaxdream.distributed.sharding import place_model
-
   images = _images()[:1]
   inputs = bundle.processor(images, ['Describe this image.'])
   args = (inputs['pixel_values'], inputs['image_grid_thw'], inputs['input_ids'], inputs['attention_mask'])
   kw = dict(max_new_tokens=4, eos_token_id=bundle.eos_token_id, pad_token_id=bundle.pad_token_id)
   single = vlm.generate(bundle.model, *args, **kw)
-  sharded = vlm.load(path)
-  mesh = make_mesh(data=1, fsdp=1, tensor=8)
-  place_model(sharded.model, mesh)
+  sharded = vlm.load(path, tensor_parallel=8)
   mlp = sharded.model.model.language_model.layers[0].mlp.gate_proj.kernel[...]
-  assert mlp.sharding.spec[1] == 'tensor'
+  assert mlp.sharding.spec[1] == 'tensor' and len(mlp.sharding.device_set) == 8
   np.testing.assert_array_equal(vlm.generate(sharded.model, *args, **kw), single)
+
+
+def test_ask_cli_runs_a_qwen_folder_with_int8_weights_on_two_devices(qwen3_vl_folder, tmp_path, capsys):
+  from PIL import Image
+
+  from jaxdream.cli import main
+
+  _, path = qwen3_vl_folder
+  Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(tmp_path / 'a.png')
+  argv = ['ask', '--model', path, '--image', str(tmp_path / 'a.png'), '--max-new-tokens', '3']
+  assert not main([*argv, '--int8', '--tensor-parallel', '2', '--json', str(tmp_path / 'out.json'), 'What is it?'])
+  (record,) = json.loads((tmp_path / 'out.json').read_text())
+  assert record['image'].endswith('a.png') and isinstance(record['text'], str) and record['entities'] == []
+  assert f'{tmp_path / "a.png"}:' in capsys.readouterr().out
 
 
 def test_int8_weights_shrink_memory_and_keep_logits_close(qwen2_5_vl_folder):
@@ -147,9 +157,19 @@ def test_int8_weights_shrink_memory_and_keep_logits_close(qwen2_5_vl_folder):
   assert rel_err(np.asarray(_forward(bundle.model, prepared)), full) < 0.05
 
 
-def test_bad_inputs_are_named(qwen2_5_vl_folder, tmp_path):
-  _, path = qwen2_5_vl_folder
+def test_sharded_checkpoint_loads_the_same_weights_and_bad_inputs_are_named(qwen2_5_vl_folder, tmp_path):
+  from jaxdream.io.weights import state_dict
+
+  torch_model, path = qwen2_5_vl_folder
   bundle = vlm.load(path)
+  # The 7B/8B folders are sharded (model-0000N-of-0000M.safetensors + index): the same tensors.
+  torch_model.save_pretrained(tmp_path / 'sharded', max_shard_size='100KB')
+  for name in os.listdir(path):
+    if not name.startswith('model') and not os.path.exists(tmp_path / 'sharded' / name):
+      os.symlink(os.path.join(path, name), tmp_path / 'sharded' / name)
+  assert len([n for n in os.listdir(tmp_path / 'sharded') if n.endswith('.safetensors')]) > 1
+  theirs, ours = state_dict(vlm.load(str(tmp_path / 'sharded')).model), state_dict(bundle.model)
+  assert theirs.keys() == ours.keys() and all(np.array_equal(theirs[k], ours[k]) for k in ours)
   inputs = bundle.processor(_images()[:1], ['Describe this image.'])
   ids = inputs['input_ids'].copy()
   ids[ids == bundle.processor.image_token_id] = bundle.pad_token_id  # placeholders not expanded

@@ -52,11 +52,12 @@ def _load_vlm(args):
   from jaxdream import vlm
 
   dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
-  key = ('vlm', os.path.abspath(args.model), args.dtype)
+  int8, tensor = getattr(args, 'int8', False), getattr(args, 'tensor_parallel', 1)
+  key = ('vlm', os.path.abspath(args.model), args.dtype, int8, tensor)
 
   def load():
     _check_vlm_folder(args.model)
-    return vlm.load(args.model, dtype=dtype)
+    return vlm.load(args.model, dtype=dtype, int8=int8, tensor_parallel=tensor)
 
   return args.cache.get(key, load)
 
@@ -140,6 +141,14 @@ def _add_vlm_parsers(sub):
     parser.add_argument('--num-beams', type=int, default=1, help='beam search width (default 1: greedy)')
     parser.add_argument('--batch-size', type=int, default=8, help='images per generation batch')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='compute dtype')
+    parser.add_argument('--int8', action='store_true', help='weight-only int8 (a quarter of the parameter memory)')
+    parser.add_argument(
+      '--tensor-parallel',
+      type=int,
+      default=1,
+      metavar='N',
+      help='split the model over N local devices (attention heads, MLP, vocabulary): for the 7B/8B sizes',
+    )
     parser.add_argument('--json', metavar='FILE', help='also write the results to this JSON file')
 
   c = sub.add_parser('caption', help='caption images and ground their phrases with boxes (Kosmos-2, Qwen-VL)')

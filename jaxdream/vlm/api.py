@@ -18,6 +18,7 @@ import numpy as np
 from jaxdream.io.weights import read_config
 from jaxdream.models.config import ConfigError
 from jaxdream.models.kosmos2 import Kosmos2ForConditionalGeneration, load_kosmos2
+from jaxdream.nn.adapters import quantize_int8
 from jaxdream.vlm.generation import compiled, generate
 from jaxdream.vlm.grounding import parse_grounding, parse_qwen_grounding, subject_boxes
 from jaxdream.vlm.processor import _PROMPT_BUCKET, DEFAULT_PROMPT, Kosmos2Processor
@@ -60,14 +61,41 @@ def model_type(path: str) -> str:
   return kind
 
 
-def load(path: str, *, dtype=jnp.float32, attention_impl: str = 'auto', allow_pickle: bool = False):
+def load(
+  path: str,
+  *,
+  dtype=jnp.float32,
+  attention_impl: str = 'auto',
+  allow_pickle: bool = False,
+  int8: bool = False,
+  tensor_parallel: int = 1,
+):
   """Load a transformers vision-language folder by its config.json's model_type: a `Kosmos2Bundle`
-  ('kosmos-2') or a `jaxdream.vlm.qwen.QwenVLBundle` ('qwen2_5_vl', 'qwen3_vl')."""
+  ('kosmos-2') or a `jaxdream.vlm.qwen.QwenVLBundle` ('qwen2_5_vl', 'qwen3_vl').
+
+  int8: weight-only int8 (about a quarter of float32's parameter memory). tensor_parallel > 1: the
+  parameters split over that many local devices, attention heads, MLP and vocabulary Megatron-style (for the
+  7B/8B sizes; int8 weights stay whole on each device)."""
   if model_type(path) in QWEN_MODEL_TYPES:
     from jaxdream.vlm.qwen import load_qwen  # the Qwen port loads only when a Qwen folder is asked for
 
-    return load_qwen(path, dtype=dtype, attention_impl=attention_impl, allow_pickle=allow_pickle)
-  return load_kosmos2_bundle(path, dtype=dtype, attention_impl=attention_impl, allow_pickle=allow_pickle)
+    bundle = load_qwen(path, dtype=dtype, attention_impl=attention_impl, allow_pickle=allow_pickle)
+  else:
+    bundle = load_kosmos2_bundle(path, dtype=dtype, attention_impl=attention_impl, allow_pickle=allow_pickle)
+  if int8:
+    quantize_int8(bundle.model)
+  if tensor_parallel > 1:
+    import jax
+
+    from jaxdream.distributed.mesh import make_mesh
+    from jaxdream.distributed.sharding import place_model
+
+    if tensor_parallel > jax.local_device_count():
+      raise ValueError(f'tensor_parallel={tensor_parallel} but this host has {jax.local_device_count()} devices')
+    place_model(
+      bundle.model, make_mesh(data=1, fsdp=1, tensor=tensor_parallel, devices=jax.local_devices()[:tensor_parallel])
+    )
+  return bundle
 
 
 def load_kosmos2_bundle(
