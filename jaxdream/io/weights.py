@@ -194,11 +194,13 @@ def load_state_dict(
   source: str = 'weights',
   renames: tuple[tuple[str, str], ...] = (),
   ignore: tuple[str, ...] = (),
+  param_dtype=jnp.float32,
 ):
   """Fill `model` (concrete or from nnx.eval_shape) with a PyTorch-named state dict, in place.
 
   renames: (regex, replacement) pairs applied to file keys first (legacy names);
-  ignore: regexes of file keys that are not parameters (buffers such as position_ids).
+  ignore: regexes of file keys that are not parameters (buffers such as position_ids);
+  param_dtype: float32 (training, the default) or, for inference of large models, the compute dtype.
   Every parameter must be present with the right shape, and every file tensor used.
   """
   sd = {}
@@ -229,7 +231,7 @@ def load_state_dict(
   if problems:
     raise WeightsError(f'{source}: ' + '; '.join(problems))
   for key, value in converted.items():
-    slots[key].variable.set_value(jnp.asarray(value, jnp.float32))
+    slots[key].variable.set_value(jnp.asarray(value, param_dtype))
 
 
 def state_dict(model: nnx.Module) -> dict[str, np.ndarray]:

@@ -219,7 +219,7 @@ def load_qwen_vl(
       raise WeightsError(
         f'{path}: config.json ties the LM head to the token embeddings, but lm_head.weight differs from them'
       )
-  load_state_dict(model, weights, source=path)
+  load_state_dict(model, weights, source=path, param_dtype=dtype)
   return model
 
 
