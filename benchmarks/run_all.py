@@ -98,6 +98,12 @@ BENCHMARKS = (
     quick=(('--config', 'tiny', '--batch', '1', '--new-tokens', '4', *_T),),
   ),
   Benchmark(
+    'vlm_generate',
+    'vlm_generate.py',
+    full=(('--model', 'qwen2_5_vl', '--config', 'tiny', '3b', '--batch', '1', '4', '--new-tokens', '8', *_T),),
+    quick=(('--model', 'qwen2_5_vl', '--config', 'tiny', '--batch', '1', '--new-tokens', '4', '--repeats', '1', *_T),),
+  ),
+  Benchmark(
     'multi_subject',
     'multi_subject.py',
     full=(('--subjects', '8', '--steps', '20'),),
