@@ -801,6 +801,7 @@ def qwen2_5_vl_folder(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def qwen3_vl_folder(tmp_path_factory):
-  """(torch Qwen3VLForConditionalGeneration, its folder): see write_qwen_vl_folder."""
+  """(torch Qwen3VLForConditionalGeneration, its folder): see write_qwen_vl_folder. Its LM head is tied to the
+  token embeddings (as the published 2B/4B models'; Qwen2.5-VL's fixture keeps a separate head)."""
   path = str(tmp_path_factory.mktemp('qwen3_vl'))
-  return write_qwen_vl_folder(path, 'qwen3_vl', seed=1), path
+  return write_qwen_vl_folder(path, 'qwen3_vl', config=dict(tie_word_embeddings=True), seed=1), path

@@ -61,6 +61,7 @@ def test_logits_and_generation_match_transformers(qwen):
   real tokens <= 1e-5; greedy tokens of a left-padded batch identical to transformers' (and so to each row
   alone), beam search identical."""
   kind, torch_model, path, bundle = qwen
+  assert bundle.model.tied == (kind == 'qwen3_vl')  # both kinds of LM head are compared
   proc = reference_processor(path, kind)
   two = [{'type': 'image'}, {'type': 'image'}, {'type': 'text', 'text': 'Compare these.'}]
   one = [{'type': 'image'}, {'type': 'text', 'text': 'What is this? Answer briefly.'}]
