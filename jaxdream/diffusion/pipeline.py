@@ -214,7 +214,8 @@ def _load_single_file(
     )
     index = dict(_class_name=layout.pipeline_class, requires_aesthetics_score=model_type == 'xl_refiner')
   components = {}
-  for name, (prefix, kind) in layout.parts.items():
+  for name in sorted(layout.parts):  # in model_index.json's order, as a folder loads
+    prefix, kind = layout.parts[name]
     cls = SINGLE_FILE_CLASSES[name]
     config = cls.resolve_config(configs[name])
     model = models.abstract_model(

@@ -261,6 +261,7 @@ def key_map(kind: str, config: dict, keys) -> dict[str, tuple[str, str]]:
 
 
 _QKV = ('q', 'k', 'v')
+_NAMES = {'unet': 'UNet', 'vae': 'VAE', 'clip': 'CLIP text encoder', 'open_clip': 'OpenCLIP text encoder'}
 
 
 def from_single_file(
@@ -271,6 +272,8 @@ def from_single_file(
   place for (a config that does not fit the file), except the few that hold no parameters."""
   table = key_map(kind, config, keys)
   stored = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+  if not stored:
+    raise WeightsError(f'{source}: missing block {prefix}* (the {_NAMES[kind]}): the file has none of its tensors')
   if extract_ema:
     if kind != 'unet':
       raise ValueError("extract_ema: EMA weights are the UNet's")
