@@ -19,7 +19,7 @@ from jaxdream import load_pipeline
 from jaxdream.diffusion import sdxl
 from jaxdream.diffusion.pipeline import Pipeline, save_pipeline
 from jaxdream.io.weights import WeightsError, read_safetensors, read_weights, state_dict, write_safetensors
-from jaxdream.models import single_file
+from jaxdream.models import presets, single_file
 
 pytestmark = pytest.mark.reference
 
@@ -183,7 +183,7 @@ def sd2_folder(torch_unet_sd2, torch_vae, tmp_path_factory):
   return ref, str(root / 'model')
 
 
-def test_sd2_v_prediction_file_loads_in_diffusers_and_back_with_identical_tensors(sd2_folder, tmp_path):
+def test_sd2_v_prediction_file_loads_in_diffusers_and_back_with_identical_tensors(sd2_folder, tmp_path, monkeypatch):
   from diffusers import StableDiffusionPipeline
 
   ref, folder = sd2_folder
@@ -195,17 +195,22 @@ def test_sd2_v_prediction_file_loads_in_diffusers_and_back_with_identical_tensor
   q = _torch_state(ref.text_encoder)['text_model.encoder.layers.1.self_attn.q_proj.weight']
   assert fused.shape == (144, 48)
   np.testing.assert_array_equal(fused[:48], q)
-  # SD 2.x files keep OpenCLIP's last layer and projection, which SD 2.x never reads: both are skipped. A model's
-  # prediction type can be overridden (for files whose type is not what their keys suggest).
+  # Without a config folder the published model of the file's type gives configs, tokenizer and scheduler (here
+  # stood in for by the tiny folder's configs): SD 2.x predicts v, its OpenCLIP tokenizer pads with '!'. Its files
+  # keep OpenCLIP's last layer and projection, which SD 2.x never reads: both are skipped.
+  configs = {name: json.load(open(os.path.join(folder, name, 'config.json'))) for name in back.components}
+  monkeypatch.setitem(single_file.PRESETS, 'v2', configs)
   extra = {
     'cond_stage_model.model.transformer.resblocks.2.ln_1.weight': np.ones(48, np.float32),
     'cond_stage_model.model.text_projection': np.ones((48, 48), np.float32),
     'cond_stage_model.model.logit_scale': np.array(1.0, np.float32),
   }
   write_safetensors(str(tmp_path / 'full.safetensors'), {**tensors, **extra})
-  full = load_pipeline(str(tmp_path / 'full.safetensors'), config_dir=folder, prediction_type='epsilon')
-  _assert_same(state_dict(back.text_encoder), state_dict(full.text_encoder), 'text_encoder')
-  assert full.scheduler_config == dict(back.scheduler_config, prediction_type='epsilon')
+  full = load_pipeline(str(tmp_path / 'full.safetensors'))
+  for name in back.components:
+    _assert_same(state_dict(back.components[name]), state_dict(full.components[name]), name)
+  assert full.scheduler_config == dict(presets.SD_SCHEDULER, prediction_type='v_prediction')
+  assert full.tokenizer.pad_token == '!' and full.pipeline_class == 'StableDiffusionPipeline'
 
 
 def _sdxl_unet_inputs(cross_dim, time_ids):
@@ -269,7 +274,11 @@ def test_convert_cli_writes_a_single_file_and_a_folder_back(tiny_sd_folder, tmp_
   path, out = str(tmp_path / 'model.safetensors'), str(tmp_path / 'back')
   assert main(['convert', folder, path, '--fp16']) == 0
   assert {v.dtype for v in read_safetensors(path).values()} == {np.dtype(np.float16)}
-  assert main(['convert', path, out, '--config-dir', folder]) == 0
+  assert main(['convert', path, out, '--config-dir', folder, '--prediction-type', 'v_prediction']) == 0
+  scheduler = json.load(open(os.path.join(out, 'scheduler', 'scheduler_config.json')))
+  assert scheduler == dict(
+    json.load(open(os.path.join(folder, 'scheduler', 'scheduler_config.json'))), prediction_type='v_prediction'
+  )
   for name, weights in (
     ('unet', 'diffusion_pytorch_model'),
     ('vae', 'diffusion_pytorch_model'),
@@ -284,7 +293,6 @@ def test_convert_cli_writes_a_single_file_and_a_folder_back(tiny_sd_folder, tmp_
       k: v.astype(np.float16).astype(np.float32) for k, v in original.items() if not k.endswith('position_ids')
     }
     _assert_same(original, converted, name)
-  assert json.load(open(os.path.join(out, 'model_index.json')))['_class_name'] == 'StableDiffusionPipeline'
   assert main(['convert', folder, str(tmp_path / 'model.ckpt')]) == 2
   assert 'converts to a single .safetensors file' in capsys.readouterr().err
 
