@@ -68,7 +68,8 @@ def test_model_type_is_inferred_from_key_names_and_shapes_as_diffusers_does():
   assert single_file.infer_model_type(_key_set(to_k=32, text=[XL_REFINER.format(0)])) == 'xl_refiner'
   # v-prediction as diffusers decides it: SD 2.x 768 unless its global step is SD 2.0 base's
   assert single_file.default_prediction_type('v2') == 'v_prediction'
-  assert single_file.default_prediction_type('v2', 875000) == 'epsilon'
+  assert single_file.default_prediction_type('v2', {'global_step': np.array(875000)}) == 'epsilon'
+  assert single_file.default_prediction_type('v2', {'global_step': np.array([470000])}) == 'v_prediction'
   assert [single_file.default_prediction_type(t) for t in ('v1', 'inpainting_v2', 'xl_base')] == ['epsilon'] * 3
   with pytest.raises(WeightsError, match=r'expected the original .* model\.diffusion_model\.\* \(UNet\).*has unet\.'):
     single_file.infer_model_type(_shapes(**{'unet.conv_in.weight': (32, 4, 3, 3)}))

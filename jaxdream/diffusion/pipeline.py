@@ -205,19 +205,19 @@ def _load_single_file(
   else:
     configs = single_file.PRESETS[model_type]
     tokenizers = _bundled_tokenizers(layout)
-    global_step = tensors.get('global_step')
     scheduler_config = dict(
       presets.SDXL_SCHEDULER if layout.pipeline_class in sdxl.PIPELINE_CLASSES else presets.SD_SCHEDULER,
-      prediction_type=single_file.default_prediction_type(
-        model_type, None if global_step is None else int(np.asarray(global_step).reshape(-1)[0])
-      ),
+      prediction_type=single_file.default_prediction_type(model_type, tensors),
     )
-    index = dict(_class_name=layout.pipeline_class, requires_aesthetics_score=model_type == 'xl_refiner')
+    refiner = model_type == 'xl_refiner'  # as the published refiner's model_index.json
+    index = dict(
+      _class_name=layout.pipeline_class, requires_aesthetics_score=refiner, force_zeros_for_empty_prompt=not refiner
+    )
+  resolved = {name: SINGLE_FILE_CLASSES[name].resolve_config(configs[name]) for name in layout.parts}  # all first
   components = {}
   for name in sorted(layout.parts):  # in model_index.json's order, as a folder loads
     prefix, kind = layout.parts[name]
     cls = SINGLE_FILE_CLASSES[name]
-    config = cls.resolve_config(configs[name])
     model = models.abstract_model(
       lambda rngs, cls=cls, name=name: cls(configs[name], dtype=dtype, attention_impl=attention_impl, rngs=rngs)
     )
@@ -225,7 +225,7 @@ def _load_single_file(
       tensors,
       prefix,
       kind,
-      config,
+      resolved[name],
       torch_slots(model),
       extract_ema=extract_ema and name == 'unet',
       source=path,
@@ -241,7 +241,9 @@ def _config_folder(config_dir: str, layout, model_type: str, path: str):
   """(model_index, component configs, tokenizers, scheduler config) of a diffusers folder used as the configs of a
   single file; its components must be the file's."""
   index = models.read_config(config_dir, 'model_index.json', 'config_dir must be a diffusers model folder')
-  listed = {name for name, entry in index.items() if isinstance(entry, list) and entry[1] in MODEL_CLASSES}
+  listed = {
+    name for name, entry in index.items() if isinstance(entry, list) and len(entry) == 2 and entry[1] in MODEL_CLASSES
+  }
   if listed != set(layout.parts):
     raise WeightsError(
       f'{path} is a {model_type} checkpoint with {", ".join(layout.parts)}, but config_dir {config_dir} '

@@ -113,10 +113,11 @@ def infer_model_type(tensors) -> str:
   return 'v2' if v2 else 'v1'
 
 
-def default_prediction_type(model_type: str, global_step=None) -> str:
+def default_prediction_type(model_type: str, tensors=None) -> str:
   """As diffusers' single-file loader: SD 2.x (768 px, not its inpainting model) predicts v, except SD 2.0 base
-  (trained 875,000 steps, the file's `global_step`)."""
-  if model_type == 'v2' and global_step != 875000:
+  (trained 875,000 steps: the file's `global_step`, when it has one)."""
+  step = (tensors or {}).get('global_step')
+  if model_type == 'v2' and (step is None or int(np.asarray(step).reshape(-1)[0]) != 875000):
     return 'v_prediction'
   return 'epsilon'
 
