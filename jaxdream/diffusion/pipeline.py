@@ -200,6 +200,8 @@ def _load_single_file(
   tensors = read_weights_file(path, allow_pickle=allow_pickle)
   model_type = single_file.infer_model_type(tensors)
   layout = single_file.layout_of(model_type)
+  if extract_ema:
+    single_file.check_ema(tensors, path)
   if config_dir:
     index, configs, tokenizers, scheduler_config = _config_folder(config_dir, layout, model_type, path)
   else:

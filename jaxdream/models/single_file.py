@@ -307,11 +307,16 @@ def from_single_file(
   return out
 
 
+def check_ema(tensors, source: str = 'file'):
+  """That the file has EMA weights (extract_ema asks for them): before any model is built."""
+  if not _has_prefix(tensors, EMA):
+    raise WeightsError(f'{source}: extract_ema asks for EMA weights, but the file has no {EMA}* tensors')
+
+
 def _ema(tensors: dict, stored: dict, source: str) -> dict:
   """The UNet's EMA weights, under the names of its regular ones."""
+  check_ema(tensors, source)
   ema = {k: v for k, v in tensors.items() if k.startswith(EMA)}
-  if not ema:
-    raise WeightsError(f'{source}: extract_ema asks for EMA weights, but the file has no {EMA}* tensors')
   flat = {name: EMA + ''.join(('diffusion_model.' + name).split('.')) for name in stored}
   lost = sorted(name for name, key in flat.items() if key not in ema)
   if lost:
