@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from jaxdream.cli import quiet
+from jaxdream.cli.convert import _add_convert_parser
 from jaxdream.cli.eval import _add_eval_parsers
 from jaxdream.cli.lora import _add_lora_parsers
 from jaxdream.cli.sample import SampleSession, _add_sample_parser, _demo, _inspect, _sample
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_sample_parser(sub)
   _add_vlm_parsers(sub)
   _add_lora_parsers(sub)
+  _add_convert_parser(sub)
   _add_subjects_parser(sub)
   _add_eval_parsers(sub)
   _add_serve_parser(sub)

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 
 import jax.numpy as jnp
@@ -17,13 +18,16 @@ from jaxdream.diffusion import sdxl
 from jaxdream.diffusion.conditioning import encode_prompt as sd_encode_prompt
 from jaxdream.diffusion.conditioning import no_micro_conditioning, tokenizer_folder
 from jaxdream.io.files import atomic_write
-from jaxdream.io.tokenizer import load_tokenizer, tokenize
+from jaxdream.io.tokenizer import load_tokenizer, tokenize, write_clip_tokenizer
+from jaxdream.io.weights import read_weights_file, state_dict, torch_slots, write_safetensors
 from jaxdream.models import (
   AutoencoderKL,
   CLIPTextModel,
   CLIPTextModelWithProjection,
   UNet2DConditionModel,
   WeightsError,
+  presets,
+  single_file,
 )
 from jaxdream.runtime import CallbackRegistry, CompileCache
 
@@ -38,6 +42,14 @@ MODEL_CLASSES = {
   'CLIPTextModel': ('transformers', CLIPTextModel),
   'CLIPTextModelWithProjection': ('transformers', CLIPTextModelWithProjection),
 }
+# The class of each component a single-file checkpoint holds.
+SINGLE_FILE_CLASSES = {
+  'unet': UNet2DConditionModel,
+  'vae': AutoencoderKL,
+  'text_encoder': CLIPTextModel,
+  'text_encoder_2': CLIPTextModelWithProjection,
+}
+PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')
 _MODEL_INDEX = {
   '_class_name': 'StableDiffusionPipeline',
   '_diffusers_version': '0.35.0',
@@ -100,13 +112,46 @@ class Pipeline:
 
 
 def load_pipeline(
-  path: str, *, dtype=jnp.float32, attention_impl: str = 'auto', allow_pickle: bool = False
+  path: str,
+  *,
+  dtype=jnp.float32,
+  attention_impl: str = 'auto',
+  allow_pickle: bool = False,
+  config_dir: str | None = None,
+  prediction_type: str | None = None,
+  extract_ema: bool = False,
 ) -> Pipeline:
   """Load a local diffusers-format Stable Diffusion folder (1.x, 2.x, or XL base or refiner: model_index.json's
-  `_class_name` says which). All configs are checked before any weights are read, so a broken folder fails at
-  once with the file to fix."""
+  `_class_name` says which), or a single-file checkpoint in the original layout (`_load_single_file`: `config_dir`,
+  `extract_ema`). All configs are checked before any weights are read, so a broken folder fails at once with the
+  file to fix. `prediction_type` ('epsilon', 'v_prediction') overrides the scheduler config's."""
+  if os.path.isfile(path):
+    pipe = _load_single_file(
+      path,
+      config_dir=config_dir,
+      extract_ema=extract_ema,
+      allow_pickle=allow_pickle,
+      dtype=dtype,
+      attention_impl=attention_impl,
+    )
+  else:
+    if config_dir or extract_ema:
+      raise ValueError(f'{path}: config_dir and extract_ema are for single-file checkpoints, not model folders')
+    pipe = _load_folder(path, dtype=dtype, attention_impl=attention_impl, allow_pickle=allow_pickle)
+  if prediction_type:
+    pipe.scheduler_config = dict(pipe.scheduler_config, prediction_type=_check_prediction_type(prediction_type))
+  return pipe
+
+
+def _check_prediction_type(value: str) -> str:
+  if value not in PREDICTION_TYPES:
+    raise ValueError(f'prediction_type {value!r}: expected one of {", ".join(PREDICTION_TYPES)}')
+  return value
+
+
+def _load_folder(path: str, *, dtype, attention_impl: str, allow_pickle: bool) -> Pipeline:
   if not os.path.isdir(path):
-    raise WeightsError(f'{path}: no such model folder')
+    raise WeightsError(f'{path}: no such model folder or file')
   index = models.read_config(
     path,
     'model_index.json',
@@ -145,6 +190,92 @@ def load_pipeline(
   )
 
 
+def _load_single_file(
+  path: str, *, config_dir: str | None, extract_ema: bool, allow_pickle: bool, dtype, attention_impl: str
+) -> Pipeline:
+  """A single-file checkpoint in the original CompVis/Stability layout (models/single_file.py), its type inferred
+  from its keys. The configs, tokenizers and scheduler come from `config_dir` (a diffusers folder of the same kind
+  of model, weights not needed) or else from the published model of that type (models/presets.py, the CLIP
+  vocabulary jaxdream ships): nothing is downloaded."""
+  tensors = read_weights_file(path, allow_pickle=allow_pickle)
+  model_type = single_file.infer_model_type(tensors)
+  layout = single_file.layout_of(model_type)
+  if extract_ema:
+    single_file.check_ema(tensors, path)
+  if config_dir:
+    index, configs, tokenizers, scheduler_config = _config_folder(config_dir, layout, model_type, path)
+  else:
+    configs = single_file.PRESETS[model_type]
+    tokenizers = _bundled_tokenizers(layout)
+    scheduler_config = dict(
+      presets.SDXL_SCHEDULER if layout.pipeline_class in sdxl.PIPELINE_CLASSES else presets.SD_SCHEDULER,
+      prediction_type=single_file.default_prediction_type(model_type, tensors),
+    )
+    refiner = model_type == 'xl_refiner'  # as the published refiner's model_index.json
+    index = dict(
+      _class_name=layout.pipeline_class, requires_aesthetics_score=refiner, force_zeros_for_empty_prompt=not refiner
+    )
+  resolved = {name: SINGLE_FILE_CLASSES[name].resolve_config(configs[name]) for name in layout.parts}  # all first
+  components = {}
+  for name in sorted(layout.parts):  # in model_index.json's order, as a folder loads
+    prefix, kind = layout.parts[name]
+    cls = SINGLE_FILE_CLASSES[name]
+    model = models.abstract_model(
+      lambda rngs, cls=cls, name=name: cls(configs[name], dtype=dtype, attention_impl=attention_impl, rngs=rngs)
+    )
+    state = single_file.from_single_file(
+      tensors,
+      prefix,
+      kind,
+      resolved[name],
+      torch_slots(model),
+      extract_ema=extract_ema and name == 'unet',
+      source=path,
+    )
+    models.load_state_dict(model, state, source=f'{path} ({name})')
+    components[name] = model
+  return Pipeline(
+    components=components, tokenizers=tokenizers, scheduler_config=scheduler_config, path=path, **_conditioning(index)
+  )
+
+
+def _config_folder(config_dir: str, layout, model_type: str, path: str):
+  """(model_index, component configs, tokenizers, scheduler config) of a diffusers folder used as the configs of a
+  single file; its components must be the file's."""
+  index = models.read_config(config_dir, 'model_index.json', 'config_dir must be a diffusers model folder')
+  listed = {
+    name for name, entry in index.items() if isinstance(entry, list) and len(entry) == 2 and entry[1] in MODEL_CLASSES
+  }
+  if listed != set(layout.parts):
+    raise WeightsError(
+      f'{path} is a {model_type} checkpoint with {", ".join(layout.parts)}, but config_dir {config_dir} '
+      f'has {", ".join(sorted(listed)) or "no models"}: give the config folder of the same kind of model'
+    )
+  configs = {name: models.read_config(os.path.join(config_dir, name)) for name in layout.parts}
+  tokenizers = {
+    name: load_tokenizer(os.path.join(config_dir, tokenizer_folder(name)))
+    for name in layout.parts
+    if _is_text_encoder(name)
+  }
+  scheduler_config = models.read_config(
+    os.path.join(config_dir, 'scheduler'), 'scheduler_config.json', 'the scheduler folder needs scheduler_config.json'
+  )
+  return index, configs, tokenizers, scheduler_config
+
+
+def _bundled_tokenizers(layout) -> dict:
+  """The published models' CLIP tokenizers, from the vocabulary jaxdream ships: OpenCLIP's (SD 2.x, SDXL's
+  second encoder) pads with '!', CLIP's with the end token."""
+  out = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for name, (_, kind) in layout.parts.items():
+      if _is_text_encoder(name):
+        folder = os.path.join(tmp, name)
+        write_clip_tokenizer(folder, pad_token='!' if kind == 'open_clip' else '<|endoftext|>')
+        out[name] = load_tokenizer(folder)
+  return out
+
+
 def _conditioning(index: dict) -> dict:
   """The Pipeline fields that say how the UNet is conditioned, from model_index.json."""
   name = index.get('_class_name', 'StableDiffusionPipeline')
@@ -162,13 +293,16 @@ def _is_text_encoder(name: str) -> bool:
   return name.startswith('text_encoder')
 
 
-def save_pipeline(pipeline: Pipeline, path: str, *, weights_dtype=None):
+def save_pipeline(pipeline: Pipeline, path: str, *, weights_dtype=None, single_file: bool = False):
   """Write a diffusers-format folder that diffusers/torch and jaxdream both load; `weights_dtype='float16'`
-  stores half-precision weights (loaded back as float32 parameters).
+  stores half-precision weights (loaded back as float32 parameters). `single_file=True` writes one .safetensors
+  file in the original CompVis/Stability layout instead (`_save_single_file`).
 
   Each part is written to a temporary folder first and moved in place, so an interrupted save never
   leaves a half-written model behind a complete-looking model_index.json (which is written last).
   """
+  if single_file:
+    return _save_single_file(pipeline, path, weights_dtype=weights_dtype)
   unknown = [n for n, m in pipeline.components.items() if getattr(m, 'CLASS_NAME', None) not in MODEL_CLASSES]
   if unknown:
     raise WeightsError(f'cannot save component(s) {", ".join(unknown)}: not one of {", ".join(MODEL_CLASSES)}')
@@ -190,6 +324,32 @@ def save_pipeline(pipeline: Pipeline, path: str, *, weights_dtype=None):
   )
   index['scheduler'] = ['diffusers', pipeline.scheduler_config.get('_class_name', 'PNDMScheduler')]
   atomic_write(os.path.join(path, 'model_index.json'), json.dumps(index, indent=2))
+
+
+def _save_single_file(pipeline: Pipeline, path: str, *, weights_dtype=None):
+  """One .safetensors file in the original layout, as A1111, SD.Next and ComfyUI load them (written atomically).
+  The layout follows the model: SDXL base or refiner by its pipeline class and encoders, SD 2.x by its OpenCLIP
+  text encoder (gelu; SD 1.x's CLIP uses quick_gelu). Tokenizers and scheduler are not part of such files."""
+  if not path.endswith('.safetensors'):
+    raise ValueError(f'{path}: a single-file checkpoint is written as .safetensors')
+  if pipeline.pipeline_class in sdxl.PIPELINE_CLASSES:
+    family = 'sdxl' if 'text_encoder' in pipeline.components else 'sdxl_refiner'
+  else:
+    encoder = pipeline.components.get('text_encoder')
+    family = 'sd2' if encoder is not None and encoder.config.get('hidden_act') == 'gelu' else 'sd1'
+  layout = single_file.LAYOUTS[family]
+  if set(pipeline.components) != set(layout.parts):
+    raise WeightsError(
+      f'a {family} single file holds {", ".join(layout.parts)}; this pipeline has {", ".join(pipeline.components)}'
+    )
+  tensors = {}
+  for name, (prefix, kind) in layout.parts.items():
+    model = pipeline.components[name]
+    tensors.update(single_file.to_single_file(state_dict(model), prefix, kind, model.resolve_config(model.config)))
+  if weights_dtype is not None:
+    tensors = {k: v.astype(weights_dtype) for k, v in tensors.items()}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  write_safetensors(path, tensors)
 
 
 def _write_part(path: str, name: str, write):

@@ -120,6 +120,21 @@ def _read_pickle(path: str) -> dict[str, np.ndarray]:
   }
 
 
+def read_weights_file(path: str, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+  """The tensors of one weights file: .safetensors, or (opt-in) a pickle checkpoint (.ckpt, .pt, .bin, ...)."""
+  if not os.path.isfile(path):
+    raise WeightsError(f'{path}: no such file')
+  if path.endswith(PICKLE_SUFFIXES):
+    if not allow_pickle:
+      raise _pickle_refusal(path)
+    return _read_pickle(path)
+  if not path.endswith('.safetensors'):
+    raise WeightsError(
+      f'{path}: expected a .safetensors file (or, with allow_pickle, one of {", ".join(PICKLE_SUFFIXES)})'
+    )
+  return read_safetensors(path)
+
+
 def read_weights(folder: str, weights_name: str, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
   """The state dict stored in a component folder: a single or sharded safetensors file, or (opt-in)
   a pickle file. `weights_name` is the library's file name, e.g. 'diffusion_pytorch_model'."""
@@ -142,10 +157,7 @@ def read_weights(folder: str, weights_name: str, *, allow_pickle: bool = False) 
     return read_safetensors(os.path.join(folder, st[0]))
   pickles = [f for f in found if f.endswith(PICKLE_SUFFIXES)]
   if pickles:
-    path = os.path.join(folder, pickles[0])
-    if not allow_pickle:
-      raise _pickle_refusal(path)
-    return _read_pickle(path)
+    return read_weights_file(os.path.join(folder, pickles[0]), allow_pickle=allow_pickle)
   raise WeightsError(f'{folder}: no weights file (expected {weights_name}.safetensors); found {found}')
 
 

@@ -121,3 +121,32 @@ SDXL_TEXT_ENCODER_2 = dict(
   num_hidden_layers=32,
   projection_dim=1280,
 )
+
+# Scheduler configs of the published models (scheduler/scheduler_config.json): SD 1.5's (SD 2.x's differs only in
+# its prediction type), and SDXL base's.
+SD_SCHEDULER = dict(
+  _class_name='PNDMScheduler',
+  beta_start=0.00085,
+  beta_end=0.012,
+  beta_schedule='scaled_linear',
+  num_train_timesteps=1000,
+  set_alpha_to_one=False,
+  skip_prk_steps=True,
+  steps_offset=1,
+  clip_sample=False,
+  prediction_type='epsilon',
+  timestep_spacing='leading',
+  trained_betas=None,
+)
+SDXL_SCHEDULER = dict(
+  _class_name='EulerDiscreteScheduler',
+  beta_start=0.00085,
+  beta_end=0.012,
+  beta_schedule='scaled_linear',
+  interpolation_type='linear',
+  num_train_timesteps=1000,
+  prediction_type='epsilon',
+  steps_offset=1,
+  timestep_spacing='leading',
+  use_karras_sigmas=False,
+)
