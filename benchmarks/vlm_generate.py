@@ -27,61 +27,12 @@ import time
 
 import _report
 
-SPECIAL = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
-CONFIGS = {
-  ('qwen2_5_vl', '3b'): dict(
-    tie_word_embeddings=True,
-    text_config=dict(
-      vocab_size=151936,
-      hidden_size=2048,
-      intermediate_size=11008,
-      num_hidden_layers=36,
-      num_attention_heads=16,
-      num_key_value_heads=2,
-      max_position_embeddings=128000,
-      rms_norm_eps=1e-6,
-      tie_word_embeddings=True,
-      rope_parameters=dict(rope_type='default', rope_theta=1000000.0, mrope_section=[16, 24, 24]),
-    ),
-    vision_config=dict(
-      depth=32,
-      hidden_size=1280,
-      intermediate_size=3420,
-      num_heads=16,
-      out_hidden_size=2048,
-      window_size=112,
-      fullatt_block_indexes=[7, 15, 23, 31],
-      tokens_per_second=2,
-    ),
-  ),
-  ('qwen3_vl', '4b'): dict(
-    tie_word_embeddings=True,
-    text_config=dict(
-      vocab_size=151936,
-      hidden_size=2560,
-      intermediate_size=9728,
-      num_hidden_layers=36,
-      num_attention_heads=32,
-      num_key_value_heads=8,
-      head_dim=128,
-      max_position_embeddings=262144,
-      rms_norm_eps=1e-6,
-      tie_word_embeddings=True,
-      rope_parameters=dict(
-        rope_type='default', rope_theta=5000000.0, mrope_section=[24, 20, 20], mrope_interleaved=True
-      ),
-    ),
-    vision_config=dict(
-      depth=24,
-      hidden_size=1024,
-      intermediate_size=4096,
-      num_heads=16,
-      out_hidden_size=2560,
-      num_position_embeddings=2304,
-      deepstack_visual_indexes=[5, 11, 17],
-    ),
-  ),
+from jaxdream.models.presets import QWEN2_5_VL_3B, QWEN3_VL_4B
+
+SPECIAL = {
+  k: QWEN2_5_VL_3B[k] for k in ('image_token_id', 'video_token_id', 'vision_start_token_id', 'vision_end_token_id')
 }
+CONFIGS = {('qwen2_5_vl', '3b'): QWEN2_5_VL_3B, ('qwen3_vl', '4b'): QWEN3_VL_4B}
 for _model, _big in (('qwen2_5_vl', '3b'), ('qwen3_vl', '4b')):
   _big = CONFIGS[(_model, _big)]
   _text = dict(
@@ -123,7 +74,9 @@ def _make(args):
   from transformers import AutoConfig, AutoModelForImageTextToText
 
   name = args.config[0]
-  config = AutoConfig.for_model(args.model, **SPECIAL, **CONFIGS[(args.model, name)])
+  config = AutoConfig.for_model(
+    args.model, **{k: v for k, v in CONFIGS[(args.model, name)].items() if k != 'model_type'}
+  )
   torch.manual_seed(0)
   model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, _dtype(args, name)))
   model.generation_config.eos_token_id = None

@@ -193,45 +193,12 @@ def test_parameter_count_of_qwen2_5_vl_3b_matches_transformers():
   from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
   from jaxdream.io.weights import abstract_model, count_params
+  from jaxdream.models.presets import QWEN2_5_VL_3B
 
-  config = dict(
-    model_type='qwen2_5_vl',
-    tie_word_embeddings=True,
-    image_token_id=151655,
-    video_token_id=151656,
-    vision_start_token_id=151652,
-    vision_end_token_id=151653,
-    text_config=dict(
-      vocab_size=151936,
-      hidden_size=2048,
-      intermediate_size=11008,
-      num_hidden_layers=36,
-      num_attention_heads=16,
-      num_key_value_heads=2,
-      max_position_embeddings=128000,
-      rms_norm_eps=1e-6,
-      tie_word_embeddings=True,
-      rope_parameters=dict(rope_type='default', rope_theta=1000000.0, mrope_section=[16, 24, 24]),
-    ),
-    vision_config=dict(
-      depth=32,
-      hidden_size=1280,
-      intermediate_size=3420,
-      num_heads=16,
-      out_hidden_size=2048,
-      patch_size=14,
-      spatial_merge_size=2,
-      temporal_patch_size=2,
-      window_size=112,
-      fullatt_block_indexes=[7, 15, 23, 31],
-      in_chans=3,
-      tokens_per_second=2,
-    ),
-  )
   with torch.device('meta'):
-    ref = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config))
+    ref = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN2_5_VL_3B))
   expected = sum(p.numel() for p in ref.parameters())
-  ours = count_params(abstract_model(lambda rngs: QwenVLForConditionalGeneration(config, rngs=rngs)))
+  ours = count_params(abstract_model(lambda rngs: QwenVLForConditionalGeneration(QWEN2_5_VL_3B, rngs=rngs)))
   assert ours == expected == 3_754_622_976
 
 

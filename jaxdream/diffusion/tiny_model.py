@@ -9,6 +9,7 @@ import os
 from jaxdream.diffusion.pipeline import Pipeline, save_pipeline
 from jaxdream.io.tokenizer import load_tokenizer, write_clip_tokenizer
 from jaxdream.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel, init_model
+from jaxdream.models.presets import SD_SCHEDULER
 
 TINY_UNET = dict(
   _class_name='UNet2DConditionModel',
@@ -52,21 +53,7 @@ TINY_TEXT_ENCODER = dict(
   pad_token_id=49407,
   projection_dim=64,
 )
-SD15_SCHEDULER = dict(
-  _class_name='PNDMScheduler',
-  _diffusers_version='0.35.0',
-  beta_start=0.00085,
-  beta_end=0.012,
-  beta_schedule='scaled_linear',
-  num_train_timesteps=1000,
-  set_alpha_to_one=False,
-  skip_prk_steps=True,
-  steps_offset=1,
-  clip_sample=False,
-  prediction_type='epsilon',
-  timestep_spacing='leading',
-  trained_betas=None,
-)
+SD15_SCHEDULER = dict(SD_SCHEDULER, _diffusers_version='0.35.0')
 
 
 def create_tiny_pipeline(path: str, *, seed: int = 0) -> str:

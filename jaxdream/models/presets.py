@@ -1,5 +1,6 @@
-"""Configs of the published Stable Diffusion models, as diffusers writes them, for building models
-without their weight files (parameter counts, memory planning, benchmarks with random weights)."""
+"""Configs of published models (Stable Diffusion as diffusers writes them, Qwen-VL as transformers does), for
+building models without their weight files (parameter counts, memory planning, benchmarks with random
+weights)."""
 
 SD15_UNET = dict(
   _class_name='UNet2DConditionModel',
@@ -149,4 +150,69 @@ SDXL_SCHEDULER = dict(
   steps_offset=1,
   timestep_spacing='leading',
   use_karras_sigmas=False,
+)
+
+
+# Qwen/Qwen2.5-VL-3B-Instruct's config.json (3,754,622,976 parameters; tied embeddings), as transformers 5 reads it.
+_QWEN_TOKENS = dict(
+  image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653
+)
+QWEN2_5_VL_3B = dict(
+  model_type='qwen2_5_vl',
+  tie_word_embeddings=True,
+  **_QWEN_TOKENS,
+  text_config=dict(
+    vocab_size=151936,
+    hidden_size=2048,
+    intermediate_size=11008,
+    num_hidden_layers=36,
+    num_attention_heads=16,
+    num_key_value_heads=2,
+    max_position_embeddings=128000,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    rope_parameters=dict(rope_type='default', rope_theta=1000000.0, mrope_section=[16, 24, 24]),
+  ),
+  vision_config=dict(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    out_hidden_size=2048,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+    in_chans=3,
+    tokens_per_second=2,
+  ),
+)
+# Qwen/Qwen3-VL-4B-Instruct's architecture (tied embeddings, DeepStack at vision blocks 5, 11, 17).
+QWEN3_VL_4B = dict(
+  model_type='qwen3_vl',
+  tie_word_embeddings=True,
+  **_QWEN_TOKENS,
+  text_config=dict(
+    vocab_size=151936,
+    hidden_size=2560,
+    intermediate_size=9728,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=262144,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    rope_parameters=dict(rope_type='default', rope_theta=5000000.0, mrope_section=[24, 20, 20], mrope_interleaved=True),
+  ),
+  vision_config=dict(
+    depth=24,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_heads=16,
+    out_hidden_size=2560,
+    num_position_embeddings=2304,
+    deepstack_visual_indexes=[5, 11, 17],
+  ),
 )
