@@ -7,7 +7,10 @@ Both sides load one folder of random weights, written once by transformers (`sav
 compute dtype) under --cache-dir, and are fed the same inputs: one random image per row (--image-size
 pixels square: 224 -> 64 image tokens) inside a chat-like prompt of special and text tokens, no tokenizer
 needed. Each side runs in its own process, one after the other, so that a 3B model in bfloat16 (7.5 GB per
-copy) fits next to nothing else. EOS is switched off, so every call generates exactly --new-tokens tokens;
+copy; 15 GB in float32) fits next to nothing else. On CPU both sides run float32 by default: XLA's CPU
+backend turns each bfloat16 matrix-vector product of the decode loop into a float32 one and keeps the float32
+weight copies across the loop (+2x the weights), which a 24 GB machine cannot hold for 3B; bfloat16 is for
+accelerators (`--dtype bfloat16` there). EOS is switched off, so every call generates exactly --new-tokens tokens;
 tokens/s counts generated tokens over the whole call (vision tower, prefill and decoding), after a warm-up
 call (jaxdream compiles there: printed separately), and a 1-token call separates vision + prefill from
 decoding. The generated tokens are compared too (bfloat16 rounding may make long random-weight runs part).
@@ -56,7 +59,7 @@ def _parse(argv=None):
   p.add_argument('--image-size', type=int, default=224, help='pixels (square, a multiple of 28 / 32)')
   p.add_argument('--threads', type=int, default=2, help='CPU threads for torch')
   p.add_argument('--repeats', type=int, default=2, help='timed calls per measurement (median)')
-  p.add_argument('--dtype', choices=['float32', 'bfloat16'], default=None, help='default: float32 tiny, bfloat16 else')
+  p.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32', help='weights and compute, both sides')
   p.add_argument('--cache-dir', default=os.path.join(os.path.expanduser('~'), '.cache', 'jaxdream', 'bench-vlm'))
   p.add_argument('--json', help='write the per-repeat times of each side to this file (benchmarks/_report.py)')
   p.add_argument('--side', choices=['make', 'jaxdream', 'torch'], help=argparse.SUPPRESS)  # a child process
@@ -65,7 +68,7 @@ def _parse(argv=None):
 
 
 def _dtype(args, name):
-  return args.dtype or ('float32' if name == 'tiny' else 'bfloat16')
+  return args.dtype
 
 
 def _make(args):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdream.nn.layers import Conv2d, Embed, Linear
+from jaxdream.nn.layers import Conv2d, Embed, Linear, matmul
 
 
 class Quantized(nnx.Variable):
@@ -43,7 +43,7 @@ class Int8Linear(nnx.Module):
     self.dtype = linear.dtype
 
   def __call__(self, x):
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype)) * self.scale[...].astype(self.dtype)
+    y = matmul(x, self.kernel[...], self.dtype) * self.scale[...].astype(self.dtype)
     return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
@@ -59,7 +59,7 @@ class Int8Embed(nnx.Module):
     return rows * jnp.take(self.scale[...], ids, axis=0)[..., None].astype(self.dtype)
 
   def attend(self, x):
-    logits = jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+    logits = matmul(x, self.embedding[...].T, self.dtype)
     return logits * self.scale[...].astype(self.dtype)
 
 
