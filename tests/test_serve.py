@@ -7,6 +7,7 @@ txt2img with adapters, inpainting) are compiled once and shared by every test, t
 
 import base64
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -27,6 +28,7 @@ from PIL import Image
 
 from jaxdream.cli.main import main
 from jaxdream.cli.serve import make_uvicorn_server
+from jaxdream.diffusion.pipeline import save_pipeline
 from jaxdream.lora import save_lora
 from jaxdream.nn.adapters import add_lora, lora_layers
 from jaxdream.serve.app import Server, create_app, make_server
@@ -176,6 +178,54 @@ def test_routes_answer_in_a1111_shapes_with_a1111_defaults(served):
   for line in ('jaxdream_serve_queue_depth 0', 'jaxdream_serve_batch_size_count', 'request_latency_seconds_bucket'):
     assert line in text
   assert int(re.search(r'^jaxdream_serve_images_generated_total (\d+)$', text, re.M).group(1)) >= 4
+
+
+def test_single_file_checkpoints_in_models_dir_are_listed_switched_to_and_reported_when_broken(served):
+  server, client = served
+  models, base = server.engine.models_dir, server.engine.pipeline(server.engine.current)
+  first = server.engine.current
+  single = os.path.join(models, 'single.safetensors')
+  save_pipeline(base, single, single_file=True)
+  os.symlink(base.path, os.path.join(models, 'single.config'))  # its configs: a diffusers folder beside it
+  with open(os.path.join(models, 'broken.safetensors'), 'wb') as f:
+    f.write(b'not a checkpoint')
+  reference = pixels(txt2img(client, prompt='a dog', seed=5)['images'][0])
+  try:
+    assert client.post('/sdapi/v1/refresh-checkpoints').status_code == 200  # finds the new files
+    listed = {m['model_name']: m for m in client.get('/sdapi/v1/sd-models').json()}
+    assert set(listed) == {first, 'other', 'single', 'broken'}  # not the .config folder
+    with open(single, 'rb') as f:
+      sha = hashlib.sha256(f.read()).hexdigest()
+    assert listed['single'] == dict(
+      title=f'single.safetensors [{sha[:10]}]',
+      model_name='single',
+      hash=sha[:10],
+      sha256=sha,
+      filename=os.path.abspath(single),
+      config=os.path.join(models, 'single.config'),
+    )
+    assert listed['other']['hash'] is None and listed['other']['title'] == 'other'
+    # A file that cannot be loaded is a 422 naming it and why; the loaded model serves on.
+    r = client.post('/sdapi/v1/options', json={'sd_model_checkpoint': 'broken.safetensors'})
+    assert r.status_code == 422 and r.json()['field'] == 'sd_model_checkpoint', r.text
+    assert 'broken.safetensors' in r.json()['detail'] and 'cannot be loaded' in r.json()['detail']
+    # A name is looked up among the listed models, never joined to a path.
+    for name in ('../single.safetensors', os.path.abspath(single), 'single.config'):
+      assert client.post('/sdapi/v1/options', json={'sd_model_checkpoint': name}).status_code == 422
+    assert client.get('/sdapi/v1/options').json()['sd_model_checkpoint'] == first
+    # Switched to by model_name (A1111 clients send the title, name, model_name or hash): the same weights give
+    # the same pixels, through the same compiled loop.
+    assert client.post('/sdapi/v1/options', json={'sd_model_checkpoint': 'single'}).status_code == 200
+    assert client.get('/sdapi/v1/options').json()['sd_model_checkpoint'] == listed['single']['title']
+    data = txt2img(client, prompt='a dog', seed=5)
+    info = json.loads(data['info'])
+    assert (info['sd_model_name'], info['sd_model_hash']) == ('single.safetensors', sha[:10])
+    assert np.array_equal(pixels(data['images'][0]), reference)
+  finally:
+    client.post('/sdapi/v1/options', json={'sd_model_checkpoint': first})
+    for name in ('single.safetensors', 'single.config', 'broken.safetensors'):
+      os.remove(os.path.join(models, name))
+    server.engine.refresh_models()
 
 
 def test_bad_requests_are_refused_naming_the_field(served):

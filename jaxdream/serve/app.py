@@ -52,6 +52,7 @@ def make_server(
   *,
   models_dir=None,
   lora_dir=None,
+  config_dir=None,
   max_batch: int = 8,
   queue_size: int = 64,
   limits: Limits | None = None,
@@ -62,7 +63,13 @@ def make_server(
   if queue_size < 1:
     raise ValueError(f'--queue-size must be at least 1, got {queue_size}')
   engine = Engine(
-    model, models_dir=models_dir, lora_dir=lora_dir, max_batch=max_batch, devices=devices, allow_pickle=allow_pickle
+    model,
+    models_dir=models_dir,
+    lora_dir=lora_dir,
+    config_dir=config_dir,
+    max_batch=max_batch,
+    devices=devices,
+    allow_pickle=allow_pickle,
   )
   metrics = Metrics(max_batch)
   queue = BatchQueue(
@@ -132,7 +139,8 @@ def _plan(server: Server, req: Txt2ImgRequest, kind: str):
   tasks = [
     Task(text, req.negative_prompt, seed + i, req.cfg_scale, lora, inits[i % len(inits)], mask) for i in range(n)
   ]
-  return key, tasks, dict(model=model, width=width, height=height, seed=seed, sampler=sampler, strength=strength)
+  facts = dict(model=model, width=width, height=height, seed=seed, sampler=sampler, strength=strength)
+  return key, tasks, dict(facts, model_hash=eng.describe(model)['hash'])
 
 
 def _mask(im, req, width, height):
@@ -187,7 +195,7 @@ def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list) -> 
     'batch_size': req.batch_size,
     'restore_faces': False,
     'sd_model_name': key.model,
-    'sd_model_hash': None,
+    'sd_model_hash': facts['model_hash'],
     'seed_resize_from_w': -1,
     'seed_resize_from_h': -1,
     'denoising_strength': key.strength,
@@ -372,7 +380,8 @@ def create_app(server: Server) -> FastAPI:
 
   @app.get('/sdapi/v1/options')
   async def get_options():
-    return {**server.options, 'sd_model_checkpoint': server.engine.current, 'samples_format': 'png'}
+    title = await run_in_threadpool(server.engine.title, server.engine.current)  # a file's title hashes it
+    return {**server.options, 'sd_model_checkpoint': title, 'samples_format': 'png'}
 
   @app.post('/sdapi/v1/options')
   async def set_options(req: OptionsRequest):
@@ -386,10 +395,7 @@ def create_app(server: Server) -> FastAPI:
 
   @app.get('/sdapi/v1/sd-models')
   async def sd_models():
-    return [
-      {'title': name, 'model_name': name, 'hash': None, 'sha256': None, 'filename': path, 'config': None}
-      for name, path in server.engine.models().items()
-    ]
+    return await run_in_threadpool(lambda: [server.engine.describe(name) for name in server.engine.models()])
 
   @app.get('/sdapi/v1/samplers')
   async def sampler_list():

@@ -9,6 +9,7 @@ So an image never depends on what it was batched with: its own seed, prompt, gui
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import threading
 
@@ -65,11 +66,29 @@ def _signature(tree: dict) -> tuple:
   )
 
 
+# A single-file checkpoint's configs (a diffusers folder of the same kind of model, weights not needed): the folder
+# beside it named <file stem>.config, else --config-dir, else the published model of the type its keys say.
+CONFIG_SUFFIX = '.config'
+
+
+def _stem(name: str) -> str:
+  return os.path.splitext(name)[0]
+
+
 class Engine:
-  """The models (--model, and --models-dir's folders), the LoRA files (--lora-dir), one model loaded at a time."""
+  """The models (--model, and --models-dir's diffusers folders and single-file checkpoints), the LoRA files
+  (--lora-dir), one model loaded at a time."""
 
   def __init__(
-    self, model: str, *, models_dir=None, lora_dir=None, max_batch: int = 8, devices: int = 1, allow_pickle=False
+    self,
+    model: str,
+    *,
+    models_dir=None,
+    lora_dir=None,
+    config_dir=None,
+    max_batch: int = 8,
+    devices: int = 1,
+    allow_pickle=False,
   ):
     if max_batch < 1:
       raise ValueError(f'--max-batch must be at least 1, got {max_batch}')
@@ -78,10 +97,11 @@ class Engine:
       raise ValueError(f'--devices {devices}: this machine has {jax.device_count()} device(s)')
     # Each batch split over the devices' 'data' axis (padded to a multiple of them; parameters replicated).
     self.mesh = make_mesh(data=n, devices=jax.devices()[:n]) if n > 1 else None
-    for flag, folder in (('--models-dir', models_dir), ('--lora-dir', lora_dir)):
+    for flag, folder in (('--models-dir', models_dir), ('--lora-dir', lora_dir), ('--config-dir', config_dir)):
       if folder and not os.path.isdir(folder):
         raise ValueError(f'{flag} {folder}: no such folder')
-    self.model_path, self.models_dir, self.lora_dir = model, models_dir, lora_dir
+    self.model_path, self.models_dir, self.lora_dir, self.config_dir = model, models_dir, lora_dir, config_dir
+    self._hashes: dict = {}  # (path, size, mtime) -> sha256 of a single file, computed once (A1111 caches it too)
     self.max_batch, self.allow_pickle = max_batch, allow_pickle
     self._lock = threading.RLock()  # the loaded model: loading, switching and sampling
     self._lora_lock = threading.Lock()
@@ -97,23 +117,69 @@ class Engine:
 
   # -- models
   def refresh_models(self):
+    """The models by name: --model's, then --models-dir's diffusers folders and checkpoint files (.safetensors;
+    .ckpt too with --allow-pickle) by their file names. Only these are ever loaded: a request names one of
+    them, never a path."""
+    extensions = ('.safetensors', '.ckpt') if self.allow_pickle else ('.safetensors',)
     models = {os.path.basename(os.path.abspath(self.model_path)): self.model_path}
     if self.models_dir:
       for name in sorted(os.listdir(self.models_dir)):
         path = os.path.join(self.models_dir, name)
-        if os.path.isfile(os.path.join(path, 'model_index.json')):
+        folder = os.path.isfile(os.path.join(path, 'model_index.json')) and not name.endswith(CONFIG_SUFFIX)
+        if folder or (os.path.isfile(path) and name.endswith(extensions)):
           models.setdefault(name, path)
     self._models = models
 
   def models(self) -> dict[str, str]:
     return dict(self._models)
 
+  def model_config_dir(self, path: str) -> str | None:
+    """The config folder a single file loads with (CONFIG_SUFFIX); None for a diffusers folder, or presets."""
+    if not os.path.isfile(path):
+      return None
+    sidecar = _stem(path) + CONFIG_SUFFIX
+    return sidecar if os.path.isdir(sidecar) else self.config_dir
+
+  def sha256(self, path: str) -> str:
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in self._hashes:
+      digest = hashlib.sha256()
+      with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(2**20), b''):
+          digest.update(block)
+      self._hashes[key] = digest.hexdigest()
+    return self._hashes[key]
+
+  def describe(self, name: str) -> dict:
+    """A1111's /sd-models entry: a single file's title carries its short hash (the sha256's first 10 digits)."""
+    path = self._models[name]
+    if not os.path.isfile(path):
+      return dict(title=name, model_name=name, hash=None, sha256=None, filename=path, config=None)
+    sha = self.sha256(path)
+    return dict(
+      title=f'{name} [{sha[:10]}]',
+      model_name=_stem(name),
+      hash=sha[:10],
+      sha256=sha,
+      filename=os.path.abspath(path),
+      config=self.model_config_dir(path),
+    )
+
+  def title(self, name: str) -> str:
+    return self.describe(name)['title']
+
   def model_name(self, title: str, field: str = 'sd_model_checkpoint') -> str:
-    """A model's name from A1111's title ('name [hash]') or name; a 422 lists the known ones."""
+    """A model's name from what A1111 clients send: its title ('name [hash]'), name, model_name (a file's stem)
+    or short hash; a 422 lists the known ones."""
     name = title.split(' [')[0].strip() if isinstance(title, str) else title
-    if name not in self._models:
-      raise ApiError(422, field, f'{field} {title!r}: no such model; known: {", ".join(self._models)}')
-    return name
+    if name in self._models:
+      return name
+    for known, path in self._models.items():
+      hashes = [h[:10] for k, h in self._hashes.items() if k[0] == os.path.abspath(path)]
+      if os.path.isfile(path) and name in (_stem(known), *hashes):
+        return known
+    raise ApiError(422, field, f'{field} {title!r}: no such model; known: {", ".join(self._models)}')
 
   def pipeline(self, name: str):
     """The named model's pipeline, loaded (and the previous one dropped) if it is not the loaded one. The
@@ -126,10 +192,13 @@ class Engine:
         self._loaded = None
         self._adapters.clear()
         self._templates.clear()
+        path = self._models[name]
         try:
-          pipe = load_pipeline(self._models[name], allow_pickle=self.allow_pickle)
-        except (WeightsError, ConfigError, OSError) as e:
-          raise ApiError(422, 'sd_model_checkpoint', f'model {name}: {e}') from None
+          pipe = load_pipeline(path, allow_pickle=self.allow_pickle, config_dir=self.model_config_dir(path))
+        except Exception as e:  # noqa: BLE001 (a file from anywhere may fail in any way: reported, never a crash)
+          known = isinstance(e, (WeightsError, ConfigError, OSError, ValueError))
+          why = str(e) if known else f'{type(e).__name__}: {e}'
+          raise ApiError(422, 'sd_model_checkpoint', f'model {name} ({path}) cannot be loaded: {why}') from None
         pipe.compiled, pipe.callbacks = self._compiled, self._callbacks
         self._loaded = (name, pipe)
       return self._loaded[1]
