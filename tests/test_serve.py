@@ -347,6 +347,48 @@ def test_inpainting_from_a_data_url_image_and_a_base64_mask(served):
   assert pixels(r.json()['images'][0]).shape == (32, 32, 3)
 
 
+def test_progress_current_image_is_the_running_image_decoded_only_when_asked(served):
+  server, client = served
+  engine, at_last, go_on, decoded = server.engine, threading.Event(), threading.Event(), []
+  body = {**SMALL, 'prompt': 'a lighthouse', 'seed': 8}
+  expected = pixels(txt2img(client, **body)['images'][0])
+
+  def run(key, tasks, progress):  # holds after the last step, its latents reported
+    def held(i, latents):
+      progress(i, latents)
+      if i == key.steps - 1:
+        at_last.set()
+        go_on.wait(60)
+
+    return engine.run(key, tasks, held)
+
+  def preview(key, latents):
+    decoded.append(latents.shape)
+    return engine.preview(key, latents)
+
+  queue = BatchQueue(run, max_batch=MAX_BATCH, max_requests=4, num_steps=engine.num_steps, preview=preview)
+  held_client = TestClient(create_app(Server(engine, queue, Metrics(MAX_BATCH), LIMITS)))
+  got = {}
+  try:
+    t = threading.Thread(target=lambda: got.setdefault('r', held_client.post('/sdapi/v1/txt2img', json=body)))
+    t.start()
+    assert at_last.wait(60)
+    skipped = held_client.get('/sdapi/v1/progress', params={'skip_current_image': 'true'}).json()
+    assert skipped['current_image'] is None and skipped['state']['sampling_step'] == 2 and not decoded
+    shown = [held_client.get('/sdapi/v1/progress').json()['current_image'] for _ in range(2)]  # A1111's default
+    assert shown[0] == shown[1] and decoded == [(8, 8, 4)]  # one image's latents, decoded once per step
+    go_on.set()
+    t.join(60)
+  finally:
+    go_on.set()
+    queue.close()
+  final = pixels(got['r'].json()['images'][0])
+  assert np.array_equal(final, expected)  # a preview changes no pixel of the batch
+  current = pixels(shown[0]).astype(int)  # after the last step the latents are the image's
+  assert current.shape == (32, 32, 3) and np.abs(current - final).max() <= 2
+  assert held_client.get('/sdapi/v1/progress').json()['current_image'] is None  # nothing running
+
+
 def test_the_queue_batches_compatible_images_in_order_interrupts_skips_and_shuts_down():
   calls, release = [], threading.Event()
 
@@ -432,11 +474,11 @@ def test_a_real_uvicorn_serves_interrupts_and_sigterm_answers_the_queued_request
   engine, at_step, go_on = served[0].engine, threading.Event(), threading.Event()
 
   def run(key, tasks, progress):  # the compiled loop's progress callback holds at the first step until told
-    def held(i):
+    def held(i, *latents):
       if key.steps == 2 and tasks[0].prompt == 'hold':
         at_step.set()
         go_on.wait(60)
-      progress(i)
+      progress(i, *latents)
 
     return engine.run(key, tasks, held)
 

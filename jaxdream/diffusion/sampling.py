@@ -56,6 +56,7 @@ class _Mode:
   blend: bool  # 4-channel inpainting: re-impose the known region after every step
   unet_mask: bool  # 9-channel inpainting UNet: mask and masked-image latents are UNet inputs
   progress: bool
+  progress_latents: bool = False  # the progress callback also gets the current latents (live previews)
   latent: bool = False  # return the final latents undecoded (output_type='latent')
   adapters: bool = False  # per-image LoRA adapters (stacked factors, ids and scales are arguments)
 
@@ -143,17 +144,24 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
       if mode.blend:  # known region: the original latents noised to the next step's level
         known = jnp.where(i < n - 1, per_image_noise(image_latents, noise, jnp.minimum(i + 1, n - 1)), image_latents)
         x = (1.0 - mask) * known + mask * x
-      if mode.progress:  # the loop is shared by every call: the call's token finds its own callback
+      if mode.progress_latents:  # the loop is shared by every call: the call's token finds its own callback
+        jax.debug.callback(lambda token, i, x: callbacks(token, int(i), np.array(x)), token, i, x)
+      elif mode.progress:
         jax.debug.callback(lambda token, i: callbacks(token, int(i)), token, i)
       return x, state
 
     x, _ = jax.lax.fori_loop(start, n, body, (x, state))
     if mode.latent:
       return x
-    images = models['vae'].decode_latents(x).astype(jnp.float32)
-    return jnp.round(jnp.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
+    return decode_uint8(models['vae'], x)
 
   return jax.jit(run)
+
+
+def decode_uint8(vae, latents):
+  """uint8 NHWC images of scaled latents, as the sampler returns them (traceable)."""
+  images = vae.decode_latents(latents).astype(jnp.float32)
+  return jnp.round(jnp.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
 
 
 def _encode(pipeline, images, seeds, stream):
@@ -260,6 +268,7 @@ def _generate(
   eta,
   mesh,
   progress,
+  progress_latents=False,
   init_images=None,
   masks=None,
   strength=1.0,
@@ -332,6 +341,7 @@ def _generate(
     blend=inpainting and unet_in == c,
     unet_mask=inpainting and unet_in != c,
     progress=progress is not None,
+    progress_latents=progress is not None and progress_latents,
     latent=output_type == 'latent',
     adapters=adapters is not None,
   )
@@ -450,6 +460,7 @@ def txt2img(
   eta: float = 0.0,
   mesh=None,
   progress: Callable[[int], None] | None = None,
+  progress_latents: bool = False,
   output_type: str = 'uint8',
   adapters: dict | None = None,
   adapter_ids=None,
@@ -467,6 +478,8 @@ def txt2img(
   mesh: a jax.sharding.Mesh: the batch is split over its 'data' (and 'fsdp') axes.
   progress: called with the step index after each step (from inside the compiled loop); this call's
     own, even while other threads sample from the same pipeline, and changing it never recompiles.
+  progress_latents: progress is called with (step index, the latents after that step: a float32 host copy, NHWC),
+    for live previews (another program: the latents leave the device every step).
   output_type: 'uint8' (images), or 'latent': the final scaled latents, float32 NHWC (B, H/f, W/f, C),
     not decoded, as diffusers' output_type='latent' (NCHW there).
   adapters: LoRA adapters stacked by diffusion.adapters.stack_adapters; `pipeline` must carry LoRA layers
@@ -493,6 +506,7 @@ def txt2img(
     eta=eta,
     mesh=mesh,
     progress=progress,
+    progress_latents=progress_latents,
     output_type=output_type,
     adapters=adapters,
     adapter_ids=adapter_ids,
@@ -519,6 +533,7 @@ def img2img(
   eta: float = 0.0,
   mesh=None,
   progress=None,
+  progress_latents: bool = False,
   adapters: dict | None = None,
   adapter_ids=None,
   adapter_scales=None,
@@ -543,6 +558,7 @@ def img2img(
     eta=eta,
     mesh=mesh,
     progress=progress,
+    progress_latents=progress_latents,
     init_images=init_images,
     strength=strength,
     adapters=adapters,
@@ -571,6 +587,7 @@ def inpaint(
   eta: float = 0.0,
   mesh=None,
   progress=None,
+  progress_latents: bool = False,
   adapters: dict | None = None,
   adapter_ids=None,
   adapter_scales=None,
@@ -596,6 +613,7 @@ def inpaint(
     eta=eta,
     mesh=mesh,
     progress=progress,
+    progress_latents=progress_latents,
     init_images=init_images,
     masks=masks,
     strength=strength,

@@ -73,7 +73,12 @@ def make_server(
   )
   metrics = Metrics(max_batch)
   queue = BatchQueue(
-    engine.run, max_batch=max_batch, max_requests=queue_size, metrics=metrics, num_steps=engine.num_steps
+    engine.run,
+    max_batch=max_batch,
+    max_requests=queue_size,
+    metrics=metrics,
+    num_steps=engine.num_steps,
+    preview=engine.preview,
   )
   return Server(engine, queue, metrics, limits or Limits(), dict(users or {}))
 
@@ -368,7 +373,8 @@ def create_app(server: Server) -> FastAPI:
 
   @app.get('/sdapi/v1/progress')
   async def progress(skip_current_image: bool = False):
-    return server.queue.progress()
+    # A1111's default sends the preview; it is decoded only then (in a worker thread: a VAE call).
+    return await run_in_threadpool(server.queue.progress, not skip_current_image)
 
   @app.post('/sdapi/v1/interrupt')
   async def interrupt():

@@ -25,7 +25,7 @@ from jaxdream.distributed.mesh import make_mesh
 from jaxdream.lora import apply_lora
 from jaxdream.lora.tags import lora_in_dir, lora_name
 from jaxdream.models import ConfigError, WeightsError
-from jaxdream.runtime import CallbackRegistry, CompileCache
+from jaxdream.runtime import CallbackRegistry, CompileCache, Structure
 from jaxdream.schedulers import make_scheduler
 from jaxdream.serve.limits import ApiError
 
@@ -255,6 +255,17 @@ class Engine:
     sch = make_scheduler(key.sampler, self.pipeline(key.model).scheduler_config, key.steps)
     return sch.num_steps - (0 if key.strength is None else sch.start_index(key.strength))
 
+  def preview(self, key: BatchKey, latents: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) of one image's current latents (A1111's live preview), decoded as the loop decodes its
+    result: by a jitted VAE decode of its own, so a preview never touches the batch's program or pixels."""
+    vae = self.pipeline(key.model).vae
+    graphdef, state = nnx.split(vae)
+    fn = self.pipeline(key.model).compiled.get(
+      ('serve_preview', Structure(graphdef)),
+      lambda: jax.jit(lambda state, x: sampling.decode_uint8(nnx.merge(graphdef, state), x)),
+    )
+    return np.asarray(fn(state, jnp.asarray(latents, jnp.float32)[None]))[0]
+
   def run(self, key: BatchKey, tasks: list[Task], progress=None) -> np.ndarray:
     """uint8 images (len(tasks), H, W, 3) of one batch of compatible tasks, in one call of the compiled loop."""
     if not 1 <= len(tasks) <= self.max_batch:
@@ -271,6 +282,7 @@ class Engine:
         height=key.height,
         width=key.width,
         progress=progress,
+        progress_latents=progress is not None,  # progress(step, latents): /progress's current_image
         mesh=self.mesh,
       )
       if key.adapters is not None:
