@@ -228,6 +228,25 @@ def test_single_file_checkpoints_in_models_dir_are_listed_switched_to_and_report
     server.engine.refresh_models()
 
 
+def test_save_images_writes_a1111_named_pngs_with_their_parameters_under_the_outdir(served, tmp_path):
+  server, client = served
+  kept, server.outdir = server.outdir, str(tmp_path / 'out')
+  try:
+    unsaved = txt2img(client, prompt='a dog', seed=21)  # save_images: false by default
+    assert not os.path.exists(server.outdir)
+    data = txt2img(client, prompt='a dog', seed=21, batch_size=2, save_images=True, send_images=False)
+    again = txt2img(client, prompt='a cat', seed=7, save_images=True)
+  finally:
+    server.outdir = kept
+  folder = tmp_path / 'out' / 'txt2img-images' / time.strftime('%Y-%m-%d')
+  assert sorted(os.listdir(folder)) == ['00000-21.png', '00001-22.png', '00002-7.png']  # numbered on, NNNNN-SEED
+  assert data['images'] == []  # send_images: false
+  for name, text in zip(['00000-21.png', '00001-22.png'], json.loads(data['info'])['infotexts'], strict=True):
+    assert Image.open(folder / name).text['parameters'] == text
+  assert np.array_equal(np.asarray(Image.open(folder / '00000-21.png')), pixels(unsaved['images'][0]))
+  assert np.array_equal(np.asarray(Image.open(folder / '00002-7.png')), pixels(again['images'][0]))
+
+
 def test_bad_requests_are_refused_naming_the_field(served):
   server, client = served
   images_before = server.metrics.images

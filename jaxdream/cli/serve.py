@@ -51,6 +51,7 @@ def _serve(args):
     users=users,
     devices=args.devices,
     allow_pickle=args.allow_pickle,
+    outdir=args.outdir,
   )
   if args.warmup_steps > 0:
     warm_up(server, steps=args.warmup_steps)
@@ -85,6 +86,12 @@ def _add_serve_parser(sub):
   )
   s.add_argument(
     '--config-dir', help='diffusers folder (weights not needed) whose configs single-file checkpoints load with'
+  )
+  s.add_argument(
+    '--outdir',
+    default='outputs/serve',
+    help='where requests with save_images write their PNGs, as A1111: OUTDIR/txt2img-images/DATE/NNNNN-SEED.png '
+    '(default outputs/serve)',
   )
   s.add_argument('--lora-dir', help='folder of LoRA files for <lora:name:weight> prompt tags')
   s.add_argument('--host', default='127.0.0.1', help='address to bind (default 127.0.0.1: this machine only)')

@@ -28,6 +28,7 @@ from jaxdream.serve import samplers
 from jaxdream.serve.engine import BatchKey, Engine, Task
 from jaxdream.serve.limits import ApiError, Limits, check_range, check_size, decode_image, image_bytes, resized
 from jaxdream.serve.metrics import Metrics
+from jaxdream.serve.outputs import DEFAULT_OUTDIR, save_pngs
 from jaxdream.serve.queue import BatchQueue, QueueFull, ShuttingDown
 from jaxdream.serve.schemas import Img2ImgRequest, OptionsRequest, PngInfoRequest, Txt2ImgRequest
 
@@ -45,6 +46,7 @@ class Server:
   limits: Limits = dataclasses.field(default_factory=Limits)
   users: dict = dataclasses.field(default_factory=dict)  # user -> password; empty: no auth
   options: dict = dataclasses.field(default_factory=dict)  # A1111 options other than the model
+  outdir: str = DEFAULT_OUTDIR  # where save_images writes (outputs.save_pngs)
 
 
 def make_server(
@@ -59,6 +61,7 @@ def make_server(
   users: dict | None = None,
   devices: int = 1,
   allow_pickle: bool = False,
+  outdir: str = DEFAULT_OUTDIR,
 ) -> Server:
   if queue_size < 1:
     raise ValueError(f'--queue-size must be at least 1, got {queue_size}')
@@ -80,7 +83,7 @@ def make_server(
     num_steps=engine.num_steps,
     preview=engine.preview,
   )
-  return Server(engine, queue, metrics, limits or Limits(), dict(users or {}))
+  return Server(engine, queue, metrics, limits or Limits(), dict(users or {}), outdir=outdir)
 
 
 def warm_up(server: Server, steps: int = 20, sampler: str = samplers.DEFAULT_SAMPLER, cfg_scale: float = 7.0):
@@ -161,8 +164,9 @@ def _mask(im, req, width, height):
   return np.asarray(resized(im, width, height))
 
 
-def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list) -> dict:
-  """A1111's {images, parameters, info}: base64 PNGs carrying their infotext, info a JSON string."""
+def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list, outdir: str) -> dict:
+  """A1111's {images, parameters, info}: base64 PNGs carrying their infotext, info a JSON string; with
+  save_images, the PNGs written under `outdir` too."""
   n = len(images)
   seeds = [facts['seed'] + i for i in range(n)]
   texts = [
@@ -181,7 +185,10 @@ def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list) -> 
     for s in seeds
   ]
   done = [i for i, im in enumerate(images) if im is not None]
-  encoded = [base64.b64encode(png_bytes(images[i], texts[i])).decode('ascii') for i in done]
+  pngs = [png_bytes(images[i], texts[i]) for i in done]
+  if req.save_images:
+    save_pngs(outdir, 'txt2img' if key.kind == 'txt2img' else 'img2img', pngs, [seeds[i] for i in done])
+  encoded = [base64.b64encode(png).decode('ascii') for png in pngs]
   info = {
     'prompt': req.prompt,
     'all_prompts': [req.prompt] * n,
@@ -235,7 +242,7 @@ async def _generate(server: Server, req: Txt2ImgRequest, kind: str) -> dict:
   except Exception as e:  # noqa: BLE001
     log.exception('sampling failed')
     raise ApiError(500, None, f'sampling failed: {type(e).__name__}: {e}', 'sampling') from None
-  return await run_in_threadpool(_response, req, key, facts, images)
+  return await run_in_threadpool(_response, req, key, facts, images, server.outdir)
 
 
 # -- the app
