@@ -268,7 +268,7 @@ def test_bad_requests_are_refused_naming_the_field(served):
   assert 'without a path' in refused(422, 'prompt', {'prompt': 'x <lora:../../etc/passwd:1>'})['detail']
   refused(422, 'prompt', {'prompt': 'x <lora:sub/subject:1>'})
   assert 'no nope.safetensors' in refused(422, 'prompt', {'prompt': 'x <lora:nope:1>'})['detail']
-  refused(422, 'prompt', {'prompt': '<lora:subject:1> <lora:style:1>'})
+  assert 'at most 8' in refused(422, 'prompt', {'prompt': 'x' + ' <lora:subject:0.1>' * 9})['detail']
   refused(422, None, {'steps': 'many'})  # a type error: FastAPI's own 422
   refused(422, 'init_images', {}, '/sdapi/v1/img2img')
   refused(422, 'init_images', {'init_images': ['not base64!']}, '/sdapi/v1/img2img')
@@ -338,6 +338,51 @@ def test_lora_prompt_tags_give_each_image_its_adapter_alone_and_batched(served):
   images = [pixels(g['images'][0]) for g in got]
   assert np.array_equal(images[1], alone)
   assert not np.array_equal(images[2], alone) and not np.array_equal(images[0], alone)
+
+
+def test_several_lora_tags_apply_their_weighted_sum_per_image_and_the_lora_cache_is_lru_bounded(served):
+  server, client = served
+  engine, model = server.engine, server.engine.current
+  subject, style = (engine.lora_path(n) for n in ('subject', 'style'))
+  # The combination's update is exactly 0.8 subject's + 0.5 style's, per layer.
+  one = {p: engine.adapter(model, ((p, 1.0),))[1]['unet'] for p in (subject, style)}
+  both = engine.adapter(model, ((style, 0.5), (subject, 0.8)))[1]['unet']
+  delta = lambda f: np.einsum('...ir,...ro->...io', np.asarray(f['a'][0]), np.asarray(f['b'][0]))
+  for name, f in both.items():
+    expected = 0.8 * delta(one[subject][name]) + 0.5 * delta(one[style][name])
+    np.testing.assert_allclose(delta(f), expected, rtol=1e-5, atol=1e-7)
+  single = pixels(txt2img(client, prompt='a dog <lora:subject:0.8>', seed=3)['images'][0])
+  alone = pixels(txt2img(client, prompt='a dog <lora:subject:0.8> <lora:style:0.5>', seed=3)['images'][0])
+  assert not np.array_equal(alone, single)
+  calls = batch_count(server, 3)
+  got = batched(
+    server,
+    client,
+    [
+      dict(prompt='a cat <lora:style:1> <lora:subject:0.2>', seed=4),
+      dict(prompt='a dog <lora:style:0.5> <lora:subject:0.8>', seed=3),  # the tags in another order
+      dict(prompt='a dog <lora:subject:0.4> <lora:style:0.5> <lora:subject:0.4>', seed=3),  # subject twice
+    ],
+  )
+  assert batch_count(server, 3) == calls + 1  # one call, each image its own combination
+  images = [pixels(g['images'][0]) for g in got]
+  assert np.array_equal(images[1], alone) and not np.array_equal(images[0], alone)
+  assert np.abs(images[2].astype(int) - alone).max() <= 1  # 0.4 + 0.4 = 0.8 (rounding aside: another rank)
+  assert '<lora:style:0.5> <lora:subject:0.8>' in json.loads(got[1]['info'])['infotexts'][0]
+  # LRU: a bound of 2 entries keeps the 2 most recently used; a trimmed one is read again when asked.
+  kept = engine.lora_cache
+  engine.lora_cache = 2
+  try:
+    for entry in (((subject, 1.0),), ((style, 1.0),), ((subject, 1.0),), ((style, 0.3), (subject, 0.3))):
+      engine.adapter(model, entry)
+    assert [k[1] for k in engine._adapters] == [((subject, 1.0),), ((style, 0.3), (subject, 0.3))]
+    assert engine.adapter_cache()[0] == 2 and engine.adapter(model, ((style, 1.0),))[1]
+    size = engine.adapter_cache()[1]
+    engine.lora_cache_bytes = size // 2 + 1  # a bound in bytes: the entry just used is always kept
+    engine.adapter(model, ((subject, 1.0),))
+    assert [k[1] for k in engine._adapters] == [((subject, 1.0),)]
+  finally:
+    engine.lora_cache, engine.lora_cache_bytes = kept, 1024 * 2**20
 
 
 def test_inpainting_from_a_data_url_image_and_a_base64_mask(served):

@@ -52,6 +52,8 @@ def _serve(args):
     devices=args.devices,
     allow_pickle=args.allow_pickle,
     outdir=args.outdir,
+    lora_cache=args.lora_cache,
+    lora_cache_mb=args.lora_cache_mb,
   )
   if args.warmup_steps > 0:
     warm_up(server, steps=args.warmup_steps)
@@ -94,6 +96,15 @@ def _add_serve_parser(sub):
     '(default outputs/serve)',
   )
   s.add_argument('--lora-dir', help='folder of LoRA files for <lora:name:weight> prompt tags')
+  s.add_argument(
+    '--lora-cache',
+    type=int,
+    default=64,
+    help='LoRA adapters (files, and combinations of several tags) kept read, least recently used dropped (default 64)',
+  )
+  s.add_argument(
+    '--lora-cache-mb', type=float, default=1024, help='and at most this many MiB of their factors (default 1024)'
+  )
   s.add_argument('--host', default='127.0.0.1', help='address to bind (default 127.0.0.1: this machine only)')
   s.add_argument('--port', type=int, default=7860)
   s.add_argument('--api-auth', help='HTTP basic auth, user:password[,user2:password2]; needed beyond loopback')

@@ -62,6 +62,8 @@ def make_server(
   devices: int = 1,
   allow_pickle: bool = False,
   outdir: str = DEFAULT_OUTDIR,
+  lora_cache: int = 64,
+  lora_cache_mb: float = 1024,
 ) -> Server:
   if queue_size < 1:
     raise ValueError(f'--queue-size must be at least 1, got {queue_size}')
@@ -73,6 +75,8 @@ def make_server(
     max_batch=max_batch,
     devices=devices,
     allow_pickle=allow_pickle,
+    lora_cache=lora_cache,
+    lora_cache_mb=lora_cache_mb,
   )
   metrics = Metrics(max_batch)
   queue = BatchQueue(
@@ -124,14 +128,8 @@ def _plan(server: Server, req: Txt2ImgRequest, kind: str):
     text, tags = parse_tags(req.prompt)
   except ValueError as e:
     raise ApiError(422, 'prompt', str(e)) from None
-  tags = [(name, s) for name, s in tags if s != 0]
-  if len(tags) > 1:
-    raise ApiError(422, 'prompt', 'one <lora:name:weight> per prompt: each image of a batch has its own adapter')
-  lora = signature = None
-  if tags:
-    path = eng.lora_path(tags[0][0])
-    signature = eng.adapter(model, path)[0]
-    lora = (path, tags[0][1])
+  lora = _lora(eng, tags, lim)
+  signature = eng.adapter(model, lora[0])[0] if lora else None
   inits, mask, strength = [None], None, None
   if kind == 'img2img':
     req: Img2ImgRequest
@@ -149,6 +147,25 @@ def _plan(server: Server, req: Txt2ImgRequest, kind: str):
   ]
   facts = dict(model=model, width=width, height=height, seed=seed, sampler=sampler, strength=strength)
   return key, tasks, dict(facts, model_hash=eng.describe(model)['hash'])
+
+
+def _lora(eng: Engine, tags, lim: Limits):
+  """(adapter entry, the image's weight) of a prompt's <lora:name:weight> tags, or None: one file is its own
+  entry at the tag's weight (so its images batch with any weight of it); several are one combined entry at
+  their weights (a file named twice: the weights added, as A1111 applies it twice)."""
+  if len(tags) > lim.max_loras:
+    raise ApiError(422, 'prompt', f'{len(tags)} <lora:...> tags; at most {lim.max_loras} per prompt')
+  weights: dict[str, float] = {}
+  for name, w in tags:
+    path = eng.lora_path(name)
+    weights[path] = weights.get(path, 0.0) + w
+  weights = {path: w for path, w in weights.items() if w != 0}
+  if not weights:
+    return None
+  if len(weights) == 1:
+    ((path, w),) = weights.items()
+    return ((path, 1.0),), w
+  return tuple(sorted(weights.items())), 1.0
 
 
 def _mask(im, req, width, height):

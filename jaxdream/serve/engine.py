@@ -8,6 +8,7 @@ So an image never depends on what it was batched with: its own seed, prompt, gui
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import os
@@ -19,12 +20,13 @@ import numpy as np
 from flax import nnx
 
 from jaxdream.diffusion import sampling
-from jaxdream.diffusion.adapters import stack_adapters
+from jaxdream.diffusion.adapters import combine_adapters, stack_adapters
 from jaxdream.diffusion.pipeline import load_pipeline
 from jaxdream.distributed.mesh import make_mesh
 from jaxdream.lora import apply_lora
 from jaxdream.lora.tags import lora_in_dir, lora_name
 from jaxdream.models import ConfigError, WeightsError
+from jaxdream.nn.adapters import LoRAParam, add_lora, lora_layers
 from jaxdream.runtime import CallbackRegistry, CompileCache, Structure
 from jaxdream.schedulers import make_scheduler
 from jaxdream.serve.limits import ApiError
@@ -38,7 +40,9 @@ class Task:
   negative_prompt: str
   seed: int
   guidance: float
-  lora: tuple[str, float] | None = None  # (file, weight)
+  # (adapter entry, weight): the entry ((file, weight), ...) is one file at 1.0 (the image's weight applies) or
+  # several combined at their weights (the image's weight 1.0); see Engine.adapter
+  lora: tuple[tuple, float] | None = None
   init: np.ndarray | None = None  # uint8 (H, W, 3), img2img / inpainting
   mask: np.ndarray | None = None  # uint8 (H, W), white: repaint
 
@@ -89,6 +93,8 @@ class Engine:
     max_batch: int = 8,
     devices: int = 1,
     allow_pickle=False,
+    lora_cache: int = 64,
+    lora_cache_mb: float = 1024,
   ):
     if max_batch < 1:
       raise ValueError(f'--max-batch must be at least 1, got {max_batch}')
@@ -104,9 +110,12 @@ class Engine:
     self._hashes: dict = {}  # (path, size, mtime) -> sha256 of a single file, computed once (A1111 caches it too)
     self.max_batch, self.allow_pickle = max_batch, allow_pickle
     self._lock = threading.RLock()  # the loaded model: loading, switching and sampling
-    self._lora_lock = threading.Lock()
+    self._lora_lock = threading.RLock()
     self._loaded: tuple[str, object] | None = None
-    self._adapters: dict = {}  # (model, file, mtime) -> (signature, stacked tree of one adapter)
+    # LRU: (model, entry, files' mtimes) -> (signature, stacked tree of one adapter), at most `lora_cache` entries
+    # and `lora_cache_mb` MiB of factors (the entry just used is always kept); a trimmed one is read again.
+    self._adapters: collections.OrderedDict = collections.OrderedDict()
+    self.lora_cache, self.lora_cache_bytes = lora_cache, int(lora_cache_mb * 2**20)
     self._templates: dict = {}  # (model, signature) -> components carrying LoRA layers of that signature
     # Every model loaded shares one compile cache (its keys name the model structure) and the registry its loops
     # report progress to: switching back to a model, or to one of the same architecture, compiles nothing.
@@ -228,26 +237,61 @@ class Engine:
     except ValueError as e:
       raise ApiError(422, field, str(e)) from None
 
-  def adapter(self, model: str, path: str):
-    """(signature, stacked tree of one adapter) of a LoRA file attached to the model's UNet/text encoders."""
-    base = self.pipeline(model)
-    key = (model, path, os.stat(path).st_mtime_ns)
+  def adapter(self, model: str, entry: tuple):
+    """(signature, stacked tree of one adapter) for the model's UNet/text encoders of an entry ((file, weight),
+    ...): one file at weight 1.0 as it is read, or several combined, each at its weight (combine_adapters: what
+    several <lora:...> tags in one prompt apply). Cached, least recently used trimmed first."""
+    key = (model, entry, tuple(os.stat(path).st_mtime_ns for path, _ in entry))
     with self._lora_lock:
-      if key not in self._adapters:
-        comps = {c: m for c, m in base.components.items() if c == 'unet' or c.startswith('text_encoder')}
-        comps = {c: nnx.clone(m) for c, m in comps.items()}
-        try:
-          done = apply_lora(comps, path, 1.0)
-        except (WeightsError, ValueError, OSError) as e:
-          raise ApiError(422, 'prompt', f'LoRA {lora_name(path)}: {e}') from None
-        comps = {c: comps[c] for c in done}
-        if not comps:
-          raise ApiError(422, 'prompt', f'LoRA {lora_name(path)}: adapts no layer of model {model}')
-        tree = stack_adapters([comps])
-        sig = _signature(tree)
-        self._templates.setdefault((model, sig), comps)
-        self._adapters[key] = (sig, tree)
+      if key in self._adapters:
+        self._adapters.move_to_end(key)
+        return self._adapters[key]
+      if len(entry) == 1 and entry[0][1] == 1.0:
+        tree = self._read_adapter(model, entry[0][0])
+      else:
+        tree = combine_adapters([(self.adapter(model, ((path, 1.0),))[1], w) for path, w in entry])
+      self._adapters[key] = (_signature(tree), tree)
+      self._trim_adapters()
       return self._adapters[key]
+
+  def adapter_cache(self) -> tuple[int, int]:
+    """(entries, bytes) of the LoRA cache."""
+    with self._lora_lock:
+      return len(self._adapters), sum(_nbytes(tree) for _, tree in self._adapters.values())
+
+  def _trim_adapters(self):
+    entries, size = self.adapter_cache()
+    while entries > 1 and (entries > self.lora_cache or size > self.lora_cache_bytes):
+      _, (_, tree) = self._adapters.popitem(last=False)
+      entries, size = entries - 1, size - _nbytes(tree)
+
+  def _read_adapter(self, model: str, path: str) -> dict:
+    base = self.pipeline(model)
+    comps = {c: nnx.clone(m) for c, m in base.components.items() if c == 'unet' or c.startswith('text_encoder')}
+    try:
+      done = apply_lora(comps, path, 1.0)
+    except (WeightsError, ValueError, OSError) as e:
+      raise ApiError(422, 'prompt', f'LoRA {lora_name(path)}: {e}') from None
+    if not done:
+      raise ApiError(422, 'prompt', f'LoRA {lora_name(path)}: adapts no layer of model {model}')
+    return stack_adapters([{c: comps[c] for c in done}])
+
+  def _template(self, model: str, signature: tuple, tree: dict) -> dict:
+    """The model's components that an adapter of this signature touches, carrying LoRA layers of its shapes
+    (their values unused: the sampler sets each image's): one structure, so one program, per signature."""
+    with self._lora_lock:
+      if (model, signature) not in self._templates:
+        base, comps = self.pipeline(model), {}
+        for comp, layers in tree.items():
+          m = comps[comp] = nnx.clone(base.components[comp])
+          add_lora(m, targets=list(layers), rank=1, conv_targets=list(layers), conv_rank=1, key=jax.random.key(0))
+          own = lora_layers(m)
+          for name, f in layers.items():
+            own[name].lora_a = LoRAParam(jnp.zeros(f['a'].shape[1:], jnp.float32))
+            own[name].lora_b = LoRAParam(jnp.zeros(f['b'].shape[1:], jnp.float32))
+            own[name].lora_scale = 1.0
+        self._templates[(model, signature)] = comps
+      return self._templates[(model, signature)]
 
   # -- sampling
   def num_steps(self, key: BatchKey) -> int:
@@ -302,11 +346,15 @@ class Engine:
 
   def _with_adapters(self, base, key: BatchKey, tasks: list[Task]):
     """(pipeline carrying LoRA layers of the key's signature, stacked adapters padded to max_batch, ids, scales)."""
-    files = list(dict.fromkeys(t.lora[0] for t in tasks))
-    trees = [self.adapter(key.model, f)[1] for f in files]
+    entries = list(dict.fromkeys(t.lora[0] for t in tasks))
+    trees = [self.adapter(key.model, e)[1] for e in entries]
+    template = self._template(key.model, key.adapters, trees[0])
     trees += [trees[0]] * (self.max_batch - len(trees))  # a fixed number of stacked adapters: one program
     stacked = jax.tree.map(lambda *a: jnp.concatenate(a), *trees)
-    template = self._templates[(key.model, key.adapters)]
     pipe = dataclasses.replace(base, components=dict(base.components, **template))
     pipe.compiled, pipe.callbacks = base.compiled, base.callbacks  # same structure: the base's loops
-    return pipe, stacked, [files.index(t.lora[0]) for t in tasks], [t.lora[1] for t in tasks]
+    return pipe, stacked, [entries.index(t.lora[0]) for t in tasks], [t.lora[1] for t in tasks]
+
+
+def _nbytes(tree) -> int:
+  return sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
