@@ -31,6 +31,7 @@ from jaxdream.cli.serve import make_uvicorn_server
 from jaxdream.diffusion.pipeline import save_pipeline
 from jaxdream.lora import save_lora
 from jaxdream.nn.adapters import add_lora, lora_layers
+from jaxdream.serve import inpainting
 from jaxdream.serve.app import Server, create_app, make_server
 from jaxdream.serve.engine import BatchKey, Engine, Task
 from jaxdream.serve.limits import Limits, check_bind, parse_auth
@@ -451,6 +452,44 @@ def test_progress_current_image_is_the_running_image_decoded_only_when_asked(ser
   current = pixels(shown[0]).astype(int)  # after the last step the latents are the image's
   assert current.shape == (32, 32, 3) and np.abs(current - final).max() <= 2
   assert held_client.get('/sdapi/v1/progress').json()['current_image'] is None  # nothing running
+
+
+def test_inpainting_fill_modes_and_full_res_as_a1111_with_the_original_pasted_back_outside_the_mask(served):
+  _, client = served
+  # A1111's crop region (the mask's box, padded) widened to the output's aspect ratio, kept inside the image.
+  region = np.zeros((64, 64), np.uint8)
+  region[10:40, 10:20] = 255
+  assert inpainting.crop_region(region, 4) == (6, 6, 24, 44)
+  assert inpainting.expand_crop_region((6, 6, 24, 44), 32, 32, 64, 64) == (0, 6, 38, 44)
+  assert inpainting.expand_crop_region((50, 0, 64, 10), 32, 32, 64, 64) == (50, 0, 64, 14)
+  # fill (0) paints the masked area with the colours around it and leaves the rest.
+  flat = np.zeros((32, 32, 3), np.uint8) + np.array([200, 40, 10], np.uint8)
+  hole = np.zeros((32, 32), np.uint8)
+  hole[8:24, 8:24] = 255
+  filled = inpainting.fill(np.where(hole[..., None] > 0, 0, flat).astype(np.uint8), hole)
+  assert np.abs(filled.astype(int) - flat).max() <= 8  # premultiplied-alpha rounding, as in A1111
+  assert np.array_equal(filled[hole == 0], flat[hole == 0])
+
+  init = np.random.default_rng(1).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+  mask = np.zeros((32, 32), np.uint8)
+  mask[8:24, 16:28] = 255
+  body = {**SMALL, 'prompt': 'a dog', 'seed': 2, 'init_images': [png_b64(init)], 'mask': png_b64(mask)}
+  body.update(mask_blur=0, denoising_strength=0.5, inpaint_full_res=False)
+
+  def inpainted(**kw):
+    r = client.post('/sdapi/v1/img2img', json={**body, **kw})
+    assert r.status_code == 200, r.text
+    return pixels(r.json()['images'][0])
+
+  out = {fill: inpainted(inpainting_fill=fill) for fill in range(4)}
+  out['full res'] = inpainted(inpainting_fill=1, inpaint_full_res=True, inpaint_full_res_padding=2)
+  for name, image in out.items():  # the original pasted back outside the mask, pixel for pixel
+    assert np.array_equal(image[mask == 0], init[mask == 0]), name
+  inside = [image[mask > 0] for image in out.values()]
+  assert all(not np.array_equal(a, b) for i, a in enumerate(inside) for b in inside[i + 1 :])
+  assert not any(np.array_equal(a, init[mask > 0]) for a in inside)
+  r = client.post('/sdapi/v1/img2img', json={**body, 'inpainting_fill': 4})
+  assert r.status_code == 422 and r.json()['field'] == 'inpainting_fill'
 
 
 def test_the_queue_batches_compatible_images_in_order_interrupts_skips_and_shuts_down():

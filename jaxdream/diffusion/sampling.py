@@ -271,6 +271,7 @@ def _generate(
   progress_latents=False,
   init_images=None,
   masks=None,
+  masked_content='original',
   strength=1.0,
   output_type='uint8',
   adapters=None,
@@ -325,6 +326,7 @@ def _generate(
       masked_images = images * (m < 0.5)
       # The latent mask: nearest-neighbour downsampling, as torch's interpolate does it.
       mask = jnp.asarray(m[:, ::f, ::f])
+      image_latents = _masked_content(image_latents, mask, noise, masked_content)
       if unet_in == 2 * c + 1:
         masked_latents = _encode(pipeline, masked_images, seeds, _MASKED_ENCODE)
       elif unet_in != c:
@@ -379,6 +381,21 @@ def _generate(
     if progress is not None:
       jax.effects_barrier()  # every step's callback has run before the token is forgotten
   return images
+
+
+MASKED_CONTENTS = ('original', 'latent_noise', 'latent_nothing')
+
+
+def _masked_content(image_latents, mask, noise, masked_content: str):
+  """What the masked area starts from (A1111's inpainting_fill): the image's latents ('original'), the image's own
+  initial noise in their place ('latent_noise', as A1111 draws it from the same seed), or zeros
+  ('latent_nothing'); the unmasked area keeps the image's latents. A per-call value: nothing recompiles."""
+  if masked_content not in MASKED_CONTENTS:
+    raise ValueError(f'masked_content {masked_content!r}: one of {", ".join(MASKED_CONTENTS)}')
+  if masked_content == 'original':
+    return image_latents
+  fill = noise if masked_content == 'latent_noise' else jnp.zeros_like(image_latents)
+  return image_latents * (1.0 - mask) + fill * mask
 
 
 def _first_size(images):
@@ -592,12 +609,14 @@ def inpaint(
   adapter_ids=None,
   adapter_scales=None,
   micro_conditioning: dict | None = None,
+  masked_content: str = 'original',
 ) -> np.ndarray:
   """Repaint the white (>= 0.5) region of `masks` in `init_images`, as diffusers'
   StableDiffusionInpaintPipeline: 9-channel inpainting UNets get the mask and masked image as inputs;
   standard 4-channel models keep the unmasked region by blending the noised original latents back in
-  after every step. `adapters`, `adapter_ids`, `adapter_scales`: per-image LoRA adapters, `micro_conditioning`: as
-  in txt2img."""
+  after every step. `masked_content`: what the masked area's latents start from before they are noised to
+  `strength` (A1111's inpainting_fill): 'original', 'latent_noise' or 'latent_nothing'. `adapters`,
+  `adapter_ids`, `adapter_scales`: per-image LoRA adapters, `micro_conditioning`: as in txt2img."""
   return _generate(
     pipeline,
     prompts,
@@ -616,6 +635,7 @@ def inpaint(
     progress_latents=progress_latents,
     init_images=init_images,
     masks=masks,
+    masked_content=masked_content,
     strength=strength,
     adapters=adapters,
     adapter_ids=adapter_ids,

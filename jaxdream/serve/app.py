@@ -24,7 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
 from jaxdream.io.images import format_parameters, parse_parameters, png_bytes, read_parameters
 from jaxdream.lora.tags import parse_tags
-from jaxdream.serve import samplers
+from jaxdream.serve import inpainting, samplers
 from jaxdream.serve.engine import BatchKey, Engine, Task
 from jaxdream.serve.limits import ApiError, Limits, check_range, check_size, decode_image, image_bytes, resized
 from jaxdream.serve.metrics import Metrics
@@ -130,21 +130,21 @@ def _plan(server: Server, req: Txt2ImgRequest, kind: str):
     raise ApiError(422, 'prompt', str(e)) from None
   lora = _lora(eng, tags, lim)
   signature = eng.adapter(model, lora[0])[0] if lora else None
-  inits, mask, strength = [None], None, None
+  inputs, strength, fill = [(None, None, None)], None, None
   if kind == 'img2img':
     req: Img2ImgRequest
     if not req.init_images:
       raise ApiError(422, 'init_images', 'init_images: give at least one base64-encoded image')
-    inits = [resized(decode_image('init_images', im, lim), width, height) for im in req.init_images]
+    images = [decode_image('init_images', im, lim) for im in req.init_images]
     strength = 0.75 if req.denoising_strength is None else req.denoising_strength
     check_range('denoising_strength', strength, 0, 1)
     if req.mask:
-      mask = _mask(decode_image('mask', req.mask, lim, 'L'), req, width, height)
+      inputs, fill = _inpaint_inputs(req, images, decode_image('mask', req.mask, lim, 'L'), width, height)
       kind = 'inpaint'
-  key = BatchKey(model, kind, height, width, req.steps, sampler, req.cfg_scale > 1, strength, signature)
-  tasks = [
-    Task(text, req.negative_prompt, seed + i, req.cfg_scale, lora, inits[i % len(inits)], mask) for i in range(n)
-  ]
+    else:
+      inputs = [(resized(im, width, height), None, None) for im in images]
+  key = BatchKey(model, kind, height, width, req.steps, sampler, req.cfg_scale > 1, strength, signature, fill)
+  tasks = [Task(text, req.negative_prompt, seed + i, req.cfg_scale, lora, *inputs[i % len(inputs)]) for i in range(n)]
   facts = dict(model=model, width=width, height=height, seed=seed, sampler=sampler, strength=strength)
   return key, tasks, dict(facts, model_hash=eng.describe(model)['hash'])
 
@@ -168,17 +168,15 @@ def _lora(eng: Engine, tags, lim: Limits):
   return tuple(sorted(weights.items())), 1.0
 
 
-def _mask(im, req, width, height):
-  """The inpainting mask at the image size: blurred by mask_blur, inverted with inpainting_mask_invert."""
-  import numpy as np
-  from PIL import ImageFilter, ImageOps
-
+def _inpaint_inputs(req: Img2ImgRequest, images: list, mask, width: int, height: int):
+  """([(init, mask, Overlay) per init image], the sampler's masked_content), as A1111 prepares inpainting."""
+  check_range('inpainting_fill', req.inpainting_fill, 0, len(inpainting.FILLS) - 1)
+  check_range('inpaint_full_res_padding', req.inpaint_full_res_padding, 0, width + height)
   blur = req.mask_blur if req.mask_blur is not None else max(req.mask_blur_x, req.mask_blur_y)
-  if req.inpainting_mask_invert:
-    im = ImageOps.invert(im)
-  if blur > 0:
-    im = im.filter(ImageFilter.GaussianBlur(blur))
-  return np.asarray(resized(im, width, height))
+  mask = inpainting.prepare_mask(mask, blur=blur, invert=bool(req.inpainting_mask_invert))
+  kw = dict(fill_mode=int(req.inpainting_fill), full_res=req.inpaint_full_res, padding=req.inpaint_full_res_padding)
+  inputs = [inpainting.inputs(im, mask, width=width, height=height, **kw) for im in images]
+  return inputs, inpainting.MASKED_CONTENT[int(req.inpainting_fill)]
 
 
 def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list, outdir: str) -> dict:

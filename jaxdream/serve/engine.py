@@ -29,6 +29,7 @@ from jaxdream.models import ConfigError, WeightsError
 from jaxdream.nn.adapters import LoRAParam, add_lora, lora_layers
 from jaxdream.runtime import CallbackRegistry, CompileCache, Structure
 from jaxdream.schedulers import make_scheduler
+from jaxdream.serve.inpainting import Overlay, paste_back
 from jaxdream.serve.limits import ApiError
 
 
@@ -45,6 +46,7 @@ class Task:
   lora: tuple[tuple, float] | None = None
   init: np.ndarray | None = None  # uint8 (H, W, 3), img2img / inpainting
   mask: np.ndarray | None = None  # uint8 (H, W), white: repaint
+  overlay: Overlay | None = None  # inpainting: what the result is pasted back into
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +62,7 @@ class BatchKey:
   cfg: bool  # guidance on (some scale > 1): a different program, so never mixed
   strength: float | None = None
   adapters: tuple | None = None  # the LoRA layers' signature (targets and ranks), None: no LoRA
+  fill: str | None = None  # inpainting: what the masked latents start from (sampling.inpaint's masked_content)
 
 
 def _signature(tree: dict) -> tuple:
@@ -311,7 +314,8 @@ class Engine:
     return np.asarray(fn(state, jnp.asarray(latents, jnp.float32)[None]))[0]
 
   def run(self, key: BatchKey, tasks: list[Task], progress=None) -> np.ndarray:
-    """uint8 images (len(tasks), H, W, 3) of one batch of compatible tasks, in one call of the compiled loop."""
+    """uint8 images (len(tasks), H, W, 3) of one batch of compatible tasks, in one call of the compiled loop;
+    inpainted ones pasted back into their originals (of their own size with inpaint_full_res)."""
     if not 1 <= len(tasks) <= self.max_batch:
       raise ValueError(f'{len(tasks)} tasks for a batch of at most {self.max_batch}')
     padded = list(tasks) + [tasks[-1]] * (self.max_batch - len(tasks))
@@ -337,12 +341,14 @@ class Engine:
       else:
         init = np.stack([t.init for t in padded])
         if key.kind == 'inpaint':
-          images = sampling.inpaint(
-            pipe, prompts, init, np.stack([t.mask for t in padded]), strength=key.strength, **kw
-          )
+          masks = np.stack([t.mask for t in padded])
+          images = sampling.inpaint(pipe, prompts, init, masks, strength=key.strength, masked_content=key.fill, **kw)
         else:
           images = sampling.img2img(pipe, prompts, init, strength=key.strength, **kw)
-    return np.asarray(images)[: len(tasks)]
+    images = np.asarray(images)[: len(tasks)]
+    if key.kind != 'inpaint':
+      return images
+    return [paste_back(im, t.overlay) if t.overlay is not None else im for im, t in zip(images, tasks, strict=True)]
 
   def _with_adapters(self, base, key: BatchKey, tasks: list[Task]):
     """(pipeline carrying LoRA layers of the key's signature, stacked adapters padded to max_batch, ids, scales)."""
