@@ -7,6 +7,7 @@ txt2img with adapters, inpainting) are compiled once and shared by every test, t
 
 import base64
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -27,8 +28,10 @@ from PIL import Image
 
 from jaxdream.cli.main import main
 from jaxdream.cli.serve import make_uvicorn_server
+from jaxdream.diffusion.pipeline import save_pipeline
 from jaxdream.lora import save_lora
 from jaxdream.nn.adapters import add_lora, lora_layers
+from jaxdream.serve import inpainting
 from jaxdream.serve.app import Server, create_app, make_server
 from jaxdream.serve.engine import BatchKey, Engine, Task
 from jaxdream.serve.limits import Limits, check_bind, parse_auth
@@ -178,6 +181,73 @@ def test_routes_answer_in_a1111_shapes_with_a1111_defaults(served):
   assert int(re.search(r'^jaxdream_serve_images_generated_total (\d+)$', text, re.M).group(1)) >= 4
 
 
+def test_single_file_checkpoints_in_models_dir_are_listed_switched_to_and_reported_when_broken(served):
+  server, client = served
+  models, base = server.engine.models_dir, server.engine.pipeline(server.engine.current)
+  first = server.engine.current
+  single = os.path.join(models, 'single.safetensors')
+  save_pipeline(base, single, single_file=True)
+  os.symlink(base.path, os.path.join(models, 'single.config'))  # its configs: a diffusers folder beside it
+  with open(os.path.join(models, 'broken.safetensors'), 'wb') as f:
+    f.write(b'not a checkpoint')
+  reference = pixels(txt2img(client, prompt='a dog', seed=5)['images'][0])
+  try:
+    assert client.post('/sdapi/v1/refresh-checkpoints').status_code == 200  # finds the new files
+    listed = {m['model_name']: m for m in client.get('/sdapi/v1/sd-models').json()}
+    assert set(listed) == {first, 'other', 'single', 'broken'}  # not the .config folder
+    with open(single, 'rb') as f:
+      sha = hashlib.sha256(f.read()).hexdigest()
+    assert listed['single'] == dict(
+      title=f'single.safetensors [{sha[:10]}]',
+      model_name='single',
+      hash=sha[:10],
+      sha256=sha,
+      filename=os.path.abspath(single),
+      config=os.path.join(models, 'single.config'),
+    )
+    assert listed['other']['hash'] is None and listed['other']['title'] == 'other'
+    # A file that cannot be loaded is a 422 naming it and why; the loaded model serves on.
+    r = client.post('/sdapi/v1/options', json={'sd_model_checkpoint': 'broken.safetensors'})
+    assert r.status_code == 422 and r.json()['field'] == 'sd_model_checkpoint', r.text
+    assert 'broken.safetensors' in r.json()['detail'] and 'cannot be loaded' in r.json()['detail']
+    # A name is looked up among the listed models, never joined to a path.
+    for name in ('../single.safetensors', os.path.abspath(single), 'single.config'):
+      assert client.post('/sdapi/v1/options', json={'sd_model_checkpoint': name}).status_code == 422
+    assert client.get('/sdapi/v1/options').json()['sd_model_checkpoint'] == first
+    # Switched to by model_name (A1111 clients send the title, name, model_name or hash): the same weights give
+    # the same pixels, through the same compiled loop.
+    assert client.post('/sdapi/v1/options', json={'sd_model_checkpoint': 'single'}).status_code == 200
+    assert client.get('/sdapi/v1/options').json()['sd_model_checkpoint'] == listed['single']['title']
+    data = txt2img(client, prompt='a dog', seed=5)
+    info = json.loads(data['info'])
+    assert (info['sd_model_name'], info['sd_model_hash']) == ('single.safetensors', sha[:10])
+    assert np.array_equal(pixels(data['images'][0]), reference)
+  finally:
+    client.post('/sdapi/v1/options', json={'sd_model_checkpoint': first})
+    for name in ('single.safetensors', 'single.config', 'broken.safetensors'):
+      os.remove(os.path.join(models, name))
+    server.engine.refresh_models()
+
+
+def test_save_images_writes_a1111_named_pngs_with_their_parameters_under_the_outdir(served, tmp_path):
+  server, client = served
+  kept, server.outdir = server.outdir, str(tmp_path / 'out')
+  try:
+    unsaved = txt2img(client, prompt='a dog', seed=21)  # save_images: false by default
+    assert not os.path.exists(server.outdir)
+    data = txt2img(client, prompt='a dog', seed=21, batch_size=2, save_images=True, send_images=False)
+    again = txt2img(client, prompt='a cat', seed=7, save_images=True)
+  finally:
+    server.outdir = kept
+  folder = tmp_path / 'out' / 'txt2img-images' / time.strftime('%Y-%m-%d')
+  assert sorted(os.listdir(folder)) == ['00000-21.png', '00001-22.png', '00002-7.png']  # numbered on, NNNNN-SEED
+  assert data['images'] == []  # send_images: false
+  for name, text in zip(['00000-21.png', '00001-22.png'], json.loads(data['info'])['infotexts'], strict=True):
+    assert Image.open(folder / name).text['parameters'] == text
+  assert np.array_equal(np.asarray(Image.open(folder / '00000-21.png')), pixels(unsaved['images'][0]))
+  assert np.array_equal(np.asarray(Image.open(folder / '00002-7.png')), pixels(again['images'][0]))
+
+
 def test_bad_requests_are_refused_naming_the_field(served):
   server, client = served
   images_before = server.metrics.images
@@ -199,7 +269,7 @@ def test_bad_requests_are_refused_naming_the_field(served):
   assert 'without a path' in refused(422, 'prompt', {'prompt': 'x <lora:../../etc/passwd:1>'})['detail']
   refused(422, 'prompt', {'prompt': 'x <lora:sub/subject:1>'})
   assert 'no nope.safetensors' in refused(422, 'prompt', {'prompt': 'x <lora:nope:1>'})['detail']
-  refused(422, 'prompt', {'prompt': '<lora:subject:1> <lora:style:1>'})
+  assert 'at most 8' in refused(422, 'prompt', {'prompt': 'x' + ' <lora:subject:0.1>' * 9})['detail']
   refused(422, None, {'steps': 'many'})  # a type error: FastAPI's own 422
   refused(422, 'init_images', {}, '/sdapi/v1/img2img')
   refused(422, 'init_images', {'init_images': ['not base64!']}, '/sdapi/v1/img2img')
@@ -271,6 +341,51 @@ def test_lora_prompt_tags_give_each_image_its_adapter_alone_and_batched(served):
   assert not np.array_equal(images[2], alone) and not np.array_equal(images[0], alone)
 
 
+def test_several_lora_tags_apply_their_weighted_sum_per_image_and_the_lora_cache_is_lru_bounded(served):
+  server, client = served
+  engine, model = server.engine, server.engine.current
+  subject, style = (engine.lora_path(n) for n in ('subject', 'style'))
+  # The combination's update is exactly 0.8 subject's + 0.5 style's, per layer.
+  one = {p: engine.adapter(model, ((p, 1.0),))[1]['unet'] for p in (subject, style)}
+  both = engine.adapter(model, ((style, 0.5), (subject, 0.8)))[1]['unet']
+  delta = lambda f: np.einsum('...ir,...ro->...io', np.asarray(f['a'][0]), np.asarray(f['b'][0]))
+  for name, f in both.items():
+    expected = 0.8 * delta(one[subject][name]) + 0.5 * delta(one[style][name])
+    np.testing.assert_allclose(delta(f), expected, rtol=1e-5, atol=1e-7)
+  single = pixels(txt2img(client, prompt='a dog <lora:subject:0.8>', seed=3)['images'][0])
+  alone = pixels(txt2img(client, prompt='a dog <lora:subject:0.8> <lora:style:0.5>', seed=3)['images'][0])
+  assert not np.array_equal(alone, single)
+  calls = batch_count(server, 3)
+  got = batched(
+    server,
+    client,
+    [
+      dict(prompt='a cat <lora:style:1> <lora:subject:0.2>', seed=4),
+      dict(prompt='a dog <lora:style:0.5> <lora:subject:0.8>', seed=3),  # the tags in another order
+      dict(prompt='a dog <lora:subject:0.4> <lora:style:0.5> <lora:subject:0.4>', seed=3),  # subject twice
+    ],
+  )
+  assert batch_count(server, 3) == calls + 1  # one call, each image its own combination
+  images = [pixels(g['images'][0]) for g in got]
+  assert np.array_equal(images[1], alone) and not np.array_equal(images[0], alone)
+  assert np.abs(images[2].astype(int) - alone).max() <= 1  # 0.4 + 0.4 = 0.8 (rounding aside: another rank)
+  assert '<lora:style:0.5> <lora:subject:0.8>' in json.loads(got[1]['info'])['infotexts'][0]
+  # LRU: a bound of 2 entries keeps the 2 most recently used; a trimmed one is read again when asked.
+  kept = engine.lora_cache
+  engine.lora_cache = 2
+  try:
+    for entry in (((subject, 1.0),), ((style, 1.0),), ((subject, 1.0),), ((style, 0.3), (subject, 0.3))):
+      engine.adapter(model, entry)
+    assert [k[1] for k in engine._adapters] == [((subject, 1.0),), ((style, 0.3), (subject, 0.3))]
+    assert engine.adapter_cache()[0] == 2 and engine.adapter(model, ((style, 1.0),))[1]
+    size = engine.adapter_cache()[1]
+    engine.lora_cache_bytes = size // 2 + 1  # a bound in bytes: the entry just used is always kept
+    engine.adapter(model, ((subject, 1.0),))
+    assert [k[1] for k in engine._adapters] == [((subject, 1.0),)]
+  finally:
+    engine.lora_cache, engine.lora_cache_bytes = kept, 1024 * 2**20
+
+
 def test_inpainting_from_a_data_url_image_and_a_base64_mask(served):
   _, client = served
   rng = np.random.default_rng(0)
@@ -295,6 +410,86 @@ def test_inpainting_from_a_data_url_image_and_a_base64_mask(served):
   assert 'Denoising strength: 0.5' in info['infotexts'][0]
   assert r.json()['parameters']['init_images'] is None
   assert pixels(r.json()['images'][0]).shape == (32, 32, 3)
+
+
+def test_progress_current_image_is_the_running_image_decoded_only_when_asked(served):
+  server, client = served
+  engine, at_last, go_on, decoded = server.engine, threading.Event(), threading.Event(), []
+  body = {**SMALL, 'prompt': 'a lighthouse', 'seed': 8}
+  expected = pixels(txt2img(client, **body)['images'][0])
+
+  def run(key, tasks, progress):  # holds after the last step, its latents reported
+    def held(i, latents):
+      progress(i, latents)
+      if i == key.steps - 1:
+        at_last.set()
+        go_on.wait(60)
+
+    return engine.run(key, tasks, held)
+
+  def preview(key, latents):
+    decoded.append(latents.shape)
+    return engine.preview(key, latents)
+
+  queue = BatchQueue(run, max_batch=MAX_BATCH, max_requests=4, num_steps=engine.num_steps, preview=preview)
+  held_client = TestClient(create_app(Server(engine, queue, Metrics(MAX_BATCH), LIMITS)))
+  got = {}
+  try:
+    t = threading.Thread(target=lambda: got.setdefault('r', held_client.post('/sdapi/v1/txt2img', json=body)))
+    t.start()
+    assert at_last.wait(60)
+    skipped = held_client.get('/sdapi/v1/progress', params={'skip_current_image': 'true'}).json()
+    assert skipped['current_image'] is None and skipped['state']['sampling_step'] == 2 and not decoded
+    shown = [held_client.get('/sdapi/v1/progress').json()['current_image'] for _ in range(2)]  # A1111's default
+    assert shown[0] == shown[1] and decoded == [(8, 8, 4)]  # one image's latents, decoded once per step
+    go_on.set()
+    t.join(60)
+  finally:
+    go_on.set()
+    queue.close()
+  final = pixels(got['r'].json()['images'][0])
+  assert np.array_equal(final, expected)  # a preview changes no pixel of the batch
+  current = pixels(shown[0]).astype(int)  # after the last step the latents are the image's
+  assert current.shape == (32, 32, 3) and np.abs(current - final).max() <= 2
+  assert held_client.get('/sdapi/v1/progress').json()['current_image'] is None  # nothing running
+
+
+def test_inpainting_fill_modes_and_full_res_as_a1111_with_the_original_pasted_back_outside_the_mask(served):
+  _, client = served
+  # A1111's crop region (the mask's box, padded) widened to the output's aspect ratio, kept inside the image.
+  region = np.zeros((64, 64), np.uint8)
+  region[10:40, 10:20] = 255
+  assert inpainting.crop_region(region, 4) == (6, 6, 24, 44)
+  assert inpainting.expand_crop_region((6, 6, 24, 44), 32, 32, 64, 64) == (0, 6, 38, 44)
+  assert inpainting.expand_crop_region((50, 0, 64, 10), 32, 32, 64, 64) == (50, 0, 64, 14)
+  # fill (0) paints the masked area with the colours around it and leaves the rest.
+  flat = np.zeros((32, 32, 3), np.uint8) + np.array([200, 40, 10], np.uint8)
+  hole = np.zeros((32, 32), np.uint8)
+  hole[8:24, 8:24] = 255
+  filled = inpainting.fill(np.where(hole[..., None] > 0, 0, flat).astype(np.uint8), hole)
+  assert np.abs(filled.astype(int) - flat).max() <= 8  # premultiplied-alpha rounding, as in A1111
+  assert np.array_equal(filled[hole == 0], flat[hole == 0])
+
+  init = np.random.default_rng(1).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+  mask = np.zeros((32, 32), np.uint8)
+  mask[8:24, 16:28] = 255
+  body = {**SMALL, 'prompt': 'a dog', 'seed': 2, 'init_images': [png_b64(init)], 'mask': png_b64(mask)}
+  body.update(mask_blur=0, denoising_strength=0.5, inpaint_full_res=False)
+
+  def inpainted(**kw):
+    r = client.post('/sdapi/v1/img2img', json={**body, **kw})
+    assert r.status_code == 200, r.text
+    return pixels(r.json()['images'][0])
+
+  out = {fill: inpainted(inpainting_fill=fill) for fill in range(4)}
+  out['full res'] = inpainted(inpainting_fill=1, inpaint_full_res=True, inpaint_full_res_padding=2)
+  for name, image in out.items():  # the original pasted back outside the mask, pixel for pixel
+    assert np.array_equal(image[mask == 0], init[mask == 0]), name
+  inside = [image[mask > 0] for image in out.values()]
+  assert all(not np.array_equal(a, b) for i, a in enumerate(inside) for b in inside[i + 1 :])
+  assert not any(np.array_equal(a, init[mask > 0]) for a in inside)
+  r = client.post('/sdapi/v1/img2img', json={**body, 'inpainting_fill': 4})
+  assert r.status_code == 422 and r.json()['field'] == 'inpainting_fill'
 
 
 def test_the_queue_batches_compatible_images_in_order_interrupts_skips_and_shuts_down():
@@ -382,11 +577,11 @@ def test_a_real_uvicorn_serves_interrupts_and_sigterm_answers_the_queued_request
   engine, at_step, go_on = served[0].engine, threading.Event(), threading.Event()
 
   def run(key, tasks, progress):  # the compiled loop's progress callback holds at the first step until told
-    def held(i):
+    def held(i, *latents):
       if key.steps == 2 and tasks[0].prompt == 'hold':
         at_step.set()
         go_on.wait(60)
-      progress(i)
+      progress(i, *latents)
 
     return engine.run(key, tasks, held)
 

@@ -44,12 +44,16 @@ def _serve(args):
     _model_folder(args.model),
     models_dir=args.models_dir,
     lora_dir=args.lora_dir,
+    config_dir=args.config_dir,
     max_batch=args.max_batch,
     queue_size=args.queue_size,
     limits=limits,
     users=users,
     devices=args.devices,
     allow_pickle=args.allow_pickle,
+    outdir=args.outdir,
+    lora_cache=args.lora_cache,
+    lora_cache_mb=args.lora_cache_mb,
   )
   if args.warmup_steps > 0:
     warm_up(server, steps=args.warmup_steps)
@@ -76,8 +80,31 @@ def _add_serve_parser(sub):
     required=True,
     help="diffusers-format model folder, or 'builtin:tiny-base' (jaxdream's own tiny model), 'builtin:tiny' (random)",
   )
-  s.add_argument('--models-dir', help='folder of more model folders, chosen with sd_model_checkpoint')
+  s.add_argument(
+    '--models-dir',
+    help='folder of more models, chosen with sd_model_checkpoint: diffusers folders and single-file .safetensors '
+    'checkpoints (original layout; configs from a NAME.config folder beside the file, --config-dir, or else the '
+    'published model of the type its keys say)',
+  )
+  s.add_argument(
+    '--config-dir', help='diffusers folder (weights not needed) whose configs single-file checkpoints load with'
+  )
+  s.add_argument(
+    '--outdir',
+    default='outputs/serve',
+    help='where requests with save_images write their PNGs, as A1111: OUTDIR/txt2img-images/DATE/NNNNN-SEED.png '
+    '(default outputs/serve)',
+  )
   s.add_argument('--lora-dir', help='folder of LoRA files for <lora:name:weight> prompt tags')
+  s.add_argument(
+    '--lora-cache',
+    type=int,
+    default=64,
+    help='LoRA adapters (files, and combinations of several tags) kept read, least recently used dropped (default 64)',
+  )
+  s.add_argument(
+    '--lora-cache-mb', type=float, default=1024, help='and at most this many MiB of their factors (default 1024)'
+  )
   s.add_argument('--host', default='127.0.0.1', help='address to bind (default 127.0.0.1: this machine only)')
   s.add_argument('--port', type=int, default=7860)
   s.add_argument('--api-auth', help='HTTP basic auth, user:password[,user2:password2]; needed beyond loopback')

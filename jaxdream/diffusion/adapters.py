@@ -83,6 +83,30 @@ def stack_adapters(items: list) -> dict:
   return stacked
 
 
+def combine_adapters(weighted: list) -> dict:
+  """[(tree of one adapter, weight), ...] (stack_adapters' trees, N = 1) -> one adapter that applies them all, as
+  several LoRAs at once do (A1111's several tags in a prompt): each layer's update is the weighted sum of theirs.
+  The factors are concatenated along the rank, A (.., r1 + r2) and B (r1 + r2, ..) with each weight folded into
+  its B, so the sum is exact; a layer that only some of them adapt takes theirs. Stackable with other
+  combinations of the same ranks and targets."""
+  if not weighted:
+    raise ValueError('combine_adapters: give at least one (adapter, weight)')
+  parts: dict = {}
+  for i, (tree, weight) in enumerate(weighted):
+    if num_adapters(tree) != 1:
+      raise ValueError(f'combine_adapters: adapter {i} stacks {num_adapters(tree)} adapters; give one each')
+    for comp, layers in tree.items():
+      for name, f in layers.items():
+        parts.setdefault(comp, {}).setdefault(name, []).append((f['a'], weight * f['b']))
+  return {
+    comp: {
+      name: {'a': jnp.concatenate([a for a, _ in fs], axis=-1), 'b': jnp.concatenate([b for _, b in fs], axis=1)}
+      for name, fs in sorted(layers.items())
+    }
+    for comp, layers in sorted(parts.items())
+  }
+
+
 def num_adapters(adapters: dict) -> int:
   return int(jax.tree.leaves(adapters)[0].shape[0])
 

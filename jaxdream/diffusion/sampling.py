@@ -56,6 +56,7 @@ class _Mode:
   blend: bool  # 4-channel inpainting: re-impose the known region after every step
   unet_mask: bool  # 9-channel inpainting UNet: mask and masked-image latents are UNet inputs
   progress: bool
+  progress_latents: bool = False  # the progress callback also gets the current latents (live previews)
   latent: bool = False  # return the final latents undecoded (output_type='latent')
   adapters: bool = False  # per-image LoRA adapters (stacked factors, ids and scales are arguments)
 
@@ -143,17 +144,24 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
       if mode.blend:  # known region: the original latents noised to the next step's level
         known = jnp.where(i < n - 1, per_image_noise(image_latents, noise, jnp.minimum(i + 1, n - 1)), image_latents)
         x = (1.0 - mask) * known + mask * x
-      if mode.progress:  # the loop is shared by every call: the call's token finds its own callback
+      if mode.progress_latents:  # the loop is shared by every call: the call's token finds its own callback
+        jax.debug.callback(lambda token, i, x: callbacks(token, int(i), np.array(x)), token, i, x)
+      elif mode.progress:
         jax.debug.callback(lambda token, i: callbacks(token, int(i)), token, i)
       return x, state
 
     x, _ = jax.lax.fori_loop(start, n, body, (x, state))
     if mode.latent:
       return x
-    images = models['vae'].decode_latents(x).astype(jnp.float32)
-    return jnp.round(jnp.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
+    return decode_uint8(models['vae'], x)
 
   return jax.jit(run)
+
+
+def decode_uint8(vae, latents):
+  """uint8 NHWC images of scaled latents, as the sampler returns them (traceable)."""
+  images = vae.decode_latents(latents).astype(jnp.float32)
+  return jnp.round(jnp.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
 
 
 def _encode(pipeline, images, seeds, stream):
@@ -260,8 +268,10 @@ def _generate(
   eta,
   mesh,
   progress,
+  progress_latents=False,
   init_images=None,
   masks=None,
+  masked_content='original',
   strength=1.0,
   output_type='uint8',
   adapters=None,
@@ -316,6 +326,7 @@ def _generate(
       masked_images = images * (m < 0.5)
       # The latent mask: nearest-neighbour downsampling, as torch's interpolate does it.
       mask = jnp.asarray(m[:, ::f, ::f])
+      image_latents = _masked_content(image_latents, mask, noise, masked_content)
       if unet_in == 2 * c + 1:
         masked_latents = _encode(pipeline, masked_images, seeds, _MASKED_ENCODE)
       elif unet_in != c:
@@ -332,6 +343,7 @@ def _generate(
     blend=inpainting and unet_in == c,
     unet_mask=inpainting and unet_in != c,
     progress=progress is not None,
+    progress_latents=progress is not None and progress_latents,
     latent=output_type == 'latent',
     adapters=adapters is not None,
   )
@@ -369,6 +381,21 @@ def _generate(
     if progress is not None:
       jax.effects_barrier()  # every step's callback has run before the token is forgotten
   return images
+
+
+MASKED_CONTENTS = ('original', 'latent_noise', 'latent_nothing')
+
+
+def _masked_content(image_latents, mask, noise, masked_content: str):
+  """What the masked area starts from (A1111's inpainting_fill): the image's latents ('original'), the image's own
+  initial noise in their place ('latent_noise', as A1111 draws it from the same seed), or zeros
+  ('latent_nothing'); the unmasked area keeps the image's latents. A per-call value: nothing recompiles."""
+  if masked_content not in MASKED_CONTENTS:
+    raise ValueError(f'masked_content {masked_content!r}: one of {", ".join(MASKED_CONTENTS)}')
+  if masked_content == 'original':
+    return image_latents
+  fill = noise if masked_content == 'latent_noise' else jnp.zeros_like(image_latents)
+  return image_latents * (1.0 - mask) + fill * mask
 
 
 def _first_size(images):
@@ -450,6 +477,7 @@ def txt2img(
   eta: float = 0.0,
   mesh=None,
   progress: Callable[[int], None] | None = None,
+  progress_latents: bool = False,
   output_type: str = 'uint8',
   adapters: dict | None = None,
   adapter_ids=None,
@@ -467,6 +495,8 @@ def txt2img(
   mesh: a jax.sharding.Mesh: the batch is split over its 'data' (and 'fsdp') axes.
   progress: called with the step index after each step (from inside the compiled loop); this call's
     own, even while other threads sample from the same pipeline, and changing it never recompiles.
+  progress_latents: progress is called with (step index, the latents after that step: a float32 host copy, NHWC),
+    for live previews (another program: the latents leave the device every step).
   output_type: 'uint8' (images), or 'latent': the final scaled latents, float32 NHWC (B, H/f, W/f, C),
     not decoded, as diffusers' output_type='latent' (NCHW there).
   adapters: LoRA adapters stacked by diffusion.adapters.stack_adapters; `pipeline` must carry LoRA layers
@@ -493,6 +523,7 @@ def txt2img(
     eta=eta,
     mesh=mesh,
     progress=progress,
+    progress_latents=progress_latents,
     output_type=output_type,
     adapters=adapters,
     adapter_ids=adapter_ids,
@@ -519,6 +550,7 @@ def img2img(
   eta: float = 0.0,
   mesh=None,
   progress=None,
+  progress_latents: bool = False,
   adapters: dict | None = None,
   adapter_ids=None,
   adapter_scales=None,
@@ -543,6 +575,7 @@ def img2img(
     eta=eta,
     mesh=mesh,
     progress=progress,
+    progress_latents=progress_latents,
     init_images=init_images,
     strength=strength,
     adapters=adapters,
@@ -571,16 +604,19 @@ def inpaint(
   eta: float = 0.0,
   mesh=None,
   progress=None,
+  progress_latents: bool = False,
   adapters: dict | None = None,
   adapter_ids=None,
   adapter_scales=None,
   micro_conditioning: dict | None = None,
+  masked_content: str = 'original',
 ) -> np.ndarray:
   """Repaint the white (>= 0.5) region of `masks` in `init_images`, as diffusers'
   StableDiffusionInpaintPipeline: 9-channel inpainting UNets get the mask and masked image as inputs;
   standard 4-channel models keep the unmasked region by blending the noised original latents back in
-  after every step. `adapters`, `adapter_ids`, `adapter_scales`: per-image LoRA adapters, `micro_conditioning`: as
-  in txt2img."""
+  after every step. `masked_content`: what the masked area's latents start from before they are noised to
+  `strength` (A1111's inpainting_fill): 'original', 'latent_noise' or 'latent_nothing'. `adapters`,
+  `adapter_ids`, `adapter_scales`: per-image LoRA adapters, `micro_conditioning`: as in txt2img."""
   return _generate(
     pipeline,
     prompts,
@@ -596,8 +632,10 @@ def inpaint(
     eta=eta,
     mesh=mesh,
     progress=progress,
+    progress_latents=progress_latents,
     init_images=init_images,
     masks=masks,
+    masked_content=masked_content,
     strength=strength,
     adapters=adapters,
     adapter_ids=adapter_ids,

@@ -24,10 +24,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
 from jaxdream.io.images import format_parameters, parse_parameters, png_bytes, read_parameters
 from jaxdream.lora.tags import parse_tags
-from jaxdream.serve import samplers
+from jaxdream.serve import inpainting, samplers
 from jaxdream.serve.engine import BatchKey, Engine, Task
 from jaxdream.serve.limits import ApiError, Limits, check_range, check_size, decode_image, image_bytes, resized
 from jaxdream.serve.metrics import Metrics
+from jaxdream.serve.outputs import DEFAULT_OUTDIR, save_pngs
 from jaxdream.serve.queue import BatchQueue, QueueFull, ShuttingDown
 from jaxdream.serve.schemas import Img2ImgRequest, OptionsRequest, PngInfoRequest, Txt2ImgRequest
 
@@ -45,6 +46,7 @@ class Server:
   limits: Limits = dataclasses.field(default_factory=Limits)
   users: dict = dataclasses.field(default_factory=dict)  # user -> password; empty: no auth
   options: dict = dataclasses.field(default_factory=dict)  # A1111 options other than the model
+  outdir: str = DEFAULT_OUTDIR  # where save_images writes (outputs.save_pngs)
 
 
 def make_server(
@@ -52,23 +54,40 @@ def make_server(
   *,
   models_dir=None,
   lora_dir=None,
+  config_dir=None,
   max_batch: int = 8,
   queue_size: int = 64,
   limits: Limits | None = None,
   users: dict | None = None,
   devices: int = 1,
   allow_pickle: bool = False,
+  outdir: str = DEFAULT_OUTDIR,
+  lora_cache: int = 64,
+  lora_cache_mb: float = 1024,
 ) -> Server:
   if queue_size < 1:
     raise ValueError(f'--queue-size must be at least 1, got {queue_size}')
   engine = Engine(
-    model, models_dir=models_dir, lora_dir=lora_dir, max_batch=max_batch, devices=devices, allow_pickle=allow_pickle
+    model,
+    models_dir=models_dir,
+    lora_dir=lora_dir,
+    config_dir=config_dir,
+    max_batch=max_batch,
+    devices=devices,
+    allow_pickle=allow_pickle,
+    lora_cache=lora_cache,
+    lora_cache_mb=lora_cache_mb,
   )
   metrics = Metrics(max_batch)
   queue = BatchQueue(
-    engine.run, max_batch=max_batch, max_requests=queue_size, metrics=metrics, num_steps=engine.num_steps
+    engine.run,
+    max_batch=max_batch,
+    max_requests=queue_size,
+    metrics=metrics,
+    num_steps=engine.num_steps,
+    preview=engine.preview,
   )
-  return Server(engine, queue, metrics, limits or Limits(), dict(users or {}))
+  return Server(engine, queue, metrics, limits or Limits(), dict(users or {}), outdir=outdir)
 
 
 def warm_up(server: Server, steps: int = 20, sampler: str = samplers.DEFAULT_SAMPLER, cfg_scale: float = 7.0):
@@ -109,47 +128,60 @@ def _plan(server: Server, req: Txt2ImgRequest, kind: str):
     text, tags = parse_tags(req.prompt)
   except ValueError as e:
     raise ApiError(422, 'prompt', str(e)) from None
-  tags = [(name, s) for name, s in tags if s != 0]
-  if len(tags) > 1:
-    raise ApiError(422, 'prompt', 'one <lora:name:weight> per prompt: each image of a batch has its own adapter')
-  lora = signature = None
-  if tags:
-    path = eng.lora_path(tags[0][0])
-    signature = eng.adapter(model, path)[0]
-    lora = (path, tags[0][1])
-  inits, mask, strength = [None], None, None
+  lora = _lora(eng, tags, lim)
+  signature = eng.adapter(model, lora[0])[0] if lora else None
+  inputs, strength, fill = [(None, None, None)], None, None
   if kind == 'img2img':
     req: Img2ImgRequest
     if not req.init_images:
       raise ApiError(422, 'init_images', 'init_images: give at least one base64-encoded image')
-    inits = [resized(decode_image('init_images', im, lim), width, height) for im in req.init_images]
+    images = [decode_image('init_images', im, lim) for im in req.init_images]
     strength = 0.75 if req.denoising_strength is None else req.denoising_strength
     check_range('denoising_strength', strength, 0, 1)
     if req.mask:
-      mask = _mask(decode_image('mask', req.mask, lim, 'L'), req, width, height)
+      inputs, fill = _inpaint_inputs(req, images, decode_image('mask', req.mask, lim, 'L'), width, height)
       kind = 'inpaint'
-  key = BatchKey(model, kind, height, width, req.steps, sampler, req.cfg_scale > 1, strength, signature)
-  tasks = [
-    Task(text, req.negative_prompt, seed + i, req.cfg_scale, lora, inits[i % len(inits)], mask) for i in range(n)
-  ]
-  return key, tasks, dict(model=model, width=width, height=height, seed=seed, sampler=sampler, strength=strength)
+    else:
+      inputs = [(resized(im, width, height), None, None) for im in images]
+  key = BatchKey(model, kind, height, width, req.steps, sampler, req.cfg_scale > 1, strength, signature, fill)
+  tasks = [Task(text, req.negative_prompt, seed + i, req.cfg_scale, lora, *inputs[i % len(inputs)]) for i in range(n)]
+  facts = dict(model=model, width=width, height=height, seed=seed, sampler=sampler, strength=strength)
+  return key, tasks, dict(facts, model_hash=eng.describe(model)['hash'])
 
 
-def _mask(im, req, width, height):
-  """The inpainting mask at the image size: blurred by mask_blur, inverted with inpainting_mask_invert."""
-  import numpy as np
-  from PIL import ImageFilter, ImageOps
+def _lora(eng: Engine, tags, lim: Limits):
+  """(adapter entry, the image's weight) of a prompt's <lora:name:weight> tags, or None: one file is its own
+  entry at the tag's weight (so its images batch with any weight of it); several are one combined entry at
+  their weights (a file named twice: the weights added, as A1111 applies it twice)."""
+  if len(tags) > lim.max_loras:
+    raise ApiError(422, 'prompt', f'{len(tags)} <lora:...> tags; at most {lim.max_loras} per prompt')
+  weights: dict[str, float] = {}
+  for name, w in tags:
+    path = eng.lora_path(name)
+    weights[path] = weights.get(path, 0.0) + w
+  weights = {path: w for path, w in weights.items() if w != 0}
+  if not weights:
+    return None
+  if len(weights) == 1:
+    ((path, w),) = weights.items()
+    return ((path, 1.0),), w
+  return tuple(sorted(weights.items())), 1.0
 
+
+def _inpaint_inputs(req: Img2ImgRequest, images: list, mask, width: int, height: int):
+  """([(init, mask, Overlay) per init image], the sampler's masked_content), as A1111 prepares inpainting."""
+  check_range('inpainting_fill', req.inpainting_fill, 0, len(inpainting.FILLS) - 1)
+  check_range('inpaint_full_res_padding', req.inpaint_full_res_padding, 0, width + height)
   blur = req.mask_blur if req.mask_blur is not None else max(req.mask_blur_x, req.mask_blur_y)
-  if req.inpainting_mask_invert:
-    im = ImageOps.invert(im)
-  if blur > 0:
-    im = im.filter(ImageFilter.GaussianBlur(blur))
-  return np.asarray(resized(im, width, height))
+  mask = inpainting.prepare_mask(mask, blur=blur, invert=bool(req.inpainting_mask_invert))
+  kw = dict(fill_mode=int(req.inpainting_fill), full_res=req.inpaint_full_res, padding=req.inpaint_full_res_padding)
+  inputs = [inpainting.inputs(im, mask, width=width, height=height, **kw) for im in images]
+  return inputs, inpainting.MASKED_CONTENT[int(req.inpainting_fill)]
 
 
-def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list) -> dict:
-  """A1111's {images, parameters, info}: base64 PNGs carrying their infotext, info a JSON string."""
+def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list, outdir: str) -> dict:
+  """A1111's {images, parameters, info}: base64 PNGs carrying their infotext, info a JSON string; with
+  save_images, the PNGs written under `outdir` too."""
   n = len(images)
   seeds = [facts['seed'] + i for i in range(n)]
   texts = [
@@ -168,7 +200,10 @@ def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list) -> 
     for s in seeds
   ]
   done = [i for i, im in enumerate(images) if im is not None]
-  encoded = [base64.b64encode(png_bytes(images[i], texts[i])).decode('ascii') for i in done]
+  pngs = [png_bytes(images[i], texts[i]) for i in done]
+  if req.save_images:
+    save_pngs(outdir, 'txt2img' if key.kind == 'txt2img' else 'img2img', pngs, [seeds[i] for i in done])
+  encoded = [base64.b64encode(png).decode('ascii') for png in pngs]
   info = {
     'prompt': req.prompt,
     'all_prompts': [req.prompt] * n,
@@ -187,7 +222,7 @@ def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list) -> 
     'batch_size': req.batch_size,
     'restore_faces': False,
     'sd_model_name': key.model,
-    'sd_model_hash': None,
+    'sd_model_hash': facts['model_hash'],
     'seed_resize_from_w': -1,
     'seed_resize_from_h': -1,
     'denoising_strength': key.strength,
@@ -222,7 +257,7 @@ async def _generate(server: Server, req: Txt2ImgRequest, kind: str) -> dict:
   except Exception as e:  # noqa: BLE001
     log.exception('sampling failed')
     raise ApiError(500, None, f'sampling failed: {type(e).__name__}: {e}', 'sampling') from None
-  return await run_in_threadpool(_response, req, key, facts, images)
+  return await run_in_threadpool(_response, req, key, facts, images, server.outdir)
 
 
 # -- the app
@@ -360,7 +395,8 @@ def create_app(server: Server) -> FastAPI:
 
   @app.get('/sdapi/v1/progress')
   async def progress(skip_current_image: bool = False):
-    return server.queue.progress()
+    # A1111's default sends the preview; it is decoded only then (in a worker thread: a VAE call).
+    return await run_in_threadpool(server.queue.progress, not skip_current_image)
 
   @app.post('/sdapi/v1/interrupt')
   async def interrupt():
@@ -372,7 +408,8 @@ def create_app(server: Server) -> FastAPI:
 
   @app.get('/sdapi/v1/options')
   async def get_options():
-    return {**server.options, 'sd_model_checkpoint': server.engine.current, 'samples_format': 'png'}
+    title = await run_in_threadpool(server.engine.title, server.engine.current)  # a file's title hashes it
+    return {**server.options, 'sd_model_checkpoint': title, 'samples_format': 'png'}
 
   @app.post('/sdapi/v1/options')
   async def set_options(req: OptionsRequest):
@@ -386,10 +423,7 @@ def create_app(server: Server) -> FastAPI:
 
   @app.get('/sdapi/v1/sd-models')
   async def sd_models():
-    return [
-      {'title': name, 'model_name': name, 'hash': None, 'sha256': None, 'filename': path, 'config': None}
-      for name, path in server.engine.models().items()
-    ]
+    return await run_in_threadpool(lambda: [server.engine.describe(name) for name in server.engine.models()])
 
   @app.get('/sdapi/v1/samplers')
   async def sampler_list():

@@ -8,7 +8,9 @@ So an image never depends on what it was batched with: its own seed, prompt, gui
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import os
 import threading
 
@@ -18,14 +20,16 @@ import numpy as np
 from flax import nnx
 
 from jaxdream.diffusion import sampling
-from jaxdream.diffusion.adapters import stack_adapters
+from jaxdream.diffusion.adapters import combine_adapters, stack_adapters
 from jaxdream.diffusion.pipeline import load_pipeline
 from jaxdream.distributed.mesh import make_mesh
 from jaxdream.lora import apply_lora
 from jaxdream.lora.tags import lora_in_dir, lora_name
 from jaxdream.models import ConfigError, WeightsError
-from jaxdream.runtime import CallbackRegistry, CompileCache
+from jaxdream.nn.adapters import LoRAParam, add_lora, lora_layers
+from jaxdream.runtime import CallbackRegistry, CompileCache, Structure
 from jaxdream.schedulers import make_scheduler
+from jaxdream.serve.inpainting import Overlay, paste_back
 from jaxdream.serve.limits import ApiError
 
 
@@ -37,9 +41,12 @@ class Task:
   negative_prompt: str
   seed: int
   guidance: float
-  lora: tuple[str, float] | None = None  # (file, weight)
+  # (adapter entry, weight): the entry ((file, weight), ...) is one file at 1.0 (the image's weight applies) or
+  # several combined at their weights (the image's weight 1.0); see Engine.adapter
+  lora: tuple[tuple, float] | None = None
   init: np.ndarray | None = None  # uint8 (H, W, 3), img2img / inpainting
   mask: np.ndarray | None = None  # uint8 (H, W), white: repaint
+  overlay: Overlay | None = None  # inpainting: what the result is pasted back into
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +62,7 @@ class BatchKey:
   cfg: bool  # guidance on (some scale > 1): a different program, so never mixed
   strength: float | None = None
   adapters: tuple | None = None  # the LoRA layers' signature (targets and ranks), None: no LoRA
+  fill: str | None = None  # inpainting: what the masked latents start from (sampling.inpaint's masked_content)
 
 
 def _signature(tree: dict) -> tuple:
@@ -65,11 +73,31 @@ def _signature(tree: dict) -> tuple:
   )
 
 
+# A single-file checkpoint's configs (a diffusers folder of the same kind of model, weights not needed): the folder
+# beside it named <file stem>.config, else --config-dir, else the published model of the type its keys say.
+CONFIG_SUFFIX = '.config'
+
+
+def _stem(name: str) -> str:
+  return os.path.splitext(name)[0]
+
+
 class Engine:
-  """The models (--model, and --models-dir's folders), the LoRA files (--lora-dir), one model loaded at a time."""
+  """The models (--model, and --models-dir's diffusers folders and single-file checkpoints), the LoRA files
+  (--lora-dir), one model loaded at a time."""
 
   def __init__(
-    self, model: str, *, models_dir=None, lora_dir=None, max_batch: int = 8, devices: int = 1, allow_pickle=False
+    self,
+    model: str,
+    *,
+    models_dir=None,
+    lora_dir=None,
+    config_dir=None,
+    max_batch: int = 8,
+    devices: int = 1,
+    allow_pickle=False,
+    lora_cache: int = 64,
+    lora_cache_mb: float = 1024,
   ):
     if max_batch < 1:
       raise ValueError(f'--max-batch must be at least 1, got {max_batch}')
@@ -78,15 +106,19 @@ class Engine:
       raise ValueError(f'--devices {devices}: this machine has {jax.device_count()} device(s)')
     # Each batch split over the devices' 'data' axis (padded to a multiple of them; parameters replicated).
     self.mesh = make_mesh(data=n, devices=jax.devices()[:n]) if n > 1 else None
-    for flag, folder in (('--models-dir', models_dir), ('--lora-dir', lora_dir)):
+    for flag, folder in (('--models-dir', models_dir), ('--lora-dir', lora_dir), ('--config-dir', config_dir)):
       if folder and not os.path.isdir(folder):
         raise ValueError(f'{flag} {folder}: no such folder')
-    self.model_path, self.models_dir, self.lora_dir = model, models_dir, lora_dir
+    self.model_path, self.models_dir, self.lora_dir, self.config_dir = model, models_dir, lora_dir, config_dir
+    self._hashes: dict = {}  # (path, size, mtime) -> sha256 of a single file, computed once (A1111 caches it too)
     self.max_batch, self.allow_pickle = max_batch, allow_pickle
     self._lock = threading.RLock()  # the loaded model: loading, switching and sampling
-    self._lora_lock = threading.Lock()
+    self._lora_lock = threading.RLock()
     self._loaded: tuple[str, object] | None = None
-    self._adapters: dict = {}  # (model, file, mtime) -> (signature, stacked tree of one adapter)
+    # LRU: (model, entry, files' mtimes) -> (signature, stacked tree of one adapter), at most `lora_cache` entries
+    # and `lora_cache_mb` MiB of factors (the entry just used is always kept); a trimmed one is read again.
+    self._adapters: collections.OrderedDict = collections.OrderedDict()
+    self.lora_cache, self.lora_cache_bytes = lora_cache, int(lora_cache_mb * 2**20)
     self._templates: dict = {}  # (model, signature) -> components carrying LoRA layers of that signature
     # Every model loaded shares one compile cache (its keys name the model structure) and the registry its loops
     # report progress to: switching back to a model, or to one of the same architecture, compiles nothing.
@@ -97,23 +129,69 @@ class Engine:
 
   # -- models
   def refresh_models(self):
+    """The models by name: --model's, then --models-dir's diffusers folders and checkpoint files (.safetensors;
+    .ckpt too with --allow-pickle) by their file names. Only these are ever loaded: a request names one of
+    them, never a path."""
+    extensions = ('.safetensors', '.ckpt') if self.allow_pickle else ('.safetensors',)
     models = {os.path.basename(os.path.abspath(self.model_path)): self.model_path}
     if self.models_dir:
       for name in sorted(os.listdir(self.models_dir)):
         path = os.path.join(self.models_dir, name)
-        if os.path.isfile(os.path.join(path, 'model_index.json')):
+        folder = os.path.isfile(os.path.join(path, 'model_index.json')) and not name.endswith(CONFIG_SUFFIX)
+        if folder or (os.path.isfile(path) and name.endswith(extensions)):
           models.setdefault(name, path)
     self._models = models
 
   def models(self) -> dict[str, str]:
     return dict(self._models)
 
+  def model_config_dir(self, path: str) -> str | None:
+    """The config folder a single file loads with (CONFIG_SUFFIX); None for a diffusers folder, or presets."""
+    if not os.path.isfile(path):
+      return None
+    sidecar = _stem(path) + CONFIG_SUFFIX
+    return sidecar if os.path.isdir(sidecar) else self.config_dir
+
+  def sha256(self, path: str) -> str:
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in self._hashes:
+      digest = hashlib.sha256()
+      with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(2**20), b''):
+          digest.update(block)
+      self._hashes[key] = digest.hexdigest()
+    return self._hashes[key]
+
+  def describe(self, name: str) -> dict:
+    """A1111's /sd-models entry: a single file's title carries its short hash (the sha256's first 10 digits)."""
+    path = self._models[name]
+    if not os.path.isfile(path):
+      return dict(title=name, model_name=name, hash=None, sha256=None, filename=path, config=None)
+    sha = self.sha256(path)
+    return dict(
+      title=f'{name} [{sha[:10]}]',
+      model_name=_stem(name),
+      hash=sha[:10],
+      sha256=sha,
+      filename=os.path.abspath(path),
+      config=self.model_config_dir(path),
+    )
+
+  def title(self, name: str) -> str:
+    return self.describe(name)['title']
+
   def model_name(self, title: str, field: str = 'sd_model_checkpoint') -> str:
-    """A model's name from A1111's title ('name [hash]') or name; a 422 lists the known ones."""
+    """A model's name from what A1111 clients send: its title ('name [hash]'), name, model_name (a file's stem)
+    or short hash; a 422 lists the known ones."""
     name = title.split(' [')[0].strip() if isinstance(title, str) else title
-    if name not in self._models:
-      raise ApiError(422, field, f'{field} {title!r}: no such model; known: {", ".join(self._models)}')
-    return name
+    if name in self._models:
+      return name
+    for known, path in self._models.items():
+      hashes = [h[:10] for k, h in self._hashes.items() if k[0] == os.path.abspath(path)]
+      if os.path.isfile(path) and name in (_stem(known), *hashes):
+        return known
+    raise ApiError(422, field, f'{field} {title!r}: no such model; known: {", ".join(self._models)}')
 
   def pipeline(self, name: str):
     """The named model's pipeline, loaded (and the previous one dropped) if it is not the loaded one. The
@@ -126,10 +204,13 @@ class Engine:
         self._loaded = None
         self._adapters.clear()
         self._templates.clear()
+        path = self._models[name]
         try:
-          pipe = load_pipeline(self._models[name], allow_pickle=self.allow_pickle)
-        except (WeightsError, ConfigError, OSError) as e:
-          raise ApiError(422, 'sd_model_checkpoint', f'model {name}: {e}') from None
+          pipe = load_pipeline(path, allow_pickle=self.allow_pickle, config_dir=self.model_config_dir(path))
+        except Exception as e:  # noqa: BLE001 (a file from anywhere may fail in any way: reported, never a crash)
+          known = isinstance(e, (WeightsError, ConfigError, OSError, ValueError))
+          why = str(e) if known else f'{type(e).__name__}: {e}'
+          raise ApiError(422, 'sd_model_checkpoint', f'model {name} ({path}) cannot be loaded: {why}') from None
         pipe.compiled, pipe.callbacks = self._compiled, self._callbacks
         self._loaded = (name, pipe)
       return self._loaded[1]
@@ -159,26 +240,61 @@ class Engine:
     except ValueError as e:
       raise ApiError(422, field, str(e)) from None
 
-  def adapter(self, model: str, path: str):
-    """(signature, stacked tree of one adapter) of a LoRA file attached to the model's UNet/text encoders."""
-    base = self.pipeline(model)
-    key = (model, path, os.stat(path).st_mtime_ns)
+  def adapter(self, model: str, entry: tuple):
+    """(signature, stacked tree of one adapter) for the model's UNet/text encoders of an entry ((file, weight),
+    ...): one file at weight 1.0 as it is read, or several combined, each at its weight (combine_adapters: what
+    several <lora:...> tags in one prompt apply). Cached, least recently used trimmed first."""
+    key = (model, entry, tuple(os.stat(path).st_mtime_ns for path, _ in entry))
     with self._lora_lock:
-      if key not in self._adapters:
-        comps = {c: m for c, m in base.components.items() if c == 'unet' or c.startswith('text_encoder')}
-        comps = {c: nnx.clone(m) for c, m in comps.items()}
-        try:
-          done = apply_lora(comps, path, 1.0)
-        except (WeightsError, ValueError, OSError) as e:
-          raise ApiError(422, 'prompt', f'LoRA {lora_name(path)}: {e}') from None
-        comps = {c: comps[c] for c in done}
-        if not comps:
-          raise ApiError(422, 'prompt', f'LoRA {lora_name(path)}: adapts no layer of model {model}')
-        tree = stack_adapters([comps])
-        sig = _signature(tree)
-        self._templates.setdefault((model, sig), comps)
-        self._adapters[key] = (sig, tree)
+      if key in self._adapters:
+        self._adapters.move_to_end(key)
+        return self._adapters[key]
+      if len(entry) == 1 and entry[0][1] == 1.0:
+        tree = self._read_adapter(model, entry[0][0])
+      else:
+        tree = combine_adapters([(self.adapter(model, ((path, 1.0),))[1], w) for path, w in entry])
+      self._adapters[key] = (_signature(tree), tree)
+      self._trim_adapters()
       return self._adapters[key]
+
+  def adapter_cache(self) -> tuple[int, int]:
+    """(entries, bytes) of the LoRA cache."""
+    with self._lora_lock:
+      return len(self._adapters), sum(_nbytes(tree) for _, tree in self._adapters.values())
+
+  def _trim_adapters(self):
+    entries, size = self.adapter_cache()
+    while entries > 1 and (entries > self.lora_cache or size > self.lora_cache_bytes):
+      _, (_, tree) = self._adapters.popitem(last=False)
+      entries, size = entries - 1, size - _nbytes(tree)
+
+  def _read_adapter(self, model: str, path: str) -> dict:
+    base = self.pipeline(model)
+    comps = {c: nnx.clone(m) for c, m in base.components.items() if c == 'unet' or c.startswith('text_encoder')}
+    try:
+      done = apply_lora(comps, path, 1.0)
+    except (WeightsError, ValueError, OSError) as e:
+      raise ApiError(422, 'prompt', f'LoRA {lora_name(path)}: {e}') from None
+    if not done:
+      raise ApiError(422, 'prompt', f'LoRA {lora_name(path)}: adapts no layer of model {model}')
+    return stack_adapters([{c: comps[c] for c in done}])
+
+  def _template(self, model: str, signature: tuple, tree: dict) -> dict:
+    """The model's components that an adapter of this signature touches, carrying LoRA layers of its shapes
+    (their values unused: the sampler sets each image's): one structure, so one program, per signature."""
+    with self._lora_lock:
+      if (model, signature) not in self._templates:
+        base, comps = self.pipeline(model), {}
+        for comp, layers in tree.items():
+          m = comps[comp] = nnx.clone(base.components[comp])
+          add_lora(m, targets=list(layers), rank=1, conv_targets=list(layers), conv_rank=1, key=jax.random.key(0))
+          own = lora_layers(m)
+          for name, f in layers.items():
+            own[name].lora_a = LoRAParam(jnp.zeros(f['a'].shape[1:], jnp.float32))
+            own[name].lora_b = LoRAParam(jnp.zeros(f['b'].shape[1:], jnp.float32))
+            own[name].lora_scale = 1.0
+        self._templates[(model, signature)] = comps
+      return self._templates[(model, signature)]
 
   # -- sampling
   def num_steps(self, key: BatchKey) -> int:
@@ -186,8 +302,20 @@ class Engine:
     sch = make_scheduler(key.sampler, self.pipeline(key.model).scheduler_config, key.steps)
     return sch.num_steps - (0 if key.strength is None else sch.start_index(key.strength))
 
+  def preview(self, key: BatchKey, latents: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) of one image's current latents (A1111's live preview), decoded as the loop decodes its
+    result: by a jitted VAE decode of its own, so a preview never touches the batch's program or pixels."""
+    vae = self.pipeline(key.model).vae
+    graphdef, state = nnx.split(vae)
+    fn = self.pipeline(key.model).compiled.get(
+      ('serve_preview', Structure(graphdef)),
+      lambda: jax.jit(lambda state, x: sampling.decode_uint8(nnx.merge(graphdef, state), x)),
+    )
+    return np.asarray(fn(state, jnp.asarray(latents, jnp.float32)[None]))[0]
+
   def run(self, key: BatchKey, tasks: list[Task], progress=None) -> np.ndarray:
-    """uint8 images (len(tasks), H, W, 3) of one batch of compatible tasks, in one call of the compiled loop."""
+    """uint8 images (len(tasks), H, W, 3) of one batch of compatible tasks, in one call of the compiled loop;
+    inpainted ones pasted back into their originals (of their own size with inpaint_full_res)."""
     if not 1 <= len(tasks) <= self.max_batch:
       raise ValueError(f'{len(tasks)} tasks for a batch of at most {self.max_batch}')
     padded = list(tasks) + [tasks[-1]] * (self.max_batch - len(tasks))
@@ -202,6 +330,7 @@ class Engine:
         height=key.height,
         width=key.width,
         progress=progress,
+        progress_latents=progress is not None,  # progress(step, latents): /progress's current_image
         mesh=self.mesh,
       )
       if key.adapters is not None:
@@ -212,20 +341,26 @@ class Engine:
       else:
         init = np.stack([t.init for t in padded])
         if key.kind == 'inpaint':
-          images = sampling.inpaint(
-            pipe, prompts, init, np.stack([t.mask for t in padded]), strength=key.strength, **kw
-          )
+          masks = np.stack([t.mask for t in padded])
+          images = sampling.inpaint(pipe, prompts, init, masks, strength=key.strength, masked_content=key.fill, **kw)
         else:
           images = sampling.img2img(pipe, prompts, init, strength=key.strength, **kw)
-    return np.asarray(images)[: len(tasks)]
+    images = np.asarray(images)[: len(tasks)]
+    if key.kind != 'inpaint':
+      return images
+    return [paste_back(im, t.overlay) if t.overlay is not None else im for im, t in zip(images, tasks, strict=True)]
 
   def _with_adapters(self, base, key: BatchKey, tasks: list[Task]):
     """(pipeline carrying LoRA layers of the key's signature, stacked adapters padded to max_batch, ids, scales)."""
-    files = list(dict.fromkeys(t.lora[0] for t in tasks))
-    trees = [self.adapter(key.model, f)[1] for f in files]
+    entries = list(dict.fromkeys(t.lora[0] for t in tasks))
+    trees = [self.adapter(key.model, e)[1] for e in entries]
+    template = self._template(key.model, key.adapters, trees[0])
     trees += [trees[0]] * (self.max_batch - len(trees))  # a fixed number of stacked adapters: one program
     stacked = jax.tree.map(lambda *a: jnp.concatenate(a), *trees)
-    template = self._templates[(key.model, key.adapters)]
     pipe = dataclasses.replace(base, components=dict(base.components, **template))
     pipe.compiled, pipe.callbacks = base.compiled, base.callbacks  # same structure: the base's loops
-    return pipe, stacked, [files.index(t.lora[0]) for t in tasks], [t.lora[1] for t in tasks]
+    return pipe, stacked, [entries.index(t.lora[0]) for t in tasks], [t.lora[1] for t in tasks]
+
+
+def _nbytes(tree) -> int:
+  return sum(leaf.nbytes for leaf in jax.tree.leaves(tree))

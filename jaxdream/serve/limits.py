@@ -28,6 +28,7 @@ class Limits:
   max_batch_size: int = 16
   max_n_iter: int = 16
   max_images: int = 64  # batch_size * n_iter of one request
+  max_loras: int = 8  # <lora:...> tags in one prompt
   max_body_bytes: int = 32 * 2**20
   max_image_pixels: int = 4096 * 4096  # a decoded init image or mask (decompression bombs)
 

@@ -9,6 +9,7 @@ ends its requests with the images they have; skip stops the running batch only.
 
 from __future__ import annotations
 
+import base64
 import collections
 import concurrent.futures
 import dataclasses
@@ -16,6 +17,7 @@ import logging
 import threading
 import time
 
+from jaxdream.io.images import png_bytes
 from jaxdream.serve.engine import BatchKey, Task
 
 
@@ -60,8 +62,11 @@ class _Unit:
 class BatchQueue:
   """submit(key, tasks) -> a future of the images (None for those interrupted or skipped)."""
 
-  def __init__(self, run, *, max_batch: int = 8, max_requests: int = 64, metrics=None, num_steps=None):
+  def __init__(self, run, *, max_batch: int = 8, max_requests: int = 64, metrics=None, num_steps=None, preview=None):
+    """run(key, tasks, progress) samples a batch, calling progress(step[, latents]); preview(key, latents) decodes
+    one image's latents for /progress's current_image (None: no previews)."""
     self._run, self.max_batch, self.max_requests = run, max_batch, max_requests
+    self._preview = preview
     self._num_steps = num_steps or (lambda key: key.steps)
     self._metrics = metrics
     self._units: collections.deque[_Unit] = collections.deque()
@@ -71,6 +76,11 @@ class BatchQueue:
     self._running: list[_Unit] = []
     self._stop: str | None = None  # 'interrupt' / 'skip' for the running batch
     self._progress = dict(step=0, steps=0, started=0.0, batch=0)
+    self._batches = 0  # batches started: with the step, what a preview shows
+    self._running_key = None
+    # (batch number, step, key, the running batch's first image's latents after that step)
+    self._latents = None
+    self._shown = None  # (batch number, step, base64 PNG): the last preview decoded, for the polls of one step
     self._paused = False
     self._thread = threading.Thread(target=self._work, name='jaxdream-serve-worker', daemon=True)
     self._thread.start()
@@ -102,11 +112,15 @@ class BatchQueue:
       self._stop = 'skip' if skip else 'interrupt'
       return True
 
-  def progress(self) -> dict:
-    """A1111's /progress: fraction and ETA of the running batch, job counts."""
+  def progress(self, current_image: bool = False) -> dict:
+    """A1111's /progress: fraction and ETA of the running batch, job counts; with `current_image`, a base64 PNG
+    of the running batch's first image as it is now (its latents decoded only then, once per step)."""
     with self._cond:
       p, running, queued = dict(self._progress), bool(self._running), len(self._units)
-      requests = len(self._requests)
+      requests, latents = len(self._requests), self._latents
+    image = None
+    if current_image and running and latents is not None and self._preview is not None:
+      image = self._current_image(latents)
     frac = p['step'] / p['steps'] if running and p['steps'] else 0.0
     elapsed = time.monotonic() - p['started'] if running else 0.0
     eta = elapsed / frac - elapsed if frac > 0 else 0.0
@@ -123,7 +137,15 @@ class BatchQueue:
       'queued_images': queued,
     }
     text = f'{queued} image(s) queued' if queued else None
-    return {'progress': frac, 'eta_relative': eta, 'state': state, 'current_image': None, 'textinfo': text}
+    return {'progress': frac, 'eta_relative': eta, 'state': state, 'current_image': image, 'textinfo': text}
+
+  def _current_image(self, latents) -> str:
+    batch, step, key, x = latents
+    shown = self._shown
+    if shown is None or shown[:2] != (batch, step):
+      png = png_bytes(self._preview(key, x))
+      shown = self._shown = (batch, step, base64.b64encode(png).decode('ascii'))
+    return shown[2]
 
   def pause(self):
     """Hold the worker before its next batch (requests queue up; tests line them up with it)."""
@@ -158,15 +180,18 @@ class BatchQueue:
       batch = [u for u in self._units if u.request.key == key][: self.max_batch]
       taken = set(map(id, batch))
       self._units = collections.deque(u for u in self._units if id(u) not in taken)
-      self._running, self._stop = batch, None
+      self._running, self._stop, self._running_key = batch, None, key
+      self._batches, self._latents = self._batches + 1, None
       steps = self._num_steps(key)
       self._progress = dict(step=0, steps=steps, started=time.monotonic(), batch=len(batch))
       return batch
 
-  def _step(self, i):
+  def _step(self, i, latents=None):
     with self._cond:
       self._progress['step'] += 1
       stop = self._stop
+      if latents is not None:
+        self._latents = (self._batches, self._progress['step'], self._running_key, latents[0])
     if stop:
       raise _Stop(stop)
 
