@@ -317,6 +317,21 @@ def test_an_image_is_the_same_alone_and_batched_with_other_prompts_seeds_and_gui
   assert json.loads(got[0]['info'])['cfg_scale'] == 9.0
 
 
+def test_devices_split_each_batch_over_a_data_mesh_and_give_the_same_images(served, small_sd_folder):
+  """`--devices 2`: each batch is split over a 2-device 'data' mesh (parameters replicated); an image is the
+  one a single device makes (to rounding)."""
+  server, client = served
+  request = dict(prompt='a red fox', negative_prompt='blurry', seed=11, cfg_scale=6.0)
+  one = pixels(txt2img(client, **request)['images'][0])
+  two = make_server(small_sd_folder[1], max_batch=MAX_BATCH, queue_size=3, limits=LIMITS, devices=2)
+  try:
+    assert dict(two.engine.mesh.shape)['data'] == 2
+    got = pixels(txt2img(TestClient(create_app(two)), **request)['images'][0])
+  finally:
+    two.queue.close()
+  assert np.abs(got.astype(int) - one.astype(int)).max() <= 1
+
+
 def test_lora_prompt_tags_give_each_image_its_adapter_alone_and_batched(served):
   server, client = served
   plain = pixels(txt2img(client, prompt='a dog', seed=3)['images'][0])
