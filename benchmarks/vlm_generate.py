@@ -72,18 +72,45 @@ def _dtype(args, name):
 
 
 def _make(args):
-  """The child that writes the random-weight folder (transformers' init, in the compute dtype)."""
+  """The child that writes the random-weight folder: transformers' config and tensor names (the model built on
+  torch's meta device, no memory), N(0, 0.02) weights, unit norms, zero biases, written shard by shard so
+  that a 3B model never sits in memory twice."""
+  import numpy as np
   import torch
   from transformers import AutoConfig, AutoModelForImageTextToText
+
+  from jaxdream.io.weights import write_safetensors
 
   name = args.config[0]
   config = AutoConfig.for_model(
     args.model, **{k: v for k, v in CONFIGS[(args.model, name)].items() if k != 'model_type'}
   )
-  torch.manual_seed(0)
-  model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, _dtype(args, name)))
-  model.generation_config.eos_token_id = None
-  model.save_pretrained(args.folder)
+  with torch.device('meta'):
+    model = AutoModelForImageTextToText.from_config(config)
+  os.makedirs(args.folder, exist_ok=True)
+  rng, dtype = np.random.default_rng(0), np.dtype(_dtype(args, name))
+  shard, size, weight_map, n = {}, 0, {}, 0
+
+  def flush():
+    nonlocal shard, size, n
+    if shard:
+      n += 1
+      write_safetensors(os.path.join(args.folder, f'model-{n:05d}.safetensors'), shard)
+      weight_map.update({k: f'model-{n:05d}.safetensors' for k in shard})
+      shard, size = {}, 0
+
+  for key, p in model.named_parameters():  # tied weights once, as save_pretrained writes them
+    if p.ndim == 1:
+      value = np.full(p.shape, 1.0 if 'norm' in key or key.endswith('ln_q.weight') else 0.0, dtype)
+    else:
+      value = (rng.standard_normal(p.shape, np.float32) * 0.02).astype(dtype)
+    shard[key], size = value, size + value.nbytes
+    if size > 2**31:
+      flush()
+  flush()
+  with open(os.path.join(args.folder, 'model.safetensors.index.json'), 'w') as f:
+    json.dump({'metadata': {}, 'weight_map': weight_map}, f)
+  config.save_pretrained(args.folder)
 
 
 def _inputs(args, batch):
