@@ -15,7 +15,7 @@ from flax import nnx
 from jaxdream import load_pipeline
 from jaxdream.diffusion import sdxl
 from jaxdream.diffusion.pipeline import _conditioning, save_pipeline
-from jaxdream.diffusion.sampling import _ENCODE, _MASKED_ENCODE, image_noise, img2img, inpaint, txt2img
+from jaxdream.diffusion.sampling import _ENCODE, _MASKED_ENCODE, image_noise, img2img, inpaint, refine, txt2img
 
 pytestmark = pytest.mark.reference
 
@@ -207,6 +207,70 @@ def test_inpainting_with_the_base_model_matches_diffusers_latent_blending(sdxl_f
   ours = inpaint(pipe, PROMPTS[1], image, mask, seed=seeds, latents=noise, **kw)
   diff = np.abs(ours / 255.0 - expected).max()
   assert diff <= 0.51 / 255, diff
+
+
+def test_base_to_refiner_hand_off_matches_diffusers_ensemble_of_experts(sdxl_folder, refiner_folder):
+  """The base denoises to denoising_end=0.8 and returns latents (6 Euler steps: 4 at timesteps >= 200), the refiner
+  takes them over at denoising_start=0.8 (the last 2) with its aesthetic scores, as diffusers' documented pair of
+  calls; `refine` is that pair, and other fractions reuse the compiled loops."""
+
+  ref, _, base = sdxl_folder
+  ref_refiner, _, refiner = refiner_folder
+  noise = np.asarray(image_noise([41, 42], (16, 16, 4)))
+  kw = dict(num_inference_steps=6, guidance_scale=5.0, negative_prompts=NEGATIVES)
+  scores = dict(aesthetic_score=7.0, negative_aesthetic_score=2.0)
+  with torch.no_grad():
+    ref_latents = ref(
+      PROMPTS,
+      negative_prompt=NEGATIVES,
+      latents=torch.from_numpy(nchw(noise).copy()),
+      denoising_end=0.8,
+      output_type='latent',
+      num_inference_steps=6,
+      guidance_scale=5.0,
+    ).images
+    expected = ref_refiner(
+      PROMPTS,
+      negative_prompt=NEGATIVES,
+      image=ref_latents,
+      denoising_start=0.8,
+      output_type='np',
+      num_inference_steps=6,
+      guidance_scale=5.0,
+      **scores,
+    ).images
+  steps = []
+  latents = txt2img(base, PROMPTS, latents=noise, denoising_end=0.8, output_type='latent', progress=steps.append, **kw)
+  assert steps == [0, 1, 2, 3]
+  assert rel_err(nchw(latents), ref_latents.numpy()) <= 1e-5
+  ours = img2img(refiner, PROMPTS, latents, denoising_start=0.8, micro_conditioning=scores, progress=steps.append, **kw)
+  assert steps[4:] == [4, 5] and ours.shape == (2, 32, 32, 3)
+  diff = np.abs(ours / 255.0 - expected).max()
+  assert diff <= 0.51 / 255, diff
+  compiled = len(base.compiled), len(refiner.compiled)
+  again = refine(base, refiner, PROMPTS, latents=noise, refiner_micro_conditioning=scores, progress=steps.append, **kw)
+  np.testing.assert_array_equal(again, ours)
+  assert steps[6:] == [0, 1, 2, 3, 4, 5]
+  later = refine(
+    base,
+    refiner,
+    PROMPTS,
+    refiner_start=0.5,
+    latents=noise,
+    refiner_micro_conditioning=scores,
+    progress=steps.append,
+    **kw,
+  )
+  assert steps[12:] == [0, 1, 2, 3, 4, 5]  # now 2 base steps (timesteps >= 500) and 4 refiner steps, same programs
+  assert (len(base.compiled), len(refiner.compiled)) == compiled and np.abs(later.astype(int) - ours).max() > 0
+  for bad, message in (
+    (dict(refiner_start=1.0), r'refiner_start must be in \(0, 1\)'),
+    (dict(base=refiner), 'takes over from an SDXL base model'),
+    (dict(refiner=base), 'must be an SDXL refiner .* not a StableDiffusionXLPipeline base'),
+  ):
+    args = dict(dict(base=base, refiner=refiner), **bad)
+    with pytest.raises(ValueError, match=message):
+      refine(args.pop('base'), args.pop('refiner'), PROMPTS, **args, **kw)
 
 
 class _FixedNoise:
