@@ -4,6 +4,7 @@ diffusers; a folder jaxdream saves loads in diffusers."""
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 from conftest import TIME_EMBED, UNET_SDXL, jit_call, nchw, nhwc, perturb_, rel_err
 from flax import nnx
+from PIL import Image
 
 from jaxdream import load_pipeline
 from jaxdream.diffusion import sdxl
@@ -271,6 +273,68 @@ def test_base_to_refiner_hand_off_matches_diffusers_ensemble_of_experts(sdxl_fol
     args = dict(dict(base=base, refiner=refiner), **bad)
     with pytest.raises(ValueError, match=message):
       refine(args.pop('base'), args.pop('refiner'), PROMPTS, **args, **kw)
+
+
+def test_sample_cli_hands_over_to_the_refiner_with_micro_conditioning_flags(
+  sdxl_folder, refiner_folder, tmp_path, monkeypatch, capsys
+):
+  """`jaxdream sample --refiner DIR --refiner-start F` is `refine` with the flags' sizes, crop and scores (W H and X Y
+  on the command line); the session loads the fixtures' pipelines, so the hand-off test's loops are reused."""
+  import shutil
+
+  import jaxdream.diffusion.pipeline as pipeline_module
+  from jaxdream.cli import main
+  from jaxdream.io.images import parse_parameters, read_parameters
+
+  (_, base_dir, base), (_, refiner_dir, refiner) = sdxl_folder, refiner_folder
+  loaded = {os.path.realpath(base_dir): base, os.path.realpath(refiner_dir): refiner}
+  monkeypatch.setattr(pipeline_module, 'load_pipeline', lambda path, **kw: loaded[os.path.realpath(path)])
+  sd1 = tmp_path / 'sd1'  # an SD 1.x folder as the CLI checks it: configs only
+  shutil.copytree(base_dir, sd1, ignore=shutil.ignore_patterns('*.safetensors', 'text_encoder_2', 'tokenizer_2'))
+  (sd1 / 'model_index.json').write_text(json.dumps({'_class_name': 'StableDiffusionPipeline'}))
+
+  def sample(*argv, model=base_dir, out=tmp_path / 'out'):
+    return main(['sample', '--model', str(model), '--prompt', PROMPTS[0], '--out', str(out), *map(str, argv)])
+
+  flags = ('--original-size', 40, 48, '--crop-top-left', 4, 8, '--aesthetic-score', 7, '--negative-aesthetic-score', 2)
+  argv = ('--steps', 6, '--guidance', 5, '--seed', 7, '--num-images', 2, '--negative-prompt', NEGATIVES[0])
+  assert sample(*argv, '--refiner', refiner_dir, '--refiner-start', 0.5, *flags) == 0
+  assert '6/6' in capsys.readouterr().err  # the base's 2 steps (timesteps >= 500) and the refiner's 4
+  info = parse_parameters(read_parameters(str(tmp_path / 'out' / '00001.png')))
+  assert (info['Refiner'], info['Refiner switch at'], info['Seed']) == ('model', '0.5', '8')
+  expected = refine(
+    base,
+    refiner,
+    PROMPTS[0],
+    refiner_start=0.5,
+    negative_prompts=NEGATIVES[0],
+    num_inference_steps=6,
+    guidance_scale=5.0,
+    seed=7,
+    num_images_per_prompt=2,
+    progress=lambda i: None,
+    micro_conditioning=dict(original_size=(48, 40), crops_coords_top_left=(8, 4)),
+    refiner_micro_conditioning=dict(
+      original_size=(48, 40), crops_coords_top_left=(8, 4), aesthetic_score=7.0, negative_aesthetic_score=2.0
+    ),
+  )
+  for b in range(2):
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / f'{b:05d}.png')), expected[b])
+  for args, message in (
+    (('--refiner', refiner_dir, '--model', sd1), 'takes over from an SDXL base model, not from a StableDiffusionPip'),
+    (('--refiner', base_dir), 'must be an SDXL refiner'),
+    (('--refiner', refiner_dir, '--refiner-start', 1), r'--refiner-start 1.0: must be in \(0, 1\)'),
+    (('--refiner-start', 0.5), '--refiner-start needs --refiner'),
+    (('--aesthetic-score', 6), '--aesthetic-score and --negative-aesthetic-score condition an SDXL refiner'),
+    (('--model', sd1, '--original-size', 64, 64), '--original-size: SDXL micro-conditioning, but .* is a Stable'),
+  ):
+    args = list(args)
+    model = args.pop(args.index('--model') + 1) if '--model' in args else base_dir
+    args = [a for a in args if a != '--model']
+    assert sample(*args, model=model, out=tmp_path / 'bad') == 2, message
+    err = capsys.readouterr().err
+    assert re.search(message, err) and 'Traceback' not in err, err
+  assert not (tmp_path / 'bad').exists()
 
 
 class _FixedNoise:
