@@ -275,6 +275,47 @@ def test_base_to_refiner_hand_off_matches_diffusers_ensemble_of_experts(sdxl_fol
       refine(args.pop('base'), args.pop('refiner'), PROMPTS, **args, **kw)
 
 
+def test_inpainting_hand_off_matches_diffusers_base_and_refiner_inpaint_pipelines(
+  sdxl_folder, refiner_folder, monkeypatch
+):
+  """diffusers' documented inpainting pair: the base inpaints to denoising_end=0.8 (the known region blended back
+  after every step but the last, which gets the encoded image as it is), the refiner inpaints from its latents at
+  denoising_start=0.8, blending the known region from those latents with fresh noise."""
+  import diffusers.models.autoencoders.vae as vae_module
+  import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint as inpaint_module
+  from diffusers import StableDiffusionXLInpaintPipeline
+
+  (ref, _, base), (ref_refiner, _, refiner) = sdxl_folder, refiner_folder
+  rng = np.random.default_rng(4)
+  image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  mask = np.zeros((32, 32), np.uint8)
+  mask[4:20, 8:28] = 255
+  seeds = [51]
+  noise = np.asarray(image_noise(seeds, (16, 16, 4)))  # the base's initial noise and the refiner's blending noise
+  encode_noise = [image_noise(seeds, (16, 16, 4), stream) for stream in (_ENCODE, _MASKED_ENCODE)]
+  monkeypatch.setattr(vae_module, 'randn_tensor', _FixedNoise(*encode_noise))
+  monkeypatch.setattr(inpaint_module, 'randn_tensor', _FixedNoise(noise, noise))
+  kw = dict(num_inference_steps=6, guidance_scale=5.0, strength=1.0)
+  with torch.no_grad():
+    latents = StableDiffusionXLInpaintPipeline(**ref.components)(
+      PROMPTS[0],
+      image=Image.fromarray(image),
+      mask_image=Image.fromarray(mask),
+      denoising_end=0.8,
+      output_type='latent',
+      **kw,
+    ).images
+    expected = StableDiffusionXLInpaintPipeline(
+      **ref_refiner.components, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False
+    )(PROMPTS[0], image=latents, mask_image=Image.fromarray(mask), denoising_start=0.8, output_type='np', **kw).images
+  steps = dict(num_inference_steps=6, guidance_scale=5.0, seed=seeds)
+  ours = inpaint(base, PROMPTS[0], image, mask, denoising_end=0.8, output_type='latent', **steps)
+  assert rel_err(nchw(ours), latents.numpy()) <= 1e-5
+  ours = refine(base, refiner, PROMPTS[0], init_images=image, masks=mask, **steps)
+  diff = np.abs(ours / 255.0 - expected).max()
+  assert diff <= 0.51 / 255, diff
+
+
 def test_sample_cli_hands_over_to_the_refiner_with_micro_conditioning_flags(
   sdxl_folder, refiner_folder, tmp_path, monkeypatch, capsys
 ):
