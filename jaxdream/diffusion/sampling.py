@@ -294,7 +294,6 @@ def _generate(
     height, width = size
   elif init_images is not None and height is None and width is None:
     h0, w0 = _first_size(init_images)
-    f = pipeline.vae_scale_factor
     height, width = h0 // f * f, w0 // f * f
   height, width = _check_size(pipeline, height, width)
   if not 0.0 <= strength <= 1.0:
