@@ -402,3 +402,38 @@ def test_vmap_per_image_matches_batch(name, options):
     batched, state = sch.step(state, out, i, batched)
     per_image, states = vstep(states, out, i, per_image)
     assert rel_err(per_image, batched) < 1e-6
+
+
+def test_denoising_start_and_end_pick_diffusers_sdxl_timesteps_for_every_scheduler():
+  """The SDXL hand-off's step selection (diffusers' discrete timestep cutoff): denoising_end keeps the steps at or
+  above (1 - fraction) * 1000, denoising_start the steps below it (StableDiffusionXLImg2ImgPipeline.get_timesteps),
+  both together in one img2img run; PNDM with its PRK steps too, leading and trailing spacings."""
+  from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
+    StableDiffusionXLImg2ImgPipeline,
+  )
+
+  checked = 0
+  for name in (*SCHEDULER_NAMES, 'pndm_prk'):
+    overrides = {'skip_prk_steps': False} if name == 'pndm_prk' else {}
+    for spacing in ('leading', 'trailing'):
+      for n, start_at, end_at in ((10, 0.8, None), (25, 0.35, 0.8), (7, 0.5, 0.9)):
+        ref, sch = build(name.removesuffix('_prk'), n, timestep_spacing=spacing, **overrides)
+        assert ref.order == 1  # diffusers' +1 for second-order schedulers never applies to ours
+        ref_ts = ref.timesteps.numpy()
+        # the base: txt2img to end_at or start_at
+        cutoff = round(1000 - start_at * 1000)
+        assert sch.denoising_end_index(start_at) == len([t for t in ref_ts if t >= cutoff]), (name, spacing, n)
+        # the refiner: from start_at to the end, or to end_at (diffusers' filter on the remaining timesteps)
+        timesteps, steps = StableDiffusionXLImg2ImgPipeline.get_timesteps(
+          types.SimpleNamespace(scheduler=ref), n, 0.3, None, denoising_start=start_at
+        )
+        start = sch.denoising_start_index(start_at)
+        if end_at is not None:
+          steps = len([t for t in timesteps.numpy() if t >= round(1000 - end_at * 1000)])
+        end = sch.num_steps if end_at is None else sch.denoising_end_index(end_at, start)
+        assert (start, end) == (len(ref_ts) - len(timesteps), len(ref_ts) - len(timesteps) + steps), (name, spacing, n)
+        np.testing.assert_allclose(sch.timesteps[start:end], timesteps.numpy()[:steps], rtol=1e-6)
+        checked += 0 < start < end < sch.num_steps
+  assert checked > 20  # most cases split the schedule in three
+  with pytest.raises(ValueError, match=r'must be in \(0, 1\), got 1.0'):
+    sch.denoising_start_index(1.0)

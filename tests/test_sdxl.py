@@ -4,6 +4,7 @@ diffusers; a folder jaxdream saves loads in diffusers."""
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -11,11 +12,12 @@ import pytest
 import torch
 from conftest import TIME_EMBED, UNET_SDXL, jit_call, nchw, nhwc, perturb_, rel_err
 from flax import nnx
+from PIL import Image
 
 from jaxdream import load_pipeline
 from jaxdream.diffusion import sdxl
 from jaxdream.diffusion.pipeline import _conditioning, save_pipeline
-from jaxdream.diffusion.sampling import _ENCODE, _MASKED_ENCODE, image_noise, img2img, inpaint, txt2img
+from jaxdream.diffusion.sampling import _ENCODE, _MASKED_ENCODE, image_noise, img2img, inpaint, refine, txt2img
 
 pytestmark = pytest.mark.reference
 
@@ -207,6 +209,173 @@ def test_inpainting_with_the_base_model_matches_diffusers_latent_blending(sdxl_f
   ours = inpaint(pipe, PROMPTS[1], image, mask, seed=seeds, latents=noise, **kw)
   diff = np.abs(ours / 255.0 - expected).max()
   assert diff <= 0.51 / 255, diff
+
+
+def test_base_to_refiner_hand_off_matches_diffusers_ensemble_of_experts(sdxl_folder, refiner_folder):
+  """The base denoises to denoising_end=0.8 and returns latents (6 Euler steps: 4 at timesteps >= 200), the refiner
+  takes them over at denoising_start=0.8 (the last 2) with its aesthetic scores, as diffusers' documented pair of
+  calls; `refine` is that pair, and other fractions reuse the compiled loops."""
+
+  ref, _, base = sdxl_folder
+  ref_refiner, _, refiner = refiner_folder
+  noise = np.asarray(image_noise([41, 42], (16, 16, 4)))
+  kw = dict(num_inference_steps=6, guidance_scale=5.0, negative_prompts=NEGATIVES)
+  scores = dict(aesthetic_score=7.0, negative_aesthetic_score=2.0)
+  with torch.no_grad():
+    ref_latents = ref(
+      PROMPTS,
+      negative_prompt=NEGATIVES,
+      latents=torch.from_numpy(nchw(noise).copy()),
+      denoising_end=0.8,
+      output_type='latent',
+      num_inference_steps=6,
+      guidance_scale=5.0,
+    ).images
+    expected = ref_refiner(
+      PROMPTS,
+      negative_prompt=NEGATIVES,
+      image=ref_latents,
+      denoising_start=0.8,
+      output_type='np',
+      num_inference_steps=6,
+      guidance_scale=5.0,
+      **scores,
+    ).images
+  steps = []
+  latents = txt2img(base, PROMPTS, latents=noise, denoising_end=0.8, output_type='latent', progress=steps.append, **kw)
+  assert steps == [0, 1, 2, 3]
+  assert rel_err(nchw(latents), ref_latents.numpy()) <= 1e-5
+  ours = img2img(refiner, PROMPTS, latents, denoising_start=0.8, micro_conditioning=scores, progress=steps.append, **kw)
+  assert steps[4:] == [4, 5] and ours.shape == (2, 32, 32, 3)
+  diff = np.abs(ours / 255.0 - expected).max()
+  assert diff <= 0.51 / 255, diff
+  compiled = len(base.compiled), len(refiner.compiled)
+  again = refine(base, refiner, PROMPTS, latents=noise, refiner_micro_conditioning=scores, progress=steps.append, **kw)
+  np.testing.assert_array_equal(again, ours)
+  assert steps[6:] == [0, 1, 2, 3, 4, 5]
+  later = refine(
+    base,
+    refiner,
+    PROMPTS,
+    refiner_start=0.5,
+    latents=noise,
+    refiner_micro_conditioning=scores,
+    progress=steps.append,
+    **kw,
+  )
+  assert steps[12:] == [0, 1, 2, 3, 4, 5]  # now 2 base steps (timesteps >= 500) and 4 refiner steps, same programs
+  assert (len(base.compiled), len(refiner.compiled)) == compiled and np.abs(later.astype(int) - ours).max() > 0
+  for bad, message in (
+    (dict(refiner_start=1.0), r'refiner_start must be in \(0, 1\)'),
+    (dict(base=refiner), 'takes over from an SDXL base model'),
+    (dict(refiner=base), 'must be an SDXL refiner .* not a StableDiffusionXLPipeline base'),
+  ):
+    args = dict(dict(base=base, refiner=refiner), **bad)
+    with pytest.raises(ValueError, match=message):
+      refine(args.pop('base'), args.pop('refiner'), PROMPTS, **args, **kw)
+
+
+def test_inpainting_hand_off_matches_diffusers_base_and_refiner_inpaint_pipelines(
+  sdxl_folder, refiner_folder, monkeypatch
+):
+  """diffusers' documented inpainting pair: the base inpaints to denoising_end=0.8 (the known region blended back
+  after every step but the last, which gets the encoded image as it is), the refiner inpaints from its latents at
+  denoising_start=0.8, blending the known region from those latents with fresh noise."""
+  import diffusers.models.autoencoders.vae as vae_module
+  import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint as inpaint_module
+  from diffusers import StableDiffusionXLInpaintPipeline
+
+  (ref, _, base), (ref_refiner, _, refiner) = sdxl_folder, refiner_folder
+  rng = np.random.default_rng(4)
+  image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  mask = np.zeros((32, 32), np.uint8)
+  mask[4:20, 8:28] = 255
+  seeds = [51]
+  noise = np.asarray(image_noise(seeds, (16, 16, 4)))  # the base's initial noise and the refiner's blending noise
+  encode_noise = [image_noise(seeds, (16, 16, 4), stream) for stream in (_ENCODE, _MASKED_ENCODE)]
+  monkeypatch.setattr(vae_module, 'randn_tensor', _FixedNoise(*encode_noise))
+  monkeypatch.setattr(inpaint_module, 'randn_tensor', _FixedNoise(noise, noise))
+  kw = dict(num_inference_steps=6, guidance_scale=5.0, strength=1.0)
+  with torch.no_grad():
+    latents = StableDiffusionXLInpaintPipeline(**ref.components)(
+      PROMPTS[0],
+      image=Image.fromarray(image),
+      mask_image=Image.fromarray(mask),
+      denoising_end=0.8,
+      output_type='latent',
+      **kw,
+    ).images
+    expected = StableDiffusionXLInpaintPipeline(
+      **ref_refiner.components, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False
+    )(PROMPTS[0], image=latents, mask_image=Image.fromarray(mask), denoising_start=0.8, output_type='np', **kw).images
+  steps = dict(num_inference_steps=6, guidance_scale=5.0, seed=seeds)
+  ours = inpaint(base, PROMPTS[0], image, mask, denoising_end=0.8, output_type='latent', **steps)
+  assert rel_err(nchw(ours), latents.numpy()) <= 1e-5
+  ours = refine(base, refiner, PROMPTS[0], init_images=image, masks=mask, **steps)
+  diff = np.abs(ours / 255.0 - expected).max()
+  assert diff <= 0.51 / 255, diff
+
+
+def test_sample_cli_hands_over_to_the_refiner_with_micro_conditioning_flags(
+  sdxl_folder, refiner_folder, tmp_path, monkeypatch, capsys
+):
+  """`jaxdream sample --refiner DIR --refiner-start F` is `refine` with the flags' sizes, crop and scores (W H and X Y
+  on the command line); the session loads the fixtures' pipelines, so the hand-off test's loops are reused."""
+  import shutil
+
+  import jaxdream.diffusion.pipeline as pipeline_module
+  from jaxdream.cli import main
+  from jaxdream.io.images import parse_parameters, read_parameters
+
+  (_, base_dir, base), (_, refiner_dir, refiner) = sdxl_folder, refiner_folder
+  loaded = {os.path.realpath(base_dir): base, os.path.realpath(refiner_dir): refiner}
+  monkeypatch.setattr(pipeline_module, 'load_pipeline', lambda path, **kw: loaded[os.path.realpath(path)])
+  sd1 = tmp_path / 'sd1'  # an SD 1.x folder as the CLI checks it: configs only
+  shutil.copytree(base_dir, sd1, ignore=shutil.ignore_patterns('*.safetensors', 'text_encoder_2', 'tokenizer_2'))
+  (sd1 / 'model_index.json').write_text(json.dumps({'_class_name': 'StableDiffusionPipeline'}))
+
+  def sample(*argv, model=base_dir, out=tmp_path / 'out'):
+    return main(['sample', '--model', str(model), '--prompt', PROMPTS[0], '--out', str(out), *map(str, argv)])
+
+  flags = ('--original-size', 40, 48, '--crop-top-left', 4, 8, '--aesthetic-score', 7, '--negative-aesthetic-score', 2)
+  argv = ('--steps', 6, '--guidance', 5, '--seed', 7, '--num-images', 2, '--negative-prompt', NEGATIVES[0])
+  assert sample(*argv, '--refiner', refiner_dir, '--refiner-start', 0.5, *flags) == 0
+  assert '6/6' in capsys.readouterr().err  # the base's 2 steps (timesteps >= 500) and the refiner's 4
+  info = parse_parameters(read_parameters(str(tmp_path / 'out' / '00001.png')))
+  assert (info['Refiner'], info['Refiner switch at'], info['Seed']) == ('model', '0.5', '8')
+  expected = refine(
+    base,
+    refiner,
+    PROMPTS[0],
+    refiner_start=0.5,
+    negative_prompts=NEGATIVES[0],
+    num_inference_steps=6,
+    guidance_scale=5.0,
+    seed=7,
+    num_images_per_prompt=2,
+    progress=lambda i: None,
+    micro_conditioning=dict(original_size=(48, 40), crops_coords_top_left=(8, 4)),
+    refiner_micro_conditioning=dict(
+      original_size=(48, 40), crops_coords_top_left=(8, 4), aesthetic_score=7.0, negative_aesthetic_score=2.0
+    ),
+  )
+  for b in range(2):
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / f'{b:05d}.png')), expected[b])
+  for args, message in (
+    (('--refiner', refiner_dir, '--model', sd1), 'takes over from an SDXL base model, not from a StableDiffusionPip'),
+    (('--refiner', base_dir), 'must be an SDXL refiner'),
+    (('--refiner', refiner_dir, '--refiner-start', 1), r'--refiner-start 1.0: must be in \(0, 1\)'),
+    (('--refiner-start', 0.5), '--refiner-start needs --refiner'),
+    (('--aesthetic-score', 6), '--aesthetic-score and --negative-aesthetic-score condition an SDXL refiner'),
+    (('--model', sd1, '--original-size', 64, 64), '--original-size: SDXL micro-conditioning, but .* is a Stable'),
+  ):
+    args = list(args)
+    model = args.pop(args.index('--model') + 1) if '--model' in args else base_dir
+    args = [a for a in args if a != '--model']
+    assert sample(*args, model=model, out=tmp_path / 'bad') == 2, message
+    err = capsys.readouterr().err
+    assert re.search(message, err) and 'Traceback' not in err, err
+  assert not (tmp_path / 'bad').exists()
 
 
 class _FixedNoise:

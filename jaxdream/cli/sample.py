@@ -77,27 +77,26 @@ SWEEP_KEYS = {
 
 
 class SampleSession:
-  """What the `sample` commands of one session share: the last model loaded, with the compiled loops
-  its pipeline owns. `jaxdream.cli.main(argv, cache=...)` keeps one in its cache, so that in-process callers
-  (tests, notebooks) reuse them; without one each command loads its model afresh."""
+  """What the `sample` commands of one session share: the last model (and SDXL refiner) loaded, with the
+  compiled loops its pipeline owns. `jaxdream.cli.main(argv, cache=...)` keeps one in its cache, so that
+  in-process callers (tests, notebooks) reuse them; without one each command loads its model afresh."""
 
   def __init__(self):
-    self._key = None
-    self._pipeline = None
+    self._loaded = {}  # role -> (folder key, pipeline)
     self._lock = threading.Lock()
 
-  def pipeline(self, path: str, allow_pickle: bool):
-    """The model folder's pipeline, reloaded when the folder changed; one at a time (two would double
-    the memory)."""
+  def pipeline(self, path: str, allow_pickle: bool, role: str = 'model'):
+    """The model folder's pipeline for `role` ('model', or 'refiner'), reloaded when the folder changed; one
+    per role (more would multiply the memory)."""
     from jaxdream.diffusion.pipeline import load_pipeline
 
     index = os.path.join(path, 'model_index.json')
     key = (os.path.realpath(path), allow_pickle, os.stat(index).st_mtime_ns if os.path.exists(index) else 0)
     with self._lock:
-      if key != self._key:
-        self._key, self._pipeline = None, None
-        self._pipeline, self._key = load_pipeline(path, allow_pickle=allow_pickle), key
-      return self._pipeline
+      if self._loaded.get(role, (None,))[0] != key:
+        self._loaded.pop(role, None)  # the old one is freed before the new one loads
+        self._loaded[role] = (key, load_pipeline(path, allow_pickle=allow_pickle))
+      return self._loaded[role][1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,8 +176,9 @@ def _model_info(path: str):
   return f, (h * f, w * f), read_config(os.path.join(path, 'scheduler'), 'scheduler_config.json')
 
 
-def _check_job(job: _Job, scheduler_config: dict, num_images: int) -> int:
-  """Raise ValueError for a bad setting; return how many steps the job runs (for the progress bar)."""
+def _check_job(job: _Job, scheduler_config: dict, num_images: int, refiner=None) -> int:
+  """Raise ValueError for a bad setting; return how many steps the job runs (for the progress bar), the
+  refiner's included (`refiner`: its scheduler config and start fraction)."""
   from jaxdream.schedulers import make_scheduler
 
   if job.steps < 1:
@@ -190,7 +190,17 @@ def _check_job(job: _Job, scheduler_config: dict, num_images: int) -> int:
   if job.strength is not None and not 0 <= job.strength <= 1:
     raise ValueError(f'strength must be in [0, 1], got {job.strength}')
   sch = make_scheduler(job.scheduler, scheduler_config, job.steps)
-  return sch.num_steps - (0 if job.strength is None else sch.start_index(job.strength))
+  start = 0 if job.strength is None else sch.start_index(job.strength)
+  if refiner is None:
+    return sch.num_steps - start
+  refiner_config, refiner_start = refiner
+  second = make_scheduler(job.scheduler, refiner_config, job.steps)
+  return (
+    sch.denoising_end_index(refiner_start, start)
+    - start
+    + second.num_steps
+    - second.denoising_start_index(refiner_start)
+  )
 
 
 @dataclasses.dataclass
@@ -204,6 +214,9 @@ class _Plan:
   mask: object = None
   total_steps: int = 0
   mesh: object = None  # jax.sharding.Mesh splitting each batch (--devices)
+  refiner: tuple | None = None  # (SDXL refiner folder, the fraction of the schedule at which it takes over)
+  micro: dict = dataclasses.field(default_factory=dict)  # the model's micro-conditioning settings (SDXL)
+  refiner_micro: dict = dataclasses.field(default_factory=dict)
   loras: tuple = ()  # (path, scale) of each --lora
   lora_dir: str | None = None  # where prompt tags' <lora:name> files are
 
@@ -251,10 +264,67 @@ def _plan(args) -> _Plan:
     dataclasses.replace(base, **dict(zip(keys[::-1], combo)))
     for combo in itertools.product(*(a.values for a in axes[::-1]))
   ]
-  total = sum(_check_job(job, scheduler_config, args.num_images) for job in jobs)
-  plan = _Plan(jobs=jobs, axes=axes, size=(h, w), init=init, mask=mask, total_steps=total, mesh=_sample_mesh(args))
+  plan = _Plan(jobs=jobs, axes=axes, size=(h, w), init=init, mask=mask, mesh=_sample_mesh(args))
+  refiner_config = _plan_sdxl(plan, args, f)
+  refiner = None if plan.refiner is None else (refiner_config, plan.refiner[1])
+  plan.total_steps = sum(_check_job(job, scheduler_config, args.num_images, refiner) for job in jobs)
   _plan_loras(plan, args)
   return plan
+
+
+def _plan_sdxl(plan: _Plan, args, f: int) -> dict | None:
+  """Check --refiner, --refiner-start and the SDXL micro-conditioning flags against the model folders'
+  model_index.json; set the plan's refiner and settings; return the refiner's scheduler config."""
+  import types
+
+  from jaxdream.diffusion import sdxl
+  from jaxdream.diffusion.pipeline import read_conditioning
+
+  model = types.SimpleNamespace(**read_conditioning(args.model))
+  sizes = {}
+  if args.original_size:  # W H on the command line, (height, width) in SDXL's time ids
+    sizes['original_size'] = tuple(args.original_size[::-1])
+  if args.crop_top_left:  # X Y: (top, left)
+    sizes['crops_coords_top_left'] = tuple(args.crop_top_left[::-1])
+  scores = {
+    k: v
+    for k, v in (('aesthetic_score', args.aesthetic_score), ('negative_aesthetic_score', args.negative_aesthetic_score))
+    if v is not None
+  }
+  if args.refiner_start is not None and not args.refiner:
+    raise ValueError('--refiner-start needs --refiner (an SDXL refiner model folder)')
+  sdxl_model = model.pipeline_class in sdxl.PIPELINE_CLASSES
+  if (sizes or scores) and not sdxl_model:
+    flags = [n for n, v in vars(args).items() if v is not None and n in _SDXL_FLAGS]
+    raise ValueError(
+      f'{", ".join(_SDXL_FLAGS[n] for n in flags)}: SDXL micro-conditioning, but {args.model} is a '
+      f'{model.pipeline_class}'
+    )
+  refiner_config = None
+  if args.refiner:
+    refiner_f, _, refiner_config = _model_info(args.refiner)
+    sdxl.check_refiner(model, types.SimpleNamespace(**read_conditioning(args.refiner)))
+    if refiner_f != f:
+      raise ValueError(f'--refiner {args.refiner}: its VAE downsamples by {refiner_f}, the model by {f}')
+    start = 0.8 if args.refiner_start is None else args.refiner_start
+    if not 0 < start < 1:
+      raise ValueError(f'--refiner-start {start}: must be in (0, 1), the fraction of the steps the model runs')
+    plan.refiner = (args.refiner, start)
+    plan.micro, plan.refiner_micro = sizes, {**sizes, **scores}
+  elif scores and model.micro_conditioning is not sdxl.aesthetic_time_ids:
+    raise ValueError('--aesthetic-score and --negative-aesthetic-score condition an SDXL refiner: give --refiner')
+  else:
+    plan.micro = {**sizes, **scores}
+  return refiner_config
+
+
+# The SDXL micro-conditioning flags, by argparse name.
+_SDXL_FLAGS = {
+  'original_size': '--original-size',
+  'crop_top_left': '--crop-top-left',
+  'aesthetic_score': '--aesthetic-score',
+  'negative_aesthetic_score': '--negative-aesthetic-score',
+}
 
 
 def _plan_loras(plan: _Plan, args):
@@ -282,7 +352,7 @@ def _sample_mesh(args):
   return make_mesh(data=n, devices=jax.devices()[:n]) if n > 1 else None
 
 
-def _run_job(pipe, job: _Job, plan: _Plan, args, progress):
+def _run_job(pipe, job: _Job, plan: _Plan, args, progress, refiner=None):
   from jaxdream.diffusion import sampling
 
   kw = dict(
@@ -297,6 +367,20 @@ def _run_job(pipe, job: _Job, plan: _Plan, args, progress):
     progress=progress,
     mesh=plan.mesh,
   )
+  if refiner is not None:
+    return sampling.refine(
+      pipe,
+      refiner,
+      [job.prompt],
+      refiner_start=plan.refiner[1],
+      init_images=plan.init,
+      masks=plan.mask,
+      strength=job.strength,
+      micro_conditioning=plan.micro,
+      refiner_micro_conditioning=plan.refiner_micro,
+      **kw,
+    )
+  kw['micro_conditioning'] = plan.micro
   if plan.mask is not None:
     return sampling.inpaint(pipe, [job.prompt], plan.init, plan.mask, strength=job.strength, **kw)
   if plan.init is not None:
@@ -317,7 +401,9 @@ def _sample(args, session: SampleSession | None = None):
   args.model = builtin_model_folder(args.model)  # builtin:tiny-base: the shipped folder
   plan = _plan(args)
   t0 = time.perf_counter()
-  pipe = (session or SampleSession()).pipeline(args.model, args.allow_pickle)
+  session = session or SampleSession()
+  pipe = session.pipeline(args.model, args.allow_pickle)
+  refiner = plan.refiner and session.pipeline(plan.refiner[0], args.allow_pickle, role='refiner')
   for path in sorted({p for job in plan.jobs for p, _ in job.loras(plan)[1]}):
     check_lora(pipe.components, path)  # a LoRA for another model fails before any output or compile
   os.makedirs(args.out, exist_ok=True)
@@ -333,7 +419,7 @@ def _sample(args, session: SampleSession | None = None):
       if loras != merged[0]:
         merged = (loras, with_loras(pipe, loras))
       run = dataclasses.replace(job, prompt=prompt)
-      results.append(_run_job(merged[1], run, plan, args, progress=lambda _step: bar.update(1)))
+      results.append(_run_job(merged[1], run, plan, args, progress=lambda _step: bar.update(1), refiner=refiner))
       for b, image in enumerate(results[-1]):
         texts.append(
           format_parameters(
@@ -347,6 +433,8 @@ def _sample(args, session: SampleSession | None = None):
             height=plan.size[0],
             model=model,
             strength=job.strength,
+            refiner=plan.refiner and os.path.basename(os.path.abspath(plan.refiner[0])),
+            refiner_start=plan.refiner and plan.refiner[1],
           )
         )
         save_png(os.path.join(args.out, f'{len(texts) - 1:05d}.png'), image, texts[-1])
@@ -417,6 +505,40 @@ def _add_sample_parser(sub):
     '--strength', type=float, help='denoising strength in [0, 1] with --init-image (default 0.8; 1.0 with --mask)'
   )
   s.add_argument('--mask', help='inpainting mask image: white (>= 50%%) is repainted; needs --init-image')
+  s.add_argument(
+    '--refiner',
+    metavar='DIR',
+    help="an SDXL refiner model folder: it takes over from the SDXL --model at --refiner-start (diffusers' "
+    'ensemble of experts: the model stops at that fraction of the schedule, the refiner runs the rest)',
+  )
+  s.add_argument(
+    '--refiner-start',
+    type=float,
+    metavar='FRACTION',
+    help='with --refiner: the fraction of the schedule, in (0, 1), at which the refiner takes over (default 0.8)',
+  )
+  s.add_argument(
+    '--original-size',
+    type=int,
+    nargs=2,
+    metavar=('W', 'H'),
+    help="SDXL micro-conditioning: the training image's original size (default: the output size)",
+  )
+  s.add_argument(
+    '--crop-top-left',
+    type=int,
+    nargs=2,
+    metavar=('X', 'Y'),
+    help='SDXL micro-conditioning: the top-left corner of the training crop (default 0 0)',
+  )
+  s.add_argument(
+    '--aesthetic-score', type=float, help='SDXL refiner micro-conditioning: the aesthetic score (default 6.0)'
+  )
+  s.add_argument(
+    '--negative-aesthetic-score',
+    type=float,
+    help="SDXL refiner micro-conditioning: the negative prompt's aesthetic score (default 2.5)",
+  )
   s.add_argument('--out', required=True, help='output folder')
   s.add_argument(
     '--devices',

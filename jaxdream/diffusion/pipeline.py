@@ -276,6 +276,17 @@ def _bundled_tokenizers(layout) -> dict:
   return out
 
 
+def read_conditioning(path: str) -> dict:
+  """How a model folder's UNet is conditioned, from its model_index.json alone (no weights read): the Pipeline
+  fields `pipeline_class`, `encode_prompt`, `micro_conditioning` and `force_zeros_for_empty_prompt`."""
+  index = models.read_config(path, 'model_index.json', 'a diffusers model folder has model_index.json')
+  defaults = {f.name: f.default for f in dataclasses.fields(Pipeline) if f.name in _CONDITIONING_FIELDS}
+  return {**defaults, **_conditioning(index)}
+
+
+_CONDITIONING_FIELDS = ('pipeline_class', 'encode_prompt', 'micro_conditioning', 'force_zeros_for_empty_prompt')
+
+
 def _conditioning(index: dict) -> dict:
   """The Pipeline fields that say how the UNet is conditioned, from model_index.json."""
   name = index.get('_class_name', 'StableDiffusionPipeline')

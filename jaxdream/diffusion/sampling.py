@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxdream.diffusion import adapters as per_image_adapters
+from jaxdream.diffusion import sdxl
 from jaxdream.distributed.mesh import as_auto
 from jaxdream.distributed.multihost import run_together, to_global, to_host
 from jaxdream.distributed.sharding import split_batch
@@ -52,7 +53,8 @@ def image_noise(seeds: Sequence[int], shape: tuple[int, ...], stream: int = _NOI
 @dataclasses.dataclass(frozen=True)
 class _Mode:
   cfg: bool  # classifier-free guidance (a guidance_scale > 1), as diffusers decides
-  init: str  # 'noise' (txt2img), 'image' (img2img / inpaint with strength < 1), 'noise_full' (inpaint)
+  init: str  # 'noise' (txt2img, inpaint at strength 1), 'image' (the image latents noised to the first step),
+  # 'as_is' (denoising_start: the given latents are already at the first step's noise level)
   blend: bool  # 4-channel inpainting: re-impose the known region after every step
   unet_mask: bool  # 9-channel inpainting UNet: mask and masked-image latents are UNet inputs
   progress: bool
@@ -106,6 +108,7 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
     adapter_scales,
     guidance,
     start,
+    end,
     image_latents,
     mask,
     masked_latents,
@@ -123,6 +126,8 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
     extra = {**extra, **halves(uncond_inputs, cond_inputs)}
     if mode.init == 'image':
       x = per_image_noise(image_latents, noise, start)
+    elif mode.init == 'as_is':
+      x = image_latents
     else:
       x = noise * sch.init_noise_sigma
     state = jax.vmap(sch.init_state)(x)
@@ -141,8 +146,8 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
         eps = uncond + guidance.reshape((-1,) + (1,) * (eps.ndim - 1)) * (cond - uncond)
       keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(step_keys, i)
       x, state = per_image_step(state, eps, i, x, keys)
-      if mode.blend:  # known region: the original latents noised to the next step's level
-        known = jnp.where(i < n - 1, per_image_noise(image_latents, noise, jnp.minimum(i + 1, n - 1)), image_latents)
+      if mode.blend:  # known region: the original latents noised to the next step's level (none after the last)
+        known = jnp.where(i < end - 1, per_image_noise(image_latents, noise, jnp.minimum(i + 1, n - 1)), image_latents)
         x = (1.0 - mask) * known + mask * x
       if mode.progress_latents:  # the loop is shared by every call: the call's token finds its own callback
         jax.debug.callback(lambda token, i, x: callbacks(token, int(i), np.array(x)), token, i, x)
@@ -150,7 +155,7 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
         jax.debug.callback(lambda token, i: callbacks(token, int(i)), token, i)
       return x, state
 
-    x, _ = jax.lax.fori_loop(start, n, body, (x, state))
+    x, _ = jax.lax.fori_loop(start, end, body, (x, state))
     if mode.latent:
       return x
     return decode_uint8(models['vae'], x)
@@ -278,6 +283,8 @@ def _generate(
   adapter_ids=None,
   adapter_scales=None,
   micro_conditioning: dict | None = None,
+  denoising_start: float | None = None,
+  denoising_end: float | None = None,
 ):
   if output_type not in ('uint8', 'latent'):
     raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
@@ -288,9 +295,15 @@ def _generate(
   )
   if len(negatives) != b:
     raise ValueError(f'{len(negatives)} negative prompts for {b} prompts')
-  if init_images is not None and height is None and width is None:
+  f, c = pipeline.vae_scale_factor, pipeline.vae.latent_channels
+  given_latents = init_images is not None and _is_latents(init_images, c)
+  if given_latents:  # the image size is the latents'
+    size = (init_images.shape[1] * f, init_images.shape[2] * f)
+    if (height or size[0], width or size[1]) != size:
+      raise ValueError(f'init latents {init_images.shape} are {size[1]}x{size[0]} images, not {width}x{height}')
+    height, width = size
+  elif init_images is not None and height is None and width is None:
     h0, w0 = _first_size(init_images)
-    f = pipeline.vae_scale_factor
     height, width = h0 // f * f, w0 // f * f
   height, width = _check_size(pipeline, height, width)
   if not 0.0 <= strength <= 1.0:
@@ -299,7 +312,8 @@ def _generate(
   guidance = per_image_adapters.per_image(guidance_scale, b, num_images_per_prompt, 'guidance scales')
   ids, scales = _adapter_choice(pipeline, adapters, adapter_ids, adapter_scales, b, num_images_per_prompt)
   sch = make_scheduler(scheduler, pipeline.scheduler_config, num_inference_steps, eta=eta)
-  f, c = pipeline.vae_scale_factor, pipeline.vae.latent_channels
+  if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+    raise ValueError(f'denoising_start {denoising_start} must be below denoising_end {denoising_end}')
   shape = (height // f, width // f, c)
   if latents is None:
     noise = image_noise(seeds, shape)
@@ -312,23 +326,24 @@ def _generate(
   image_latents = mask = masked_latents = jnp.zeros((b,) + shape[:2] + (1,))
   start = 0
   if init_images is not None:
-    images = _to_images(init_images, height, width)
+    images = jnp.asarray(init_images, jnp.float32) if given_latents else _to_images(init_images, height, width)
     if len(images) == 1 and b > 1:
       images = np.repeat(images, b, 0)
     if len(images) != b:
       raise ValueError(f'{len(images)} init images for {b} images')
-    image_latents = _encode(pipeline, images, seeds, _ENCODE)
-    start = sch.start_index(strength)
+    image_latents = images if given_latents else _encode(pipeline, images, seeds, _ENCODE)
+    start = sch.start_index(strength) if denoising_start is None else sch.denoising_start_index(denoising_start)
     if masks is not None:
       m = _to_masks(masks, height, width)
       if len(m) == 1 and b > 1:
         m = np.repeat(m, b, 0)
-      masked_images = images * (m < 0.5)
       # The latent mask: nearest-neighbour downsampling, as torch's interpolate does it.
       mask = jnp.asarray(m[:, ::f, ::f])
       image_latents = _masked_content(image_latents, mask, noise, masked_content)
       if unet_in == 2 * c + 1:
-        masked_latents = _encode(pipeline, masked_images, seeds, _MASKED_ENCODE)
+        if given_latents:
+          raise ValueError('a 9-channel inpainting UNet encodes the masked image: give init images, not latents')
+        masked_latents = _encode(pipeline, images * (m < 0.5), seeds, _MASKED_ENCODE)
       elif unet_in != c:
         raise ValueError(
           f'UNet has {unet_in} input channels: neither a {c}-channel model nor a {2 * c + 1}-channel inpainting model'
@@ -337,9 +352,13 @@ def _generate(
     raise ValueError(f'this UNet takes {unet_in} input channels (an inpainting model?): use inpaint()')
 
   inpainting = masks is not None
+  if init_images is None or (inpainting and strength >= 1.0 and denoising_start is None):
+    init = 'noise'
+  else:
+    init = 'image' if denoising_start is None else 'as_is'
   mode = _Mode(
     cfg=max(guidance) > 1.0,
-    init='image' if init_images is not None and not (inpainting and strength >= 1.0) else 'noise',
+    init=init,
     blend=inpainting and unet_in == c,
     unet_mask=inpainting and unet_in != c,
     progress=progress is not None,
@@ -370,6 +389,7 @@ def _generate(
       adapter_scales=scales,
       guidance=jnp.asarray(guidance, jnp.float32),
       start=jnp.int32(start),
+      end=jnp.int32(sch.num_steps if denoising_end is None else sch.denoising_end_index(denoising_end, start)),
       image_latents=jnp.asarray(image_latents),
       mask=jnp.asarray(mask),
       masked_latents=jnp.asarray(masked_latents),
@@ -396,6 +416,17 @@ def _masked_content(image_latents, mask, noise, masked_content: str):
     return image_latents
   fill = noise if masked_content == 'latent_noise' else jnp.zeros_like(image_latents)
   return image_latents * (1.0 - mask) + fill * mask
+
+
+def _is_latents(images, channels: int) -> bool:
+  """Whether img2img/inpaint's init images are latents: a float array (B, H/f, W/f, C) with the VAE's C latent
+  channels (as diffusers reads an `image` with that many channels)."""
+  return (
+    isinstance(images, (np.ndarray, jax.Array))
+    and images.ndim == 4
+    and images.shape[-1] == channels
+    and jnp.issubdtype(images.dtype, jnp.floating)
+  )
 
 
 def _first_size(images):
@@ -483,6 +514,7 @@ def txt2img(
   adapter_ids=None,
   adapter_scales=None,
   micro_conditioning: dict | None = None,
+  denoising_end: float | None = None,
 ) -> np.ndarray:
   """Images for prompts, uint8 (B, H, W, 3), B = len(prompts) * num_images_per_prompt.
 
@@ -507,6 +539,9 @@ def txt2img(
   micro_conditioning: the model's micro-conditioning settings (SDXL, diffusion/sdxl.py): original_size,
     crops_coords_top_left, target_size (base; sizes (height, width), default the output size), aesthetic_score,
     negative_aesthetic_score (refiner); new values never recompile.
+  denoising_end: stop at this fraction (0, 1) of the schedule, as diffusers' `denoising_end`: the steps whose
+    timestep is at or above `(1 - denoising_end) * num_train_timesteps` run. With output_type='latent', the SDXL
+    base's half of a hand-off to the refiner (`refine`; img2img's `denoising_start`). New values never recompile.
   """
   return _generate(
     pipeline,
@@ -529,6 +564,7 @@ def txt2img(
     adapter_ids=adapter_ids,
     adapter_scales=adapter_scales,
     micro_conditioning=micro_conditioning,
+    denoising_end=denoising_end,
   )
 
 
@@ -555,11 +591,22 @@ def img2img(
   adapter_ids=None,
   adapter_scales=None,
   micro_conditioning: dict | None = None,
+  denoising_start: float | None = None,
+  denoising_end: float | None = None,
+  output_type: str = 'uint8',
 ) -> np.ndarray:
   """Images that start from `init_images` (uint8 arrays, PIL images or paths), noised to `strength`
   (1.0: the image is replaced by noise entirely; 0.0: returned almost unchanged), as diffusers'
   StableDiffusionImg2ImgPipeline. `latents` here is the noise added to the image latents. `adapters`,
-  `adapter_ids`, `adapter_scales`: per-image LoRA adapters, `micro_conditioning`: as in txt2img."""
+  `adapter_ids`, `adapter_scales`: per-image LoRA adapters, `micro_conditioning`, `denoising_end`, `output_type`: as
+  in txt2img.
+
+  `init_images` may be latents instead: a float array (B, H/f, W/f, C) with the VAE's C latent channels (scaled, as
+  txt2img's output_type='latent' gives them), as diffusers' `image=` latents.
+  denoising_start: take over at this fraction (0, 1) of the schedule, as diffusers' `denoising_start` (the SDXL
+  refiner's half of a hand-off: `refine`): the steps whose timestep is below `(1 - denoising_start) *
+  num_train_timesteps` run, from the init latents as they are (not noised; `strength` is ignored). New values never
+  recompile."""
   return _generate(
     pipeline,
     prompts,
@@ -582,6 +629,9 @@ def img2img(
     adapter_ids=adapter_ids,
     adapter_scales=adapter_scales,
     micro_conditioning=micro_conditioning,
+    denoising_start=denoising_start,
+    denoising_end=denoising_end,
+    output_type=output_type,
   )
 
 
@@ -610,13 +660,18 @@ def inpaint(
   adapter_scales=None,
   micro_conditioning: dict | None = None,
   masked_content: str = 'original',
+  denoising_start: float | None = None,
+  denoising_end: float | None = None,
+  output_type: str = 'uint8',
 ) -> np.ndarray:
   """Repaint the white (>= 0.5) region of `masks` in `init_images`, as diffusers'
   StableDiffusionInpaintPipeline: 9-channel inpainting UNets get the mask and masked image as inputs;
   standard 4-channel models keep the unmasked region by blending the noised original latents back in
   after every step. `masked_content`: what the masked area's latents start from before they are noised to
   `strength` (A1111's inpainting_fill): 'original', 'latent_noise' or 'latent_nothing'. `adapters`,
-  `adapter_ids`, `adapter_scales`: per-image LoRA adapters, `micro_conditioning`: as in txt2img."""
+  `adapter_ids`, `adapter_scales`: per-image LoRA adapters, `micro_conditioning`, `denoising_end`,
+  `output_type`: as in txt2img; latents as `init_images` (4-channel UNets) and `denoising_start`: as in img2img
+  (the known region is then blended from those latents, as diffusers does)."""
   return _generate(
     pipeline,
     prompts,
@@ -641,4 +696,83 @@ def inpaint(
     adapter_ids=adapter_ids,
     adapter_scales=adapter_scales,
     micro_conditioning=micro_conditioning,
+    denoising_start=denoising_start,
+    denoising_end=denoising_end,
+    output_type=output_type,
   )
+
+
+def refine(
+  base,
+  refiner,
+  prompts,
+  *,
+  refiner_start: float = 0.8,
+  init_images=None,
+  masks=None,
+  strength: float | None = None,
+  negative_prompts=None,
+  num_inference_steps: int = 50,
+  guidance_scale=7.5,
+  scheduler: str | None = None,
+  seed=0,
+  height: int | None = None,
+  width: int | None = None,
+  latents=None,
+  num_images_per_prompt: int = 1,
+  eta: float = 0.0,
+  mesh=None,
+  progress=None,
+  micro_conditioning: dict | None = None,
+  refiner_micro_conditioning: dict | None = None,
+  output_type: str = 'uint8',
+) -> np.ndarray:
+  """SDXL's ensemble of experts: the base denoises the first `refiner_start` of the schedule (txt2img, or img2img /
+  inpaint with `init_images` / `masks`), the refiner the rest from the base's latents (img2img, or inpaint with the
+  same masks), as diffusers' base pipeline with `denoising_end` and `output_type='latent'` followed by its refiner
+  with `denoising_start` and `image=` those latents. Both use `num_inference_steps`, each its own scheduler config
+  (`scheduler`, a name, for both). `latents`: the base's initial noise. `micro_conditioning` is the base's,
+  `refiner_micro_conditioning` the refiner's (aesthetic_score, negative_aesthetic_score, original_size,
+  crops_coords_top_left). Other arguments as in txt2img."""
+  sdxl.check_refiner(base, refiner)
+  if not 0.0 < refiner_start < 1.0:
+    raise ValueError(f'refiner_start must be in (0, 1), got {refiner_start}')
+  common = dict(
+    negative_prompts=negative_prompts,
+    num_inference_steps=num_inference_steps,
+    guidance_scale=guidance_scale,
+    scheduler=scheduler,
+    seed=seed,
+    num_images_per_prompt=num_images_per_prompt,
+    eta=eta,
+    mesh=mesh,
+    progress=progress,
+  )
+  first = dict(
+    common,
+    height=height,
+    width=width,
+    latents=latents,
+    micro_conditioning=micro_conditioning,
+    denoising_end=refiner_start,
+    output_type='latent',
+  )
+  if strength is not None:
+    first['strength'] = strength
+  if init_images is None:
+    if masks is not None:
+      raise ValueError('masks need init_images (the images to paint into)')
+    x = txt2img(base, prompts, **first)
+  elif masks is None:
+    x = img2img(base, prompts, init_images, **first)
+  else:
+    x = inpaint(base, prompts, init_images, masks, **first)
+  second = dict(  # x holds one latent per image, as the refiner's batch of the same prompts
+    common,
+    micro_conditioning=refiner_micro_conditioning,
+    denoising_start=refiner_start,
+    output_type=output_type,
+  )
+  if masks is None:
+    return img2img(refiner, prompts, x, **second)
+  return inpaint(refiner, prompts, x, masks, **second)

@@ -61,3 +61,15 @@ def aesthetic_time_ids(
   score = negative_aesthetic_score if negative else aesthetic_score
   ids = (*(original_size or (height, width)), *crops_coords_top_left, score)
   return {'time_ids': np.asarray(ids, np.float32)}
+
+
+def check_refiner(base, refiner) -> None:
+  """Raise ValueError unless `refiner` (a Pipeline, or anything with its `pipeline_class` and `micro_conditioning`)
+  is an SDXL refiner that can take over from the SDXL base `base`."""
+  if base.pipeline_class not in PIPELINE_CLASSES or base.micro_conditioning is not size_time_ids:
+    raise ValueError(f'a refiner takes over from an SDXL base model, not from a {base.pipeline_class}')
+  if refiner.pipeline_class not in PIPELINE_CLASSES or refiner.micro_conditioning is not aesthetic_time_ids:
+    raise ValueError(
+      f'the refiner must be an SDXL refiner (model_index.json: requires_aesthetics_score true), '
+      f'not a {refiner.pipeline_class}' + (' base' if refiner.micro_conditioning is size_time_ids else '')
+    )

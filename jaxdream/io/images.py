@@ -82,9 +82,12 @@ def format_parameters(
   height: int,
   model: str,
   strength: float | None = None,
+  refiner: str | None = None,
+  refiner_start: float | None = None,
 ) -> str:
   """The A1111 infotext of one image; `scheduler` is our name (SAMPLER_NAMES), `strength` the
-  img2img/inpaint denoising strength (None for txt2img)."""
+  img2img/inpaint denoising strength (None for txt2img), `refiner` the SDXL refiner's name and `refiner_start` the
+  fraction of the schedule at which it took over (A1111's 'Refiner switch at')."""
   fields = {
     'Steps': steps,
     'Sampler': SAMPLER_NAMES[scheduler],
@@ -93,6 +96,8 @@ def format_parameters(
     'Size': f'{width}x{height}',
     'Model': model,
     'Denoising strength': None if strength is None else format_number(strength),
+    'Refiner': refiner,
+    'Refiner switch at': None if refiner_start is None else format_number(refiner_start),
   }
   line = ', '.join(f'{k}: {_quote(v)}' for k, v in fields.items() if v is not None)
   negative = f'\n{NEGATIVE} {negative_prompt}' if negative_prompt else ''

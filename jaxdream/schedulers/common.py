@@ -190,6 +190,24 @@ class Scheduler:
     n = self.num_inference_steps
     return max(n - min(int(n * strength), n), 0)
 
+  def timestep_cutoff(self, fraction: float) -> int:
+    """The training timestep at `fraction` of the way from noise to image (diffusers' discrete_timestep_cutoff)."""
+    if not 0.0 < fraction < 1.0:
+      raise ValueError(f'denoising_start / denoising_end must be in (0, 1), got {fraction}')
+    n = self.config['num_train_timesteps']
+    return int(round(n - fraction * n))
+
+  def denoising_start_index(self, denoising_start: float) -> int:
+    """First step of a run that takes over at `denoising_start` (the SDXL refiner's): the steps whose timestep is
+    below the cutoff remain, as diffusers' img2img `get_timesteps(denoising_start=...)` counts them. (Its +1 for
+    second-order schedulers does not apply: all of ours are first order.)"""
+    return self.num_steps - int(np.sum(self.timesteps < self.timestep_cutoff(denoising_start)))
+
+  def denoising_end_index(self, denoising_end: float, start: int = 0) -> int:
+    """Step index at which a run from `start` stops to hand over at `denoising_end` (the SDXL base's): it keeps as
+    many steps as its timesteps from `start` on are at or above the cutoff, as diffusers' pipelines count them."""
+    return start + int(np.sum(self.timesteps[start:] >= self.timestep_cutoff(denoising_end)))
+
   def add_noise(self, original, noise, i):
     """Noise a clean sample to the level the loop expects at step `i` (diffusers' `add_noise`)."""
     scales = at(self._noise_scales, (slice(None), i))
