@@ -18,12 +18,13 @@ import numpy as np
 from jaxdream.io.weights import read_config
 from jaxdream.models.config import ConfigError
 from jaxdream.models.kosmos2 import Kosmos2ForConditionalGeneration, load_kosmos2
+from jaxdream.models.qwen_text import MODEL_TYPES as QWEN_TYPES
 from jaxdream.nn.adapters import quantize_int8
 from jaxdream.vlm.generation import compiled, generate
 from jaxdream.vlm.grounding import parse_grounding, parse_qwen_grounding, subject_boxes
 from jaxdream.vlm.processor import _PROMPT_BUCKET, DEFAULT_PROMPT, Kosmos2Processor
 
-QWEN_MODEL_TYPES = ('qwen2_5_vl', 'qwen3_vl')
+QWEN_MODEL_TYPES = QWEN_TYPES
 MODEL_TYPES = ('kosmos-2',) + QWEN_MODEL_TYPES  # config.json's model_type of the folders `load` reads
 SUPPORTED_MODELS = "Kosmos-2 ('kosmos-2'), Qwen2.5-VL ('qwen2_5_vl') and Qwen3-VL ('qwen3_vl')"
 
