@@ -8,13 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import nchw, rel_err
+from conftest import jit_call, nchw, nhwc, rel_err
 from flax import nnx
 
 from jaxdream.diffusion.pipeline import load_pipeline
 from jaxdream.io.weights import WeightsError, read_safetensors, write_safetensors
-from jaxdream.lora import apply_lora, load_lora, merge_lora, save_lora
-from jaxdream.lora.files import METADATA_KEY, ldm_names, read_safetensors_metadata
+from jaxdream.lora import apply_lora, check_lora, load_lora, merge_lora, save_lora
+from jaxdream.lora.files import METADATA_KEY, ldm_names, original_unet_names, read_safetensors_metadata
+from jaxdream.models import presets
 from jaxdream.nn.adapters import add_lora, lora_layers
 
 UNET_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out.0')
@@ -56,18 +57,18 @@ def torch_outputs(tpipe, z, ids):
   return context.numpy(), eps.numpy()
 
 
-def torch_pipe(path, monkeypatch):
+def torch_pipe(path, monkeypatch, pipeline='StableDiffusionPipeline'):
   """diffusers' pipeline from the tiny folder, ready to take LoRA files (which needs peft)."""
   peft = pytest.importorskip('peft')
+  import diffusers
   import transformers.integrations.peft as tp
-  from diffusers import StableDiffusionPipeline
   from packaging.version import Version
 
   # transformers may ask for a peft newer than any published; the adapter API these tests use is older.
   if Version(peft.__version__) < Version(tp.MIN_PEFT_VERSION):
     monkeypatch.setattr(tp, 'MIN_PEFT_VERSION', peft.__version__)
 
-  return StableDiffusionPipeline.from_pretrained(path).to(torch.float32)
+  return getattr(diffusers, pipeline).from_pretrained(path).to(torch.float32)
 
 
 @pytest.fixture(scope='module')
@@ -273,3 +274,113 @@ def test_older_diffusers_names_and_alpha_tensors_merge_like_the_current_layout(a
       jax.tree.leaves(nnx.state(want.components[comp])), jax.tree.leaves(nnx.state(got.components[comp]))
     ):
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_sdxl_unet_modules_have_kohyas_original_sgm_names():
+  """SDXL's published UNet (two layers per level, three levels, the first without attention): the names
+  kohya's sd-scripts (sdxl_original_unet) and A1111 give its modules."""
+  names = {
+    'down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q': 'input_blocks.4.1.transformer_blocks.0.attn1.to_q',
+    'down_blocks.2.attentions.1.proj_in': 'input_blocks.8.1.proj_in',
+    'mid_block.attentions.0.transformer_blocks.9.ff.net.0.proj': 'middle_block.1.transformer_blocks.9.ff.net.0.proj',
+    'up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0': 'output_blocks.0.1.transformer_blocks.0.attn2.to_out.0',
+    'up_blocks.1.attentions.2.proj_out': 'output_blocks.5.1.proj_out',
+    'down_blocks.0.resnets.0.conv1': 'input_blocks.1.0.in_layers.2',
+    'down_blocks.1.resnets.0.conv_shortcut': 'input_blocks.4.0.skip_connection',
+    'mid_block.resnets.1.time_emb_proj': 'middle_block.2.emb_layers.1',
+    'up_blocks.2.resnets.2.conv2': 'output_blocks.8.0.out_layers.3',
+    'down_blocks.0.downsamplers.0.conv': 'input_blocks.3.0.op',
+    'up_blocks.0.upsamplers.0.conv': 'output_blocks.2.2.conv',
+    'time_embedding.linear_1': 'time_embed.0',
+    'add_embedding.linear_2': 'label_emb.0.2',
+    'conv_in': 'input_blocks.0.0',
+    'conv_out': 'out.2',
+  }  # fmt: skip
+  assert original_unet_names(presets.SDXL_UNET, [*names, 'down_blocks.0', 'mid_block']) == names  # no blocks
+
+
+@pytest.mark.reference
+def test_kohya_sdxl_file_names_the_unet_in_the_original_layout_and_loads_in_diffusers(
+  sdxl_folder, tmp_path, monkeypatch
+):
+  """kohya's SDXL layout (as A1111/ComfyUI apply it): UNet modules under their original SGM names, the encoders
+  as lora_te1_/lora_te2_. diffusers' load_lora_weights gives jaxdream's merged UNet; jaxdream reads the file back
+  to the same factors, reads the diffusers-style spelling of older files too, and names what fits no module."""
+  _, path, pipe = sdxl_folder
+  comps = {c: nnx.clone(getattr(pipe, c)) for c in ('unet', 'text_encoder', 'text_encoder_2')}
+  extra = ('proj_in', 'time_emb_proj', 'time_embedding.linear_1', 'add_embedding.linear_2')  # no attention layers
+  add_lora(
+    comps['unet'], targets=(*UNET_TARGETS, 'ff.net.0.proj', *extra), rank=4, alpha=8, key=jax.random.key(1),
+    conv_targets=('conv1', 'conv2', 'conv_shortcut', 'downsamplers.0.conv', 'upsamplers.0.conv'), conv_rank=2, conv_alpha=1,
+  )  # fmt: skip
+  for c in ('text_encoder', 'text_encoder_2'):
+    add_lora(comps[c], targets=TE_TARGETS, rank=2, alpha=3, key=jax.random.key(2))  # diffusers needs out_proj
+  layers = {c: lora_layers(m) for c, m in comps.items()}
+  for i, layer in enumerate(l for ls in layers.values() for l in ls.values()):
+    layer.lora_b.set_value(jax.random.normal(jax.random.key(i), layer.lora_b.shape) * 0.2)
+  file = save_lora(str(tmp_path / 'sdxl.safetensors'), comps, format='kohya')
+  tensors = read_safetensors(file)
+  modules = {k.split('.')[0] for k in tensors}
+  assert {m.split('_', 2)[1] for m in modules} == {'unet', 'te1', 'te2'}
+  assert not any(
+    re.search('down_blocks|mid_block|up_blocks|resnets|attentions|time_embedding|add_embedding', m) for m in modules
+  )
+  # The tiny UNet (one layer per level, two levels, the first without attention): its first cross-attention
+  # block is input_blocks.3.1, the upsampler of its first up level (with attention) output_blocks.1.2.
+  for m in (
+    'input_blocks_3_1_transformer_blocks_0_attn1_to_q', 'input_blocks_3_1_proj_in', 'input_blocks_2_0_op',
+    'input_blocks_3_0_skip_connection', 'middle_block_1_transformer_blocks_0_ff_net_0_proj',
+    'middle_block_2_in_layers_2', 'output_blocks_0_1_transformer_blocks_1_attn2_to_out_0', 'output_blocks_1_2_conv',
+    'output_blocks_3_0_out_layers_3', 'output_blocks_2_0_emb_layers_1', 'time_embed_0', 'label_emb_0_2',
+  ):  # fmt: skip
+    assert f'lora_unet_{m}' in modules, m
+  assert len(modules) == sum(map(len, layers.values()))
+
+  # Read back: every module resolves to the adapter it was written from, with its factors and scale.
+  found, unmatched = load_lora(file).resolve(comps)
+  assert not unmatched and {c: sorted(f) for c, f in found.items()} == {c: sorted(ls) for c, ls in layers.items()}
+  for c, mods in found.items():
+    for name, mod in mods.items():
+      down, up = layers[c][name].torch_factors()
+      np.testing.assert_array_equal(mod.down, down)
+      np.testing.assert_array_equal(mod.up, up)
+      assert mod.scale == pytest.approx(layers[c][name].lora_scale)
+  # Older files: the UNet's modules in diffusers' names, underscored.
+  old = {}
+  for name, layer in layers['unet'].items():
+    key = 'lora_unet_' + name.replace('.', '_')
+    down, up = layer.torch_factors()
+    old[f'{key}.lora_down.weight'], old[f'{key}.lora_up.weight'] = down, up
+    old[f'{key}.alpha'] = np.asarray(layer.lora_scale * down.shape[0], np.float32)
+  write_safetensors(str(tmp_path / 'old.safetensors'), old)
+  old_found, unmatched = load_lora(str(tmp_path / 'old.safetensors')).resolve(comps)
+  assert not unmatched and sorted(old_found['unet']) == sorted(found['unet'])
+  for name, mod in old_found['unet'].items():
+    want = found['unet'][name]
+    assert mod.scale == pytest.approx(want.scale) and np.array_equal(mod.down, want.down)
+    assert np.array_equal(mod.up, want.up)
+  # An original-layout name the tiny UNet lacks (a third level) is named.
+  extra_key = 'lora_unet_input_blocks_6_1_transformer_blocks_0_attn1_to_q'
+  bad = dict(tensors, **{f'{extra_key}.lora_down.weight': np.zeros((2, 64), np.float32)})
+  bad[f'{extra_key}.lora_up.weight'] = np.zeros((64, 2), np.float32)
+  write_safetensors(str(tmp_path / 'bad.safetensors'), bad)
+  with pytest.raises(WeightsError, match='1 adapter.*input_blocks_6_1_transformer_blocks_0_attn1_to_q'):
+    check_lora(comps, str(tmp_path / 'bad.safetensors'))
+
+  # diffusers reads the file (its SGM block mapping) to the UNet jaxdream merges.
+  tp = torch_pipe(path, monkeypatch, 'StableDiffusionXLPipeline')
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((1, 4, 16, 16)).astype(np.float32)
+  context = rng.standard_normal((1, 7, 64)).astype(np.float32)
+  pooled = rng.standard_normal((1, 32)).astype(np.float32)
+  time_ids = np.array([[40, 56, 0, 7, 32, 32]], np.float32)
+  args = (torch.from_numpy(x), 321, torch.from_numpy(context))
+  added = {'text_embeds': torch.from_numpy(pooled), 'time_ids': torch.from_numpy(time_ids)}
+  with torch.no_grad():
+    base = tp.unet(*args, added_cond_kwargs=added).sample.numpy()
+    tp.load_lora_weights(str(tmp_path), weight_name='sdxl.safetensors')
+    expected = tp.unet(*args, added_cond_kwargs=added).sample.numpy()
+  assert rel_err(expected, base) > 1e-2  # the adapters were applied
+  merged = merge_lora(pipe, [(file, 1.0)])
+  out = nchw(jit_call(merged.unet)(nhwc(x), np.array([321]), context, pooled, time_ids))
+  assert rel_err(out, expected) <= 1e-4

@@ -6,7 +6,9 @@ conv (out, r, 1, 1) in torch layout, and the module's alpha (update scale alpha 
   `.lora_linear_layer.down.weight`, `.processor.to_q_lora.down.weight`), alpha in the safetensors metadata
   `lora_adapter_metadata` (peft's LoraConfig as JSON, keys prefixed by the component: `unet.lora_alpha`, ...);
 - kohya/A1111: `lora_unet_<module, '.' as '_'>.lora_down.weight` / `.lora_up.weight` / `.alpha`, `lora_te_...` for
-  the text encoder; unet names may also be the original SD ones (input_blocks_4_1_...), see `ldm_to_diffusers`.
+  the text encoder (SDXL: `lora_te1_`, `lora_te2_`). SD 1.x/2.x UNet modules go by their diffusers names; SDXL's by
+  the original SGM ones (`input_blocks_4_1_...`, `middle_block_1_...`, `label_emb_0_0`), as kohya's sd-scripts train
+  it on that UNet and A1111/ComfyUI apply it. Reading takes either spelling for any UNet (`original_unet_names`).
 Module names stay as the file spells them (dotted or underscored): they are matched against a model's modules
 by `resolve`, which needs the model to undo kohya's underscores.
 """
@@ -24,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdream.io.weights import PICKLE_SUFFIXES, WeightsError, read_safetensors, write_safetensors
+from jaxdream.models.single_file import key_map
 from jaxdream.nn.adapters import lora_layers, module_paths
 
 METADATA_KEY = 'lora_adapter_metadata'  # diffusers' LORA_ADAPTER_METADATA_KEY
@@ -102,9 +105,9 @@ class LoRAWeights:
 
 def _name_index(comp: str, model: nnx.Module) -> dict[str, str]:
   """{a name a file may use: the model's module name}: dotted, kohya-underscored, without 'text_model.'
-  (older diffusers files), and the original SD UNet names."""
-  index = {}
-  for name in module_paths(model):
+  (older diffusers files), and the UNet's original SD/SGM names."""
+  index, paths = {}, module_paths(model)
+  for name in paths:
     if not name:
       continue
     index[name] = index[name.replace('.', '_')] = name
@@ -113,51 +116,41 @@ def _name_index(comp: str, model: nnx.Module) -> dict[str, str]:
       index.setdefault(short, name)
       index.setdefault(short.replace('.', '_'), name)
   if comp == 'unet' and hasattr(model, 'config'):
-    ldm = ldm_names(model.config.get('layers_per_block', 2), len(model.config.get('block_out_channels', (0,) * 4)))
-    for old, new in ldm.items():
-      for name in [n for n in list(index) if n == new or n.startswith(new + '_')]:
-        if '.' not in name:
-          index.setdefault(old + name[len(new) :], index[name])
+    weighted = [n for n, m in paths.items() if n and hasattr(m, 'kernel')]  # layers, not blocks
+    for name, original in original_unet_names(model.config, weighted).items():
+      index.setdefault(original.replace('.', '_'), name)
   return index
 
 
-def ldm_names(layers_per_block: int, levels: int) -> dict[str, str]:
-  """Original SD (LDM) UNet block names -> diffusers ones, underscored: 'input_blocks_1_1' ->
-  'down_blocks_0_attentions_0', also the resnets' inner layer names (kohya LoCon files use them)."""
-  out = {
-    'input_blocks_0_0': 'conv_in',
-    'time_embed_0': 'time_embedding_linear_1',
-    'time_embed_2': 'time_embedding_linear_2',
-  }
-  out['out_2'] = 'conv_out'
-  n = layers_per_block
-  for i in range(levels):
-    for j in range(n):
-      k = i * (n + 1) + j + 1
-      out[f'input_blocks_{k}_0'] = f'down_blocks_{i}_resnets_{j}'
-      out[f'input_blocks_{k}_1'] = f'down_blocks_{i}_attentions_{j}'
-    if i < levels - 1:
-      out[f'input_blocks_{(i + 1) * (n + 1)}_0_op'] = f'down_blocks_{i}_downsamplers_0_conv'
-    for j in range(n + 1):
-      k = i * (n + 1) + j
-      out[f'output_blocks_{k}_0'] = f'up_blocks_{i}_resnets_{j}'
-      out[f'output_blocks_{k}_1'] = f'up_blocks_{i}_attentions_{j}'
-    if i < levels - 1:
-      k = i * (n + 1) + n
-      out[f'output_blocks_{k}_1_conv'] = f'up_blocks_{i}_upsamplers_0_conv'  # a level without attention
-      out[f'output_blocks_{k}_2_conv'] = f'up_blocks_{i}_upsamplers_0_conv'
-  out.update(middle_block_0='mid_block_resnets_0', middle_block_1='mid_block_attentions_0')
-  out['middle_block_2'] = 'mid_block_resnets_1'
-  resnet = {
-    'in_layers_2': 'conv1',
-    'out_layers_3': 'conv2',
-    'emb_layers_1': 'time_emb_proj',
-    'skip_connection': 'conv_shortcut',
-  }
-  for old, new in list(out.items()):
-    if 'resnets' in new:
-      out.update({f'{old}_{a}': f'{new}_{b}' for a, b in resnet.items()})
+def original_unet_names(config: dict, names) -> dict[str, str]:
+  """{diffusers UNet module name: its original SD/SGM name} ('down_blocks.1.attentions.0.proj_in' ->
+  'input_blocks.4.1.proj_in' in SDXL), for the weight layers among `names` that have one: single files' table
+  (`key_map`), a module named as its weight is."""
+  out = {}
+  for name in names:
+    try:
+      [(original, _)] = key_map('unet', config, [name + '.weight']).values()
+    except WeightsError:  # no original name (or a UNet without an original layout)
+      continue
+    out[name] = original.removesuffix('.weight')
   return out
+
+
+def ldm_names(layers_per_block: int, levels: int, up_block_types=None) -> dict[str, str]:
+  """Original SD (LDM) UNet block names -> diffusers ones, underscored ('input_blocks_1_1' ->
+  'down_blocks_0_attentions_0'), and the resnets' inner layers: `original_unet_names` for a UNet of this shape
+  (up levels as SD 1.x/2.x's unless given: the first without attention)."""
+  n, up_block_types = layers_per_block, up_block_types or ['UpBlock2D'] + ['CrossAttnUpBlock2D'] * (levels - 1)
+  blocks = ['mid_block.resnets.0', 'mid_block.attentions.0', 'mid_block.resnets.1']
+  for i in range(levels):
+    blocks += [f'down_blocks.{i}.{part}.{j}' for part in ('resnets', 'attentions') for j in range(n)]
+    blocks += [f'up_blocks.{i}.{part}.{j}' for part in ('resnets', 'attentions') for j in range(n + 1)]
+  resnet_layers = ('conv1', 'conv2', 'time_emb_proj', 'conv_shortcut')
+  layers = [f'{b}.{layer}' for b in blocks if '.resnets.' in b for layer in resnet_layers]
+  samplers = [f'{kind}_blocks.{i}.{kind}samplers.0.conv' for i in range(levels - 1) for kind in ('down', 'up')]
+  names = ['conv_in', 'conv_out', 'time_embedding.linear_1', 'time_embedding.linear_2', *blocks, *layers, *samplers]
+  config = dict(layers_per_block=n, up_block_types=up_block_types)
+  return {o.replace('.', '_'): d.replace('.', '_') for d, o in original_unet_names(config, names).items()}
 
 
 # --- writing --------------------------------------------------------------------------------------------------
@@ -193,6 +186,20 @@ def _kohya_prefix(comp: str, components) -> str:
   return 'lora_te1_' if comp == 'text_encoder' and 'text_encoder_2' in components else _KOHYA_PREFIX[comp]
 
 
+def _kohya_names(comp: str, components, names) -> dict[str, str]:
+  """{module name: kohya's name for it, after the prefix}: the dotted name with '_' for '.', except in SDXL's UNet
+  (a text_time one, or two text encoders), which kohya's sd-scripts train on the original SGM UNet
+  (sdxl_original_unet): A1111 and ComfyUI apply only those names."""
+  unet = components.get('unet')
+  sdxl = 'text_encoder_2' in components or getattr(unet, 'config', {}).get('addition_embed_type') == 'text_time'
+  if comp != 'unet' or not sdxl:
+    return {n: n.replace('.', '_') for n in names}
+  original = original_unet_names(unet.config, names)
+  if missing := sorted(set(names) - set(original)):
+    raise ValueError(f'kohya SDXL LoRA files: no original UNet name for adapted module(s) {", ".join(missing[:10])}')
+  return {n: o.replace('.', '_') for n, o in original.items()}
+
+
 def lora_tensors(
   components: Mapping[str, nnx.Module], *, format: str = 'diffusers'
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -203,12 +210,13 @@ def lora_tensors(
   tensors, config = {}, {}
   for comp in COMPONENTS:
     layers = lora_layers(components[comp]) if comp in components else {}
+    kohya = _kohya_names(comp, components, layers) if format == 'kohya' and layers else {}
     for name, layer in layers.items():
       down, up = layer.torch_factors()
       if format == 'diffusers':
         tensors[f'{comp}.{name}.lora_A.weight'], tensors[f'{comp}.{name}.lora_B.weight'] = down, up
       else:
-        key = _kohya_prefix(comp, components) + name.replace('.', '_')
+        key = _kohya_prefix(comp, components) + kohya[name]
         tensors[f'{key}.lora_down.weight'], tensors[f'{key}.lora_up.weight'] = down, up
         tensors[f'{key}.alpha'] = np.asarray(layer.lora_scale * down.shape[0], np.float32)
     if layers:
