@@ -352,7 +352,8 @@ def test_ctrl_c_saves_sigkill_at_any_moment_and_a_damaged_checkpoint_resume_to_i
   damaged = steps[-1]
   assert damaged - 1 in steps
   _damage(_largest_data_file(interrupted, damaged), 'truncated')
-  proc = _start(config, interrupted)
+  # The last run is not interrupted: like the straight run, it saves only at its end (not run-defining).
+  proc = _start(config, interrupted, f'--config.checkpoint.every_steps={KILL_RUN_STEPS}')
   output = proc.communicate(timeout=1800)[0]
   assert proc.returncode == 0 and 'Traceback' not in output, output
   assert f'checkpoint step {damaged} is unreadable' in output, output
