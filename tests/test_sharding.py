@@ -157,7 +157,7 @@ def test_sixty_four_synthetic_subjects_train_on_the_eight_device_mesh_as_on_one_
 
   # The same run on one device (the class images are reused; no validation samples): the same losses and
   # trained weights.
-  c.mesh.data, c.validation.prompts = 1, []
+  c.mesh.data, c.validation.num_images = 1, 0  # (validation.prompts=[] would sample the concepts' prompts)
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(loop, 'make_mesh', lambda *sizes: make_mesh(*sizes, devices=jax.devices()[:1]))
     single = train(c, str(tmp_path / 'run-one-device'))

@@ -242,7 +242,7 @@ def _write_config(shared, path, num_steps):
         c.train.num_steps, c.train.learning_rate, c.train.train_text_encoder = {num_steps}, 1e-4, True
         c.train.ema_decay = 0.9
         c.checkpoint.every_steps = 1
-        c.validation.prompts, c.validation.num_images, c.validation.steps = ['a dog'], 1, 2
+        c.validation.num_images = 0  # no samples: the runs' weights and losses are compared
         c.data.flip_p = 0.5
         c.mesh.data, c.mesh.tensor = 2, 4
         return c
@@ -315,11 +315,19 @@ def test_ctrl_c_saves_sigkill_at_any_moment_and_a_damaged_checkpoint_resume_to_i
   """One interrupted run, resumed after each fault, ends with the weights and loss history of a straight
   run: Ctrl-C (save and exit cleanly), SIGKILL while starting, mid-save and after a save, then its newest
   checkpoint damaged (moved aside, the one before resumed). SIGTERM's save: tests/test_multihost.py."""
+  from PIL import Image
   from test_crash_safety import _damage, _largest_data_file
 
   from jaxdream.training.lock import LOCK_FILE
 
-  config = _write_config(shared, tmp_path / 'cfg.py', num_steps=KILL_RUN_STEPS)
+  # Its own two class images, made beforehand (any images do): no run of this test compiles the 8-device
+  # sampler (XLA's default backend) to make them, whatever ran before it; the finished run makes its own.
+  class_dir = tmp_path / 'class_images'
+  class_dir.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(2):
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(class_dir / f'{i}.png')
+  config = _write_config(dict(shared, class_dir=str(class_dir)), tmp_path / 'cfg.py', num_steps=KILL_RUN_STEPS)
   straight = str(tmp_path / 'straight')
   # Checkpoints change nothing in what a run computes: the straight run saves only at its end (each save
   # of the 8-device state costs seconds).
@@ -352,7 +360,8 @@ def test_ctrl_c_saves_sigkill_at_any_moment_and_a_damaged_checkpoint_resume_to_i
   damaged = steps[-1]
   assert damaged - 1 in steps
   _damage(_largest_data_file(interrupted, damaged), 'truncated')
-  proc = _start(config, interrupted)
+  # The last run is not interrupted: like the straight run, it saves only at its end (not run-defining).
+  proc = _start(config, interrupted, f'--config.checkpoint.every_steps={KILL_RUN_STEPS}')
   output = proc.communicate(timeout=1800)[0]
   assert proc.returncode == 0 and 'Traceback' not in output, output
   assert f'checkpoint step {damaged} is unreadable' in output, output
