@@ -66,8 +66,14 @@ BENCHMARKS = (
   Benchmark(
     'unet_forward',
     'unet_forward.py',
-    full=(('--preset', 'sd15', '--batch', '2', '--size', '64', *_T),),
-    quick=(('--preset', 'tiny', '--batch', '2', '--size', '32', *_T),),
+    full=(
+      ('--preset', 'sd15', '--batch', '2', '--size', '64', *_T),
+      ('--preset', 'sdxl', '--batch', '1', '--size', '64', *_T),  # 512 px; each side in its own process
+    ),
+    quick=(
+      ('--preset', 'tiny', '--batch', '2', '--size', '32', *_T),
+      ('--preset', 'sdxl-tiny', '--batch', '2', '--size', '32', *_T),
+    ),
   ),
   Benchmark(
     'train_step',
@@ -82,8 +88,12 @@ BENCHMARKS = (
     full=(
       ('--preset', 'sd15', '--steps', '2', '--batch', '1', *_T),
       ('--preset', 'tiny', '--steps', '10', '--batch', '2', *_T),
+      ('--preset', 'sdxl', '--height', '512', '--width', '512', '--steps', '2', '--batch', '1', *_T),
     ),
-    quick=(('--preset', 'tiny', '--steps', '4', '--batch', '2', *_T),),
+    quick=(
+      ('--preset', 'tiny', '--steps', '4', '--batch', '2', *_T),
+      ('--preset', 'sdxl-tiny', '--steps', '4', '--batch', '2', *_T),
+    ),
   ),
   Benchmark(
     'eval_scoring',
