@@ -351,7 +351,7 @@ KNOWN_SECONDS = {
   # test_quickstart_quality.py's module: the whole quickstart (400 steps) in a subprocess, then the base sampled
   'test_readme_command_trains_offline_without_third_party_chatter': 120,
   'test_fine_tuned_sks_dog_is_the_bundled_dog_and_the_base_alone_never_draws_it': 20,
-  'test_a_per_subject_run_killed_on_8_devices_resumes_to_identical_adapters': 60,
+  'test_a_per_subject_run_killed_resumes_to_identical_adapters': 60,
 }
 SLOW_SECONDS, FAST_SECONDS = 30, 2
 

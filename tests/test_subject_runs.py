@@ -240,13 +240,22 @@ def get_config():
 """
 
 
-def test_a_per_subject_run_killed_on_8_devices_resumes_to_identical_adapters(folders, tmp_path, monkeypatch, capsys):
-  """`jaxdream train` on an 8-device mesh, SIGKILLed once its first checkpoint is written, then run again:
-  its adapters equal those of the run never killed, bit for bit. The killed run is a subprocess with the
-  session's XLA flags (8 host devices), so that every run computes with the same compiled programs."""
-  monkeypatch.setattr(subject_run, 'make_mesh', make_mesh)  # the config's mesh, not the module's one device
+@pytest.mark.parametrize('devices', [8, 1], ids=['8_devices', '1_device'])
+def test_a_per_subject_run_killed_resumes_to_identical_adapters(devices, folders, tmp_path, monkeypatch, capsys):
+  """`jaxdream train` on an 8-device mesh (or one device), SIGKILLed once its first checkpoint is written, then
+  run again: its adapters equal those of the run never killed, bit for bit. The killed run is a subprocess with
+  the session's XLA flags (8 host devices; one for the one-device case), so that every run computes with the
+  same compiled programs."""
+  text = MESH_CONFIG.format(model=folders['model'], subjects=[(n, folders[n]) for n in 'abc'])
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  if devices == 8:
+    monkeypatch.setattr(subject_run, 'make_mesh', make_mesh)  # the config's mesh, not the module's one device
+  else:
+    text = text.replace('c.mesh.data, c.mesh.tensor = 4, 2', 'c.mesh.data, c.mesh.tensor = 1, 1')
+    flags = env.get('XLA_FLAGS', '').replace('--xla_force_host_platform_device_count=8', '')
+    env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1 ' + flags
   path = tmp_path / 'config.py'
-  path.write_text(MESH_CONFIG.format(model=folders['model'], subjects=[(n, folders[n]) for n in 'abc']))
+  path.write_text(text)
   config = runpy.run_path(str(path))['get_config']()
   straight = str(tmp_path / 'straight')
   straight_config = config.copy_and_resolve_references()
@@ -254,7 +263,6 @@ def test_a_per_subject_run_killed_on_8_devices_resumes_to_identical_adapters(fol
   train(straight_config, straight)
 
   killed = str(tmp_path / 'killed')
-  env = dict(os.environ, PYTHONUNBUFFERED='1')
   cmd = [sys.executable, '-m', 'jaxdream.cli', 'train', '--config', str(path), '--workdir', killed]
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   t0 = time.time()
