@@ -26,6 +26,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from jaxdream.models import presets  # noqa: E402
+
 # One torch thread per worker: the suite's two xdist workers share 2 cores, and OpenMP threads that spin while
 # another process holds the core turn a 0.07 s reference call into seconds (test_sampling.py: 118 s -> 55 s).
 torch.set_num_threads(1)
@@ -386,18 +388,8 @@ VAE_SDXL = dict(
   scaling_factor=0.13025,
   force_upcast=True,
 )
-# stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json
-EULER_SDXL = dict(
-  beta_start=0.00085,
-  beta_end=0.012,
-  beta_schedule='scaled_linear',
-  interpolation_type='linear',
-  num_train_timesteps=1000,
-  prediction_type='epsilon',
-  steps_offset=1,
-  timestep_spacing='leading',
-  use_karras_sigmas=False,
-)
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json (less its class name)
+EULER_SDXL = {k: v for k, v in presets.SDXL_SCHEDULER.items() if k != '_class_name'}
 
 
 def _clip_config(num_layers, **overrides):

@@ -171,6 +171,12 @@ def test_sharded_checkpoint_loads_the_same_weights_and_bad_inputs_are_named(qwen
   assert len([n for n in os.listdir(tmp_path / 'sharded') if n.endswith('.safetensors')]) > 1
   theirs, ours = state_dict(vlm.load(str(tmp_path / 'sharded')).model), state_dict(bundle.model)
   assert theirs.keys() == ours.keys() and all(np.array_equal(theirs[k], ours[k]) for k in ours)
+  # vlm.load(int8=True) is the model's own conversion: the token embeddings (the tied head's too) are int8.
+  from jaxdream.nn.adapters import Int8Embed
+
+  assert isinstance(vlm.load(path, int8=True).model.model.language_model.embed_tokens, Int8Embed)
+  with pytest.raises(ValueError, match='tensor_parallel=0'):
+    vlm.load(path, tensor_parallel=0)
   inputs = bundle.processor(_images()[:1], ['Describe this image.'])
   ids = inputs['input_ids'].copy()
   ids[ids == bundle.processor.image_token_id] = bundle.pad_token_id  # placeholders not expanded

@@ -19,7 +19,6 @@ from jaxdream.io.weights import read_config
 from jaxdream.models.config import ConfigError
 from jaxdream.models.kosmos2 import Kosmos2ForConditionalGeneration, load_kosmos2
 from jaxdream.models.qwen_text import MODEL_TYPES as QWEN_TYPES
-from jaxdream.nn.adapters import quantize_int8
 from jaxdream.vlm.generation import compiled, generate
 from jaxdream.vlm.grounding import parse_grounding, parse_qwen_grounding, subject_boxes
 from jaxdream.vlm.processor import _PROMPT_BUCKET, DEFAULT_PROMPT, Kosmos2Processor
@@ -77,22 +76,25 @@ def load(
   int8: weight-only int8 (about a quarter of float32's parameter memory). tensor_parallel > 1: the
   parameters split over that many local devices, attention heads, MLP and vocabulary Megatron-style (for the
   7B/8B sizes; int8 weights stay whole on each device)."""
+  import jax
+
+  if not 1 <= tensor_parallel <= jax.local_device_count():  # before gigabytes of weights are read
+    raise ValueError(f'tensor_parallel={tensor_parallel}: between 1 and the {jax.local_device_count()} local devices')
   if model_type(path) in QWEN_MODEL_TYPES:
+    from jaxdream.models.qwen_vl import quantize_int8
     from jaxdream.vlm.qwen import load_qwen  # the Qwen port loads only when a Qwen folder is asked for
 
     bundle = load_qwen(path, dtype=dtype, attention_impl=attention_impl, allow_pickle=allow_pickle)
   else:
+    from jaxdream.models.kosmos2 import quantize_int8
+
     bundle = load_kosmos2_bundle(path, dtype=dtype, attention_impl=attention_impl, allow_pickle=allow_pickle)
-  if int8:
+  if int8:  # the model's own conversion: every Linear and the token embeddings (a tied LM head reads them)
     quantize_int8(bundle.model)
   if tensor_parallel > 1:
-    import jax
-
     from jaxdream.distributed.mesh import make_mesh
     from jaxdream.distributed.sharding import place_model
 
-    if tensor_parallel > jax.local_device_count():
-      raise ValueError(f'tensor_parallel={tensor_parallel} but this host has {jax.local_device_count()} devices')
     place_model(
       bundle.model, make_mesh(data=1, fsdp=1, tensor=tensor_parallel, devices=jax.local_devices()[:tensor_parallel])
     )
