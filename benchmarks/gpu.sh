@@ -41,7 +41,7 @@ print('torch', torch.__version__, torch.cuda.get_device_name(), '| diffusers', d
         tests/test_flash_attention.py -k 'gpu or backend' ;;
     train)  # the DreamBooth step: UNet + text encoder trained, 1 instance + 1 class example, 512 px
       stage train_step 300 python3 benchmarks/train_step.py --preset sd15 --resolution 512 --device gpu \
-        --steps 10 --model-dir "$model" --min-free-gb 0 --json "$out/train_step.json" ;;
+        --steps 10 --remat none --model-dir "$model" --min-free-gb 0 --json "$out/train_step.json" ;;
     sample)  # txt2img, SD 1.5 512x512, batch 8, 50 DDIM steps with classifier-free guidance
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 stage sample 240 python3 benchmarks/sample.py --preset sd15 \
         --device gpu --steps 50 --batch 8 --repeats 3 --no-torch-compile --json "$out/sample.json" ;;

@@ -54,7 +54,14 @@ def _parse(argv=None):
   p.add_argument('--rounds', type=int, default=1, help='alternate jaxdream/torch runs this often; best kept')
   p.add_argument('--device', choices=['cpu', 'gpu'], default='cpu')
   p.add_argument('--threads', type=int, help='CPU cores for each side (default: all this process may use)')
-  p.add_argument('--attention', default='auto', help='jaxdream attention implementation')
+  p.add_argument('--attention', default='auto', help="jaxdream's attention (a run's: 'auto' trains with 'flash')")
+  p.add_argument(
+    '--remat',
+    choices=['none', 'attention', 'blocks', 'full'],
+    help="jaxdream's train.remat; anything but 'none' also turns on gradient checkpointing on the torch side "
+    "(diffusers' and transformers' checkpointing keep each block's inputs only, as 'full' does). Default: "
+    "sd15 'full', tiny 'none'",
+  )
   p.add_argument(
     '--metrics-lag',
     type=int,
@@ -78,6 +85,7 @@ def _parse(argv=None):
   p.add_argument('--folder', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   args.resolution = args.resolution or {'tiny': 64, 'sd15': 512}[args.preset]
+  args.remat = args.remat or {'tiny': 'none', 'sd15': 'full'}[args.preset]
   return args
 
 
@@ -201,6 +209,8 @@ def _jax_side(args, folder):
   import numpy as np
 
   from jaxdream import load_pipeline
+  from jaxdream.nn.attention import training_implementation
+  from jaxdream.runtime.compiler import low_memory_options
   from jaxdream.schedulers import NoiseSchedule
   from jaxdream.training.params import make_optimizer, param_groups, split_models, split_trainable
   from jaxdream.training.step import StepFn, init_state
@@ -227,6 +237,8 @@ def _jax_side(args, folder):
     offset_noise=c.train.offset_noise,
     ema_decay=0.0,
     encode_prompt=pipe.encode_prompt,
+    attention=training_implementation(args.attention),  # as a run's step (StepFn.from_config)
+    remat=args.remat,
   )
   state = jax.device_put(init_state(trainable, tx, c.seed, False))
   frozen = jax.device_put(frozen)
@@ -241,7 +253,10 @@ def _jax_side(args, folder):
   setup_s, rss_loaded = time.perf_counter() - t0, _rss()
 
   t0 = time.perf_counter()
-  compiled = jax.jit(fn, donate_argnums=(0,)).lower(state, frozen, batch).compile()
+  # compiled as a run's step is (training.step.jit_step): on CPU, XLA's memory-optimized scheduler
+  compiled = (
+    jax.jit(fn, donate_argnums=(0,), compiler_options=low_memory_options()).lower(state, frozen, batch).compile()
+  )
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   mem = (
@@ -291,7 +306,8 @@ def _jax_side(args, folder):
     stats = jax.devices()[0].memory_stats() or {}
     device_peak = stats.get('peak_bytes_in_use')
   return dict(
-    label=f'jaxdream  ({jnp.dtype(jnp.bfloat16 if gpu else jnp.float32).name} compute, {jax.default_backend()})',
+    label=f'jaxdream  ({jnp.dtype(jnp.bfloat16 if gpu else jnp.float32).name} compute, {jax.default_backend()}, '
+    f'{fn.describe()})',
     setup_s=setup_s,
     compile_s=compile_s,
     first_s=first_s,
@@ -338,6 +354,10 @@ def _torch_side(args, folder):
   te = CLIPTextModel.from_pretrained(model_dir, subfolder='text_encoder').to(dev).train()
   vae = AutoencoderKL.from_pretrained(model_dir, subfolder='vae').to(dev, torch.float16 if gpu else torch.float32)
   vae.requires_grad_(False)
+  checkpointing = args.remat != 'none'
+  if checkpointing:  # train_dreambooth.py --gradient_checkpointing
+    unet.enable_gradient_checkpointing()
+    te.gradient_checkpointing_enable()
   sched = DDPMScheduler.from_pretrained(model_dir, subfolder='scheduler')
   params = list(unet.parameters()) + list(te.parameters())
   opt = torch.optim.AdamW(
@@ -401,7 +421,9 @@ def _torch_side(args, folder):
   times = [step()[0] for _ in range(args.steps)]
   cpu_s = (time.process_time() - c0) / args.steps
   return dict(
-    label=f'diffusers ({"fp16 autocast" if gpu else "float32"}, {dev})',
+    label=f'diffusers ({"fp16 autocast" if gpu else "float32"}, {dev}, '
+    f'{unet.attn_processors[next(iter(unet.attn_processors))].__class__.__name__}, '
+    f'gradient checkpointing {"on" if checkpointing else "off"})',
     setup_s=setup_s,
     compile_s=None,
     first_s=first_s,

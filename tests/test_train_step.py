@@ -394,14 +394,14 @@ def _update_flops(tx, state, guard=False):
   """The step's work per trainable parameter given a gradient g (any array will do): clipped AdamW and the
   gradient norm (with `guard`, as the step drops a non-finite step: the update under a conditional)."""
 
-  def update(g, opt_state):
-    updates, opt_state = tx.update(g, opt_state, g)
+  def update(g, opt_state, norm=None):  # as TrainStep.update: the clipping is given the norm computed outside
+    updates, opt_state = tx.update(g, opt_state, g, **({} if norm is None else {'grad_norm': norm}))
     return optax.apply_updates(g, updates), opt_state
 
   def apply(s):
     g, norm = s['trainable'], optax.global_norm(s['trainable'])
     if guard:
-      return jax.lax.cond(norm < 1, update, lambda g, o: (g, o), g, s['opt_state']), norm
+      return jax.lax.cond(norm < 1, update, lambda g, o, n: (g, o), g, s['opt_state'], norm), norm
     return update(g, s['opt_state']), norm
 
   return _flops(apply, state)

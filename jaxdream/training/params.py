@@ -109,12 +109,28 @@ def group_optimizer(config, lr: float) -> optax.GradientTransformation:
   )
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """optax.clip_by_global_norm (same state, same numbers) that takes the norm as the extra argument
+  `grad_norm` when its caller already has it: the training step computes it for its finite check, outside
+  the conditional update. A second reduction over every gradient inside the conditional made XLA:CPU keep a
+  relaid-out copy of each convolution kernel's gradient alive at once until the update (2 GiB of SD 1.5's
+  step; docs/performance.md); with the norm given, each gradient is used by its own update only."""
+
+  def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    norm = optax.global_norm(updates) if grad_norm is None else grad_norm
+    keep = norm < max_norm
+    return jax.tree.map(lambda t: jnp.where(keep, t, (t / norm.astype(t.dtype)) * max_norm), updates), state
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(config, groups: dict, labels: dict) -> optax.GradientTransformation:
   """One optimizer per group over the trainable parameters only: frozen ones get no state."""
   t = config.train
   tx = optax.multi_transform({name: group_optimizer(config, lr) for name, (_, lr) in groups.items()}, labels)
   if t.max_grad_norm > 0:  # one global norm over all trainable parameters, as diffusers clips
-    tx = optax.chain(optax.clip_by_global_norm(t.max_grad_norm), tx)
+    tx = optax.chain(clip_by_global_norm(t.max_grad_norm), tx)
   if t.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=t.grad_accum_steps)
   return tx

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 from jaxdream.distributed.sharding import batch_sharding, logical_axes, param_shardings, state_shardings
 from jaxdream.nn.attention import describe, training_implementation
 from jaxdream.nn.remat import set_training_mode
+from jaxdream.runtime.compiler import low_memory_options
 from jaxdream.schedulers import NoiseSchedule
 from jaxdream.training.params import unflatten
 
@@ -55,9 +56,13 @@ class TrainStep:
   def loss(self, trainable, frozen, batch, key):
     raise NotImplementedError
 
-  def update(self, grads, params, opt_state):
-    """The optimizer step: (new parameters, new optimizer state)."""
-    updates, opt_state = self.tx.update(grads, opt_state, params)
+  def update(self, grads, params, opt_state, grad_norm=None):
+    """The optimizer step: (new parameters, new optimizer state). `grad_norm` (of `grads`, when known)
+    reaches the gradient clipping (training.params.clip_by_global_norm), except under gradient
+    accumulation, whose clipping sees the accumulated gradients instead."""
+    given = grad_norm is not None and not isinstance(opt_state, optax.MultiStepsState)
+    extra = {'grad_norm': grad_norm} if given else {}
+    updates, opt_state = self.tx.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), opt_state
 
   def __call__(self, state, frozen, batch):
@@ -72,10 +77,11 @@ class TrainStep:
     trainable, opt_state = jax.lax.cond(
       ok,
       self.update,
-      lambda grads, params, opt_state: (params, opt_state),
+      lambda grads, params, opt_state, grad_norm: (params, opt_state),
       grads,
       state['trainable'],
       state['opt_state'],
+      grad_norm,
     )
     new = dict(
       state,
@@ -235,6 +241,7 @@ def jit_step(step_fn, shardings, mesh):
     in_shardings=(state_sh, frozen_sh, batch_sh),
     out_shardings=(state_sh, NamedSharding(mesh, P())),
     donate_argnums=(0,),
+    compiler_options=low_memory_options(mesh.devices.flat[0].platform),
   )
 
 

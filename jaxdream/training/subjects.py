@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdream.distributed.sharding import BATCH_AXES
 from jaxdream.nn.adapters import LoRAParam
+from jaxdream.runtime.compiler import low_memory_options
 from jaxdream.training.data import make_iterator
 from jaxdream.training.params import flatten
 from jaxdream.training.step import init_state, step_shardings
@@ -187,4 +188,5 @@ def jit_subject_step(step_fn, shardings, mesh):
     in_shardings=(state_sh, frozen_sh, batch_sh),
     out_shardings=(state_sh, NamedSharding(mesh, P())),
     donate_argnums=(0,),
+    compiler_options=low_memory_options(mesh.devices.flat[0].platform),
   )
