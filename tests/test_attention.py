@@ -97,3 +97,21 @@ def test_upcast_attention_program_multiplies_and_reduces_only_float32(impl):
   ]
   assert len(lines) >= 4  # q.k, softmax's max and sum, p.v
   assert not [line for line in lines if 'bf16' in line]
+
+
+def test_auto_runs_short_cpu_self_attention_heads_first_equal_to_xla_with_masks():
+  """'auto' on CPU sends short self-attention (ViT's 197 tokens, CLIP's 50 and 77) to the heads-first
+  kernel; a KV cache (other key length) and long sequences keep their kernels. It equals jax's XLA attention,
+  also causal, with a padding mask, and with every key of a row masked (a uniform average, as jax's)."""
+  from jaxdream.nn.attention import _resolve
+
+  keys = jax.random.split(jax.random.key(1), 3)
+  q, k, v = (jax.random.normal(kk, (2, 50, 3, 16)) for kk in keys)
+  assert _resolve('auto', q, k, v, backend='cpu') == 'heads_first'
+  assert _resolve('auto', q, k, v, causal=True, backend='cpu') == 'heads_first'
+  assert _resolve('auto', q[:, :1], k, v, backend='cpu') == 'xla'
+  assert _resolve('auto', q, k, v, backend='gpu') == 'xla'
+  pad = jnp.arange(50)[None, None, None, :] < jnp.array([50, 0])[:, None, None, None]  # image 1: all masked
+  for kw in ({}, {'causal': True}, {'mask': pad}, {'mask': pad, 'causal': True}):
+    want = jax.nn.dot_product_attention(q, k, v, is_causal=kw.get('causal', False), mask=kw.get('mask'))
+    assert rel_err(dot_product_attention(q, k, v, implementation='auto', **kw), want) <= 1e-6, kw

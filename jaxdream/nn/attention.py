@@ -14,7 +14,9 @@
            Score matrices below 256x256 per head go to XLA: they are small enough to keep. Training uses
            it when the config says 'auto';
   'auto'   (default) cuDNN on GPU for half precision, tiled on CPU for long unmasked sequences, the Pallas
-           kernel on TPU where it fits, else XLA.
+           kernel on TPU where it fits, else XLA; on CPU short self-attention (ViT's 197 tokens, CLIP's 50 or
+           77) runs XLA with the heads moved next to the batch first (`_heads_first_attention`), 1.5-1.8x
+           faster there than jax's lowering, which contracts over the (B, L, H, D) layout as it is.
 
 A model built with `attention_impl=...` passes it to every attention call through `kernel_for`, which
 runs masked calls (causal text) on XLA under 'tiled'.
@@ -99,8 +101,9 @@ def describe(implementation: str, backend: str | None = None) -> str:
     kernel = {
       'gpu': 'cuDNN for bfloat16/float16',
       'tpu': 'the Pallas TPU flash-attention kernel where lengths are multiples of 128',
-    }.get(backend, 'tiled for long unmasked sequences')
-    return f"attention 'auto' on {backend}: {kernel}, else XLA"
+      'cpu': 'tiled for long unmasked sequences, XLA with heads first for short self-attention',
+    }.get(backend)
+    return f"attention 'auto' on {backend}: {kernel}, else XLA" if kernel else f"attention 'auto' on {backend}: XLA"
   return f'attention {implementation!r} on {backend}'
 
 
@@ -133,7 +136,8 @@ def _cudnn_fits(q, k, v):
 
 
 def _resolve(implementation, q, k, v, *, mask=None, causal=False, backend=None):
-  """The kernel one call runs: 'xla', 'cudnn', 'tiled', 'flash' (the pure-JAX kernel) or 'pallas'."""
+  """The kernel one call runs: 'xla', 'cudnn', 'tiled', 'flash' (the pure-JAX kernel), 'pallas' or
+  'heads_first'."""
   backend = backend or jax.default_backend()
   masked = mask is not None or causal
   cudnn = backend == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16) and not masked and _cudnn_fits(q, k, v)
@@ -143,8 +147,10 @@ def _resolve(implementation, q, k, v, *, mask=None, causal=False, backend=None):
       return 'cudnn' if cudnn else 'xla'
     if backend == 'tpu' and long and _pallas_fits(q, k, v, mask is not None):
       return 'pallas'
-    if backend == 'cpu' and not masked and long:
-      return 'tiled'
+    if backend == 'cpu' and long:
+      return 'xla' if masked else 'tiled'
+    if backend == 'cpu' and q.shape[1:3] == k.shape[1:3]:  # self-attention; a decoder's KV cache stays as it is
+      return 'heads_first'
     return 'xla'
   if implementation == 'flash':
     if cudnn:
@@ -342,6 +348,21 @@ def _flash_attention(q, k, v, *, mask=None, causal=False, scale=None, block_q=No
   return _flash(q, k, v, mask, t)
 
 
+def _heads_first_attention(q, k, v, mask, causal, scale):
+  """jax.nn.dot_product_attention's XLA computation (float32 scores and softmax, masked scores at _MASKED)
+  with q, k, v transposed to (B, H, L, D) before the products: XLA:CPU then runs two plain batched matmuls
+  instead of contractions over the middle of (B, L, H, D), 1.5-1.8x faster for 50-200 tokens
+  (docs/performance.md, the scoring models)."""
+  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+  s = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
+  if causal:
+    s = jnp.where(jnp.tril(jnp.ones(s.shape[-2:], bool)), s, _MASKED)
+  if mask is not None:
+    s = jnp.where(mask, s, _MASKED)
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  return jnp.swapaxes(jnp.einsum('bhqk,bhkd->bhqd', p, v, preferred_element_type=jnp.float32), 1, 2)
+
+
 def _pallas_attention(q, k, v, causal, scale):
   from jax.experimental.pallas.ops.tpu import flash_attention as pallas
 
@@ -388,6 +409,8 @@ def dot_product_attention(
     out = _flash_attention(q, k, v, mask=mask, causal=causal, scale=scale)
   elif impl == 'pallas':
     out = _pallas_attention(q, k, v, causal, scale)
+  elif impl == 'heads_first':
+    out = _heads_first_attention(q, k, v, mask, causal, scale)
   else:
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, scale=scale, implementation=impl)
   return out.astype(out_dtype)

@@ -94,6 +94,17 @@ class Linear(nnx.Module):
     return checkpoint_name(y, WEIGHT_PRODUCT)
 
 
+def _patches(x, p: int):
+  """(B, H, W, C) -> (B, H // p, W // p, p * p * C): the non-overlapping p x p patches, each flattened in the
+  (row, column, channel) order of an HWIO kernel, so that a stride-p p x p convolution is one matmul (ViT
+  patch embeddings: 1.2-1.8x faster than XLA:CPU's convolution, docs/performance.md). A remainder that the patch
+  does not divide is dropped, as the strided convolution drops it."""
+  b, h, w, c = x.shape
+  x = x[:, : h - h % p, : w - w % p]
+  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // p, w // p, p * p * c)
+
+
 class Conv2d(nnx.Module):
   """NHWC convolution with an HWIO kernel; `padding` is symmetric, as in torch. `axes`: logical names of
   the (input, output) channels."""
@@ -131,6 +142,8 @@ class Conv2d(nnx.Module):
     kernel = self.kernel[...]
     if kernel.shape[0] == 1 and kernel.shape[1] == 1 and self.stride == 1 and self.padding == 0:
       y = matmul(x, kernel[0, 0], self.dtype)  # 1x1 conv is a matmul
+    elif kernel.shape[0] == kernel.shape[1] == self.stride and self.padding == 0:
+      y = matmul(_patches(x, self.stride), kernel.reshape(-1, kernel.shape[-1]), self.dtype)
     else:
       p = self.padding
       y = jax.lax.conv_general_dilated(
