@@ -55,7 +55,7 @@ def bench(name, args):
   from flax import nnx
 
   from jaxdream.models import load_clip_model, load_vit
-  from jaxdream.runtime import encoder_compiler_options
+  from jaxdream.runtime import compiler_options
 
   torch.manual_seed(0)
   tmodel = _torch_model(name)
@@ -65,9 +65,7 @@ def bench(name, args):
   method = 'cls_embedding' if name == 'dino' else 'get_image_features'
   graphdef, state = nnx.split(model)
   # Compiled as jaxdream.evaluation compiles them (on CPU: matmuls on XLA's kernels, not YNNPACK's).
-  fn = jax.jit(
-    lambda state, x: getattr(nnx.merge(graphdef, state), method)(x), compiler_options=encoder_compiler_options()
-  )
+  fn = jax.jit(lambda state, x: getattr(nnx.merge(graphdef, state), method)(x), compiler_options=compiler_options())
   x = np.random.default_rng(0).standard_normal((args.batch, 224, 224, 3)).astype(np.float32)
   xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
 

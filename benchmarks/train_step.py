@@ -8,12 +8,11 @@ jaxdream's steps run as the training loop runs them, each step's metrics read to
 step is dispatched (--metrics-lag 0: before, so that every step waits for the previous one); its s/step is
 the median time between two such reads. Each side also prints CPU seconds per step (all its threads).
 
-CPU (the reference measurements; sd15 needs a machine with more than 24 GB: at 256x256 torch peaks at
-16.3 GiB, and jaxdream's compiled step holds 11.1 GiB of arguments and 8.0 GiB of temporaries):
+CPU (the reference measurements; sd15 at 256 px fits the 24 GB machine, one side at a time):
   python benchmarks/train_step.py --preset tiny --threads 2 --steps 10 --rounds 2
-  python benchmarks/train_step.py --preset sd15 --resolution 256 --threads 2 --steps 1
-GPU (jaxdream bf16 compute vs torch fp16 autocast + GradScaler; untested so far):
-  python benchmarks/train_step.py --preset sd15 --device gpu --steps 20
+  python benchmarks/train_step.py --preset sd15 --resolution 256 --threads 2 --steps 2
+GPU (jaxdream bf16 compute vs torch fp16 autocast + GradScaler; README: the H200 run):
+  python benchmarks/train_step.py --preset sd15 --device gpu --steps 10 --remat none
 
 Both sides run the same random weights: the torch models are built from configs, saved with
 save_pretrained (diffusers folder with model_index.json, SD 1.5 scheduler, real CLIP tokenizer) and each
@@ -210,7 +209,7 @@ def _jax_side(args, folder):
 
   from jaxdream import load_pipeline
   from jaxdream.nn.attention import training_implementation
-  from jaxdream.runtime.compiler import low_memory_options
+  from jaxdream.runtime.compiler import compiler_options
   from jaxdream.schedulers import NoiseSchedule
   from jaxdream.training.params import make_optimizer, param_groups, split_models, split_trainable
   from jaxdream.training.step import StepFn, init_state
@@ -255,7 +254,9 @@ def _jax_side(args, folder):
   t0 = time.perf_counter()
   # compiled as a run's step is (training.step.jit_step): on CPU, XLA's memory-optimized scheduler
   compiled = (
-    jax.jit(fn, donate_argnums=(0,), compiler_options=low_memory_options()).lower(state, frozen, batch).compile()
+    jax.jit(fn, donate_argnums=(0,), compiler_options=compiler_options(c.compute_dtype, low_memory=True))
+    .lower(state, frozen, batch)
+    .compile()
   )
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()

@@ -259,19 +259,22 @@ def test_scores_agree_on_one_device_and_with_the_batch_split_over_an_8_device_me
   assert _compiles(clip8) == [1, 1] and _compiles(dino8) == [1]
 
 
-def test_encoder_compiler_options_take_cpu_matmuls_off_ynnpack_with_the_same_numbers():
-  """The scoring models compile with these options (jaxdream.evaluation, benchmarks/eval_scoring.py): on CPU
-  no matmul is left to a YNNPACK fusion, and the result is the default compilation's to float32 rounding."""
+def test_float32_programs_compile_their_cpu_matmuls_off_ynnpack_with_the_same_numbers():
+  """The scoring models (and every float32 program of jaxdream's: runtime.compiler) compile with these
+  options: on CPU no float32 matmul is left to a YNNPACK fusion, and the result is the default compilation's
+  to float32 rounding; bfloat16 programs keep YNNPACK's kernels, other backends their defaults."""
   import jax
+  import jax.numpy as jnp
 
-  from jaxdream.runtime import encoder_compiler_options
+  from jaxdream.runtime import compiler_options
 
   rng = np.random.default_rng(0)
   x, w = rng.standard_normal((64, 96), np.float32), rng.standard_normal((96, 128), np.float32)
   f = lambda x, w: jax.nn.gelu(x @ w)
   default = jax.jit(f).lower(x, w).compile()
-  encoder = jax.jit(f, compiler_options=encoder_compiler_options()).lower(x, w).compile()
+  encoder = jax.jit(f, compiler_options=compiler_options(jnp.float32)).lower(x, w).compile()
   if jax.default_backend() == 'cpu':
     assert 'ynn_fusion' in default.as_text() and 'ynn_fusion' not in encoder.as_text()
+    assert compiler_options(jnp.bfloat16) is None
   assert rel_err(encoder(x, w), default(x, w)) <= 1e-6
-  assert encoder_compiler_options('gpu') is None and encoder_compiler_options('tpu') is None
+  assert compiler_options(jnp.float32, backend='gpu') is None and compiler_options(backend='tpu') is None

@@ -30,7 +30,7 @@ from jaxdream.distributed.sharding import split_batch
 from jaxdream.evaluation.preprocess import ClipTransform, DinoTransform
 from jaxdream.io.tokenizer import load_tokenizer, tokenize
 from jaxdream.models import load_clip_model, load_vit
-from jaxdream.runtime import CompileCache, encoder_compiler_options
+from jaxdream.runtime import CompileCache, compiler_options
 from jaxdream.runtime.compile_cache import Structure
 
 _TOKENIZER_FILES = ('vocab.json', 'tokenizer.json')
@@ -88,7 +88,7 @@ def _embed(scorer: Scorer, method: str, items: list, prepare, progress=None, mes
 
   def build():
     embed = lambda state, x: getattr(nnx.merge(graphdef, state), method)(x).astype(jnp.float32)
-    return jax.jit(embed, compiler_options=encoder_compiler_options())
+    return jax.jit(embed, compiler_options=compiler_options(getattr(scorer.model, 'dtype', jnp.float32)))
 
   fn = scorer.compile_cache.get((method, Structure(graphdef), mesh), build)
   b = -(-min(scorer.batch_size, n) // pieces) * pieces  # a multiple of the mesh's batch pieces

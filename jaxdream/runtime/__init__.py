@@ -2,4 +2,5 @@
 and the registry through which shared compiled code reaches each caller's own callbacks."""
 
 from jaxdream.runtime.callbacks import CallbackRegistry
-from jaxdream.runtime.compile_cache import CompileCache, Structure, compiled, encoder_compiler_options
+from jaxdream.runtime.compile_cache import CompileCache, Structure, compiled
+from jaxdream.runtime.compiler import compiler_options

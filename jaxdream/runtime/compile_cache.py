@@ -61,31 +61,23 @@ class Structure:
     return isinstance(other, Structure) and self.graphdef == other.graphdef
 
 
-# XLA:CPU runs matmuls as YNNPACK fusions by default. At the shapes of the DreamBench scoring models (ViT-S/16,
-# ViT-B/32: 1,600-6,304 tokens by 384-3,072 features) its matmuls took 1.3-1.4x the CPU time of XLA's own
-# kernels and of torch's, and DINO ViT-S/16 as a whole 1.17x (docs/performance.md); '' turns the fusions off.
-_ENCODER_CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
-
-
-def encoder_compiler_options(backend: str | None = None) -> dict | None:
-  """`jax.jit(..., compiler_options=...)` for a transformer encoder's forward pass (the scoring models'
-  towers): on CPU, matmuls on XLA's own kernels instead of YNNPACK's (the same numbers to float32 rounding);
-  None (the defaults) elsewhere. Measured on the scoring models only, so only their jits ask for it."""
-  import jax
-
-  return dict(_ENCODER_CPU_OPTIONS) if (backend or jax.default_backend()) == 'cpu' else None
-
-
 def compiled(model, fn, **static):
   """`fn(model, *arrays, **static)` jitted, called as `compiled(model, fn, **static)(*arrays)`. The model's
   parameters are an argument of the compiled function, not constants baked into it; the function is cached
   in `model.compile_cache` per `fn`, static settings and graph structure (quantizing a model in place changes
   its structure, so it compiles anew)."""
   import jax
+  import jax.numpy as jnp
+
+  from jaxdream.runtime.compiler import compiler_options
 
   graphdef, state = nnx.split(model)
   key = (fn, tuple(sorted(static.items())), Structure(graphdef))
   jitted = model.compile_cache.get(
-    key, lambda: jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args, **static))
+    key,
+    lambda: jax.jit(
+      lambda state, *args: fn(nnx.merge(graphdef, state), *args, **static),
+      compiler_options=compiler_options(getattr(model, 'dtype', jnp.float32)),
+    ),
   )
   return lambda *args: jitted(state, *args)

@@ -1,11 +1,15 @@
-"""Options for XLA's compiler, chosen per backend.
+"""Options for XLA's compiler, chosen per backend and compute dtype: `jax.jit(..., compiler_options=
+compiler_options(dtype, low_memory=...))`. Only XLA:CPU gets any; TPU and GPU compile with their defaults.
 
-XLA:CPU schedules a program's instructions for concurrency by default, which keeps many large temporaries
-alive at once: a training step's activations and recomputed blocks overlap, and remat saves nothing. Its
-memory-optimized scheduler orders the same instructions to keep the fewest bytes alive. Measured on
-jaxdream's DreamBooth step (docs/performance.md): SD 1.5 at 256 px, float32, one device, temporaries
-9.34 -> 5.79 GiB; the tiny model's step got faster, not slower. Other backends schedule for memory
-already (TPU, GPU), so the option is CPU-only.
+Two XLA:CPU defaults cost jaxdream's programs time or memory (docs/performance.md has the measurements):
+- Matmuls and convolutions run as YNNPACK fusions. In float32 XLA's own kernels are faster at jaxdream's
+  shapes: the scoring models' matmuls took 1.3-1.4x the CPU time with YNNPACK, SDXL's 1280-channel 3x3
+  convolutions 1.8x, a decode step's matrix-vector products 1.5x, the SD 1.5 UNet forward 1.1x. In bfloat16
+  YNNPACK is 2-3x faster (it has bf16 kernels; XLA's own convert to float32), so bfloat16 programs keep it.
+- Instructions are scheduled for concurrency, which keeps many large temporaries alive at once. The
+  memory-optimized scheduler orders the same instructions to keep the fewest bytes alive: SD 1.5's training
+  step at 256 px, float32, one device, 9.34 -> 5.79 GiB of temporaries; the tiny model's step got faster,
+  not slower. Training steps ask for it (`low_memory=True`).
 """
 
 from __future__ import annotations
@@ -13,25 +17,35 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
+_CPU_XLA_KERNELS = {'xla_cpu_experimental_ynn_fusion_type': ''}  # '': no YNNPACK fusion of any kind
 _CPU_MEMORY_SCHEDULER = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
 
 
 @functools.cache
 def _accepted(backend: str, options: tuple) -> bool:
-  """Whether this jaxlib's compiler knows `options` (an XLA without the flag fails the compile)."""
+  """Whether this jaxlib's compiler knows `options` (an XLA without these flags fails the compile; they are
+  experimental and may go)."""
   try:
     jax.jit(lambda x: x + 1, backend=backend, compiler_options=dict(options)).lower(1.0).compile()
-  except Exception:  # noqa: BLE001 - any refusal means: compile without the options
+  except Exception:  # noqa: BLE001 - any refusal means: compile without them
     return False
   return True
 
 
-def low_memory_options(backend: str | None = None) -> dict:
-  """`jax.jit(..., compiler_options=...)` for a program whose peak memory matters more than its
-  instruction-level concurrency (training steps): XLA:CPU's memory-optimized scheduler on CPU, nothing
-  elsewhere."""
+def compiler_options(dtype=jnp.float32, *, low_memory: bool = False, backend: str | None = None) -> dict | None:
+  """The options for a program computing in `dtype` (its models' compute dtype) on `backend` (default: jax's
+  default backend): on CPU, XLA's own matmul/convolution kernels for float32 programs and, with
+  `low_memory`, the memory-optimized scheduler; None (the defaults) elsewhere."""
   backend = backend or jax.default_backend()
-  if backend != 'cpu' or not _accepted(backend, tuple(_CPU_MEMORY_SCHEDULER.items())):
-    return {}
-  return dict(_CPU_MEMORY_SCHEDULER)
+  if backend != 'cpu':
+    return None
+  options = {}
+  if jnp.dtype(dtype) == jnp.float32:
+    options.update(_CPU_XLA_KERNELS)
+  if low_memory:
+    options.update(_CPU_MEMORY_SCHEDULER)
+  if not options or not _accepted(backend, tuple(sorted(options.items()))):
+    return None
+  return options

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from jaxdream.distributed.sharding import batch_sharding, logical_axes, param_shardings, state_shardings
 from jaxdream.nn.attention import describe, training_implementation
 from jaxdream.nn.remat import set_training_mode
-from jaxdream.runtime.compiler import low_memory_options
+from jaxdream.runtime.compiler import compiler_options
 from jaxdream.schedulers import NoiseSchedule
 from jaxdream.training.params import unflatten
 
@@ -233,15 +233,16 @@ def step_shardings(pipeline, trainable, frozen, tx, mesh, config):
   return state_sh, param_shardings(frozen, axes, mesh, rules, min_size), batch_sharding(mesh)
 
 
-def jit_step(step_fn, shardings, mesh):
-  """The step under jax.jit with in/out shardings; the old state's buffers are donated."""
+def jit_step(step_fn, shardings, mesh, compute_dtype='float32'):
+  """The step under jax.jit with in/out shardings; the old state's buffers are donated. Compiled for memory
+  (runtime.compiler) with the options of its compute dtype."""
   state_sh, frozen_sh, batch_sh = shardings
   return jax.jit(
     step_fn,
     in_shardings=(state_sh, frozen_sh, batch_sh),
     out_shardings=(state_sh, NamedSharding(mesh, P())),
     donate_argnums=(0,),
-    compiler_options=low_memory_options(mesh.devices.flat[0].platform),
+    compiler_options=compiler_options(compute_dtype, low_memory=True, backend=mesh.devices.flat[0].platform),
   )
 
 
@@ -251,4 +252,4 @@ def _place(step_fn, pipeline, trainable, frozen, tx, mesh, config):
   state_sh, frozen_sh, batch_sh = shardings
   trainable_sh = {k: state_sh['trainable'][k] for k in trainable}
   state = jax.jit(_state_maker(tx, config), out_shardings=state_sh)(jax.device_put(trainable, trainable_sh))
-  return state, jax.device_put(frozen, frozen_sh), jit_step(step_fn, shardings, mesh), batch_sh
+  return state, jax.device_put(frozen, frozen_sh), jit_step(step_fn, shardings, mesh, config.compute_dtype), batch_sh

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdream.distributed.sharding import BATCH_AXES
 from jaxdream.nn.adapters import LoRAParam
-from jaxdream.runtime.compiler import low_memory_options
+from jaxdream.runtime.compiler import compiler_options
 from jaxdream.training.data import make_iterator
 from jaxdream.training.params import flatten
 from jaxdream.training.step import init_state, step_shardings
@@ -180,7 +180,7 @@ def subject_step(step_fn):
   return jax.vmap(step_fn, in_axes=(0, None, 0))
 
 
-def jit_subject_step(step_fn, shardings, mesh):
+def jit_subject_step(step_fn, shardings, mesh, compute_dtype='float32'):
   """subject_step under jax.jit with in/out shardings; the old state's buffers are donated."""
   state_sh, frozen_sh, batch_sh = shardings
   return jax.jit(
@@ -188,5 +188,5 @@ def jit_subject_step(step_fn, shardings, mesh):
     in_shardings=(state_sh, frozen_sh, batch_sh),
     out_shardings=(state_sh, NamedSharding(mesh, P())),
     donate_argnums=(0,),
-    compiler_options=low_memory_options(mesh.devices.flat[0].platform),
+    compiler_options=compiler_options(compute_dtype, low_memory=True, backend=mesh.devices.flat[0].platform),
   )
