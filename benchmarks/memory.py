@@ -56,13 +56,10 @@ Temporaries follow the examples per device, plus gradient-sized buffers, which a
 device of a pure data-parallel mesh and sharded like the parameters under FSDP. The script works for
 any --devices count; more simulated devices make compiling slower.
 
-Measured (jax 0.10.2, bfloat16, 1 example per device, GiB per device): sd15 512 px 26.7 on 8,1,1 down
-to 11.9 on 1,8,1 (arguments 11.1 -> 1.4, temporaries 15.4 -> 10.5), each further example per device
-+8.2 (temporaries 23.6 with 2 on 8,1,1); sd21 768 px 47.3 on 8,1,1, 30.4 on 1,8,1 (temporaries 33.5
-and 28.7).
-Those were with --attention xla. With the training defaults ('flash', remat none) sd15 512 px on 8,1,1
-is 19.94 GiB per device (temporaries 8.64), and the same with --remat full: at this size the peak is not
-the kept activations (docs/performance.md; on the tiny model remat halves the temporaries).
+Measured (jax 0.10.2, bfloat16, the training defaults, 2026-11-30, GiB per device): sd15 512 px 16.94 on
+8,1,1 (arguments 11.11, temporaries 5.65), +0.96 per further example per device, 3.40 on 1,8,1 (5.11 with 2
+examples per device); sd21 768 px 20.83 on 8,1,1, 6.10 on 1,8,1. With --attention xla and XLA:CPU's
+default scheduler (before runtime/compiler.py) sd15 was 26.7 and sd21 47.3 on 8,1,1 (README).
 
 Compiling one step on CPU takes 2-6 minutes and up to 5 GB of host memory; XLA prints "Very slow
 compile?" meanwhile and, on FSDP meshes, SPMD "Involuntary full rematerialization" warnings (which
