@@ -78,7 +78,10 @@ BENCHMARKS = (
   Benchmark(
     'train_step',
     'train_step.py',
-    full=(('--preset', 'tiny', *_T, '--steps', '10'),),
+    full=(
+      ('--preset', 'tiny', *_T, '--steps', '10'),
+      ('--preset', 'sd15', '--resolution', '256', *_T, '--steps', '2'),  # each side alone: 15-16 GB
+    ),
     quick=(('--preset', 'tiny', *_T, '--steps', '3'),),
     repeats='--rounds',  # each round runs each side in a fresh process
   ),
@@ -100,6 +103,12 @@ BENCHMARKS = (
     'eval_scoring.py',
     full=(('--models', 'dino', 'clip', '--batch', '32', *_T),),
     quick=(('--models', 'dino', '--batch', '4', *_T),),
+  ),
+  Benchmark(
+    'kernels',  # the single ops the model rows come down to
+    'kernels.py',
+    full=(_T,),
+    quick=(('--kernels', 'conv320', 'gemv_f32', *_T),),
   ),
   Benchmark(
     'kosmos2_generate',
