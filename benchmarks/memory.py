@@ -1,5 +1,5 @@
-"""Per-device memory of the DreamBooth training step by mesh shape and batch size, for SD 1.5 (512 px)
-and SD 2.1 (768 px), read from the compiled step: no weight is ever made and no step runs.
+"""Per-device memory of the DreamBooth training step by mesh shape and batch size, for SD 1.5 (512 px),
+SD 2.1 (768 px) and SDXL base (1024 px), read from the compiled step: no weight is ever made and no step runs.
 
 The step is the one `jaxdream train` runs (built with the same functions: split_models, param_groups,
 split_trainable, make_optimizer, StepFn, step_shardings, jit_step): UNet and text encoder trained with
@@ -20,10 +20,19 @@ keeps them on the device).
   python benchmarks/memory.py --models sd15 --meshes 8,1,1 --attention xla --remat blocks   # compare kernels, remat
   python benchmarks/memory.py --models sd15 --lora-rank 4 --meshes 8,1,1 --batch 2            # LoRA, one subject
   python benchmarks/memory.py --models sd15 --lora-rank 4 --subjects 64 --meshes 8,1,1 --batch 16
+  python benchmarks/memory.py --models sdxl --freeze-text-encoder --remat blocks --meshes 1,8,1  # dreambooth_sdxl.py
+  python benchmarks/memory.py --models sdxl --lora-rank 4 --freeze-text-encoder --meshes 8,1,1  # lora_sdxl.py
+
+SDXL (--models sdxl): the published base's UNet (2,567,463,684 parameters, checked), both text encoders (CLIP ViT-L
+and OpenCLIP bigG with its projection), the SDXL VAE and scheduler, conditioned as load_pipeline conditions an SDXL
+folder; each example carries its token ids for both encoders and its six time ids, as the data pipeline gives them.
+Its configs train the UNet only (train.train_text_encoder=False: --freeze-text-encoder), dreambooth_sdxl.py with
+train.remat='blocks', lora_sdxl.py with 'none' (its 4 accumulation steps add one adapter-sized buffer, not measured).
 
 LoRA mode (--lora-rank R): rank-R adapters on the UNet's attention projections (to_q, to_k, to_v,
-to_out.0, as diffusers' train_dreambooth_lora.py) and, unless --freeze-text-encoder, the text encoder's
-(q_proj, k_proj, v_proj, out_proj); only the adapters are trained, the whole base is frozen. With
+to_out.0, as diffusers' train_dreambooth_lora.py) and, unless --freeze-text-encoder, every text encoder's
+(q_proj, k_proj, v_proj, out_proj), added as a run adds them (training.lora.lora_plan, add_adapters); only the
+adapters are trained, the whole base is frozen. With
 --subjects N the step is jaxdream.training.subjects' per-subject one (the single-subject step vmapped
 over N subjects, one adapter, optimizer state and EMA each): the global batch (--batch x data x fsdp
 examples) is split evenly over the subjects, and the subject axis over the mesh's batch axes.
