@@ -143,7 +143,7 @@ def load_pipeline(
 class ModelSpec:
   """What load_pipeline loads, read from configs (and a single file's key names and shapes) alone: no model is
   built and no weights are read, a single file's tensors being memory-mapped. `configs`: each component's config
-  (all resolved: checked); `index`: model_index.json's entries (a single file's: those of the published model of its
+  as the folder (or the presets) has it, all checked; `index`: model_index.json's entries (a single file's: those of the published model of its
   type, or of `config_dir`'s); `model_type`: a single file's type as diffusers names it ('v1', 'v2', 'inpainting',
   'xl_base', 'xl_refiner', ...; None for a folder)."""
 
