@@ -467,3 +467,36 @@ def test_a_single_file_samples_as_its_folder_and_inspect_describes_it(files, tmp
     sample('--model', files['model'], *args, '--refiner-config-dir', files['model'], '--out', tmp_path / 'bad') == 2
   )
   assert '--refiner-config-dir needs --refiner' in capsys.readouterr().err
+
+
+def test_sdxl_base_and_refiner_files_are_recognised_and_planned_from_their_keys_alone(tmp_path, capsys):
+  """`--model BASE_FILE --refiner REFINER_FILE`: both files' types come from their key names (presets' configs: 1024
+  px), the refiner's options reach its load; no weight is read (these files hold one tensor each)."""
+  import json
+
+  from jaxdream.cli.main import build_parser
+  from jaxdream.cli.sample import _plan
+
+  unet = {'model.diffusion_model.input_blocks.0.0.weight': np.zeros((320, 4, 3, 3), np.float16)}
+  base, refiner = str(tmp_path / 'base.safetensors'), str(tmp_path / 'refiner.safetensors')
+  write_safetensors(base, {**unet, 'conditioner.embedders.1.model.ln_final.weight': np.zeros(1280, np.float16)})
+  write_safetensors(refiner, {**unet, 'conditioner.embedders.0.model.ln_final.weight': np.zeros(1280, np.float16)})
+
+  def plan(*argv):
+    return _plan(build_parser().parse_args(['sample', '--prompt', PROMPT, '--out', str(tmp_path / 'o'), *argv]))
+
+  p = plan('--model', base, '--refiner', refiner, '--refiner-start', '0.7', '--refiner-prediction-type', 'v_prediction')
+  assert p.refiner == (refiner, 0.7) and p.size == (1024, 1024)
+  assert p.options == dict(config_dir=None, prediction_type=None, extract_ema=False)
+  assert p.refiner_options == dict(config_dir=None, prediction_type='v_prediction', extract_ema=False)
+  with pytest.raises(ValueError, match='must be an SDXL refiner'):
+    plan('--model', base, '--refiner', base)
+  assert main(['inspect', refiner]) == 0
+  info = json.loads(capsys.readouterr().out)
+  assert (info['kind'], info['pipeline_class'], info['unet'], info['text_encoder_2']) == (
+    'SDXL refiner',
+    'StableDiffusionXLImg2ImgPipeline',
+    320 * 4 * 9,
+    1280,
+  )
+  assert info['dtype']['unet'] == 'float16' and info['default_size'] == [1024, 1024]
