@@ -1,6 +1,6 @@
 """The options with which a command loads a model that may be a single-file checkpoint (original CompVis/Stability
 layout, .safetensors) instead of a diffusers folder: defined once for every command that takes one (`convert`,
-`inspect`, `sample` and its `--refiner`), read back as load_pipeline's keyword arguments."""
+`inspect`, `sample` and its `--refiner`, `eval dreambench`), read back as load_pipeline's keyword arguments."""
 
 from __future__ import annotations
 
