@@ -1,5 +1,5 @@
-"""Per-device memory of the DreamBooth training step by mesh shape and batch size, for SD 1.5 (512 px)
-and SD 2.1 (768 px), read from the compiled step: no weight is ever made and no step runs.
+"""Per-device memory of the DreamBooth training step by mesh shape and batch size, for SD 1.5 (512 px),
+SD 2.1 (768 px) and SDXL base (1024 px), read from the compiled step: no weight is ever made and no step runs.
 
 The step is the one `jaxdream train` runs (built with the same functions: split_models, param_groups,
 split_trainable, make_optimizer, StepFn, step_shardings, jit_step): UNet and text encoder trained with
@@ -20,10 +20,19 @@ keeps them on the device).
   python benchmarks/memory.py --models sd15 --meshes 8,1,1 --attention xla --remat blocks   # compare kernels, remat
   python benchmarks/memory.py --models sd15 --lora-rank 4 --meshes 8,1,1 --batch 2            # LoRA, one subject
   python benchmarks/memory.py --models sd15 --lora-rank 4 --subjects 64 --meshes 8,1,1 --batch 16
+  python benchmarks/memory.py --models sdxl --freeze-text-encoder --remat blocks --meshes 1,8,1  # dreambooth_sdxl.py
+  python benchmarks/memory.py --models sdxl --lora-rank 4 --freeze-text-encoder --meshes 8,1,1  # lora_sdxl.py
+
+SDXL (--models sdxl): the published base's UNet (2,567,463,684 parameters, checked), both text encoders (CLIP ViT-L
+and OpenCLIP bigG with its projection), the SDXL VAE and scheduler, conditioned as load_pipeline conditions an SDXL
+folder; each example carries its token ids for both encoders and its six time ids, as the data pipeline gives them.
+Its configs train the UNet only (train.train_text_encoder=False: --freeze-text-encoder), dreambooth_sdxl.py with
+train.remat='blocks', lora_sdxl.py with 'none' (its 4 accumulation steps add one adapter-sized buffer, not measured).
 
 LoRA mode (--lora-rank R): rank-R adapters on the UNet's attention projections (to_q, to_k, to_v,
-to_out.0, as diffusers' train_dreambooth_lora.py) and, unless --freeze-text-encoder, the text encoder's
-(q_proj, k_proj, v_proj, out_proj); only the adapters are trained, the whole base is frozen. With
+to_out.0, as diffusers' train_dreambooth_lora.py) and, unless --freeze-text-encoder, every text encoder's
+(q_proj, k_proj, v_proj, out_proj), added as a run adds them (training.lora.lora_plan, add_adapters); only the
+adapters are trained, the whole base is frozen. With
 --subjects N the step is jaxdream.training.subjects' per-subject one (the single-subject step vmapped
 over N subjects, one adapter, optimizer state and EMA each): the global batch (--batch x data x fsdp
 examples) is split evenly over the subjects, and the subject axis over the mesh's batch axes.
@@ -81,7 +90,9 @@ import types
 
 GIB = 2**30
 AXES = ('data', 'fsdp', 'tensor')
-RESOLUTIONS = {'sd15': 512, 'sd21': 768, 'tiny': 64}
+RESOLUTIONS = {'sd15': 512, 'sd21': 768, 'sdxl': 1024, 'tiny': 64}
+# The published UNets' parameter counts (diffusers' configs): the abstract models are checked against them.
+UNET_PARAMETERS = {'sd15': 859_520_964, 'sdxl': 2_567_463_684}
 FSDP_EXTRAPOLATION = (1, 8, 16, 32, 64, 256)  # fsdp sizes of the analytic per-device state line
 
 
@@ -100,11 +111,12 @@ def _parse(argv=None):
   p.add_argument(
     '--models',
     nargs='+',
-    choices=['sd15', 'sd21', 'tiny'],
+    choices=['sd15', 'sd21', 'sdxl', 'tiny'],
     default=['sd15', 'sd21'],
-    help="'tiny' is the quickstart's miniature model, for a quick check of the script",
+    help="sdxl: SDXL base 1.0 (both text encoders, time ids per example); 'tiny' is the quickstart's miniature "
+    'model, for a quick check of the script',
   )
-  p.add_argument('--resolution', type=int, help='image size for every model (default: sd15 512, sd21 768)')
+  p.add_argument('--resolution', type=int, help='image size for every model (default: sd15 512, sd21 768, sdxl 1024)')
   p.add_argument('--devices', type=int, default=8, help='simulated CPU devices')
   p.add_argument(
     '--meshes',
@@ -119,7 +131,7 @@ def _parse(argv=None):
     help='cached latents (train.cache_latents): no VAE encode in the step; with '
     '--freeze-text-encoder the text embeddings are cached too',
   )
-  p.add_argument('--freeze-text-encoder', action='store_true', help='train the UNet only')
+  p.add_argument('--freeze-text-encoder', action='store_true', help='train the UNet only (no text encoder of SDXL)')
   p.add_argument('--dtype', choices=['bfloat16', 'float32'], default='bfloat16', help='compute dtype')
   p.add_argument(
     '--attention',
@@ -179,35 +191,65 @@ def _nbytes(shape, dtype) -> int:
 
 def _scheduler_config(model):
   from jaxdream.diffusion.tiny_model import SD15_SCHEDULER
+  from jaxdream.models import presets
 
+  if model == 'sdxl':
+    return dict(presets.SDXL_SCHEDULER)
   # SD 2.1 (768 px) was trained with v-prediction on the same beta schedule.
   return dict(SD15_SCHEDULER, prediction_type='v_prediction') if model == 'sd21' else dict(SD15_SCHEDULER)
 
 
-def _pipeline(model, dtype, attention):
-  """The model's pipeline with shape-only parameters (nothing allocated)."""
+def _component_configs(model) -> dict:
+  """{component: config} of the model, as its diffusers folder has them."""
   from jaxdream.diffusion import tiny_model
-  from jaxdream.diffusion.pipeline import Pipeline
-  from jaxdream.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel, abstract_model, presets
+  from jaxdream.models import presets, single_file
 
-  configs = {
-    'sd15': (presets.SD15_UNET, presets.SD15_TEXT_ENCODER, presets.SD_VAE),
-    'sd21': (presets.SD21_UNET, presets.SD21_TEXT_ENCODER, presets.SD_VAE),
-    'tiny': (tiny_model.TINY_UNET, tiny_model.TINY_TEXT_ENCODER, tiny_model.TINY_VAE),
-  }[model]
-  built = [
-    abstract_model(lambda rngs, cls=cls, cfg=cfg: cls(cfg, dtype=dtype, attention_impl=attention, rngs=rngs))
-    for cls, cfg in zip((UNet2DConditionModel, CLIPTextModel, AutoencoderKL), configs)
-  ]
+  if model == 'sdxl':  # the published SDXL base's, as a single file of it loads
+    return dict(single_file.PRESETS['xl_base'])
+  return dict(
+    zip(
+      ('unet', 'text_encoder', 'vae'),
+      {
+        'sd15': (presets.SD15_UNET, presets.SD15_TEXT_ENCODER, presets.SD_VAE),
+        'sd21': (presets.SD21_UNET, presets.SD21_TEXT_ENCODER, presets.SD_VAE),
+        'tiny': (tiny_model.TINY_UNET, tiny_model.TINY_TEXT_ENCODER, tiny_model.TINY_VAE),
+      }[model],
+    )
+  )
+
+
+def _pipeline(model, dtype, attention):
+  """The model's pipeline with shape-only parameters (nothing allocated), conditioned as a loaded one is (SDXL:
+  both encoders' prompt embedding and the time ids, as load_pipeline makes it from model_index.json)."""
+  from jaxdream.diffusion import sdxl
+  from jaxdream.diffusion.pipeline import SINGLE_FILE_CLASSES, Pipeline
+  from jaxdream.models import abstract_model
+
+  components = {
+    name: abstract_model(
+      lambda rngs, cls=SINGLE_FILE_CLASSES[name], cfg=cfg: cls(cfg, dtype=dtype, attention_impl=attention, rngs=rngs)
+    )
+    for name, cfg in _component_configs(model).items()
+  }
+  conditioning = {}
+  if model == 'sdxl':
+    conditioning = dict(
+      encode_prompt=sdxl.encode_prompt,
+      micro_conditioning=sdxl.size_time_ids,
+      force_zeros_for_empty_prompt=True,
+      pipeline_class='StableDiffusionXLPipeline',
+    )
   return Pipeline(
-    components=dict(zip(('unet', 'text_encoder', 'vae'), built)),
+    components=components,
     tokenizers={},
     scheduler_config=_scheduler_config(model),
+    path=f'{model} (built from its published configs)',
+    **conditioning,
   )
 
 
 def _run_config(args, resolution):
-  """The run config a real run would have (base_config with the text encoder trained)."""
+  """The run config a real run would have (base_config with the text encoder(s) trained, or LoRA adapters)."""
   from jaxdream.distributed.sharding import TENSOR_RULES
   from jaxdream.training.config import base_config
 
@@ -219,22 +261,18 @@ def _run_config(args, resolution):
   c.train.train_text_encoder = not args.freeze_text_encoder
   c.train.cache_latents = args.cached
   c.train.cache_text_embeddings = args.cached and args.freeze_text_encoder
+  # LoRA: the config's targets (diffusers' train_dreambooth_lora*.py: the UNet's to_q, to_k, to_v, to_out.0, every
+  # text encoder's q_proj, k_proj, v_proj, out_proj), only the adapters trained.
+  c.lora.rank = args.lora_rank
+  c.lora.text_encoder = bool(args.lora_rank) and not args.freeze_text_encoder
+  c.lora.per_subject = args.subjects > 1
   if args.tensor_rules:
     c.mesh.rules = TENSOR_RULES
   return c
 
 
-def _add_lora(pipeline, rank: int, text_encoder: bool):
-  """Rank-`rank` adapters on the UNet's attention (and the text encoder's) projections, as diffusers'
-  train_dreambooth_lora.py targets them; their init values are real (small), the base stays shape-only."""
-  import jax
-
-  from jaxdream.nn.adapters import add_lora
-
-  key = jax.random.key(0)
-  add_lora(pipeline.unet, targets=('to_q', 'to_k', 'to_v', 'to_out.0'), rank=rank, key=key)
-  if text_encoder:
-    add_lora(pipeline.text_encoder, targets=('q_proj', 'k_proj', 'v_proj', 'out_proj'), rank=rank, key=key)
+def _text_encoders(pipeline) -> list[str]:
+  return [name for name in pipeline.components if name.startswith('text_encoder')]
 
 
 class Setup:
@@ -243,7 +281,11 @@ class Setup:
   def __init__(self, model, args):
     import jax
     import jax.numpy as jnp
+    from flax import nnx
 
+    from jaxdream.training.config import RunConfigError
+    from jaxdream.training.inputs import check_trainable
+    from jaxdream.training.lora import adapter_key, add_adapters, lora_plan
     from jaxdream.training.params import make_optimizer, param_groups, split_models, split_trainable
 
     self.model = model
@@ -255,19 +297,24 @@ class Setup:
       raise SystemExit(
         f'--resolution {self.resolution} is not a multiple of the VAE factor {self.pipeline.vae_scale_factor}'
       )
+    try:  # what a run refuses before compiling (an SDXL per-subject run)
+      check_trainable(self.pipeline, per_subject=self.config.lora.per_subject)
+    except RunConfigError as e:
+      raise SystemExit(str(e)) from None
+    self.base_parameters = {
+      m: sum(int(x.size) for x in jax.tree.leaves(nnx.state(c, nnx.Param))) for m, c in self.pipeline.components.items()
+    }
+    expected = UNET_PARAMETERS.get(model)
+    if expected and self.base_parameters['unet'] != expected:
+      raise SystemExit(
+        f'{model} UNet: {self.base_parameters["unet"]:,} parameters, the published model has {expected:,}'
+      )
     self.lora_rank, self.subjects = args.lora_rank, args.subjects
-    if self.lora_rank:
-      _add_lora(self.pipeline, self.lora_rank, not args.freeze_text_encoder)
+    if self.lora_rank:  # as a run adds them (the adapters' init values are real and small; the base stays abstract)
+      add_adapters(self.pipeline, lora_plan(self.pipeline, self.config), adapter_key(self.config.seed))
     self.graphdefs, self.templates, flat = split_models(self.pipeline)
-    self.groups = param_groups(self.config)
-    if self.lora_rank:  # the adapters are trained, the whole base is frozen
-      from jaxdream.training.subjects import split_adapters
-
-      adapters, base = split_adapters(flat)
-      self.trainable, _, self.labels = split_trainable(adapters, self.groups)
-      self.frozen = base
-    else:
-      self.trainable, self.frozen, self.labels = split_trainable(flat, self.groups)
+    self.groups = param_groups(self.config)  # LoRA: the adapters only, the whole base is frozen
+    self.trainable, self.frozen, self.labels = split_trainable(flat, self.groups)
     self.tx = make_optimizer(self.config, self.groups, self.labels)
     self.opt_state = jax.eval_shape(self.tx.init, self.trainable)
 
@@ -278,7 +325,8 @@ class Setup:
     count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
     size = lambda tree: sum(_nbytes(x.shape, x.dtype) for x in jax.tree.leaves(tree))
     by_model = {
-      m: count({k: v for k, v in self.trainable.items() if k.startswith(m + '/')}) for m in ('unet', 'text_encoder')
+      m: count({k: v for k, v in self.trainable.items() if k.startswith(m + '/')})
+      for m in ('unet', *_text_encoders(self.pipeline))
     }
     return dict(
       trainable_params=count(self.trainable),
@@ -330,8 +378,12 @@ def _per_device(tree) -> int:
 
 def _batch(s: Setup, examples: int, cached: bool) -> dict:
   """Abstract arrays of one step's batch, as train()'s _next_batch assembles it; with several subjects,
-  (subjects, examples per subject, ...) as the per-subject step takes it."""
+  (subjects, examples per subject, ...) as the per-subject step takes it. Token ids per text encoder, the
+  prompt conditioning (context and extra UNet inputs) when cached, and the model's micro-conditioning per
+  example (SDXL's time ids: data.make_iterator's)."""
+  import jax
   import jax.numpy as jnp
+  import numpy as np
 
   n = (examples,) if s.subjects == 1 else (s.subjects, examples // s.subjects)
   r, f = s.resolution, s.pipeline.vae_scale_factor
@@ -340,12 +392,39 @@ def _batch(s: Setup, examples: int, cached: bool) -> dict:
     batch = {'latent_mean': (latent, jnp.float32), 'latent_std': (latent, jnp.float32)}
   else:
     batch = {'pixels': ((*n, r, r, 3), jnp.float32)}
-  if s.config.train.cache_text_embeddings:
-    dim = s.pipeline.unet.config['cross_attention_dim']
-    batch['context'] = ((*n, 77, dim), jnp.float32)
+  ids = {name: ((*n, 77), jnp.int32) for name in _text_encoders(s.pipeline)}
+  if s.config.train.cache_text_embeddings:  # what _cache_text_embeddings stores: encode_prompt's outputs
+    batch.update(jax.tree.map(lambda x: (x.shape, x.dtype), _encoded_shapes(s, examples)))
   else:
-    batch['input_ids'] = {'text_encoder': ((*n, 77), jnp.int32)}
+    batch['input_ids'] = ids
+  micro = s.pipeline.micro_conditioning(r, r)  # {} for SD 1.x/2.x
+  if micro:
+    batch['micro_conditioning'] = {k: ((*n, *np.shape(v)), np.asarray(v).dtype) for k, v in micro.items()}
   return batch
+
+
+def _encoded_shapes(s: Setup, examples: int) -> dict:
+  """{'context': ..., 'extra': {...}} of `examples` prompts: the shapes of the pipeline's encode_prompt, as
+  training.inputs._cache_text_embeddings stores them."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from jaxdream.training.params import unflatten
+
+  ids = {name: jax.ShapeDtypeStruct((examples, 77), jnp.int32) for name in _text_encoders(s.pipeline)}
+
+  def encode(params, ids):
+    models = {m: nnx.merge(s.graphdefs[m], params[m]) for m in ids}
+    context, extra = s.pipeline.encode_prompt(models, ids)
+    return {'context': context, 'extra': extra}  # in the compute dtype, as the cache keeps them
+
+  encoded = jax.eval_shape(encode, unflatten({**s.trainable, **s.frozen}, s.templates), ids)
+  if s.subjects > 1:
+    encoded = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((s.subjects, examples // s.subjects, *x.shape[1:]), x.dtype), encoded
+    )
+  return encoded
 
 
 def measure(s: Setup, mesh_sizes, per_device: int, args) -> dict:
@@ -486,8 +565,11 @@ def _model_header(s: Setup) -> str:
   parts = ' + '.join(f'{m} {n / 1e6:.1f}M' for m, n in t['trainable_by_model'].items() if n)
   ext = ', '.join(f'{n}: {_gib(sum(s.state_per_device(n).values()))}' for n in FSDP_EXTRAPOLATION)
   lora = f'LoRA rank {s.lora_rank} adapters' + (f', per subject of {s.subjects}' if s.subjects > 1 else '')
+  base = ', '.join(f'{m} {n:,}' for m, n in s.base_parameters.items())
+  checked = " (the published UNet's, checked)" if s.model in UNET_PARAMETERS else ''
   return (
-    f'{s.model} {s.resolution}x{s.resolution}: trained {t["trainable_params"] / 1e6:.2f}M parameters '
+    f'{s.model} {s.resolution}x{s.resolution}: parameters {base}{checked}\n'
+    f'  trained {t["trainable_params"] / 1e6:.2f}M parameters '
     + (f'({lora}) ' if s.lora_rank else '')
     + f'({parts}) = {_gib(t["trainable_bytes"])} GiB float32, '
     f'AdamW state {_gib(t["optimizer_bytes"])} GiB, '
@@ -519,7 +601,7 @@ def main(argv=None):
   print(
     f'jaxdream DreamBooth step, per-device memory from XLA:CPU memory_analysis over {args.devices} '
     f'simulated devices: {args.dtype} compute, float32 parameters, UNet'
-    f'{"" if args.freeze_text_encoder else " + text encoder"} trained with AdamW'
+    f'{"" if args.freeze_text_encoder else " + text encoder(s)"} trained with AdamW'
     f'{f" (LoRA rank {args.lora_rank} adapters only)" if args.lora_rank else ""}, prior preservation, '
     f'{"cached latents" if args.cached else "VAE encode in the step"}, attention {args.attention} (training: '
     f'{training_implementation(args.attention)}), remat {args.remat} '

@@ -22,6 +22,7 @@ from jaxdream.io.images import (
   read_parameters,
   save_png,
 )
+from jaxdream.io.weights import read_safetensors, write_safetensors
 from jaxdream.runtime import CompileCache
 from jaxdream.schedulers import SCHEDULER_NAMES
 
@@ -415,3 +416,87 @@ def test_devices_split_the_batch_and_change_images_only_by_rounding(files, tmp_p
     diff = np.abs(load(tmp_path / 'one' / f'{i:05d}.png').astype(int) - load(tmp_path / 'two' / f'{i:05d}.png'))
     assert diff.max() <= 1 and diff.mean() < 0.01
   assert sample(*args, '--devices', 99, '--out', tmp_path / 'bad') == 2
+
+
+def test_a_single_file_samples_as_its_folder_and_inspect_describes_it(files, tmp_path, capsys):
+  """`sample --model FILE --config-dir DIR` (a single file written from the folder) gives the folder's pixels;
+  `inspect FILE` says what the file is without building a model; a bad file fails as load_pipeline does, before
+  any output."""
+  import json
+
+  from jaxdream.models import single_file
+
+  path = str(tmp_path / 'tiny.safetensors')
+  assert main(['convert', files['model'], path]) == 0
+  args = ('--prompt', PROMPT, '--negative-prompt', 'blurry', '--steps', 2, '--num-images', 2, '--seed', 1234)
+  assert sample('--model', files['model'], *args, '--out', tmp_path / 'folder') == 0  # the txt2img test's program
+  # its own session: the module's keeps the folder's pipeline and compiled loops for the other tests
+  argv = ['sample', '--model', path, '--config-dir', files['model'], *map(str, args), '--out', str(tmp_path / 'file')]
+  assert main(argv, cache=CompileCache()) == 0
+  for i in range(2):
+    np.testing.assert_array_equal(load(tmp_path / 'file' / f'{i:05d}.png'), load(tmp_path / 'folder' / f'{i:05d}.png'))
+    assert params(tmp_path / 'file', i) == params(tmp_path / 'folder', i).replace('Model: tiny-sd', 'Model: tiny')
+  capsys.readouterr()
+
+  assert main(['inspect', path, '--config-dir', files['model'], '--prediction-type', 'v_prediction']) == 0
+  info = json.loads(capsys.readouterr().out)
+  assert main(['inspect', '--model', files['model']]) == 0  # the folder, loaded
+  folder = json.loads(capsys.readouterr().out)
+  assert {k: info[k] for k in ('unet', 'vae', 'text_encoder', 'scheduler', 'default_size')} == {
+    k: folder[k] for k in ('unet', 'vae', 'text_encoder', 'scheduler', 'default_size')
+  }
+  assert info['model_type'] == 'v1' and info['kind'] == 'SD 1.x (v-prediction)' and info['ema_weights'] is False
+  assert info['dtype'] == dict(unet='float32', vae='float32', text_encoder='float32')
+  assert info['prediction_type'] == 'v_prediction' and folder['prediction_type'] == 'epsilon'
+  assert info['pipeline_class'] == 'StableDiffusionPipeline' and info['configs'] == files['model']
+  assert single_file.DESCRIPTIONS.keys() == single_file.PRESETS.keys()
+
+  renamed = str(tmp_path / 'renamed.safetensors')  # no known layout: load_pipeline's error, nothing written
+  write_safetensors(renamed, {'unet.' + k: v for k, v in read_safetensors(path).items()})
+  ckpt = tmp_path / 'tiny.ckpt'
+  ckpt.write_bytes(b'not read')
+  for model, message in ((renamed, 'expected the original (CompVis/Stability) layout'), (ckpt, 'pickle')):
+    assert sample('--model', model, *args, '--out', tmp_path / 'bad') == 2
+    err = capsys.readouterr().err
+    assert 'jaxdream sample: error:' in err and message in err and 'Traceback' not in err, err
+    assert main(['inspect', str(model)]) == 2 and message in capsys.readouterr().err
+  assert not (tmp_path / 'bad').exists()
+  assert sample('--model', files['model'], *args, '--config-dir', files['model'], '--out', tmp_path / 'bad') == 2
+  assert 'config_dir and extract_ema are for single-file checkpoints' in capsys.readouterr().err
+  assert (
+    sample('--model', files['model'], *args, '--refiner-config-dir', files['model'], '--out', tmp_path / 'bad') == 2
+  )
+  assert '--refiner-config-dir needs --refiner' in capsys.readouterr().err
+
+
+def test_sdxl_base_and_refiner_files_are_recognised_and_planned_from_their_keys_alone(tmp_path, capsys):
+  """`--model BASE_FILE --refiner REFINER_FILE`: both files' types come from their key names (presets' configs: 1024
+  px), the refiner's options reach its load; no weight is read (these files hold one tensor each)."""
+  import json
+
+  from jaxdream.cli.main import build_parser
+  from jaxdream.cli.sample import _plan
+
+  unet = {'model.diffusion_model.input_blocks.0.0.weight': np.zeros((320, 4, 3, 3), np.float16)}
+  base, refiner = str(tmp_path / 'base.safetensors'), str(tmp_path / 'refiner.safetensors')
+  write_safetensors(base, {**unet, 'conditioner.embedders.1.model.ln_final.weight': np.zeros(1280, np.float16)})
+  write_safetensors(refiner, {**unet, 'conditioner.embedders.0.model.ln_final.weight': np.zeros(1280, np.float16)})
+
+  def plan(*argv):
+    return _plan(build_parser().parse_args(['sample', '--prompt', PROMPT, '--out', str(tmp_path / 'o'), *argv]))
+
+  p = plan('--model', base, '--refiner', refiner, '--refiner-start', '0.7', '--refiner-prediction-type', 'v_prediction')
+  assert p.refiner == (refiner, 0.7) and p.size == (1024, 1024)
+  assert p.options == dict(config_dir=None, prediction_type=None, extract_ema=False)
+  assert p.refiner_options == dict(config_dir=None, prediction_type='v_prediction', extract_ema=False)
+  with pytest.raises(ValueError, match='must be an SDXL refiner'):
+    plan('--model', base, '--refiner', base)
+  assert main(['inspect', refiner]) == 0
+  info = json.loads(capsys.readouterr().out)
+  assert (info['kind'], info['pipeline_class'], info['unet'], info['text_encoder_2']) == (
+    'SDXL refiner',
+    'StableDiffusionXLImg2ImgPipeline',
+    320 * 4 * 9,
+    1280,
+  )
+  assert info['dtype']['unet'] == 'float16' and info['default_size'] == [1024, 1024]

@@ -266,6 +266,8 @@ def test_bad_input_is_one_clear_line_and_exit_2_before_anything_loads(setup, fir
   # LoRAs without a model, a missing adapter file; compare needs two readable score files.
   argv = _argv(setup, tmp_path / 'x', '--loras', str(tmp_path), source=['--images', str(gen)])
   assert '--loras needs --model' in error(argv)
+  argv = _argv(setup, tmp_path / 'x', '--config-dir', str(tmp_path), source=['--images', str(gen)])
+  assert '--config-dir: options of a --model single file, not of --images' in error(argv)
   assert f'no adapter file {tmp_path}/loras/dog/pytorch_lora_weights.safetensors' in error(
     _argv(setup, tmp_path / 'x', '--loras', str(tmp_path))
   )

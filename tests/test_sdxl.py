@@ -332,7 +332,9 @@ def test_sample_cli_hands_over_to_the_refiner_with_micro_conditioning_flags(
   monkeypatch.setattr(pipeline_module, 'load_pipeline', lambda path, **kw: loaded[os.path.realpath(path)])
   sd1 = tmp_path / 'sd1'  # an SD 1.x folder as the CLI checks it: configs only
   shutil.copytree(base_dir, sd1, ignore=shutil.ignore_patterns('*.safetensors', 'text_encoder_2', 'tokenizer_2'))
-  (sd1 / 'model_index.json').write_text(json.dumps({'_class_name': 'StableDiffusionPipeline'}))
+  index = json.loads((sd1 / 'model_index.json').read_text())  # its components but the second encoder, as SD 1.x's
+  index = {k: v for k, v in index.items() if not k.endswith('_2')}
+  (sd1 / 'model_index.json').write_text(json.dumps(dict(index, _class_name='StableDiffusionPipeline')))
 
   def sample(*argv, model=base_dir, out=tmp_path / 'out'):
     return main(['sample', '--model', str(model), '--prompt', PROMPTS[0], '--out', str(out), *map(str, argv)])

@@ -7,6 +7,7 @@ import os
 
 
 def _convert(args):
+  from jaxdream.cli.model_files import model_file_options
   from jaxdream.diffusion.pipeline import load_pipeline, save_pipeline
 
   to_file = os.path.isdir(args.input)
@@ -16,13 +17,7 @@ def _convert(args):
     raise ValueError(f'{args.output}: a model folder converts to a single .safetensors file')
   if not to_file and os.path.isfile(args.output):
     raise ValueError(f'{args.output}: a single file converts to a model folder, and this is a file')
-  pipe = load_pipeline(
-    args.input,
-    allow_pickle=args.allow_pickle,
-    config_dir=args.config_dir,
-    prediction_type=args.prediction_type,
-    extract_ema=args.extract_ema,
-  )
+  pipe = load_pipeline(args.input, allow_pickle=args.allow_pickle, **model_file_options(args))
   save_pipeline(pipe, args.output, weights_dtype='float16' if args.fp16 else None, single_file=to_file)
   kind = 'single file' if to_file else 'diffusers folder'
   print(f'wrote {args.output} ({kind}, {pipe.pipeline_class}, {"float16" if args.fp16 else "float32"})')
@@ -30,6 +25,8 @@ def _convert(args):
 
 
 def _add_convert_parser(sub):
+  from jaxdream.cli.model_files import add_model_file_arguments
+
   c = sub.add_parser(
     'convert',
     help='convert between a diffusers model folder and a single-file checkpoint',
@@ -40,10 +37,8 @@ def _add_convert_parser(sub):
   )
   c.add_argument('input', metavar='IN', help='a diffusers model folder, or a single-file checkpoint')
   c.add_argument('output', metavar='OUT', help='the .safetensors file to write, or the folder')
-  c.add_argument('--config-dir', help='a diffusers folder whose configs, tokenizers and scheduler the single file uses')
+  add_model_file_arguments(c, what='IN')
   c.add_argument('--fp16', action='store_true', help='store float16 weights')
-  c.add_argument('--prediction-type', choices=('epsilon', 'v_prediction'), help="override the model's prediction type")
-  c.add_argument('--extract-ema', action='store_true', help="use the single file's EMA UNet weights (model_ema.*)")
   c.add_argument(
     '--allow-pickle', action='store_true', help='also load pickle (.ckpt) weights; they can run code when loaded'
   )

@@ -28,6 +28,8 @@ class _Generation:
 
 
 def _add_eval_parsers(sub):
+  from jaxdream.cli.model_files import add_model_file_arguments
+
   e = sub.add_parser('eval', help='DreamBench evaluation (DINO, CLIP-I, CLIP-T) and paired comparisons of runs')
   esub = e.add_subparsers(dest='eval_command', required=True)
   d = esub.add_parser(
@@ -41,7 +43,8 @@ def _add_eval_parsers(sub):
   d.add_argument('--dino', required=True, help='transformers ViTModel folder (e.g. facebook/dino-vits16)')
   d.add_argument('--out', required=True, help='report folder (generated images go to OUT/images/)')
   src = d.add_mutually_exclusive_group(required=True)
-  src.add_argument('--model', help='diffusers model folder to generate the images with')
+  src.add_argument('--model', help='diffusers model folder or single-file checkpoint to generate the images with')
+  add_model_file_arguments(d)
   src.add_argument('--images', help='already generated images: IMAGES/<subject>/<prompt>_<image>.png')
   d.add_argument(
     '--loras', help=f'a per-subject run folder: each subject sampled with LORAS/loras/<subject>/{LORA_FILE}'
@@ -125,6 +128,7 @@ def _check_sampling(args, factor: int, scheduler_config: dict) -> str:
 def _plan(args):
   """Check every input, reading configs and images only; returns (protocol, generated-image folder,
   {subject: LoRA file}, the _Generation of a --model run or None)."""
+  from jaxdream.cli.model_files import model_file_options
   from jaxdream.cli.sample import _model_info
   from jaxdream.evaluation.dreambench import check_generated, check_readable, make_protocol
   from jaxdream.models import CLIPModel, ViTModel
@@ -148,8 +152,11 @@ def _plan(args):
     _check_vlm(args.vlm)
   loras = _lora_files(args, protocol)
   model = None
+  given = [f'--{k.replace("_", "-")}' for k, v in model_file_options(args).items() if v]
+  if given and not args.model:
+    raise ValueError(f'{", ".join(given)}: options of a --model single file, not of --images')
   if args.model:
-    factor, (h, w), scheduler_config = _model_info(args.model)
+    factor, (h, w), scheduler_config = _model_info(args.model, **model_file_options(args))
     model = _generation(
       args, (args.height or h, args.width or w), _check_sampling(args, factor, scheduler_config), loras
     )
@@ -176,6 +183,7 @@ def _plan(args):
 def _generation(args, size, scheduler, loras) -> _Generation:
   import hashlib
 
+  from jaxdream.cli.model_files import model_file_options
   from jaxdream.cli.sample import _sample_mesh
   from jaxdream.evaluation.report import sha256_file, sha256_tree
 
@@ -191,6 +199,7 @@ def _generation(args, size, scheduler, loras) -> _Generation:
     height=size[0],
     width=size[1],
   )
+  settings.update({k: v for k, v in model_file_options(args).items() if v})  # a single file's, when given
   return _Generation(size, scheduler, _sample_mesh(args), settings, files)
 
 
@@ -240,17 +249,18 @@ def _scoring_mesh(args, model):
 
 def _generate(args, protocol, folder, loras, model, bar):
   from jaxdream.cli.lora import with_loras
-  from jaxdream.cli.sample import SampleSession
+  from jaxdream.cli.model_files import model_file_options
+  from jaxdream.cli.sample import SampleSession, _model_name
   from jaxdream.evaluation.dreambench import generate
   from jaxdream.io.files import atomic_write
   from jaxdream.io.images import format_parameters
   from jaxdream.lora import check_lora
 
   (h, w), scheduler, mesh = model.size, model.scheduler, model.mesh
-  pipe = args.cache.get(('sample-session',), SampleSession).pipeline(args.model, False)
+  pipe = args.cache.get(('sample-session',), SampleSession).pipeline(args.model, False, **model_file_options(args))
   for path in loras.values():
     check_lora(pipe.components, path)  # a LoRA for another model fails before any compile
-  name = os.path.basename(os.path.abspath(args.model))
+  name = _model_name(args.model)
 
   def parameters(im):
     return format_parameters(

@@ -9,6 +9,7 @@ from jaxdream.cli import quiet
 from jaxdream.cli.convert import _add_convert_parser
 from jaxdream.cli.eval import _add_eval_parsers
 from jaxdream.cli.lora import _add_lora_parsers
+from jaxdream.cli.model_files import add_model_file_arguments
 from jaxdream.cli.sample import SampleSession, _add_sample_parser, _demo, _inspect, _sample
 from jaxdream.cli.serve import _add_serve_parser
 from jaxdream.cli.subjects import _add_subjects_parser
@@ -28,8 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
   d.add_argument('--out', default='outputs/demo', help='output folder')
   d.add_argument('--prompt', default='a photo of sks dog')
   d.set_defaults(fn=_demo)
-  i = sub.add_parser('inspect', help='load a diffusers model folder and print its parts')
-  i.add_argument('--model', required=True, help='diffusers-format model folder')
+  i = sub.add_parser(
+    'inspect',
+    help="print a model's parts and parameter counts: a diffusers folder, or a single file (its inferred type, "
+    'without building the model)',
+  )
+  i.add_argument('path', nargs='?', metavar='MODEL', help='diffusers-format model folder or single-file checkpoint')
+  i.add_argument('--model', help='the same, as a flag')
+  add_model_file_arguments(i)
   i.add_argument(
     '--allow-pickle', action='store_true', help='also load pickle (.bin/.ckpt) weights; they can run code when loaded'
   )

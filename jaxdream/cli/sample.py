@@ -1,4 +1,5 @@
-"""`jaxdream demo`, `inspect` and `sample`: model folders, txt2img/img2img/inpainting, XYZ sweeps."""
+"""`jaxdream demo`, `inspect` and `sample`: model folders and single-file checkpoints, txt2img/img2img/inpainting, XYZ
+sweeps."""
 
 from __future__ import annotations
 
@@ -53,15 +54,46 @@ def _demo(args):
 
 
 def _inspect(args):
-  """Load a diffusers model folder and print its parts and parameter counts."""
-  from jaxdream.diffusion.pipeline import load_pipeline
+  """Print a model's parts and parameter counts: a diffusers folder is loaded; a single file is described from its
+  key names and shapes (no model built, no weights read): the type inferred, each part's parameters and dtype."""
+  from jaxdream.cli.model_files import model_file_options
+  from jaxdream.diffusion.pipeline import load_pipeline, read_model
   from jaxdream.models import count_params
 
-  pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
-  info = {name: count_params(model) for name, model in pipe.components.items()}
-  info['scheduler'] = pipe.scheduler_config.get('_class_name')
-  info['default_size'] = pipe.default_size
+  path = args.path or args.model
+  if not path or (args.path and args.model):
+    raise ValueError('give one model, as MODEL or as --model MODEL')
+  spec = read_model(path, allow_pickle=args.allow_pickle, **model_file_options(args))
+  if spec.single_file:
+    info = _describe_single_file(spec)
+  else:
+    pipe = load_pipeline(path, allow_pickle=args.allow_pickle, prediction_type=args.prediction_type)
+    info = {name: count_params(model) for name, model in pipe.components.items()}
+  info['scheduler'] = spec.scheduler_config.get('_class_name')
+  info['prediction_type'] = spec.scheduler_config.get('prediction_type', 'epsilon')
+  info['default_size'] = spec.default_size
   print(json.dumps(info, indent=2))
+  return 0
+
+
+def _describe_single_file(spec) -> dict:
+  """A single file's parts (parameter counts, as stored), their dtypes, its inferred type and where its configs
+  come from."""
+  import numpy as np
+
+  from jaxdream.models import single_file
+
+  stored = single_file.stored_components(spec.tensors, spec.model_type, spec.configs)
+  info = {name: sum(int(np.prod(v.shape)) for v in tensors.values()) for name, tensors in stored.items()}
+  info['dtype'] = {name: sorted({str(v.dtype) for v in tensors.values()}) for name, tensors in stored.items()}
+  info['dtype'] = {name: d[0] if len(d) == 1 else d for name, d in info['dtype'].items()}
+  info['model_type'] = spec.model_type
+  v = spec.scheduler_config.get('prediction_type') == 'v_prediction'
+  info['kind'] = single_file.DESCRIPTIONS[spec.model_type] + (' (v-prediction)' if v else '')
+  info['pipeline_class'] = spec.conditioning['pipeline_class']
+  info['configs'] = spec.config_dir or 'presets (the published model of this type)'
+  info['ema_weights'] = any(k.startswith(single_file.EMA) for k in spec.tensors)
+  return info
 
 
 # What `--sweep KEY=...` can vary, and how its values are read.
@@ -82,20 +114,26 @@ class SampleSession:
   in-process callers (tests, notebooks) reuse them; without one each command loads its model afresh."""
 
   def __init__(self):
-    self._loaded = {}  # role -> (folder key, pipeline)
+    self._loaded = {}  # role -> (model key, pipeline)
     self._lock = threading.Lock()
 
-  def pipeline(self, path: str, allow_pickle: bool, role: str = 'model'):
-    """The model folder's pipeline for `role` ('model', or 'refiner'), reloaded when the folder changed; one
-    per role (more would multiply the memory)."""
+  def pipeline(self, path: str, allow_pickle: bool, role: str = 'model', **options):
+    """The pipeline of a model folder or single file for `role` ('model', or 'refiner'), loaded with
+    load_pipeline's `options` (config_dir, prediction_type, extract_ema), reloaded when the model or the options
+    changed; one per role (more would multiply the memory)."""
     from jaxdream.diffusion.pipeline import load_pipeline
 
-    index = os.path.join(path, 'model_index.json')
-    key = (os.path.realpath(path), allow_pickle, os.stat(index).st_mtime_ns if os.path.exists(index) else 0)
+    stamp = path if os.path.isfile(path) else os.path.join(path, 'model_index.json')
+    key = (
+      os.path.realpath(path),
+      allow_pickle,
+      os.stat(stamp).st_mtime_ns if os.path.exists(stamp) else 0,
+      tuple(sorted(options.items())),
+    )
     with self._lock:
       if self._loaded.get(role, (None,))[0] != key:
         self._loaded.pop(role, None)  # the old one is freed before the new one loads
-        self._loaded[role] = (key, load_pipeline(path, allow_pickle=allow_pickle))
+        self._loaded[role] = (key, load_pipeline(path, allow_pickle=allow_pickle, **options))
       return self._loaded[role][1]
 
 
@@ -158,22 +196,20 @@ def _open_image(path: str, flag: str, mode: str):
     raise ValueError(f'{flag} {path}: not a readable image ({e})') from None
 
 
-def _model_info(path: str):
-  """(VAE factor, default (height, width), scheduler config) from a model folder's configs alone, so
-  that arguments are checked before any weights are read."""
-  from jaxdream.models import AutoencoderKL, WeightsError, read_config
+def _model_info(path: str, allow_pickle: bool = False, **options):
+  """(VAE factor, default (height, width), scheduler config) of a model folder or single file (load_pipeline's
+  `options`) from its configs alone (a single file's key names too), so that arguments are checked before any
+  weights are read; a bad model gives load_pipeline's error."""
+  from jaxdream.diffusion.pipeline import read_model
 
-  if not os.path.isfile(os.path.join(path, 'model_index.json')):
-    raise WeightsError(
-      f'{path}: no such model folder'
-      if not os.path.isdir(path)
-      else f'{path}: no model_index.json; not a diffusers model folder'
-    )
-  vae = AutoencoderKL.resolve_config(read_config(os.path.join(path, 'vae')))
-  f = 2 ** (len(vae['block_out_channels']) - 1)
-  s = read_config(os.path.join(path, 'unet')).get('sample_size') or 64  # as Pipeline.default_size
-  h, w = (s, s) if isinstance(s, int) else s
-  return f, (h * f, w * f), read_config(os.path.join(path, 'scheduler'), 'scheduler_config.json')
+  spec = read_model(path, allow_pickle=allow_pickle, **options)
+  return spec.vae_scale_factor, spec.default_size, spec.scheduler_config
+
+
+def _model_name(path: str) -> str:
+  """A model's name in the images' parameters: its folder's, or its file's without the extension (as A1111)."""
+  name = os.path.basename(os.path.abspath(path))
+  return os.path.splitext(name)[0] if os.path.isfile(path) else name
 
 
 def _check_job(job: _Job, scheduler_config: dict, num_images: int, refiner=None) -> int:
@@ -214,7 +250,9 @@ class _Plan:
   mask: object = None
   total_steps: int = 0
   mesh: object = None  # jax.sharding.Mesh splitting each batch (--devices)
-  refiner: tuple | None = None  # (SDXL refiner folder, the fraction of the schedule at which it takes over)
+  refiner: tuple | None = None  # (SDXL refiner folder or file, the fraction of the schedule at which it takes over)
+  options: dict = dataclasses.field(default_factory=dict)  # load_pipeline's options of --model (model_files)
+  refiner_options: dict = dataclasses.field(default_factory=dict)  # and of --refiner
   micro: dict = dataclasses.field(default_factory=dict)  # the model's micro-conditioning settings (SDXL)
   refiner_micro: dict = dataclasses.field(default_factory=dict)
   loras: tuple = ()  # (path, scale) of each --lora
@@ -223,6 +261,8 @@ class _Plan:
 
 def _plan(args) -> _Plan:
   """Check every argument against the model's configs, reading no weights and compiling nothing."""
+  from jaxdream.cli.model_files import model_file_options
+  from jaxdream.diffusion.pipeline import read_model
   from jaxdream.schedulers import scheduler_name_for_config
 
   if args.mask and not args.init_image:
@@ -237,7 +277,9 @@ def _plan(args) -> _Plan:
     raise ValueError(f'--sweep: give one to three different keys (X, Y, Z axes), got {", ".join(keys)}')
   if not args.init_image and (args.strength is not None or 'strength' in keys):
     raise ValueError('strength (denoising strength) needs --init-image')
-  f, (h, w), scheduler_config = _model_info(args.model)
+  options = model_file_options(args)
+  spec = read_model(args.model, allow_pickle=args.allow_pickle, **options)  # a bad model fails here
+  f, (h, w), scheduler_config = spec.vae_scale_factor, spec.default_size, spec.scheduler_config
   init = mask = None
   if args.init_image:
     init = _open_image(args.init_image, '--init-image', 'RGB')
@@ -264,23 +306,25 @@ def _plan(args) -> _Plan:
     dataclasses.replace(base, **dict(zip(keys[::-1], combo)))
     for combo in itertools.product(*(a.values for a in axes[::-1]))
   ]
-  plan = _Plan(jobs=jobs, axes=axes, size=(h, w), init=init, mask=mask, mesh=_sample_mesh(args))
-  refiner_config = _plan_sdxl(plan, args, f)
+  plan = _Plan(jobs=jobs, axes=axes, size=(h, w), init=init, mask=mask, mesh=_sample_mesh(args), options=options)
+  refiner_config = _plan_sdxl(plan, args, spec)
   refiner = None if plan.refiner is None else (refiner_config, plan.refiner[1])
   plan.total_steps = sum(_check_job(job, scheduler_config, args.num_images, refiner) for job in jobs)
   _plan_loras(plan, args)
   return plan
 
 
-def _plan_sdxl(plan: _Plan, args, f: int) -> dict | None:
-  """Check --refiner, --refiner-start and the SDXL micro-conditioning flags against the model folders'
-  model_index.json; set the plan's refiner and settings; return the refiner's scheduler config."""
+def _plan_sdxl(plan: _Plan, args, spec) -> dict | None:
+  """Check --refiner (and its single-file options), --refiner-start and the SDXL micro-conditioning flags against
+  the models' configs (`spec`: the model's read_model); set the plan's refiner and settings; return the refiner's
+  scheduler config."""
   import types
 
+  from jaxdream.cli.model_files import model_file_options
   from jaxdream.diffusion import sdxl
-  from jaxdream.diffusion.pipeline import read_conditioning
+  from jaxdream.diffusion.pipeline import read_model
 
-  model = types.SimpleNamespace(**read_conditioning(args.model))
+  model = types.SimpleNamespace(**spec.conditioning)
   sizes = {}
   if args.original_size:  # W H on the command line, (height, width) in SDXL's time ids
     sizes['original_size'] = tuple(args.original_size[::-1])
@@ -291,8 +335,12 @@ def _plan_sdxl(plan: _Plan, args, f: int) -> dict | None:
     for k, v in (('aesthetic_score', args.aesthetic_score), ('negative_aesthetic_score', args.negative_aesthetic_score))
     if v is not None
   }
-  if args.refiner_start is not None and not args.refiner:
-    raise ValueError('--refiner-start needs --refiner (an SDXL refiner model folder)')
+  refiner_options = model_file_options(args, prefix='refiner-')
+  given = [f'--refiner-{k.replace("_", "-")}' for k, v in refiner_options.items() if v]
+  if args.refiner_start is not None:
+    given.insert(0, '--refiner-start')
+  if given and not args.refiner:
+    raise ValueError(f'{", ".join(given)} needs --refiner (an SDXL refiner model folder or file)')
   sdxl_model = model.pipeline_class in sdxl.PIPELINE_CLASSES
   if (sizes or scores) and not sdxl_model:
     flags = [n for n, v in vars(args).items() if v is not None and n in _SDXL_FLAGS]
@@ -302,10 +350,12 @@ def _plan_sdxl(plan: _Plan, args, f: int) -> dict | None:
     )
   refiner_config = None
   if args.refiner:
-    refiner_f, _, refiner_config = _model_info(args.refiner)
-    sdxl.check_refiner(model, types.SimpleNamespace(**read_conditioning(args.refiner)))
+    refiner = read_model(args.refiner, allow_pickle=args.allow_pickle, **refiner_options)
+    sdxl.check_refiner(model, types.SimpleNamespace(**refiner.conditioning))
+    refiner_f, f, refiner_config = refiner.vae_scale_factor, spec.vae_scale_factor, refiner.scheduler_config
     if refiner_f != f:
       raise ValueError(f'--refiner {args.refiner}: its VAE downsamples by {refiner_f}, the model by {f}')
+    plan.refiner_options = refiner_options
     start = 0.8 if args.refiner_start is None else args.refiner_start
     if not 0 < start < 1:
       raise ValueError(f'--refiner-start {start}: must be in (0, 1), the fraction of the steps the model runs')
@@ -402,14 +452,16 @@ def _sample(args, session: SampleSession | None = None):
   plan = _plan(args)
   t0 = time.perf_counter()
   session = session or SampleSession()
-  pipe = session.pipeline(args.model, args.allow_pickle)
-  refiner = plan.refiner and session.pipeline(plan.refiner[0], args.allow_pickle, role='refiner')
+  pipe = session.pipeline(args.model, args.allow_pickle, **plan.options)
+  refiner = plan.refiner and session.pipeline(
+    plan.refiner[0], args.allow_pickle, role='refiner', **plan.refiner_options
+  )
   for path in sorted({p for job in plan.jobs for p, _ in job.loras(plan)[1]}):
     check_lora(pipe.components, path)  # a LoRA for another model fails before any output or compile
   os.makedirs(args.out, exist_ok=True)
   if args.seed is None:
     print(f'seed {plan.jobs[0].seed} (random)')
-  model = os.path.basename(os.path.abspath(args.model))
+  model = _model_name(args.model)
   results, texts = [], []  # per job its images; per image its parameters
   merged = (None, pipe)  # the last LoRA set and its merged pipeline (one at a time: each is a model's size)
   bar = tqdm(total=plan.total_steps, desc='sampling', unit='step')
@@ -433,7 +485,7 @@ def _sample(args, session: SampleSession | None = None):
             height=plan.size[0],
             model=model,
             strength=job.strength,
-            refiner=plan.refiner and os.path.basename(os.path.abspath(plan.refiner[0])),
+            refiner=plan.refiner and _model_name(plan.refiner[0]),
             refiner_start=plan.refiner and plan.refiner[1],
           )
         )
@@ -474,19 +526,25 @@ def _xyz_grids(axes: list, cells: list) -> dict:
 
 
 def _add_sample_parser(sub):
+  from jaxdream.cli.model_files import add_model_file_arguments
   from jaxdream.io.images import SAMPLER_NAMES
 
   s = sub.add_parser(
     'sample',
     help='generate images: txt2img, img2img (--init-image), inpainting (--mask), XYZ sweeps',
-    description='Generate images from a diffusers-format model folder. Each image is written as a PNG '
+    description='Generate images from a diffusers-format model folder or a single-file checkpoint (original '
+    'CompVis/Stability layout .safetensors, as A1111, SD.Next and ComfyUI keep them). Each image is written as a PNG '
     'carrying its generation parameters as AUTOMATIC1111 / SD.Next write them (PNG Info reads '
     'them back), together with grid.png of all images. Files of an earlier run in the same '
     '--out folder are replaced.',
   )
   s.add_argument(
-    '--model', required=True, help="diffusers-format model folder, or 'builtin:tiny-base' (jaxdream's own tiny model)"
+    '--model',
+    required=True,
+    help='diffusers-format model folder, single-file checkpoint (.safetensors: SD 1.x/2.x, inpainting, SDXL), or '
+    "'builtin:tiny-base' (jaxdream's own tiny model)",
   )
+  add_model_file_arguments(s)
   s.add_argument('--prompt', required=True)
   s.add_argument('--negative-prompt', default='')
   s.add_argument('--steps', type=int, default=20, help='number of denoising steps (default 20)')
@@ -507,8 +565,8 @@ def _add_sample_parser(sub):
   s.add_argument('--mask', help='inpainting mask image: white (>= 50%%) is repainted; needs --init-image')
   s.add_argument(
     '--refiner',
-    metavar='DIR',
-    help="an SDXL refiner model folder: it takes over from the SDXL --model at --refiner-start (diffusers' "
+    metavar='MODEL',
+    help="an SDXL refiner model folder or single file: it takes over from the SDXL --model at --refiner-start (diffusers' "
     'ensemble of experts: the model stops at that fraction of the schedule, the refiner runs the rest)',
   )
   s.add_argument(
@@ -517,6 +575,7 @@ def _add_sample_parser(sub):
     metavar='FRACTION',
     help='with --refiner: the fraction of the schedule, in (0, 1), at which the refiner takes over (default 0.8)',
   )
+  add_model_file_arguments(s, prefix='refiner-', what='--refiner')
   s.add_argument(
     '--original-size',
     type=int,

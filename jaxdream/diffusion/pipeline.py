@@ -122,25 +122,87 @@ def load_pipeline(
   extract_ema: bool = False,
 ) -> Pipeline:
   """Load a local diffusers-format Stable Diffusion folder (1.x, 2.x, or XL base or refiner: model_index.json's
-  `_class_name` says which), or a single-file checkpoint in the original layout (`_load_single_file`: `config_dir`,
-  `extract_ema`). All configs are checked before any weights are read, so a broken folder fails at once with the
+  `_class_name` says which), or a single-file checkpoint in the original layout (`config_dir`, `extract_ema`: see
+  read_model). All configs are checked before any weights are read, so a broken folder fails at once with the
   file to fix. `prediction_type` ('epsilon', 'v_prediction') overrides the scheduler config's."""
+  spec = read_model(
+    path, allow_pickle=allow_pickle, config_dir=config_dir, prediction_type=prediction_type, extract_ema=extract_ema
+  )
+  kw = dict(dtype=dtype, attention_impl=attention_impl)
+  components = _single_file_components(spec, **kw) if spec.single_file else _folder_components(spec, **kw)
+  return Pipeline(
+    components=components,
+    tokenizers=_tokenizers(spec),
+    scheduler_config=spec.scheduler_config,
+    path=path,
+    **_conditioning(spec.index),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What load_pipeline loads, read from configs (and a single file's key names and shapes) alone: no model is
+  built and no weights are read, a single file's tensors being memory-mapped. `configs`: each component's config
+  as the folder (or the presets) has it, all checked; `index`: model_index.json's entries (a single file's: those of the published model of its
+  type, or of `config_dir`'s); `model_type`: a single file's type as diffusers names it ('v1', 'v2', 'inpainting',
+  'xl_base', 'xl_refiner', ...; None for a folder)."""
+
+  path: str
+  index: dict
+  configs: dict
+  scheduler_config: dict
+  allow_pickle: bool = False
+  model_type: str | None = None
+  tensors: dict | None = None  # a single file's (memory-mapped)
+  config_dir: str | None = None
+  extract_ema: bool = False
+
+  @property
+  def single_file(self) -> bool:
+    return self.model_type is not None
+
+  @property
+  def conditioning(self) -> dict:
+    """The Pipeline fields that say how its UNet is conditioned (read_conditioning's)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Pipeline) if f.name in _CONDITIONING_FIELDS}
+    return {**defaults, **_conditioning(self.index)}
+
+  @property
+  def vae_scale_factor(self) -> int:
+    return 2 ** (len(AutoencoderKL.resolve_config(self.configs['vae'])['block_out_channels']) - 1)
+
+  @property
+  def default_size(self) -> tuple[int, int]:
+    """Pipeline.default_size, from the configs."""
+    s = self.configs['unet'].get('sample_size') or 64
+    h, w = (s, s) if isinstance(s, int) else s
+    return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+
+def read_model(
+  path: str,
+  *,
+  allow_pickle: bool = False,
+  config_dir: str | None = None,
+  prediction_type: str | None = None,
+  extract_ema: bool = False,
+) -> ModelSpec:
+  """A model folder's or single file's ModelSpec, with every error load_pipeline gives for bad input: a missing
+  folder or file, a broken config, a pickle file (unless `allow_pickle`), a single file whose keys are no known
+  layout. A single file (original CompVis/Stability layout, models/single_file.py) has its type inferred from its
+  keys; its configs, tokenizers and scheduler come from `config_dir` (a diffusers folder of the same kind of model,
+  weights not needed) or else from the published model of that type (models/presets.py, the CLIP vocabulary jaxdream
+  ships): nothing is downloaded. `extract_ema` loads its EMA UNet weights."""
   if os.path.isfile(path):
-    pipe = _load_single_file(
-      path,
-      config_dir=config_dir,
-      extract_ema=extract_ema,
-      allow_pickle=allow_pickle,
-      dtype=dtype,
-      attention_impl=attention_impl,
-    )
+    spec = _read_single_file(path, config_dir=config_dir, extract_ema=extract_ema, allow_pickle=allow_pickle)
   else:
     if config_dir or extract_ema:
       raise ValueError(f'{path}: config_dir and extract_ema are for single-file checkpoints, not model folders')
-    pipe = _load_folder(path, dtype=dtype, attention_impl=attention_impl, allow_pickle=allow_pickle)
+    spec = _read_folder(path, allow_pickle=allow_pickle)
   if prediction_type:
-    pipe.scheduler_config = dict(pipe.scheduler_config, prediction_type=_check_prediction_type(prediction_type))
-  return pipe
+    config = dict(spec.scheduler_config, prediction_type=_check_prediction_type(prediction_type))
+    spec = dataclasses.replace(spec, scheduler_config=config)
+  return spec
 
 
 def _check_prediction_type(value: str) -> str:
@@ -149,7 +211,16 @@ def _check_prediction_type(value: str) -> str:
   return value
 
 
-def _load_folder(path: str, *, dtype, attention_impl: str, allow_pickle: bool) -> Pipeline:
+def _model_classes(index: dict) -> dict:
+  """{component: model class} of the model_index.json entries jaxdream loads."""
+  return {
+    name: MODEL_CLASSES[entry[1]][1]
+    for name, entry in index.items()
+    if isinstance(entry, list) and len(entry) == 2 and entry[1] in MODEL_CLASSES
+  }
+
+
+def _read_folder(path: str, *, allow_pickle: bool) -> ModelSpec:
   if not os.path.isdir(path):
     raise WeightsError(f'{path}: no such model folder or file')
   index = models.read_config(
@@ -157,11 +228,7 @@ def _load_folder(path: str, *, dtype, attention_impl: str, allow_pickle: bool) -
     'model_index.json',
     'a diffusers model folder has model_index.json with unet/, text_encoder/, vae/, tokenizer/, scheduler/ beside it',
   )
-  classes = {
-    name: MODEL_CLASSES[entry[1]][1]
-    for name, entry in index.items()
-    if isinstance(entry, list) and len(entry) == 2 and entry[1] in MODEL_CLASSES
-  }
+  classes = _model_classes(index)
   encoders = [name for name in classes if _is_text_encoder(name)]
   folders = [*REQUIRED, *encoders, *map(tokenizer_folder, encoders)]
   missing = [c for c in folders if not os.path.isdir(os.path.join(path, c))]
@@ -173,40 +240,35 @@ def _load_folder(path: str, *, dtype, attention_impl: str, allow_pickle: bool) -
       f'{path}/model_index.json: no supported model class for {", ".join(unnamed)} '
       f'(supported: {", ".join(MODEL_CLASSES)})'
     )
-  for name, cls in classes.items():
-    cls.resolve_config(models.read_config(os.path.join(path, name)))
+  configs = {name: models.read_config(os.path.join(path, name)) for name in classes}
+  for name, cls in classes.items():  # all checked before any weights are read
+    cls.resolve_config(configs[name])
   scheduler_config = models.read_config(
     os.path.join(path, 'scheduler'), 'scheduler_config.json', 'the scheduler folder needs scheduler_config.json'
   )
-  kw = dict(dtype=dtype, attention_impl=attention_impl, allow_pickle=allow_pickle)
-  return Pipeline(
-    components={name: models.load_component(cls, os.path.join(path, name), **kw) for name, cls in classes.items()},
-    tokenizers={
-      name: load_tokenizer(os.path.join(path, tokenizer_folder(name))) for name in classes if _is_text_encoder(name)
-    },
-    scheduler_config=scheduler_config,
-    path=path,
-    **_conditioning(index),
+  return ModelSpec(
+    path=path, index=index, configs=configs, scheduler_config=scheduler_config, allow_pickle=allow_pickle
   )
 
 
-def _load_single_file(
-  path: str, *, config_dir: str | None, extract_ema: bool, allow_pickle: bool, dtype, attention_impl: str
-) -> Pipeline:
-  """A single-file checkpoint in the original CompVis/Stability layout (models/single_file.py), its type inferred
-  from its keys. The configs, tokenizers and scheduler come from `config_dir` (a diffusers folder of the same kind
-  of model, weights not needed) or else from the published model of that type (models/presets.py, the CLIP
-  vocabulary jaxdream ships): nothing is downloaded."""
+def _folder_components(spec: ModelSpec, *, dtype, attention_impl: str) -> dict:
+  kw = dict(dtype=dtype, attention_impl=attention_impl, allow_pickle=spec.allow_pickle)
+  return {
+    name: models.load_component(cls, os.path.join(spec.path, name), **kw)
+    for name, cls in _model_classes(spec.index).items()
+  }
+
+
+def _read_single_file(path: str, *, config_dir: str | None, extract_ema: bool, allow_pickle: bool) -> ModelSpec:
   tensors = read_weights_file(path, allow_pickle=allow_pickle)
   model_type = single_file.infer_model_type(tensors)
   layout = single_file.layout_of(model_type)
   if extract_ema:
     single_file.check_ema(tensors, path)
   if config_dir:
-    index, configs, tokenizers, scheduler_config = _config_folder(config_dir, layout, model_type, path)
+    index, configs, scheduler_config = _config_folder(config_dir, layout, model_type, path)
   else:
     configs = single_file.PRESETS[model_type]
-    tokenizers = _bundled_tokenizers(layout)
     scheduler_config = dict(
       presets.SDXL_SCHEDULER if layout.pipeline_class in sdxl.PIPELINE_CLASSES else presets.SD_SCHEDULER,
       prediction_type=single_file.default_prediction_type(model_type, tensors),
@@ -215,52 +277,69 @@ def _load_single_file(
     index = dict(
       _class_name=layout.pipeline_class, requires_aesthetics_score=refiner, force_zeros_for_empty_prompt=not refiner
     )
-  resolved = {name: SINGLE_FILE_CLASSES[name].resolve_config(configs[name]) for name in layout.parts}  # all first
+  configs = {name: configs[name] for name in layout.parts}
+  for name in layout.parts:  # all checked before any model is built
+    SINGLE_FILE_CLASSES[name].resolve_config(configs[name])
+  return ModelSpec(
+    path=path,
+    index=index,
+    configs=configs,
+    scheduler_config=scheduler_config,
+    allow_pickle=allow_pickle,
+    model_type=model_type,
+    tensors=tensors,
+    config_dir=config_dir,
+    extract_ema=extract_ema,
+  )
+
+
+def _single_file_components(spec: ModelSpec, *, dtype, attention_impl: str) -> dict:
+  layout = single_file.layout_of(spec.model_type)
   components = {}
   for name in sorted(layout.parts):  # in model_index.json's order, as a folder loads
     prefix, kind = layout.parts[name]
     cls = SINGLE_FILE_CLASSES[name]
     model = models.abstract_model(
-      lambda rngs, cls=cls, name=name: cls(configs[name], dtype=dtype, attention_impl=attention_impl, rngs=rngs)
+      lambda rngs, cls=cls, name=name: cls(spec.configs[name], dtype=dtype, attention_impl=attention_impl, rngs=rngs)
     )
     state = single_file.from_single_file(
-      tensors,
+      spec.tensors,
       prefix,
       kind,
-      resolved[name],
+      cls.resolve_config(spec.configs[name]),
       torch_slots(model),
-      extract_ema=extract_ema and name == 'unet',
-      source=path,
+      extract_ema=spec.extract_ema and name == 'unet',
+      source=spec.path,
     )
-    models.load_state_dict(model, state, source=f'{path} ({name})')
+    models.load_state_dict(model, state, source=f'{spec.path} ({name})')
     components[name] = model
-  return Pipeline(
-    components=components, tokenizers=tokenizers, scheduler_config=scheduler_config, path=path, **_conditioning(index)
-  )
+  return components
 
 
 def _config_folder(config_dir: str, layout, model_type: str, path: str):
-  """(model_index, component configs, tokenizers, scheduler config) of a diffusers folder used as the configs of a
-  single file; its components must be the file's."""
+  """(model_index, component configs, scheduler config) of a diffusers folder used as the configs of a single file;
+  its components must be the file's."""
   index = models.read_config(config_dir, 'model_index.json', 'config_dir must be a diffusers model folder')
-  listed = {
-    name for name, entry in index.items() if isinstance(entry, list) and len(entry) == 2 and entry[1] in MODEL_CLASSES
-  }
+  listed = set(_model_classes(index))
   if listed != set(layout.parts):
     raise WeightsError(
       f'{path} is a {model_type} checkpoint with {", ".join(layout.parts)}, but config_dir {config_dir} '
       f'has {", ".join(sorted(listed)) or "no models"}: give the config folder of the same kind of model'
     )
   configs = {name: models.read_config(os.path.join(config_dir, name)) for name in layout.parts}
-  tokenizers = {
-    name: load_tokenizer(os.path.join(config_dir, tokenizer_folder(name)))
-    for name in layout.parts
-    if _is_text_encoder(name)
-  }
   scheduler_config = models.read_config(
     os.path.join(config_dir, 'scheduler'), 'scheduler_config.json', 'the scheduler folder needs scheduler_config.json'
   )
-  return index, configs, tokenizers, scheduler_config
+  return index, configs, scheduler_config
+
+
+def _tokenizers(spec: ModelSpec) -> dict:
+  """A tokenizer per text encoder: the folder's (a single file's config_dir's), or the bundled ones."""
+  encoders = [name for name in spec.configs if _is_text_encoder(name)]
+  if spec.single_file and not spec.config_dir:
+    return _bundled_tokenizers(single_file.layout_of(spec.model_type))
+  folder = spec.config_dir or spec.path
+  return {name: load_tokenizer(os.path.join(folder, tokenizer_folder(name))) for name in encoders}
 
 
 def _bundled_tokenizers(layout) -> dict:
@@ -280,8 +359,7 @@ def read_conditioning(path: str) -> dict:
   """How a model folder's UNet is conditioned, from its model_index.json alone (no weights read): the Pipeline
   fields `pipeline_class`, `encode_prompt`, `micro_conditioning` and `force_zeros_for_empty_prompt`."""
   index = models.read_config(path, 'model_index.json', 'a diffusers model folder has model_index.json')
-  defaults = {f.name: f.default for f in dataclasses.fields(Pipeline) if f.name in _CONDITIONING_FIELDS}
-  return {**defaults, **_conditioning(index)}
+  return ModelSpec(path=path, index=index, configs={}, scheduler_config={}).conditioning
 
 
 _CONDITIONING_FIELDS = ('pipeline_class', 'encode_prompt', 'micro_conditioning', 'force_zeros_for_empty_prompt')

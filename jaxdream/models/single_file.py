@@ -62,6 +62,16 @@ MODEL_TYPES = {
   'xl_inpaint': 'sdxl',
   'xl_refiner': 'sdxl_refiner',
 }
+# What each model type is, in words (jaxdream inspect).
+DESCRIPTIONS = {
+  'v1': 'SD 1.x',
+  'inpainting': 'SD 1.x inpainting',
+  'v2': 'SD 2.x',
+  'inpainting_v2': 'SD 2.x inpainting',
+  'xl_base': 'SDXL base',
+  'xl_inpaint': 'SDXL inpainting',
+  'xl_refiner': 'SDXL refiner',
+}
 # Published configs per model type (models/presets.py), for files that come without a config folder.
 _SD15 = dict(unet=presets.SD15_UNET, vae=presets.SD_VAE, text_encoder=presets.SD15_TEXT_ENCODER)
 _SD21 = dict(unet=presets.SD21_UNET, vae=presets.SD_VAE, text_encoder=presets.SD21_TEXT_ENCODER)
@@ -294,9 +304,7 @@ def from_single_file(
     out[key] = value
   if missing:
     raise WeightsError(f'{source}: missing block(s) {", ".join(_blocks(prefix, missing))} ({len(missing)} tensor(s))')
-  ignored = _IGNORED
-  if kind == 'open_clip' and 'text_projection.weight' not in table:  # SD 2.x: see _SD2_UNUSED
-    ignored += (_SD2_UNUSED.format(n=config['num_hidden_layers']),)
+  ignored = _ignored(kind, config, projection='text_projection.weight' in table)
   used = {name for name, _ in table.values()}
   unexpected = sorted(k for k in stored if k not in used and not any(re.fullmatch(p, k) for p in ignored))
   if unexpected:
@@ -304,6 +312,29 @@ def from_single_file(
       f'{source}: {len(unexpected)} tensor(s) under {prefix} that the model has no place for (does its config '
       f'fit the file?): {", ".join(prefix + k for k in unexpected[:8])}'
     )
+  return out
+
+
+def _ignored(kind: str, config: dict, projection: bool) -> tuple[str, ...]:
+  """Patterns of the tensors under a component's prefix that hold none of its parameters: buffers, and for an
+  OpenCLIP encoder without a text projection (SD 2.x) the layer after the penultimate one it stops at."""
+  if kind == 'open_clip' and not projection:
+    return (*_IGNORED, _SD2_UNUSED.format(n=config['num_hidden_layers']))
+  return _IGNORED
+
+
+def stored_components(tensors, model_type: str, configs: dict) -> dict[str, dict]:
+  """{component: {key: tensor}}: each component's parameters as the file stores them (fused OpenCLIP projections
+  whole), without the tensors it does not load; by key names and shapes alone, so nothing is read from a
+  memory-mapped file. `configs`: the components' (resolved) configs."""
+  out = {}
+  for name, (prefix, kind) in layout_of(model_type).parts.items():
+    ignored = _ignored(kind, configs[name], projection=name == 'text_encoder_2')  # SDXL's second encoder has one
+    out[name] = {
+      k: v
+      for k, v in tensors.items()
+      if k.startswith(prefix) and not any(re.fullmatch(p, k[len(prefix) :]) for p in ignored)
+    }
   return out
 
 
