@@ -67,17 +67,12 @@ def compiled(model, fn, **static):
   in `model.compile_cache` per `fn`, static settings and graph structure (quantizing a model in place changes
   its structure, so it compiles anew)."""
   import jax
-  import jax.numpy as jnp
 
-  from jaxdream.runtime.compiler import compiler_options
-
+  # XLA's defaults, not runtime.compiler's float32 options: the VLMs' decode loops run here, and XLA:CPU's
+  # own kernels made the tiny Qwen2.5-VL's batch-4 decoding 7x slower (docs/performance.md).
   graphdef, state = nnx.split(model)
   key = (fn, tuple(sorted(static.items())), Structure(graphdef))
   jitted = model.compile_cache.get(
-    key,
-    lambda: jax.jit(
-      lambda state, *args: fn(nnx.merge(graphdef, state), *args, **static),
-      compiler_options=compiler_options(getattr(model, 'dtype', jnp.float32)),
-    ),
+    key, lambda: jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args, **static))
   )
   return lambda *args: jitted(state, *args)

@@ -6,6 +6,8 @@ Two XLA:CPU defaults cost jaxdream's programs time or memory (docs/performance.m
   shapes: the scoring models' matmuls took 1.3-1.4x the CPU time with YNNPACK, SDXL's 1280-channel 3x3
   convolutions 1.8x, a decode step's matrix-vector products 1.5x, the SD 1.5 UNet forward 1.1x. In bfloat16
   YNNPACK is 2-3x faster (it has bf16 kernels; XLA's own convert to float32), so bfloat16 programs keep it.
+  Decode loops keep it too (`runtime.compiled` asks for nothing): with XLA's own kernels the tiny
+  Qwen2.5-VL's greedy decoding at batch 4 took 7x as long (its 151,936-wide LM head at 4 rows).
 - Instructions are scheduled for concurrency, which keeps many large temporaries alive at once. The
   memory-optimized scheduler orders the same instructions to keep the fewest bytes alive: SD 1.5's training
   step at 256 px, float32, one device, 9.34 -> 5.79 GiB of temporaries; the tiny model's step got faster,
