@@ -24,6 +24,19 @@ import time
 PACKAGES = ('jax', 'jaxlib', 'flax', 'torch', 'diffusers', 'transformers')
 
 
+def pin_cpu(threads: int):
+  """Both sides of a one-process CPU comparison on the same `threads` cores (0: all), set before jax and torch
+  start their thread pools; prints the load average that the result should be read with."""
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  if threads:
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
+  import torch
+
+  if threads:
+    torch.set_num_threads(threads)
+  print(f'load average before: {os.getloadavg()[0]:.1f}', flush=True)
+
+
 @dataclasses.dataclass
 class Timing:
   """Wall and CPU seconds of each timed call, the warm-up call's wall seconds (jax compiles there; None

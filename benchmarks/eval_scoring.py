@@ -96,14 +96,7 @@ def bench(name, args):
 
 def main():
   args = _parse()
-  os.environ['JAX_PLATFORMS'] = 'cpu'
-  if args.threads:  # before jax and torch start their thread pools: both sides get the same cores
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
-  import torch
-
-  if args.threads:
-    torch.set_num_threads(args.threads)
-  print(f'load average before: {os.getloadavg()[0]:.1f}', flush=True)
+  _report.pin_cpu(args.threads)
   rows = [bench(name, args) for name in args.models]
   print(f'load average after: {os.getloadavg()[0]:.1f}')
   _report.write_json(args.json, rows)

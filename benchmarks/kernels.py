@@ -91,14 +91,7 @@ def _sides(kind, shape, dtype):
 
 def main():
   args = _parse()
-  os.environ['JAX_PLATFORMS'] = 'cpu'
-  if args.threads:  # before jax and torch start their thread pools: both sides get the same cores
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
-  import torch
-
-  if args.threads:
-    torch.set_num_threads(args.threads)
-  print(f'load average before: {os.getloadavg()[0]:.1f}', flush=True)
+  _report.pin_cpu(args.threads)
   rows = []
   for name in args.kernels:
     kind, shape, dtype = KERNELS[name]
