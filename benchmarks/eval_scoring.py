@@ -65,7 +65,9 @@ def bench(name, args):
   method = 'cls_embedding' if name == 'dino' else 'get_image_features'
   graphdef, state = nnx.split(model)
   # Compiled as jaxdream.evaluation compiles them (on CPU: matmuls on XLA's kernels, not YNNPACK's).
-  fn = jax.jit(lambda state, x: getattr(nnx.merge(graphdef, state), method)(x), compiler_options=compiler_options())
+  fn = jax.jit(
+    lambda state, x: getattr(nnx.merge(graphdef, state), method)(x), compiler_options=compiler_options(xla_kernels=True)
+  )
   x = np.random.default_rng(0).standard_normal((args.batch, 224, 224, 3)).astype(np.float32)
   xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
 

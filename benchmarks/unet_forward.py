@@ -68,10 +68,7 @@ def _time_jax(model, args, inputs):
 
   x, t, c, added = inputs
   graphdef, params = nnx.split(model)
-  from jaxdream.runtime import compiler_options
-
-  # compiled as the sampler compiles the UNet (runtime.compiler: XLA:CPU's own float32 kernels)
-  fwd = jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a), compiler_options=compiler_options(model.dtype))
+  fwd = jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a))
   jargs = [jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(c), *map(jnp.asarray, added or ())]
   t0 = time.perf_counter()
   compiled = fwd.lower(params, *jargs).compile()

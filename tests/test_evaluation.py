@@ -272,9 +272,10 @@ def test_float32_programs_compile_their_cpu_matmuls_off_ynnpack_with_the_same_nu
   x, w = rng.standard_normal((64, 96), np.float32), rng.standard_normal((96, 128), np.float32)
   f = lambda x, w: jax.nn.gelu(x @ w)
   default = jax.jit(f).lower(x, w).compile()
-  encoder = jax.jit(f, compiler_options=compiler_options(jnp.float32)).lower(x, w).compile()
+  encoder = jax.jit(f, compiler_options=compiler_options(jnp.float32, xla_kernels=True)).lower(x, w).compile()
   if jax.default_backend() == 'cpu':
     assert 'ynn_fusion' in default.as_text() and 'ynn_fusion' not in encoder.as_text()
-    assert compiler_options(jnp.bfloat16) is None
+    assert compiler_options(jnp.bfloat16, xla_kernels=True) is None and compiler_options(jnp.float32) is None
   assert rel_err(encoder(x, w), default(x, w)) <= 1e-6
-  assert compiler_options(jnp.float32, backend='gpu') is None and compiler_options(backend='tpu') is None
+  assert compiler_options(jnp.float32, xla_kernels=True, backend='gpu') is None
+  assert compiler_options(xla_kernels=True, backend='tpu') is None

@@ -33,7 +33,7 @@ from jaxdream.diffusion import sdxl
 from jaxdream.distributed.mesh import as_auto
 from jaxdream.distributed.multihost import run_together, to_global, to_host
 from jaxdream.distributed.sharding import split_batch
-from jaxdream.runtime import Structure, compiler_options
+from jaxdream.runtime import Structure
 from jaxdream.schedulers import make_scheduler
 
 # Streams derived from an image's seed, so that adding a feature never shifts another stream.
@@ -84,11 +84,11 @@ def _sampler(pipeline, graphdefs: dict, sch, mode: _Mode):
     mode,
   )
   return pipeline.compiled.get(
-    key, lambda: _build_sampler(graphdefs, pipeline.encode_prompt, pipeline.callbacks, sch, mode, pipeline.unet.dtype)
+    key, lambda: _build_sampler(graphdefs, pipeline.encode_prompt, pipeline.callbacks, sch, mode)
   )
 
 
-def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode, dtype):
+def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
   timesteps = jnp.asarray(sch.timesteps)
   n = sch.num_steps
   per_image_step = jax.vmap(sch.step, in_axes=(0, 0, None, 0, 0))
@@ -160,7 +160,7 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode, 
       return x
     return decode_uint8(models['vae'], x)
 
-  return jax.jit(run, compiler_options=compiler_options(dtype))
+  return jax.jit(run)
 
 
 def decode_uint8(vae, latents):
@@ -178,7 +178,7 @@ def _encode(pipeline, images, seeds, stream):
       mean, std = nnx.merge(vae_def, params).encode_latents(images)
       return mean + std * noise
 
-    return jax.jit(encode, compiler_options=compiler_options(pipeline.vae.dtype))
+    return jax.jit(encode)
 
   fn = pipeline.compiled.get(('encode', Structure(vae_def)), build)
   f, c = pipeline.vae_scale_factor, pipeline.vae.latent_channels

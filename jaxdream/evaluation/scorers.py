@@ -88,7 +88,9 @@ def _embed(scorer: Scorer, method: str, items: list, prepare, progress=None, mes
 
   def build():
     embed = lambda state, x: getattr(nnx.merge(graphdef, state), method)(x).astype(jnp.float32)
-    return jax.jit(embed, compiler_options=compiler_options(getattr(scorer.model, 'dtype', jnp.float32)))
+    return jax.jit(
+      embed, compiler_options=compiler_options(getattr(scorer.model, 'dtype', jnp.float32), xla_kernels=True)
+    )
 
   fn = scorer.compile_cache.get((method, Structure(graphdef), mesh), build)
   b = -(-min(scorer.batch_size, n) // pieces) * pieces  # a multiple of the mesh's batch pieces

@@ -1,13 +1,15 @@
 """Options for XLA's compiler, chosen per backend and compute dtype: `jax.jit(..., compiler_options=
 compiler_options(dtype, low_memory=...))`. Only XLA:CPU gets any; TPU and GPU compile with their defaults.
 
-Two XLA:CPU defaults cost jaxdream's programs time or memory (docs/performance.md has the measurements):
+Two XLA:CPU defaults cost some of jaxdream's programs time or memory (docs/performance.md has the
+measurements):
 - Matmuls and convolutions run as YNNPACK fusions. In float32 XLA's own kernels are faster at jaxdream's
   shapes: the scoring models' matmuls took 1.3-1.4x the CPU time with YNNPACK, SDXL's 1280-channel 3x3
   convolutions 1.8x, a decode step's matrix-vector products 1.5x, the SD 1.5 UNet forward 1.1x. In bfloat16
   YNNPACK is 2-3x faster (it has bf16 kernels; XLA's own convert to float32), so bfloat16 programs keep it.
-  Decode loops keep it too (`runtime.compiled` asks for nothing): with XLA's own kernels the tiny
-  Qwen2.5-VL's greedy decoding at batch 4 took 7x as long (its 151,936-wide LM head at 4 rows).
+  The gain depends on the shapes, so only the scoring models ask for XLA's kernels (`xla_kernels=True`): the
+  tiny model's training step took 1.55x the CPU time with them, and the tiny Qwen2.5-VL's greedy decoding
+  at batch 4 7x as long (its 151,936-wide LM head at 4 rows); the SD 1.5 UNet and SDXL's convolutions gained.
 - Instructions are scheduled for concurrency, which keeps many large temporaries alive at once. The
   memory-optimized scheduler orders the same instructions to keep the fewest bytes alive: SD 1.5's training
   step at 256 px, float32, one device, 9.34 -> 5.79 GiB of temporaries; the tiny model's step got faster,
@@ -36,15 +38,18 @@ def _accepted(backend: str, options: tuple) -> bool:
   return True
 
 
-def compiler_options(dtype=jnp.float32, *, low_memory: bool = False, backend: str | None = None) -> dict | None:
+def compiler_options(
+  dtype=jnp.float32, *, xla_kernels: bool = False, low_memory: bool = False, backend: str | None = None
+) -> dict | None:
   """The options for a program computing in `dtype` (its models' compute dtype) on `backend` (default: jax's
-  default backend): on CPU, XLA's own matmul/convolution kernels for float32 programs and, with
-  `low_memory`, the memory-optimized scheduler; None (the defaults) elsewhere."""
+  default backend): on CPU, with `xla_kernels`, XLA's own matmul/convolution kernels for a float32 program
+  (for programs measured to gain: the scoring models) and, with `low_memory`, the memory-optimized scheduler;
+  None (the defaults) elsewhere."""
   backend = backend or jax.default_backend()
   if backend != 'cpu':
     return None
   options = {}
-  if jnp.dtype(dtype) == jnp.float32:
+  if xla_kernels and jnp.dtype(dtype) == jnp.float32:
     options.update(_CPU_XLA_KERNELS)
   if low_memory:
     options.update(_CPU_MEMORY_SCHEDULER)
