@@ -336,7 +336,9 @@ def test_steps_equal_the_pytorch_reference(small_sd_folder, case):
   loss_tol, norm_tol = (1e-2, 2e-2) if bf16 else (1e-5, 1e-4)
   delta_tol = {'unet': 0.25, 'text_encoder': 0.25} if bf16 else {'unet': 2e-4, 'text_encoder': 5e-4}
   if 'lora' in options:  # the adapters' changes: a few thousand numbers, and B starts at exactly zero
-    delta_tol = {'unet': 1e-4, 'text_encoder': 1e-4}
+    # LoCon's conv adapters agree to 1.03e-4 since the step is scheduled for memory (runtime/compiler.py:
+    # the same operations in another order, so other rounding); a wrong option moves them by >1e-2.
+    delta_tol = {'unet': 2e-4, 'text_encoder': 1e-4}
   before = _weights(ref.state_dicts())
   step = jax.jit(fn)
   for i in range(steps):
