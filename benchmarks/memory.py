@@ -496,7 +496,7 @@ def measure(s: Setup, mesh_sizes, per_device: int, args) -> dict:
     is_leaf=lambda x: isinstance(x, tuple),
   )
   t0 = time.perf_counter()
-  compiled = jit(step_fn, shardings, mesh, c.compute_dtype).lower(state, frozen, batch).compile()
+  compiled = jit(step_fn, shardings, mesh).lower(state, frozen, batch).compile()
   row['compile_s'] = round(time.perf_counter() - t0, 1)
   m = compiled.memory_analysis()
   mem = {

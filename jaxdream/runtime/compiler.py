@@ -32,7 +32,8 @@ def _accepted(backend: str, options: tuple) -> bool:
   """Whether this jaxlib's compiler knows `options` (an XLA without these flags fails the compile; they are
   experimental and may go)."""
   try:
-    jax.jit(lambda x: x + 1, backend=backend, compiler_options=dict(options)).lower(1.0).compile()
+    x = jax.device_put(1.0, jax.local_devices(backend=backend)[0])  # jit(backend=) is deprecated
+    jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(x).compile()
   except Exception:  # noqa: BLE001 - any refusal means: compile without them
     return False
   return True

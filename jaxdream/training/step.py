@@ -233,16 +233,16 @@ def step_shardings(pipeline, trainable, frozen, tx, mesh, config):
   return state_sh, param_shardings(frozen, axes, mesh, rules, min_size), batch_sharding(mesh)
 
 
-def jit_step(step_fn, shardings, mesh, compute_dtype='float32'):
+def jit_step(step_fn, shardings, mesh):
   """The step under jax.jit with in/out shardings; the old state's buffers are donated. Compiled for memory
-  (runtime.compiler) with the options of its compute dtype."""
+  (runtime.compiler: XLA:CPU's memory-optimized scheduler)."""
   state_sh, frozen_sh, batch_sh = shardings
   return jax.jit(
     step_fn,
     in_shardings=(state_sh, frozen_sh, batch_sh),
     out_shardings=(state_sh, NamedSharding(mesh, P())),
     donate_argnums=(0,),
-    compiler_options=compiler_options(compute_dtype, low_memory=True, backend=mesh.devices.flat[0].platform),
+    compiler_options=compiler_options(low_memory=True, backend=mesh.devices.flat[0].platform),
   )
 
 
@@ -252,4 +252,4 @@ def _place(step_fn, pipeline, trainable, frozen, tx, mesh, config):
   state_sh, frozen_sh, batch_sh = shardings
   trainable_sh = {k: state_sh['trainable'][k] for k in trainable}
   state = jax.jit(_state_maker(tx, config), out_shardings=state_sh)(jax.device_put(trainable, trainable_sh))
-  return state, jax.device_put(frozen, frozen_sh), jit_step(step_fn, shardings, mesh, config.compute_dtype), batch_sh
+  return state, jax.device_put(frozen, frozen_sh), jit_step(step_fn, shardings, mesh), batch_sh

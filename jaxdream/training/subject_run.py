@@ -192,7 +192,7 @@ def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
   except ValueError as e:
     raise config_lib.RunConfigError(str(e)) from None
   frozen = jax.device_put(frozen, shardings[1])
-  jstep = jit_subject_step(step_fn, shardings, mesh, config.compute_dtype)
+  jstep = jit_subject_step(step_fn, shardings, mesh)
   ema = config.train.ema_decay > 0
 
   outputs, losses, samples = {}, {}, {}

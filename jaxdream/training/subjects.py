@@ -180,7 +180,7 @@ def subject_step(step_fn):
   return jax.vmap(step_fn, in_axes=(0, None, 0))
 
 
-def jit_subject_step(step_fn, shardings, mesh, compute_dtype='float32'):
+def jit_subject_step(step_fn, shardings, mesh):
   """subject_step under jax.jit with in/out shardings; the old state's buffers are donated."""
   state_sh, frozen_sh, batch_sh = shardings
   return jax.jit(
@@ -188,5 +188,5 @@ def jit_subject_step(step_fn, shardings, mesh, compute_dtype='float32'):
     in_shardings=(state_sh, frozen_sh, batch_sh),
     out_shardings=(state_sh, NamedSharding(mesh, P())),
     donate_argnums=(0,),
-    compiler_options=compiler_options(compute_dtype, low_memory=True, backend=mesh.devices.flat[0].platform),
+    compiler_options=compiler_options(low_memory=True, backend=mesh.devices.flat[0].platform),
   )
