@@ -7,10 +7,9 @@ Both sides load one folder of random weights, written once by transformers (`sav
 compute dtype) under --cache-dir, and are fed the same inputs: one random image per row (--image-size
 pixels square: 224 -> 64 image tokens) inside a chat-like prompt of special and text tokens, no tokenizer
 needed. Each side runs in its own process, one after the other, so that a 3B model in bfloat16 (7.5 GB per
-copy; 15 GB in float32) fits next to nothing else. On CPU both sides run float32 by default: XLA's CPU
-backend turns each bfloat16 matrix-vector product of the decode loop into a float32 one and keeps the float32
-weight copies across the loop (+2x the weights), which a 24 GB machine cannot hold for 3B; bfloat16 is for
-accelerators (`--dtype bfloat16` there). EOS is switched off, so every call generates exactly --new-tokens tokens;
+copy; 15 GB in float32) fits next to nothing else. Both sides run float32 by default; `--dtype bfloat16`
+runs both in bfloat16 (on CPU too: jaxdream's products keep bfloat16 operands and accumulate in float32, and
+a batch-1 row takes YNNPACK's kernel, nn.layers.matmul). EOS is switched off, so every call generates exactly --new-tokens tokens;
 tokens/s counts generated tokens over the whole call (vision tower, prefill and decoding), after a warm-up
 call (jaxdream compiles there: printed separately), and a 1-token call separates vision + prefill from
 decoding. The generated tokens are compared too (bfloat16 rounding may make long random-weight runs part).

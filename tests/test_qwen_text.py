@@ -239,3 +239,21 @@ def test_config_forms_and_errors():
     get_rope_index(ids, np.concatenate([GRIDS, GRIDS]), mask, **kw)
   with pytest.raises(ValueError, match='vision_start_token_id'):
     get_rope_index(np.where(ids == VISION_START, 5, ids), GRIDS, mask, **kw)
+
+
+def test_a_lone_bfloat16_row_is_computed_as_among_other_rows():
+  """Batch-1 decoding multiplies one row: `matmul` gives a lone bfloat16 row a zero companion on CPU (XLA:CPU's
+  single-row loop is ~10x slower than the kernel it uses from two rows on). The row's numbers are those it
+  gets among other rows: float32-accumulated, rounded once to bfloat16, in the input's shape."""
+  from jaxdream.nn.layers import matmul
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((1, 1, 96)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((96, 40)) * 0.1, jnp.float32)
+  one = jax.jit(matmul, static_argnums=2)(x, w, jnp.bfloat16)
+  among = jax.jit(matmul, static_argnums=2)(jnp.concatenate([x, -x, 2 * x]), w, jnp.bfloat16)[:1]
+  assert one.shape == (1, 1, 40) and one.dtype == jnp.bfloat16
+  exact = np.asarray(x, np.float32) @ np.asarray(w.astype(jnp.bfloat16), np.float32)
+  ulp = 2.0**-7 * np.abs(exact)  # one bfloat16 rounding
+  np.testing.assert_array_less(np.abs(np.asarray(one, np.float32) - exact), ulp + 1e-6)
+  np.testing.assert_array_less(np.abs(np.asarray(one, np.float32) - np.asarray(among, np.float32)), ulp + 1e-6)

@@ -44,7 +44,14 @@ def matmul(x, w, dtype):
   result keeps bfloat16 operands as they are: otherwise XLA's CPU backend converts both to float32 first and
   holds a float32 copy of every weight at once (a 3B model in bfloat16: 7.5 GB of weights, +15 GB of copies,
   and 3x slower). GPUs and TPUs accumulate bfloat16 dots in float32 anyway: the numbers are the same."""
-  return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+  x, w = x.astype(dtype), w.astype(dtype)
+  if x.size == x.shape[-1] and jnp.dtype(dtype) != jnp.float32 and jax.default_backend() == 'cpu':
+    # One row (batch-1 decoding): XLA:CPU runs a single-row half-precision product in its generic loop, ~10x
+    # slower than the YNNPACK kernel it uses from two rows on (docs/performance.md); a zero row costs nothing.
+    rows = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), dtype)])
+    y = jnp.dot(rows, w, preferred_element_type=jnp.float32)[0]
+    return y.astype(dtype).reshape(x.shape[:-1] + w.shape[1:])
+  return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(dtype)
 
 
 def _uniform_init(key, shape, bound):
