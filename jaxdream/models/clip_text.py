@@ -38,18 +38,21 @@ class CLIPAttention(nnx.Module):
     self.heads, self.attention_impl = heads, attention_impl
     self.remat = 'none'  # set for training (nn.remat)
 
-  def __call__(self, x, mask):
+  def __call__(self, x, mask, queries=None):
+    """Self-attention of `x`; with `queries` (B, Lq, D), only those rows' outputs (their queries against
+    every key of `x`)."""
+    queries = x if queries is None else queries
     impl = kernel_for(self.attention_impl, masked=mask is not None)
     attend = remat_attention(
       self.remat, lambda q, k, v, mask: dot_product_attention(q, k, v, mask=mask, implementation=impl)
     )
     out = attend(
-      split_heads(self.q_proj(x), self.heads),
+      split_heads(self.q_proj(queries), self.heads),
       split_heads(self.k_proj(x), self.heads),
       split_heads(self.v_proj(x), self.heads),
       mask,
     )
-    return self.out_proj(out.reshape(x.shape))
+    return self.out_proj(out.reshape(queries.shape))
 
 
 class CLIPMLP(nnx.Module):
@@ -77,6 +80,13 @@ class CLIPEncoderLayer(nnx.Module):
   def _forward(self, x, mask):
     x = x + self.self_attn(self.layer_norm1(x), mask)
     return x + self.mlp(self.layer_norm2(x))
+
+  def first_token(self, x):
+    """`self(x, None)[:, :1]` computed for that token alone: a pooled embedding reads nothing else of the last
+    layer, so its other rows' queries, output projections and MLPs would be thrown away."""
+    h = self.layer_norm1(x)
+    y = x[:, :1] + self.self_attn(h, None, queries=h[:, :1])
+    return y + self.mlp(self.layer_norm2(y))
 
 
 class CLIPTextEmbeddings(nnx.Module):

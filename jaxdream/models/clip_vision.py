@@ -94,7 +94,11 @@ class CLIPVisionTransformer(nnx.Module):
     return x
 
   def pooled(self, pixel_values):
-    return self.post_layernorm(self(pixel_values)[:, 0])
+    x = self.pre_layrnorm(self.embeddings(pixel_values))
+    *layers, last = self.encoder.layers
+    for layer in layers:
+      x = layer(x, None)
+    return self.post_layernorm(last.first_token(x)[:, 0])  # the last layer for the class token only
 
 
 class CLIPModel(nnx.Module):

@@ -91,14 +91,16 @@ class ViTSelfAttention(nnx.Module):
     self.value = Linear(d, d, **col)
     self.heads, self.attention_impl = cfg['num_attention_heads'], attention_impl
 
-  def __call__(self, x):
+  def __call__(self, x, queries=None):
+    """Self-attention of `x`; with `queries`, only those rows' outputs (against every key of `x`)."""
+    queries = x if queries is None else queries
     out = dot_product_attention(
-      split_heads(self.query(x), self.heads),
+      split_heads(self.query(queries), self.heads),
       split_heads(self.key(x), self.heads),
       split_heads(self.value(x), self.heads),
       implementation=self.attention_impl,
     )
-    return out.reshape(x.shape)
+    return out.reshape(queries.shape)
 
 
 class ViTAttention(nnx.Module):
@@ -107,8 +109,8 @@ class ViTAttention(nnx.Module):
     self.attention = ViTSelfAttention(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
     self.output = ViTDense(d, d, axes=('heads', 'embed'), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x):
-    return self.output(self.attention(x))
+  def __call__(self, x, queries=None):
+    return self.output(self.attention(x, queries))
 
 
 class ViTLayer(nnx.Module):
@@ -126,6 +128,12 @@ class ViTLayer(nnx.Module):
   def __call__(self, x):
     x = x + self.attention(self.layernorm_before(x))
     return x + self.output(activation(self.act)(self.intermediate(self.layernorm_after(x))))
+
+  def first_token(self, x):
+    """`self(x)[:, :1]` computed for that token alone (the class token, all a DINO embedding reads)."""
+    h = self.layernorm_before(x)
+    y = x[:, :1] + self.attention(h, h[:, :1])
+    return y + self.output(activation(self.act)(self.intermediate(self.layernorm_after(y))))
 
 
 class ViTEncoder(nnx.Module):
@@ -203,4 +211,9 @@ class ViTModel(nnx.Module):
     return dict(last_hidden_state=last, pooler_output=pooled)
 
   def cls_embedding(self, pixel_values):
-    return self.layernorm(self.hidden(pixel_values)[:, 0])  # the norm is per token: only the class token's
+    x = self.embeddings(pixel_values)
+    *layers, last = self.encoder.layer
+    for layer in layers:
+      x = layer(x)
+    # The last layer and the norm (per token) for the class token only.
+    return self.layernorm(last.first_token(x)[:, 0])
