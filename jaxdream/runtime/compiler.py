@@ -5,11 +5,12 @@ Two XLA:CPU defaults cost some of jaxdream's programs time or memory (docs/perfo
 measurements):
 - Matmuls and convolutions run as YNNPACK fusions. In float32 XLA's own kernels are faster at jaxdream's
   shapes: the scoring models' matmuls took 1.3-1.4x the CPU time with YNNPACK, SDXL's 1280-channel 3x3
-  convolutions 1.8x, a decode step's matrix-vector products 1.5x, the SD 1.5 UNet forward 1.1x. In bfloat16
+  convolutions 1.8x, a decode step's matrix-vector products 1.5x. In bfloat16
   YNNPACK is 2-3x faster (it has bf16 kernels; XLA's own convert to float32), so bfloat16 programs keep it.
   The gain depends on the shapes, so only the scoring models ask for XLA's kernels (`xla_kernels=True`): the
   tiny model's training step took 1.55x the CPU time with them, and the tiny Qwen2.5-VL's greedy decoding
-  at batch 4 7x as long (its 151,936-wide LM head at 4 rows); the SD 1.5 UNet and SDXL's convolutions gained.
+  at batch 4 7x as long (its 151,936-wide LM head at 4 rows); SDXL's 1280-channel convolutions gained, but the
+  SD 1.5 UNet, VAE decoder and training step did not when re-measured.
 - Instructions are scheduled for concurrency, which keeps many large temporaries alive at once. The
   memory-optimized scheduler orders the same instructions to keep the fewest bytes alive: SD 1.5's training
   step at 256 px, float32, one device, 9.34 -> 5.79 GiB of temporaries; the tiny model's step got faster,
