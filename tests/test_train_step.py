@@ -332,9 +332,10 @@ def test_steps_equal_the_pytorch_reference(small_sd_folder, case):
   # The text encoder's gradient sums over 77 positions and comes through every cross-attention; where two
   # steps' gradients nearly cancel, Adam's second step magnifies their float32 rounding (1.4e-4 measured).
   # The UNet's changes agree to 1.01e-4 on the min-SNR + EMA case when XLA skips LLVM's optimisations (the
-  # tests' cheap compile flags; 0.8e-4 with them): rounding, where a wrong option moves them by >1e-2.
+  # tests' cheap compile flags; 0.8e-4 with them): rounding, where a wrong option moves them by >1e-2. The
+  # rounding depends on the CPU's kernels: the plain UNet case gave 2.05e-4 on an AMD EPYC whatever the commit.
   loss_tol, norm_tol = (1e-2, 2e-2) if bf16 else (1e-5, 1e-4)
-  delta_tol = {'unet': 0.25, 'text_encoder': 0.25} if bf16 else {'unet': 2e-4, 'text_encoder': 5e-4}
+  delta_tol = {'unet': 0.25, 'text_encoder': 0.25} if bf16 else {'unet': 5e-4, 'text_encoder': 5e-4}
   if 'lora' in options:  # the adapters' changes: a few thousand numbers, and B starts at exactly zero
     # LoCon's conv adapters agree to 1.03e-4 since the step is scheduled for memory (runtime/compiler.py:
     # the same operations in another order, so other rounding); a wrong option moves them by >1e-2.
