@@ -279,3 +279,32 @@ def test_float32_programs_compile_their_cpu_matmuls_off_ynnpack_with_the_same_nu
   assert rel_err(encoder(x, w), default(x, w)) <= 1e-6
   assert compiler_options(jnp.float32, xla_kernels=True, backend='gpu') is None
   assert compiler_options(xla_kernels=True, backend='tpu') is None
+
+
+@pytest.mark.parametrize('layers', [0, 1])
+def test_class_token_embeddings_of_zero_and_one_layer_towers_equal_transformers(layers, tmp_path):
+  """The last encoder layer runs for the class token only (`first_token`); a tower with one layer has only that
+  one, and a tower with none (transformers builds it) has none to skip."""
+  from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+
+  from jaxdream.models import load_clip_model
+
+  torch.manual_seed(0)
+  vision = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=layers)
+  clip_t = CLIPModel(
+    CLIPConfig(
+      text_config=dict(vision, vocab_size=99, max_position_embeddings=16),
+      vision_config=dict(vision, image_size=16, patch_size=4),
+      projection_dim=8,
+    )
+  ).eval()
+  vit_t = ViTModel(ViTConfig(**vision, image_size=16, patch_size=4), add_pooling_layer=False).eval()
+  clip_t.save_pretrained(tmp_path / 'clip')
+  vit_t.save_pretrained(tmp_path / 'vit')
+  x = np.random.default_rng(layers).standard_normal((2, 16, 16, 3)).astype(np.float32)
+  with torch.no_grad():
+    pixels = torch.from_numpy(x.transpose(0, 3, 1, 2))
+    want_clip = clip_t.get_image_features(pixel_values=pixels).pooler_output.numpy()
+    want_vit = vit_t(pixel_values=pixels).last_hidden_state[:, 0].numpy()
+  assert rel_err(load_clip_model(str(tmp_path / 'clip')).get_image_features(x), want_clip) <= 1e-5
+  assert rel_err(load_vit(str(tmp_path / 'vit')).cls_embedding(x), want_vit) <= 1e-5

@@ -95,10 +95,11 @@ class CLIPVisionTransformer(nnx.Module):
 
   def pooled(self, pixel_values):
     x = self.pre_layrnorm(self.embeddings(pixel_values))
-    *layers, last = self.encoder.layers
-    for layer in layers:
+    layers = list(self.encoder.layers)
+    for layer in layers[:-1]:
       x = layer(x, None)
-    return self.post_layernorm(last.first_token(x)[:, 0])  # the last layer for the class token only
+    x = layers[-1].first_token(x) if layers else x  # the last layer for the class token only
+    return self.post_layernorm(x[:, 0])
 
 
 class CLIPModel(nnx.Module):

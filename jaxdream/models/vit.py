@@ -212,8 +212,8 @@ class ViTModel(nnx.Module):
 
   def cls_embedding(self, pixel_values):
     x = self.embeddings(pixel_values)
-    *layers, last = self.encoder.layer
-    for layer in layers:
+    layers = list(self.encoder.layer)
+    for layer in layers[:-1]:
       x = layer(x)
-    # The last layer and the norm (per token) for the class token only.
-    return self.layernorm(last.first_token(x)[:, 0])
+    x = layers[-1].first_token(x) if layers else x  # the last layer and the (per-token) norm: class token only
+    return self.layernorm(x[:, 0])
