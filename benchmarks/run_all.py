@@ -7,14 +7,20 @@
 Each benchmark script runs in its own process with --json (benchmarks/_report.py): its raw per-repeat values
 per side come back as data, not as printed text. Written: benchmarks/results/<date>-<host>.json (per row: the
 exact command, median, min and max per side, the ratio of medians, versions, device kind, thread counts, the
-1-minute load average before and after the run and `loaded` when either is above --max-load) and the markdown
-table beside it (.md). A rerun on the same day and host replaces the benchmarks it ran and keeps the others.
+1-minute load average before and after the run, the CPU cores other processes used during it, and `loaded`)
+and the markdown table beside it (.md). A rerun on the same day and host replaces the benchmarks it ran and keeps the others.
 --quick writes <date>-<host>-quick.* instead.
 
 --update-readme replaces the README's table between `<!-- benchmarks:begin -->` and `<!-- benchmarks:end -->`
 with this table, so the numbers there are regenerated, never hand-edited. It refuses loaded rows (a loaded
 machine slows torch's OpenMP threads far more than XLA, which flatters jaxdream) unless --allow-loaded, quick
 results, and a table missing any README benchmark.
+
+Loaded: other processes used more than --max-others cores on average while the benchmark ran (Linux: the
+machine's busy CPU time from /proc/stat less the benchmark's own, from its rusage). The load average is kept
+in the results but does not decide: it counts the benchmark's own threads (2 on a 2-core machine make it ~2)
+and, for a minute after, the previous benchmark's. Where /proc/stat is missing, a load average above
+--max-load before or after the run flags the row.
 
 Ratio: the peer's median / jaxdream's median, so above 1 jaxdream is faster (or, for memory, smaller).
 """
@@ -26,12 +32,14 @@ import dataclasses
 import datetime
 import json
 import os
+import resource
 import shlex
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 import _report
 
@@ -41,6 +49,7 @@ README = os.path.join(ROOT, 'README.md')
 RESULTS = os.path.join(HERE, 'results')
 BEGIN, END = '<!-- benchmarks:begin -->', '<!-- benchmarks:end -->'
 MAX_LOAD = 1.5
+MAX_OTHERS = 0.25  # cores other processes may use during a run before it counts as loaded
 GIB = 2**30
 
 
@@ -119,7 +128,10 @@ BENCHMARKS = (
   Benchmark(
     'vlm_generate',
     'vlm_generate.py',
-    full=(('--model', 'qwen2_5_vl', '--config', 'tiny', '3b', '--batch', '1', '4', '--new-tokens', '8', *_T),),
+    full=(
+      ('--model', 'qwen2_5_vl', '--config', 'tiny', '3b', '--batch', '1', '4', '--new-tokens', '8', *_T),
+      ('--model', 'qwen2_5_vl', '--config', '3b', '--batch', '1', '4', '--new-tokens', '8', '--dtype', 'bfloat16', *_T),
+    ),
     quick=(('--model', 'qwen2_5_vl', '--config', 'tiny', '--batch', '1', '--new-tokens', '4', '--repeats', '1', *_T),),
   ),
   Benchmark(
@@ -149,6 +161,12 @@ def _parse(argv=None):
   p.add_argument(
     '--max-load', type=float, default=MAX_LOAD, help=f'load average flagged as loaded (default {MAX_LOAD})'
   )
+  p.add_argument(
+    '--max-others',
+    type=float,
+    default=MAX_OTHERS,
+    help=f'CPU cores other processes may use on average during a run before it is flagged (default {MAX_OTHERS})',
+  )
   p.add_argument('--out', default=RESULTS, help='results folder (default benchmarks/results)')
   args = p.parse_args(argv)
   if args.repeats < 1:
@@ -173,9 +191,20 @@ def side_stats(side: dict) -> dict:
   }
 
 
-def summarize(row: dict, *, benchmark: str, command: str, load: tuple[float, float], env: dict, max_load=MAX_LOAD):
+def summarize(
+  row: dict,
+  *,
+  benchmark: str,
+  command: str,
+  load: tuple[float, float],
+  env: dict,
+  others: float | None = None,
+  max_load=MAX_LOAD,
+  max_others=MAX_OTHERS,
+):
   """One results row from a script's --json row: median, min and max per side, the ratio of medians (peer /
-  jaxdream: above 1 jaxdream is faster or smaller), and where and under which load it was measured."""
+  jaxdream: above 1 jaxdream is faster or smaller), and where and under which load it was measured (`others`:
+  the cores other processes used during the run, None where unknown)."""
   sides = [side_stats(s) for s in row['sides']]
   ratio = sides[1]['median'] / sides[0]['median'] if len(sides) == 2 and sides[0]['median'] > 0 else None
   return {
@@ -189,13 +218,20 @@ def summarize(row: dict, *, benchmark: str, command: str, load: tuple[float, flo
     'ratio': ratio,
     'load_before': load[0],
     'load_after': load[1],
-    'loaded': max(load) > max_load,
+    'others_cores': others,
+    'loaded': is_loaded(load, others, max_load, max_others),
     'versions': env.get('versions'),
     'device': env.get('device'),
     'threads': env.get('threads'),
     'cores': env.get('cores'),
     'notes': row.get('notes', {}),
   }
+
+
+def is_loaded(load: tuple[float, float], others: float | None, max_load=MAX_LOAD, max_others=MAX_OTHERS) -> bool:
+  """Whether other work shared the machine: measured directly where it can be (`others`, cores), else the
+  load average before or after the run."""
+  return others > max_others if others is not None else max(load) > max_load
 
 
 def memory_rows(lines: list[dict]) -> list[dict]:
@@ -255,6 +291,8 @@ def markdown_table(rows: list[dict]) -> str:
   lines = ['| work | command | jaxdream | peer | ratio |', '| --- | --- | --- | --- | --- |']
   for r in rows:
     load = f'load {r["load_before"]:.1f} -> {r["load_after"]:.1f}'
+    if r.get('others_cores') is not None:
+      load = f'other processes {r["others_cores"]:.2f} cores, {load}'
     work = f'{r["name"]} ({"loaded: " if r["loaded"] else ""}{load})'
     if 'error' in r:
       lines.append(f'| {work} | `{r["command"]}` | failed: {r["error"]} | | |')
@@ -274,8 +312,9 @@ def results_markdown(results: dict) -> str:
   head = (
     f'Benchmarks on {env["host"]} ({env["cpu"]}, {env["cpu_count"]} cores), {results["date"]}, '
     f'{"quick presets, " if results["quick"] else ""}{results["repeats"]} repeat(s) per side; {v}. '
-    f'Ratio: the peer\'s median / jaxdream\'s (above 1: jaxdream faster or smaller); "loaded": the 1-minute '
-    f'load average was above {results["max_load"]} before or after the run.\n\n'
+    f'Ratio: the peer\'s median / jaxdream\'s (above 1: jaxdream faster or smaller); "loaded": other processes '
+    f'used more than {results.get("max_others", MAX_OTHERS)} CPU cores on average during the run (where that '
+    f'cannot be measured: the 1-minute load average was above {results["max_load"]} before or after it).\n\n'
   )
   return head + markdown_table(results['rows'])
 
@@ -329,7 +368,34 @@ def read_report(path: str) -> dict:
   return {'rows': memory_rows(lines), 'environment': dict(_report.environment(), device=device)}
 
 
-def run_command(benchmark: str, command: list[str], *, max_load: float = MAX_LOAD) -> list[dict]:
+def cpu_busy_seconds() -> float | None:
+  """CPU seconds the whole machine has been busy since boot (user, nice, system, irq, softirq in /proc/stat),
+  or None where there is no /proc/stat."""
+  try:
+    with open('/proc/stat') as f:
+      fields = f.readline().split()
+  except OSError:
+    return None
+  if not fields or fields[0] != 'cpu':
+    return None
+  user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[1:8])
+  return (user + nice + system + irq + softirq) / os.sysconf('SC_CLK_TCK')
+
+
+def _own_cpu_seconds() -> float:
+  """CPU seconds of this process and its finished children (a benchmark's own side processes included)."""
+  me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def others_cores(busy: tuple[float | None, float | None], own: tuple[float, float], wall: float) -> float | None:
+  """The CPU cores other processes used on average over `wall` seconds: the machine's busy time less ours."""
+  if busy[0] is None or busy[1] is None or wall <= 0:
+    return None
+  return max(0.0, ((busy[1] - busy[0]) - (own[1] - own[0])) / wall)
+
+
+def run_command(benchmark: str, command: list[str], *, max_load: float = MAX_LOAD, max_others=MAX_OTHERS) -> list[dict]:
   """Run one benchmark command with --json in a fresh process (its output passes through); its rows
   summarised, or one error row."""
   shown = ' '.join(shlex.quote(a) for a in command)
@@ -339,15 +405,27 @@ def run_command(benchmark: str, command: list[str], *, max_load: float = MAX_LOA
     out = os.path.join(tmp, 'report.json')
     print(f'\n$ {shown}', flush=True)
     before = os.getloadavg()[0]
+    busy0, own0, t0 = cpu_busy_seconds(), _own_cpu_seconds(), time.monotonic()
     proc = subprocess.run([sys.executable, script, *command[2:], '--json', out], cwd=ROOT, env=env)
+    others = others_cores((busy0, cpu_busy_seconds()), (own0, _own_cpu_seconds()), time.monotonic() - t0)
     after = os.getloadavg()[0]
-    base = dict(benchmark=benchmark, command=shown, load_before=before, load_after=after)
+    base = dict(benchmark=benchmark, command=shown, load_before=before, load_after=after, others_cores=others)
     if proc.returncode or not os.path.exists(out):
-      return [dict(base, name=benchmark, error=f'exit status {proc.returncode}', loaded=max(before, after) > max_load)]
+      loaded = is_loaded((before, after), others, max_load, max_others)
+      return [dict(base, name=benchmark, error=f'exit status {proc.returncode}', loaded=loaded)]
     report = read_report(out)
   env = report['environment'] or _report.environment()
   return [
-    summarize(r, benchmark=benchmark, command=shown, load=(before, after), env=env, max_load=max_load)
+    summarize(
+      r,
+      benchmark=benchmark,
+      command=shown,
+      load=(before, after),
+      env=env,
+      others=others,
+      max_load=max_load,
+      max_others=max_others,
+    )
     for r in report['rows']
   ]
 
@@ -372,13 +450,14 @@ def main(argv=None) -> int:
   rows = []
   for b in chosen:
     for command in b.commands(args.quick, args.repeats):
-      rows += run_command(b.name, command, max_load=args.max_load)
+      rows += run_command(b.name, command, max_load=args.max_load, max_others=args.max_others)
   results = {
     'date': datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d'),
     'created': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
     'quick': args.quick,
     'repeats': args.repeats,
     'max_load': args.max_load,
+    'max_others': args.max_others,
     'environment': _report.environment(),
     'rows': rows,
   }

@@ -66,9 +66,11 @@ def fake_script(tmp_path):
 
 @pytest.fixture
 def loads(monkeypatch):
-  """os.getloadavg as run_all sees it: the given 1-minute averages, in turn (before, after, before, ...)."""
+  """os.getloadavg as run_all sees it: the given 1-minute averages, in turn (before, after, before, ...); the
+  machine's busy CPU time unknown (as off Linux), so these decide `loaded`."""
   values = []
   monkeypatch.setattr(run_all.os, 'getloadavg', lambda: (values.pop(0), 0.0, 0.0))
+  monkeypatch.setattr(run_all, 'cpu_busy_seconds', lambda: None)
   return values
 
 
@@ -96,6 +98,7 @@ def test_rows_aggregate_repeats_ratio_load_and_environment(fake_script, loads):
       'command': f'python {fake_script} --fail',
       'load_before': 0.1,
       'load_after': 0.2,
+      'others_cores': None,
       'name': 'sample',
       'error': 'exit status 3',
       'loaded': False,
@@ -118,6 +121,40 @@ def test_rows_aggregate_repeats_ratio_load_and_environment(fake_script, loads):
     dict(REPORT['rows'][0], per_call=20), benchmark='sample', command='c', load=(0.1, 0.1), env={}
   )
   assert '| 10 images/s (6.67-20) | 4 images/s (3.33-5) (diffusers) | **2.50x** |' in run_all.markdown_table([fast])
+
+
+def test_other_processes_cpu_decides_loaded_not_the_benchmarks_own_load(fake_script, loads, monkeypatch):
+  """A 2-thread benchmark on 2 cores makes the load average ~2 by itself: where the machine's busy CPU time is
+  known, a row is loaded when other processes used more than --max-others cores during it."""
+  assert run_all.others_cores((100.0, 112.0), (5.0, 15.0), wall=10.0) == pytest.approx(0.2)  # 12 busy, 10 ours
+  assert run_all.others_cores((100.0, 110.0), (5.0, 15.5), wall=10.0) == 0.0  # clock granularity: never < 0
+  assert run_all.others_cores((None, 110.0), (5.0, 15.0), wall=10.0) is None
+  assert run_all.is_loaded((2.0, 2.1), 0.05) is False and run_all.is_loaded((0.1, 0.2), 0.6) is True
+  assert run_all.is_loaded((0.1, 1.6), None) is True  # unknown: the load average decides
+
+  busy = iter([1000.0, 1000.0 + 1e6])  # others burned a million core-seconds while the script ran
+  monkeypatch.setattr(run_all, 'cpu_busy_seconds', lambda: next(busy))
+  loads += [2.0, 2.0]
+  (r, _) = run_all.run_command('sample', ['python', fake_script])
+  assert r['loaded'] is True and r['others_cores'] > 1
+  assert '(loaded: other processes ' in run_all.markdown_table([r])
+
+  monkeypatch.setattr(run_all, 'cpu_busy_seconds', lambda: 1000.0)  # nothing else ran
+  loads += [2.0, 2.0]
+  (r, _) = run_all.run_command('sample', ['python', fake_script], max_others=0.25)
+  assert r['loaded'] is False and r['others_cores'] == 0.0
+  assert '| fake txt2img (other processes 0.00 cores, load 2.0 -> 2.0) |' in run_all.markdown_table([r])
+
+
+def test_machine_busy_time_is_read_and_covers_this_process(monkeypatch):
+  if not os.path.exists('/proc/stat'):
+    pytest.skip('no /proc/stat')
+  b0, own0 = run_all.cpu_busy_seconds(), run_all._own_cpu_seconds()
+  x = 0
+  while run_all._own_cpu_seconds() - own0 < 0.3:  # burn 0.3 CPU seconds here
+    x += 1
+  b1 = run_all.cpu_busy_seconds()
+  assert b1 - b0 >= 0.25  # the machine's busy time includes what this process just used
 
 
 def test_memory_script_json_lines_become_one_sided_gib_rows(tmp_path):
