@@ -12,7 +12,7 @@ and the markdown table beside it (.md). A rerun on the same day and host replace
 --quick writes <date>-<host>-quick.* instead.
 
 --update-readme replaces the README's table between `<!-- benchmarks:begin -->` and `<!-- benchmarks:end -->`
-with this table, so the numbers there are regenerated, never hand-edited. It refuses loaded rows (a loaded
+with this table and its heading (machine, date, versions), so the numbers there are regenerated, never hand-edited. It refuses loaded rows (a loaded
 machine slows torch's OpenMP threads far more than XLA, which flatters jaxdream) unless --allow-loaded, quick
 results, and a table missing any README benchmark.
 
@@ -345,7 +345,7 @@ def update_readme(path: str, results: dict, allow_loaded: bool = False) -> None:
     raise ValueError(f'loaded rows (rerun them on a quiet machine, or --allow-loaded): {"; ".join(loaded)}')
   with open(path, encoding='utf-8') as f:
     text = f.read()
-  text = replace_table(text, markdown_table(results['rows']), path)
+  text = replace_table(text, results_markdown(results), path)  # with where, when and on what it ran
   with open(path, 'w', encoding='utf-8') as f:
     f.write(text)
 

@@ -452,13 +452,15 @@ def _rows(args, results: dict) -> list[dict]:
   """The --json rows: every timed step of every round per side, and the step-phase memory of each round
   (device peak on GPU, RSS growth over imports on CPU) where both sides measured it."""
   labels = {'jax': 'jaxdream', 'torch': 'torch'}
+  short = {'jax': 'jaxdream', 'torch': 'diffusers'}  # the table's; each side's full setup goes to the notes
   work = f'DreamBooth step, {args.preset} {args.resolution}x{args.resolution}, 1+1 examples, UNet + text encoder'
   sides = [
-    _report.side(labels[s], [t for r in rs for t in r['times']], first=rs[0]['first_s'], label=rs[0]['label'])
+    _report.side(labels[s], [t for r in rs for t in r['times']], first=rs[0]['first_s'], label=short[s])
     for s, rs in results.items()
     if rs
   ]
-  rows = [_report.row(work, sides, item='step', rounds=args.rounds)] if sides else []
+  setups = {labels[s]: rs[0]['label'] for s, rs in results.items() if rs}
+  rows = [_report.row(work, sides, item='step', rounds=args.rounds, setups=setups)] if sides else []
   peaks = {
     s: [r['device_peak'] or (r['peak_steps'] - r['base'] if r['peak_steps'] else None) for r in rs]
     for s, rs in results.items()

@@ -204,13 +204,16 @@ def test_readme_table_is_replaced_between_the_markers_only(fake_script, loads, t
   before = readme.read_text()
   loads += [0.2, 0.3] * len(run_all.NAMES)
   rows = [r for name in run_all.NAMES for r in run_all.run_command(name, ['python', fake_script])]
-  results = {'quick': False, 'rows': rows}
+  env = dict(REPORT['environment'], host='box', cpu='Some CPU', cpu_count=2)
+  results = {'quick': False, 'rows': rows, 'environment': env, 'date': '2026-01-02', 'repeats': 3, 'max_load': 1.5}
   run_all.update_readme(str(readme), results)
   after = readme.read_text()
   head, rest = before.split(run_all.BEGIN)
   tail = rest.split(run_all.END)[1]
   table = run_all.markdown_table(rows)
-  assert after == f'{head}{run_all.BEGIN}\n\n{table}\n{run_all.END}{tail}'
+  assert after == f'{head}{run_all.BEGIN}\n\n{run_all.results_markdown(results)}\n{run_all.END}{tail}'
+  assert 'Benchmarks on box (Some CPU, 2 cores), 2026-01-02, 3 repeat(s) per side; jax 9.9, torch 8.8.' in after
+  assert table in after
   assert '| fake txt2img (load 0.2 -> 0.3) |' in after and '7.58 s' not in after  # the old UNet row is gone
 
   loaded = [dict(rows[0], loaded=True)] + rows[1:]
