@@ -14,6 +14,11 @@ Rows (float32 unless marked):
               GB/s of weights read)
   gemv_bf16   the same in bfloat16 weights (float32 accumulation)
   mm_bf16     the vit_mlp shape in bfloat16 (float32 accumulation)
+  mm4096      4096x4096 @ 4096x4096: the machine's float32 ceiling (a model of matmuls runs below this rate)
+  vit_fc2     6304x1536 @ 1536x384: DINO's second MLP product
+  gemv1_f32   1x2048 @ 2048x11008: batch-1 decoding's product, float32
+  gemv2_bf16  2x2048 @ 2048x11008 in bfloat16 (a lone bfloat16 row is padded to two: nn.layers.matmul)
+  gemv2_bf16_oi  the same with the weights stored (out, in), as torch's Linear stores them (both sides)
 jax runs each kernel jitted on its default CPU backend, torch with torch.set_num_threads(--threads); both
 sides are pinned to the same --threads cores, timed alternately (jax, torch, jax, ...), medians reported.
 """
@@ -37,6 +42,11 @@ KERNELS = {
   'gemv_f32': ('mm', GEMV, 'float32'),
   'gemv_bf16': ('mm', GEMV, 'bfloat16'),
   'mm_bf16': ('mm', (6304, 384, 1536), 'bfloat16'),
+  'mm4096': ('mm', (4096, 4096, 4096), 'float32'),
+  'vit_fc2': ('mm', (6304, 1536, 384), 'float32'),
+  'gemv1_f32': ('mm', (1, 2048, 11008), 'float32'),
+  'gemv2_bf16': ('mm', (2, 2048, 11008), 'bfloat16'),
+  'gemv2_bf16_oi': ('mm_oi', (2, 2048, 11008), 'bfloat16'),
 }
 
 
@@ -54,7 +64,7 @@ def _work(kind, shape, dtype):
   import numpy as np
 
   size = 2 if dtype == 'bfloat16' else 4
-  if kind == 'mm':
+  if kind in ('mm', 'mm_oi'):
     m, k, n = shape
     return 2 * m * k * n, k * n * size
   b, h, w, ci, co = shape
@@ -77,6 +87,14 @@ def _sides(kind, shape, dtype):
     f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     ta, tb = torch.from_numpy(a).to(tdt), torch.from_numpy(b).to(tdt)
     return (lambda: f(ja, jb).block_until_ready()), (lambda: ta @ tb)
+  if kind == 'mm_oi':  # x @ w.T with w (out, in): torch's Linear layout
+    m, k, n = shape
+    a, w = rng.standard_normal((m, k), np.float32), rng.standard_normal((n, k), np.float32)
+    ja, jw = jnp.asarray(a, jdt), jnp.asarray(w, jdt)
+    dims = (((1,), (1,)), ((), ()))
+    f = jax.jit(lambda a, w: jax.lax.dot_general(a, w, dims, preferred_element_type=jnp.float32))
+    ta, tw = torch.from_numpy(a).to(tdt), torch.from_numpy(w).to(tdt)
+    return (lambda: f(ja, jw).block_until_ready()), (lambda: torch.nn.functional.linear(ta, tw))
   bsz, h, w, ci, co = shape
   x, k = rng.standard_normal((bsz, h, w, ci), np.float32), rng.standard_normal((3, 3, ci, co), np.float32)
   jx, jk = jnp.asarray(x, jdt), jnp.asarray(k, jdt)
