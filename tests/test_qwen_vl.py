@@ -220,3 +220,35 @@ def test_bfloat16_loads_bfloat16_weights_and_computes_in_bfloat16(qwen2_5_vl_fol
   assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
   # bfloat16 weights too (inference of the 7B/8B sizes): half of float32's memory.
   assert {x.dtype for x in jax.tree.leaves(nnx.state(bundle.model))} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_bfloat16_keeps_weights_out_in_with_float32s_numbers_and_tensor_shardings(qwen2_5_vl_folder):
+  """In half precision every Linear of the decoder and vision tower stores its kernel (out, in), as torch does
+  (XLA:CPU's faster bfloat16 layout, nn.layers.LinearOutIn): the same weights in and out as the files, logits
+  within bfloat16 rounding of float32's, and the tensor axis on the right dimension of each kernel."""
+  from jaxdream.io.weights import state_dict
+  from jaxdream.nn.layers import LinearOutIn
+
+  torch_model, path = qwen2_5_vl_folder
+  half, full = vlm.load(path, dtype=jnp.bfloat16), vlm.load(path)
+  linears = [m for _, m in nnx.iter_graph(half.model) if isinstance(m, Linear)]
+  assert linears and all(type(m) is LinearOutIn for m in linears)
+  assert not [m for _, m in nnx.iter_graph(full.model) if isinstance(m, LinearOutIn)]
+  mlp = half.model.model.language_model.layers[0].mlp
+  assert mlp.gate_proj.kernel.shape == tuple(torch_model.model.language_model.layers[0].mlp.gate_proj.weight.shape)
+  ours, files = state_dict(half.model), torch_model.state_dict()
+  for k, v in ours.items():  # written back in torch's layout: the files' weights, rounded to bfloat16
+    ref = files[k].to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(np.asarray(v, np.float32), ref, err_msg=k)
+  inputs = half.processor(_images()[:1], ['Describe this image.'])
+  args = (inputs['pixel_values'], inputs['image_grid_thw'], inputs['input_ids'], inputs['attention_mask'])
+  logits = [np.asarray(_forward(b.model, b.model.generation_inputs(*args))) for b in (half, full)]
+  assert rel_err(*logits) < 0.02
+  sharded = vlm.load(path, dtype=jnp.bfloat16, tensor_parallel=8).model.model.language_model.layers[0]
+  assert sharded.mlp.gate_proj.kernel[...].sharding.spec[0] == 'tensor'  # (mlp, embed): column-parallel
+  assert sharded.mlp.down_proj.kernel[...].sharding.spec[1] == 'tensor'  # (embed, mlp): row-parallel
+  kw = dict(max_new_tokens=3, eos_token_id=half.eos_token_id, pad_token_id=half.pad_token_id)
+  np.testing.assert_array_equal(
+    vlm.generate(vlm.load(path, dtype=jnp.bfloat16, tensor_parallel=8).model, *args, **kw),
+    vlm.generate(half.model, *args, **kw),
+  )

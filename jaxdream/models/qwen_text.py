@@ -28,7 +28,7 @@ from jaxdream.nn.attention import (
   split_heads,
   write_cache,
 )
-from jaxdream.nn.layers import ACTIVATIONS, Embed, Linear, RMSNorm, activation
+from jaxdream.nn.layers import ACTIVATIONS, Embed, RMSNorm, activation, linear_class
 
 MODEL_TYPES = ('qwen2_5_vl', 'qwen3_vl')
 # transformers' Qwen2_5_VLTextConfig / Qwen3VLTextConfig defaults (and their rotary embeddings' mrope_section).
@@ -204,10 +204,12 @@ class QwenTextAttention(nnx.Module):
   def __init__(self, cfg: dict, *, dtype, attention_impl, rngs):
     d, h, kvh, hd = cfg['hidden_size'], cfg['num_attention_heads'], cfg['num_key_value_heads'], cfg['head_dim']
     col = dict(use_bias=cfg['qkv_bias'], axes=('embed', 'heads'), dtype=dtype, rngs=rngs)
-    self.q_proj = Linear(d, h * hd, **col)
-    self.k_proj = Linear(d, kvh * hd, **col)
-    self.v_proj = Linear(d, kvh * hd, **col)
-    self.o_proj = Linear(h * hd, d, use_bias=cfg['o_bias'], axes=('heads', 'embed'), dtype=dtype, rngs=rngs)
+    self.q_proj = linear_class(dtype)(d, h * hd, **col)
+    self.k_proj = linear_class(dtype)(d, kvh * hd, **col)
+    self.v_proj = linear_class(dtype)(d, kvh * hd, **col)
+    self.o_proj = linear_class(dtype)(
+      h * hd, d, use_bias=cfg['o_bias'], axes=('heads', 'embed'), dtype=dtype, rngs=rngs
+    )
     if cfg['qk_norm']:
       self.q_norm = RMSNorm(hd, eps=cfg['rms_norm_eps'], dtype=dtype)
       self.k_norm = RMSNorm(hd, eps=cfg['rms_norm_eps'], dtype=dtype)
@@ -233,9 +235,9 @@ class QwenTextAttention(nnx.Module):
 class QwenTextMLP(nnx.Module):
   def __init__(self, cfg: dict, *, dtype, rngs):
     d, f = cfg['hidden_size'], cfg['intermediate_size']
-    self.gate_proj = Linear(d, f, use_bias=False, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs)
-    self.up_proj = Linear(d, f, use_bias=False, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs)
-    self.down_proj = Linear(f, d, use_bias=False, axes=('mlp', 'embed'), dtype=dtype, rngs=rngs)
+    self.gate_proj = linear_class(dtype)(d, f, use_bias=False, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs)
+    self.up_proj = linear_class(dtype)(d, f, use_bias=False, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs)
+    self.down_proj = linear_class(dtype)(f, d, use_bias=False, axes=('mlp', 'embed'), dtype=dtype, rngs=rngs)
     self.act = cfg['hidden_act']
 
   def __call__(self, x):

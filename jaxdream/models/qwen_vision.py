@@ -19,7 +19,7 @@ from flax import nnx
 
 from jaxdream.models.config import ConfigError, resolve_config, square_size
 from jaxdream.nn.attention import check_implementation, dot_product_attention, kernel_for
-from jaxdream.nn.layers import ACTIVATIONS, WEIGHT_PRODUCT, Embed, LayerNorm, Linear, RMSNorm, activation
+from jaxdream.nn.layers import ACTIVATIONS, WEIGHT_PRODUCT, Embed, LayerNorm, RMSNorm, activation, linear_class
 
 _COMMON = dict(
   in_channels=3,
@@ -256,8 +256,8 @@ class VisionAttention(nnx.Module):
 
   def __init__(self, cfg: dict, *, attention_impl: str, dtype, rngs):
     d = cfg['hidden_size']
-    self.qkv = Linear(d, 3 * d, axes=('embed', 'heads'), dtype=dtype, rngs=rngs)
-    self.proj = Linear(d, d, axes=('heads', 'embed'), dtype=dtype, rngs=rngs)
+    self.qkv = linear_class(dtype)(d, 3 * d, axes=('embed', 'heads'), dtype=dtype, rngs=rngs)
+    self.proj = linear_class(dtype)(d, d, axes=('heads', 'embed'), dtype=dtype, rngs=rngs)
     self.heads, self.attention_impl = cfg['num_heads'], attention_impl
 
   def __call__(self, x, cos, sin, segments: np.ndarray):
@@ -302,9 +302,9 @@ class Qwen2_5VisionMLP(nnx.Module):
 
   def __init__(self, cfg: dict, *, dtype, rngs):
     d, h = cfg['hidden_size'], cfg['intermediate_size']
-    self.gate_proj = Linear(d, h, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs)
-    self.up_proj = Linear(d, h, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs)
-    self.down_proj = Linear(h, d, axes=('mlp', 'embed'), dtype=dtype, rngs=rngs)
+    self.gate_proj = linear_class(dtype)(d, h, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs)
+    self.up_proj = linear_class(dtype)(d, h, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs)
+    self.down_proj = linear_class(dtype)(h, d, axes=('mlp', 'embed'), dtype=dtype, rngs=rngs)
     self.act = cfg['hidden_act']
 
   def __call__(self, x):
@@ -314,8 +314,8 @@ class Qwen2_5VisionMLP(nnx.Module):
 class Qwen3VisionMLP(nnx.Module):
   def __init__(self, cfg: dict, *, dtype, rngs):
     d, h = cfg['hidden_size'], cfg['intermediate_size']
-    self.linear_fc1 = Linear(d, h, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs)
-    self.linear_fc2 = Linear(h, d, axes=('mlp', 'embed'), dtype=dtype, rngs=rngs)
+    self.linear_fc1 = linear_class(dtype)(d, h, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs)
+    self.linear_fc2 = linear_class(dtype)(h, d, axes=('mlp', 'embed'), dtype=dtype, rngs=rngs)
     self.act = cfg['hidden_act']
 
   def __call__(self, x):
@@ -357,9 +357,9 @@ class Qwen2_5VisionPatchMerger(nnx.Module):
     self.wide = wide
     self.mlp = nnx.List(
       [
-        Linear(wide, wide, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs),
+        linear_class(dtype)(wide, wide, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs),
         _NoParams(),
-        Linear(wide, cfg['out_hidden_size'], axes=('mlp', 'embed'), dtype=dtype, rngs=rngs),
+        linear_class(dtype)(wide, cfg['out_hidden_size'], axes=('mlp', 'embed'), dtype=dtype, rngs=rngs),
       ]
     )
 
@@ -375,8 +375,8 @@ class Qwen3VisionPatchMerger(nnx.Module):
   def __init__(self, cfg: dict, *, postshuffle: bool, dtype, rngs):
     d, wide = cfg['hidden_size'], cfg['hidden_size'] * cfg['spatial_merge_size'] ** 2
     self.norm = LayerNorm(wide if postshuffle else d, eps=1e-6, dtype=dtype)
-    self.linear_fc1 = Linear(wide, wide, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs)
-    self.linear_fc2 = Linear(wide, cfg['out_hidden_size'], axes=('mlp', 'embed'), dtype=dtype, rngs=rngs)
+    self.linear_fc1 = linear_class(dtype)(wide, wide, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs)
+    self.linear_fc2 = linear_class(dtype)(wide, cfg['out_hidden_size'], axes=('mlp', 'embed'), dtype=dtype, rngs=rngs)
     self.wide, self.postshuffle = wide, postshuffle
 
   def __call__(self, x):

@@ -27,7 +27,7 @@ from jaxdream.models.qwen_text import (
 )
 from jaxdream.models.qwen_vision import Qwen2_5VisionTransformer, Qwen3VisionModel, resolve_qwen_vision_config
 from jaxdream.nn.adapters import quantize_int8 as int8
-from jaxdream.nn.layers import Linear
+from jaxdream.nn.layers import linear_class
 from jaxdream.runtime import CompileCache, compiled
 
 _VISION = {'qwen2_5_vl': Qwen2_5VisionTransformer, 'qwen3_vl': Qwen3VisionModel}
@@ -77,7 +77,7 @@ class QwenVLForConditionalGeneration(nnx.Module):
     self.lm_head = (
       None
       if self.tied
-      else Linear(
+      else linear_class(dtype)(
         text['hidden_size'], text['vocab_size'], use_bias=False, axes=('embed', 'vocab'), dtype=dtype, rngs=rngs
       )
     )

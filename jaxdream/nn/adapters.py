@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdream.nn.layers import Conv2d, Embed, Linear, matmul
+from jaxdream.nn.layers import Conv2d, Embed, Linear, LinearOutIn, matmul
 
 
 class Quantized(nnx.Variable):
@@ -38,12 +38,13 @@ class Int8Linear(nnx.Module):
   """A Linear with an int8 kernel and one scale per output channel; computes in the layer's dtype."""
 
   def __init__(self, linear: Linear):
-    self.kernel, self.scale = _quantize(linear.kernel[...], 0)
+    self.out_in = isinstance(linear, LinearOutIn)  # the kernel keeps its layer's layout
+    self.kernel, self.scale = _quantize(linear.kernel[...], 1 if self.out_in else 0)
     self.bias = linear.bias
     self.dtype = linear.dtype
 
   def __call__(self, x):
-    y = matmul(x, self.kernel[...], self.dtype) * self.scale[...].astype(self.dtype)
+    y = matmul(x, self.kernel[...], self.dtype, out_in=self.out_in) * self.scale[...].astype(self.dtype)
     return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
