@@ -60,7 +60,7 @@ class Int8Embed(nnx.Module):
     return rows * jnp.take(self.scale[...], ids, axis=0)[..., None].astype(self.dtype)
 
   def attend(self, x):
-    logits = matmul(x, self.embedding[...].T, self.dtype)
+    logits = matmul(x, self.embedding[...], self.dtype, out_in=True)  # as Embed.attend
     return logits * self.scale[...].astype(self.dtype)
 
 

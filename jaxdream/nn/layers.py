@@ -323,11 +323,18 @@ class Embed(nnx.Module):
     return {'embedding': self.axes}
 
   def __call__(self, ids):
-    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+    table = self.embedding[...]
+    if table.dtype != jnp.float32:
+      # XLA:CPU gathers half-precision rows from a float32 copy of the table; inside a decoding loop it hoisted
+      # that copy out of the loop (1.24 GB each call for Qwen2.5-VL-3B). Tied to the ids, the conversion stays
+      # in the gather, row by row (docs/performance.md).
+      table, ids = jax.lax.optimization_barrier((table, ids))
+    return jnp.take(table, ids, axis=0).astype(self.dtype)
 
   def attend(self, x):
-    """Logits against the embedding matrix (tied LM heads)."""
-    return matmul(x, self.embedding[...].T, self.dtype)
+    """Logits against the embedding matrix (tied LM heads): the table is the head's (out, in) weight. Read in
+    place (not as `table.T`: XLA:CPU computed that bfloat16 product on a float32 copy of the table)."""
+    return matmul(x, self.embedding[...], self.dtype, out_in=True)
 
 
 def quick_gelu(x):
