@@ -341,3 +341,33 @@ def test_token_lookup_and_tied_head_in_a_decoding_loop_read_the_bfloat16_table_i
     rows = np.asarray(jnp.asarray(table[expected] * 1.5, jnp.bfloat16), np.float32)
     expected = np.argmax(rows @ table.T, -1)
   np.testing.assert_array_equal(loop(embed, ids), expected)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16], ids=['float32', 'bfloat16'])
+def test_int8_layers_in_a_decoding_loop_convert_one_weight_at_a_time(dtype):
+  """XLA:CPU multiplies int8 weights as converted copies. Independent of the input, the conversions were hoisted
+  out of the decoding loop: a full-precision copy of every weight held through generation (Qwen2.5-VL-3B in
+  bfloat16: 5.77 GiB of temporaries next to 2.88 GiB of int8 weights). Tied to each layer's input, one copy
+  lives at a time, and the layers compute the same numbers."""
+  from jaxdream.nn.adapters import quantize_int8
+  from jaxdream.nn.layers import linear_class
+
+  layers = nnx.Sequential(*[linear_class(dtype)(512, 512, dtype=dtype, rngs=nnx.Rngs(i)) for i in range(6)])
+  quantize_int8(layers)
+
+  def decode(layers, x):
+    return jax.lax.fori_loop(0, 3, lambda i, x: layers(x) * 0.05, x)
+
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 1, 512)), dtype)
+  compiled = jax.jit(decode).lower(layers, x).compile()
+  one_copy = 512 * 512 * jnp.dtype(dtype).itemsize
+  assert compiled.memory_analysis().temp_size_in_bytes < 2.5 * one_copy
+  y = x
+  for _ in range(3):  # the plain dequantized products, eagerly
+    for layer in layers.layers:
+      k, scale = np.asarray(layer.kernel[...], np.float32), np.asarray(layer.scale[...], np.float32)
+      w = (k * scale[:, None]).T if layer.out_in else k * scale  # (in, out)
+      y = (jnp.asarray(np.asarray(y, np.float32) @ w, dtype) + layer.bias[...].astype(dtype)) * 0.05
+  np.testing.assert_allclose(
+    np.asarray(compiled(layers, x), np.float32), np.asarray(y, np.float32), rtol=0.02, atol=0.02
+  )

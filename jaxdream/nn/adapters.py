@@ -34,6 +34,16 @@ def _quantize(w, axis: int):
   return Quantized(jnp.asarray(q)), Quantized(jnp.asarray(np.squeeze(scale, axis)))
 
 
+def _dequantized(q, x, dtype):
+  """The int8 weights `q` in `dtype`, converted after `x` exists. XLA:CPU has no int8 product: it multiplies a
+  converted copy, and a conversion that depends on the weights alone was hoisted out of the decoding loop, a
+  full-precision copy of every weight made before the loop and held through it (more memory than the float32
+  model). Adding a zero that XLA cannot prove is zero (the minimum of an unsigned view of x's first element
+  and 0) ties each copy to its layer's input: made when the layer runs, freed after."""
+  bits = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.uint32)
+  return (q + jnp.minimum(bits, jnp.uint32(0)).astype(q.dtype)).astype(dtype)  # the zero before the conversion
+
+
 class Int8Linear(nnx.Module):
   """A Linear with an int8 kernel and one scale per output channel; computes in the layer's dtype."""
 
@@ -44,7 +54,8 @@ class Int8Linear(nnx.Module):
     self.dtype = linear.dtype
 
   def __call__(self, x):
-    y = matmul(x, self.kernel[...], self.dtype, out_in=self.out_in) * self.scale[...].astype(self.dtype)
+    kernel = _dequantized(self.kernel[...], x, self.dtype)
+    y = matmul(x, kernel, self.dtype, out_in=self.out_in) * self.scale[...].astype(self.dtype)
     return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
@@ -60,7 +71,7 @@ class Int8Embed(nnx.Module):
     return rows * jnp.take(self.scale[...], ids, axis=0)[..., None].astype(self.dtype)
 
   def attend(self, x):
-    logits = matmul(x, self.embedding[...], self.dtype, out_in=True)  # as Embed.attend
+    logits = matmul(x, _dequantized(self.embedding[...], x, self.dtype), self.dtype, out_in=True)  # as Embed.attend
     return logits * self.scale[...].astype(self.dtype)
 
 
