@@ -24,11 +24,15 @@ from jax.ad_checkpoint import checkpoint_name
 WEIGHT_PRODUCT = 'weight_product'
 
 
-def _linear_to_jax(w):
+def _linear_weight(w):
+  """torch's (out, in) Linear weight; legacy 1x1 conv weights used where a Linear is expected (old VAE
+  attention) lose their two unit axes."""
   w = np.asarray(w)
-  if w.ndim == 4:  # legacy 1x1 conv weights used where a Linear is expected (old VAE attention)
-    w = w[:, :, 0, 0]
-  return w.T
+  return w[:, :, 0, 0] if w.ndim == 4 else w
+
+
+def _linear_to_jax(w):
+  return _linear_weight(w).T
 
 
 def _conv_to_jax(w):
@@ -110,11 +114,6 @@ class Linear(nnx.Module):
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return checkpoint_name(y, WEIGHT_PRODUCT)
-
-
-def _linear_weight(w):
-  w = np.asarray(w)
-  return w[:, :, 0, 0] if w.ndim == 4 else w
 
 
 class LinearOutIn(Linear):
