@@ -39,7 +39,10 @@ def _dequantized(q, x, dtype):
   converted copy, and a conversion that depends on the weights alone was hoisted out of the decoding loop, a
   full-precision copy of every weight made before the loop and held through it (more memory than the float32
   model). Adding a zero that XLA cannot prove is zero (the minimum of an unsigned view of x's first element
-  and 0) ties each copy to its layer's input: made when the layer runs, freed after."""
+  and 0) ties each copy to its layer's input: made when the layer runs, freed after. CPU only, where it was
+  measured (docs/performance.md)."""
+  if jax.default_backend() != 'cpu':
+    return q.astype(dtype)
   bits = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.uint32)
   return (q + jnp.minimum(bits, jnp.uint32(0)).astype(q.dtype)).astype(dtype)  # the zero before the conversion
 

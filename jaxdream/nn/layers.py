@@ -143,8 +143,8 @@ class LinearOutIn(Linear):
 
 def linear_class(dtype) -> type[Linear]:
   """The Linear layer for inference models (vision-language decoders and towers) computing in `dtype`:
-  LinearOutIn for half precision, Linear for float32 (each layout is the faster one there on CPU; GPUs and
-  TPUs read either alike)."""
+  LinearOutIn for half precision, Linear for float32: each layout is the faster one there on CPU (measured
+  there only; on GPUs and TPUs XLA picks the product's operand layouts itself)."""
   return Linear if jnp.dtype(dtype) == jnp.float32 else LinearOutIn
 
 
@@ -323,7 +323,7 @@ class Embed(nnx.Module):
 
   def __call__(self, ids):
     table = self.embedding[...]
-    if table.dtype != jnp.float32:
+    if table.dtype != jnp.float32 and jax.default_backend() == 'cpu':
       # XLA:CPU gathers half-precision rows from a float32 copy of the table; inside a decoding loop it hoisted
       # that copy out of the loop (1.24 GB each call for Qwen2.5-VL-3B). Tied to the ids, the conversion stays
       # in the gather, row by row (docs/performance.md).
