@@ -16,6 +16,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import socket
 import statistics
 import sys
@@ -35,6 +36,39 @@ def pin_cpu(threads: int):
   if threads:
     torch.set_num_threads(threads)
   print(f'load average before: {os.getloadavg()[0]:.1f}', flush=True)
+
+
+def peak_rss() -> int:
+  """The kernel's high-water mark of this process's resident set, bytes (exact, unlike sampling)."""
+  r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return r if sys.platform == 'darwin' else r * 1024
+
+
+def rss() -> int:
+  """This process's resident set now, bytes."""
+  try:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+  except ImportError:
+    return peak_rss()
+
+
+def reset_peak() -> bool:
+  """Return freed heap to the OS, then restart the high-water mark from the current RSS (Linux >= 4.0), so
+  that it covers live memory of what follows, not what loading or compiling left in malloc's free lists."""
+  try:
+    import ctypes
+
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+  try:
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')
+    return True
+  except OSError:
+    return False
 
 
 @dataclasses.dataclass

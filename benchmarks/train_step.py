@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -86,41 +85,6 @@ def _parse(argv=None):
   args.resolution = args.resolution or {'tiny': 64, 'sd15': 512}[args.preset]
   args.remat = args.remat or {'tiny': 'none', 'sd15': 'full'}[args.preset]
   return args
-
-
-# ----------------------------------------------------------------------------- memory
-
-
-def _peak_rss() -> int:
-  """The kernel's high-water mark of the resident set, bytes (exact, unlike sampling)."""
-  r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return r if sys.platform == 'darwin' else r * 1024
-
-
-def _rss() -> int:
-  try:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-  except ImportError:
-    return _peak_rss()
-
-
-def _reset_peak() -> bool:
-  """Return freed heap to the OS, then restart the high-water mark from the current RSS (Linux >= 4.0), so
-  that it covers live memory of what follows, not what loading or compiling left in malloc's free lists."""
-  try:
-    import ctypes
-
-    ctypes.CDLL('libc.so.6').malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
-  try:
-    with open('/proc/self/clear_refs', 'w') as f:
-      f.write('5')
-    return True
-  except OSError:
-    return False
 
 
 # ----------------------------------------------------------------------------- shared setup
@@ -214,7 +178,7 @@ def _jax_side(args, folder):
   from jaxdream.training.params import make_optimizer, param_groups, split_models, split_trainable
   from jaxdream.training.step import StepFn, init_state
 
-  base = _rss()
+  base = _report.rss()
   model_dir, batch_path, draws_path = _paths(folder, args)
   gpu = args.device == 'gpu'
   c = train_config(gpu)
@@ -249,7 +213,7 @@ def _jax_side(args, folder):
   n_trainable = sum(int(np.prod(v.shape)) for v in state['trainable'].values())
   key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
   draws = jax.device_get(fn.draws(key, (2, r // f, r // f, ch)))  # what the first step will draw
-  setup_s, rss_loaded = time.perf_counter() - t0, _rss()
+  setup_s, rss_loaded = time.perf_counter() - t0, _report.rss()
 
   t0 = time.perf_counter()
   # compiled as a run's step is (training.step.jit_step): on CPU, XLA's memory-optimized scheduler
@@ -265,9 +229,9 @@ def _jax_side(args, folder):
     if mem is not None
     else None
   )
-  peak_setup = _peak_rss()
-  reset = _reset_peak()
-  rss_setup = _rss()
+  peak_setup = _report.peak_rss()
+  reset = _report.reset_peak()
+  rss_setup = _report.rss()
 
   def step():
     nonlocal state
@@ -320,7 +284,7 @@ def _jax_side(args, folder):
     rss_loaded=rss_loaded,
     rss_setup=rss_setup,
     peak_setup=peak_setup,
-    peak_steps=_peak_rss() if reset else None,
+    peak_steps=_report.peak_rss() if reset else None,
     memory_analysis=mem,
     device_peak=device_peak,
     version=f'jax {jax.__version__}',
@@ -342,7 +306,7 @@ def _torch_side(args, folder):
 
   if args.threads:
     torch.set_num_threads(args.threads)
-  base = _rss()
+  base = _report.rss()
   model_dir, batch_path, draws_path = _paths(folder, args)
   gpu = args.device == 'gpu'
   dev = 'cuda' if gpu else 'cpu'
@@ -412,9 +376,9 @@ def _torch_side(args, folder):
     sync()
     return time.perf_counter() - t0, value
 
-  rss_loaded, peak_setup = _rss(), _peak_rss()
-  reset = _reset_peak()
-  rss_setup = _rss()
+  rss_loaded, peak_setup = _report.rss(), _report.peak_rss()
+  reset = _report.reset_peak()
+  rss_setup = _report.rss()
   if gpu:
     torch.cuda.reset_peak_memory_stats()
   first_s, loss0 = step(shared)  # also allocates AdamW's state
@@ -437,7 +401,7 @@ def _torch_side(args, folder):
     rss_loaded=rss_loaded,
     rss_setup=rss_setup,
     peak_setup=peak_setup,
-    peak_steps=_peak_rss() if reset else None,
+    peak_steps=_report.peak_rss() if reset else None,
     memory_analysis=None,
     device_peak=torch.cuda.max_memory_allocated() if gpu else None,
     version=f'torch {torch.__version__}, {torch.get_num_threads()} threads',

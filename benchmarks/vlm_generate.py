@@ -13,6 +13,10 @@ a batch-1 row takes YNNPACK's kernel, nn.layers.matmul). EOS is switched off, so
 tokens/s counts generated tokens over the whole call (vision tower, prefill and decoding), after a warm-up
 call (jaxdream compiles there: printed separately), and a 1-token call separates vision + prefill from
 decoding. The generated tokens are compared too (bfloat16 rounding may make long random-weight runs part).
+Each side also reports its resident memory over its imports: with the model loaded, and the peak during the
+timed calls (the high-water mark restarted after the warm-up, so compiling is not counted). `--int8` runs
+jaxdream with weight-only int8 weights (`quantize_int8`, computing in --dtype) against transformers in --dtype:
+  python benchmarks/vlm_generate.py --config 3b --batch 1 --dtype bfloat16 --int8 --threads 2
 
 `3b` is the published Qwen2.5-VL-3B-Instruct architecture (3,754,622,976 parameters, tied embeddings);
 Qwen3-VL's `4b` is Qwen3-VL-4B-Instruct's. `tiny` keeps the real vocabulary with a 4-layer decoder.
@@ -31,6 +35,7 @@ import _report
 
 from jaxdream.models.presets import QWEN2_5_VL_3B, QWEN3_VL_4B
 
+GIB = 2**30
 SPECIAL = {
   k: QWEN2_5_VL_3B[k] for k in ('image_token_id', 'video_token_id', 'vision_start_token_id', 'vision_end_token_id')
 }
@@ -59,6 +64,7 @@ def _parse(argv=None):
   p.add_argument('--threads', type=int, default=2, help='CPU threads for torch')
   p.add_argument('--repeats', type=int, default=2, help='timed calls per measurement (median)')
   p.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32', help='weights and compute, both sides')
+  p.add_argument('--int8', action='store_true', help="jaxdream's weights int8 (weight-only), computing in --dtype")
   p.add_argument('--cache-dir', default=os.path.join(os.path.expanduser('~'), '.cache', 'jaxdream', 'bench-vlm'))
   p.add_argument('--json', help='write the per-repeat times of each side to this file (benchmarks/_report.py)')
   p.add_argument('--side', choices=['make', 'jaxdream', 'torch'], help=argparse.SUPPRESS)  # a child process
@@ -135,19 +141,24 @@ def _side(args):
 
   batch, n = args.batch[0], args.new_tokens
   pixels, grid, ids, mask = _inputs(args, batch)
-  t0 = time.perf_counter()
   if args.side == 'jaxdream':
+    import jax
     import jax.numpy as jnp
 
     from jaxdream import vlm
-    from jaxdream.models.qwen_vl import load_qwen_vl
+    from jaxdream.models.qwen_vl import load_qwen_vl, quantize_int8
 
-    model = load_qwen_vl(args.folder, dtype=getattr(jnp, _dtype(args, args.config[0])))
-    run = lambda tokens: vlm.generate(model, pixels, grid, ids, mask, max_new_tokens=tokens, eos_token_id=[-1])
+    jax.devices()  # the runtime's start is not the model's memory
   else:
     import torch
     from transformers import AutoModelForImageTextToText
-
+  base, t0 = _report.rss(), time.perf_counter()
+  if args.side == 'jaxdream':
+    model = load_qwen_vl(args.folder, dtype=getattr(jnp, _dtype(args, args.config[0])))
+    if args.int8:
+      quantize_int8(model)
+    run = lambda tokens: vlm.generate(model, pixels, grid, ids, mask, max_new_tokens=tokens, eos_token_id=[-1])
+  else:
     torch.set_num_threads(args.threads)
     model = AutoModelForImageTextToText.from_pretrained(args.folder, dtype='auto').eval()
     t_in = dict(
@@ -164,9 +175,12 @@ def _side(args):
       return out.numpy()
 
   load_s = time.perf_counter() - t0
+  _report.reset_peak()  # malloc's free lists back to the OS: what loading freed is not the model
+  loaded = _report.rss() - base
   t0 = time.perf_counter()
   run(n), run(1)
   first_s = time.perf_counter() - t0
+  reset = _report.reset_peak()
   full = _report.timed(lambda: run(n), args.repeats, warmup=False)
   one = _report.timed(lambda: run(1), args.repeats, warmup=False)
   print(
@@ -178,6 +192,8 @@ def _side(args):
         one=one.times,
         first=first_s,
         load=load_s,
+        loaded=loaded,
+        peak=_report.peak_rss() - base if reset else None,
         tokens=np.asarray(full.out)[:, ids.shape[1] :].tolist(),
       )
     ),
@@ -190,6 +206,7 @@ def _child(args, side: str, folder: str, name: str, batch: int | None = None) ->
   argv += ['--config', name, '--new-tokens', str(args.new_tokens), '--image-size', str(args.image_size)]
   argv += ['--threads', str(args.threads), '--repeats', str(args.repeats)]
   argv += ['--batch', str(batch or 1)] + (['--dtype', args.dtype] if args.dtype else [])
+  argv += ['--int8'] if args.int8 else []
   out = subprocess.run(argv, check=True, stdout=subprocess.PIPE, text=True).stdout
   lines = [line for line in out.splitlines() if line.startswith('RESULT ')]
   return json.loads(lines[-1][len('RESULT ') :]) if lines else None
@@ -208,6 +225,7 @@ def bench(args, name: str) -> list[dict]:
     print(f'[{name}] writing random {dtype} weights to {folder} ...', flush=True)
     _child(args, 'make', folder, name)
   rows, n = [], args.new_tokens
+  kinds = {'jaxdream': f'{dtype}, int8 weights' if args.int8 else dtype, 'torch': dtype}
   for b in args.batch:
     sides = {}
     for side in ('jaxdream', 'torch'):
@@ -216,15 +234,18 @@ def bench(args, name: str) -> list[dict]:
       decode = f'{b * (n - 1) / (s_n - s_1):.1f} tokens/s' if s_n > s_1 else 'n/a (timing noise)'
       print(
         f'[{name}] {side:12s} batch {b}, {n} new tokens: {s_n:.2f} s, {b * n / s_n:.2f} tokens/s (vision + '
-        f'prefill {s_1:.2f} s, decoding {decode}; {dtype}; load {r["load"]:.0f} s, first calls {r["first"]:.0f} s)',
+        f'prefill {s_1:.2f} s, decoding {decode}; {kinds[side]}; load {r["load"]:.0f} s, first calls '
+        f'{r["first"]:.0f} s; memory over imports: loaded {r["loaded"] / GIB:.2f} GiB, peak while generating '
+        + (f'{r["peak"] / GIB:.2f} GiB)' if r['peak'] is not None else 'n/a)'),
         flush=True,
       )
     j, t = (statistics.median(sides[s]['times']) for s in ('jaxdream', 'torch'))
     same = sides['jaxdream']['tokens'] == sides['torch']['tokens']
     print(f'[{name}] batch {b}: speed ratio (torch time / jaxdream time): {t / j:.2f}x   identical tokens: {same}')
+    work = f'{args.model} greedy, {name} config, {kinds["jaxdream"]}, batch {b}, {n} new tokens'
     rows.append(
       _report.row(
-        f'{args.model} greedy, {name} config, {dtype}, batch {b}, {n} new tokens',
+        work,
         [
           _report.side(
             'jaxdream', sides['jaxdream']['times'], cpu=sides['jaxdream']['cpu'], first=sides['jaxdream']['first']
@@ -236,6 +257,17 @@ def bench(args, name: str) -> list[dict]:
         identical_tokens=same,
       )
     )
+    if all(sides[s]['peak'] is not None for s in sides):
+      rows.append(
+        _report.row(
+          f'{work}: memory while generating (RSS growth over imports)',
+          [
+            _report.side('jaxdream', [sides['jaxdream']['peak'] / GIB]),
+            _report.side('torch', [sides['torch']['peak'] / GIB], label='transformers'),
+          ],
+          unit='GiB',
+        )
+      )
   return rows
 
 

@@ -6,8 +6,10 @@ The tiny folders come from conftest.write_qwen_vl_folder (random weights saved b
 tokenizer with Qwen's added tokens, the published chat templates).
 """
 
+import gc
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -140,11 +142,22 @@ def test_ask_cli_runs_a_qwen_folder_with_int8_weights_on_two_devices(qwen3_vl_fo
   assert f'{tmp_path / "a.png"}:' in capsys.readouterr().out
 
 
-def test_int8_weights_shrink_memory_and_keep_logits_close(qwen2_5_vl_folder):
+def _mapped_files() -> str:
+  gc.collect()
+  with open('/proc/self/maps') as f:
+    return f.read()
+
+
+def test_int8_weights_shrink_memory_and_keep_logits_close(qwen2_5_vl_folder, tmp_path):
+  from jaxdream.io.weights import read_safetensors, write_safetensors
   from jaxdream.nn.adapters import state_bytes
 
-  _, path = qwen2_5_vl_folder
-  bundle = vlm.load(path)
+  _, source = qwen2_5_vl_folder
+  path = shutil.copytree(source, tmp_path / 'model')  # a file no other test's model maps
+  file = str(path / 'model.safetensors')
+  write_safetensors(file, {k: np.array(v) for k, v in read_safetensors(file).items()})  # 64-byte aligned data
+  bundle = vlm.load(str(path))
+  assert file in _mapped_files()  # the premise: loading aliased some arrays to the mapped file
   inputs = bundle.processor(_images()[:1], ['Describe this image.'])
   prepared = bundle.model.generation_inputs(
     inputs['pixel_values'], inputs['image_grid_thw'], inputs['input_ids'], inputs['attention_mask']
@@ -155,6 +168,9 @@ def test_int8_weights_shrink_memory_and_keep_logits_close(qwen2_5_vl_folder):
   # stay float32: about half the bytes here, a quarter at real widths).
   assert not [m for _, m in nnx.iter_graph(bundle.model) if isinstance(m, Linear)]
   assert state_bytes(bundle.model) < 0.55 * before
+  # Loading may map the weight file and alias the arrays to it; what quantizing keeps (norms, biases) must not
+  # keep the whole file, and its full-precision weights' pages, mapped.
+  assert file not in _mapped_files()
   assert rel_err(np.asarray(_forward(bundle.model, prepared)), full) < 0.05
 
 

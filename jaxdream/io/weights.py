@@ -80,7 +80,9 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict 
     arrays.append(a)
   header['__metadata__'] = {'format': 'pt', **(metadata or {})}
   blob = json.dumps(header, separators=(',', ':')).encode()
-  blob += b' ' * (-len(blob) % 8)  # keep tensor data 8-byte aligned
+  # Tensor data starts 64-byte aligned (the format asks 8): jax's CPU arrays can then be views of a loaded
+  # file's tensors instead of copies (those whose offsets are multiples of 64 too).
+  blob += b' ' * (-(8 + len(blob)) % 64)
   with atomic_open(path, 'wb') as f:
     f.write(len(blob).to_bytes(8, 'little'))
     f.write(blob)

@@ -107,6 +107,10 @@ def quantize_int8(model: nnx.Module, embeddings=()) -> nnx.Module:
     return None
 
   swap_modules(model, convert)
+  # What is left (norms, biases) may be views of the weight file that loading mapped (jax's CPU arrays can
+  # alias host memory), and one small view keeps the whole file mapped: the full-precision weights' pages,
+  # touched by quantizing, stay resident. Copies cut that tie.
+  nnx.update(model, jax.tree.map(jnp.copy, nnx.state(model)))
   return model
 
 
