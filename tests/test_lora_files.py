@@ -142,7 +142,7 @@ def test_file_written_by_diffusers_and_peft_loads_with_the_same_outputs(
   unet_cfg = LoraConfig(
     r=4,
     lora_alpha=6,
-    target_modules=[*UNET_TARGETS, 'conv1', 'ff.net.0.proj'],
+    target_modules=[*UNET_TARGETS, 'conv1', 'ff.net.0.proj', 'proj_in', 'proj_out'],  # SD1's 1x1-conv projections
     rank_pattern={'conv1': 2},
     alpha_pattern={'conv1': 5, 'attn2.to_k': 1},
     init_lora_weights=False,  # random B: a trained-looking adapter
@@ -164,6 +164,11 @@ def test_file_written_by_diffusers_and_peft_loads_with_the_same_outputs(
   context, eps = run(merge_lora(pipe, [(lora, 1.0)]), *inputs)
   assert rel_err(context, ref_context) <= 1e-4
   assert rel_err(eps, ref_eps) <= 1e-4
+  # Attached unmerged, as the server does: the same outputs (proj_out's 1x1 conv takes tokens, not an image).
+  unet = nnx.clone(pipe.unet)
+  apply_lora({'unet': unet, 'text_encoder': nnx.clone(pipe.text_encoder)}, lora)
+  context = jnp.asarray(ref_context)
+  assert rel_err(nchw(jit_call(unet)(jnp.asarray(inputs[0]), jnp.array([400]), context)), ref_eps) <= 1e-4
 
 
 def _kohya_to_ldm(key: str) -> str:

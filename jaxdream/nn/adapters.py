@@ -226,6 +226,8 @@ class LoRAConv2d(Conv2d):
 
   def _down(self, x, a):
     p = self.padding
+    if a.shape[:2] == (1, 1) and self.stride == 1 and p == 0:  # as Conv2d: a 1x1 conv (tokens too) is a matmul
+      return jnp.dot(x, a[0, 0])
     return jax.lax.conv_general_dilated(
       x, a, (self.stride, self.stride), ((p, p), (p, p)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')
     )
@@ -238,7 +240,7 @@ class LoRAConv2d(Conv2d):
     else:  # per-example factors (batch, kh, kw, in, rank), (batch, rank, out): a grouped convolution
       _check_per_example(x, a)
       h = jax.vmap(lambda xi, ai: self._down(xi[None], ai)[0])(x_, a)
-      up = jnp.einsum('bhwr,bro->bhwo', h, b)
+      up = jnp.einsum('b...r,bro->b...o', h, b)
     return super().__call__(x) + up * jnp.asarray(self.lora_scale, self.dtype)
 
 
