@@ -84,3 +84,21 @@ def test_unknown_config_key_is_an_error_naming_it():
 def test_unsupported_config_value_is_an_error_naming_the_key(key, value):
   with pytest.raises(ConfigError, match=key):
     UNet2DConditionModel.resolve_config(dict(presets.SD15_UNET, **{key: value}))
+
+
+def test_head_counts_divide_only_the_channels_of_blocks_with_attention():
+  from conftest import UNET_SD1
+  from diffusers import UNet2DConditionModel as TorchUNet
+
+  # 5 heads on the middle level, whose blocks have no attention (diffusers never splits its 48 channels).
+  cfg = dict(
+    UNET_SD1,
+    block_out_channels=(32, 48, 64),
+    attention_head_dim=[4, 5, 4],
+    down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D', 'CrossAttnDownBlock2D'),
+    up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D', 'CrossAttnUpBlock2D'),
+  )
+  want = sum(p.numel() for p in TorchUNet(**cfg).parameters())
+  assert count_params(abstract_model(lambda rngs: UNet2DConditionModel(cfg, rngs=rngs))) == want
+  with pytest.raises(ConfigError, match='block 0 has 32 channels, not divisible by 5 heads'):
+    abstract_model(lambda rngs: UNet2DConditionModel(dict(cfg, attention_head_dim=[5, 4, 4]), rngs=rngs))

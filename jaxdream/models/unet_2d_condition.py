@@ -394,7 +394,9 @@ class UNet2DConditionModel(nnx.Module):
       else per_block(cfg['reverse_transformer_layers_per_block'], n, 'reverse_transformer_layers_per_block', name)
     )
     for i, c in enumerate(channels):
-      if c % heads[i]:
+      # Heads split the channels of attention blocks only: down block i, its mirror up block, the mid block.
+      attends = 'CrossAttn' in cfg['down_block_types'][i] or 'CrossAttn' in cfg['up_block_types'][n - 1 - i]
+      if (attends or i == n - 1) and c % heads[i]:
         raise ConfigError(f'{name} config: block {i} has {c} channels, not divisible by {heads[i]} heads')
     groups, eps = cfg['norm_num_groups'], cfg['norm_eps']
     temb_dim = channels[0] * 4
