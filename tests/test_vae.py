@@ -82,3 +82,26 @@ def test_sd_vae_parameter_count_matches_diffusers():
   with torch.device('meta'):
     ref = sum(p.numel() for p in TorchVAE(**cfg).parameters())
   assert count_params(abstract_model(lambda rngs: AutoencoderKL(presets.SD_VAE, rngs=rngs))) == ref
+
+
+def test_latent_statistics_scale_latents_as_diffusers_sdxl_pipelines_do(torch_vae, tmp_path):
+  import json
+  import shutil
+
+  from jaxdream.models import ConfigError
+
+  folder = shutil.copytree(torch_vae[1], tmp_path / 'vae')
+  config = json.loads((folder / 'config.json').read_text())
+  mean, std = [0.1, -0.2, 0.3, 0.05], [0.9, 1.1, 0.8, 1.2]  # Playground v2.5's VAE has these per channel
+  (folder / 'config.json').write_text(json.dumps(dict(config, latents_mean=mean, latents_std=std)))
+  vae, sf = load_vae(str(folder)), config['scaling_factor']
+  m, s = torch.tensor(mean).view(1, 4, 1, 1), torch.tensor(std).view(1, 4, 1, 1)
+  x, z = _images(), np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)
+  with torch.no_grad():  # StableDiffusionXLPipeline's decode and its img2img's encode
+    ref_images = torch_vae[0].decode(torch.from_numpy(z) * s / sf + m).sample.numpy()
+    ref_latents = ((torch_vae[0].encode(torch.from_numpy(x)).latent_dist.mean - m) * sf / s).numpy()
+  assert rel_err(nchw(jit_call(vae, 'decode_latents')(jnp.asarray(nhwc(z)))), ref_images) <= 1e-5
+  assert rel_err(nchw(jit_call(vae, 'encode_latents')(jnp.asarray(nhwc(x)))[0]), ref_latents) <= 1e-5
+  (folder / 'config.json').write_text(json.dumps(dict(config, latents_mean=mean[:3], latents_std=std)))
+  with pytest.raises(ConfigError, match='latents_mean has 3 values for 4 latent channels'):
+    load_vae(str(folder))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdream.models.config import resolve_config
+from jaxdream.models.config import ConfigError, resolve_config
 from jaxdream.nn.attention import check_implementation
 from jaxdream.nn.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 from jaxdream.nn.layers import Conv2d, GroupNorm, activation
@@ -197,7 +197,8 @@ class Decoder(nnx.Module):
 class AutoencoderKL(nnx.Module):
   """`vae.encode(images)` (NHWC in [-1, 1]) -> DiagonalGaussian(mean, logvar);
   `vae.decode(latents)` -> NHWC images in [-1, 1]. `encode_latents`/`decode_latents` work in the
-  diffusion model's latent space: (x - shift_factor) * scaling_factor, the one place that applies it."""
+  diffusion model's latent space: (x - shift_factor) * scaling_factor, or (x - latents_mean) * scaling_factor /
+  latents_std where the config has both, the one place that applies them."""
 
   CONFIG_NAME = 'config.json'
   WEIGHTS_NAME = 'diffusion_pytorch_model'
@@ -228,6 +229,15 @@ class AutoencoderKL(nnx.Module):
     )
     self.scaling_factor = cfg['scaling_factor']
     self.shift_factor = cfg['shift_factor'] or 0.0
+    # Per-channel latent statistics (Playground v2.5's SDXL VAE), used as diffusers' SDXL pipelines and training
+    # scripts use them: only when both are given, in place of the shift.
+    self.latents_mean = self.latents_std = None
+    if cfg['latents_mean'] is not None and cfg['latents_std'] is not None:
+      for key in ('latents_mean', 'latents_std'):
+        if len(cfg[key]) != lat:
+          raise ConfigError(f'AutoencoderKL config: {key} has {len(cfg[key])} values for {lat} latent channels')
+      self.latents_mean = tuple(float(v) for v in cfg['latents_mean'])
+      self.latents_std = tuple(float(v) for v in cfg['latents_std'])
     self.downsampling_factor = 2 ** (len(cfg['block_out_channels']) - 1)
     self.latent_channels = lat
 
@@ -244,14 +254,23 @@ class AutoencoderKL(nnx.Module):
       z = self.post_quant_conv(z)
     return self.decoder(z)
 
+  def _latent_affine(self) -> tuple:
+    """(offset, scale): the diffusion model's latents are (x - offset) * scale."""
+    if self.latents_mean is None:
+      return self.shift_factor, self.scaling_factor
+    std = jnp.asarray(self.latents_std, jnp.float32)
+    return jnp.asarray(self.latents_mean, jnp.float32), self.scaling_factor / std
+
   def encode_latents(self, images) -> tuple[jax.Array, jax.Array]:
     """(mean, std) of the posterior in the diffusion model's (scaled, shifted) latent space."""
     dist = self.encode(images)
-    return (dist.mean - self.shift_factor) * self.scaling_factor, dist.std * self.scaling_factor
+    offset, scale = self._latent_affine()
+    return (dist.mean - offset) * scale, dist.std * scale
 
   def decode_latents(self, z):
     """Images from latents of the diffusion model's space: the inverse scaling, then `decode`."""
-    return self.decode(z / self.scaling_factor + self.shift_factor)
+    offset, scale = self._latent_affine()
+    return self.decode(z / scale + offset)
 
   def __call__(self, images, key=None):
     """Reconstruction: encode, take the mean (or a sample with `key`), decode."""
