@@ -163,8 +163,9 @@ def test_decoder_matches_transformers_and_cached_decode_matches_full_forward(bui
   embeds = rng.standard_normal((*ids.shape, cfg['hidden_size'])).astype(np.float32)
   visual = ids == IMAGE
   torch_kw, deepstack = {}, []
-  if cfg['qk_norm']:  # Qwen3-VL: deepstack features added after the first two layers, at the image tokens
-    features = [rng.standard_normal((visual.sum(), cfg['hidden_size'])).astype(np.float32) for _ in range(2)]
+  if cfg['qk_norm']:  # Qwen3-VL: deepstack features added after each layer, at the image tokens; as transformers,
+    # one more than the 3 layers goes unused
+    features = [rng.standard_normal((visual.sum(), cfg['hidden_size'])).astype(np.float32) for _ in range(4)]
     for f in features:
       d = np.zeros_like(embeds)
       d[visual] = f

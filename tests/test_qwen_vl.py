@@ -90,6 +90,14 @@ def test_logits_and_generation_match_transformers(qwen):
   args = (ref_in['pixel_values'], ref_in['image_grid_thw'], ref_in['input_ids'], ref_in['attention_mask'])
   np.testing.assert_array_equal(vlm.generate(model, *args, **kw), ref_greedy)
   np.testing.assert_array_equal(vlm.generate(model, *args, num_beams=3, **kw), ref_beam)
+  # The model's own defaults are transformers' generate's: generation_config.json's EOS list and pad id.
+  defaults = torch_model.generation_config
+  assert (model.eos_token_id, model.pad_token_id) == (tuple(defaults.eos_token_id), defaults.pad_token_id)
+  # A text-only prompt, without pixels or grids, as transformers takes it.
+  text = proc(text=[proc.apply_chat_template([{'role': 'user', 'content': 'Hi.'}])], return_tensors='np')
+  with torch.no_grad():
+    ref_text = torch_model.generate(torch.from_numpy(text['input_ids']), do_sample=False, max_new_tokens=3).numpy()
+  np.testing.assert_array_equal(vlm.generate(model, None, None, text['input_ids'], max_new_tokens=3), ref_text)
 
 
 def test_ask_decodes_transformers_answer_and_reports_the_input_size(qwen):

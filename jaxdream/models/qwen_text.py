@@ -294,8 +294,7 @@ class QwenTextModel(nnx.Module):
     return [(zeros(), zeros()) for _ in range(self.num_layers)]
 
   def __call__(self, inputs_embeds, position_ids, kv_valid, cache=None, index=0, *, deepstack=()):
-    if len(deepstack) > self.num_layers:
-      raise ValueError(f'{len(deepstack)} deepstack arrays for {self.num_layers} decoder layers')
+    deepstack = deepstack[: self.num_layers]  # as transformers: more DeepStack mergers than layers go unused
     x = inputs_embeds.astype(self.dtype)
     cos, sin = mrope_cos_sin(position_ids, rope_inv_freq(self.rope_theta, self.head_dim), np.asarray(self.rope_rows))
     mask = decoder_mask(index + jnp.arange(x.shape[1]), kv_valid)

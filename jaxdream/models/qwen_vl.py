@@ -10,6 +10,7 @@ elsewhere, and Qwen3-VL's DeepStack features likewise. Beam search then runs the
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax.numpy as jnp
@@ -139,7 +140,8 @@ class QwenVLForConditionalGeneration(nnx.Module):
         f"a prompt of {longest} tokens is longer than the model's context of {self.max_position_embeddings} "
         '(max_position_embeddings)'
       )
-    grid = tuple(tuple(int(v) for v in row) for row in np.asarray(image_grid_thw, np.int64).reshape(-1, 3))
+    grid_rows = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw, np.int64)
+    grid = tuple(tuple(int(v) for v in row) for row in grid_rows.reshape(-1, 3))  # None: a text-only prompt
     tokens = int(np.sum((ids == self.image_token_id) & (mask > 0)))
     expected = sum(t * h * w for t, h, w in grid) // self.merge_size**2
     if tokens != expected:
@@ -220,6 +222,15 @@ def load_qwen_vl(
         f'{path}: config.json ties the LM head to the token embeddings, but lm_head.weight differs from them'
       )
   load_state_dict(model, weights, source=path, param_dtype=dtype)
+  generation = os.path.join(path, 'generation_config.json')
+  if os.path.exists(generation):  # what transformers' generate defaults to, over config.json's
+    with open(generation) as f:
+      generation = json.load(f)
+    eos, pad = generation.get('eos_token_id'), generation.get('pad_token_id')
+    if eos is not None:
+      model.eos_token_id = tuple(eos) if isinstance(eos, (list, tuple)) else eos
+    if pad is not None:
+      model.pad_token_id = int(pad)
   return model
 
 
