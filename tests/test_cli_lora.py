@@ -40,11 +40,14 @@ def files(tmp_path_factory):
   other = nnx.clone(pipe.text_encoder)
   add_lora(other, targets=('fc1',), rank=2, key=jax.random.key(1))
   other.text_model.encoder.layers[0].mlp.fc1.lora_a.set_value(np.zeros((7, 2), np.float32))  # another width
+  layer = next(iter(lora_layers(unet).values()))
+  layer.lora_b.set_value(layer.lora_b[...].at[0, 0].set(np.nan))  # a damaged (diverged) file
   return dict(
     model=model,
     lora=lora,
     dir=str(root / 'loras'),
     other=save_lora(str(root / 'other.safetensors'), {'text_encoder': other}),
+    nan=save_lora(str(root / 'nan.safetensors'), {'unet': unet}),
   )
 
 
@@ -88,9 +91,16 @@ def test_lora_scale_sweep_prompt_tags_and_lora_flag_merge_the_same_file(files, t
     (['--prompt', 'a <lora:style:much> dog', '--lora-dir', '{dir}'], 'the scale must be a number'),
     (['--sweep', 'lora_scale=0,1'], '--sweep lora_scale needs a LoRA'),
     (['--lora', '{other}'], 'do not fit'),
+    (['--lora', '{lora}:nan'], 'the scale must be a finite number'),
+    (['--prompt', 'a <lora:style:inf> dog', '--lora-dir', '{dir}'], 'the scale must be a finite number'),
+    (['--lora', '{nan}'], 'non-finite'),
+    (['--height', '1000000'], 'larger than 16384 pixels'),
   ],
-  ids=['missing-file', 'tag-without-dir', 'unknown-tag', 'bad-tag-scale', 'sweep-without-lora', 'other-model'],
-)
+  ids=[
+    'missing-file', 'tag-without-dir', 'unknown-tag', 'bad-tag-scale', 'sweep-without-lora', 'other-model',
+    'nan-scale', 'inf-tag-scale', 'nan-factors', 'huge-size',
+  ],
+)  # fmt: skip
 def test_bad_lora_arguments_exit_2_with_a_message_before_any_output(files, tmp_path, capsys, argv, message):
   fill = dict(files, root=os.path.dirname(files['model']))
   argv = [str(a).format(**fill) for a in argv]

@@ -156,6 +156,22 @@ def test_config_problems_are_all_listed_in_one_message(tmp_path):
     assert needle in message
 
 
+def test_nan_and_out_of_range_numbers_are_config_problems(tmp_path):
+  # NaN passes any `x < 0` test: a NaN max_grad_norm would turn clipping off, a NaN learning rate fail at step 2.
+  c = _config(tmp_path, instance_dir=SAMPLE, instance_prompt='a photo of sks dog', class_prompt='', class_dir='')
+  c.train.learning_rate, c.train.max_grad_norm = float('nan'), float('nan')
+  c.data.flip_p, c.resolution = 2.0, 100_000
+  with pytest.raises(config_lib.RunConfigError) as e:
+    config_lib.validate(c)
+  for needle in (
+    'train.learning_rate must be a number',
+    'train.max_grad_norm must be a number',
+    'data.flip_p',
+    '100000',
+  ):
+    assert needle in str(e.value)
+
+
 def test_validation_metrics_without_or_with_the_wrong_scoring_models_is_a_config_problem(tmp_path, scoring_models):
   c = _config(tmp_path, instance_dir=SAMPLE, instance_prompt='a photo of sks dog', class_prompt='', class_dir='')
   c.prior.enabled = False
@@ -238,7 +254,7 @@ def prepared(tmp_path_factory):
   rng = np.random.default_rng(1)
   examples = {'instance': [], 'class': []}
   for i in range(12):
-    path = root / f'{i:02d}.png'
+    path = root / (os.fsdecode(b'00 \xff.png') if i == 0 else f'{i:02d}.png')  # a name that is not UTF-8
     _save(path, rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
     examples['instance'].append({'file': str(path), 'prompt': f'a photo of s{i % 3} dog', 'concept': i % 3})
   return prepare_dataset(str(root / 'data'), examples, 32), examples, root
@@ -289,6 +305,12 @@ def test_batches_mix_subjects_and_hosts_reading_their_rows_make_the_one_host_bat
       for k in want:
         np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), want[k])
     assert next(iters[-1])['pixels'].shape[0] == (0 if len(parts) == 3 else 2)
+
+
+def test_a_photo_whose_name_is_not_utf8_is_prepared_its_name_escaped(prepared):
+  folder, _, root = prepared
+  names = {bytes(r['file']) for r in data_source(folder, 'instance')}
+  assert str(root).encode() + b'/00 \\xff.png' in names
 
 
 def test_prepared_dataset_is_reused_until_an_input_changes(prepared):

@@ -230,3 +230,27 @@ def test_preparing_the_dataset_does_not_announce_a_download(tmp_path, capfd):
   prepare_dataset(str(tmp_path / 'data'), examples, 32)
   out, err = capfd.readouterr()
   assert 'Downloading and preparing' not in out + err and 'downloaded and prepared' not in out + err
+
+
+def test_caption_output_paths_are_checked_before_the_model_loads(tmp_path, capsys):
+  from PIL import Image
+
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / 'a.png')
+  (tmp_path / 'out').mkdir()  # where the JSON file would go: the captions would be lost after the work
+  argv = ['--model', str(tmp_path / 'missing'), '--json', str(tmp_path / 'out'), str(tmp_path / 'a.png')]
+  assert main(['caption', *argv]) == 2
+  assert f'--json {tmp_path / "out"}: exists and is a folder' in capsys.readouterr().err
+
+
+def test_out_of_memory_is_reported_in_one_line(tmp_path, capsys, monkeypatch):
+  import jax
+
+  from jaxdream.cli import vlm
+
+  def exhausted(args):
+    raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 250000000000 bytes.\nmore')
+
+  monkeypatch.setattr(vlm, '_caption', exhausted)
+  assert main(['caption', '--model', str(tmp_path), str(tmp_path / 'a.png')]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('jaxdream caption: error: out of memory (RESOURCE_EXHAUSTED') and err.count('\n') == 1

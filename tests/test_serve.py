@@ -271,6 +271,11 @@ def test_bad_requests_are_refused_naming_the_field(served):
   assert 'no nope.safetensors' in refused(422, 'prompt', {'prompt': 'x <lora:nope:1>'})['detail']
   assert 'at most 8' in refused(422, 'prompt', {'prompt': 'x' + ' <lora:subject:0.1>' * 9})['detail']
   refused(422, None, {'steps': 'many'})  # a type error: FastAPI's own 422
+  for scale in ('nan', 'inf', '-inf'):  # a non-finite weight would make a black image
+    assert 'finite' in refused(422, 'prompt', {'prompt': f'x <lora:subject:{scale}>'})['detail']
+  refused(422, 'sd_model_checkpoint', {'override_settings': {'sd_model_checkpoint': ['a']}})
+  r = client.post('/sdapi/v1/options', json={'sd_model_checkpoint': {'a': 1}})
+  assert r.status_code == 422 and r.json()['field'] == 'sd_model_checkpoint', r.text
   refused(422, 'init_images', {}, '/sdapi/v1/img2img')
   refused(422, 'init_images', {'init_images': ['not base64!']}, '/sdapi/v1/img2img')
   # A small file that decodes to more pixels than the limit (a decompression bomb) is refused before decoding.
@@ -691,9 +696,16 @@ def test_the_web_page_generates_an_image_in_headless_chromium(served, tmp_path):
   assert (tmp_path / 'serve_page.png').stat().st_size > 0
 
 
-def test_serving_beyond_loopback_needs_auth_or_insecure(small_sd_folder, capsys):
+def test_serving_beyond_loopback_needs_auth_or_insecure(small_sd_folder, capsys, tmp_path):
   assert main(['serve', '--model', small_sd_folder[1], '--host', '0.0.0.0', '--warmup-steps', '0']) == 2
   assert '--api-auth' in capsys.readouterr().err
+  # A model that cannot be served, and numbers out of range: a usage error, not a traceback.
+  assert main(['serve', '--model', str(tmp_path / 'missing'), '--warmup-steps', '0']) == 2
+  assert 'serve: error:' in capsys.readouterr().err
+  for flag, value in (('--port', '99999'), ('--max-steps', '0'), ('--max-size', '0'), ('--max-body-mb', 'nan')):
+    with pytest.raises(SystemExit) as e:
+      main(['serve', '--model', small_sd_folder[1], flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
   check_bind('127.0.0.1', None, False)
   check_bind('::1', None, False)
   check_bind('0.0.0.0', 'a:b', False)

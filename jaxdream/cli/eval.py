@@ -12,6 +12,8 @@ import os
 import sys
 import time
 
+from jaxdream.cli.args import check_output
+
 LORA_FILE = 'pytorch_lora_weights.safetensors'
 GENERATION_FILE = 'generation.json'  # in the generated-images folder: what its images were made with
 
@@ -144,8 +146,7 @@ def _plan(args):
   )
   if args.batch_size < 1:
     raise ValueError(f'--batch-size must be at least 1, got {args.batch_size}')
-  if os.path.exists(args.out) and not os.path.isdir(args.out):
-    raise ValueError(f'--out {args.out}: exists and is not a folder')
+  check_output('--out', args.out, folder=True)
   _check_folder('--clip', args.clip, CLIPModel)
   _check_folder('--dino', args.dino, ViTModel)
   if args.vlm:

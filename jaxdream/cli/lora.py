@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 
-from jaxdream.lora.tags import lora_in_dir, lora_name, prompt_loras, with_tags  # noqa: F401 (re-exported)
+from jaxdream.cli.args import check_output
+from jaxdream.lora.tags import lora_in_dir, lora_name, lora_scale_value, prompt_loras, with_tags  # noqa: F401
 
 
 def parse_lora_spec(spec: str, flag: str = '--lora') -> tuple[str, float]:
@@ -13,11 +14,12 @@ def parse_lora_spec(spec: str, flag: str = '--lora') -> tuple[str, float]:
   scale is taken whole."""
   path, sep, scale = spec.rpartition(':')
   value = 1.0
+  try:
+    float(scale) if sep else None
+  except ValueError:
+    sep = ''  # not a scale: a colon of the path
   if sep:
-    try:
-      value = float(scale)
-    except ValueError:
-      path = spec
+    value = lora_scale_value(scale, f'{flag} {spec!r}')
   else:
     path = spec
   if not path:
@@ -55,8 +57,7 @@ def _merge(args):
 
   loras = [parse_lora_spec(s) for s in args.lora]
   check_lora_files(loras)
-  if os.path.exists(args.out) and not os.path.isdir(args.out):
-    raise ValueError(f'--out {args.out}: exists and is not a folder')
+  check_output('--out', args.out, folder=True)
   pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
   merged = merge_lora(pipe, loras, strict=not args.skip_unmatched)
   for skipped in getattr(merged, 'lora_skipped', []):

@@ -72,6 +72,12 @@ def main(argv=None, *, cache=None):
   except (WeightsError, ConfigError, FileNotFoundError, ValueError) as e:
     print(f'jaxdream {args.command}: error: {e}', file=sys.stderr)
     return 2
+  except Exception as e:
+    if type(e).__name__ != 'JaxRuntimeError' or 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    first = str(e).strip().splitlines()[0]
+    print(f'jaxdream {args.command}: error: out of memory ({first}); use a smaller size or batch', file=sys.stderr)
+    return 2
 
 
 if __name__ == '__main__':

@@ -12,6 +12,10 @@ import random
 import threading
 import time
 
+from jaxdream.cli.args import check_output
+
+MAX_SIDE = 16384  # pixels, an image's height or width
+
 
 def _demo(args):
   """Build the tiny local model, load it back, and run text encoder, UNet and VAE once."""
@@ -269,8 +273,7 @@ def _plan(args) -> _Plan:
     raise ValueError('--mask needs --init-image (the image to paint into)')
   if args.num_images < 1:
     raise ValueError(f'--num-images must be at least 1, got {args.num_images}')
-  if os.path.exists(args.out) and not os.path.isdir(args.out):
-    raise ValueError(f'--out {args.out}: exists and is not a folder')
+  check_output('--out', args.out, folder=True)
   axes = [_parse_sweep(s) for s in args.sweep or []]
   keys = [a.key for a in axes]
   if len(axes) > 3 or len(set(keys)) < len(keys):
@@ -293,6 +296,8 @@ def _plan(args) -> _Plan:
   for flag, v in (('--height', h), ('--width', w)):
     if v <= 0 or v % f:
       raise ValueError(f"{flag} {v}: must be a positive multiple of {f} (this model's VAE downsampling factor)")
+    if v > MAX_SIDE:  # a typo, not an image: its latents alone would not fit in memory
+      raise ValueError(f'{flag} {v}: larger than {MAX_SIDE} pixels')
   base = _Job(
     prompt=args.prompt,
     guidance=args.guidance,

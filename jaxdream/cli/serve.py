@@ -7,6 +7,8 @@ import signal
 import sys
 import time
 
+from jaxdream.cli.args import int_between, positive_float
+
 
 def _model_folder(model: str) -> str:
   """A model folder, or a built-in model's (builtin:tiny is made once in the user's cache folder)."""
@@ -30,17 +32,8 @@ def make_uvicorn_server(app, queue, host: str, port: int):
   return Server(uvicorn.Config(app, host=host, port=port, log_level='warning', access_log=False))
 
 
-def _serve(args):
-  from jaxdream.serve.app import create_app, make_server, warm_up
-  from jaxdream.serve.limits import Limits, check_bind, parse_auth
-
-  check_bind(args.host, args.api_auth, args.insecure)
-  users = parse_auth(args.api_auth)
-  limits = Limits(max_size=args.max_size, max_steps=args.max_steps, max_body_bytes=int(args.max_body_mb * 2**20))
-  logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stderr)
-  logging.getLogger('jaxdream.serve').setLevel(logging.INFO)
-  t0 = time.perf_counter()
-  server = make_server(
+def _make_server(args, make_server, limits, users):
+  return make_server(
     _model_folder(args.model),
     models_dir=args.models_dir,
     lora_dir=args.lora_dir,
@@ -55,6 +48,22 @@ def _serve(args):
     lora_cache=args.lora_cache,
     lora_cache_mb=args.lora_cache_mb,
   )
+
+
+def _serve(args):
+  from jaxdream.serve.app import create_app, make_server, warm_up
+  from jaxdream.serve.limits import ApiError, Limits, check_bind, parse_auth
+
+  check_bind(args.host, args.api_auth, args.insecure)
+  users = parse_auth(args.api_auth)
+  limits = Limits(max_size=args.max_size, max_steps=args.max_steps, max_body_bytes=int(args.max_body_mb * 2**20))
+  logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stderr)
+  logging.getLogger('jaxdream.serve').setLevel(logging.INFO)
+  t0 = time.perf_counter()
+  try:
+    server = _make_server(args, make_server, limits, users)
+  except ApiError as e:  # what a request would get as a 4xx is, at start-up, a usage error
+    raise ValueError(e.detail) from None
   if args.warmup_steps > 0:
     warm_up(server, steps=args.warmup_steps)
   print(
@@ -106,17 +115,19 @@ def _add_serve_parser(sub):
     '--lora-cache-mb', type=float, default=1024, help='and at most this many MiB of their factors (default 1024)'
   )
   s.add_argument('--host', default='127.0.0.1', help='address to bind (default 127.0.0.1: this machine only)')
-  s.add_argument('--port', type=int, default=7860)
+  s.add_argument('--port', type=int_between(1, 65535), default=7860)
   s.add_argument('--api-auth', help='HTTP basic auth, user:password[,user2:password2]; needed beyond loopback')
   s.add_argument('--insecure', action='store_true', help='allow a non-loopback --host without --api-auth')
-  s.add_argument('--max-batch', type=int, default=8, help='images per sampler call (default 8)')
+  s.add_argument('--max-batch', type=int_between(1), default=8, help='images per sampler call (default 8)')
   s.add_argument(
     '--devices', type=int, default=1, help='split each batch over this many devices (-1: all of them; default 1)'
   )
-  s.add_argument('--queue-size', type=int, default=64, help='requests queued or running before 429 (default 64)')
-  s.add_argument('--max-size', type=int, default=2048, help='largest width/height in pixels (default 2048)')
-  s.add_argument('--max-steps', type=int, default=150, help='most steps per request (default 150)')
-  s.add_argument('--max-body-mb', type=float, default=32, help='largest request body in MiB (default 32)')
+  s.add_argument(
+    '--queue-size', type=int_between(1), default=64, help='requests queued or running before 429 (default 64)'
+  )
+  s.add_argument('--max-size', type=int_between(8), default=2048, help='largest width/height in pixels (default 2048)')
+  s.add_argument('--max-steps', type=int_between(1), default=150, help='most steps per request (default 150)')
+  s.add_argument('--max-body-mb', type=positive_float, default=32, help='largest request body in MiB (default 32)')
   s.add_argument(
     '--warmup-steps',
     type=int,

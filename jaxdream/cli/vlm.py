@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+from jaxdream.cli.args import check_output, int_between
 from jaxdream.io.files import atomic_write
 
 GET_VLM = (
@@ -62,6 +63,12 @@ def _load_vlm(args):
   return args.cache.get(key, load)
 
 
+def _check_outputs(args):
+  check_output('--json', args.json, folder=False)
+  for flag in ('draw', 'heatmaps', 'write_captions'):
+    check_output(f'--{flag.replace("_", "-")}', getattr(args, flag, None), folder=True)
+
+
 def _vlm_generation(args) -> dict:
   return dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, batch_size=args.batch_size)
 
@@ -86,6 +93,7 @@ def _caption(args):
   from jaxdream import vlm
 
   paths = _image_paths(args.images)
+  _check_outputs(args)
   results = vlm.caption(
     _load_vlm(args), paths, prompt=args.prompt, heatmaps=bool(args.heatmaps), **_vlm_generation(args)
   )
@@ -115,6 +123,7 @@ def _ask(args):
   from jaxdream import vlm
 
   paths = _image_paths(args.image)
+  _check_outputs(args)
   results = vlm.ask(_load_vlm(args), paths, args.question, **_vlm_generation(args))
   for path, r in zip(paths, results):
     _print_result(path, r)
@@ -128,6 +137,7 @@ def _check_subject(args):
   from jaxdream import vlm
 
   paths = _image_paths(args.images)
+  _check_outputs(args)
   summary = vlm.check_subject(_load_vlm(args), paths, args.phrase, mode=args.mode, **_vlm_generation(args))
   print(json.dumps(summary, indent=2))
   if args.json:
@@ -137,9 +147,9 @@ def _check_subject(args):
 def _add_vlm_parsers(sub):
   def common(parser):
     parser.add_argument('--model', required=True, help='transformers-format folder of Kosmos-2, Qwen2.5-VL or Qwen3-VL')
-    parser.add_argument('--max-new-tokens', type=int, default=64)
-    parser.add_argument('--num-beams', type=int, default=1, help='beam search width (default 1: greedy)')
-    parser.add_argument('--batch-size', type=int, default=8, help='images per generation batch')
+    parser.add_argument('--max-new-tokens', type=int_between(1), default=64)
+    parser.add_argument('--num-beams', type=int_between(1), default=1, help='beam search width (default 1: greedy)')
+    parser.add_argument('--batch-size', type=int_between(1), default=8, help='images per generation batch')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='compute dtype')
     parser.add_argument('--int8', action='store_true', help='weight-only int8 (a quarter of the parameter memory)')
     parser.add_argument(

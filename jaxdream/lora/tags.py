@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -36,15 +37,23 @@ def with_tags(prompt: str, loras) -> str:
   return ' '.join([prompt, *(f'<lora:{lora_name(p)}:{s:g}>' for p, s in loras)]).strip()
 
 
+def lora_scale_value(text: str, what: str) -> float:
+  """A LoRA scale from text: a finite number (NaN or infinity would turn every image black)."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise ValueError(f'{what}: the scale must be a number') from None
+  if not math.isfinite(value):
+    raise ValueError(f'{what}: the scale must be a finite number, got {text}')
+  return value
+
+
 def parse_tags(prompt: str) -> tuple[str, tuple[tuple[str, float], ...]]:
   """(the prompt without its <lora:name:scale> tags, ((name, scale), ...) of the tags), no file looked up."""
   found = []
   for m in _TAG.finditer(prompt):
     name, scale = m.group(1).strip(), m.group(2)
-    try:
-      value = 1.0 if scale is None or not scale.strip() else float(scale)
-    except ValueError:
-      raise ValueError(f'prompt tag {m.group(0)}: the scale must be a number') from None
+    value = 1.0 if scale is None or not scale.strip() else lora_scale_value(scale, f'prompt tag {m.group(0)}')
     found.append((name, value))
   text = re.sub(r'\s{2,}', ' ', _TAG.sub('', prompt)).strip()
   return text, tuple(found)

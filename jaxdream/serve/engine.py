@@ -184,7 +184,9 @@ class Engine:
   def model_name(self, title: str, field: str = 'sd_model_checkpoint') -> str:
     """A model's name from what A1111 clients send: its title ('name [hash]'), name, model_name (a file's stem)
     or short hash; a 422 lists the known ones."""
-    name = title.split(' [')[0].strip() if isinstance(title, str) else title
+    if not isinstance(title, str):
+      raise ApiError(422, field, f'{field} must be a model name (a string), got {type(title).__name__}')
+    name = title.split(' [')[0].strip()
     if name in self._models:
       return name
     for known, path in self._models.items():

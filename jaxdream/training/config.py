@@ -174,6 +174,8 @@ def vae_group() -> ml_collections.ConfigDict:
 
 
 # One line per config key for `jaxdream train --help` (tests check that every key has one).
+MAX_RESOLUTION = 4096  # training images' side, pixels: larger is a typo (SDXL trains at 1024)
+
 KEY_DOCS = {
   'task': "'dreambooth' (fine-tune a Stable Diffusion model) or 'vae' (train an AutoencoderKL: the vae.* keys)",
   'model': "diffusers-format model folder (SD 1.x/2.x; task='vae': also an AutoencoderKL folder), or "
@@ -564,6 +566,8 @@ def validate(config) -> list[dict]:
     problems += _metric_model_problems(config)
   if config.resolution % 8:
     problems.append(f'resolution must be a multiple of 8, got {config.resolution}')
+  if config.resolution > MAX_RESOLUTION:  # before every photo is resized to it
+    problems.append(f'resolution {config.resolution} is above {MAX_RESOLUTION} pixels')
   t = config.train
   for key in (
     'learning_rate',
@@ -574,8 +578,12 @@ def validate(config) -> list[dict]:
     'snr_gamma',
     'warmup_steps',
   ):
-    if t[key] < 0:
-      problems.append(f'train.{key} must not be negative, got {t[key]}')
+    if not t[key] >= 0:  # NaN too
+      problems.append(f'train.{key} must be a number, not negative, got {t[key]}')
+  if not 0.0 <= config.data.flip_p <= 1.0:
+    problems.append(f'data.flip_p is a probability, in [0, 1], got {config.data.flip_p}')
+  if not config.prior.loss_weight >= 0:
+    problems.append(f'prior.loss_weight must be a number, not negative, got {config.prior.loss_weight}')
   if t.optimizer == 'adafactor' and t.optimizer_state_dtype != 'float32':
     problems.append(
       "train.optimizer_state_dtype='bfloat16' makes AdamW's first moment bfloat16; adafactor has none "

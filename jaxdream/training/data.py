@@ -168,7 +168,12 @@ def _builder_class():
     def _generate_examples(self, split):
       for i, ex in enumerate(self._examples[split]):
         png, original = resized_png_and_size(ex['file'], self._resolution)
-        yield i, dict(ex, index=i, png=np.frombuffer(png, np.uint8), original_size=np.asarray(original, np.int32))
+        # The path as text the record can hold: a file name that is not UTF-8 keeps its bytes as \x escapes.
+        name = os.fsencode(ex['file']).decode('utf-8', 'backslashreplace')
+        yield (
+          i,
+          dict(ex, file=name, index=i, png=np.frombuffer(png, np.uint8), original_size=np.asarray(original, np.int32)),
+        )
 
   return DreamBoothSubjects
 
