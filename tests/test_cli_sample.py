@@ -368,6 +368,7 @@ def test_three_sweeps_write_one_grid_per_z_value_and_prompts_split_on_bars(files
     (['--strength', 0.5], 'needs --init-image'),
     (['--init-image', '{root}/missing.png'], 'no such file'),
     (['--steps', 'two'], "invalid int value: 'two'"),
+    (['--init-image', '{init}', '--steps', 1], 'runs no denoising step'),  # int(1 * 0.8) = 0, as diffusers
   ],
   ids=[
     'missing-model',
@@ -379,6 +380,7 @@ def test_three_sweeps_write_one_grid_per_z_value_and_prompts_split_on_bars(files
     'strength-without-init',
     'missing-init-image',
     'non-number',
+    'no-step-at-strength',
   ],
 )
 def test_bad_arguments_exit_2_with_a_message_before_any_output(files, tmp_path, capsys, argv, message):

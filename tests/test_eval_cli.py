@@ -221,6 +221,10 @@ def test_compare_gives_paired_differences_with_ci_p_value_and_warns_on_other_set
   # Two subjects, both better: the exact two-sided signed-rank p-value is 2 * (1/4).
   assert row.endswith(f'| +0.0300 | [{lo:+.4f}, {hi:+.4f}] | 0.5 |'), row
   assert '| CLIP-T |' in printed.out and md.read_text() == printed.out.split('wrote')[0]
+  b['subjects']['dog']['clip_t'] = None  # a hand-edited file: an error naming the score, not a traceback
+  path_b.write_text(json.dumps(b))
+  assert main(['eval', 'compare', str(first_run / 'scores.json'), str(path_b)]) == 2
+  assert 'subjects.dog.clip_t is None, not a score' in capsys.readouterr().err
 
 
 def test_bad_input_is_one_clear_line_and_exit_2_before_anything_loads(setup, first_run, tmp_path, capsys):

@@ -86,6 +86,7 @@ def test_prompt_ids_and_image_mask_match_kosmos2_processor_with_left_padding(kos
     dict(size={'shortest_edge': 32}, crop_size={'height': 32, 'width': 32}),
     dict(size={'shortest_edge': 24}, crop_size={'height': 28, 'width': 20}, resample=2),
     dict(use_square_size=True, size={'shortest_edge': 224}),
+    dict(size={'shortest_edge': 30, 'longest_edge': 40}, crop_size={'height': 30, 'width': 30}),  # a capped long side
   ],
 )
 def test_pixel_values_match_clip_image_processor(config, images):
@@ -99,6 +100,19 @@ def test_pixel_values_match_clip_image_processor(config, images):
   ours = np.stack([vlm.preprocess_image(im, cfg) for im in inputs])
   assert ours.shape == np.stack(ref).transpose(0, 2, 3, 1).shape
   np.testing.assert_allclose(ours, np.stack(ref).transpose(0, 2, 3, 1), atol=1e-6)
+
+
+def test_images_load_from_paths_and_arrays_as_transformers_reads_them(images, tmp_path):
+  from transformers.image_utils import load_image
+
+  rgba = images[1].copy()
+  rgba.putalpha(Image.fromarray(np.tile(np.arange(45, dtype=np.uint8) * 5, (49, 1))))
+  rgba.save(tmp_path / 'rgba.png')
+  # A path: upright and RGB, the alpha dropped (not composited on white, as a PIL image given directly is).
+  want = np.asarray(load_image(str(tmp_path / 'rgba.png')))
+  np.testing.assert_array_equal(np.asarray(vlm.load_image(str(tmp_path / 'rgba.png'))), want)
+  gray = np.asarray(images[0].convert('L'))
+  np.testing.assert_array_equal(np.asarray(vlm.load_image(gray[..., None])), gray)  # (H, W, 1) is grayscale
 
 
 def test_bare_xlmr_tokenizer_and_preprocessor_config_folder_works_like_the_processor(tmp_path, images):

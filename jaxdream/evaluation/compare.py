@@ -31,6 +31,12 @@ def load_scores(path: str) -> dict:
     raise ValueError(f'{path}: not a scores.json file ({e})') from None
   if not isinstance(scores, dict) or not {'subjects', 'overall', 'manifest'} <= set(scores):
     raise ValueError(f'{path}: not a jaxdream eval scores.json (no subjects/overall/manifest)')
+  subjects = scores['subjects']
+  for name, values in subjects.items() if isinstance(subjects, dict) else [('subjects', subjects)]:
+    for m in METRICS:
+      v = values.get(m) if isinstance(values, dict) else None
+      if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v):
+        raise ValueError(f'{path}: subjects.{name}.{m} is {v!r}, not a score (an edited or damaged file?)')
   return scores
 
 

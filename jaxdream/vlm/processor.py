@@ -111,19 +111,19 @@ def read_image_processor_config(folder: str, default: dict | None = None) -> dic
 
 
 def load_image(image):
-  """A PIL image from a path (turned upright by its EXIF orientation, as transformers' load_image does),
-  a PIL image, or a uint8 array."""
+  """A PIL image from a path (as transformers' load_image reads one: turned upright by its EXIF orientation,
+  then RGB, any alpha dropped), a PIL image, or a uint8 array."""
   from PIL import Image, ImageOps
 
   if isinstance(image, (str, os.PathLike)):
     with Image.open(image) as im:
-      return ImageOps.exif_transpose(im)  # a loaded copy, also without EXIF rotation
+      return ImageOps.exif_transpose(im).convert('RGB')
   if isinstance(image, Image.Image):
     return image
   a = np.asarray(image)
   if a.dtype != np.uint8 or a.ndim not in (2, 3):
     raise ValueError(f'images must be paths, PIL images or uint8 (H, W[, C]) arrays; got {a.dtype} {a.shape}')
-  return Image.fromarray(a)
+  return Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a)  # (H, W, 1): grayscale
 
 
 def to_rgb(image):
@@ -149,13 +149,17 @@ def preprocess_image(image, cfg: dict) -> np.ndarray:
     if cfg.get('use_square_size') and 'shortest_edge' in size:  # Kosmos-2's legacy flag: a square resize
       size = {'height': size['shortest_edge'], 'width': size['shortest_edge']}
     h, w = x.shape[:2]
-    if 'shortest_edge' in size:
+    if size.get('shortest_edge') and size.get('longest_edge'):
+      h, w = _size_with_aspect_ratio(h, w, size['shortest_edge'], size['longest_edge'])
+    elif size.get('shortest_edge'):
       s = size['shortest_edge']
       short, long = min(h, w), max(h, w)
       new_long = int(s * long / short)
       h, w = (new_long, s) if w <= h else (s, new_long)
-    else:
+    elif size.get('height') and size.get('width'):
       h, w = size['height'], size['width']
+    else:
+      raise ValueError(f'preprocessor size {size}: expected shortest_edge (and longest_edge), or height and width')
     pil = Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x)
     x = np.asarray(pil.resize((w, h), resample=cfg.get('resample', 3)))
     x = x[..., None] if x.ndim == 2 else x
@@ -169,6 +173,20 @@ def preprocess_image(image, cfg: dict) -> np.ndarray:
     std = np.asarray(cfg.get('image_std', [0.26862954, 0.26130258, 0.27577711]), np.float32)
     x = (x - mean) / std
   return x
+
+
+def _size_with_aspect_ratio(h: int, w: int, size: int, max_size: int) -> tuple[int, int]:
+  """transformers' get_size_with_aspect_ratio: the shorter side to `size`, unless the longer would pass
+  `max_size` (then the longer side to `max_size`)."""
+  raw = None
+  if max(h, w) / min(h, w) * size > max_size:
+    raw = max_size * min(h, w) / max(h, w)
+    size = int(round(raw))
+  if (h <= w and h == size) or (w <= h and w == size):
+    return h, w
+  if w < h:
+    return int((size if raw is None else raw) * h / w), size
+  return size, int((size if raw is None else raw) * w / h)
 
 
 def center_crop(x: np.ndarray, size: dict) -> np.ndarray:
