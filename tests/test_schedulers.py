@@ -194,6 +194,28 @@ def test_options_match_diffusers(name, options, patch_randn):
   check_trajectory(name, 20, patch_randn, eta=eta, rtol=rtol, **options)
 
 
+def test_an_override_against_what_the_name_sets_is_an_error():
+  with pytest.raises(ValueError, match="'dpmpp_2m_karras' sets use_karras_sigmas=True; got use_karras_sigmas=False"):
+    make_scheduler('dpmpp_2m_karras', SD_CONFIG, 10, use_karras_sigmas=False)
+  assert make_scheduler('dpmpp_2m_karras', SD_CONFIG, 10, use_karras_sigmas=True).config['use_karras_sigmas']
+
+
+def test_a_strength_that_leaves_no_step_is_refused_as_by_diffusers_pipelines():
+  sch = make_scheduler('ddim', SD_CONFIG, 3)
+  assert sch.start_index(0.34) == 2  # int(3 * 0.34) = 1 step
+  with pytest.raises(ValueError, match='strength 0.3 of 3 steps runs no denoising step'):
+    sch.start_index(0.3)
+
+
+@pytest.mark.parametrize('n', [3, 10, 25])
+def test_karras_timesteps_of_a_cosine_schedule_are_diffusers_truncated_ones(n):
+  # Not rounded for cosine schedules: the top one is 998 from diffusers' float32 sigmas (999 from float64).
+  # (diffusers' own multistep loop then trips over the repeated 998s, so only the schedule is compared.)
+  ref, sch = build('dpmpp_2m_karras', n, beta_schedule='squaredcos_cap_v2')
+  np.testing.assert_array_equal(sch.timesteps, ref.timesteps.numpy())
+  np.testing.assert_allclose(sch.sigmas, ref.sigmas.numpy(), rtol=1e-6)
+
+
 @pytest.mark.parametrize('name', CORE_NAMES)
 def test_jit_fori_loop(name, patch_randn):
   """The whole loop under jit + fori_loop with a traced step index ends where diffusers does."""

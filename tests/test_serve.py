@@ -278,6 +278,8 @@ def test_bad_requests_are_refused_naming_the_field(served):
   assert r.status_code == 422 and r.json()['field'] == 'sd_model_checkpoint', r.text
   refused(422, 'init_images', {}, '/sdapi/v1/img2img')
   refused(422, 'init_images', {'init_images': ['not base64!']}, '/sdapi/v1/img2img')
+  tiny = {'init_images': [png_b64(np.zeros((8, 8, 3)))], 'denoising_strength': 0.01}  # int(steps * 0.01) = 0
+  assert 'runs no step' in refused(422, 'denoising_strength', tiny, '/sdapi/v1/img2img')['detail']
   # A small file that decodes to more pixels than the limit (a decompression bomb) is refused before decoding.
   bomb = png_b64(np.zeros((128, 128, 3)))
   assert '128x128' in refused(413, 'init_images', {'init_images': [bomb]}, '/sdapi/v1/img2img')['detail']

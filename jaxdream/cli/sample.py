@@ -231,11 +231,6 @@ def _check_job(job: _Job, scheduler_config: dict, num_images: int, refiner=None)
     raise ValueError(f'strength must be in [0, 1], got {job.strength}')
   sch = make_scheduler(job.scheduler, scheduler_config, job.steps)
   start = 0 if job.strength is None else sch.start_index(job.strength)
-  if start >= sch.num_steps:  # diffusers refuses it too: the image would come back only VAE round-tripped
-    raise ValueError(
-      f'strength {job.strength:g} of {job.steps} steps runs no denoising step (int(steps * strength) = 0): '
-      'raise the strength or the steps'
-    )
   if refiner is None:
     return sch.num_steps - start
   refiner_config, refiner_start = refiner

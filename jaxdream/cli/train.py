@@ -89,7 +89,8 @@ def _help(argv) -> str:
     USAGE,
     '',
     'DreamBooth fine-tuning. Running the same command again on the same workdir resumes from its newest',
-    'readable checkpoint. Ctrl-C (or SIGTERM) saves a checkpoint and stops; a second Ctrl-C stops at once.',
+    'readable checkpoint. Ctrl-C (or SIGTERM) saves a checkpoint and stops with exit status 75 (run the same command '
+    'to resume); a second Ctrl-C stops at once.',
     '',
     f'  --config FILE   {_CONFIG_FLAG}',
     f'  --workdir DIR   {_WORKDIR_FLAG}',
@@ -98,6 +99,9 @@ def _help(argv) -> str:
   ]
   lines += [f'  {f"{k}={v!r}":<{width}} {config_lib.KEY_DOCS.get(k, "")}' for k, v in keys]
   return '\n'.join(lines)
+
+
+EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped by SIGTERM or Ctrl-C after saving; run again to resume
 
 
 def main(argv=None):
@@ -140,8 +144,8 @@ def main(argv=None):
     return _error(str(e))
   except KeyboardInterrupt:  # a second Ctrl-C, or one before the first step
     return _error('interrupted; run the same command to resume from the last saved checkpoint')
-  if summary.get('preempted'):
-    return 0
+  if summary.get('preempted'):  # saved and stopped early: not done (a job scheduler's retry resumes it)
+    return EXIT_STOPPED
   out = summary.get('outputs', {})
   if out:
     lines = [f'\nDone: {summary["step"]} steps.']

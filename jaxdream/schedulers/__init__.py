@@ -109,6 +109,12 @@ def make_scheduler(
   if name not in _REGISTRY:
     raise ValueError(f'unknown scheduler {name!r}; valid names: {", ".join(SCHEDULER_NAMES)}')
   cls, fixed = _REGISTRY[name]
+  clashes = [f'{k}={v!r}' for k, v in overrides.items() if k in fixed and fixed[k] != v]
+  if clashes:  # the name decides these; an explicit other value would be dropped without a word
+    raise ValueError(
+      f'scheduler {name!r} sets {", ".join(f"{k}={fixed[k]!r}" for k in overrides if k in fixed)}; '
+      f'got {", ".join(clashes)}'
+    )
   cfg = resolve_config(scheduler_config, cls.DEFAULTS, {**overrides, **fixed})
   sch = cls(cfg, num_inference_steps, eta=eta) if cls is DDIM else cls(cfg, num_inference_steps)
   sch.name = name

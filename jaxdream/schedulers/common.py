@@ -95,6 +95,11 @@ def spaced_timesteps(spacing: str, num_train: int, n: int, steps_offset: int) ->
   raise ValueError(f"timestep_spacing {spacing!r} is not supported: use 'linspace', 'leading' or 'trailing'")
 
 
+def strength_steps(num_inference_steps: int, strength: float) -> int:
+  """Steps an img2img run of `strength` takes of `num_inference_steps` (diffusers' get_timesteps)."""
+  return min(int(num_inference_steps * strength), num_inference_steps)
+
+
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
   """Karras et al. (2022) eq. 5: sigmas evenly spaced in sigma**(1/rho), descending."""
   ramp = np.linspace(0, 1, n)
@@ -186,9 +191,15 @@ class Scheduler:
     raise NotImplementedError
 
   def start_index(self, strength: float) -> int:
-    """First step of an img2img run, as diffusers' img2img `get_timesteps` picks it."""
+    """First step of an img2img run, as diffusers' img2img `get_timesteps` picks it. A strength that leaves no
+    step is an error, as in diffusers' pipelines (the image would come back noised, not denoised)."""
     n = self.num_inference_steps
-    return max(n - min(int(n * strength), n), 0)
+    if strength_steps(n, strength) < 1:
+      raise ValueError(
+        f'strength {strength:g} of {n} steps runs no denoising step (int(steps * strength) = 0): raise the strength '
+        'or the steps'
+      )
+    return n - strength_steps(n, strength)
 
   def timestep_cutoff(self, fraction: float) -> int:
     """The training timestep at `fraction` of the way from noise to image (diffusers' discrete_timestep_cutoff)."""

@@ -203,8 +203,11 @@ class DPMSolverPP2M(Scheduler):
     else:  # one extra point, dropped at the clean end
       ts = np.round(spaced_timesteps(spacing, last, n + 1, cfg['steps_offset'])[:-1])
     if cfg['use_karras_sigmas']:  # over the whole training range
-      sigmas = karras_sigmas(train_sigmas[0], train_sigmas[-1], n)
-      ts = sigma_to_t(sigmas, train_sigmas)
+      # In float32, as diffusers holds them: cosine schedules' timesteps are truncated, not rounded, and the
+      # top one is 998.99999996 -> 998 from float32 sigmas, 999.0 -> 999 from float64 ones.
+      train32 = train_sigmas.astype(np.float32)
+      sigmas = karras_sigmas(float(train32[0]), float(train32[-1]), n)
+      ts = sigma_to_t(sigmas, train32)
       ts = ts if cfg['beta_schedule'] == 'squaredcos_cap_v2' else np.round(ts)
     else:
       sigmas = np.interp(ts, np.arange(n_train), train_sigmas)

@@ -24,6 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
 from jaxdream.io.images import format_parameters, parse_parameters, png_bytes, read_parameters
 from jaxdream.lora.tags import parse_tags
+from jaxdream.schedulers.common import strength_steps
 from jaxdream.serve import inpainting, samplers
 from jaxdream.serve.engine import BatchKey, Engine, Task
 from jaxdream.serve.limits import ApiError, Limits, check_range, check_size, decode_image, image_bytes, resized
@@ -138,6 +139,8 @@ def _plan(server: Server, req: Txt2ImgRequest, kind: str):
     images = [decode_image('init_images', im, lim) for im in req.init_images]
     strength = 0.75 if req.denoising_strength is None else req.denoising_strength
     check_range('denoising_strength', strength, 0, 1)
+    if strength_steps(req.steps, strength) < 1:  # refused by the sampler, as by diffusers
+      raise ApiError(422, 'denoising_strength', f'denoising_strength {strength:g} of {req.steps} steps runs no step')
     if req.mask:
       inputs, fill = _inpaint_inputs(req, images, decode_image('mask', req.mask, lim, 'L'), width, height)
       kind = 'inpaint'
