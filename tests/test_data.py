@@ -172,6 +172,20 @@ def test_nan_and_out_of_range_numbers_are_config_problems(tmp_path):
     assert needle in str(e.value)
 
 
+def test_unreadable_caption_and_concepts_files_are_named(tmp_path):
+  from jaxdream.training.data import instance_prompt
+
+  photo = tmp_path / 'a.png'
+  _save(photo, np.zeros((8, 8, 3), np.uint8))
+  (tmp_path / 'a.txt').write_bytes(b'a \xff caption')  # not UTF-8
+  with pytest.raises(DataError, match=f'{tmp_path}/a.txt: not a readable UTF-8 caption file'):
+    instance_prompt(str(photo), {'instance_prompt': 'sks dog'}, '.txt', 'append')
+  c = _config(tmp_path, instance_dir=SAMPLE, instance_prompt='a photo of sks dog', class_prompt='', class_dir='')
+  c.data.concepts_file = str(photo)  # an image, not JSON
+  with pytest.raises(config_lib.RunConfigError, match=f'data.concepts_file {photo}: not a readable JSON file'):
+    config_lib.validate(c)
+
+
 def test_validation_metrics_without_or_with_the_wrong_scoring_models_is_a_config_problem(tmp_path, scoring_models):
   c = _config(tmp_path, instance_dir=SAMPLE, instance_prompt='a photo of sks dog', class_prompt='', class_dir='')
   c.prior.enabled = False

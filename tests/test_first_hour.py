@@ -107,6 +107,12 @@ def test_a_bad_override_is_one_clean_line(override, message, tmp_path, capsys):
   assert capsys.readouterr().err == f'jaxdream train: error: {message}\n'
 
 
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path, capsys):
+  (tmp_path / 'w').write_text('not a folder')
+  assert main(['train', '--config', QUICKSTART, '--workdir', str(tmp_path / 'w')]) == 2
+  assert capsys.readouterr().err == f'jaxdream train: error: --workdir {tmp_path}/w: exists and is not a folder\n'
+
+
 def test_a_missing_config_file_is_one_line(tmp_path, capsys):
   assert main(['train', '--config', str(tmp_path / 'nope.py'), '--workdir', str(tmp_path)]) == 2
   assert (

@@ -8,6 +8,7 @@ import re
 import sys
 
 from jaxdream.cli import quiet
+from jaxdream.cli.args import check_output
 from jaxdream.distributed import multihost
 from jaxdream.training import config as config_lib
 from jaxdream.training.data import DataError
@@ -139,6 +140,7 @@ def main(argv=None):
     return _error('--config and --workdir are required (see jaxdream train --help)')
   multihost.initialize()
   try:
+    check_output('--workdir', fv.workdir, folder=True)
     summary = train(fv.config, fv.workdir)
   except (config_lib.RunConfigError, DataError, TrainingError, ValueError, OSError) as e:
     return _error(str(e))

@@ -390,8 +390,15 @@ def load_concepts(config) -> list[dict]:
   """The run's concepts: `concepts` plus those listed in `data.concepts_file`."""
   out = [dict(c) for c in config.concepts if c.instance_dir]
   if config.data.concepts_file:
-    with open(config.data.concepts_file) as f:
-      listed = json.load(f)
+    try:
+      with open(config.data.concepts_file, encoding='utf-8') as f:
+        listed = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise RunConfigError(f'data.concepts_file {config.data.concepts_file}: not a readable JSON file ({e})') from None
+    if not isinstance(listed, list) or not all(isinstance(item, dict) for item in listed):
+      raise RunConfigError(
+        f'data.concepts_file {config.data.concepts_file}: expected a JSON list of concepts (objects)'
+      )
     defaults = dict(concept())
     for i, item in enumerate(listed):
       unknown = set(item) - set(defaults)

@@ -98,8 +98,11 @@ def instance_prompt(path: str, concept: dict, caption_ext: str, caption_mode: st
   sidecar = os.path.splitext(path)[0] + caption_ext
   if not os.path.exists(sidecar):
     return concept['instance_prompt']
-  with open(sidecar, encoding='utf-8') as f:
-    caption = ' '.join(f.read().split())
+  try:
+    with open(sidecar, encoding='utf-8') as f:
+      caption = ' '.join(f.read().split())
+  except (OSError, UnicodeDecodeError) as e:
+    raise DataError(f'{sidecar}: not a readable UTF-8 caption file ({e})') from None
   if not caption:
     return concept['instance_prompt']
   return caption if caption_mode == 'replace' else f'{concept["instance_prompt"]}, {caption}'
