@@ -161,6 +161,7 @@ def test_nan_and_out_of_range_numbers_are_config_problems(tmp_path):
   c = _config(tmp_path, instance_dir=SAMPLE, instance_prompt='a photo of sks dog', class_prompt='', class_dir='')
   c.train.learning_rate, c.train.max_grad_norm = float('nan'), float('nan')
   c.data.flip_p, c.resolution = 2.0, 100_000
+  c.train.adam_b1, c.train.adam_eps = 1.5, -1.0
   with pytest.raises(config_lib.RunConfigError) as e:
     config_lib.validate(c)
   for needle in (
@@ -168,6 +169,8 @@ def test_nan_and_out_of_range_numbers_are_config_problems(tmp_path):
     'train.max_grad_norm must be a number',
     'data.flip_p',
     '100000',
+    'train.adam_b1 is a decay rate',
+    'train.adam_eps must be above 0',
   ):
     assert needle in str(e.value)
 

@@ -59,18 +59,31 @@ def test_adamw_state_dtypes_follow_the_config_and_frozen_parameters_get_none(dty
   assert not [x for x in jax.tree.leaves(state) if x.shape == SHAPES['vae/conv/kernel']]
 
 
-def test_one_adafactor_step_is_optax_adafactor_and_its_state_is_factored():
+def test_adafactor_steps_are_transformers_adafactor_with_decoupled_weight_decay_and_its_state_is_factored():
+  import torch
+  from transformers.optimization import Adafactor
+
   config, trainable, tx = _setup(
     optimizer='adafactor', max_grad_norm=0.0, learning_rate=1e-3, text_encoder_learning_rate=1e-3, weight_decay=0.1
   )
-  grads = jax.tree.map(lambda p: jnp.cos(3 * p), trainable)
   state = tx.init(trainable)
-  updates, _ = jax.jit(tx.update)(grads, state, trainable)
-  # What the config means: optax's adafactor with an absolute learning rate and decoupled weight decay.
-  direct = optax.adafactor(1e-3, multiply_by_parameter_scale=False, weight_decay_rate=0.1)
-  want, _ = jax.jit(direct.update)(grads, direct.init(trainable), trainable)
-  for path in trainable:
-    assert rel_err(updates[path], want[path]) <= 1e-6, path
+  # What the config means: diffusers' Adafactor(scale_parameter=False, relative_step=False), whose weight decay
+  # is lr * wd * p per step (optax's own weight_decay_rate takes wd * p). Two steps, on the matrix both factor.
+  path = 'unet/proj/kernel'
+  ref = torch.nn.Parameter(torch.tensor(np.asarray(trainable[path])))
+  opt = Adafactor([ref], lr=1e-3, scale_parameter=False, relative_step=False, weight_decay=0.1)
+  params = trainable
+  for _ in range(2):
+    ref.grad = torch.tensor(np.asarray(jnp.cos(3 * params[path])))
+    opt.step()
+    updates, state = jax.jit(tx.update)(jax.tree.map(lambda p: jnp.cos(3 * p), params), state, params)
+    params = optax.apply_updates(params, updates)
+  # The changes (~3e-3 of weights ~1) are differences of float32 weights: 1e-4 is their rounding, not more.
+  assert rel_err(params[path] - trainable[path], ref.detach().numpy() - np.asarray(trainable[path])) <= 1e-4
+  # A parameter without gradient decays by lr * wd, as under AdamW.
+  zero, state0 = jax.tree.map(jnp.zeros_like, trainable), tx.init(trainable)
+  decayed = optax.apply_updates(trainable, jax.jit(tx.update)(zero, state0, trainable)[0])
+  np.testing.assert_allclose(decayed[path], trainable[path] * (1 - 1e-3 * 0.1), rtol=1e-6)
   # The big matrix keeps one second moment per row and per column, nothing of its size.
   sizes = [x.size for x in jax.tree.leaves(state)]
   assert 256 in sizes and 160 in sizes and 256 * 160 not in sizes

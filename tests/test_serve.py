@@ -133,6 +133,12 @@ def test_routes_answer_in_a1111_shapes_with_a1111_defaults(served):
   assert (info['sampler_name'], info['cfg_scale'], info['steps']) == ('Euler', 7.0, 2)
   image = pixels(data['images'][0])
   assert image.shape == (32, 32, 3) and image.std() > 0
+  # What typed clients require of info (sd-backend-client's GenerationInfoData): these keys, a string hash.
+  assert isinstance(info['sd_model_hash'], str) and info['version'].startswith('jaxdream')
+  assert {'sd_vae_name', 'sd_vae_hash', 'face_restoration_model', 'clip_skip', 'job_timestamp'} <= set(info)
+  # null fields are defaults (A1111's are all optional), and the evenly spaced schedule types are the sampler's own.
+  same = txt2img(client, prompt='a dog', seed=5, negative_prompt=None, batch_size=None, scheduler='Normal')
+  assert np.array_equal(pixels(same['images'][0]), image)
   # PNG Info reads the image's own A1111 parameters chunk back.
   png = client.post('/sdapi/v1/png-info', json={'image': 'data:image/png;base64,' + data['images'][0]}).json()
   assert (
@@ -149,7 +155,15 @@ def test_routes_answer_in_a1111_shapes_with_a1111_defaults(served):
   assert [m['title'] for m in client.get('/sdapi/v1/sd-models').json()] == [server.engine.current, 'other']
   names = [s['name'] for s in client.get('/sdapi/v1/samplers').json()]
   assert {'Euler a', 'Euler', 'DPM++ 2M', 'DPM++ 2M Karras', 'DDIM', 'LMS', 'PLMS'} <= set(names)
-  assert [s['label'] for s in client.get('/sdapi/v1/schedulers').json()] == ['Automatic', 'Karras']
+  assert [s['label'] for s in client.get('/sdapi/v1/schedulers').json()] == [
+    'Automatic',
+    'Uniform',
+    'Normal',
+    'Simple',
+    'Karras',
+  ]
+  assert client.get('/sdapi/v1/scripts').json() == {'txt2img': [], 'img2img': []}
+  assert client.get('/sdapi/v1/face-restorers').json() == [] and client.get('/sdapi/v1/cmd-flags').json() == {}
   loras = client.get('/sdapi/v1/loras').json()
   assert [(lo['name'], os.path.basename(lo['path'])) for lo in loras] == [
     ('style', 'style.safetensors'),
@@ -271,6 +285,10 @@ def test_bad_requests_are_refused_naming_the_field(served):
   assert 'no nope.safetensors' in refused(422, 'prompt', {'prompt': 'x <lora:nope:1>'})['detail']
   assert 'at most 8' in refused(422, 'prompt', {'prompt': 'x' + ' <lora:subject:0.1>' * 9})['detail']
   refused(422, None, {'steps': 'many'})  # a type error: FastAPI's own 422
+  # Features that would change the image and that jaxdream does not have: refused, not silently left out.
+  assert 'hires fix' in refused(422, 'enable_hr', {'enable_hr': True, 'hr_scale': 2})['detail']
+  refused(422, 'alwayson_scripts', {'alwayson_scripts': {'controlnet': {'args': []}}})
+  refused(422, 'script_name', {'script_name': 'x/y/z plot'})
   for scale in ('nan', 'inf', '-inf'):  # a non-finite weight would make a black image
     assert 'finite' in refused(422, 'prompt', {'prompt': f'x <lora:subject:{scale}>'})['detail']
   refused(422, 'sd_model_checkpoint', {'override_settings': {'sd_model_checkpoint': ['a']}})

@@ -22,6 +22,7 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
+from jaxdream import __version__
 from jaxdream.io.images import format_parameters, parse_parameters, png_bytes, read_parameters
 from jaxdream.lora.tags import parse_tags
 from jaxdream.schedulers.common import strength_steps
@@ -102,6 +103,25 @@ def warm_up(server: Server, steps: int = 20, sampler: str = samplers.DEFAULT_SAM
 # -- checking a request
 
 
+# A1111 features that change the image and that jaxdream does not have: asked for, they are refused (as A1111
+# refuses a script it does not have), never silently left out.
+_UNSUPPORTED = {
+  'enable_hr': 'hires fix (enable_hr)',
+  'restore_faces': 'face restoration (restore_faces)',
+  'tiling': 'tiling',
+  'script_name': 'scripts (script_name)',
+  'alwayson_scripts': 'always-on scripts (alwayson_scripts: ControlNet, ADetailer, ...)',
+}
+
+
+def _refuse_unsupported(req):
+  for field, what in _UNSUPPORTED.items():
+    if getattr(req, field, None):
+      raise ApiError(422, field, f'{what} is not supported by jaxdream serve')
+  if req.subseed_strength:
+    raise ApiError(422, 'subseed_strength', 'variation seeds (subseed_strength) are not supported by jaxdream serve')
+
+
 def _plan(server: Server, req: Txt2ImgRequest, kind: str):
   """(BatchKey, tasks, facts for the response) of a request, or an ApiError naming the field at fault."""
   eng, lim = server.engine, server.limits
@@ -119,6 +139,7 @@ def _plan(server: Server, req: Txt2ImgRequest, kind: str):
   if n > lim.max_images:
     raise ApiError(422, 'batch_size', f'batch_size * n_iter = {n} images; at most {lim.max_images} per request')
   check_range('cfg_scale', req.cfg_scale, 0, 100)
+  _refuse_unsupported(req)
   try:
     sampler = samplers.resolve(req.sampler_name or req.sampler_index, req.scheduler)
   except samplers.UnknownSampler as e:
@@ -224,8 +245,11 @@ def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list, out
     'steps': key.steps,
     'batch_size': req.batch_size,
     'restore_faces': False,
+    'face_restoration_model': None,
     'sd_model_name': key.model,
-    'sd_model_hash': facts['model_hash'],
+    'sd_model_hash': facts['model_hash'] or '',  # a folder model has no file hash; typed clients want a string
+    'sd_vae_name': None,  # the model's own VAE
+    'sd_vae_hash': None,
     'seed_resize_from_w': -1,
     'seed_resize_from_h': -1,
     'denoising_strength': key.strength,
@@ -237,6 +261,7 @@ def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list, out
     'clip_skip': 1,
     'is_using_inpainting_conditioning': key.kind == 'inpaint',
     'interrupted': len(done) < n,
+    'version': f'jaxdream {__version__}',
   }
   params = req.model_dump()
   params.update(width=key.width, height=key.height)
@@ -440,14 +465,24 @@ def create_app(server: Server) -> FastAPI:
   async def loras():
     return server.engine.loras()
 
-  # What A1111 clients also list at start-up, and that jaxdream has none of.
+  # What A1111 clients also list or call at start-up, and that jaxdream has none of (or nothing to do for).
   for path, empty in (
     ('/sdapi/v1/sd-vae', []),
     ('/sdapi/v1/upscalers', []),
+    ('/sdapi/v1/latent-upscale-modes', []),
     ('/sdapi/v1/prompt-styles', []),
     ('/sdapi/v1/embeddings', {'loaded': {}, 'skipped': {}}),
+    ('/sdapi/v1/hypernetworks', []),
+    ('/sdapi/v1/face-restorers', []),
+    ('/sdapi/v1/realesrgan-models', []),
+    ('/sdapi/v1/scripts', {'txt2img': [], 'img2img': []}),
+    ('/sdapi/v1/script-info', []),
+    ('/sdapi/v1/extensions', []),
+    ('/sdapi/v1/cmd-flags', {}),
   ):
     app.add_api_route(path, _constant(empty), methods=['GET'])
+  for path in ('/sdapi/v1/refresh-vae', '/sdapi/v1/refresh-embeddings'):
+    app.add_api_route(path, _constant(None), methods=['POST'])
 
   @app.post('/sdapi/v1/refresh-checkpoints')
   async def refresh_checkpoints():

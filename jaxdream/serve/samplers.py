@@ -21,11 +21,18 @@ _ALIASES = {
   'dpmpp_2m': ('k_dpmpp_2m',),
   'dpmpp_2m_karras': ('k_dpmpp_2m_ka',),
 }
-# A1111 schedule types we have: 'automatic' is each sampler's own; 'karras' exists for DPM++ 2M only.
+# A1111 schedule types we have: 'automatic' is each sampler's own, and A1111's 'uniform' is the same (the
+# model's own timesteps, evenly spaced); 'normal' and 'simple', its other evenly spaced schedules (the default of
+# some clients), run as it too: they differ from it only in where the evenly spaced steps start and end.
+# 'karras' exists for DPM++ 2M only.
 SCHEDULERS = (
   {'name': 'automatic', 'label': 'Automatic', 'aliases': None, 'default_rho': -1, 'need_inner_model': False},
+  {'name': 'uniform', 'label': 'Uniform', 'aliases': None, 'default_rho': -1, 'need_inner_model': True},
+  {'name': 'normal', 'label': 'Normal', 'aliases': None, 'default_rho': -1, 'need_inner_model': True},
+  {'name': 'simple', 'label': 'Simple', 'aliases': None, 'default_rho': -1, 'need_inner_model': True},
   {'name': 'karras', 'label': 'Karras', 'aliases': None, 'default_rho': 7.0, 'need_inner_model': False},
 )
+_EVENLY_SPACED = ('automatic', '', 'uniform', 'normal', 'simple')
 _KARRAS = {'dpmpp_2m': 'dpmpp_2m_karras', 'dpmpp_2m_karras': 'dpmpp_2m_karras'}
 
 
@@ -63,14 +70,15 @@ def resolve(sampler_name: str | None, scheduler: str | None = None) -> str:
       'sampler_name', f'unknown sampler_name {name!r}; valid names: {", ".join(SAMPLER_NAMES.values())}'
     )
   schedule = (scheduler or 'automatic').strip().lower()
-  if schedule in ('automatic', ''):
+  if schedule in _EVENLY_SPACED:
     return ours
   if schedule == 'karras' and ours in _KARRAS:
     return _KARRAS[ours]
   valid = ', '.join(s['label'] for s in SCHEDULERS)
   raise UnknownSampler(
     'scheduler',
-    f'scheduler {scheduler!r} with sampler {name!r} is not supported; valid: {valid} (Karras with DPM++ 2M only)',
+    f'scheduler {scheduler!r} with sampler {name!r} is not supported; valid: {valid} (Karras with DPM++ 2M only; '
+    'the others with any sampler)',
   )
 
 

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Request(BaseModel):
   model_config = ConfigDict(extra='ignore')
+
+  @model_validator(mode='before')
+  @classmethod
+  def _nulls_are_defaults(cls, data):
+    """A1111's request fields are all optional: null means the default (seed: null is a random seed)."""
+    return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 class Txt2ImgRequest(_Request):
@@ -44,6 +50,7 @@ class Txt2ImgRequest(_Request):
   save_images: bool = False
   alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
   infotext: str | None = None
+  enable_hr: bool = False
 
 
 class Img2ImgRequest(Txt2ImgRequest):

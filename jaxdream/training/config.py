@@ -587,6 +587,11 @@ def validate(config) -> list[dict]:
   ):
     if not t[key] >= 0:  # NaN too
       problems.append(f'train.{key} must be a number, not negative, got {t[key]}')
+  for key in ('adam_b1', 'adam_b2'):
+    if not 0.0 <= t[key] < 1.0:
+      problems.append(f'train.{key} is a decay rate, in [0, 1), got {t[key]}')
+  if not t.adam_eps > 0:
+    problems.append(f'train.adam_eps must be above 0, got {t.adam_eps}')
   if not 0.0 <= config.data.flip_p <= 1.0:
     problems.append(f'data.flip_p is a probability, in [0, 1], got {config.data.flip_p}')
   if not config.prior.loss_weight >= 0:

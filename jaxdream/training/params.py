@@ -102,7 +102,13 @@ def group_optimizer(config, lr: float) -> optax.GradientTransformation:
   t = config.train
   schedule = lr_schedule(config, lr)
   if t.optimizer == 'adafactor':
-    return optax.adafactor(schedule, multiply_by_parameter_scale=False, weight_decay_rate=t.weight_decay or None)
+    # optax.adafactor's own weight_decay_rate is added after the learning rate (each step takes wd * p off, not
+    # lr * wd * p): the decay goes in before the learning rate here, as transformers' Adafactor and AdamW do it.
+    return optax.chain(
+      optax.adafactor(None, multiply_by_parameter_scale=False),  # -(clipped, factored-RMS-scaled gradient)
+      optax.add_decayed_weights(-t.weight_decay),
+      optax.scale_by_learning_rate(schedule, flip_sign=False),
+    )
   mu_dtype = jnp.bfloat16 if t.optimizer_state_dtype == 'bfloat16' else None
   return optax.adamw(
     schedule, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, mu_dtype=mu_dtype, weight_decay=t.weight_decay
