@@ -200,6 +200,13 @@ def test_txt2img_writes_numbered_pngs_with_their_parameters_and_a_grid(files, tm
   assert read_parameters(str(tmp_path / 'grid.png')) == params(tmp_path, 0)
 
 
+def test_clip_skip_changes_the_image_and_is_recorded_as_a1111s_clip_skip(files, tmp_path):
+  for name, extra in (('plain', []), ('skip', ['--clip-skip', '1'])):
+    assert sample('--model', files['model'], '--prompt', PROMPT, '--out', tmp_path / name, *extra) == 0
+  assert 'Clip skip: 2' in params(tmp_path / 'skip', 0) and 'Clip skip' not in params(tmp_path / 'plain', 0)
+  assert not np.array_equal(load(tmp_path / 'skip' / '00000.png'), load(tmp_path / 'plain' / '00000.png'))
+
+
 def test_img2img_takes_the_init_image_size_and_records_denoising_strength(files, tmp_path):
   assert (
     sample(

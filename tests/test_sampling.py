@@ -98,6 +98,30 @@ def test_txt2img_matches_diffusers_latents_from_the_same_noise(pipes, name, pred
   )
 
 
+def test_clip_skip_encodes_the_prompt_as_diffusers_clip_skip(pipes):
+  ref_pipe, pipe = pipes
+  pipe = _with_scheduler(ref_pipe, pipe, 'ddim', 'epsilon')
+  latents = np.asarray(image_noise([5], (16, 16, 4)))
+  kw = dict(num_inference_steps=STEPS, guidance_scale=7.5)
+  ours = txt2img(pipe, PROMPTS[:1], scheduler='ddim', latents=latents, output_type='latent', clip_skip=1, **kw)
+  # diffusers' clip_skip reads text_encoder.text_model, which transformers 5's CLIPTextModel no longer has: its
+  # computation (the hidden state one layer before the last, through the final layer norm), by hand.
+  te, tok = ref_pipe.text_encoder, ref_pipe.tokenizer
+
+  def embeds(text):
+    ids = tok([text], padding='max_length', max_length=tok.model_max_length, return_tensors='pt').input_ids
+    with torch.no_grad():
+      return te.final_layer_norm(te(ids, output_hidden_states=True).hidden_states[-2])
+
+  _assert_same_latents(
+    ours, ref_pipe, latents, prompt_embeds=embeds(PROMPTS[0]), negative_prompt_embeds=embeds(''), **kw
+  )
+  plain = txt2img(pipe, PROMPTS[:1], scheduler='ddim', latents=latents, output_type='latent', **kw)
+  assert np.abs(ours - plain).max() > 1e-3  # it changes the prompt's encoding
+  with pytest.raises(ValueError, match='clip_skip'):
+    txt2img(pipe, PROMPTS[:1], clip_skip=99, **kw)
+
+
 def test_model_folders_own_scheduler_is_the_default(pipes):
   ref_pipe, pipe = pipes
   pipe = _with_scheduler(ref_pipe, pipe, 'pndm', 'epsilon')

@@ -122,6 +122,11 @@ def test_prompt_embeddings_and_pooled_embeddings_match_diffusers_encode_prompt(s
   assert rel_err(extra['text_embeds'][:2], pooled.numpy()) <= 1e-5
   assert rel_err(extra['text_embeds'][2:], neg_pooled.numpy()) <= 1e-5
   assert rel_err(extra['text_embeds'][:2], projected.numpy()) <= 1e-5  # CLIPTextModelWithProjection's text_embeds
+  # clip_skip: each encoder's hidden state that many layers before the penultimate, as diffusers'.
+  skipped, _ = jax.jit(lambda p, ids: sdxl.encode_prompt(_merge(graphdefs, p), ids, clip_skip=1))(params, ids)
+  with torch.no_grad():
+    embeds = ref.encode_prompt(PROMPTS, device='cpu', do_classifier_free_guidance=False, clip_skip=1)[0]
+  assert rel_err(skipped[:2], embeds.numpy()) <= 1e-5 and rel_err(skipped[:2], context[:2]) > 1e-2
 
 
 def _split_text_encoders(pipe):

@@ -139,6 +139,11 @@ def test_routes_answer_in_a1111_shapes_with_a1111_defaults(served):
   # null fields are defaults (A1111's are all optional), and the evenly spaced schedule types are the sampler's own.
   same = txt2img(client, prompt='a dog', seed=5, negative_prompt=None, batch_size=None, scheduler='Normal')
   assert np.array_equal(pixels(same['images'][0]), image)
+  # A1111's clip skip (CLIP_stop_at_last_layers, 2: the layer before the last), per request: another encoding,
+  # reported in info and the infotext.
+  skipped = txt2img(client, prompt='a dog', seed=5, override_settings={'CLIP_stop_at_last_layers': 2})
+  assert json.loads(skipped['info'])['clip_skip'] == 2 and 'Clip skip: 2' in json.loads(skipped['info'])['infotexts'][0]
+  assert not np.array_equal(pixels(skipped['images'][0]), image)
   # PNG Info reads the image's own A1111 parameters chunk back.
   png = client.post('/sdapi/v1/png-info', json={'image': 'data:image/png;base64,' + data['images'][0]}).json()
   assert (
@@ -289,6 +294,9 @@ def test_bad_requests_are_refused_naming_the_field(served):
   assert 'hires fix' in refused(422, 'enable_hr', {'enable_hr': True, 'hr_scale': 2})['detail']
   refused(422, 'alwayson_scripts', {'alwayson_scripts': {'controlnet': {'args': []}}})
   refused(422, 'script_name', {'script_name': 'x/y/z plot'})
+  for clip in (0, 13, 'two'):
+    refused(422, 'CLIP_stop_at_last_layers', {'override_settings': {'CLIP_stop_at_last_layers': clip}})
+  refused(422, 'CLIP_stop_at_last_layers', {'override_settings': {'CLIP_stop_at_last_layers': 5}})  # 1 layer here
   for scale in ('nan', 'inf', '-inf'):  # a non-finite weight would make a black image
     assert 'finite' in refused(422, 'prompt', {'prompt': f'x <lora:subject:{scale}>'})['detail']
   refused(422, 'sd_model_checkpoint', {'override_settings': {'sd_model_checkpoint': ['a']}})

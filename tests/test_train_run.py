@@ -199,12 +199,22 @@ def test_resuming_with_a_changed_run_is_refused_with_the_differences(finished, s
     train(_config(shared, learning_rate=1e-3, num_steps=6), workdir)
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(finished, shared):
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(finished, shared, monkeypatch):
+  from jaxdream.training import config as config_lib
   from jaxdream.training.loop import TrainingError, train
 
   workdir = shutil.copytree(finished[0], str(shared['root'] / 'nan'))
-  c = _config(shared, num_steps=6, offset_noise=float('nan'))
+  c = _config(shared, num_steps=6, offset_noise=0.1)
   c.resume_override = True
+  checked = config_lib.validate
+
+  def nan_after_the_checks(config):  # a NaN offset noise is refused up front: set past the checks, every loss is NaN
+    config.train.offset_noise = 0.1
+    concepts = checked(config)
+    config.train.offset_noise = float('nan')
+    return concepts
+
+  monkeypatch.setattr(config_lib, 'validate', nan_after_the_checks)
   with pytest.raises(TrainingError, match='non-finite loss.*step 5'):
     train(c, workdir)
   assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())[-1] == 4

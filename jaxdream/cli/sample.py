@@ -12,7 +12,7 @@ import random
 import threading
 import time
 
-from jaxdream.cli.args import check_output
+from jaxdream.cli.args import check_output, int_between
 
 MAX_SIDE = 16384  # pixels, an image's height or width
 
@@ -421,6 +421,7 @@ def _run_job(pipe, job: _Job, plan: _Plan, args, progress, refiner=None):
     num_images_per_prompt=args.num_images,
     progress=progress,
     mesh=plan.mesh,
+    clip_skip=args.clip_skip,
   )
   if refiner is not None:
     return sampling.refine(
@@ -492,6 +493,7 @@ def _sample(args, session: SampleSession | None = None):
             strength=job.strength,
             refiner=plan.refiner and _model_name(plan.refiner[0]),
             refiner_start=plan.refiner and plan.refiner[1],
+            clip_skip=args.clip_skip,
           )
         )
         save_png(os.path.join(args.out, f'{len(texts) - 1:05d}.png'), image, texts[-1])
@@ -554,6 +556,12 @@ def _add_sample_parser(sub):
   s.add_argument('--negative-prompt', default='')
   s.add_argument('--steps', type=int, default=20, help='number of denoising steps (default 20)')
   s.add_argument('--guidance', type=float, default=7.5, help='classifier-free guidance scale (default 7.5)')
+  s.add_argument(
+    '--clip-skip',
+    type=int_between(0),
+    default=0,
+    help="skip this many of the text encoder's last layers, as diffusers' clip_skip (A1111's Clip skip minus 1)",
+  )
   s.add_argument('--scheduler', help=f"one of {', '.join(SAMPLER_NAMES)} (default: the model folder's own)")
   s.add_argument('--seed', type=int, help='seed of the first image; image b gets seed + b (default: random)')
   s.add_argument('--num-images', type=int, default=1, help='images per setting (default 1)')

@@ -1,7 +1,8 @@
 """How prompts become UNet conditioning: the one place that knows which encoders read which token ids.
 
-A pipeline owns its `encode_prompt(models, ids) -> (context, extra)`: `models` are its components by
-name, `ids` the token ids per text encoder (as `Pipeline.tokenize` gives them). The UNet is called as
+A pipeline owns its `encode_prompt(models, ids[, clip_skip]) -> (context, extra)`: `models` are its components
+by name, `ids` the token ids per text encoder (as `Pipeline.tokenize` gives them), `clip_skip` (diffusers'; A1111's
+CLIP_stop_at_last_layers - 1) how many of the last encoder layers to skip. The UNet is called as
 `unet(x, t, context, **extra)`, so a model family with more conditioning (SDXL's pooled embeddings:
 diffusion/sdxl.py) brings its own function and no caller changes.
 
@@ -16,9 +17,10 @@ from __future__ import annotations
 import jax
 
 
-def encode_prompt(models: dict, ids: dict) -> tuple[jax.Array, dict]:
-  """Stable Diffusion 1.x/2.x: the text encoder's last hidden state; no extra UNet inputs."""
-  return models['text_encoder'](ids['text_encoder']), {}
+def encode_prompt(models: dict, ids: dict, clip_skip: int = 0) -> tuple[jax.Array, dict]:
+  """Stable Diffusion 1.x/2.x: the text encoder's last hidden state (with `clip_skip`, the output of the layer
+  that many before the last, through the final layer norm, as diffusers' clip_skip); no extra UNet inputs."""
+  return models['text_encoder'](ids['text_encoder'], clip_skip=clip_skip), {}
 
 
 def tokenizer_folder(encoder: str) -> str:

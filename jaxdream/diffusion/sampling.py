@@ -61,6 +61,7 @@ class _Mode:
   progress_latents: bool = False  # the progress callback also gets the current latents (live previews)
   latent: bool = False  # return the final latents undecoded (output_type='latent')
   adapters: bool = False  # per-image LoRA adapters (stacked factors, ids and scales are arguments)
+  clip_skip: int = 0  # the pipeline's encode_prompt skips this many of the text encoders' last layers
 
 
 def _split(pipeline) -> tuple[dict, dict]:
@@ -119,7 +120,8 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
       twice = lambda a: jnp.concatenate([a, a]) if mode.cfg else a
       per_image_adapters.set_per_example(models, adapters, twice(adapter_ids), twice(adapter_scales))
     halves = lambda u, c: jax.tree.map(lambda u, c: jnp.concatenate([u, c]), u, c) if mode.cfg else c
-    context, extra = encode_prompt(models, halves(uncond_ids, cond_ids))
+    skip = {'clip_skip': mode.clip_skip} if mode.clip_skip else {}  # a pipeline's own encode_prompt may not take it
+    context, extra = encode_prompt(models, halves(uncond_ids, cond_ids), **skip)
     if mode.cfg:  # force_zeros_for_empty_prompt without a negative prompt: the negative half's embeddings are zeros
       keep = lambda a: a.at[: a.shape[0] // 2].multiply(keep_uncond.astype(a.dtype))
       context, extra = keep(context), jax.tree.map(keep, extra)
@@ -184,6 +186,17 @@ def _encode(pipeline, images, seeds, stream):
   f, c = pipeline.vae_scale_factor, pipeline.vae.latent_channels
   shape = (images.shape[1] // f, images.shape[2] // f, c)
   return fn(vae_params, jnp.asarray(images), image_noise(seeds, shape, stream))
+
+
+def check_clip_skip(pipeline, clip_skip) -> int:
+  """`clip_skip` as an int, if the pipeline's text encoders have the layers to skip (a ValueError if not)."""
+  clip_skip = int(clip_skip or 0)
+  layers = [len(m.text_model.encoder.layers) for n, m in pipeline.components.items() if n.startswith('text_encoder')]
+  # SD reads hidden_states[-(clip_skip + 1)] (the embeddings at most), SDXL hidden_states[-(clip_skip + 2)].
+  most = max(min(layers, default=0) - (pipeline.encode_prompt is sdxl.encode_prompt), 0)
+  if not 0 <= clip_skip <= most:
+    raise ValueError(f'clip_skip must be in [0, {most}] for these text encoders, got {clip_skip}')
+  return clip_skip
 
 
 def _expand(prompts, num_images_per_prompt, what):
@@ -285,6 +298,7 @@ def _generate(
   micro_conditioning: dict | None = None,
   denoising_start: float | None = None,
   denoising_end: float | None = None,
+  clip_skip: int = 0,
 ):
   if output_type not in ('uint8', 'latent'):
     raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
@@ -308,6 +322,7 @@ def _generate(
   height, width = _check_size(pipeline, height, width)
   if not 0.0 <= strength <= 1.0:
     raise ValueError(f'strength must be in [0, 1], got {strength}')
+  clip_skip = check_clip_skip(pipeline, clip_skip)
   seeds = _seeds(seed, b)
   guidance = per_image_adapters.per_image(guidance_scale, b, num_images_per_prompt, 'guidance scales')
   ids, scales = _adapter_choice(pipeline, adapters, adapter_ids, adapter_scales, b, num_images_per_prompt)
@@ -365,6 +380,7 @@ def _generate(
     progress_latents=progress is not None and progress_latents,
     latent=output_type == 'latent',
     adapters=adapters is not None,
+    clip_skip=clip_skip,
   )
   if mode.init == 'noise' and init_images is not None:
     start = 0  # inpainting at full strength starts from pure noise
@@ -514,6 +530,7 @@ def txt2img(
   adapter_ids=None,
   adapter_scales=None,
   micro_conditioning: dict | None = None,
+  clip_skip: int = 0,
   denoising_end: float | None = None,
 ) -> np.ndarray:
   """Images for prompts, uint8 (B, H, W, 3), B = len(prompts) * num_images_per_prompt.
@@ -539,6 +556,8 @@ def txt2img(
   micro_conditioning: the model's micro-conditioning settings (SDXL, diffusion/sdxl.py): original_size,
     crops_coords_top_left, target_size (base; sizes (height, width), default the output size), aesthetic_score,
     negative_aesthetic_score (refiner); new values never recompile.
+  clip_skip: skip this many of the text encoders' last layers, as diffusers' clip_skip (A1111's
+    CLIP_stop_at_last_layers is clip_skip + 1); each value compiles its own loop.
   denoising_end: stop at this fraction (0, 1) of the schedule, as diffusers' `denoising_end`: the steps whose
     timestep is at or above `(1 - denoising_end) * num_train_timesteps` run. With output_type='latent', the SDXL
     base's half of a hand-off to the refiner (`refine`; img2img's `denoising_start`). New values never recompile.
@@ -564,6 +583,7 @@ def txt2img(
     adapter_ids=adapter_ids,
     adapter_scales=adapter_scales,
     micro_conditioning=micro_conditioning,
+    clip_skip=clip_skip,
     denoising_end=denoising_end,
   )
 
@@ -591,6 +611,7 @@ def img2img(
   adapter_ids=None,
   adapter_scales=None,
   micro_conditioning: dict | None = None,
+  clip_skip: int = 0,
   denoising_start: float | None = None,
   denoising_end: float | None = None,
   output_type: str = 'uint8',
@@ -629,6 +650,7 @@ def img2img(
     adapter_ids=adapter_ids,
     adapter_scales=adapter_scales,
     micro_conditioning=micro_conditioning,
+    clip_skip=clip_skip,
     denoising_start=denoising_start,
     denoising_end=denoising_end,
     output_type=output_type,
@@ -659,6 +681,7 @@ def inpaint(
   adapter_ids=None,
   adapter_scales=None,
   micro_conditioning: dict | None = None,
+  clip_skip: int = 0,
   masked_content: str = 'original',
   denoising_start: float | None = None,
   denoising_end: float | None = None,
@@ -696,6 +719,7 @@ def inpaint(
     adapter_ids=adapter_ids,
     adapter_scales=adapter_scales,
     micro_conditioning=micro_conditioning,
+    clip_skip=clip_skip,
     denoising_start=denoising_start,
     denoising_end=denoising_end,
     output_type=output_type,
@@ -726,6 +750,7 @@ def refine(
   micro_conditioning: dict | None = None,
   refiner_micro_conditioning: dict | None = None,
   output_type: str = 'uint8',
+  clip_skip: int = 0,
 ) -> np.ndarray:
   """SDXL's ensemble of experts: the base denoises the first `refiner_start` of the schedule (txt2img, or img2img /
   inpaint with `init_images` / `masks`), the refiner the rest from the base's latents (img2img, or inpaint with the
@@ -747,6 +772,7 @@ def refine(
     eta=eta,
     mesh=mesh,
     progress=progress,
+    clip_skip=clip_skip,
   )
   first = dict(
     common,

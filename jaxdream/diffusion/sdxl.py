@@ -21,10 +21,11 @@ def _encoder_order(name: str) -> int:
   return int(name.removeprefix('text_encoder').removeprefix('_') or 1)
 
 
-def encode_prompt(models: dict, ids: dict) -> tuple[jax.Array, dict]:
-  """(context (B, L, sum of hidden sizes), {'text_embeds': (B, projection_dim)}) from token ids per text encoder."""
+def encode_prompt(models: dict, ids: dict, clip_skip: int = 0) -> tuple[jax.Array, dict]:
+  """(context (B, L, sum of hidden sizes), {'text_embeds': (B, projection_dim)}) from token ids per text encoder:
+  each encoder's penultimate hidden state (`clip_skip` layers earlier: diffusers' hidden_states[-(clip_skip + 2)])."""
   outs = [models[name].forward(ids[name]) for name in sorted(ids, key=_encoder_order)]
-  context = jnp.concatenate([out['hidden_states'][-2] for out in outs], axis=-1)
+  context = jnp.concatenate([out['hidden_states'][-(clip_skip + 2)] for out in outs], axis=-1)
   if 'text_embeds' not in outs[-1]:
     raise ValueError('SDXL needs a CLIPTextModelWithProjection as its last text encoder (the pooled prompt embedding)')
   return context, {'text_embeds': outs[-1]['text_embeds']}

@@ -84,10 +84,12 @@ def format_parameters(
   strength: float | None = None,
   refiner: str | None = None,
   refiner_start: float | None = None,
+  clip_skip: int = 0,
 ) -> str:
   """The A1111 infotext of one image; `scheduler` is our name (SAMPLER_NAMES), `strength` the
   img2img/inpaint denoising strength (None for txt2img), `refiner` the SDXL refiner's name and `refiner_start` the
-  fraction of the schedule at which it took over (A1111's 'Refiner switch at')."""
+  fraction of the schedule at which it took over (A1111's 'Refiner switch at'); a `clip_skip` (diffusers') is A1111's
+  'Clip skip' (CLIP_stop_at_last_layers: one more)."""
   fields = {
     'Steps': steps,
     'Sampler': SAMPLER_NAMES[scheduler],
@@ -98,6 +100,7 @@ def format_parameters(
     'Denoising strength': None if strength is None else format_number(strength),
     'Refiner': refiner,
     'Refiner switch at': None if refiner_start is None else format_number(refiner_start),
+    'Clip skip': clip_skip + 1 if clip_skip else None,
   }
   line = ', '.join(f'{k}: {_quote(v)}' for k, v in fields.items() if v is not None)
   negative = f'\n{NEGATIVE} {negative_prompt}' if negative_prompt else ''

@@ -322,7 +322,8 @@ def load_lora(path: str) -> LoRAWeights:
       raise WeightsError(f'{path}: {comp}.{name}: up {up.shape} and down {down.shape} do not chain')
     config = configs.get(comp, {})
     alpha = float(np.asarray(p['alpha']).reshape(())) if 'alpha' in p else _config_alpha(config, name)
-    if not (np.isfinite(down).all() and np.isfinite(up).all() and np.isfinite(alpha)):  # a damaged or diverged file
+    finite_alpha = alpha is None or np.isfinite(alpha)  # None: the rank's
+    if not (np.isfinite(down).all() and np.isfinite(up).all() and finite_alpha):  # a damaged or diverged file
       raise WeightsError(f'{path}: {comp}.{name} has non-finite (NaN or infinite) factors or alpha')
     modules.setdefault(comp, {})[name] = LoRAModule(down, up, alpha, bool(config.get('use_rslora')))
   if not modules:

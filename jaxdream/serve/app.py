@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
 from jaxdream import __version__
+from jaxdream.diffusion.sampling import check_clip_skip
 from jaxdream.io.images import format_parameters, parse_parameters, png_bytes, read_parameters
 from jaxdream.lora.tags import parse_tags
 from jaxdream.schedulers.common import strength_steps
@@ -122,6 +123,15 @@ def _refuse_unsupported(req):
     raise ApiError(422, 'subseed_strength', 'variation seeds (subseed_strength) are not supported by jaxdream serve')
 
 
+def _clip_skip(value) -> int:
+  """diffusers' clip_skip of A1111's CLIP_stop_at_last_layers (1: the last layer, 2: the one before, ...)."""
+  if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 12:
+    raise ApiError(
+      422, 'CLIP_stop_at_last_layers', f'CLIP_stop_at_last_layers must be an integer in [1, 12], got {value!r}'
+    )
+  return value - 1
+
+
 def _plan(server: Server, req: Txt2ImgRequest, kind: str):
   """(BatchKey, tasks, facts for the response) of a request, or an ApiError naming the field at fault."""
   eng, lim = server.engine, server.limits
@@ -167,7 +177,14 @@ def _plan(server: Server, req: Txt2ImgRequest, kind: str):
       kind = 'inpaint'
     else:
       inputs = [(resized(im, width, height), None, None) for im in images]
-  key = BatchKey(model, kind, height, width, req.steps, sampler, req.cfg_scale > 1, strength, signature, fill)
+  clip_skip = _clip_skip(override.get('CLIP_stop_at_last_layers', server.options.get('CLIP_stop_at_last_layers', 1)))
+  try:
+    check_clip_skip(pipe, clip_skip)
+  except ValueError as e:
+    raise ApiError(422, 'CLIP_stop_at_last_layers', f'CLIP_stop_at_last_layers {clip_skip + 1}: {e}') from None
+  key = BatchKey(
+    model, kind, height, width, req.steps, sampler, req.cfg_scale > 1, strength, signature, fill, clip_skip
+  )
   tasks = [Task(text, req.negative_prompt, seed + i, req.cfg_scale, lora, *inputs[i % len(inputs)]) for i in range(n)]
   facts = dict(model=model, width=width, height=height, seed=seed, sampler=sampler, strength=strength)
   return key, tasks, dict(facts, model_hash=eng.describe(model)['hash'])
@@ -220,6 +237,7 @@ def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list, out
       height=key.height,
       model=key.model,
       strength=key.strength,
+      clip_skip=key.clip_skip,
     )
     for s in seeds
   ]
@@ -258,7 +276,7 @@ def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list, out
     'infotexts': [texts[i] for i in done],
     'styles': req.styles or [],
     'job_timestamp': time.strftime('%Y%m%d%H%M%S'),
-    'clip_skip': 1,
+    'clip_skip': key.clip_skip + 1,
     'is_using_inpainting_conditioning': key.kind == 'inpaint',
     'interrupted': len(done) < n,
     'version': f'jaxdream {__version__}',
@@ -442,6 +460,8 @@ def create_app(server: Server) -> FastAPI:
   @app.post('/sdapi/v1/options')
   async def set_options(req: OptionsRequest):
     values = req.model_dump()
+    if 'CLIP_stop_at_last_layers' in values:
+      _clip_skip(values['CLIP_stop_at_last_layers'])  # checked now, not at the next request
     if 'sd_model_checkpoint' in values:
       name = server.engine.model_name(values.pop('sd_model_checkpoint'))
       await run_in_threadpool(server.engine.pipeline, name)  # loaded now: a broken model fails this call

@@ -63,6 +63,7 @@ class BatchKey:
   strength: float | None = None
   adapters: tuple | None = None  # the LoRA layers' signature (targets and ranks), None: no LoRA
   fill: str | None = None  # inpainting: what the masked latents start from (sampling.inpaint's masked_content)
+  clip_skip: int = 0  # diffusers' clip_skip (A1111's CLIP_stop_at_last_layers - 1)
 
 
 def _signature(tree: dict) -> tuple:
@@ -334,6 +335,7 @@ class Engine:
         progress=progress,
         progress_latents=progress is not None,  # progress(step, latents): /progress's current_image
         mesh=self.mesh,
+        clip_skip=key.clip_skip,
       )
       if key.adapters is not None:
         pipe, kw['adapters'], kw['adapter_ids'], kw['adapter_scales'] = self._with_adapters(pipe, key, padded)
