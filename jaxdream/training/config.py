@@ -212,7 +212,8 @@ KEY_DOCS = {
   'prior.guidance_scale': 'classifier-free guidance of generated class images',
   'prior.scheduler': "sampler of class images ('': the model's)",
   'prior.batch_size': 'class images generated at once',
-  'train.num_steps': 'optimizer steps in all (a resumed run continues to this)',
+  'train.num_steps': 'training steps (batches) in all, a resumed run continuing to this; with grad_accum_steps k, '
+  'num_steps / k optimizer updates',
   'train.batch_size': 'instance examples per step; as many prior examples come on top',
   'train.learning_rate': 'learning rate of the UNet',
   'train.train_text_encoder': 'also train the text encoder',
