@@ -19,7 +19,7 @@ subject_name,class
 backpack,backpack
 dog,dog
 bear_plushie,stuffed animal
-teddy,stuffed animal
+my teddy,stuffed animal
 
 Prompts
 
@@ -44,7 +44,7 @@ prompt_list = [
 def bench(tmp_path):
   folder = tmp_path / 'bench'
   rng = np.random.default_rng(0)
-  for subject in ('backpack', 'dog', 'bear_plushie', 'teddy'):
+  for subject in ('backpack', 'dog', 'bear_plushie', 'my teddy'):  # a folder name the trainer would refuse
     (folder / subject).mkdir(parents=True)
     for i in range(3):
       Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(folder / subject / f'{i:02d}.jpg')
@@ -57,11 +57,11 @@ def test_subjects_file_has_one_concept_per_subject_and_one_class_folder_per_clas
   assert main(['subjects', '--dreambench', str(bench), '--out', str(out), '--num-class-images', '7']) == 0
   assert '4 subjects, 3 classes' in capsys.readouterr().out
   concepts = json.loads(out.read_text())
-  assert [c['name'] for c in concepts] == ['backpack', 'dog', 'bear_plushie', 'teddy']
+  assert [c['name'] for c in concepts] == ['backpack', 'dog', 'bear_plushie', 'my_teddy']  # as the trainer names it
   by_name = {c['name']: c for c in concepts}
   assert by_name['bear_plushie']['instance_prompt'] == 'a photo of sks stuffed animal'
   assert by_name['bear_plushie']['class_prompt'] == 'a photo of stuffed animal'
-  assert by_name['bear_plushie']['class_dir'] == by_name['teddy']['class_dir'] != by_name['dog']['class_dir']
+  assert by_name['bear_plushie']['class_dir'] == by_name['my_teddy']['class_dir'] != by_name['dog']['class_dir']
   assert by_name['dog']['instance_dir'] == os.path.abspath(bench / 'dog') and by_name['dog']['num_class_images'] == 7
 
   c = config_lib.config_file(os.path.join(os.path.dirname(__file__), '..', 'configs', 'lora_many_subjects.py'))
@@ -88,7 +88,12 @@ def test_the_shared_dreambench_has_30_subjects_9_of_them_live_and_25_prompts_eac
 def test_a_folder_without_the_layout_is_an_error_naming_what_is_missing(bench, tmp_path, capsys):
   assert main(['subjects', '--dreambench', str(tmp_path), '--out', str(tmp_path / 'x.json')]) == 2
   assert 'no prompts_and_classes.txt' in capsys.readouterr().err
-  shutil.rmtree(bench / 'teddy')
-  assert main(['subjects', '--dreambench', str(bench), '--out', str(tmp_path / 'x.json')]) == 2
-  assert "no folder for ['teddy']" in capsys.readouterr().err
+  argv = ['subjects', '--dreambench', str(bench), '--out']
+  assert main([*argv, str(tmp_path)]) == 2  # a folder where the file goes
+  assert 'exists and is a folder' in capsys.readouterr().err
+  assert main([*argv, str(tmp_path / 'x.json'), '--identifier', '']) == 2
+  assert "--identifier '': one word" in capsys.readouterr().err
+  shutil.rmtree(bench / 'my teddy')
+  assert main([*argv, str(tmp_path / 'x.json')]) == 2
+  assert "no folder for ['my teddy']" in capsys.readouterr().err
   assert not (tmp_path / 'x.json').exists()

@@ -263,6 +263,14 @@ def test_many_subjects_load_from_a_concepts_file(tmp_path):
   c.data.concepts_file = str(tmp_path / 'concepts.json')
   concepts = config_lib.validate(c)
   assert [x['identifier'] for x in concepts] == ['zq0', 'zq1', 'zq2']
+  # The file's concepts, not only its path, define the run: an edited file refuses a resume.
+  saved = config_lib.run_defining(c)
+  folders[0]['instance_dir'] = str(tmp_path / 's2')
+  (tmp_path / 'concepts.json').write_text(json.dumps(folders))
+  diffs = config_lib.config_differences(saved, config_lib.run_defining(c))
+  assert len(diffs) == 1 and diffs[0].startswith('data.concepts_file (its concepts)') and 's2' in diffs[0]
+  saved.pop(config_lib.CONCEPTS_FILE_KEY)  # a checkpoint from before they were recorded still resumes
+  assert not config_lib.config_differences(saved, config_lib.run_defining(c))
 
 
 @pytest.fixture(scope='module')

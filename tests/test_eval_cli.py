@@ -242,6 +242,8 @@ def test_bad_input_is_one_clear_line_and_exit_2_before_anything_loads(setup, fir
   argv = _argv(setup, tmp_path / 'x')
   argv[argv.index('--subjects') + 1] = 'dog,nosuch'
   assert 'no subject nosuch' in error(argv)
+  argv[argv.index('--subjects') + 1] = ',,'  # not all 30 subjects: a slip
+  assert "--subjects ',,': no subject named" in error(argv)
   partial = tmp_path / 'partial'
   partial.mkdir()
   shutil.copy(os.path.join(DREAMBENCH, 'prompts_and_classes.txt'), partial)

@@ -181,6 +181,12 @@ def test_size_not_a_multiple_of_the_vae_factor_is_an_error(pipes):
     txt2img(pipes[1], PROMPTS, height=66, width=64, num_inference_steps=2)
 
 
+@pytest.mark.parametrize('seed', [-1, 2**32 - 1, [0, 2**32]])  # 2**32 - 1 with two prompts: the second is 2**32
+def test_seeds_outside_uint32_are_an_error_naming_the_range(pipes, seed):
+  with pytest.raises(ValueError, match=r'seeds must be in \[0, 2\*\*32\)'):
+    txt2img(pipes[1], PROMPTS, seed=seed, num_inference_steps=2)
+
+
 def test_unknown_scheduler_lists_the_valid_names(pipes):
   with pytest.raises(ValueError, match='dpmpp_2m_karras'):
     txt2img(pipes[1], PROMPTS, scheduler='heun', num_inference_steps=2)

@@ -135,7 +135,9 @@ def _plan(args):
   from jaxdream.evaluation.dreambench import check_generated, check_readable, make_protocol
   from jaxdream.models import CLIPModel, ViTModel
 
-  subjects = [s.strip() for s in args.subjects.split(',') if s.strip()] if args.subjects else None
+  subjects = [s.strip() for s in args.subjects.split(',') if s.strip()] if args.subjects is not None else None
+  if subjects == []:  # not 'all': an empty list is a slip, and all 30 subjects are hours of work
+    raise ValueError(f'--subjects {args.subjects!r}: no subject named')
   protocol = make_protocol(
     args.dataset,
     subjects,

@@ -212,6 +212,8 @@ def _seeds(seed, batch):
   seeds = [seed + b for b in range(batch)] if isinstance(seed, (int, np.integer)) else list(seed)
   if len(seeds) != batch:
     raise ValueError(f'{len(seeds)} seeds for {batch} images: give one seed per image, or one int')
+  if not all(0 <= int(s) < 2**32 for s in seeds):  # image b gets seed + b
+    raise ValueError(f'seeds must be in [0, 2**32) (image b gets seed + b), got {seeds[0]}..{seeds[-1]}')
   return seeds
 
 

@@ -4,8 +4,9 @@ generated image, where it is kept, and the checks that run before anything is lo
 Each subject gets the first `num_prompts` prompts of its list (live-subject for dogs and cats, object
 otherwise), written with its identifier and class for generation and without the identifier for CLIP-T
 ('a dog in the jungle'). Image k of prompt p of subject s is `<dir>/<s>/<p>_<k>.png`, generated with
-`image_seed(seed, s, p, k)`: a stable hash of those four, so any subset of subjects, prompts or images
-regenerates the same pixels, and images already on disk are not generated again.
+`image_seed(seed, s, p, k)`: a stable hash of those four, so any subset of subjects or prompts regenerates the
+same pixels, and images already on disk are not generated again. (A prompt's images are one batch: another
+images_per_prompt may round some pixels differently, by 1/255.)
 """
 
 from __future__ import annotations

@@ -715,12 +715,20 @@ def run_defining(config) -> dict:
     if key in _LEFT_OUT_AT_DEFAULT and node == _LEFT_OUT_AT_DEFAULT[key]:
       continue
     out[key] = node
+  if config.data.concepts_file:  # the subjects it lists, not only its path: an edited file is changed data
+    out[CONCEPTS_FILE_KEY] = load_concepts(config)[sum(1 for c in config.concepts if c.instance_dir) :]
   return out
 
 
+CONCEPTS_FILE_KEY = 'data.concepts_file (its concepts)'
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
+  keys = set(saved) | set(current)
+  if CONCEPTS_FILE_KEY not in saved:  # a checkpoint from before the file's concepts were recorded
+    keys.discard(CONCEPTS_FILE_KEY)
   return [
     f'{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r}'
-    for k in sorted(set(saved) | set(current))
+    for k in sorted(keys)
     if saved.get(k) != current.get(k)
   ]
