@@ -20,6 +20,7 @@ from jaxdream.training.params import make_optimizer, param_groups, split_models,
 from jaxdream.training.step import StepFn
 from jaxdream.training.subjects import (
   adapted_copy,
+  group_size,
   jit_subject_step,
   padded,
   split_adapters,
@@ -292,6 +293,13 @@ def test_groups_pad_the_last_and_mesh_axes_need_divisible_sizes():
   assert subject_mesh_axes(1, 8, mesh) == ((), ('data', 'fsdp'))
   with pytest.raises(ValueError, match="mesh axis 'fsdp'"):
     subject_mesh_axes(2, 2, mesh)
+  # subjects_per_step=0 (all): padded up to what the mesh divides (30 DreamBench subjects, 8 devices: 32);
+  # a set size that does not fit is refused.
+  assert group_size(30, 0, 2, make_mesh(8, 1, 1)) == 32
+  assert group_size(3, 0, 2, make_mesh(2, 1, 1, devices=jax.devices()[:2])) == 3  # the examples split instead
+  assert group_size(5, 2, 4, mesh) == 2
+  with pytest.raises(ValueError, match="mesh axis 'fsdp'"):
+    group_size(5, 3, 2, mesh)
 
 
 def _png_source(seed, n=3):

@@ -51,6 +51,7 @@ from jaxdream.training.step import StepFn, TrainingError
 from jaxdream.training.subjects import (
   adapted_copy,
   adapter_params,
+  group_size,
   jit_subject_step,
   padded,
   stack,
@@ -159,6 +160,11 @@ def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
     atomic_write(path, json.dumps(skipped, indent=2))
   names = [c['name'] for c in concepts]
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  examples = config.train.batch_size * (2 if config.prior.enabled else 1)
+  try:  # the mesh's fit, before the base model loads and class images are made
+    size = group_size(len(names), config.train.subjects_per_step, examples, mesh)
+  except ValueError as e:
+    raise config_lib.RunConfigError(str(e)) from None
   pipeline = _load_base(config, workdir)
   plan = lora_plan(pipeline, config)
   # Class images are made once per class folder (ensure_class_images finds them for the next subject).
@@ -182,11 +188,8 @@ def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
   groups = param_groups(config)
   template, frozen, labels = split_trainable(flat, groups)
   tx = make_optimizer(config, groups, labels)
-  b = config.train.batch_size
-  examples = b * (2 if config.prior.enabled else 1)
   step_fn = StepFn.from_config(config, pipeline, graphdefs, templates, tx)
   multihost.log(step_fn.describe())
-  size = config.train.subjects_per_step or len(names)
   try:
     shardings = subject_step_shardings(pipe, template, frozen, tx, mesh, config, size, examples)
   except ValueError as e:

@@ -154,6 +154,23 @@ def subject_mesh_axes(num_subjects: int, examples: int, mesh) -> tuple[tuple, tu
   return tuple(subjects), tuple(rows)
 
 
+def group_size(num_subjects: int, subjects_per_step: int, examples: int, mesh) -> int:
+  """Subjects per step: train.subjects_per_step, or (0) all of them, padded up to a multiple of the mesh's batch
+  devices when neither they nor each subject's examples divide over it (30 subjects on 8 devices: 32). A set
+  subjects_per_step that does not fit is a ValueError; either way checked from the mesh's shape, before anything
+  loads."""
+  size = subjects_per_step or num_subjects
+  try:
+    subject_mesh_axes(size, examples, mesh)
+  except ValueError:
+    if subjects_per_step:
+      raise
+    devices = math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
+    size = -(-size // devices) * devices
+    subject_mesh_axes(size, examples, mesh)
+  return size
+
+
 def _with_subject_axis(sharding: NamedSharding, subjects: tuple) -> NamedSharding:
   """A per-subject leaf's sharding with a leading subject axis; the subject axis's mesh axes leave the
   inner dimensions (an adapter FSDP-sharded alone is split by subjects instead)."""
