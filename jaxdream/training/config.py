@@ -670,6 +670,8 @@ def _dreambooth_problems(config) -> tuple[list[str], list[dict]]:
     where = f'concept {i} ({c["instance_dir"]})'
     if not NAME.fullmatch(c['name']) or c['name'] in ('.', '..'):
       problems.append(f'{where}: name {c["name"]!r} may only use letters, digits, _ . and - (concepts.{i}.name)')
+    elif c['name'] == 'skipped.json':  # loras/NAME/ beside per-subject runs' loras/skipped.json
+      problems.append(f'{where}: the name skipped.json is taken by the run (concepts.{i}.name)')
     elif config.lora.rank > 0 and names.index(c['name']) != i:  # names name adapter files
       problems.append(
         f"{where}: name {c['name']!r} is also concept {names.index(c['name'])}'s: give each a distinct concepts.N.name"
