@@ -162,6 +162,7 @@ def test_nan_and_out_of_range_numbers_are_config_problems(tmp_path):
   c.train.learning_rate, c.train.max_grad_norm = float('nan'), float('nan')
   c.data.flip_p, c.resolution = 2.0, 100_000
   c.train.adam_b1, c.train.adam_eps = 1.5, -1.0
+  c.concepts[0].name = 'skipped.json'  # per-subject runs' list of skipped subjects
   with pytest.raises(config_lib.RunConfigError) as e:
     config_lib.validate(c)
   for needle in (
@@ -171,6 +172,7 @@ def test_nan_and_out_of_range_numbers_are_config_problems(tmp_path):
     '100000',
     'train.adam_b1 is a decay rate',
     'train.adam_eps must be above 0',
+    'the name skipped.json is taken',
   ):
     assert needle in str(e.value)
 
