@@ -191,7 +191,10 @@ def _encode(pipeline, images, seeds, stream):
 def check_clip_skip(pipeline, clip_skip) -> int:
   """`clip_skip` as an int, if the pipeline's text encoders have the layers to skip (a ValueError if not)."""
   clip_skip = int(clip_skip or 0)
-  layers = [len(m.text_model.encoder.layers) for n, m in pipeline.components.items() if n.startswith('text_encoder')]
+  if not clip_skip:
+    return 0
+  encoders = [m for n, m in pipeline.components.items() if n.startswith('text_encoder')]
+  layers = [len(m.text_model.encoder.layers) for m in encoders if hasattr(getattr(m, 'text_model', None), 'encoder')]
   # SD reads hidden_states[-(clip_skip + 1)] (the embeddings at most), SDXL hidden_states[-(clip_skip + 2)].
   most = max(min(layers, default=0) - (pipeline.encode_prompt is sdxl.encode_prompt), 0)
   if not 0 <= clip_skip <= most:

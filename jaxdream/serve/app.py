@@ -9,6 +9,7 @@ import base64
 import contextlib
 import dataclasses
 import hmac
+import importlib.metadata
 import io
 import json
 import logging
@@ -22,7 +23,6 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
-from jaxdream import __version__
 from jaxdream.diffusion.sampling import check_clip_skip
 from jaxdream.io.images import format_parameters, parse_parameters, png_bytes, read_parameters
 from jaxdream.lora.tags import parse_tags
@@ -121,6 +121,13 @@ def _refuse_unsupported(req):
       raise ApiError(422, field, f'{what} is not supported by jaxdream serve')
   if req.subseed_strength:
     raise ApiError(422, 'subseed_strength', 'variation seeds (subseed_strength) are not supported by jaxdream serve')
+
+
+def _version() -> str:
+  try:
+    return importlib.metadata.version('jaxdream')
+  except importlib.metadata.PackageNotFoundError:  # run from a source tree that was not installed
+    return 'unknown'
 
 
 def _clip_skip(value) -> int:
@@ -279,7 +286,7 @@ def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list, out
     'clip_skip': key.clip_skip + 1,
     'is_using_inpainting_conditioning': key.kind == 'inpaint',
     'interrupted': len(done) < n,
-    'version': f'jaxdream {__version__}',
+    'version': f'jaxdream {_version()}',
   }
   params = req.model_dump()
   params.update(width=key.width, height=key.height)
