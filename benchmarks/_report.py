@@ -57,6 +57,9 @@ def rss() -> int:
 def reset_peak() -> bool:
   """Return freed heap to the OS, then restart the high-water mark from the current RSS (Linux >= 4.0), so
   that it covers live memory of what follows, not what loading or compiling left in malloc's free lists."""
+  import gc
+
+  gc.collect()  # objects in reference cycles (a replaced model's layers) are freed first
   try:
     import ctypes
 
