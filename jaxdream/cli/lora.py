@@ -13,14 +13,12 @@ def parse_lora_spec(spec: str, flag: str = '--lora') -> tuple[str, float]:
   """'FILE' or 'FILE:SCALE' -> (path, scale); the file must exist. A path that itself has a colon and no
   scale is taken whole."""
   path, sep, scale = spec.rpartition(':')
-  value = 1.0
   try:
-    float(scale) if sep else None
+    float(scale)
   except ValueError:
-    sep = ''  # not a scale: a colon of the path
-  if sep:
-    value = lora_scale_value(scale, f'{flag} {spec!r}')
-  else:
+    sep = ''  # no number after the last colon: the colon is the path's
+  value = lora_scale_value(scale, f'{flag} {spec!r}') if sep else 1.0
+  if not sep:
     path = spec
   if not path:
     raise ValueError(f'{flag} {spec!r}: expected FILE or FILE:SCALE')

@@ -32,24 +32,6 @@ def make_uvicorn_server(app, queue, host: str, port: int):
   return Server(uvicorn.Config(app, host=host, port=port, log_level='warning', access_log=False))
 
 
-def _make_server(args, make_server, limits, users):
-  return make_server(
-    _model_folder(args.model),
-    models_dir=args.models_dir,
-    lora_dir=args.lora_dir,
-    config_dir=args.config_dir,
-    max_batch=args.max_batch,
-    queue_size=args.queue_size,
-    limits=limits,
-    users=users,
-    devices=args.devices,
-    allow_pickle=args.allow_pickle,
-    outdir=args.outdir,
-    lora_cache=args.lora_cache,
-    lora_cache_mb=args.lora_cache_mb,
-  )
-
-
 def _serve(args):
   from jaxdream.serve.app import create_app, make_server, warm_up
   from jaxdream.serve.limits import ApiError, Limits, check_bind, parse_auth
@@ -61,7 +43,21 @@ def _serve(args):
   logging.getLogger('jaxdream.serve').setLevel(logging.INFO)
   t0 = time.perf_counter()
   try:
-    server = _make_server(args, make_server, limits, users)
+    server = make_server(
+      _model_folder(args.model),
+      models_dir=args.models_dir,
+      lora_dir=args.lora_dir,
+      config_dir=args.config_dir,
+      max_batch=args.max_batch,
+      queue_size=args.queue_size,
+      limits=limits,
+      users=users,
+      devices=args.devices,
+      allow_pickle=args.allow_pickle,
+      outdir=args.outdir,
+      lora_cache=args.lora_cache,
+      lora_cache_mb=args.lora_cache_mb,
+    )
   except ApiError as e:  # what a request would get as a 4xx is, at start-up, a usage error
     raise ValueError(e.detail) from None
   if args.warmup_steps > 0:

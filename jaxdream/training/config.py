@@ -173,9 +173,9 @@ def vae_group() -> ml_collections.ConfigDict:
   )
 
 
-# One line per config key for `jaxdream train --help` (tests check that every key has one).
 MAX_RESOLUTION = 4096  # training images' side, pixels: larger is a typo (SDXL trains at 1024)
 
+# One line per config key for `jaxdream train --help` (tests check that every key has one).
 KEY_DOCS = {
   'task': "'dreambooth' (fine-tune a Stable Diffusion model) or 'vae' (train an AutoencoderKL: the vae.* keys)",
   'model': "diffusers-format model folder (SD 1.x/2.x; task='vae': also an AutoencoderKL folder), or "
