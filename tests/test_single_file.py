@@ -18,7 +18,14 @@ from conftest import UNET_SDXL, _clip_config, perturb_
 from jaxdream import load_pipeline
 from jaxdream.diffusion import sdxl
 from jaxdream.diffusion.pipeline import Pipeline, save_pipeline
-from jaxdream.io.weights import WeightsError, read_safetensors, read_weights, state_dict, write_safetensors
+from jaxdream.io.weights import (
+  WeightsError,
+  read_safetensors,
+  read_weights,
+  read_weights_file,
+  state_dict,
+  write_safetensors,
+)
 from jaxdream.models import presets, single_file
 
 pytestmark = pytest.mark.reference
@@ -73,6 +80,12 @@ def test_model_type_is_inferred_from_key_names_and_shapes_as_diffusers_does():
   assert [single_file.default_prediction_type(t) for t in ('v1', 'inpainting_v2', 'xl_base')] == ['epsilon'] * 3
   with pytest.raises(WeightsError, match=r'expected the original .* model\.diffusion_model\.\* \(UNet\).*has unet\.'):
     single_file.infer_model_type(_shapes(**{'unet.conv_in.weight': (32, 4, 3, 3)}))
+  with pytest.raises(WeightsError, match='holds joint_blocks, not a UNet'):  # SD3's layout under the same prefix
+    single_file.infer_model_type(_shapes(**{'model.diffusion_model.joint_blocks.0.x.weight': (8, 8)}))
+  playground = _key_set(to_k=2048, text=[XL_CLIP, XL_BASE.format(9)], edm_mean=(1, 4, 1, 1), edm_std=(1, 4, 1, 1))
+  assert infer_diffusers_model_type(playground) == 'playground-v2-5'
+  with pytest.raises(WeightsError, match='Playground v2.5'):
+    single_file.infer_model_type(playground)
 
 
 def _torch_state(module) -> dict:
@@ -296,6 +309,8 @@ def test_convert_cli_writes_a_single_file_and_a_folder_back(tiny_sd_folder, tmp_
     _assert_same(original, converted, name)
   assert main(['convert', folder, str(tmp_path / 'model.ckpt')]) == 2
   assert 'converts to a single .safetensors file' in capsys.readouterr().err
+  assert main(['convert', path, str(tmp_path / 'new.safetensors')]) == 2  # a folder is never named as a file
+  assert 'converts to a model folder' in capsys.readouterr().err and not os.path.exists(tmp_path / 'new.safetensors')
 
 
 def test_bad_files_are_errors_that_say_what_is_wrong(tiny_sd_folder, sdxl_folder, tmp_path):
@@ -326,6 +341,10 @@ def test_bad_files_are_errors_that_say_what_is_wrong(tiny_sd_folder, sdxl_folder
     load_pipeline(str(ckpt), config_dir=folder)
   from_pickle = load_pipeline(str(ckpt), config_dir=folder, allow_pickle=True)
   _assert_same(state_dict(pipe.unet), state_dict(from_pickle.unet), 'unet')
+  # CompVis checkpoints keep their step count beside the state dict: it still decides SD 2.0 base's epsilon
+  torch.save({'global_step': 875000, 'state_dict': {'a': torch.zeros(1)}}, str(ckpt))
+  step = read_weights_file(str(ckpt), allow_pickle=True)['global_step']
+  assert single_file.default_prediction_type('v2', {'global_step': step}) == 'epsilon'
   with pytest.raises(ValueError, match='not model folders'):
     load_pipeline(folder, extract_ema=True)
 

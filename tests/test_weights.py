@@ -58,6 +58,38 @@ def test_shape_mismatch_names_tensor_and_both_shapes(vae_copy):
     load_vae(str(vae_copy))
 
 
+def test_weights_of_another_rank_are_shape_mismatches_not_crashes(vae_copy):
+  # a conv kernel stored 2-D, and a Linear (the VAE's attention) given a 3x3 kernel, which must not be cut to 1x1
+  _edit_weights(vae_copy, lambda sd: sd.update({'decoder.conv_in.weight': np.zeros((64, 4), np.float32)}))
+  with pytest.raises(WeightsError, match=r'shape mismatch for decoder\.conv_in\.weight: file has \(64, 4\)'):
+    load_vae(str(vae_copy))
+
+
+def test_a_linear_weight_given_a_larger_kernel_is_refused(vae_copy):
+  key = 'decoder.mid_block.attentions.0.to_q.weight'
+  _edit_weights(vae_copy, lambda sd: sd.update({key: np.zeros(sd[key].shape + (3, 3), np.float32)}))
+  with pytest.raises(WeightsError, match=rf'shape mismatch for {key}'):
+    load_vae(str(vae_copy))
+
+
+@pytest.mark.parametrize(
+  'header',
+  [
+    [1, 2],
+    {'a': 1},
+    {'a': {'shape': [1], 'data_offsets': [0, 4]}},
+    {'a': {'dtype': 'F32', 'shape': '1', 'data_offsets': [0, 4]}},
+    {'a': {'dtype': 'F32', 'shape': [1], 'data_offsets': [-8, -4]}},
+  ],
+)
+def test_a_malformed_safetensors_header_is_a_weights_error(tmp_path, header):
+  raw = json.dumps(header).encode()
+  path = tmp_path / 'bad.safetensors'
+  path.write_bytes(len(raw).to_bytes(8, 'little') + raw + bytes(16))
+  with pytest.raises(WeightsError, match='corrupt|not a readable'):
+    read_safetensors(str(path))
+
+
 def test_truncated_safetensors_is_reported(vae_copy):
   path = vae_copy / WEIGHTS
   data = path.read_bytes()

@@ -15,8 +15,8 @@ def _convert(args):
     raise ValueError(f'{args.input}: no such model folder or file')
   if to_file and not args.output.endswith('.safetensors'):
     raise ValueError(f'{args.output}: a model folder converts to a single .safetensors file')
-  if not to_file and os.path.isfile(args.output):
-    raise ValueError(f'{args.output}: a single file converts to a model folder, and this is a file')
+  if not to_file and (os.path.isfile(args.output) or args.output.endswith(('.safetensors', '.ckpt'))):
+    raise ValueError(f'{args.output}: a single file converts to a model folder, and this names a file')
   pipe = load_pipeline(args.input, allow_pickle=args.allow_pickle, **model_file_options(args))
   save_pipeline(pipe, args.output, weights_dtype='float16' if args.fp16 else None, single_file=to_file)
   kind = 'single file' if to_file else 'diffusers folder'

@@ -55,19 +55,36 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
       buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
   except (OSError, ValueError, UnicodeDecodeError) as e:
     raise WeightsError(f'{path}: not a readable safetensors file ({e})') from None
+  if not isinstance(header, dict):
+    raise WeightsError(f'{path}: not a readable safetensors file (its header is not a JSON object)')
   out = {}
   for name, info in header.items():
     if name == '__metadata__':
       continue
+    if not _well_formed(info):
+      raise WeightsError(f'{path}: tensor {name!r} has a corrupt header entry: {str(info)[:200]}')
     if info['dtype'] not in _ST_DTYPES:
       raise WeightsError(f'{path}: tensor {name!r} has unsupported dtype {info["dtype"]}')
     start, end = info['data_offsets']
     dtype = np.dtype(_ST_DTYPES[info['dtype']])
     count = int(np.prod(info['shape'], dtype=np.int64))
-    if end - start != count * dtype.itemsize or 8 + n + end > len(buf):
+    if not 0 <= start <= end or end - start != count * dtype.itemsize or 8 + n + end > len(buf):
       raise WeightsError(f'{path}: tensor {name!r} is truncated or its header is corrupt')
     out[name] = np.frombuffer(buf, dtype, count, 8 + n + start).reshape(info['shape'])
   return out
+
+
+def _well_formed(info) -> bool:
+  """A safetensors header entry: {'dtype': str, 'shape': [int >= 0, ...], 'data_offsets': [int, int]}."""
+  ints = lambda v: isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+  return (
+    isinstance(info, dict)
+    and isinstance(info.get('dtype'), str)
+    and ints(info.get('shape'))
+    and all(i >= 0 for i in info['shape'])
+    and ints(info.get('data_offsets'))
+    and len(info['data_offsets']) == 2
+  )
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = None):
@@ -114,7 +131,12 @@ def _read_pickle(path: str) -> dict[str, np.ndarray]:
       "it even with allow_pickle: torch's weights_only loader only reads tensors and plain containers."
     ) from e
   if isinstance(sd, dict) and 'state_dict' in sd and isinstance(sd['state_dict'], dict):
-    sd = sd['state_dict']
+    # The training step count sits beside the state dict in CompVis checkpoints: it tells SD 2.0 base (epsilon,
+    # 875000 steps) from the v-prediction models, as diffusers' convert_from_ckpt reads it.
+    step = sd.get('global_step')
+    sd = dict(sd['state_dict'])
+    if isinstance(step, int) and 'global_step' not in sd:
+      sd['global_step'] = torch.tensor(step)
   return {
     k: v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
     for k, v in sd.items()

@@ -102,11 +102,21 @@ def infer_model_type(tensors) -> str:
   'xl_refiner') from its key names and shapes (`tensors`: key -> array or anything with a shape). As diffusers'
   loader, with the text encoders' prefixes standing in for its probes of deep layers, which small models lack."""
   if f'{UNET}input_blocks.0.0.weight' not in tensors:
+    if _has_prefix(tensors, UNET):  # SD3, Flux, PixArt...: the same prefix, another architecture
+      found = sorted({k[len(UNET) :].split('.')[0] for k in tensors if k.startswith(UNET)})[:8]
+      raise WeightsError(
+        f'not a Stable Diffusion UNet checkpoint: its {UNET}* holds {", ".join(found)}, not a UNet '
+        '(input_blocks, middle_block, output_blocks); SD3, Flux and other transformer models are not supported'
+      )
     found = sorted({'.'.join(k.split('.')[:2]) + '.' for k in tensors})[:8]
     raise WeightsError(
       f'not a Stable Diffusion single-file checkpoint: expected the original (CompVis/Stability) layout, '
       f'{UNET}* (UNet), {VAE}* (VAE) and cond_stage_model.* (SD 1.x/2.x) or conditioner.embedders.* (SDXL) text '
       f'encoders; the file has {", ".join(found) or "no tensors"}'
+    )
+  if 'edm_mean' in tensors or 'edm_std' in tensors:  # diffusers' probe for Playground v2.5
+    raise WeightsError(
+      'a Playground v2.5 checkpoint (edm_mean/edm_std): its EDM scheduler and latent statistics are not supported'
     )
   inpaint = tuple(tensors[f'{UNET}input_blocks.0.0.weight'].shape)[1] == 9
   if _has_prefix(tensors, LAYOUTS['sdxl'].parts['text_encoder_2'][0]):
@@ -300,6 +310,8 @@ def from_single_file(
     elif op == 'T':
       value = value.T
     elif op in _QKV:
+      if value.ndim < 1 or value.shape[0] % 3:
+        raise WeightsError(f'{source}: {name} has shape {value.shape}: not the q, k, v projections stacked')
       value = np.split(value, 3, axis=0)[_QKV.index(op)]
     out[key] = value
   if missing:

@@ -26,17 +26,19 @@ WEIGHT_PRODUCT = 'weight_product'
 
 def _linear_weight(w):
   """torch's (out, in) Linear weight; legacy 1x1 conv weights used where a Linear is expected (old VAE
-  attention) lose their two unit axes."""
+  attention) lose their two unit axes (a larger kernel is left as it is, for the loader's shape check)."""
   w = np.asarray(w)
-  return w[:, :, 0, 0] if w.ndim == 4 else w
+  return w[:, :, 0, 0] if w.ndim == 4 and w.shape[2:] == (1, 1) else w
 
 
 def _linear_to_jax(w):
-  return _linear_weight(w).T
+  w = _linear_weight(w)
+  return w.T if w.ndim == 2 else w
 
 
 def _conv_to_jax(w):
-  return np.transpose(np.asarray(w), (2, 3, 1, 0))  # OIHW -> HWIO
+  w = np.asarray(w)
+  return np.transpose(w, (2, 3, 1, 0)) if w.ndim == 4 else w  # OIHW -> HWIO; another rank fails the shape check
 
 
 def _identity(w):
