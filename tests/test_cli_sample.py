@@ -207,6 +207,22 @@ def test_clip_skip_changes_the_image_and_is_recorded_as_a1111s_clip_skip(files, 
   assert not np.array_equal(load(tmp_path / 'skip' / '00000.png'), load(tmp_path / 'plain' / '00000.png'))
 
 
+def test_prompt_syntax_a1111_reads_emphasis_and_plain_keeps_the_brackets(files, tmp_path):
+  runs = {
+    'plain': ['--prompt', 'a dog'],
+    'a1111': ['--prompt', '(a dog:1.0)', '--prompt-syntax', 'a1111'],
+    'brackets': ['--prompt', '(a dog:1.0)'],
+    'weighted': ['--prompt', '(a dog:1.5)', '--prompt-syntax', 'a1111'],
+  }
+  for name, extra in runs.items():
+    assert sample('--model', files['model'], '--steps', 2, '--seed', 3, '--out', tmp_path / name, *extra) == 0
+  image = {name: load(tmp_path / name / '00000.png') for name in runs}
+  np.testing.assert_array_equal(image['a1111'], image['plain'])  # weight 1: the words alone
+  assert not np.array_equal(image['brackets'], image['plain'])  # plain: the brackets are tokens
+  assert not np.array_equal(image['weighted'], image['plain'])
+  assert '(a dog:1.5)' in params(tmp_path / 'weighted', 0)  # the prompt as written, as A1111 records it
+
+
 def test_img2img_takes_the_init_image_size_and_records_denoising_strength(files, tmp_path):
   assert (
     sample(

@@ -310,6 +310,8 @@ def test_bad_requests_are_refused_naming_the_field(served):
   bomb = png_b64(np.zeros((128, 128, 3)))
   assert '128x128' in refused(413, 'init_images', {'init_images': [bomb]}, '/sdapi/v1/img2img')['detail']
   refused(413, 'body', {'prompt': 'x' * (2**20 + 10)})
+  assert 'at most 8' in refused(422, 'prompt', {'prompt': 'a dog, ' * 400})['detail']  # 9 chunks of 75 tokens
+  assert 'characters' in refused(422, 'negative_prompt', {'negative_prompt': 'x' * 20000})['detail']
   for headers in ({}, basic(AUTH[0], 'wrong'), basic('bob', AUTH[1]), {'Authorization': 'Basic !!'}):
     r = TestClient(client.app).post('/sdapi/v1/txt2img', json=SMALL, headers=headers)
     assert r.status_code == 401 and r.headers['www-authenticate'].startswith('Basic')
@@ -348,6 +350,20 @@ def test_an_image_is_the_same_alone_and_batched_with_other_prompts_seeds_and_gui
   assert np.array_equal(images[1], alone)
   assert not np.array_equal(images[0], alone) and not np.array_equal(images[2], alone)
   assert json.loads(got[0]['info'])['cfg_scale'] == 9.0
+
+
+def test_prompts_are_read_as_a1111_reads_them_emphasis_and_any_length(served):
+  server, client = served
+  image = lambda **b: pixels(txt2img(client, seed=4, **b)['images'][0])
+  plain = image(prompt='a dog on a beach')
+  assert np.array_equal(image(prompt='(a dog:1.0) on a \\beach'), plain)  # brackets and escapes are syntax
+  assert not np.array_equal(image(prompt='(a dog:1.6) on a beach'), plain)
+  long = 'a dog on a beach, ' + ', '.join(['sunny day'] * 40)  # two chunks: differs from its first 75 tokens
+  alone = image(prompt=long)
+  assert not np.array_equal(alone, image(prompt=long[:200]))
+  # Batched with a one-chunk request, each keeps its own chunks (never padded to the other's).
+  got = batched(server, client, [dict(SMALL, prompt=long, seed=4), dict(SMALL, prompt='a dog on a beach', seed=4)])
+  assert np.array_equal(pixels(got[0]['images'][0]), alone) and np.array_equal(pixels(got[1]['images'][0]), plain)
 
 
 def test_devices_split_each_batch_over_a_data_mesh_and_give_the_same_images(served, small_sd_folder):

@@ -422,6 +422,7 @@ def _run_job(pipe, job: _Job, plan: _Plan, args, progress, refiner=None):
     progress=progress,
     mesh=plan.mesh,
     clip_skip=args.clip_skip,
+    prompt_syntax=args.prompt_syntax,
   )
   if refiner is not None:
     return sampling.refine(
@@ -561,6 +562,13 @@ def _add_sample_parser(sub):
     type=int_between(0),
     default=0,
     help="skip this many of the text encoder's last layers, as diffusers' clip_skip (A1111's Clip skip minus 1)",
+  )
+  s.add_argument(
+    '--prompt-syntax',
+    choices=['plain', 'a1111'],
+    default='plain',
+    help="plain: the prompts as written, cut at 77 tokens, as diffusers (default); a1111: AUTOMATIC1111's "
+    '(word:1.3) / (word) / [word] emphasis, BREAK and prompts of any length, as its web UI and `jaxdream serve` read them',
   )
   s.add_argument('--scheduler', help=f"one of {', '.join(SAMPLER_NAMES)} (default: the model folder's own)")
   s.add_argument('--seed', type=int, help='seed of the first image; image b gets seed + b (default: random)')

@@ -17,6 +17,7 @@ from jaxdream import models
 from jaxdream.diffusion import sdxl
 from jaxdream.diffusion.conditioning import encode_prompt as sd_encode_prompt
 from jaxdream.diffusion.conditioning import no_micro_conditioning, tokenizer_folder
+from jaxdream.io import prompt_syntax
 from jaxdream.io.files import atomic_write
 from jaxdream.io.tokenizer import load_tokenizer, tokenize, write_clip_tokenizer
 from jaxdream.io.weights import read_weights_file, state_dict, torch_slots, write_safetensors
@@ -109,6 +110,22 @@ class Pipeline:
     """Token ids per text encoder: {'text_encoder': (B, L) int32, ...}, what `encode_prompt` reads."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     return {name: tokenize(tok, prompts) for name, tok in self.tokenizers.items()}
+
+  def tokenize_chunks(
+    self, prompts, syntax: str = 'plain', num_chunks: int = 0
+  ) -> tuple[dict, dict | None, np.ndarray]:
+    """Token ids per text encoder in chunks {'text_encoder': (B, K, L) int32, ...}, the per-token weights in the
+    same form (None for plain prompts) and each prompt's own number of chunks (B,), for
+    `conditioning.encode_chunks`. 'plain': one chunk, truncated to the tokenizer's length, as diffusers; 'a1111':
+    A1111's emphasis syntax and prompts of any length (io/prompt_syntax.py), at least `num_chunks` chunks."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if prompt_syntax.check_syntax(syntax) == 'plain':
+      return {name: ids[:, None] for name, ids in self.tokenize(prompts).items()}, None, np.ones(len(prompts), np.int32)
+    chunked = {name: prompt_syntax.tokenize_chunks(tok, prompts, num_chunks) for name, tok in self.tokenizers.items()}
+    counts = [c for _, _, c in chunked.values()]
+    if any((c != counts[0]).any() for c in counts):  # the same BPE vocabulary in every published model
+      raise ValueError("the model's tokenizers cut the prompt into different chunks: A1111 prompts need one vocabulary")
+    return {n: c[0] for n, c in chunked.items()}, {n: c[1] for n, c in chunked.items()}, counts[0]
 
 
 def load_pipeline(

@@ -3,7 +3,8 @@
 The whole denoising loop (the pipeline's `encode_prompt`, every UNet step, the scheduler, VAE decoding) is
 one jitted function over the pipeline's components, cached in the pipeline's own CompileCache. The UNet's
 conditioning is the pipeline's (diffusion/conditioning.py): the prompt's, plus its micro-conditioning per image.
-Conditional and unconditional passes are one batched UNet call. Prompts (as token ids), seeds, guidance
+Conditional and unconditional passes are one batched UNet call (two when an A1111 negative prompt has another
+number of 75-token chunks than the prompt, as A1111 runs them). Prompts (as token ids), seeds, guidance
 scales (one per image), strength and the progress callback are per-call values, so new ones never
 recompile; a new image size, batch size, step count, scheduler or model structure does. Calls may run
 from several threads at once: each gets its own images and its own progress calls.
@@ -30,9 +31,12 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdream.diffusion import adapters as per_image_adapters
 from jaxdream.diffusion import sdxl
+from jaxdream.diffusion.conditioning import encode_chunks
 from jaxdream.distributed.mesh import as_auto
 from jaxdream.distributed.multihost import run_together, to_global, to_host
 from jaxdream.distributed.sharding import split_batch
+from jaxdream.io import prompt_syntax
+from jaxdream.io.prompt_syntax import prompt_schedule
 from jaxdream.runtime import Structure
 from jaxdream.schedulers import make_scheduler
 
@@ -62,6 +66,7 @@ class _Mode:
   latent: bool = False  # return the final latents undecoded (output_type='latent')
   adapters: bool = False  # per-image LoRA adapters (stacked factors, ids and scales are arguments)
   clip_skip: int = 0  # the pipeline's encode_prompt skips this many of the text encoders' last layers
+  chunks: tuple[int, int] = (1, 1)  # prompt chunks of the negative and the positive prompts (A1111 prompts)
 
 
 def _split(pipeline) -> tuple[dict, dict]:
@@ -100,6 +105,12 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
     adapters,
     cond_ids,
     uncond_ids,
+    cond_weights,
+    uncond_weights,
+    cond_counts,
+    uncond_counts,
+    cond_ends,
+    uncond_ends,
     cond_inputs,
     uncond_inputs,
     keep_uncond,
@@ -120,12 +131,45 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
       twice = lambda a: jnp.concatenate([a, a]) if mode.cfg else a
       per_image_adapters.set_per_example(models, adapters, twice(adapter_ids), twice(adapter_scales))
     halves = lambda u, c: jax.tree.map(lambda u, c: jnp.concatenate([u, c]), u, c) if mode.cfg else c
-    skip = {'clip_skip': mode.clip_skip} if mode.clip_skip else {}  # a pipeline's own encode_prompt may not take it
-    context, extra = encode_prompt(models, halves(uncond_ids, cond_ids), **skip)
+    kwargs = {'clip_skip': mode.clip_skip} if mode.clip_skip else {}  # a pipeline's own encode_prompt may not take it
+    ids, weights = halves(uncond_ids, cond_ids), halves(uncond_weights, cond_weights)
+    counts, ends = halves(uncond_counts, cond_counts), halves(uncond_ends, cond_ends)
+    # Each prompt segment (A1111 prompt editing: ids (B, segments, chunks, L)) encoded on its own and stacked:
+    # context (segments, B, T, D); the loop picks each image's segment per step.
+    segments = [
+      encode_chunks(
+        encode_prompt,
+        models,
+        {name: v[:, g] for name, v in ids.items()},
+        counts[:, g],
+        None if weights is None else {name: w[:, g] for name, w in weights.items()},
+        **kwargs,
+      )
+      for g in range(ends.shape[1])
+    ]
+    context = jnp.stack([c for c, _ in segments])
+    extra = jax.tree.map(lambda *a: jnp.stack(a), *[e for _, e in segments])
     if mode.cfg:  # force_zeros_for_empty_prompt without a negative prompt: the negative half's embeddings are zeros
-      keep = lambda a: a.at[: a.shape[0] // 2].multiply(keep_uncond.astype(a.dtype))
+      keep = lambda a: a.at[:, : a.shape[1] // 2].multiply(keep_uncond.astype(a.dtype))
       context, extra = keep(context), jax.tree.map(keep, extra)
-    extra = {**extra, **halves(uncond_inputs, cond_inputs)}
+    inputs = halves(uncond_inputs, cond_inputs)
+    # A negative prompt of another number of chunks than the prompt's: the two halves' UNet calls run apart, each
+    # with its own context length, as A1111 does (padding either would change its cross-attention).
+    apart = mode.cfg and mode.chunks[0] != mode.chunks[1]
+    if apart and mode.adapters:  # one half per call from here on
+      per_image_adapters.set_per_example(models, adapters, adapter_ids, adapter_scales)
+
+    def conditioning(i):
+      """(context, extra) of step i: each image's segment whose last step (A1111's, counted from the first step
+      run) is the first at or after it."""
+      if ends.shape[1] == 1:
+        c, e = context[0], jax.tree.map(lambda a: a[0], extra)
+      else:
+        g = jnp.sum(ends < i - start, axis=1)
+        pick = lambda a: jnp.take_along_axis(a, g.reshape((1, -1) + (1,) * (a.ndim - 2)), axis=0)[0]
+        c, e = pick(context), jax.tree.map(pick, extra)
+      return c, {**e, **inputs}
+
     if mode.init == 'image':
       x = per_image_noise(image_latents, noise, start)
     elif mode.init == 'as_is':
@@ -139,10 +183,17 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
       inp = sch.scale_model_input(x, i)
       if mode.unet_mask:
         inp = jnp.concatenate([inp, mask, masked_latents], axis=-1)
-      if mode.cfg:
-        inp = jnp.concatenate([inp, inp])
       t = jnp.broadcast_to(timesteps[i], (inp.shape[0],))
-      eps = models['unet'](inp, t, context, **extra).astype(jnp.float32)
+      ctx, ext = conditioning(i)
+      if apart:
+        b, length = ctx.shape[0] // 2, ctx.shape[1] // max(mode.chunks)
+        ctxs = ctx[:b, : mode.chunks[0] * length], ctx[b:, : mode.chunks[1] * length]
+        exts = jax.tree.map(lambda a: a[:b], ext), jax.tree.map(lambda a: a[b:], ext)
+        eps = jnp.concatenate([models['unet'](inp, t, c, **e).astype(jnp.float32) for c, e in zip(ctxs, exts)])
+      else:
+        if mode.cfg:
+          inp, t = jnp.concatenate([inp, inp]), jnp.concatenate([t, t])
+        eps = models['unet'](inp, t, ctx, **ext).astype(jnp.float32)
       if mode.cfg:
         uncond, cond = jnp.split(eps, 2)
         eps = uncond + guidance.reshape((-1,) + (1,) * (eps.ndim - 1)) * (cond - uncond)
@@ -304,6 +355,7 @@ def _generate(
   denoising_start: float | None = None,
   denoising_end: float | None = None,
   clip_skip: int = 0,
+  prompt_syntax: str = 'plain',
 ):
   if output_type not in ('uint8', 'latent'):
     raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
@@ -330,6 +382,7 @@ def _generate(
   clip_skip = check_clip_skip(pipeline, clip_skip)
   seeds = _seeds(seed, b)
   guidance = per_image_adapters.per_image(guidance_scale, b, num_images_per_prompt, 'guidance scales')
+  cond, uncond, chunks = _tokenized(pipeline, prompts, negatives, prompt_syntax, num_inference_steps)
   ids, scales = _adapter_choice(pipeline, adapters, adapter_ids, adapter_scales, b, num_images_per_prompt)
   sch = make_scheduler(scheduler, pipeline.scheduler_config, num_inference_steps, eta=eta)
   if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
@@ -386,6 +439,7 @@ def _generate(
     latent=output_type == 'latent',
     adapters=adapters is not None,
     clip_skip=clip_skip,
+    chunks=chunks,
   )
   if mode.init == 'noise' and init_images is not None:
     start = 0  # inpainting at full strength starts from pure noise
@@ -399,8 +453,14 @@ def _generate(
     args = dict(  # in `run`'s order
       params=params,
       adapters=adapters,
-      cond_ids=jax.tree.map(jnp.asarray, pipeline.tokenize(prompts)),
-      uncond_ids=jax.tree.map(jnp.asarray, pipeline.tokenize(negatives)),
+      cond_ids=jax.tree.map(jnp.asarray, cond[0]),
+      uncond_ids=jax.tree.map(jnp.asarray, uncond[0]),
+      cond_weights=jax.tree.map(jnp.asarray, cond[1]),
+      uncond_weights=jax.tree.map(jnp.asarray, uncond[1]),
+      cond_counts=jnp.asarray(cond[2]),
+      uncond_counts=jnp.asarray(uncond[2]),
+      cond_ends=jnp.asarray(cond[3]),
+      uncond_ends=jnp.asarray(uncond[3]),
       cond_inputs=micro(False),
       uncond_inputs=micro(True),
       keep_uncond=jnp.bool_(not (pipeline.force_zeros_for_empty_prompt and negative_prompts is None)),
@@ -425,6 +485,52 @@ def _generate(
 
 
 MASKED_CONTENTS = ('original', 'latent_noise', 'latent_nothing')
+
+
+def _schedules(prompts, syntax: str, steps: int) -> list[list[tuple[int, str]]]:
+  """Each prompt's [(last step, text), ...]: A1111's prompt editing (`prompt_schedule`), one text for plain prompts."""
+  if prompt_syntax.check_syntax(syntax) == 'plain':
+    return [[(steps, p)] for p in prompts]
+  return [prompt_schedule(p, steps) for p in prompts]
+
+
+def prompt_chunks(pipeline, prompt: str, steps: int, syntax: str = 'a1111') -> tuple[int, int]:
+  """(segments, 75-token chunks) the sampler encodes for one prompt: its prompt-editing texts over `steps`, and
+  the most chunks any of them needs (what a server limits and batches by)."""
+  texts = [t for _, t in _schedules([prompt], syntax, steps)[0]]
+  counts = pipeline.tokenize_chunks(texts, syntax)[2]
+  return len(texts), int(counts.max())
+
+
+def _tokenized(pipeline, prompts, negatives, syntax: str, steps: int):
+  """(prompts', negatives' (ids, weights, chunk counts, segment ends), (negatives' chunks, prompts' chunks)) for
+  the sampler: per text encoder ids (B, segments, chunks, L) and weights alike (None for plain prompts), counts and
+  last steps (B, segments). Segments are A1111's prompt editing, the last repeated where an image has fewer, their
+  number rounded up to a power of two (a new number compiles a new loop). Both halves have as many segments and
+  chunks, as the text encoders run them together. A prompt's segments of fewer chunks keep A1111's empty chunks
+  (its count is its longest segment's); a prompt of fewer chunks than the batch's continues with its last vector."""
+  schedules = [_schedules(texts, syntax, steps) for texts in (prompts, negatives)]
+  most = max(len(s) for half in schedules for s in half)
+  n = 1 << (most - 1).bit_length()
+  segment = lambda half, g: [s[min(g, len(s) - 1)] for s in half]
+  tokenize = lambda k: [
+    [pipeline.tokenize_chunks([t for _, t in segment(half, g)], syntax, k) for g in range(n)] for half in schedules
+  ]
+  tokens = tokenize(0)
+  chunks = [max(next(iter(ids.values())).shape[1] for ids, _, _ in half) for half in tokens]
+  if any(next(iter(ids.values())).shape[1] != max(chunks) for half in tokens for ids, _, _ in half):
+    tokens = tokenize(max(chunks))
+  out = []
+  for half, toks in zip(schedules, tokens):
+    ids = {name: np.stack([t[0][name] for t in toks], axis=1) for name in toks[0][0]}
+    weights = (
+      None if toks[0][1] is None else {name: np.stack([t[1][name] for t in toks], axis=1) for name in toks[0][1]}
+    )
+    counts = np.stack([t[2] for t in toks], axis=1)
+    counts = np.broadcast_to(counts.max(axis=1, keepdims=True), counts.shape).copy()
+    ends = np.asarray([[s[min(g, len(s) - 1)][0] for g in range(n)] for s in half], np.int32)
+    out.append((ids, weights, counts, ends))
+  return out[0], out[1], (chunks[1], chunks[0])
 
 
 def _masked_content(image_latents, mask, noise, masked_content: str):
@@ -487,6 +593,12 @@ def _adapter_choice(pipeline, adapters, adapter_ids, adapter_scales, b, per_prom
 _PER_IMAGE = (
   'cond_ids',
   'uncond_ids',
+  'cond_weights',
+  'uncond_weights',
+  'cond_counts',
+  'uncond_counts',
+  'cond_ends',
+  'uncond_ends',
   'cond_inputs',
   'uncond_inputs',
   'noise',
@@ -536,6 +648,7 @@ def txt2img(
   adapter_scales=None,
   micro_conditioning: dict | None = None,
   clip_skip: int = 0,
+  prompt_syntax: str = 'plain',
   denoising_end: float | None = None,
 ) -> np.ndarray:
   """Images for prompts, uint8 (B, H, W, 3), B = len(prompts) * num_images_per_prompt.
@@ -563,6 +676,10 @@ def txt2img(
     negative_aesthetic_score (refiner); new values never recompile.
   clip_skip: skip this many of the text encoders' last layers, as diffusers' clip_skip (A1111's
     CLIP_stop_at_last_layers is clip_skip + 1); each value compiles its own loop.
+  prompt_syntax: 'plain' (diffusers': the prompt as written, cut at the tokenizer's 77 tokens) or 'a1111'
+    (stable-diffusion-webui's: `(word:1.3)` / `(word)` / `[word]` emphasis, BREAK, prompt editing `[a:b:when]` and
+    alternation `[a|b]`, prompts of any length in chunks of 75 tokens: io/prompt_syntax.py). Each number of chunks
+    and of prompt-editing texts (rounded up to a power of two) compiles its own loop.
   denoising_end: stop at this fraction (0, 1) of the schedule, as diffusers' `denoising_end`: the steps whose
     timestep is at or above `(1 - denoising_end) * num_train_timesteps` run. With output_type='latent', the SDXL
     base's half of a hand-off to the refiner (`refine`; img2img's `denoising_start`). New values never recompile.
@@ -589,6 +706,7 @@ def txt2img(
     adapter_scales=adapter_scales,
     micro_conditioning=micro_conditioning,
     clip_skip=clip_skip,
+    prompt_syntax=prompt_syntax,
     denoising_end=denoising_end,
   )
 
@@ -617,6 +735,7 @@ def img2img(
   adapter_scales=None,
   micro_conditioning: dict | None = None,
   clip_skip: int = 0,
+  prompt_syntax: str = 'plain',
   denoising_start: float | None = None,
   denoising_end: float | None = None,
   output_type: str = 'uint8',
@@ -656,6 +775,7 @@ def img2img(
     adapter_scales=adapter_scales,
     micro_conditioning=micro_conditioning,
     clip_skip=clip_skip,
+    prompt_syntax=prompt_syntax,
     denoising_start=denoising_start,
     denoising_end=denoising_end,
     output_type=output_type,
@@ -687,6 +807,7 @@ def inpaint(
   adapter_scales=None,
   micro_conditioning: dict | None = None,
   clip_skip: int = 0,
+  prompt_syntax: str = 'plain',
   masked_content: str = 'original',
   denoising_start: float | None = None,
   denoising_end: float | None = None,
@@ -725,6 +846,7 @@ def inpaint(
     adapter_scales=adapter_scales,
     micro_conditioning=micro_conditioning,
     clip_skip=clip_skip,
+    prompt_syntax=prompt_syntax,
     denoising_start=denoising_start,
     denoising_end=denoising_end,
     output_type=output_type,
@@ -756,6 +878,7 @@ def refine(
   refiner_micro_conditioning: dict | None = None,
   output_type: str = 'uint8',
   clip_skip: int = 0,
+  prompt_syntax: str = 'plain',
 ) -> np.ndarray:
   """SDXL's ensemble of experts: the base denoises the first `refiner_start` of the schedule (txt2img, or img2img /
   inpaint with `init_images` / `masks`), the refiner the rest from the base's latents (img2img, or inpaint with the
@@ -778,6 +901,7 @@ def refine(
     mesh=mesh,
     progress=progress,
     clip_skip=clip_skip,
+    prompt_syntax=prompt_syntax,
   )
   first = dict(
     common,

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdream.diffusion.conditioning import emphasize
+
 PIPELINE_CLASSES = ('StableDiffusionXLPipeline', 'StableDiffusionXLImg2ImgPipeline', 'StableDiffusionXLInpaintPipeline')
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # diffusers' defaults
 
@@ -21,11 +23,16 @@ def _encoder_order(name: str) -> int:
   return int(name.removeprefix('text_encoder').removeprefix('_') or 1)
 
 
-def encode_prompt(models: dict, ids: dict, clip_skip: int = 0) -> tuple[jax.Array, dict]:
+def encode_prompt(models: dict, ids: dict, clip_skip: int = 0, weights: dict | None = None) -> tuple[jax.Array, dict]:
   """(context (B, L, sum of hidden sizes), {'text_embeds': (B, projection_dim)}) from token ids per text encoder:
-  each encoder's penultimate hidden state (`clip_skip` layers earlier: diffusers' hidden_states[-(clip_skip + 2)])."""
-  outs = [models[name].forward(ids[name]) for name in sorted(ids, key=_encoder_order)]
-  context = jnp.concatenate([out['hidden_states'][-(clip_skip + 2)] for out in outs], axis=-1)
+  each encoder's penultimate hidden state (`clip_skip` layers earlier: diffusers' hidden_states[-(clip_skip + 2)]).
+  `weights`: per-token emphasis per text encoder (A1111 prompts), applied to each encoder's states on their own."""
+  names = sorted(ids, key=_encoder_order)
+  outs = [models[name].forward(ids[name]) for name in names]
+  states = [out['hidden_states'][-(clip_skip + 2)] for out in outs]
+  if weights is not None:
+    states = [emphasize(h, weights[name]) for h, name in zip(states, names)]
+  context = jnp.concatenate(states, axis=-1)
   if 'text_embeds' not in outs[-1]:
     raise ValueError('SDXL needs a CLIPTextModelWithProjection as its last text encoder (the pooled prompt embedding)')
   return context, {'text_embeds': outs[-1]['text_embeds']}

@@ -23,7 +23,7 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
-from jaxdream.diffusion.sampling import check_clip_skip
+from jaxdream.diffusion.sampling import check_clip_skip, prompt_chunks
 from jaxdream.io.images import format_parameters, parse_parameters, png_bytes, read_parameters
 from jaxdream.lora.tags import parse_tags
 from jaxdream.schedulers.common import strength_steps
@@ -189,12 +189,30 @@ def _plan(server: Server, req: Txt2ImgRequest, kind: str):
     check_clip_skip(pipe, clip_skip)
   except ValueError as e:
     raise ApiError(422, 'CLIP_stop_at_last_layers', f'CLIP_stop_at_last_layers {clip_skip + 1}: {e}') from None
+  chunks = tuple(
+    _prompt_chunks(pipe, field, p, req.steps, lim)
+    for field, p in (('negative_prompt', req.negative_prompt), ('prompt', text))
+  )
   key = BatchKey(
-    model, kind, height, width, req.steps, sampler, req.cfg_scale > 1, strength, signature, fill, clip_skip
+    model, kind, height, width, req.steps, sampler, req.cfg_scale > 1, strength, signature, fill, clip_skip, chunks
   )
   tasks = [Task(text, req.negative_prompt, seed + i, req.cfg_scale, lora, *inputs[i % len(inputs)]) for i in range(n)]
   facts = dict(model=model, width=width, height=height, seed=seed, sampler=sampler, strength=strength)
   return key, tasks, dict(facts, model_hash=eng.describe(model)['hash'])
+
+
+def _prompt_chunks(pipe, field: str, prompt: str, steps: int, lim: Limits) -> int:
+  """The number of 75-token chunks of an A1111 prompt (its longest prompt-editing text), within the limits."""
+  if len(prompt) > lim.max_prompt_chars:
+    raise ApiError(422, field, f'{field}: {len(prompt)} characters; at most {lim.max_prompt_chars}')
+  segments, chunks = prompt_chunks(pipe, prompt, steps)
+  if chunks > lim.max_prompt_chunks:
+    raise ApiError(422, field, f'{field}: {chunks} chunks of 75 tokens; at most {lim.max_prompt_chunks}')
+  if segments * chunks > lim.max_prompt_encodings:
+    raise ApiError(
+      422, field, f'{field}: {segments} prompt-editing texts of {chunks} chunks; at most {lim.max_prompt_encodings}'
+    )
+  return chunks
 
 
 def _lora(eng: Engine, tags, lim: Limits):

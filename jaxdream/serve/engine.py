@@ -64,6 +64,8 @@ class BatchKey:
   adapters: tuple | None = None  # the LoRA layers' signature (targets and ranks), None: no LoRA
   fill: str | None = None  # inpainting: what the masked latents start from (sampling.inpaint's masked_content)
   clip_skip: int = 0  # diffusers' clip_skip (A1111's CLIP_stop_at_last_layers - 1)
+  # 75-token chunks of the negative prompt and the prompt (A1111 prompts): images of other counts would pad theirs
+  chunks: tuple[int, int] = (1, 1)
 
 
 def _signature(tree: dict) -> tuple:
@@ -336,6 +338,7 @@ class Engine:
         progress_latents=progress is not None,  # progress(step, latents): /progress's current_image
         mesh=self.mesh,
         clip_skip=key.clip_skip,
+        prompt_syntax='a1111',  # the A1111 API's prompts: emphasis, BREAK, any length
       )
       if key.adapters is not None:
         pipe, kw['adapters'], kw['adapter_ids'], kw['adapter_scales'] = self._with_adapters(pipe, key, padded)

@@ -29,6 +29,9 @@ class Limits:
   max_n_iter: int = 16
   max_images: int = 64  # batch_size * n_iter of one request
   max_loras: int = 8  # <lora:...> tags in one prompt
+  max_prompt_chars: int = 16384  # each of prompt and negative_prompt, checked before tokenizing
+  max_prompt_chunks: int = 8  # 75-token chunks of a prompt (600 tokens); each number compiles its own loop
+  max_prompt_encodings: int = 160  # prompt-editing texts x chunks of one prompt (each is encoded)
   max_body_bytes: int = 32 * 2**20
   max_image_pixels: int = 4096 * 4096  # a decoded init image or mask (decompression bombs)
 
