@@ -89,6 +89,8 @@ def test_lora_scale_sweep_prompt_tags_and_lora_flag_merge_the_same_file(files, t
     (['--prompt', 'a <lora:style:0.5> dog'], 'give --lora-dir'),
     (['--prompt', 'a <lora:nope> dog', '--lora-dir', '{dir}'], 'no nope.safetensors'),
     (['--prompt', 'a <lora:style:much> dog', '--lora-dir', '{dir}'], 'the scale must be a number'),
+    (['--prompt', 'a <lora:style:0.5:0.8> dog', '--lora-dir', '{dir}'], 'separate text-encoder and UNet weights'),
+    (['--prompt', 'a <hypernet:style:1> dog', '--lora-dir', '{dir}'], 'hypernet networks are not supported'),
     (['--sweep', 'lora_scale=0,1'], '--sweep lora_scale needs a LoRA'),
     (['--lora', '{other}'], 'do not fit'),
     (['--lora', '{lora}:nan'], 'the scale must be a finite number'),
@@ -97,7 +99,8 @@ def test_lora_scale_sweep_prompt_tags_and_lora_flag_merge_the_same_file(files, t
     (['--height', '1000000'], 'larger than 16384 pixels'),
   ],
   ids=[
-    'missing-file', 'tag-without-dir', 'unknown-tag', 'bad-tag-scale', 'sweep-without-lora', 'other-model',
+    'missing-file', 'tag-without-dir', 'unknown-tag', 'bad-tag-scale', 'two-weights', 'hypernet', 'sweep-without-lora',
+    'other-model',
     'nan-scale', 'inf-tag-scale', 'nan-factors', 'huge-size',
   ],
 )  # fmt: skip

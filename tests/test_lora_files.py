@@ -252,6 +252,42 @@ def test_bad_lora_files_are_refused_with_the_reason(tmp_path):
     load_lora(str(tmp_path / 'half.safetensors'))
 
 
+def test_malformed_factors_and_doubly_named_layers_are_refused_by_name(adapted, pipe, tmp_path):
+  q = 'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q'
+  conv = 'unet.down_blocks.0.resnets.0.conv1'
+
+  def refused(tensors, match, merge=False):
+    path = str(tmp_path / 'bad.safetensors')
+    write_safetensors(path, tensors)
+    with pytest.raises(WeightsError, match=match):
+      merge_lora(pipe, [(path, 1.0)]) if merge else load_lora(path)
+
+  f32 = lambda *shape: np.ones(shape, np.float32)
+  refused({f'{q}.lora_A.weight': f32(0, 32), f'{q}.lora_B.weight': f32(32, 0)}, 'rank 0')
+  refused({f'{conv}.lora_A.weight': f32(2, 32, 3, 3), f'{conv}.lora_B.weight': f32(32, 2, 3, 3)}, 'must be 1x1')
+  refused(
+    {f'{q}.lora_down.weight': f32(2, 32), f'{q}.lora_up.weight': f32(32, 2), f'{q}.alpha': f32(2)}, 'not one number'
+  )
+  # One layer under two spellings: neither update may silently replace the other.
+  kohya = 'lora_unet_' + q.removeprefix('unet.').replace('.', '_')
+  twice = {f'{q}.lora_A.weight': f32(2, 32), f'{q}.lora_B.weight': f32(32, 2)}
+  refused({**twice, f'{kohya}.lora_down.weight': f32(2, 32), f'{kohya}.lora_up.weight': f32(32, 2)}, 'both adapt', True)
+  te = 'lora_te_text_model_encoder_layers_0_self_attn_q_proj'
+  same = {f'{te}.lora_down.weight': f32(2, 32), f'{te}.lora_up.weight': f32(32, 2)}
+  refused({**same, f'{te.replace("lora_te_", "lora_te1_")}.lora_down.weight': f32(2, 32)}, 'same factor')
+
+
+def test_apply_lora_without_strict_warns_of_the_adapters_it_skips(adapted, pipe, tmp_path):
+  path = save_lora(str(tmp_path / 'lora.safetensors'), adapted)
+  tensors = dict(read_safetensors(path))
+  tensors['unet.no_such_block.to_q.lora_A.weight'] = np.zeros((4, 32), np.float32)
+  tensors['unet.no_such_block.to_q.lora_B.weight'] = np.zeros((32, 4), np.float32)
+  write_safetensors(str(tmp_path / 'extra.safetensors'), tensors)
+  components = {name: nnx.clone(m) for name, m in pipe.components.items()}
+  with pytest.warns(UserWarning, match='apply_lora skipped 1 adapter.*no_such_block'):
+    apply_lora(components, str(tmp_path / 'extra.safetensors'), strict=False)
+
+
 def _older_diffusers_name(key: str) -> str:
   """Our diffusers key under the names of older diffusers releases (attention processors, LoRALinearLayer)."""
   key = re.sub(r'\.lora_([AB])\.weight$', lambda m: {'A': '.down', 'B': '.up'}[m.group(1)] + '.weight', key)
@@ -259,6 +295,11 @@ def _older_diffusers_name(key: str) -> str:
   if module.startswith('unet.') and re.search(r'attn[12]\.(to_q|to_k|to_v|to_out\.0)$', module):
     parent, proj = re.match(r'(.*attn[12])\.(to_q|to_k|to_v|to_out)', module).groups()
     return f'{parent.removeprefix("unet.")}.processor.{proj}_lora.{factor}'  # no component prefix at all
+  if module.startswith('text_encoder.') and re.search(r'self_attn\.(q|k)_proj$', module):
+    # diffusers' oldest text-encoder files (here q and k; v and out below as later ones): CLIP's attention named as
+    # the UNet's processors name theirs
+    parent, proj = re.match(r'(.*self_attn)\.(q|k)_proj$', module).groups()
+    return f'{parent}.to_{proj}_lora.{factor}'
   if module.startswith('text_encoder.'):
     return module.replace('text_encoder.text_model.', 'text_encoder.') + f'.lora_linear_layer.{factor}'
   return f'{module}.lora.{factor}'
@@ -269,6 +310,7 @@ def test_older_diffusers_names_and_alpha_tensors_merge_like_the_current_layout(a
   lora = load_lora(path)
   old = {_older_diffusers_name(k): v for k, v in read_safetensors(path).items()}
   assert any('.processor.to_out_lora.down.weight' in k for k in old) and any('lora_linear_layer' in k for k in old)
+  assert any('.self_attn.to_q_lora.down.weight' in k for k in old)
   for comp, mods in lora.modules.items():  # no metadata: the alphas as tensors, as older files keep them
     for name, mod in mods.items():
       old[f'{comp}.{name}.alpha'] = np.asarray(mod.alpha, np.float32)

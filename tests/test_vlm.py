@@ -439,6 +439,39 @@ def test_caption_errors_are_reported(bundle):
     vlm.caption(bundle, [np.zeros((8, 8, 3), np.uint8)], prompt=['a', 'b'])
   with pytest.raises(ValueError, match='uint8'):
     vlm.caption(bundle, [np.zeros((8, 8, 3), np.float32)])
+  image = [np.zeros((8, 8, 3), np.uint8)]
+  # settings transformers refuses: a zero temperature divides by zero, a negative top_p keeps no token
+  for bad, match in (({'temperature': 0.0}, 'temperature'), ({'temperature': -1}, 'temperature'),
+                     ({'top_p': -0.5}, 'top_p'), ({'top_p': 1.5}, 'top_p'), ({'top_k': -1}, 'top_k')):  # fmt: skip
+    with pytest.raises(ValueError, match=match):
+      vlm.caption(bundle, image, do_sample=True, max_new_tokens=2, **bad)
+  with pytest.raises(ValueError, match='empty'):  # an empty phrase would match every grounded entity
+    vlm.check_subject(bundle, image, '  ')
+
+
+def test_cli_names_a_truncated_jpeg_and_a_folder_without_tokenizer(kosmos2_folder, images, tmp_path, capsys):
+  import shutil
+
+  good = tmp_path / 'good.jpg'
+  images[0].save(good, quality=90)
+  data = good.read_bytes()
+  cut = tmp_path / 'cut.jpg'
+  cut.write_bytes(data[: len(data) * 2 // 3])  # PIL's verify() passes it; decoding fails
+  model = kosmos2_folder[2]
+  for argv in (
+    ['caption', '--model', model, str(cut)],
+    ['check-subject', '--model', model, '--images', str(cut), '--phrase', 'dog'],
+    ['ask', '--model', model, '--image', str(cut), 'What is it?'],
+  ):
+    assert main(argv) == 2
+    assert 'cut.jpg: not a readable image' in capsys.readouterr().err
+  bare = tmp_path / 'model'
+  shutil.copytree(model, bare)
+  for name in ('tokenizer.json', 'sentencepiece.bpe.model'):
+    if (bare / name).exists():
+      (bare / name).unlink()
+  with pytest.raises(WeightsError, match='no tokenizer'):
+    vlm.load(str(bare))
 
 
 # ----------------------------------------------------------------------------------------------- one interface

@@ -39,7 +39,7 @@ def _image_paths(images) -> list[str]:
   for path in paths:
     try:
       with Image.open(path) as im:
-        im.verify()
+        im.load()  # decodes the pixels: verify() passes a truncated JPEG
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
       raise ValueError(f'{path}: not a readable image ({e})') from None
   return paths

@@ -53,6 +53,9 @@ _FACTOR_SUFFIXES = (
 )
 # diffusers' oldest attention-processor names: attn1.processor.to_q_lora.down.weight -> attn1.to_q, down
 _PROCESSOR = re.compile(r'\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$')
+# diffusers' oldest text-encoder LoRA files: CLIP attention named as the UNet's processors name theirs
+_OLD_TEXT_ATTENTION = re.compile(r'\.self_attn\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$')
+_OLD_TEXT_PROJ = {'to_q': 'q_proj', 'to_k': 'k_proj', 'to_v': 'v_proj', 'to_out': 'out_proj'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +93,7 @@ class LoRAWeights:
 
   def resolve(self, components: Mapping[str, nnx.Module]) -> tuple[dict[str, dict[str, LoRAModule]], list[str]]:
     """({component: {the model's module name: adapter}}, the file's module names that match no module)."""
-    found, unmatched = {}, []
+    found, unmatched, spelled = {}, [], {}
     for comp, mods in self.modules.items():
       model = components.get(comp)
       index = _name_index(comp, model) if model is not None else {}
@@ -98,8 +101,13 @@ class LoRAWeights:
         name = index.get(key) or index.get(key.replace('.', '_'))
         if name is None:
           unmatched.append(f'{comp}.{key}')
-        else:
-          found.setdefault(comp, {})[name] = mod
+          continue
+        if (comp, name) in spelled:  # two spellings of one layer: neither may silently replace the other
+          raise WeightsError(
+            f'{self.path or "LoRA"}: {comp}.{spelled[comp, name]} and {comp}.{key} both adapt {comp}.{name}'
+          )
+        spelled[comp, name] = key
+        found.setdefault(comp, {})[name] = mod
     return found, unmatched
 
 
@@ -250,6 +258,9 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
     if key.startswith(prefix):
       key = f'{comp}.{key[len(prefix) :]}'
       break
+  m = _OLD_TEXT_ATTENTION.search(key)
+  if m:
+    key = f'{key[: m.start()]}.self_attn.{_OLD_TEXT_PROJ[m.group(1)]}.lora.{m.group(2)}.weight'
   m = _PROCESSOR.search(key)
   if m:
     name, factor = key[: m.start()] + '.' + (m.group(1) + '.0' if m.group(1) == 'to_out' else m.group(1)), m.group(2)
@@ -300,6 +311,7 @@ def load_lora(path: str) -> LoRAWeights:
   tensors = read_safetensors(path)
   configs = _peft_alphas(read_safetensors_metadata(path))
   parts: dict[tuple[str, str], dict] = {}
+  keys: dict[tuple[str, str, str], str] = {}
   unknown = []
   for key, value in tensors.items():
     split = _split_key(key)
@@ -307,6 +319,9 @@ def load_lora(path: str) -> LoRAWeights:
       unknown.append(key)
       continue
     comp, name, factor = split
+    if split in keys:  # e.g. lora_te_ and lora_te1_, or with and without text_model.: one layer named twice
+      raise WeightsError(f'{path}: {keys[split]} and {key} are the same factor of {comp}.{name}')
+    keys[split] = key
     parts.setdefault((comp, name), {})[factor] = value
   if unknown:
     raise WeightsError(
@@ -318,9 +333,15 @@ def load_lora(path: str) -> LoRAWeights:
     if 'down' not in p or 'up' not in p:
       raise WeightsError(f'{path}: {comp}.{name} has {" and ".join(sorted(p))} but needs both down and up factors')
     down, up = np.asarray(p['down'], np.float32), np.asarray(p['up'], np.float32)
-    if up.shape[1] != down.shape[0] or up.ndim != down.ndim:
+    if up.ndim != down.ndim or up.ndim not in (2, 4) or up.shape[1] != down.shape[0]:
       raise WeightsError(f'{path}: {comp}.{name}: up {up.shape} and down {down.shape} do not chain')
+    if down.shape[0] == 0:
+      raise WeightsError(f'{path}: {comp}.{name} has rank 0 (empty factors)')
+    if up.ndim == 4 and up.shape[2:] != (1, 1):  # LoCon: the kernel is the down factor's; up is 1x1
+      raise WeightsError(f'{path}: {comp}.{name}: the up factor {up.shape} of a conv LoRA must be 1x1')
     config = configs.get(comp, {})
+    if 'alpha' in p and np.size(p['alpha']) != 1:
+      raise WeightsError(f'{path}: {comp}.{name}: alpha has shape {np.shape(p["alpha"])}, not one number')
     alpha = float(np.asarray(p['alpha']).reshape(())) if 'alpha' in p else _config_alpha(config, name)
     finite_alpha = alpha is None or np.isfinite(alpha)  # None: the rank's
     if not (np.isfinite(down).all() and np.isfinite(up).all() and finite_alpha):  # a damaged or diverged file

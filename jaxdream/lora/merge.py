@@ -100,9 +100,12 @@ def apply_lora(
 ) -> dict[str, list[str]]:
   """Attach the file's adapters unmerged, in place: each named Linear/Conv2d becomes a LoRALinear/LoRAConv2d
   with the file's factors and scale * alpha / r. Returns {component: adapted module names}. Layers that already
-  carry an adapter, or take none (nn.adapters.lora_class), are errors (merge those)."""
+  carry an adapter, or take none (nn.adapters.lora_class), are errors (merge those). With strict=False, adapters
+  that fit no module are skipped with a warning naming them (as merge_lora)."""
   lora = _as_weights(lora)
-  plan, _ = _check(lora, components, strict)
+  plan, skipped = _check(lora, components, strict)
+  if skipped:
+    warnings.warn(f'apply_lora skipped {len(skipped)} adapter(s): {", ".join(skipped)}', stacklevel=2)
   done = {}
   for comp, mods in plan.items():
     model = components[comp]

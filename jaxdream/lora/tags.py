@@ -6,8 +6,10 @@ import math
 import os
 import re
 
-# A1111's prompt syntax: <lora:name> or <lora:name:0.8>
-_TAG = re.compile(r'<lora:([^:>]+)(?::([^:>]*))?>')
+# A1111's extra-network tags, <kind:args>: the webui takes every one out of the prompt text. <lora:name>,
+# <lora:name:0.8>, <lora:name:te:unet> and <lora:name:te=0.8:unet=0.8> (lyco: the same, an old name).
+_TAG = re.compile(r'<(\w+):([^>]+)>')
+_LORA_KINDS = ('lora', 'lyco')
 
 
 def lora_in_dir(folder: str | None, name: str) -> str:
@@ -49,12 +51,33 @@ def lora_scale_value(text: str, what: str) -> float:
 
 
 def parse_tags(prompt: str) -> tuple[str, tuple[tuple[str, float], ...]]:
-  """(the prompt without its <lora:name:scale> tags, ((name, scale), ...) of the tags), no file looked up."""
+  """(the prompt without its <lora:...> tags, ((name, scale), ...) of the tags), no file looked up. Other extra
+  networks (<hypernet:...>) and A1111's separate text-encoder and UNet weights are errors: the webui would change
+  the image by them, so they are never silently read as prompt text or dropped."""
   found = []
   for m in _TAG.finditer(prompt):
-    name, scale = m.group(1).strip(), m.group(2)
-    value = 1.0 if scale is None or not scale.strip() else lora_scale_value(scale, f'prompt tag {m.group(0)}')
-    found.append((name, value))
+    kind, args = m.group(1), m.group(2).split(':')
+    if kind not in _LORA_KINDS:
+      raise ValueError(f'prompt tag {m.group(0)}: {kind} networks are not supported (only <lora:name:weight>)')
+    name, positional, named = args[0].strip(), [], {}
+    for arg in args[1:]:
+      key, eq, value = arg.partition('=')
+      if eq:
+        named[key.strip()] = value
+      else:
+        positional.append(arg)
+    if set(named) - {'te', 'unet'} or len(positional) > 2:
+      raise ValueError(
+        f'prompt tag {m.group(0)}: give <lora:name:weight> (dynamic rank and block weights are not supported)'
+      )
+    te = named.get('te', positional[0] if positional else '')
+    unet = named.get('unet', positional[1] if len(positional) > 1 else te)
+    scale = lambda text: 1.0 if not text.strip() else lora_scale_value(text, f'prompt tag {m.group(0)}')
+    if scale(te) != scale(unet):
+      raise ValueError(
+        f'prompt tag {m.group(0)}: separate text-encoder and UNet weights are not supported; give one weight'
+      )
+    found.append((name, scale(te)))
   text = re.sub(r'\s{2,}', ' ', _TAG.sub('', prompt)).strip()
   return text, tuple(found)
 

@@ -279,6 +279,8 @@ def check_subject(model, images, phrase: str, *, mode: str = 'caption', **captio
   """
   if mode not in ('caption', 'refer'):
     raise ValueError(f"mode must be 'caption' or 'refer', not {mode!r}")
+  if not phrase.strip():  # an empty phrase would match every grounded entity
+    raise ValueError('check_subject needs a phrase naming the subject, got an empty one')
   bundle = _bundle(model)
   images = list(images)
   if _is_qwen(bundle):

@@ -14,6 +14,7 @@ other's, and a model whose structure changes in place (int8 quantization) gets n
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol
 
 import jax
@@ -56,6 +57,16 @@ class GenerativeModel(Protocol):
     """Feed `tokens` (B,) int32 into cache slot `index` (a traced scalar); kv_valid already marks that slot.
     Finished rows feed the pad id. Returns (float32 logits (B, V), the updated cache)."""
     ...
+
+
+def check_sampling(temperature, top_k, top_p):
+  """Raise ValueError for settings transformers refuses: they would sample from NaN or empty distributions."""
+  if not (np.ndim(temperature) == 0 and float(temperature) > 0 and math.isfinite(float(temperature))):
+    raise ValueError(f'temperature must be a positive number to sample, got {temperature}')
+  if not (np.ndim(top_k) == 0 and float(top_k) == int(top_k) and int(top_k) >= 0):
+    raise ValueError(f'top_k must be a whole number >= 0 (0: off), got {top_k}')
+  if not (np.ndim(top_p) == 0 and 0 < float(top_p) <= 1):
+    raise ValueError(f'top_p must be in (0, 1], got {top_p}')
 
 
 def warp_logits(logits, temperature, top_k: int, top_p):
@@ -275,6 +286,8 @@ def sample(
 ) -> np.ndarray:
   """Greedy search (or, with do_sample, sampling) from `inputs` (what `model.generation_inputs` returns):
   token ids (B, L + generated), prompt included."""
+  if do_sample:
+    check_sampling(temperature, top_k, top_p)
   eos, pad = _special_ids(model, eos_token_id, pad_token_id)
   inputs = _prepared(inputs, max_new_tokens)
   fn = compiled(

@@ -40,6 +40,8 @@ class Kosmos2Processor:
   def __init__(self, folder: str, num_image_tokens: int = 64):
     from transformers import AddedToken, AutoTokenizer
 
+    if not any(os.path.exists(os.path.join(folder, n)) for n in ('tokenizer.json', 'sentencepiece.bpe.model')):
+      raise WeightsError(f'{folder}: no tokenizer (tokenizer.json, or sentencepiece.bpe.model)')
     self.tokenizer = AutoTokenizer.from_pretrained(folder)
     # A folder saved by the processor already has these; a bare XLM-R tokenizer gets them as the processor
     # adds them (add_tokens skips those present).
