@@ -172,6 +172,12 @@ def test_sd_conditioning_is_a1111s(small_sd_folder):
   np.testing.assert_array_equal(one['text_encoder'][:, 0], pipe.tokenize(['a red fox'])['text_encoder'])
 
 
+def _encoded(ref, pipe, text):
+  """A1111's conditioning of one prompt, computed in torch by the diffusers pipeline `ref`."""
+  ids, w, c = pipe.tokenize_chunks([text], 'a1111')
+  return _a1111_reference(lambda t: ref.text_encoder(t)[0], ids['text_encoder'], w['text_encoder'], c)
+
+
 @pytest.fixture(scope='module')
 def ddim_pipes(small_sd_folder):
   import dataclasses
@@ -212,32 +218,15 @@ def test_txt2img_with_a1111_prompts_follows_a1111s_guidance(ddim_pipes, negative
   ref, pipe = ddim_pipes
   prompt = 'a photo of sks dog, ' + ', '.join(['(sunny:1.2) beach'] * 30)
   noise = image_noise([3], (16, 16, 4))
-  ours = txt2img(
-    pipe,
-    [prompt],
-    negative_prompts=[negative],
-    num_inference_steps=4,
-    scheduler='ddim',
-    latents=noise,
-    output_type='latent',
-    prompt_syntax='a1111',
-  )
-  conds = {}
-  for name, text in (('cond', prompt), ('uncond', negative)):
-    ids, w, c = pipe.tokenize_chunks([text], 'a1111')
-    conds[name] = _a1111_reference(lambda t: ref.text_encoder(t)[0], ids['text_encoder'], w['text_encoder'], c)
+  run = lambda **syntax: txt2img(
+    pipe, [prompt], negative_prompts=[negative], num_inference_steps=4, scheduler='ddim', latents=noise,
+    output_type='latent', **syntax,
+  )  # fmt: skip
+  ours, plain = run(prompt_syntax='a1111'), run()
+  conds = {name: _encoded(ref, pipe, text) for name, text in (('cond', prompt), ('uncond', negative))}
   assert conds['cond'].shape[1] == 2 * 77 and conds['uncond'].shape[1] == 77 * (1 if 'ugly' in negative else 2)
   expected = _ref_latents(ref, noise, conds['cond'], conds['uncond'], 7.5, 4)
   assert rel_err(ours, expected) <= 1e-4
-  plain = txt2img(
-    pipe,
-    [prompt],
-    negative_prompts=[negative],
-    num_inference_steps=4,
-    scheduler='ddim',
-    latents=noise,
-    output_type='latent',
-  )
   assert rel_err(plain, expected) > 1e-2  # the plain prompt (cut at 77 tokens, no weights) is another image
 
 
@@ -258,10 +247,7 @@ def test_prompt_editing_switches_the_conditioning_at_a1111s_step(ddim_pipes):
     prompt_syntax='a1111',
   )
 
-  def encoded(text):
-    ids, w, c = pipe.tokenize_chunks([text], 'a1111')
-    return _a1111_reference(lambda t: ref.text_encoder(t)[0], ids['text_encoder'], w['text_encoder'], c)
-
+  encoded = lambda text: _encoded(ref, pipe, text)
   dog, fox = encoded('a photo of a dog in the snow'), encoded('a photo of a (red fox:1.3) in the snow')
   negatives = {1: encoded('blurry'), 0: encoded('ugly')}  # alternation: step i (0-based) reads segment i, from 1
   sched = ref.scheduler
