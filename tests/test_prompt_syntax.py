@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxdream.diffusion.conditioning import encode_chunks
+from jaxdream.diffusion.conditioning import Emphasis, encode_chunks
 from jaxdream.diffusion.sampling import image_noise, txt2img
 from jaxdream.io import prompt_syntax
 from jaxdream.io.prompt_syntax import chunk_prompt, parse_prompt_attention, prompt_schedule
@@ -68,6 +68,25 @@ def test_emphasis_parser_gives_a1111s_documented_weights(text, expected):
 )
 def test_prompt_editing_gives_a1111s_documented_schedules(text, expected):
   assert prompt_schedule(text, 10) == expected
+
+
+def test_prompt_edge_cases_neither_crash_nor_overflow():
+  assert prompt_schedule('a [cat:dog:1e999]', 10) == [(10, 'a cat')]  # an infinite step: past the last one
+  assert prompt_schedule('a [cat:dog:-1e999]', 10) == [(10, 'a dog')]
+  deep = '(' * 100 + 'x' + ')' * 100  # paired nesting the webui's grammar reads
+  assert prompt_schedule(f'[cat:dog:0.5] {deep}', 10) == [(5, f'cat {deep}'), (10, f'dog {deep}')]
+  with pytest.raises(ValueError, match='overflow'):  # 1.1 ** 1000 is past float32: NaN conditioning
+    chunk_prompt(_clip_tokenizer(), '(' * 1000 + 'a' + ')' * 1000)
+
+
+def _clip_tokenizer():
+  import tempfile
+
+  from jaxdream.io.tokenizer import load_tokenizer, write_clip_tokenizer
+
+  folder = tempfile.mkdtemp()
+  write_clip_tokenizer(folder)
+  return load_tokenizer(folder)
 
 
 def test_hostile_prompts_parse_in_linear_time_and_never_recurse_deeply():
@@ -162,7 +181,7 @@ def test_sd_conditioning_is_a1111s(small_sd_folder):
   ids, weights, counts = pipe.tokenize_chunks(prompts, 'a1111')
   assert list(counts) == [len(chunk_prompt(pipe.tokenizer, p)[0]) for p in prompts] and counts[1] == 1
   te = pipe.text_encoder
-  ours = jax.jit(lambda ids, w, c: encode_chunks(encode_prompt, {'text_encoder': te}, ids, c, w)[0])(
+  ours = jax.jit(lambda ids, w, c: encode_chunks(encode_prompt, {'text_encoder': te}, ids, c, Emphasis(w))[0])(
     ids, weights, counts
   )
   expected = _a1111_reference(lambda t: ref.text_encoder(t)[0], ids['text_encoder'], weights['text_encoder'], counts)
@@ -170,6 +189,20 @@ def test_sd_conditioning_is_a1111s(small_sd_folder):
   # Without brackets and within 75 tokens the token ids are the plain prompt's.
   one, _, _ = pipe.tokenize_chunks(['a red fox'], 'a1111')
   np.testing.assert_array_equal(one['text_encoder'][:, 0], pipe.tokenize(['a red fox'])['text_encoder'])
+
+
+def _schedule_reference(ref, pipe, texts):
+  """The webui's conditionings of one prompt's schedule texts, in torch: all texts encoded as one batch per chunk
+  (a text of fewer chunks with empty ones), each chunk's batch rescaled to its mean before weighting."""
+  ids, w, _ = pipe.tokenize_chunks(texts, 'a1111')
+  ids, w = ids['text_encoder'], w['text_encoder']
+  chunks = []
+  for k in range(ids.shape[1]):
+    with torch.no_grad():
+      z = ref.text_encoder(torch.from_numpy(ids[:, k].astype(np.int64)))[0]
+    zw = z * torch.from_numpy(w[:, k])[..., None]
+    chunks.append(zw * (z.mean() / zw.mean()))
+  return [c.numpy()[None] for c in torch.cat(chunks, axis=1)]
 
 
 def _encoded(ref, pipe, text):
@@ -247,9 +280,10 @@ def test_prompt_editing_switches_the_conditioning_at_a1111s_step(ddim_pipes):
     prompt_syntax='a1111',
   )
 
-  encoded = lambda text: _encoded(ref, pipe, text)
-  dog, fox = encoded('a photo of a dog in the snow'), encoded('a photo of a (red fox:1.3) in the snow')
-  negatives = {1: encoded('blurry'), 0: encoded('ugly')}  # alternation: step i (0-based) reads segment i, from 1
+  # The webui encodes a prompt's schedule texts as one batch and rescales them with one mean (per chunk).
+  dog, fox = _schedule_reference(ref, pipe, ['a photo of a dog in the snow', 'a photo of a (red fox:1.3) in the snow'])
+  negatives = dict(zip((1, 0, 1, 0), _schedule_reference(ref, pipe, ['blurry', 'ugly', 'blurry', 'ugly'])))
+  # alternation: step i (0-based) reads segment i, from 1
   sched = ref.scheduler
   sched.set_timesteps(4)
   x = torch.from_numpy(np.asarray(noise)).permute(0, 3, 1, 2) * sched.init_noise_sigma
@@ -293,7 +327,7 @@ def test_sdxl_conditioning_is_a1111s_with_the_first_chunks_pooled_embedding(sdxl
 
   def encode(params, ids, w, c):
     models = {n: nnx.merge(graphdefs[n], params[n]) for n in graphdefs}
-    return encode_chunks(sdxl.encode_prompt, models, ids, c, w)
+    return encode_chunks(sdxl.encode_prompt, models, ids, c, Emphasis(w))
 
   context, extra = jax.jit(encode)(params, ids, weights, counts)
   per_encoder = [

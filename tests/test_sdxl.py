@@ -163,6 +163,45 @@ def test_txt2img_matches_diffusers_from_the_same_noise_with_and_without_negative
     assert diff <= 0.51 / 255, (case, diff)  # rounding to uint8 (half a level) plus float error (measured: 0.0003)
   with pytest.raises(TypeError, match='aesthetic_score'):  # the base model has no aesthetic score
     txt2img(pipe, PROMPTS, latents=latents, micro_conditioning=dict(aesthetic_score=6.0), **kw)
+  # Per image: a None entry is no negative prompt (zeros), the others are encoded (A1111's empty negative: None).
+  mixed = txt2img(pipe, PROMPTS, negative_prompts=[None, NEGATIVES[1]], latents=latents, **kw)
+  assert np.abs(mixed[0] / 255.0 - expected['no negatives'][0]).max() <= 0.51 / 255
+  assert np.abs(mixed[1] / 255.0 - expected['negatives'][1]).max() <= 0.51 / 255
+
+
+def test_the_server_zeroes_an_empty_negative_prompt_for_sdxl_as_a1111(sdxl_folder):
+  """A1111's SDXL conditioning zeroes the negative half when the negative prompt is empty
+  (force_zero_negative_prompt): the A1111 API's default '' is no negative prompt, not the empty prompt's encoding."""
+  import base64
+  import io
+
+  from fastapi.testclient import TestClient
+
+  from jaxdream.serve.app import create_app, make_server
+
+  _, path, pipe = sdxl_folder
+  server = make_server(path, max_batch=1)
+  try:
+    r = TestClient(create_app(server)).post(
+      '/sdapi/v1/txt2img',
+      json={
+        'prompt': PROMPTS[0],
+        'seed': 3,
+        'steps': 2,
+        'cfg_scale': 5,
+        'width': 32,
+        'height': 32,
+        'sampler_name': 'Euler',
+      },
+    )
+  finally:
+    server.queue.close()
+  assert r.status_code == 200, r.text
+  served = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()['images'][0]))), np.int32)
+  kw = dict(num_inference_steps=2, guidance_scale=5.0, seed=3, height=32, width=32, scheduler='euler')
+  zeroed = txt2img(pipe, PROMPTS[:1], negative_prompts=None, prompt_syntax='a1111', **kw)[0]
+  empty = txt2img(pipe, PROMPTS[:1], negative_prompts=[''], prompt_syntax='a1111', **kw)[0]
+  assert np.abs(served - zeroed).max() <= 1 < np.abs(served - empty).max()
 
 
 def test_refiner_img2img_with_aesthetic_scores_matches_diffusers(refiner_folder, monkeypatch):

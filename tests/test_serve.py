@@ -312,6 +312,7 @@ def test_bad_requests_are_refused_naming_the_field(served):
   refused(413, 'body', {'prompt': 'x' * (2**20 + 10)})
   assert 'at most 8' in refused(422, 'prompt', {'prompt': 'a dog, ' * 400})['detail']  # 9 chunks of 75 tokens
   assert 'characters' in refused(422, 'negative_prompt', {'negative_prompt': 'x' * 20000})['detail']
+  assert 'overflow' in refused(422, 'prompt', {'prompt': '(' * 1000 + 'a' + ')' * 1000})['detail']
   for headers in ({}, basic(AUTH[0], 'wrong'), basic('bob', AUTH[1]), {'Authorization': 'Basic !!'}):
     r = TestClient(client.app).post('/sdapi/v1/txt2img', json=SMALL, headers=headers)
     assert r.status_code == 401 and r.headers['www-authenticate'].startswith('Basic')

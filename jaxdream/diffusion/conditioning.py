@@ -14,46 +14,18 @@ original_size); they join `extra`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 
-def encode_prompt(models: dict, ids: dict, clip_skip: int = 0, weights: dict | None = None) -> tuple[jax.Array, dict]:
+def encode_prompt(models: dict, ids: dict, clip_skip: int = 0, emphasis=None) -> tuple[jax.Array, dict]:
   """Stable Diffusion 1.x/2.x: the text encoder's last hidden state (with `clip_skip`, the output of the layer
   that many before the last, through the final layer norm, as diffusers' clip_skip); no extra UNet inputs.
-  `weights`: per-token emphasis per text encoder (A1111 prompts: `emphasize`)."""
+  `emphasis`: A1111 prompts' per-token weights (an `Emphasis`), applied to the encoder's states."""
   hidden = models['text_encoder'](ids['text_encoder'], clip_skip=clip_skip)
-  return (hidden if weights is None else emphasize(hidden, weights['text_encoder'])), {}
-
-
-def emphasize(hidden: jax.Array, weights: jax.Array) -> jax.Array:
-  """A1111's 'Original' emphasis: each token's vector (B, L, D) times its weight (B, L), then the whole rescaled
-  so that its mean over (L, D) is what it was, per prompt."""
-  z = hidden.astype(jnp.float32)
-  before = z.mean(axis=(1, 2), keepdims=True)
-  z = z * weights[..., None].astype(jnp.float32)
-  return (z * (before / z.mean(axis=(1, 2), keepdims=True))).astype(hidden.dtype)
-
-
-def encode_chunks(encode_prompt, models: dict, ids: dict, counts, weights: dict | None = None, **kwargs):
-  """`encode_prompt` over chunked token ids {encoder: (B, K, L)} (io.prompt_syntax): each chunk encoded on its own
-  and the contexts concatenated on the token axis (B, K * L, D); a prompt of counts[b] < K chunks continues with its
-  last token's vector, as A1111 stacks conditionings of different lengths. The other outputs (SDXL's pooled
-  embedding) are the first chunk's, as A1111's."""
-  k = next(iter(ids.values())).shape[1]
-  contexts, first = [], None
-  for i in range(k):
-    if weights is not None:
-      kwargs['weights'] = {name: w[:, i] for name, w in weights.items()}
-    context, extra = encode_prompt(models, {name: v[:, i] for name, v in ids.items()}, **kwargs)
-    contexts.append(context)
-    first = extra if first is None else first
-  context = jnp.concatenate(contexts, axis=1)
-  if k > 1:
-    length = context.shape[1] // k
-    last = jnp.take_along_axis(context, (counts * length - 1)[:, None, None], axis=1)
-    context = jnp.where(jnp.arange(context.shape[1])[None, :, None] < (counts * length)[:, None, None], context, last)
-  return context, first
+  return (hidden if emphasis is None else emphasis(hidden, 'text_encoder')), {}
 
 
 def tokenizer_folder(encoder: str) -> str:
@@ -67,3 +39,57 @@ def no_micro_conditioning(height: int, width: int, *, negative: bool = False, **
   if settings:
     raise ValueError(f'this model takes no micro-conditioning (SDXL does): got {", ".join(sorted(settings))}')
   return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Emphasis:
+  """A1111 prompts' per-token weights {text encoder: (R, L)} for R rows of token ids, and which rows share their
+  rescaling: the webui encodes all texts of one prompt's schedule (prompt editing) in one batch and keeps the mean
+  of that batch, so rows of equal `groups` pool their sums; rows with `counted` False (padding) are left out."""
+
+  weights: dict
+  groups: jax.Array | None = None  # (R,) int
+  counted: jax.Array | None = None  # (R,) bool
+
+  def __call__(self, hidden: jax.Array, encoder: str) -> jax.Array:
+    return emphasize(hidden, self.weights[encoder], self.groups, self.counted)
+
+  def chunk(self, i: int) -> Emphasis:
+    """The weights of chunk i of chunked ids (R, K, L)."""
+    return dataclasses.replace(self, weights={name: w[:, i] for name, w in self.weights.items()})
+
+
+def emphasize(hidden: jax.Array, weights: jax.Array, groups=None, counted=None) -> jax.Array:
+  """A1111's 'Original' emphasis: each token's vector (R, L, D) times its weight (R, L), then rescaled so that its
+  mean over (L, D) is what it was: per row, or over the counted rows of each group."""
+  z = hidden.astype(jnp.float32)
+  weighted = z * weights[..., None].astype(jnp.float32)
+  if groups is None:
+    ratio = z.mean(axis=(1, 2)) / weighted.mean(axis=(1, 2))
+  else:
+    keep = counted.astype(jnp.float32)
+    n = groups.shape[0]
+    before = jax.ops.segment_sum(z.sum(axis=(1, 2)) * keep, groups, n)
+    ratio = (before / jax.ops.segment_sum(weighted.sum(axis=(1, 2)) * keep, groups, n))[groups]
+  return (weighted * ratio[:, None, None]).astype(hidden.dtype)
+
+
+def encode_chunks(encode_prompt, models: dict, ids: dict, counts, emphasis: Emphasis | None = None, **kwargs):
+  """`encode_prompt` over chunked token ids {encoder: (B, K, L)} (io.prompt_syntax): each chunk encoded on its own
+  and the contexts concatenated on the token axis (B, K * L, D); a prompt of counts[b] < K chunks continues with its
+  last token's vector, as A1111 stacks conditionings of different lengths. The other outputs (SDXL's pooled
+  embedding) are the first chunk's, as A1111's."""
+  k = next(iter(ids.values())).shape[1]
+  contexts, first = [], None
+  for i in range(k):
+    if emphasis is not None:
+      kwargs['emphasis'] = emphasis.chunk(i)
+    context, extra = encode_prompt(models, {name: v[:, i] for name, v in ids.items()}, **kwargs)
+    contexts.append(context)
+    first = extra if first is None else first
+  context = jnp.concatenate(contexts, axis=1)
+  if k > 1:
+    length = context.shape[1] // k
+    last = jnp.take_along_axis(context, (counts * length - 1)[:, None, None], axis=1)
+    context = jnp.where(jnp.arange(context.shape[1])[None, :, None] < (counts * length)[:, None, None], context, last)
+  return context, first

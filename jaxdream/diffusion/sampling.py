@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdream.diffusion import adapters as per_image_adapters
 from jaxdream.diffusion import sdxl
-from jaxdream.diffusion.conditioning import encode_chunks
+from jaxdream.diffusion.conditioning import Emphasis, encode_chunks
 from jaxdream.distributed.mesh import as_auto
 from jaxdream.distributed.multihost import run_together, to_global, to_host
 from jaxdream.distributed.sharding import split_batch
@@ -127,30 +127,35 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
     token,
   ):
     models = {name: nnx.merge(graphdef, params[name]) for name, graphdef in graphdefs.items()}
+    twice = lambda a: jnp.concatenate([a, a]) if mode.cfg else a
     if mode.adapters:  # both halves of a guided image use its adapter, as its merged weights would
-      twice = lambda a: jnp.concatenate([a, a]) if mode.cfg else a
       per_image_adapters.set_per_example(models, adapters, twice(adapter_ids), twice(adapter_scales))
     halves = lambda u, c: jax.tree.map(lambda u, c: jnp.concatenate([u, c]), u, c) if mode.cfg else c
     kwargs = {'clip_skip': mode.clip_skip} if mode.clip_skip else {}  # a pipeline's own encode_prompt may not take it
     ids, weights = halves(uncond_ids, cond_ids), halves(uncond_weights, cond_weights)
     counts, ends = halves(uncond_counts, cond_counts), halves(uncond_ends, cond_ends)
-    # Each prompt segment (A1111 prompt editing: ids (B, segments, chunks, L)) encoded on its own and stacked:
-    # context (segments, B, T, D); the loop picks each image's segment per step.
-    segments = [
-      encode_chunks(
-        encode_prompt,
-        models,
-        {name: v[:, g] for name, v in ids.items()},
-        counts[:, g],
-        None if weights is None else {name: w[:, g] for name, w in weights.items()},
-        **kwargs,
-      )
-      for g in range(ends.shape[1])
-    ]
-    context = jnp.stack([c for c, _ in segments])
-    extra = jax.tree.map(lambda *a: jnp.stack(a), *[e for _, e in segments])
+    # The segments of each image's prompt (A1111 prompt editing: ids (B, segments, chunks, L)) encoded as rows of
+    # one batch, image-major, each image's rescaled together as the webui does: context (segments, B, T, D), from
+    # which the loop picks each image's segment per step. Repeated last segments (padding) are not counted.
+    rows, segs = ends.shape
+    flat = lambda a: a.reshape((rows * segs,) + a.shape[2:])
+    counted = jnp.concatenate([jnp.ones((rows, 1), bool), ends[:, 1:] != ends[:, :-1]], axis=1)
+    emphasis = None
+    if weights is not None:
+      groups = jnp.repeat(jnp.arange(rows), segs)
+      emphasis = Emphasis(jax.tree.map(flat, weights), groups, flat(counted))
+    if mode.adapters and segs > 1:
+      rows_of = lambda a: jnp.repeat(twice(a), segs)
+      per_image_adapters.set_per_example(models, adapters, rows_of(adapter_ids), rows_of(adapter_scales))
+    context, extra = encode_chunks(encode_prompt, models, jax.tree.map(flat, ids), flat(counts), emphasis, **kwargs)
+    unflat = lambda a: jnp.swapaxes(a.reshape((rows, segs) + a.shape[1:]), 0, 1)
+    context, extra = unflat(context), jax.tree.map(unflat, extra)
+    if mode.adapters and segs > 1:  # the UNet's rows again: one per image and half
+      per_image_adapters.set_per_example(models, adapters, twice(adapter_ids), twice(adapter_scales))
     if mode.cfg:  # force_zeros_for_empty_prompt without a negative prompt: the negative half's embeddings are zeros
-      keep = lambda a: a.at[:, : a.shape[1] // 2].multiply(keep_uncond.astype(a.dtype))
+      keep = lambda a: a.at[:, : a.shape[1] // 2].multiply(
+        keep_uncond.reshape((1, -1) + (1,) * (a.ndim - 2)).astype(a.dtype)
+      )
       context, extra = keep(context), jax.tree.map(keep, extra)
     inputs = halves(uncond_inputs, cond_inputs)
     # A negative prompt of another number of chunks than the prompt's: the two halves' UNet calls run apart, each
@@ -362,10 +367,14 @@ def _generate(
   prompts = _expand(prompts, num_images_per_prompt, 'prompts')
   b = len(prompts)
   negatives = (
-    [''] * b if negative_prompts is None else _expand(negative_prompts, num_images_per_prompt, 'negative_prompts')
+    [None] * b if negative_prompts is None else _expand(negative_prompts, num_images_per_prompt, 'negative_prompts')
   )
   if len(negatives) != b:
     raise ValueError(f'{len(negatives)} negative prompts for {b} prompts')
+  # An image without a negative prompt (None) gets zeros for its negative half where the model asks for it
+  # (force_zeros_for_empty_prompt: SDXL), else the empty prompt's encoding.
+  keep_uncond = [n is not None or not pipeline.force_zeros_for_empty_prompt for n in negatives]
+  negatives = ['' if n is None else n for n in negatives]
   f, c = pipeline.vae_scale_factor, pipeline.vae.latent_channels
   given_latents = init_images is not None and _is_latents(init_images, c)
   if given_latents:  # the image size is the latents'
@@ -463,7 +472,7 @@ def _generate(
       uncond_ends=jnp.asarray(uncond[3]),
       cond_inputs=micro(False),
       uncond_inputs=micro(True),
-      keep_uncond=jnp.bool_(not (pipeline.force_zeros_for_empty_prompt and negative_prompts is None)),
+      keep_uncond=jnp.asarray(keep_uncond),
       noise=noise,
       step_keys=image_keys(seeds, _STEPS),
       adapter_ids=ids,
@@ -599,6 +608,7 @@ _PER_IMAGE = (
   'uncond_counts',
   'cond_ends',
   'uncond_ends',
+  'keep_uncond',
   'cond_inputs',
   'uncond_inputs',
   'noise',
@@ -654,6 +664,8 @@ def txt2img(
   """Images for prompts, uint8 (B, H, W, 3), B = len(prompts) * num_images_per_prompt.
 
   scheduler: a name from jaxdream.schedulers.SCHEDULER_NAMES, or None for the model folder's own.
+  negative_prompts: one per prompt, or one for all; None (for all, or as an entry): no negative prompt, whose half
+    of guidance is zeros where the model asks for it (force_zeros_for_empty_prompt: SDXL), as in diffusers.
   seed: an int (image b gets seed + b) or one seed per image.
   guidance_scale: one for all images, or one per prompt (a server batches requests with different ones);
     guidance runs for every image when any scale is > 1.

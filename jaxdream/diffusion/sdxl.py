@@ -12,8 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdream.diffusion.conditioning import emphasize
-
 PIPELINE_CLASSES = ('StableDiffusionXLPipeline', 'StableDiffusionXLImg2ImgPipeline', 'StableDiffusionXLInpaintPipeline')
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # diffusers' defaults
 
@@ -23,15 +21,15 @@ def _encoder_order(name: str) -> int:
   return int(name.removeprefix('text_encoder').removeprefix('_') or 1)
 
 
-def encode_prompt(models: dict, ids: dict, clip_skip: int = 0, weights: dict | None = None) -> tuple[jax.Array, dict]:
+def encode_prompt(models: dict, ids: dict, clip_skip: int = 0, emphasis=None) -> tuple[jax.Array, dict]:
   """(context (B, L, sum of hidden sizes), {'text_embeds': (B, projection_dim)}) from token ids per text encoder:
   each encoder's penultimate hidden state (`clip_skip` layers earlier: diffusers' hidden_states[-(clip_skip + 2)]).
-  `weights`: per-token emphasis per text encoder (A1111 prompts), applied to each encoder's states on their own."""
+  `emphasis`: A1111 prompts' per-token weights (conditioning.Emphasis), applied to each encoder's states on its own."""
   names = sorted(ids, key=_encoder_order)
   outs = [models[name].forward(ids[name]) for name in names]
   states = [out['hidden_states'][-(clip_skip + 2)] for out in outs]
-  if weights is not None:
-    states = [emphasize(h, weights[name]) for h, name in zip(states, names)]
+  if emphasis is not None:
+    states = [emphasis(h, name) for h, name in zip(states, names)]
   context = jnp.concatenate(states, axis=-1)
   if 'text_embeds' not in outs[-1]:
     raise ValueError('SDXL needs a CLIPTextModelWithProjection as its last text encoder (the pooled prompt embedding)')

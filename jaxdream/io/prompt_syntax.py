@@ -164,10 +164,15 @@ def chunk_prompt(tokenizer, text: str, *, comma_backtrack: int = COMMA_BACKTRACK
   if tokens or not chunks:
     next_chunk()
   ids = np.asarray([c[0] for c in chunks], np.int32)
+  weights = np.asarray([c[1] for c in chunks], np.float32)
+  if not np.isfinite(weights).all():  # nested brackets or a huge weight past float32: NaN conditioning, black images
+    raise ValueError(
+      f'the emphasis weights of the prompt overflow (brackets nested too deep or a weight too large): {text[:80]!r}'
+    )
   if pad != eos:  # everything after a chunk's first EOS is padding
     after = np.cumsum(ids == eos, axis=1) - (ids == eos) > 0
     ids = np.where(after, pad, ids)
-  return ids, np.asarray([c[1] for c in chunks], np.float32)
+  return ids, weights
 
 
 def empty_chunk(tokenizer) -> tuple[np.ndarray, np.ndarray]:
@@ -197,7 +202,7 @@ def tokenize_chunks(tokenizer, prompts: list[str], num_chunks: int = 0) -> tuple
 # top level, but makes the group around it fail; a '|' outside an alternation, or a backslash ending the prompt,
 # leaves the whole prompt as written (as stable-diffusion-webui's grammar does).
 _NUMBER = re.compile(r'\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*\]')
-_MAX_DEPTH = 64  # nested groups; deeper prompts are left as written
+_MAX_DEPTH = 200  # nested groups; deeper prompts are left as written (the webui's parser fails on them)
 
 
 class _Unparsed(Exception):
@@ -357,7 +362,8 @@ def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
       ends.update(range(1, steps + 1))
       continue
     value = float(node.when)
-    node.step = min(steps, int(value * steps if '.' in node.when else value))
+    value = value * steps if '.' in node.when else value
+    node.step = int(min(float(steps), max(-1.0, value)))  # '1e999' is infinite: past the last step
     if node.step >= 1:
       ends.add(node.step)
   return [(end, _render(items, end)) for end in sorted(ends)]

@@ -205,7 +205,10 @@ def _prompt_chunks(pipe, field: str, prompt: str, steps: int, lim: Limits) -> in
   """The number of 75-token chunks of an A1111 prompt (its longest prompt-editing text), within the limits."""
   if len(prompt) > lim.max_prompt_chars:
     raise ApiError(422, field, f'{field}: {len(prompt)} characters; at most {lim.max_prompt_chars}')
-  segments, chunks = prompt_chunks(pipe, prompt, steps)
+  try:
+    segments, chunks = prompt_chunks(pipe, prompt, steps)
+  except ValueError as e:  # e.g. emphasis weights past float32
+    raise ApiError(422, field, f'{field}: {e}') from None
   if chunks > lim.max_prompt_chunks:
     raise ApiError(422, field, f'{field}: {chunks} chunks of 75 tokens; at most {lim.max_prompt_chunks}')
   if segments * chunks > lim.max_prompt_encodings:

@@ -327,7 +327,8 @@ class Engine:
     with self._lock:
       pipe = self.pipeline(key.model)
       kw = dict(
-        negative_prompts=[t.negative_prompt for t in padded],
+        # A1111 zeroes an empty negative prompt's half for SDXL (force_zero_negative_prompt); None asks for that
+        negative_prompts=[t.negative_prompt or None for t in padded],
         num_inference_steps=key.steps,
         guidance_scale=[t.guidance for t in padded],
         scheduler=key.sampler,
