@@ -104,6 +104,30 @@ def test_each_image_is_its_prompt_alone_with_its_adapter_merged_at_its_weight(se
   assert min(base_same_seed) > 1e-2, base_same_seed
 
 
+def test_a1111_prompts_with_editing_and_a_longer_negative_keep_each_images_adapter(setup):
+  """Prompt editing encodes each image's texts as extra text-encoder rows, and a negative prompt of more chunks
+  runs the two halves of guidance as separate UNet calls: each row still gets its image's adapter."""
+  prompts, ids, scales, seeds = ['a photo of a [dog:(red fox:1.2):0.5]', 'a castle'], [0, 1], [1.0, 0.6], [3, 4]
+  negative = 'blurry, ' * 40  # 2 chunks, the prompts 1
+  kw = dict(KW, prompt_syntax='a1111')
+  refs = []
+  for prompt, i, scale, seed in zip(prompts, ids, scales, seeds):
+    comps = {c: nnx.clone(m) for c, m in setup['adapters'][i].items()}
+    for m in comps.values():
+      merge_lora_layers(m, weight=scale)
+    ref_pipe = _with(setup['base'], comps, setup['base'].compiled)
+    refs.append(
+      txt2img(ref_pipe, [prompt], negative_prompts=[negative], output_type='latent', **dict(kw, seed=[seed]))[0]
+    )
+  pipe = _with(setup['base'], {c: setup['pipe'].components[c] for c in ('unet', 'text_encoder')})
+  latents = txt2img(
+    pipe, prompts, negative_prompts=[negative] * 2, adapters=setup['stacked'], adapter_ids=ids, adapter_scales=scales,
+    output_type='latent', **dict(kw, seed=seeds),
+  )  # fmt: skip
+  errors = [_rel_err(latents[b], refs[b]) for b in range(2)]
+  assert max(errors) <= 1e-5, errors
+
+
 def test_images_are_within_2_of_255_of_the_merged_models(setup):
   from conftest import jit_call
 

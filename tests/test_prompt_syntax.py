@@ -70,6 +70,21 @@ def test_prompt_editing_gives_a1111s_documented_schedules(text, expected):
   assert prompt_schedule(text, 10) == expected
 
 
+def test_emphasis_of_weight_one_is_exact_even_for_a_zero_mean_encoding():
+  from jaxdream.diffusion.conditioning import emphasize
+
+  rng = np.random.default_rng(0)
+  z = rng.standard_normal((3, 77, 16)).astype(np.float32)
+  z -= z.mean(axis=(1, 2), keepdims=True)  # a final layer norm's output can average 1e-8: 0/0-like ratios
+  ones = np.ones((3, 77), np.float32)
+  np.testing.assert_array_equal(emphasize(z, ones), z)
+  np.testing.assert_array_equal(emphasize(z, ones, np.array([0, 0, 1]), np.array([True, False, True])), z)
+  w = ones.copy()
+  w[0, 5] = 1.5
+  out = np.asarray(emphasize(z + 1, w))  # a nonzero mean: kept, as the webui's rescaling keeps it
+  assert np.isfinite(out).all() and out[0].mean() == pytest.approx((z[0] + 1).mean(), rel=1e-5)
+
+
 def test_prompt_edge_cases_neither_crash_nor_overflow():
   assert prompt_schedule('a [cat:dog:1e999]', 10) == [(10, 'a cat')]  # an infinite step: past the last one
   assert prompt_schedule('a [cat:dog:-1e999]', 10) == [(10, 'a dog')]

@@ -63,15 +63,18 @@ def emphasize(hidden: jax.Array, weights: jax.Array, groups=None, counted=None) 
   """A1111's 'Original' emphasis: each token's vector (R, L, D) times its weight (R, L), then rescaled so that its
   mean over (L, D) is what it was: per row, or over the counted rows of each group."""
   z = hidden.astype(jnp.float32)
-  weighted = z * weights[..., None].astype(jnp.float32)
-  if groups is None:
-    ratio = z.mean(axis=(1, 2)) / weighted.mean(axis=(1, 2))
-  else:
-    keep = counted.astype(jnp.float32)
-    n = groups.shape[0]
-    before = jax.ops.segment_sum(z.sum(axis=(1, 2)) * keep, groups, n)
-    ratio = (before / jax.ops.segment_sum(weighted.sum(axis=(1, 2)) * keep, groups, n))[groups]
-  return (weighted * ratio[:, None, None]).astype(hidden.dtype)
+  w = weights[..., None].astype(jnp.float32)
+  rows = z.shape[0]
+  groups = jnp.arange(rows) if groups is None else groups
+  keep = jnp.ones((rows,), jnp.float32) if counted is None else counted.astype(jnp.float32)
+  # The sum after weighting as the sum before plus what the weights add: with every weight 1 the two are equal
+  # exactly and the ratio is 1, however close to zero the mean is (an encoder's final layer norm can put it at
+  # 1e-8, where two separately rounded sums would give any ratio, even NaN).
+  before = jax.ops.segment_sum(z.sum(axis=(1, 2)) * keep, groups, rows)
+  added = jax.ops.segment_sum((z * (w - 1.0)).sum(axis=(1, 2)) * keep, groups, rows)
+  after = before + added
+  ratio = jnp.where((added == 0) | (after == 0), 1.0, before / jnp.where(after == 0, 1.0, after))[groups]
+  return (z * w * ratio[:, None, None]).astype(hidden.dtype)
 
 
 def encode_chunks(encode_prompt, models: dict, ids: dict, counts, emphasis: Emphasis | None = None, **kwargs):
