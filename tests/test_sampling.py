@@ -98,6 +98,42 @@ def test_txt2img_matches_diffusers_latents_from_the_same_noise(pipes, name, pred
   )
 
 
+def test_denoised_previews_are_the_prompts_clean_latents_of_each_diffusers_step(pipes):
+  """progress_latents='denoised' (A1111's live preview, and what an interrupted server run decodes): at each step
+  the clean latents the prompt's half of the UNet output predicts, before guidance (here Euler: sample - sigma *
+  eps_cond), from diffusers' own trajectory with the same noise."""
+  ref_pipe, pipe = pipes
+  pipe = _with_scheduler(ref_pipe, pipe, 'euler', 'epsilon')
+  latents = np.asarray(image_noise([11, 12], (16, 16, 4)))
+  kw = dict(negative_prompts=NEGATIVES, num_inference_steps=4, guidance_scale=7.5, scheduler='euler', latents=latents)
+  shown = {}
+  txt2img(pipe, PROMPTS, progress=lambda i, x: shown.setdefault(i, x), progress_latents='denoised', **kw)
+  outputs, samples = [], []
+  hook = ref_pipe.unet.register_forward_hook(lambda module, args, out: outputs.append(out[0].detach().clone()))
+  step = ref_pipe.scheduler.step
+  ref_pipe.scheduler.step = lambda out, t, sample, **k: samples.append(sample.clone()) or step(out, t, sample, **k)
+  try:
+    with torch.no_grad():
+      ref_pipe(
+        PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=4, guidance_scale=7.5, latents=_nchw(latents),
+        output_type='latent',
+      )
+  finally:
+    hook.remove()
+    del ref_pipe.scheduler.step
+  from conftest import nhwc, rel_err
+
+  assert sorted(shown) == [0, 1, 2, 3]
+  for i in range(4):
+    cond = outputs[i].chunk(2)[1]  # diffusers batches [negative, prompt]
+    expected = nhwc(samples[i] - ref_pipe.scheduler.sigmas[i] * cond)
+    assert rel_err(shown[i], expected) <= LATENT_RTOL, (i, rel_err(shown[i], expected))
+    guided = nhwc(samples[i] - ref_pipe.scheduler.sigmas[i] * (outputs[i].chunk(2)[0] + 7.5 * (cond - outputs[i].chunk(2)[0])))
+    assert rel_err(shown[i], guided) > 10 * LATENT_RTOL, 'the preview is the guided estimate'
+  with pytest.raises(ValueError, match='progress_latents'):
+    txt2img(pipe, PROMPTS, progress=print, progress_latents='noisy', **kw)
+
+
 def test_clip_skip_encodes_the_prompt_as_diffusers_clip_skip(pipes):
   ref_pipe, pipe = pipes
   pipe = _with_scheduler(ref_pipe, pipe, 'ddim', 'epsilon')

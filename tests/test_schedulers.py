@@ -459,3 +459,53 @@ def test_denoising_start_and_end_pick_diffusers_sdxl_timesteps_for_every_schedul
   assert checked > 20  # most cases split the schedule in three
   with pytest.raises(ValueError, match=r'must be in \(0, 1\), got 1.0'):
     sch.denoising_start_index(1.0)
+
+
+@pytest.mark.parametrize('prediction_type', ['epsilon', 'v_prediction'])
+@pytest.mark.parametrize('name', ['ddpm', 'ddim', 'euler', 'euler_a', 'lms', 'dpmpp_2m'])
+def test_denoised_is_diffusers_predicted_original_sample(name, prediction_type, patch_randn):
+  """`denoised` (the clean-sample estimate A1111 previews and keeps on interrupt) is what diffusers' step returns as
+  `pred_original_sample` (DPM-Solver: its converted model output) at every step of a trajectory."""
+  n = 7
+  ref, sch = build(name, n, prediction_type=prediction_type)
+  randn = patch_randn(name)
+  rng = np.random.default_rng(3)
+  xt = to_torch(rng.standard_normal(SHAPE).astype(np.float32) * sch.init_noise_sigma)
+  for i, t in enumerate(ref.timesteps):
+    out = 0.5 * ref.scale_model_input(xt, t) + to_torch(rng.standard_normal(SHAPE).astype(np.float32))
+    ours = sch.denoised(jnp.asarray(to_nhwc(xt)), jnp.asarray(to_nhwc(out)), i)
+    randn.noise = step_noise(i)
+    if name == 'dpmpp_2m':
+      if ref.step_index is None:
+        ref._init_step_index(t)
+      expected = ref.convert_model_output(out, sample=xt)
+      xt = ref.step(out, t, xt).prev_sample
+    else:
+      result = ref.step(out, t, xt)
+      expected, xt = result.pred_original_sample, result.prev_sample
+    assert rel_err(ours, to_nhwc(expected)) < 1e-5, f'step {i}: {rel_err(ours, to_nhwc(expected)):.2e}'
+
+
+@pytest.mark.parametrize(
+  'name, prediction_type',
+  [
+    (n, p)
+    for n in CORE_NAMES
+    for p in ('epsilon', 'v_prediction', 'sample')
+    if not (p == 'sample' and n in ('pndm', 'pndm_prk', 'euler_a'))  # as in diffusers: no sample prediction
+  ],
+)
+def test_denoised_recovers_the_clean_sample_from_the_true_model_output(name, prediction_type):
+  """Every scheduler, pndm's Runge-Kutta steps included: a sample noised to step i and the model output that is
+  exactly right for it give back the clean sample."""
+  overrides = {'skip_prk_steps': False} if name == 'pndm_prk' else {}
+  sch = make_scheduler(name.removesuffix('_prk'), {**SD_CONFIG, 'prediction_type': prediction_type}, 9, **overrides)
+  rng = np.random.default_rng(4)
+  x0, eps = (jnp.asarray(rng.standard_normal(SHAPE).astype(np.float32)) for _ in range(2))
+  for i in range(sch.num_steps):
+    x = sch.add_noise(x0, eps, i)
+    a, s = np.asarray(sch._noise_scales)[:, i]
+    c = 1.0 if sch._input_scales is None else float(np.asarray(sch._input_scales)[i])
+    alpha, sigma = a / c, s / c  # of the model's input, x / c = alpha x0 + sigma eps
+    target = {'epsilon': eps, 'v_prediction': alpha * eps - sigma * x0, 'sample': x0}[prediction_type]
+    assert rel_err(sch.denoised(x, target, i), x0) < 1e-5, f'step {i}'

@@ -480,7 +480,8 @@ def test_inpainting_from_a_data_url_image_and_a_base64_mask(served):
 def test_progress_current_image_is_the_running_image_decoded_only_when_asked(served):
   server, client = served
   engine, at_last, go_on, decoded = server.engine, threading.Event(), threading.Event(), []
-  body = {**SMALL, 'prompt': 'a lighthouse', 'seed': 8}
+  # Without guidance, so that after the last step the prompt's clean latents (A1111's preview) are the image's.
+  body = {**SMALL, 'prompt': 'a lighthouse', 'seed': 8, 'cfg_scale': 1}
   expected = pixels(txt2img(client, **body)['images'][0])
 
   def run(key, tasks, progress):  # holds after the last step, its latents reported
@@ -611,13 +612,58 @@ def test_the_queue_batches_compatible_images_in_order_interrupts_skips_and_shuts
     q.close()
 
 
+def test_a_stopped_batch_returns_its_last_reported_latents_finished_and_one_that_reported_none_nothing():
+  started, release = threading.Event(), threading.Event()
+
+  def run(key, tasks, progress):
+    for i in range(200):
+      if i >= 1 and tasks[0].prompt != 'bare':  # from the second step on, the loop reports its latents
+        progress(i, np.full((4, 1, 1, 1), 10 * len(tasks) + i, np.float32))
+      else:
+        progress(i)
+      started.set()
+      release.wait(0.01)
+    return np.zeros((len(tasks), 1, 1, 3), np.uint8)
+
+  def finish(key, tasks, latents):
+    return [np.full((1, 1, 3), latents[j, 0, 0, 0], np.uint8) for j in range(len(tasks))]
+
+  q = BatchQueue(run, max_batch=4, max_requests=8, finish=finish)
+  key = BatchKey('m', 'txt2img', 8, 8, 2, 'euler', True)
+  try:
+    for skip in (False, True):
+      f = q.submit(key, [Task(f'p{i}', '', i, 7.0) for i in range(6)])  # two batches: 4, then 2
+      while q.progress()['state']['sampling_step'] < 3:
+        time.sleep(0.01)
+      assert q.interrupt(skip=skip)
+      images = f.result(10)
+      assert all(im is not None and 40 < im[0, 0, 0] < 240 for im in images[:4])  # the 4-task batch's latents
+      if skip:  # the next batch runs to its end
+        assert [im[0, 0, 0] for im in images[4:]] == [0, 0]
+      else:
+        assert images[4:] == [None, None]
+    started.clear()
+    f = q.submit(key, [Task('bare', '', 0, 7.0)])
+    assert started.wait(10) and q.interrupt()  # a loop that reported no latents: nothing to return
+    assert f.result(10) == [None]
+  finally:
+    release.set()
+    q.close()
+
+
 @contextlib.contextmanager
 def live(served_server, run=None):
   """A real uvicorn on a free loopback port, serving the module's engine through its own queue, without auth."""
   engine = served_server.engine
   metrics = Metrics(MAX_BATCH)
   queue = BatchQueue(
-    run or engine.run, max_batch=MAX_BATCH, max_requests=8, metrics=metrics, num_steps=engine.num_steps
+    run or engine.run,
+    max_batch=MAX_BATCH,
+    max_requests=8,
+    metrics=metrics,
+    num_steps=engine.num_steps,
+    preview=engine.preview,
+    finish=engine.finish,
   )
   server = Server(engine, queue, metrics, LIMITS)
   with socket.socket() as s:
@@ -641,9 +687,12 @@ def live(served_server, run=None):
 def test_a_real_uvicorn_serves_interrupts_and_sigterm_answers_the_queued_requests_503_and_stops(served):
   engine, at_step, go_on = served[0].engine, threading.Event(), threading.Event()
 
+  reported = []
+
   def run(key, tasks, progress):  # the compiled loop's progress callback holds at the first step until told
     def held(i, *latents):
       if key.steps == 2 and tasks[0].prompt == 'hold':
+        reported.append(latents[0])
         at_step.set()
         go_on.wait(60)
       progress(i, *latents)
@@ -653,8 +702,9 @@ def test_a_real_uvicorn_serves_interrupts_and_sigterm_answers_the_queued_request
   with live(served[0], run) as (server, uv, thread, url):
     r = httpx.post(f'{url}/sdapi/v1/txt2img', json={**SMALL, 'prompt': 'a dog', 'seed': 5}, timeout=120)
     assert r.status_code == 200 and len(r.json()['images']) == 1
-    # Interrupt stops the loop between two steps (the callback raises inside the compiled loop): the request
-    # ends without images, its second batch never runs.
+    # Interrupt stops the loop between two steps (the callback raises inside the compiled loop): as in A1111, the
+    # request ends with the running batch's images decoded from the clean latents of its last step; its second
+    # batch never runs.
     held = {}
     body = {**SMALL, 'prompt': 'hold', 'batch_size': MAX_BATCH, 'n_iter': 2}
     t = threading.Thread(
@@ -667,9 +717,12 @@ def test_a_real_uvicorn_serves_interrupts_and_sigterm_answers_the_queued_request
     assert httpx.post(f'{url}/sdapi/v1/interrupt').json() == {'interrupted': True}
     go_on.set()
     t.join(60)
-    assert held['r'].status_code == 200 and held['r'].json()['images'] == []
+    assert held['r'].status_code == 200 and len(held['r'].json()['images']) == MAX_BATCH
     assert json.loads(held['r'].json()['info'])['interrupted'] is True
-    assert server.metrics.images == 1
+    partial = [pixels(im) for im in held['r'].json()['images']]
+    key = BatchKey(engine.current, 'txt2img', 32, 32, 2, 'euler', True)
+    assert np.array_equal(np.stack(partial), engine.finish(key, [None] * MAX_BATCH, reported[0]))
+    assert server.metrics.images == 1 + MAX_BATCH
     server.queue.pause()
     queued = {}
     t = threading.Thread(

@@ -62,7 +62,9 @@ class _Mode:
   blend: bool  # 4-channel inpainting: re-impose the known region after every step
   unet_mask: bool  # 9-channel inpainting UNet: mask and masked-image latents are UNet inputs
   progress: bool
-  progress_latents: bool = False  # the progress callback also gets the current latents (live previews)
+  # what else the progress callback gets: '' nothing, 'latents' the latents after the step, 'denoised' the
+  # prompt's clean-latent estimate of the step (A1111's live preview, and what it keeps when interrupted)
+  progress_latents: str = ''
   latent: bool = False  # return the final latents undecoded (output_type='latent')
   adapters: bool = False  # per-image LoRA adapters (stacked factors, ids and scales are arguments)
   clip_skip: int = 0  # the pipeline's encode_prompt skips this many of the text encoders' last layers
@@ -99,6 +101,7 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
   n = sch.num_steps
   per_image_step = jax.vmap(sch.step, in_axes=(0, 0, None, 0, 0))
   per_image_noise = jax.vmap(sch.add_noise, in_axes=(0, 0, None))
+  per_image_denoised = jax.vmap(sch.denoised, in_axes=(0, 0, None))
 
   def run(
     params,
@@ -199,6 +202,8 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
         if mode.cfg:
           inp, t = jnp.concatenate([inp, inp]), jnp.concatenate([t, t])
         eps = models['unet'](inp, t, ctx, **ext).astype(jnp.float32)
+      if mode.progress_latents == 'denoised':  # A1111: from the prompt's half, before guidance mixes the two
+        preview = per_image_denoised(x, jnp.split(eps, 2)[1] if mode.cfg else eps, i)
       if mode.cfg:
         uncond, cond = jnp.split(eps, 2)
         eps = uncond + guidance.reshape((-1,) + (1,) * (eps.ndim - 1)) * (cond - uncond)
@@ -208,7 +213,8 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
         known = jnp.where(i < end - 1, per_image_noise(image_latents, noise, jnp.minimum(i + 1, n - 1)), image_latents)
         x = (1.0 - mask) * known + mask * x
       if mode.progress_latents:  # the loop is shared by every call: the call's token finds its own callback
-        jax.debug.callback(lambda token, i, x: callbacks(token, int(i), np.array(x)), token, i, x)
+        shown = preview if mode.progress_latents == 'denoised' else x
+        jax.debug.callback(lambda token, i, x: callbacks(token, int(i), np.array(x)), token, i, shown)
       elif mode.progress:
         jax.debug.callback(lambda token, i: callbacks(token, int(i)), token, i)
       return x, state
@@ -438,13 +444,14 @@ def _generate(
     init = 'noise'
   else:
     init = 'image' if denoising_start is None else 'as_is'
+  preview = _preview_kind(progress_latents)
   mode = _Mode(
     cfg=max(guidance) > 1.0,
     init=init,
     blend=inpainting and unet_in == c,
     unet_mask=inpainting and unet_in != c,
     progress=progress is not None,
-    progress_latents=progress is not None and progress_latents,
+    progress_latents=preview if progress is not None else '',
     latent=output_type == 'latent',
     adapters=adapters is not None,
     clip_skip=clip_skip,
@@ -491,6 +498,17 @@ def _generate(
     if progress is not None:
       jax.effects_barrier()  # every step's callback has run before the token is forgotten
   return images
+
+
+def _preview_kind(progress_latents) -> str:
+  """`progress_latents` as the loop's mode: False/None '', True 'latents', or 'latents' / 'denoised'."""
+  if progress_latents in (False, None):
+    return ''
+  if progress_latents is True:
+    return 'latents'
+  if progress_latents in ('latents', 'denoised'):
+    return progress_latents
+  raise ValueError(f"progress_latents must be a bool, 'latents' or 'denoised', got {progress_latents!r}")
 
 
 MASKED_CONTENTS = ('original', 'latent_noise', 'latent_nothing')
@@ -651,7 +669,7 @@ def txt2img(
   eta: float = 0.0,
   mesh=None,
   progress: Callable[[int], None] | None = None,
-  progress_latents: bool = False,
+  progress_latents: bool | str = False,
   output_type: str = 'uint8',
   adapters: dict | None = None,
   adapter_ids=None,
@@ -675,7 +693,9 @@ def txt2img(
   progress: called with the step index after each step (from inside the compiled loop); this call's
     own, even while other threads sample from the same pipeline, and changing it never recompiles.
   progress_latents: progress is called with (step index, the latents after that step: a float32 host copy, NHWC),
-    for live previews (another program: the latents leave the device every step).
+    for live previews (another program: the latents leave the device every step). 'denoised': with the clean
+    latents the step's model output predicts from the prompt's half of guidance instead (A1111's live preview,
+    and what A1111 decodes when a run is interrupted; `Scheduler.denoised`).
   output_type: 'uint8' (images), or 'latent': the final scaled latents, float32 NHWC (B, H/f, W/f, C),
     not decoded, as diffusers' output_type='latent' (NCHW there).
   adapters: LoRA adapters stacked by diffusion.adapters.stack_adapters; `pipeline` must carry LoRA layers
@@ -741,7 +761,7 @@ def img2img(
   eta: float = 0.0,
   mesh=None,
   progress=None,
-  progress_latents: bool = False,
+  progress_latents: bool | str = False,
   adapters: dict | None = None,
   adapter_ids=None,
   adapter_scales=None,
@@ -813,7 +833,7 @@ def inpaint(
   eta: float = 0.0,
   mesh=None,
   progress=None,
-  progress_latents: bool = False,
+  progress_latents: bool | str = False,
   adapters: dict | None = None,
   adapter_ids=None,
   adapter_scales=None,

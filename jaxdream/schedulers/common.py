@@ -190,6 +190,16 @@ class Scheduler:
     """One denoising step from `sample` at step `i`; returns (prev_sample, new_state)."""
     raise NotImplementedError
 
+  def denoised(self, sample, model_output, i):
+    """The clean sample that `model_output` predicts from `sample` at step `i`, in the loop's latent space:
+    diffusers' `pred_original_sample` before clipping, and what A1111 shows as its live preview and keeps when a
+    run is interrupted. The model saw scale_model_input(sample) = (a x0 + s eps) / c."""
+    x, m = sample.astype(compute_dtype(sample)), model_output.astype(compute_dtype(sample))
+    a, s = at(self._noise_scales, (slice(None), i))
+    c = 1.0 if self._input_scales is None else at(self._input_scales, i)
+    x0, _ = predict_x0_eps(self.prediction_type, x / c, m, a / c, s / c)
+    return x0.astype(sample.dtype)
+
   def start_index(self, strength: float) -> int:
     """First step of an img2img run, as diffusers' img2img `get_timesteps` picks it. A strength that leaves no
     step is an error, as in diffusers' pipelines (the image would come back noised, not denoised)."""

@@ -89,6 +89,7 @@ def make_server(
     metrics=metrics,
     num_steps=engine.num_steps,
     preview=engine.preview,
+    finish=engine.finish,
   )
   return Server(engine, queue, metrics, limits or Limits(), dict(users or {}), outdir=outdir)
 

@@ -308,15 +308,30 @@ class Engine:
     return sch.num_steps - (0 if key.strength is None else sch.start_index(key.strength))
 
   def preview(self, key: BatchKey, latents: np.ndarray) -> np.ndarray:
-    """uint8 (H, W, 3) of one image's current latents (A1111's live preview), decoded as the loop decodes its
-    result: by a jitted VAE decode of its own, so a preview never touches the batch's program or pixels."""
+    """uint8 (H, W, 3) of one image's current latents (A1111's live preview)."""
+    return self._decode(key, np.asarray(latents)[None])[0]
+
+  def finish(self, key: BatchKey, tasks: list[Task], latents: np.ndarray) -> list:
+    """The images of a batch stopped part way (interrupt, skip), as A1111 returns them: the clean latents of its
+    last step (the progress callback's, `progress_latents='denoised'`) decoded, inpainted ones pasted back."""
+    return self._finished(self._decode(key, np.asarray(latents)[: len(tasks)]), key, tasks)
+
+  def _decode(self, key: BatchKey, latents: np.ndarray) -> np.ndarray:
+    """uint8 (B, H, W, 3) of latents, decoded as the loop decodes its result: by a jitted VAE decode of its own, so
+    a preview never touches the batch's program or pixels."""
     vae = self.pipeline(key.model).vae
     graphdef, state = nnx.split(vae)
     fn = self.pipeline(key.model).compiled.get(
       ('serve_preview', Structure(graphdef)),
       lambda: jax.jit(lambda state, x: sampling.decode_uint8(nnx.merge(graphdef, state), x)),
     )
-    return np.asarray(fn(state, jnp.asarray(latents, jnp.float32)[None]))[0]
+    return np.asarray(fn(state, jnp.asarray(latents, jnp.float32)))
+
+  @staticmethod
+  def _finished(images, key: BatchKey, tasks: list[Task]) -> list:
+    if key.kind != 'inpaint':
+      return images
+    return [paste_back(im, t.overlay) if t.overlay is not None else im for im, t in zip(images, tasks, strict=True)]
 
   def run(self, key: BatchKey, tasks: list[Task], progress=None) -> np.ndarray:
     """uint8 images (len(tasks), H, W, 3) of one batch of compatible tasks, in one call of the compiled loop;
@@ -336,7 +351,9 @@ class Engine:
         height=key.height,
         width=key.width,
         progress=progress,
-        progress_latents=progress is not None,  # progress(step, latents): /progress's current_image
+        # progress(step, latents): the prompt's clean latents of the step, as A1111's live preview (/progress's
+        # current_image) and what an interrupted batch returns
+        progress_latents='denoised' if progress is not None else False,
         mesh=self.mesh,
         clip_skip=key.clip_skip,
         prompt_syntax='a1111',  # the A1111 API's prompts: emphasis, BREAK, any length
@@ -353,10 +370,7 @@ class Engine:
           images = sampling.inpaint(pipe, prompts, init, masks, strength=key.strength, masked_content=key.fill, **kw)
         else:
           images = sampling.img2img(pipe, prompts, init, strength=key.strength, **kw)
-    images = np.asarray(images)[: len(tasks)]
-    if key.kind != 'inpaint':
-      return images
-    return [paste_back(im, t.overlay) if t.overlay is not None else im for im, t in zip(images, tasks, strict=True)]
+    return self._finished(np.asarray(images)[: len(tasks)], key, tasks)
 
   def _with_adapters(self, base, key: BatchKey, tasks: list[Task]):
     """(pipeline carrying LoRA layers of the key's signature, stacked adapters padded to max_batch, ids, scales)."""

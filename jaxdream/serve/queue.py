@@ -4,7 +4,8 @@ A request is a list of images (batch_size * n_iter) with one BatchKey. The worke
 and every queued image with the same key, in queue order, up to max_batch; a request larger than a batch is
 served over several. The HTTP handlers only submit and await a future: sampling never runs on the event loop.
 Interrupt (A1111's /interrupt) stops the running batch between two steps (the progress callback raises) and
-ends its requests with the images they have; skip stops the running batch only.
+ends its requests with the images they have; skip stops the running batch only. As in A1111, a stopped batch's
+images are the clean latents of its last step decoded (`finish`), not nothing.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class _QuietStop(logging.Filter):
 
 
 logging.getLogger('jax._src.debugging').addFilter(_QuietStop())
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(eq=False)
@@ -62,11 +64,14 @@ class _Unit:
 class BatchQueue:
   """submit(key, tasks) -> a future of the images (None for those interrupted or skipped)."""
 
-  def __init__(self, run, *, max_batch: int = 8, max_requests: int = 64, metrics=None, num_steps=None, preview=None):
+  def __init__(
+    self, run, *, max_batch: int = 8, max_requests: int = 64, metrics=None, num_steps=None, preview=None, finish=None
+  ):
     """run(key, tasks, progress) samples a batch, calling progress(step[, latents]); preview(key, latents) decodes
-    one image's latents for /progress's current_image (None: no previews)."""
+    one image's latents for /progress's current_image (None: no previews); finish(key, tasks, latents) gives a
+    batch stopped part way its images from the last latents reported (None: a stopped batch has no images)."""
     self._run, self.max_batch, self.max_requests = run, max_batch, max_requests
-    self._preview = preview
+    self._preview, self._finish = preview, finish
     self._num_steps = num_steps or (lambda key: key.steps)
     self._metrics = metrics
     self._units: collections.deque[_Unit] = collections.deque()
@@ -78,7 +83,7 @@ class BatchQueue:
     self._progress = dict(step=0, steps=0, started=0.0, batch=0)
     self._batches = 0  # batches started: with the step, what a preview shows
     self._running_key = None
-    # (batch number, step, key, the running batch's first image's latents after that step)
+    # (batch number, step, key, the running batch's latents reported at that step)
     self._latents = None
     self._shown = None  # (batch number, step, base64 PNG): the last preview decoded, for the polls of one step
     self._paused = False
@@ -143,7 +148,7 @@ class BatchQueue:
     batch, step, key, x = latents
     shown = self._shown
     if shown is None or shown[:2] != (batch, step):
-      png = png_bytes(self._preview(key, x))
+      png = png_bytes(self._preview(key, x[0]))
       shown = self._shown = (batch, step, base64.b64encode(png).decode('ascii'))
     return shown[2]
 
@@ -191,7 +196,7 @@ class BatchQueue:
       self._progress['step'] += 1
       stop = self._stop
       if latents is not None:
-        self._latents = (self._batches, self._progress['step'], self._running_key, latents[0])
+        self._latents = (self._batches, self._progress['step'], self._running_key, latents)
     if stop:
       raise _Stop(stop)
 
@@ -203,10 +208,12 @@ class BatchQueue:
       key = batch[0].request.key
       t0 = time.monotonic()
       error = images = None
+      tasks = [u.request.tasks[u.index] for u in batch]
       try:
-        images = self._run(key, [u.request.tasks[u.index] for u in batch], self._step)
+        images = self._run(key, tasks, self._step)
       except Exception as e:  # noqa: BLE001 (a stop raised in the callback arrives wrapped by the runtime)
         error = e
+        images = self._stopped_images(key, tasks)
       with self._cond:
         stop, self._running, self._stop = self._stop, [], None
         if self._metrics:
@@ -225,6 +232,18 @@ class BatchQueue:
         for unit in batch:
           if unit.request.pending == 0 and not unit.request.future.done():
             self._done(unit.request)
+
+  def _stopped_images(self, key, tasks):
+    """A stopped batch's images from the last latents it reported (None: not stopped, or nothing to decode)."""
+    with self._cond:
+      stop, latents = self._stop, self._latents
+    if stop is None or self._finish is None or latents is None or latents[0] != self._batches:
+      return None
+    try:
+      return self._finish(key, tasks, latents[3])
+    except Exception:  # noqa: BLE001 (the stop stands; the batch ends without images, as before)
+      log.exception('decoding the stopped batch failed')
+      return None
 
   def _finish_stopped(self):
     """Interrupted requests: their queued images are dropped and they end with what they have."""
