@@ -115,7 +115,11 @@ def test_denoised_previews_are_the_prompts_clean_latents_of_each_diffusers_step(
   try:
     with torch.no_grad():
       ref_pipe(
-        PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=4, guidance_scale=7.5, latents=_nchw(latents),
+        PROMPTS,
+        negative_prompt=NEGATIVES,
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        latents=_nchw(latents),
         output_type='latent',
       )
   finally:
@@ -128,7 +132,9 @@ def test_denoised_previews_are_the_prompts_clean_latents_of_each_diffusers_step(
     cond = outputs[i].chunk(2)[1]  # diffusers batches [negative, prompt]
     expected = nhwc(samples[i] - ref_pipe.scheduler.sigmas[i] * cond)
     assert rel_err(shown[i], expected) <= LATENT_RTOL, (i, rel_err(shown[i], expected))
-    guided = nhwc(samples[i] - ref_pipe.scheduler.sigmas[i] * (outputs[i].chunk(2)[0] + 7.5 * (cond - outputs[i].chunk(2)[0])))
+    guided = nhwc(
+      samples[i] - ref_pipe.scheduler.sigmas[i] * (outputs[i].chunk(2)[0] + 7.5 * (cond - outputs[i].chunk(2)[0]))
+    )
     assert rel_err(shown[i], guided) > 10 * LATENT_RTOL, 'the preview is the guided estimate'
   with pytest.raises(ValueError, match='progress_latents'):
     txt2img(pipe, PROMPTS, progress=print, progress_latents='noisy', **kw)
