@@ -78,6 +78,19 @@ def test_prompt_lists_follow_the_protocol_live_for_dogs_and_cats(bench):
   assert b.live_prompts[1].format('sks', 'dog') == 'a sks dog wearing a red hat'
 
 
+def test_prompts_are_read_as_the_python_literals_they_are_and_a_byte_order_mark_is_no_name(bench):
+  text = (bench / 'prompts_and_classes.txt').read_text()
+  text = text.replace("'a red {0} {1}'", "'a {0} {1} in a child\\'s room'")  # an escaped quote, as Python writes it
+  assert "child\\'s" in text
+  (bench / 'prompts_and_classes.txt').write_bytes(b'\xef\xbb\xbf' + text.encode())  # saved with a BOM
+  b = read_dreambench(str(bench))
+  assert b.object_prompts[1].format('sks', 'bag') == "a sks bag in a child's room"
+  assert list(b.classes)[0] == 'backpack'
+  (bench / 'prompts_and_classes.txt').write_text(text.replace("'a {0} {1} in the jungle'", "'a {0} \\N{nope} {1}'"))
+  with pytest.raises(ValueError, match=r'prompts_and_classes.txt:\d+: not a Python string literal'):
+    read_dreambench(str(bench))
+
+
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason='the shared DreamBench copy is not next to this checkout')
 def test_the_shared_dreambench_has_30_subjects_9_of_them_live_and_25_prompts_each():
   b = read_dreambench(SHARED)

@@ -269,6 +269,22 @@ def test_bad_input_is_one_clear_line_and_exit_2_before_anything_loads(setup, fir
   assert f"--dino {setup['clip']}: not a ViTModel config: model_type='clip'" in error(argv)
   argv[argv.index('--clip') + 1] = setup['dino']
   assert f'--clip {setup["dino"]}: not a CLIPModel config' in error(argv)
+  # A CLIP folder without tokenizer files (CLIP-T needs them), or with a broken one: named before any work.
+  clip = tmp_path / 'clip'
+  shutil.copytree(setup['clip'], clip)
+  for name in ('vocab.json', 'merges.txt', 'tokenizer.json'):
+    if (clip / name).exists():
+      os.rename(clip / name, tmp_path / name)
+  argv = _argv(setup, tmp_path / 'x')
+  argv[argv.index('--clip') + 1] = str(clip)
+  assert f'--clip {clip}: no tokenizer files' in error(argv)
+  for name in ('vocab.json', 'merges.txt'):
+    shutil.copy(tmp_path / name, clip / name)
+  (clip / 'vocab.json').write_text('{bad')
+  assert f'--clip {clip}: cannot read the tokenizer files' in error(argv)
+  shutil.copy(tmp_path / 'vocab.json', clip / 'vocab.json')
+  (clip / 'preprocessor_config.json').write_text('{bad')
+  assert f'--clip {clip / "preprocessor_config.json"}: not a readable JSON file' in error(argv)
   # LoRAs without a model, a missing adapter file; compare needs two readable score files.
   argv = _argv(setup, tmp_path / 'x', '--loras', str(tmp_path), source=['--images', str(gen)])
   assert '--loras needs --model' in error(argv)

@@ -111,6 +111,22 @@ def test_preprocessing_equals_clip_image_processor_and_torchvision_dino(models, 
     assert got.shape == want.shape == (5, size, size, 3)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
   np.testing.assert_array_equal(dino.transform(images), np.stack([dino_pixels(im, 36) for im in _pil(images)]))
+  # A photo file with an EXIF orientation: CLIP's processor (transformers' load_image) turns it upright, DINO's
+  # loader (torchvision's ImageFolder: Image.open + convert) does not.
+  from PIL import Image, ImageOps
+
+  path = str(tmp_path / 'rotated.jpg')
+  exif = Image.Exif()
+  exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+  Image.fromarray(np.asarray(_pil(real['dog'])[0])[:, 5:]).save(path, exif=exif)
+  with Image.open(path) as im:
+    stored, upright = im.convert('RGB'), ImageOps.exif_transpose(im).convert('RGB')
+  assert stored.size != upright.size
+  np.testing.assert_allclose(
+    dino.transform([path])[0], torchvision_dino(stored, 36).numpy().transpose(1, 2, 0), atol=1e-5
+  )
+  want = processor(images=[upright], return_tensors='np').pixel_values.transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(clip.transform([path]), want, atol=1e-5, rtol=0)
 
 
 def test_embeddings_equal_transformers_clip_and_dino(models, scorers):

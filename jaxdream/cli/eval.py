@@ -78,13 +78,19 @@ def _add_eval_parsers(sub):
 
 
 def _check_folder(flag: str, path: str, cls):
-  """A scoring model folder of the right type, from its config alone."""
-  from jaxdream.models import ConfigError, WeightsError, check_component
+  """A scoring model folder of the right type, from its config alone; CLIP's also with a readable tokenizer (CLIP-T)
+  and image processor config, before anything is generated or embedded."""
+  from jaxdream.io.tokenizer import load_tokenizer
+  from jaxdream.models import CLIPModel, ConfigError, WeightsError, check_component
+  from jaxdream.vlm.processor import read_image_processor_config
 
   if not os.path.isdir(path):
     raise ValueError(f'{flag} {path}: no such folder')
   try:
     check_component(cls, path)
+    if cls is CLIPModel:
+      load_tokenizer(path)
+      read_image_processor_config(path, default={})
   except (ConfigError, WeightsError) as e:
     raise ValueError(f'{flag} {e}') from None
 

@@ -79,4 +79,5 @@ class DinoTransform:
     }
 
   def __call__(self, images) -> np.ndarray:
-    return np.stack([dino_pixels(load_image(im), self.image_size) for im in images])
+    # Files as torchvision's ImageFolder loader reads them: no EXIF rotation (CLIP's processor applies it).
+    return np.stack([dino_pixels(load_image(im, upright=False), self.image_size) for im in images])

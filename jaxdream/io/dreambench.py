@@ -4,6 +4,7 @@ subject) written as `'a {0} {1} in the jungle'.format(unique_token, class_token)
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 import re
@@ -34,8 +35,8 @@ def read_dreambench(folder: str) -> DreamBench:
   if not os.path.isfile(path):
     raise DreamBenchError(f'{folder}: no {PROMPTS_FILE}; expected the DreamBench layout (DATASET/<subject>/*.jpg)')
   classes, lists, section = {}, {'object': [], 'live': []}, None
-  with open(path, encoding='utf-8') as f:
-    for line in f:
+  with open(path, encoding='utf-8-sig') as f:  # -sig: an editor's byte-order mark is not part of the first name
+    for number, line in enumerate(f, 1):
       text = line.strip()
       low = text.lower()
       if low == 'object prompts':
@@ -46,7 +47,13 @@ def read_dreambench(folder: str) -> DreamBench:
         subject, cls = (s.strip() for s in text.split(',', 1))
         classes[subject] = cls
       elif section and (m := _PROMPT.match(text)):
-        lists[section].append(m.group(2))
+        try:  # a Python string literal, as the paper's file is Python: escapes mean what they mean there
+          template = ast.literal_eval(m.group(1) + m.group(2) + m.group(1))
+        except (SyntaxError, ValueError) as e:
+          raise DreamBenchError(
+            f'{path}:{number}: not a Python string literal ({e.msg if isinstance(e, SyntaxError) else e})'
+          ) from None
+        lists[section].append(template)
   missing = [s for s in classes if not os.path.isdir(os.path.join(folder, s))]
   if not classes or not lists['object'] or not lists['live'] or missing:
     raise DreamBenchError(

@@ -86,8 +86,11 @@ def load_tokenizer(folder: str):
   # transformers 5 ignores files passed as vocab_file=...; from_pretrained(folder) reads either form.
   try:
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-  except Exception:  # transformers 4's slow CLIPTokenizer needs vocab.json; the fast one reads tokenizer.json
-    return CLIPTokenizerFast.from_pretrained(folder, local_files_only=True)
+  except Exception:  # noqa: BLE001 (transformers 4's slow CLIPTokenizer needs vocab.json; the fast one reads tokenizer.json)
+    try:
+      return CLIPTokenizerFast.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 (transformers raises bare Exceptions for broken files)
+      raise WeightsError(f'{folder}: cannot read the tokenizer files ({type(e).__name__}: {e})') from None
 
 
 def tokenize(tokenizer, prompts: list[str], max_length: int | None = None) -> np.ndarray:

@@ -95,8 +95,13 @@ def read_image_processor_config(folder: str, default: dict | None = None) -> dic
   for name, key in (('preprocessor_config.json', None), ('processor_config.json', 'image_processor')):
     path = os.path.join(folder, name)
     if os.path.exists(path):
-      with open(path) as f:
-        cfg = json.load(f)
+      try:
+        with open(path, encoding='utf-8') as f:
+          cfg = json.load(f)
+      except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f'{path}: not a readable JSON file ({e})') from None
+      if not isinstance(cfg, dict) or (key and not isinstance(cfg.get(key, cfg), dict)):
+        raise WeightsError(f'{path}: not an image processor config (a JSON object)')
       cfg = cfg.get(key, cfg) if key else cfg
       kind = cfg.get('image_processor_type', 'CLIPImageProcessor')
       if not kind.startswith('CLIPImageProcessor'):
@@ -112,14 +117,15 @@ def read_image_processor_config(folder: str, default: dict | None = None) -> dic
   raise WeightsError(f'{folder}: no preprocessor_config.json or processor_config.json (image preprocessing)')
 
 
-def load_image(image):
+def load_image(image, *, upright: bool = True):
   """A PIL image from a path (as transformers' load_image reads one: turned upright by its EXIF orientation,
-  then RGB, any alpha dropped), a PIL image, or a uint8 array."""
+  then RGB, any alpha dropped; `upright=False`: as stored, as torchvision's ImageFolder loader reads one), a PIL
+  image, or a uint8 array."""
   from PIL import Image, ImageOps
 
   if isinstance(image, (str, os.PathLike)):
     with Image.open(image) as im:
-      return ImageOps.exif_transpose(im).convert('RGB')
+      return (ImageOps.exif_transpose(im) if upright else im).convert('RGB')
   if isinstance(image, Image.Image):
     return image
   a = np.asarray(image)
