@@ -382,6 +382,26 @@ def test_unsupported_options_raise(name, options):
     make_scheduler(name, SD_CONFIG, 10, **options)
 
 
+def test_configs_diffusers_cannot_run_are_clear_errors_before_any_step():
+  # DEIS ending at sigma zero: diffusers' from_config refuses it (and would run it as dpmsolver++ otherwise).
+  deis = {**SD_CONFIG, '_class_name': 'DPMSolverMultistepScheduler', 'algorithm_type': 'deis', 'solver_order': 2}
+  with pytest.raises(ValueError, match="final_sigmas_type 'zero' is not supported for algorithm_type 'deis'"):
+    make_scheduler(None, deis, 10)
+  with pytest.raises(ValueError, match='final_sigmas_type. zero is not supported'):
+    diffusers.DPMSolverMultistepScheduler.from_config(deis)
+  make_scheduler(None, {**deis, 'final_sigmas_type': 'sigma_min'}, 10)
+  # As many steps as training timesteps with 'leading' spacing and offset 1: timestep 1000 of 0..999.
+  for name in ('ddim', 'ddpm', 'pndm'):
+    with pytest.raises(
+      ValueError, match="1000 steps with timestep_spacing 'leading' and steps_offset 1 reach timestep 1000"
+    ):
+      make_scheduler(name, SD_CONFIG, 1000)
+  make_scheduler('ddim', {**SD_CONFIG, 'steps_offset': 0}, 1000)
+  # PNDM's Runge-Kutta start needs three strides and one more step.
+  with pytest.raises(ValueError, match='at least 4 steps, got 3'):
+    make_scheduler('pndm', SD_CONFIG, 3, skip_prk_steps=False)
+
+
 def test_stochastic_step_needs_key():
   sch = make_scheduler('euler_a', SD_CONFIG, 10)
   x = jnp.zeros(SHAPE)

@@ -89,6 +89,11 @@ def scheduler_name_for_config(scheduler_config: dict) -> str:
         f'is supported, got {cfg["algorithm_type"]!r} / {cfg["solver_order"]}; '
         f'pick one of {SCHEDULER_NAMES} by name instead.'
       )
+    if cfg['algorithm_type'] == 'deis' and cfg['final_sigmas_type'] == 'zero':  # diffusers' from_config refuses it
+      raise ValueError(
+        "DPMSolverMultistepScheduler: final_sigmas_type 'zero' is not supported for algorithm_type 'deis' (diffusers "
+        "refuses it too); use 'sigma_min', or pick one of the scheduler names"
+      )
     if cfg['use_karras_sigmas']:
       name = 'dpmpp_2m_karras'
   return name

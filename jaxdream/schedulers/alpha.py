@@ -37,6 +37,15 @@ class _AlphaScheduler(Scheduler):
 
   def _set_timesteps(self, timesteps):
     self.timesteps = np.asarray(timesteps, np.int64)
+    n_train = len(self.alphas_cumprod)
+    if self.timesteps.size and not 0 <= self.timesteps.min() <= self.timesteps.max() < n_train:
+      # e.g. 'leading' spacing with steps_offset 1 and as many steps as training timesteps (diffusers fails at
+      # its first step)
+      raise ValueError(
+        f'{self.num_inference_steps} steps with timestep_spacing {self.config["timestep_spacing"]!r} and '
+        f'steps_offset {self.config["steps_offset"]} reach timestep {int(self.timesteps.max())}, past the '
+        f'{n_train} training timesteps: use fewer steps'
+      )
     a = self.alphas_cumprod[self.timesteps]
     self._noise_scales = np.stack([np.sqrt(a), np.sqrt(1 - a)]).astype(np.float32)
 
@@ -143,6 +152,8 @@ class PNDM(_AlphaScheduler):
     self._stride = n_train // n
     if cfg['skip_prk_steps']:  # the first timestep is visited twice (predictor, then corrector)
       prk, plms = np.zeros(0), np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1]
+    elif n < 4:
+      raise ValueError(f'PNDM with Runge-Kutta steps (skip_prk_steps=False) needs at least 4 steps, got {n}')
     else:  # RK4 over the first 3 strides: each stride as t, t - stride/2 (twice), t - stride
       prk = base[-4:].repeat(2) + np.tile([0, self._stride // 2], 4)
       prk, plms = prk[:-1].repeat(2)[1:-1][::-1], base[:-3][::-1]
