@@ -223,6 +223,26 @@ def test_prompt_syntax_a1111_reads_emphasis_and_plain_keeps_the_brackets(files, 
   assert '(a dog:1.5)' in params(tmp_path / 'weighted', 0)  # the prompt as written, as A1111 records it
 
 
+def test_an_embedding_named_by_its_file_changes_only_prompts_that_name_it(files, tmp_path, capsys):
+  from jaxdream import load_pipeline
+
+  dim = load_pipeline(files['model']).text_encoder.text_model.embeddings.token_embedding.embedding.shape[1]
+  emb = tmp_path / 'shinystyle.safetensors'  # A1111's format: the file's name is the token
+  write_safetensors(str(emb), {'emb_params': np.random.default_rng(0).standard_normal((2, dim)).astype(np.float32)})
+  common = ['--model', files['model'], '--steps', 2, '--seed', 3, '--embedding', emb]
+  for name, prompt in (('named', 'a dog, shinystyle'), ('unnamed', 'a dog')):
+    assert sample(*common, '--prompt', prompt, '--out', tmp_path / name) == 0
+  assert (
+    sample('--model', files['model'], '--steps', 2, '--seed', 3, '--prompt', 'a dog', '--out', tmp_path / 'none') == 0
+  )
+  image = {name: load(tmp_path / name / '00000.png') for name in ('named', 'unnamed', 'none')}
+  np.testing.assert_array_equal(image['unnamed'], image['none'])
+  assert not np.array_equal(image['named'], image['none'])
+  capsys.readouterr()
+  assert sample(*common[:-1], tmp_path / 'nope.safetensors', '--prompt', 'a', '--out', tmp_path / 'x') == 2
+  assert 'nope.safetensors: no such file' in capsys.readouterr().err
+
+
 def test_img2img_takes_the_init_image_size_and_records_denoising_strength(files, tmp_path):
   assert (
     sample(

@@ -28,7 +28,8 @@ from PIL import Image
 
 from jaxdream.cli.main import main
 from jaxdream.cli.serve import make_uvicorn_server
-from jaxdream.diffusion.pipeline import save_pipeline
+from jaxdream.diffusion.pipeline import load_pipeline, save_pipeline
+from jaxdream.io.weights import write_safetensors
 from jaxdream.lora import save_lora
 from jaxdream.nn.adapters import add_lora, lora_layers
 from jaxdream.serve import inpainting
@@ -53,10 +54,16 @@ def served(small_sd_folder, tmp_path_factory):
   os.makedirs(root / 'models')
   os.symlink(model, root / 'models' / 'other')
   os.makedirs(root / 'loras')
+  # Textual inversion embeddings as A1111's embeddings/ folder: one of this model's width, one of another's.
+  os.makedirs(root / 'embeddings')
+  rng = np.random.default_rng(7)
+  write_safetensors(str(root / 'embeddings' / 'ShinyStyle.safetensors'), {'emb_params': rng.standard_normal((2, 32))})
+  write_safetensors(str(root / 'embeddings' / 'wide.safetensors'), {'emb_params': rng.standard_normal((1, 33))})
   server = make_server(
     model,
     models_dir=str(root / 'models'),
     lora_dir=str(root / 'loras'),
+    embeddings_dir=str(root / 'embeddings'),
     max_batch=MAX_BATCH,
     queue_size=3,
     limits=LIMITS,
@@ -174,7 +181,7 @@ def test_routes_answer_in_a1111_shapes_with_a1111_defaults(served):
     ('style', 'style.safetensors'),
     ('subject', 'subject.safetensors'),
   ]
-  assert client.get('/sdapi/v1/sd-vae').json() == [] and client.get('/sdapi/v1/embeddings').json()['loaded'] == {}
+  assert client.get('/sdapi/v1/sd-vae').json() == []
   for path in ('/sdapi/v1/refresh-checkpoints', '/sdapi/v1/refresh-loras'):
     assert client.post(path).status_code == 200
   idle = client.get('/sdapi/v1/progress').json()
@@ -205,7 +212,7 @@ def test_single_file_checkpoints_in_models_dir_are_listed_switched_to_and_report
   models, base = server.engine.models_dir, server.engine.pipeline(server.engine.current)
   first = server.engine.current
   single = os.path.join(models, 'single.safetensors')
-  save_pipeline(base, single, single_file=True)
+  save_pipeline(load_pipeline(base.path), single, single_file=True)  # the model's own weights (no embeddings)
   os.symlink(base.path, os.path.join(models, 'single.config'))  # its configs: a diffusers folder beside it
   with open(os.path.join(models, 'broken.safetensors'), 'wb') as f:
     f.write(b'not a checkpoint')
@@ -475,6 +482,24 @@ def test_inpainting_from_a_data_url_image_and_a_base64_mask(served):
   assert 'Denoising strength: 0.5' in info['infotexts'][0]
   assert r.json()['parameters']['init_images'] is None
   assert pixels(r.json()['images'][0]).shape == (32, 32, 3)
+
+
+def test_embeddings_are_named_by_their_files_as_words_in_any_case_and_other_models_ones_are_skipped(served):
+  server, client = served
+  listed = client.get('/sdapi/v1/embeddings').json()
+  assert listed['loaded'] == {
+    'shinystyle': {'step': None, 'sd_checkpoint': None, 'sd_checkpoint_name': None, 'shape': 32, 'vectors': 2}
+  }
+  assert listed['skipped']['wide']['shape'] == 33
+  pipe = server.engine.pipeline(server.engine.current)
+  ids = {p: list(pipe.tokenize([p])['text_encoder'][0][:6]) for p in ('a ShinyStyle', 'a shinystyle', 'a shinystyles')}
+  n = 49408  # the vocabulary: the embedding's two vectors are the next two tokens
+  assert ids['a ShinyStyle'] == ids['a shinystyle'] and ids['a shinystyle'][2:4] == [n, n + 1]
+  assert n not in ids['a shinystyles']  # another word
+  body = {**SMALL, 'seed': 4, 'cfg_scale': 1}
+  named = pixels(txt2img(client, prompt='a dog, (SHINYSTYLE:1.1)', **body)['images'][0])
+  plain = pixels(txt2img(client, prompt='a dog, ', **body)['images'][0])
+  assert not np.array_equal(named, plain)
 
 
 def test_progress_current_image_is_the_running_image_decoded_only_when_asked(served):

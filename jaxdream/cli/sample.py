@@ -445,6 +445,20 @@ def _run_job(pipe, job: _Job, plan: _Plan, args, progress, refiner=None):
   return sampling.txt2img(pipe, [job.prompt], **kw)
 
 
+def _with_embeddings(pipe, args, refiner: bool = False):
+  """The pipeline knowing each --embedding (a refiner: the SDXL ones, for its one text encoder)."""
+  from jaxdream.diffusion.textual_inversion import SDXL_KEYS, load_textual_inversion, read_embedding
+
+  for spec in args.embedding or []:
+    path, _, token = spec.partition('=')
+    name, tables = read_embedding(path, allow_pickle=args.allow_pickle)
+    if refiner and not SDXL_KEYS.keys() <= tables.keys():
+      continue
+    stem = os.path.splitext(os.path.basename(path))[0]
+    pipe = load_textual_inversion(pipe, path, token or name or stem, allow_pickle=args.allow_pickle)
+  return pipe
+
+
 def _sample(args, session: SampleSession | None = None):
   """Generate images (txt2img, img2img, inpainting, or an XYZ sweep of them) as PNGs with A1111 parameters."""
   import numpy as np
@@ -463,6 +477,7 @@ def _sample(args, session: SampleSession | None = None):
   refiner = plan.refiner and session.pipeline(
     plan.refiner[0], args.allow_pickle, role='refiner', **plan.refiner_options
   )
+  pipe, refiner = _with_embeddings(pipe, args), refiner and _with_embeddings(refiner, args, refiner=True)
   for path in sorted({p for job in plan.jobs for p, _ in job.loras(plan)[1]}):
     check_lora(pipe.components, path)  # a LoRA for another model fails before any output or compile
   os.makedirs(args.out, exist_ok=True)
@@ -645,6 +660,13 @@ def _add_sample_parser(sub):
     '--lora-dir',
     help='folder of LoRA files for A1111 prompt tags: <lora:name:0.8> in the prompt loads DIR/name.safetensors '
     '(or DIR/name/pytorch_lora_weights.safetensors) at scale 0.8; the tag is removed from the prompt text',
+  )
+  s.add_argument(
+    '--embedding',
+    action='append',
+    metavar='FILE[=TOKEN]',
+    help='a textual inversion embedding (diffusers, A1111 or SDXL .safetensors; .pt with --allow-pickle) for the '
+    "prompts to name as TOKEN (default: the token the file names, else the file's name, as A1111); repeatable",
   )
   s.add_argument(
     '--allow-pickle', action='store_true', help='also load pickle (.bin/.ckpt) weights; they can run code when loaded'

@@ -57,6 +57,7 @@ def _serve(args):
       outdir=args.outdir,
       lora_cache=args.lora_cache,
       lora_cache_mb=args.lora_cache_mb,
+      embeddings_dir=args.embeddings_dir,
     )
   except ApiError as e:  # what a request would get as a 4xx is, at start-up, a usage error
     raise ValueError(e.detail) from None
@@ -101,6 +102,11 @@ def _add_serve_parser(sub):
     '(default outputs/serve)',
   )
   s.add_argument('--lora-dir', help='folder of LoRA files for <lora:name:weight> prompt tags')
+  s.add_argument(
+    '--embeddings-dir',
+    help="folder of textual inversion embeddings (.safetensors; .pt with --allow-pickle), as A1111's embeddings/: "
+    'a prompt names one by its file name (a whole word, any case); those of another model are listed as skipped',
+  )
   s.add_argument(
     '--lora-cache',
     type=int,

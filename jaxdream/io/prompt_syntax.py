@@ -26,6 +26,8 @@ import re
 
 import numpy as np
 
+from jaxdream.io.tokenizer import expand_vector_tokens
+
 SYNTAXES = ('plain', 'a1111')
 ROUND, SQUARE = 1.1, 1 / 1.1
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
@@ -130,7 +132,8 @@ def chunk_prompt(tokenizer, text: str, *, comma_backtrack: int = COMMA_BACKTRACK
   bos, eos, pad = _special_ids(tokenizer)
   comma = tokenizer.get_vocab().get(',</w>')
   parsed = parse_prompt_attention(text)
-  pieces = tokenizer([t for t, _ in parsed], truncation=False, add_special_tokens=False, verbose=False)['input_ids']
+  texts = [expand_vector_tokens(tokenizer, t) for t, _ in parsed]  # multi-vector textual inversion tokens
+  pieces = tokenizer(texts, truncation=False, add_special_tokens=False, verbose=False)['input_ids']
   chunks: list[tuple[list[int], list[float]]] = []
   tokens: list[int] = []
   weights: list[float] = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 
 import numpy as np
 
@@ -93,10 +94,30 @@ def load_tokenizer(folder: str):
       raise WeightsError(f'{folder}: cannot read the tokenizer files ({type(e).__name__}: {e})') from None
 
 
+def expand_vector_tokens(tokenizer, prompt: str) -> str:
+  """A prompt with each multi-vector textual inversion token T written out as `T T_1 ... T_{n-1}` (the tokens
+  that hold its other vectors), as diffusers' `maybe_convert_prompt` does (a plain text replacement)."""
+  added = tokenizer.added_tokens_encoder
+  if len(added) <= 2:  # only CLIP's own start and end tokens: nothing to expand
+    return prompt
+  for token in set(tokenizer.tokenize(prompt)):
+    if token in added and f'{token}_1' in added:
+      i, replacement = 1, token
+      while f'{token}_{i}' in added:
+        replacement += f' {token}_{i}'
+        i += 1
+      spec = tokenizer.added_tokens_decoder.get(added[token])
+      if spec is not None and spec.single_word:  # a name read as a word, in any case (A1111's embedding names)
+        flags = re.IGNORECASE if spec.normalized else 0
+        prompt = re.sub(rf'(?<!\w){re.escape(token)}(?!\w)', lambda _: replacement, prompt, flags=flags)
+      else:
+        prompt = prompt.replace(token, replacement)
+  return prompt
+
+
 def tokenize(tokenizer, prompts: list[str], max_length: int | None = None) -> np.ndarray:
   """Token ids (B, max_length) int32, padded and truncated as Stable Diffusion pipelines do."""
   max_length = max_length or tokenizer.model_max_length
-  ids = tokenizer(
-    list(prompts), padding='max_length', max_length=max_length, truncation=True, return_tensors='np'
-  ).input_ids
+  prompts = [expand_vector_tokens(tokenizer, p) for p in prompts]
+  ids = tokenizer(prompts, padding='max_length', max_length=max_length, truncation=True, return_tensors='np').input_ids
   return np.asarray(ids, np.int32)

@@ -67,6 +67,7 @@ def make_server(
   outdir: str = DEFAULT_OUTDIR,
   lora_cache: int = 64,
   lora_cache_mb: float = 1024,
+  embeddings_dir=None,
 ) -> Server:
   if queue_size < 1:
     raise ValueError(f'--queue-size must be at least 1, got {queue_size}')
@@ -80,6 +81,7 @@ def make_server(
     allow_pickle=allow_pickle,
     lora_cache=lora_cache,
     lora_cache_mb=lora_cache_mb,
+    embeddings_dir=embeddings_dir,
   )
   metrics = Metrics(max_batch)
   queue = BatchQueue(
@@ -510,6 +512,10 @@ def create_app(server: Server) -> FastAPI:
   async def scheduler_list():
     return list(samplers.SCHEDULERS)
 
+  @app.get('/sdapi/v1/embeddings')
+  async def embeddings():
+    return server.engine.embeddings()
+
   @app.get('/sdapi/v1/loras')
   async def loras():
     return server.engine.loras()
@@ -520,7 +526,6 @@ def create_app(server: Server) -> FastAPI:
     ('/sdapi/v1/upscalers', []),
     ('/sdapi/v1/latent-upscale-modes', []),
     ('/sdapi/v1/prompt-styles', []),
-    ('/sdapi/v1/embeddings', {'loaded': {}, 'skipped': {}}),
     ('/sdapi/v1/hypernetworks', []),
     ('/sdapi/v1/face-restorers', []),
     ('/sdapi/v1/realesrgan-models', []),

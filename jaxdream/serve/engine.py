@@ -9,8 +9,10 @@ So an image never depends on what it was batched with: its own seed, prompt, gui
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import hashlib
+import logging
 import os
 import threading
 
@@ -23,6 +25,7 @@ from jaxdream.diffusion import sampling
 from jaxdream.diffusion.adapters import combine_adapters, stack_adapters
 from jaxdream.diffusion.pipeline import load_pipeline
 from jaxdream.distributed.mesh import make_mesh
+from jaxdream.io.weights import PICKLE_SUFFIXES
 from jaxdream.lora import apply_lora
 from jaxdream.lora.tags import lora_in_dir, lora_name
 from jaxdream.models import ConfigError, WeightsError
@@ -31,6 +34,8 @@ from jaxdream.runtime import CallbackRegistry, CompileCache, Structure
 from jaxdream.schedulers import make_scheduler
 from jaxdream.serve.inpainting import Overlay, paste_back
 from jaxdream.serve.limits import ApiError
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +92,7 @@ def _stem(name: str) -> str:
 
 class Engine:
   """The models (--model, and --models-dir's diffusers folders and single-file checkpoints), the LoRA files
-  (--lora-dir), one model loaded at a time."""
+  (--lora-dir), the textual inversion embeddings (--embeddings-dir), one model loaded at a time."""
 
   def __init__(
     self,
@@ -101,6 +106,7 @@ class Engine:
     allow_pickle=False,
     lora_cache: int = 64,
     lora_cache_mb: float = 1024,
+    embeddings_dir=None,
   ):
     if max_batch < 1:
       raise ValueError(f'--max-batch must be at least 1, got {max_batch}')
@@ -109,9 +115,16 @@ class Engine:
       raise ValueError(f'--devices {devices}: this machine has {jax.device_count()} device(s)')
     # Each batch split over the devices' 'data' axis (padded to a multiple of them; parameters replicated).
     self.mesh = make_mesh(data=n, devices=jax.devices()[:n]) if n > 1 else None
-    for flag, folder in (('--models-dir', models_dir), ('--lora-dir', lora_dir), ('--config-dir', config_dir)):
+    for flag, folder in (
+      ('--models-dir', models_dir),
+      ('--lora-dir', lora_dir),
+      ('--config-dir', config_dir),
+      ('--embeddings-dir', embeddings_dir),
+    ):
       if folder and not os.path.isdir(folder):
         raise ValueError(f'{flag} {folder}: no such folder')
+    self.embeddings_dir = embeddings_dir
+    self._embeddings = {'loaded': {}, 'skipped': {}}  # GET /sdapi/v1/embeddings, for the loaded model
     self.model_path, self.models_dir, self.lora_dir, self.config_dir = model, models_dir, lora_dir, config_dir
     self._hashes: dict = {}  # (path, size, mtime) -> sha256 of a single file, computed once (A1111 caches it too)
     self.max_batch, self.allow_pickle = max_batch, allow_pickle
@@ -216,9 +229,42 @@ class Engine:
           known = isinstance(e, (WeightsError, ConfigError, OSError, ValueError))
           why = str(e) if known else f'{type(e).__name__}: {e}'
           raise ApiError(422, 'sd_model_checkpoint', f'model {name} ({path}) cannot be loaded: {why}') from None
+        pipe = self._with_embeddings(pipe)
         pipe.compiled, pipe.callbacks = self._compiled, self._callbacks
         self._loaded = (name, pipe)
       return self._loaded[1]
+
+  # -- textual inversion embeddings
+  def embeddings(self) -> dict:
+    """GET /sdapi/v1/embeddings: A1111's {'loaded': {name: facts}, 'skipped': {name: facts}} for the loaded model."""
+    return copy.deepcopy(self._embeddings)  # replaced whole when a model loads: no lock (sampling holds it)
+
+  def _with_embeddings(self, pipe):
+    """The pipeline knowing every embedding of --embeddings-dir that fits it, each by its file name as a word
+    (A1111's embeddings folder); the others are listed as skipped, with why."""
+    from jaxdream.diffusion.textual_inversion import load_textual_inversion, read_embedding
+
+    loaded, skipped = {}, {}
+    folder = self.embeddings_dir
+    names = sorted(os.listdir(folder)) if folder else []
+    suffixes = ('.safetensors', *(PICKLE_SUFFIXES if self.allow_pickle else ()))
+    for file in names:
+      path, stem = os.path.join(folder, file), os.path.splitext(file)[0]
+      if not file.endswith(suffixes) or not os.path.isfile(path) or stem.lower() in loaded:
+        continue
+      facts = {'step': None, 'sd_checkpoint': None, 'sd_checkpoint_name': None, 'shape': None, 'vectors': None}
+      try:
+        _, tables = read_embedding(path, allow_pickle=self.allow_pickle)
+        first = next(iter(tables.values()))
+        facts.update(shape=int(first.shape[1]), vectors=int(first.shape[0]))
+        pipe = load_textual_inversion(pipe, path, stem, allow_pickle=self.allow_pickle, as_word=True)
+      except (WeightsError, ValueError, OSError) as e:  # another model's embedding, a broken file: listed, not fatal
+        skipped[stem] = facts
+        log.warning('embedding %s skipped: %s', path, e)
+        continue
+      loaded[stem.lower()] = facts
+    self._embeddings = {'loaded': loaded, 'skipped': skipped}
+    return pipe
 
   # -- LoRA files
   def loras(self) -> list[dict]:
