@@ -238,6 +238,17 @@ def test_an_embedding_named_by_its_file_changes_only_prompts_that_name_it(files,
   image = {name: load(tmp_path / name / '00000.png') for name in ('named', 'unnamed', 'none')}
   np.testing.assert_array_equal(image['unnamed'], image['none'])
   assert not np.array_equal(image['named'], image['none'])
+  # A session keeps the model with its embeddings while neither changes: its loops compile once.
+  import argparse
+
+  from jaxdream.cli.sample import SampleSession
+
+  session, args = SampleSession(), argparse.Namespace(embedding=[str(emb)], allow_pickle=False)
+  base = session.pipeline(files['model'], False)
+  first = session.with_embeddings(base, args)
+  assert session.with_embeddings(base, args) is first and first is not base
+  os.utime(emb, ns=(1, 1))
+  assert session.with_embeddings(base, args) is not first
   capsys.readouterr()
   assert sample(*common[:-1], tmp_path / 'nope.safetensors', '--prompt', 'a', '--out', tmp_path / 'x') == 2
   assert 'nope.safetensors: no such file' in capsys.readouterr().err

@@ -119,6 +119,7 @@ class SampleSession:
 
   def __init__(self):
     self._loaded = {}  # role -> (model key, pipeline)
+    self._embedded = {}  # role -> ((pipeline id, embedding files), the pipeline with those embeddings)
     self._lock = threading.Lock()
 
   def pipeline(self, path: str, allow_pickle: bool, role: str = 'model', **options):
@@ -137,8 +138,25 @@ class SampleSession:
     with self._lock:
       if self._loaded.get(role, (None,))[0] != key:
         self._loaded.pop(role, None)  # the old one is freed before the new one loads
+        self._embedded.pop(role, None)
         self._loaded[role] = (key, load_pipeline(path, allow_pickle=allow_pickle, **options))
       return self._loaded[role][1]
+
+  def with_embeddings(self, pipe, args, role: str = 'model'):
+    """`pipe` with the run's --embedding files, kept while the model and the files stay the same (so that its
+    loops, compiled for the longer token tables, are reused)."""
+    if not args.embedding:
+      return pipe
+    files = []
+    for spec in args.embedding:
+      path, _, token = spec.partition('=')
+      files.append((os.path.realpath(path), os.stat(path).st_mtime_ns if os.path.isfile(path) else 0, token))
+    key = (id(pipe), tuple(files), args.allow_pickle)
+    with self._lock:
+      if self._embedded.get(role, (None,))[0] != key:
+        self._embedded.pop(role, None)
+        self._embedded[role] = (key, _with_embeddings(pipe, args, refiner=role == 'refiner'))
+      return self._embedded[role][1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -477,7 +495,7 @@ def _sample(args, session: SampleSession | None = None):
   refiner = plan.refiner and session.pipeline(
     plan.refiner[0], args.allow_pickle, role='refiner', **plan.refiner_options
   )
-  pipe, refiner = _with_embeddings(pipe, args), refiner and _with_embeddings(refiner, args, refiner=True)
+  pipe, refiner = session.with_embeddings(pipe, args), refiner and session.with_embeddings(refiner, args, 'refiner')
   for path in sorted({p for job in plan.jobs for p, _ in job.loras(plan)[1]}):
     check_lora(pipe.components, path)  # a LoRA for another model fails before any output or compile
   os.makedirs(args.out, exist_ok=True)
