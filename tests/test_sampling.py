@@ -150,16 +150,25 @@ def test_clip_skip_encodes_the_prompt_as_diffusers_clip_skip(pipes):
   # computation (the hidden state one layer before the last, through the final layer norm), by hand.
   te, tok = ref_pipe.text_encoder, ref_pipe.tokenizer
 
-  def embeds(text):
+  def embeds(text, skip=True):
     ids = tok([text], padding='max_length', max_length=tok.model_max_length, return_tensors='pt').input_ids
     with torch.no_grad():
-      return te.final_layer_norm(te(ids, output_hidden_states=True).hidden_states[-2])
+      out = te(ids, output_hidden_states=True)
+      return te.final_layer_norm(out.hidden_states[-2]) if skip else out.last_hidden_state
 
+  # diffusers skips layers for the prompt only: the negative (here empty) prompt is encoded in full.
   _assert_same_latents(
-    ours, ref_pipe, latents, prompt_embeds=embeds(PROMPTS[0]), negative_prompt_embeds=embeds(''), **kw
+    ours, ref_pipe, latents, prompt_embeds=embeds(PROMPTS[0]), negative_prompt_embeds=embeds('', False), **kw
   )
   plain = txt2img(pipe, PROMPTS[:1], scheduler='ddim', latents=latents, output_type='latent', **kw)
   assert np.abs(ours - plain).max() > 1e-3  # it changes the prompt's encoding
+  # A1111 prompts (the server's CLIP_stop_at_last_layers) skip the layers for the negative prompt too, as A1111.
+  a1111 = txt2img(
+    pipe, PROMPTS[:1], scheduler='ddim', latents=latents, output_type='latent', clip_skip=1, prompt_syntax='a1111', **kw
+  )
+  _assert_same_latents(
+    a1111, ref_pipe, latents, prompt_embeds=embeds(PROMPTS[0]), negative_prompt_embeds=embeds(''), **kw
+  )
   with pytest.raises(ValueError, match='clip_skip'):
     txt2img(pipe, PROMPTS[:1], clip_skip=99, **kw)
 
@@ -210,6 +219,27 @@ def test_an_image_depends_only_on_its_own_seed_and_prompt(pipes):
   assert _max_diff(alone[0], batch[1].astype(np.int32)) <= 1
   other = txt2img(pipe, PROMPTS[1:], num_inference_steps=4, scheduler='euler_a', seed=[10])
   assert _max_diff(other[0], batch[1].astype(np.int32)) > 1
+
+
+def test_a_guidance_at_most_one_is_the_prompt_alone_in_any_batch_and_ddim_eta_is_part_of_the_loop(pipes):
+  """diffusers guides only with a scale > 1: an image at <= 1 is its prompt's prediction alone, also in a batch
+  guided for the others; a non-finite scale is an error. A pipeline that compiled DDIM at one eta samples another
+  eta with that eta's noise (the compile cache told them apart only by config)."""
+  _, pipe = pipes
+  latents = np.asarray(image_noise([3, 4], (16, 16, 4)))
+  kw = dict(num_inference_steps=3, scheduler='ddim', output_type='latent', negative_prompts='blurry')
+  alone = txt2img(pipe, PROMPTS[:1], guidance_scale=0.0, latents=latents[:1], **kw)
+  mixed = txt2img(pipe, PROMPTS, guidance_scale=[0.0, 7.5], latents=latents, **kw)  # one negative for both
+  np.testing.assert_allclose(mixed[0], alone[0], rtol=1e-5, atol=1e-5)
+  for bad in (float('nan'), [float('inf'), 7.5]):
+    with pytest.raises(ValueError, match='guidance scales must be finite'):
+      txt2img(pipe, PROMPTS, guidance_scale=bad, **kw)
+  fresh = dataclasses.replace(pipe)  # its own compile cache
+  eta = {e: txt2img(fresh, PROMPTS[:1], eta=e, latents=latents[:1], **kw) for e in (0.0, 1.0)}
+  assert np.abs(eta[0.0] - eta[1.0]).max() > 1e-2
+  np.testing.assert_array_equal(
+    eta[1.0], txt2img(dataclasses.replace(pipe), PROMPTS[:1], eta=1.0, latents=latents[:1], **kw)
+  )
 
 
 def test_num_images_per_prompt_repeats_prompts_with_their_own_seeds(pipes):
@@ -294,6 +324,27 @@ def _mask():
   m = np.zeros((64, 64), np.uint8)
   m[16:48, 20:52] = 255
   return m
+
+
+def test_init_images_and_masks_in_every_array_form_read_as_their_uint8_and_pil_forms(pipes):
+  """Float images in [0, 1] (diffusers' numpy convention) as their uint8 form; an (H, W, 3) or (H, W, 1) mask array
+  as one mask; a mask array of another size resized as a PIL mask is; wrong counts and ranges are named."""
+  from PIL import Image
+
+  _, pipe = pipes
+  image, mask = _init_image(), _mask()
+  kw = dict(num_inference_steps=2, scheduler='ddim', output_type='latent', seed=[4])
+  as_uint8 = img2img(pipe, PROMPTS[0], image, strength=0.6, **kw)
+  as_float = img2img(pipe, PROMPTS[0], image.astype(np.float32) / 255, strength=0.6, **kw)
+  np.testing.assert_allclose(as_float, as_uint8, rtol=1e-5, atol=1e-5)
+  base = inpaint(pipe, PROMPTS[0], image, mask, **kw)
+  small = mask[::2, ::2]
+  for form in (np.dstack([mask] * 3), mask[..., None], small, Image.fromarray(small)):
+    np.testing.assert_array_equal(inpaint(pipe, PROMPTS[0], image, form, **kw), base)
+  with pytest.raises(ValueError, match='float init images must be in'):
+    img2img(pipe, PROMPTS[0], image.astype(np.float32), **kw)
+  with pytest.raises(ValueError, match='2 masks for 1 images'):
+    inpaint(pipe, PROMPTS[0], image, [mask, mask], **kw)
 
 
 @pytest.mark.parametrize('strength', [1.0, 0.7])

@@ -68,6 +68,7 @@ class _Mode:
   latent: bool = False  # return the final latents undecoded (output_type='latent')
   adapters: bool = False  # per-image LoRA adapters (stacked factors, ids and scales are arguments)
   clip_skip: int = 0  # the pipeline's encode_prompt skips this many of the text encoders' last layers
+  clip_skip_negative: bool = False  # for the negative prompts too (A1111); diffusers skips for the prompts only
   chunks: tuple[int, int] = (1, 1)  # prompt chunks of the negative and the positive prompts (A1111 prompts)
 
 
@@ -151,6 +152,11 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
       rows_of = lambda a: jnp.repeat(twice(a), segs)
       per_image_adapters.set_per_example(models, adapters, rows_of(adapter_ids), rows_of(adapter_scales))
     context, extra = encode_chunks(encode_prompt, models, jax.tree.map(flat, ids), flat(counts), emphasis, **kwargs)
+    if mode.cfg and mode.clip_skip and not mode.clip_skip_negative:  # the negative half (first rows) in full
+      full = encode_chunks(encode_prompt, models, jax.tree.map(flat, ids), flat(counts), emphasis)
+      half = rows // 2 * segs
+      pick = lambda skipped, whole: jnp.concatenate([whole[:half], skipped[half:]])
+      context, extra = pick(context, full[0]), jax.tree.map(pick, extra, full[1])
     unflat = lambda a: jnp.swapaxes(a.reshape((rows, segs) + a.shape[1:]), 0, 1)
     context, extra = unflat(context), jax.tree.map(unflat, extra)
     if mode.adapters and segs > 1:  # the UNet's rows again: one per image and half
@@ -264,17 +270,34 @@ def check_clip_skip(pipeline, clip_skip) -> int:
   return clip_skip
 
 
-def _expand(prompts, num_images_per_prompt, what):
+def _expand(prompts, num_images_per_prompt, what, none_allowed: bool = False):
+  """Prompts repeated per image; with `none_allowed`, entries may be None (negative prompts: none for that image)."""
   if isinstance(prompts, str):
     prompts = [prompts]
+  if not isinstance(prompts, Sequence) or not all(isinstance(p, str) or (none_allowed and p is None) for p in prompts):
+    raise ValueError(f'{what} must be a string or a list of strings, got {prompts!r:.80}')
   prompts = list(prompts)
   if not prompts:
     raise ValueError(f'{what}: give at least one prompt')
   return [p for p in prompts for _ in range(num_images_per_prompt)]
 
 
+def _count(value, what: str, least: int = 1) -> int:
+  """An integer argument (not a bool or a float), at least `least`."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+    raise ValueError(f'{what} must be an integer >= {least}, got {value!r}')
+  return int(value)
+
+
 def _seeds(seed, batch):
-  seeds = [seed + b for b in range(batch)] if isinstance(seed, (int, np.integer)) else list(seed)
+  if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+    seeds = [seed + b for b in range(batch)]
+  elif isinstance(seed, (Sequence, np.ndarray)) and all(
+    isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seed
+  ):
+    seeds = list(seed)
+  else:
+    raise ValueError(f'seed must be an int or one int per image, got {seed!r:.80}')
   if len(seeds) != batch:
     raise ValueError(f'{len(seeds)} seeds for {batch} images: give one seed per image, or one int')
   if not all(0 <= int(s) < 2**32 for s in seeds):  # image b gets seed + b
@@ -284,7 +307,8 @@ def _seeds(seed, batch):
 
 def _check_size(pipeline, height, width):
   dh, dw = pipeline.default_size
-  height, width = height or dh, width or dw
+  height = dh if height is None else _count(height, 'height')
+  width = dw if width is None else _count(width, 'width')
   f = pipeline.vae_scale_factor
   if height % f or width % f:
     raise ValueError(f"height and width must be multiples of {f} (this model's VAE factor), got {height}x{width}")
@@ -299,7 +323,9 @@ def _as_list(items, batch_ndims) -> list:
 
 
 def _to_images(images, height, width) -> np.ndarray:
-  """Images as float32 NHWC in [-1, 1]: uint8 arrays (B,H,W,3), PIL images or paths, resized if needed."""
+  """Images as float32 NHWC in [-1, 1]: uint8 arrays (B,H,W,3) in 0..255, float arrays in [0, 1] (or, with
+  negative values, already in [-1, 1]), as diffusers' image processor reads them, PIL images or paths; resized
+  (Lanczos) if needed."""
   from PIL import Image
 
   out = []
@@ -311,9 +337,29 @@ def _to_images(images, height, width) -> np.ndarray:
         im.convert('RGB').resize((width, height), Image.LANCZOS) if im.size != (width, height) else im.convert('RGB')
       )
     im = np.asarray(im)
-    if im.shape[:2] != (height, width):
-      im = np.asarray(Image.fromarray(im.astype(np.uint8)).resize((width, height), Image.LANCZOS))
-    out.append(im.astype(np.float32) / 127.5 - 1.0)
+    if im.ndim == 2 or (im.ndim == 3 and im.shape[-1] == 1):  # grayscale
+      im = np.repeat(im.reshape(im.shape[:2] + (1,)), 3, -1)
+    if im.ndim != 3 or im.shape[-1] != 3:
+      raise ValueError(f'init images must be RGB (H, W, 3) arrays, PIL images or paths; got an array {im.shape}')
+    if im.dtype == np.uint8:
+      if im.shape[:2] != (height, width):
+        im = np.asarray(Image.fromarray(im).resize((width, height), Image.LANCZOS))
+      x = im.astype(np.float32) / 127.5 - 1.0
+    elif np.issubdtype(im.dtype, np.floating):
+      if not np.isfinite(im).all() or im.max() > 1.0 or im.min() < -1.0:
+        raise ValueError(
+          f'float init images must be in [0, 1] (or [-1, 1]), as diffusers reads them; got values in '
+          f'[{np.nanmin(im):g}, {np.nanmax(im):g}] (pass uint8 for 0..255)'
+        )
+      x = im.astype(np.float32) if im.min() < 0 else im.astype(np.float32) * 2.0 - 1.0
+    else:
+      raise ValueError(f'init images must be uint8 or float arrays, got {im.dtype}')
+    if x.shape[:2] != (height, width):  # a float image: each channel resized in float
+      x = np.stack(
+        [np.asarray(Image.fromarray(c, mode='F').resize((width, height), Image.LANCZOS)) for c in x.transpose(2, 0, 1)],
+        -1,
+      )
+    out.append(x.astype(np.float32))
   return np.stack(out)
 
 
@@ -321,6 +367,8 @@ def _to_masks(masks, height, width) -> np.ndarray:
   """Masks as float32 (B,H,W,1), 1 where to paint: binarised at 0.5 like diffusers' mask processor."""
   from PIL import Image
 
+  if isinstance(masks, np.ndarray) and masks.ndim == 3 and masks.shape[-1] in (1, 3, 4):
+    masks = [masks]  # one (H, W, C) mask (an RGB image as an array), not a batch of H masks
   out = []
   for m in _as_list(masks, (3, 4)):
     if isinstance(m, str):
@@ -329,10 +377,16 @@ def _to_masks(masks, height, width) -> np.ndarray:
       m = m.convert('L')
       m = np.asarray(m.resize((width, height), Image.LANCZOS) if m.size != (width, height) else m)
     m = np.asarray(m, np.float32)
-    if m.ndim == 3:
-      m = m.mean(-1)
+    if m.ndim == 3 and m.shape[-1] in (1, 3, 4):
+      m = m[..., :3].mean(-1)
+    if m.ndim != 2:
+      raise ValueError(f'masks must be (H, W) or (H, W, C) arrays, PIL images or paths; got an array {m.shape}')
+    if not np.isfinite(m).all():
+      raise ValueError('masks must be finite numbers')
     if m.max() > 1.0:
       m = m / 255.0
+    if m.shape != (height, width):  # as an image mask: resized to the images' size
+      m = np.asarray(Image.fromarray(m.astype(np.float32), mode='F').resize((width, height), Image.LANCZOS))
     out.append((m >= 0.5).astype(np.float32)[..., None])
   return np.stack(out)
 
@@ -370,11 +424,18 @@ def _generate(
 ):
   if output_type not in ('uint8', 'latent'):
     raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
+  num_images_per_prompt = _count(num_images_per_prompt, 'num_images_per_prompt')
+  num_inference_steps = _count(num_inference_steps, 'num_inference_steps')
+  if not (np.isfinite(eta) and eta >= 0):
+    raise ValueError(f'eta must be a number >= 0, got {eta}')
   prompts = _expand(prompts, num_images_per_prompt, 'prompts')
   b = len(prompts)
-  negatives = (
-    [None] * b if negative_prompts is None else _expand(negative_prompts, num_images_per_prompt, 'negative_prompts')
-  )
+  if negative_prompts is None:
+    negatives = [None] * b
+  elif isinstance(negative_prompts, str):  # one for all prompts
+    negatives = [negative_prompts] * b
+  else:
+    negatives = _expand(negative_prompts, num_images_per_prompt, 'negative_prompts', none_allowed=True)
   if len(negatives) != b:
     raise ValueError(f'{len(negatives)} negative prompts for {b} prompts')
   # An image without a negative prompt (None) gets zeros for its negative half where the model asks for it
@@ -396,7 +457,11 @@ def _generate(
     raise ValueError(f'strength must be in [0, 1], got {strength}')
   clip_skip = check_clip_skip(pipeline, clip_skip)
   seeds = _seeds(seed, b)
-  guidance = per_image_adapters.per_image(guidance_scale, b, num_images_per_prompt, 'guidance scales')
+  guidance = [
+    float(g) for g in per_image_adapters.per_image(guidance_scale, b, num_images_per_prompt, 'guidance scales')
+  ]
+  if not all(np.isfinite(guidance)):
+    raise ValueError(f'guidance scales must be finite numbers, got {guidance_scale}')
   cond, uncond, chunks = _tokenized(pipeline, prompts, negatives, prompt_syntax, num_inference_steps)
   ids, scales = _adapter_choice(pipeline, adapters, adapter_ids, adapter_scales, b, num_images_per_prompt)
   sch = make_scheduler(scheduler, pipeline.scheduler_config, num_inference_steps, eta=eta)
@@ -425,6 +490,8 @@ def _generate(
       m = _to_masks(masks, height, width)
       if len(m) == 1 and b > 1:
         m = np.repeat(m, b, 0)
+      if len(m) != b:
+        raise ValueError(f'{len(m)} masks for {b} images: give one mask, or one per image')
       # The latent mask: nearest-neighbour downsampling, as torch's interpolate does it.
       mask = jnp.asarray(m[:, ::f, ::f])
       image_latents = _masked_content(image_latents, mask, noise, masked_content)
@@ -455,6 +522,7 @@ def _generate(
     latent=output_type == 'latent',
     adapters=adapters is not None,
     clip_skip=clip_skip,
+    clip_skip_negative=prompt_syntax == 'a1111',
     chunks=chunks,
   )
   if mode.init == 'noise' and init_images is not None:
@@ -484,7 +552,9 @@ def _generate(
       step_keys=image_keys(seeds, _STEPS),
       adapter_ids=ids,
       adapter_scales=scales,
-      guidance=jnp.asarray(guidance, jnp.float32),
+      # diffusers guides only with a scale > 1: an image at <= 1 is its prompt's prediction alone (scale 1), also
+      # in a batch guided for the others
+      guidance=jnp.asarray([max(g, 1.0) for g in guidance], jnp.float32),
       start=jnp.int32(start),
       end=jnp.int32(sch.num_steps if denoising_end is None else sch.denoising_end_index(denoising_end, start)),
       image_latents=jnp.asarray(image_latents),
@@ -707,7 +777,8 @@ def txt2img(
     crops_coords_top_left, target_size (base; sizes (height, width), default the output size), aesthetic_score,
     negative_aesthetic_score (refiner); new values never recompile.
   clip_skip: skip this many of the text encoders' last layers, as diffusers' clip_skip (A1111's
-    CLIP_stop_at_last_layers is clip_skip + 1); each value compiles its own loop.
+    CLIP_stop_at_last_layers is clip_skip + 1): for the prompts only, as diffusers; with prompt_syntax='a1111' for
+    the negative prompts too, as A1111. Each value compiles its own loop.
   prompt_syntax: 'plain' (diffusers': the prompt as written, cut at the tokenizer's 77 tokens) or 'a1111'
     (stable-diffusion-webui's: `(word:1.3)` / `(word)` / `[word]` emphasis, BREAK, prompt editing `[a:b:when]` and
     alternation `[a|b]`, prompts of any length in chunks of 75 tokens: io/prompt_syntax.py). Each number of chunks
@@ -784,6 +855,8 @@ def img2img(
   refiner's half of a hand-off: `refine`): the steps whose timestep is below `(1 - denoising_start) *
   num_train_timesteps` run, from the init latents as they are (not noised; `strength` is ignored). New values never
   recompile."""
+  if init_images is None:
+    raise ValueError('img2img needs init_images (txt2img samples without them)')
   return _generate(
     pipeline,
     prompts,
@@ -853,6 +926,8 @@ def inpaint(
   `adapter_ids`, `adapter_scales`: per-image LoRA adapters, `micro_conditioning`, `denoising_end`,
   `output_type`: as in txt2img; latents as `init_images` (4-channel UNets) and `denoising_start`: as in img2img
   (the known region is then blended from those latents, as diffusers does)."""
+  if init_images is None or masks is None:
+    raise ValueError('inpaint needs init_images and masks (txt2img and img2img sample without them)')
   return _generate(
     pipeline,
     prompts,

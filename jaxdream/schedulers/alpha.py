@@ -108,6 +108,7 @@ class DDIM(_X0Scheduler):
 
   def __init__(self, cfg, num_inference_steps, eta: float = 0.0):
     super().__init__(cfg, num_inference_steps)
+    self.eta = float(eta)  # part of the schedule: the sampler's compile cache tells loops apart by it
     n_train = cfg['num_train_timesteps']
     self._set_timesteps(
       np.round(spaced_timesteps(cfg['timestep_spacing'], n_train, num_inference_steps, cfg['steps_offset']))
