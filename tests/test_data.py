@@ -163,11 +163,24 @@ def test_nan_and_out_of_range_numbers_are_config_problems(tmp_path):
   c.data.flip_p, c.resolution = 2.0, 100_000
   c.train.adam_b1, c.train.adam_eps = 1.5, -1.0
   c.concepts[0].name = 'skipped.json'  # per-subject runs' list of skipped subjects
+  # Settings used only after the steps (validation) or after the model loads (class images): checked up front too.
+  c.train.weight_decay, c.validation.scheduler, c.prior.scheduler = float('inf'), 'eulr', 'ddmi'
+  c.validation.steps, c.prior.batch_size, c.prior.sample_steps = 0, 0, 0
+  c.train.grad_accum_steps, c.train.num_steps = 4, 6  # the last 2 steps would never be applied
+  c.data.min_instance_images = 0
   with pytest.raises(config_lib.RunConfigError) as e:
     config_lib.validate(c)
   for needle in (
-    'train.learning_rate must be a number',
-    'train.max_grad_norm must be a number',
+    'train.learning_rate must be a finite number',
+    'train.max_grad_norm must be a finite number',
+    'train.weight_decay must be a finite number',
+    "validation.scheduler='eulr': choose one of",
+    "prior.scheduler='ddmi'",
+    'validation.steps must be at least 1',
+    'prior.batch_size must be at least 1',
+    'prior.sample_steps must be at least 1',
+    'train.num_steps=6 must be a multiple of train.grad_accum_steps=4',
+    'data.min_instance_images must be at least 1',
     'data.flip_p',
     '100000',
     'train.adam_b1 is a decay rate',
@@ -273,6 +286,72 @@ def test_many_subjects_load_from_a_concepts_file(tmp_path):
   assert len(diffs) == 1 and diffs[0].startswith('data.concepts_file (its concepts)') and 's2' in diffs[0]
   saved.pop(config_lib.CONCEPTS_FILE_KEY)  # a checkpoint from before they were recorded still resumes
   assert not config_lib.config_differences(saved, config_lib.run_defining(c))
+
+
+def test_concepts_file_values_of_the_wrong_type_and_changed_photos_are_named(tmp_path):
+  c = _config(tmp_path, instance_dir=SAMPLE, instance_prompt='a photo of sks dog', class_prompt='', class_dir='')
+  c.concepts = []
+  base = {'instance_dir': str(tmp_path), 'instance_prompt': 'a photo of zq toy', 'identifier': 'zq'}
+  c.data.concepts_file = str(tmp_path / 'concepts.json')
+  for key, value, want in (
+    ('num_class_images', '2', 'int'),
+    ('num_class_images', 2.5, 'int'),
+    ('instance_dir', 5, 'str'),
+    ('identifier', None, 'str'),
+  ):
+    (tmp_path / 'concepts.json').write_text(json.dumps([{**base, key: value}]))
+    with pytest.raises(config_lib.RunConfigError, match=f'concept 0 {key}={value!r} must be a {want}'):
+      config_lib.validate(c)
+  # The photos define the run: one added, or an edited caption, refuses a resume (sizes, not times).
+  (tmp_path / 'concepts.json').write_text(json.dumps([base]))
+  _save(tmp_path / 'a.png', np.zeros((8, 8, 3), np.uint8))
+  saved = config_lib.run_defining(c)
+  os.utime(tmp_path / 'a.png', ns=(1, 1))
+  assert not config_lib.config_differences(saved, config_lib.run_defining(c))
+  _save(tmp_path / 'b.png', np.zeros((8, 8, 3), np.uint8))
+  (diff,) = config_lib.config_differences(saved, config_lib.run_defining(c))
+  assert diff.startswith(config_lib.PHOTOS_KEY) and 'b.png' in diff
+  saved = config_lib.run_defining(c)
+  (tmp_path / 'b.txt').write_text('a caption')
+  assert config_lib.config_differences(saved, config_lib.run_defining(c))
+  saved.pop(config_lib.PHOTOS_KEY)  # a checkpoint from before photos were recorded still resumes
+  assert not config_lib.config_differences(saved, config_lib.run_defining(c))
+
+
+def test_skipped_class_images_are_left_out_and_elongated_and_deep_images_read_right(tmp_path, monkeypatch):
+  from jaxdream.training.inputs import _usable_images
+
+  rng = np.random.default_rng(1)
+  for i in range(2):
+    _save(tmp_path / f'good{i}.png', rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+  data = (tmp_path / 'good0.png').read_bytes()
+  (tmp_path / 'truncated.png').write_bytes(data[: len(data) // 2])
+  _save(tmp_path / 'tiny.png', np.zeros((1, 1, 3), np.uint8))
+  _save(tmp_path / 'strip.png', np.zeros((8, 200, 3), np.uint8))  # 25:1: its shorter side scaled up would be huge
+  c = _config(tmp_path)
+  c.data.min_image_size = 8
+  assert [os.path.basename(p) for p in _usable_images(c, str(tmp_path))] == ['good0.png', 'good1.png']
+  # As class images (data.on_bad_image='skip'): the bad ones are neither used nor counted, the shortfall is made.
+  import jaxdream.diffusion.sampling as sampling
+  from jaxdream.training.class_images import ensure_class_images
+
+  made = []
+  monkeypatch.setattr(
+    sampling,
+    'txt2img',
+    lambda pipe, prompts, **kw: made.append(len(prompts)) or np.zeros((len(prompts), 16, 16, 3), np.uint8),
+  )
+  concept = {'class_dir': str(tmp_path), 'class_prompt': 'a photo of toy', 'num_class_images': 3}
+  kw = dict(seed=0, steps=1, guidance_scale=1.0, scheduler=None, batch_size=4, resolution=16, log=lambda *a: None)
+  paths = ensure_class_images(None, concept, usable=lambda f: _usable_images(c, f), **kw)
+  assert made == [1] and [os.path.basename(p) for p in paths] == ['class_00000.png', 'good0.png', 'good1.png']
+  with pytest.raises(DataError, match='strip.png: 200x8 is more elongated than 16:1'):
+    scan_images(str(tmp_path / 'strip.png'), min_size=8, on_bad='fail')
+  # 16-bit and float images by their mode's range, not their own maximum: a dark 16-bit photo stays dark.
+  dark = np.full((8, 8), 200, np.uint16)
+  assert np.asarray(to_rgb(Image.fromarray(dark))).max() == 1  # 200 / 65535 * 255
+  unit = np.full((8, 8), 0.5, np.float32)
+  assert np.asarray(to_rgb(Image.fromarray(unit, mode='F'))).max() == 128
 
 
 @pytest.fixture(scope='module')

@@ -191,12 +191,19 @@ def test_trained_weights_moved_and_the_vae_did_not(finished, shared):
     assert same != changed, rel
 
 
-def test_resuming_with_a_changed_run_is_refused_with_the_differences(finished, shared):
-  from jaxdream.training.loop import train
+def test_resuming_with_a_changed_run_is_refused_with_the_differences(finished, shared, monkeypatch):
+  import jaxdream.training.loop as loop
 
   workdir = shutil.copytree(finished[0], str(shared['root'] / 'changed'))
+  listed = sorted(os.listdir(workdir))
+
+  def not_loaded(*args):
+    raise AssertionError('the model was loaded before the checkpoint was compared')
+
+  monkeypatch.setattr(loop, '_load_base', not_loaded)  # refused before anything is loaded, generated or written
   with pytest.raises(config_lib.RunConfigError, match=r'train\.learning_rate.*0\.0001.*0\.001'):
-    train(_config(shared, learning_rate=1e-3, num_steps=6), workdir)
+    loop.train(_config(shared, learning_rate=1e-3, num_steps=6), workdir)
+  assert sorted(os.listdir(workdir)) == listed
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(finished, shared, monkeypatch):

@@ -131,17 +131,43 @@ def _restore(mngr, state, iterators, config):
   return state
 
 
-def _restore_step(mngr, step, state, config):
+def check_resumable(workdir: str, config) -> None:
+  """Refuse a workdir whose checkpoint to resume from is of another run, before anything is loaded, generated or
+  written there (the restore checks each step again; an unreadable one is left to it)."""
   import orbax.checkpoint as ocp
 
-  meta = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  diffs = config_lib.config_differences(meta['config'], config_lib.run_defining(config))
+  folder = os.path.join(workdir, 'checkpoints')
+  if config.resume_override or not os.path.isdir(folder):
+    return
+  steps = sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+  step = config.checkpoint.resume_step or (steps[-1] if steps else 0)
+  if step not in steps:
+    return
+  mngr = _checkpointer(workdir, config)
+  try:
+    meta = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  except Exception:  # noqa: BLE001 - unreadable: the restore names it and moves it aside
+    return
+  finally:
+    mngr.close()  # its background threads would outlive the run otherwise
+  _refuse_other_run(meta['config'], config, step)
+
+
+def _refuse_other_run(saved: dict, config, step: int) -> None:
+  diffs = config_lib.config_differences(saved, config_lib.run_defining(config))
   if diffs and not config.resume_override:
     raise config_lib.RunConfigError(
       f'the workdir holds a checkpoint (step {step}) of a different run:\n  - '
       + '\n  - '.join(diffs)
       + '\nUse another --workdir, or pass --config.resume_override=True to continue anyway.'
     )
+
+
+def _restore_step(mngr, step, state, config):
+  import orbax.checkpoint as ocp
+
+  meta = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  _refuse_other_run(meta['config'], config, step)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   return mngr.restore(
     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())

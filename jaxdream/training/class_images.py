@@ -34,8 +34,11 @@ def ensure_class_images(
   resolution: int,
   mesh=None,
   log=print,
+  usable=None,
 ) -> list[str]:
-  """Make sure `class_dir` holds `num_class_images` images of `class_prompt`; returns their paths."""
+  """Make sure `class_dir` holds `num_class_images` images of `class_prompt`; returns their paths. `usable(folder)`
+  lists the folder's images a run can use (default: every image file); the shortfall is generated."""
+  usable = usable or list_images
   from tqdm import tqdm
 
   from jaxdream.diffusion.sampling import txt2img
@@ -52,7 +55,7 @@ def ensure_class_images(
   if os.path.exists(manifest_path):
     with open(manifest_path) as f:
       manifest = json.load(f)
-  existing = list_images(folder) if os.path.isdir(folder) else []
+  existing = usable(folder) if os.path.isdir(folder) else []
   missing = wanted - len(existing)
   if missing <= 0:
     return existing[:wanted]
@@ -89,4 +92,4 @@ def ensure_class_images(
     atomic_write(manifest_path, json.dumps(manifest, indent=2))  # after the images: a listed image always exists
   bar.close()
   multihost.barrier(f'class-images:{folder}')
-  return list_images(folder)[:wanted]
+  return usable(folder)[:wanted]

@@ -19,6 +19,7 @@ import ml_collections
 from jaxdream.diffusion.tiny_model import BUILTIN_MODELS, BUILTIN_TINY, BUILTIN_TINY_BASE  # noqa: F401 (configs import them)
 from jaxdream.nn.attention import IMPLEMENTATIONS
 from jaxdream.nn.remat import REMAT
+from jaxdream.schedulers import SCHEDULER_NAMES
 
 
 class RunConfigError(ValueError):
@@ -407,6 +408,13 @@ def load_concepts(config) -> list[dict]:
         raise RunConfigError(
           f'{config.data.concepts_file}: concept {i} has unknown keys {sorted(unknown)} (known: {sorted(defaults)})'
         )
+      for key, value in item.items():  # the JSON types the config's own concepts have
+        want = type(defaults[key])
+        if not isinstance(value, want) or isinstance(value, bool):
+          raise RunConfigError(
+            f'{config.data.concepts_file}: concept {i} {key}={value!r} must be a {want.__name__} '
+            f'(e.g. {defaults[key]!r})'
+          )
       out.append({**defaults, **item})
   for c in out:
     c['name'] = c['name'] or default_name(c['instance_dir'])
@@ -563,6 +571,9 @@ def validate(config) -> list[dict]:
     'checkpoint.every_steps',
     'checkpoint.keep',
     'logging.every_steps',
+    'validation.steps',
+    'prior.sample_steps',
+    'prior.batch_size',
   ):
     if _get(config, key) < 1:
       problems.append(f'{key} must be at least 1, got {_get(config, key)}')
@@ -586,8 +597,19 @@ def validate(config) -> list[dict]:
     'snr_gamma',
     'warmup_steps',
   ):
-    if not t[key] >= 0:  # NaN too
-      problems.append(f'train.{key} must be a number, not negative, got {t[key]}')
+    if not 0 <= t[key] < float('inf'):  # NaN too
+      problems.append(f'train.{key} must be a finite number, not negative, got {t[key]}')
+  if t.num_steps < t.grad_accum_steps or t.num_steps % t.grad_accum_steps:
+    # optax.MultiSteps updates every grad_accum_steps steps: the rest would compute gradients and never apply them
+    problems.append(
+      f'train.num_steps={t.num_steps} must be a multiple of train.grad_accum_steps={t.grad_accum_steps} (each '
+      'update takes that many steps; the steps after the last whole update would be lost)'
+    )
+  for key in ('validation.scheduler', 'prior.scheduler'):
+    if _get(config, key) and _get(config, key) not in SCHEDULER_NAMES:
+      problems.append(f"{key}={_get(config, key)!r}: choose one of {SCHEDULER_NAMES} ('' for the model's own)")
+  if config.data.min_instance_images < 1:
+    problems.append(f'data.min_instance_images must be at least 1, got {config.data.min_instance_images}')
   for key in ('adam_b1', 'adam_b2'):
     if not 0.0 <= t[key] < 1.0:
       problems.append(f'train.{key} is a decay rate, in [0, 1), got {t[key]}')
@@ -719,16 +741,36 @@ def run_defining(config) -> dict:
     out[key] = node
   if config.data.concepts_file:  # the subjects it lists, not only its path: an edited file is changed data
     out[CONCEPTS_FILE_KEY] = load_concepts(config)[sum(1 for c in config.concepts if c.instance_dir) :]
+  if config.task != 'vae':
+    out[PHOTOS_KEY] = photo_record(load_concepts(config), config.data.caption_ext)
   return out
 
 
 CONCEPTS_FILE_KEY = 'data.concepts_file (its concepts)'
+PHOTOS_KEY = 'instance photos (name, bytes, caption bytes)'
+
+
+def photo_record(concepts, caption_ext: str) -> list[list]:
+  """Each concept's photos as [file name, size, caption sidecar size or -1]: a photo added, removed or replaced,
+  or an edited caption, is changed data (sizes, not times: a copied dataset is the same data)."""
+  from jaxdream.io.images import list_images
+
+  def size(path):
+    return os.path.getsize(path) if os.path.isfile(path) else -1
+
+  out = []
+  for c in concepts:
+    folder = c['instance_dir']
+    files = list_images(folder) if os.path.isdir(folder) else []
+    out.append([[os.path.basename(p), size(p), size(os.path.splitext(p)[0] + caption_ext)] for p in files])
+  return out
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
   keys = set(saved) | set(current)
-  if CONCEPTS_FILE_KEY not in saved:  # a checkpoint from before the file's concepts were recorded
-    keys.discard(CONCEPTS_FILE_KEY)
+  for key in (CONCEPTS_FILE_KEY, PHOTOS_KEY):
+    if key not in saved:  # a checkpoint from before these were recorded
+      keys.discard(key)
   return [
     f'{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r}'
     for k in sorted(keys)

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 from jaxdream.io.images import list_images
 
 MAX_PIXELS = 64 * 1024 * 1024  # larger images are refused as possible decompression bombs
+MAX_ASPECT = 16  # longer side over shorter side: a photo's shorter side is scaled to the resolution
 FORMAT = 2  # the records' features; 2: each image's original size (SDXL's micro-conditioning)
 
 
@@ -34,10 +35,14 @@ def to_rgb(im: Image.Image) -> Image.Image:
   """An RGB image from any PIL mode: EXIF orientation applied, alpha over white, 16-bit scaled."""
   im = ImageOps.exif_transpose(im)
   if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
+    # by the mode's range, not the image's own maximum (a dark 16-bit photo is dark); 32-bit data past 16 bits
+    # has no known range: its maximum is white
     a = np.asarray(im, np.float64)
-    im = Image.fromarray(np.clip(a / (65535.0 if a.max() > 255 else 255.0) * 255, 0, 255).astype(np.uint8))
-  elif im.mode == 'F':
-    im = Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8))
+    top = 65535.0 if im.mode != 'I' or a.max() <= 65535 else a.max()
+    im = Image.fromarray(np.clip(np.round(a / top * 255), 0, 255).astype(np.uint8))
+  elif im.mode == 'F':  # float data: [0, 1] as most writers mean it, else 0..255
+    a = np.nan_to_num(np.asarray(im, np.float64))
+    im = Image.fromarray(np.clip(np.round(a * 255 if a.max() <= 1.0 else a), 0, 255).astype(np.uint8))
   if im.mode == 'P':
     im = im.convert('RGBA')
   if im.mode in ('RGBA', 'LA', 'PA'):
@@ -54,6 +59,8 @@ def check_image(path: str, min_size: int) -> str | None:
       w, h = im.size
       if w * h > MAX_PIXELS:
         return f'{w}x{h} pixels is over the {MAX_PIXELS} limit (possible decompression bomb)'
+      if max(w, h) > MAX_ASPECT * min(w, h):  # its shorter side scaled to the resolution would be huge
+        return f'{w}x{h} is more elongated than {MAX_ASPECT}:1'
       im.verify()
     with Image.open(path) as im:
       im.load()

@@ -5,6 +5,7 @@ and prompt conditioning)."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,8 @@ def _concept_examples(config, i, c) -> tuple[list[dict], list[str]]:
   except DataError as e:
     return [], [str(e)]
   problems = []
+  if config.prior.enabled and os.path.exists(c['class_dir']) and not os.path.isdir(c['class_dir']):
+    problems.append(f'{c["class_dir"]}: class_dir is a file, not a folder (class images are kept there)')
   if len(paths) < d.min_instance_images:
     problems.append(
       f'{c["instance_dir"]}: {len(paths)} usable image(s); at least '
@@ -65,9 +68,18 @@ def _class_examples(config, concepts, pipeline, mesh) -> list[dict]:
       resolution=config.resolution,
       mesh=mesh,
       log=multihost.log,
+      usable=lambda folder: _usable_images(config, folder),
     )
     examples += [{'file': p, 'prompt': c['class_prompt'], 'concept': i} for p in paths]
   return examples
+
+
+def _usable_images(config, folder: str) -> list[str]:
+  """A folder's images that pass the data checks (data.on_bad_image='skip' left the others out: they were named
+  when the folders were checked, before the model loaded)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    return scan_images(folder, min_size=config.data.min_image_size, on_bad='skip')
 
 
 def _load_base(config, workdir):

@@ -19,6 +19,7 @@ from jaxdream.distributed.mesh import make_mesh
 from jaxdream.distributed.sharding import batch_sharding, process_rows
 from jaxdream.io.files import atomic_write
 from jaxdream.training import config as config_lib
+from jaxdream.training.checkpoint import check_resumable
 from jaxdream.training.data import data_source, make_iterator, prepare_dataset
 from jaxdream.training.inputs import (
   _cache_latents,
@@ -68,6 +69,8 @@ def train(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   multihost.check_shared_folder(workdir)
   with workdir_lock(workdir):
+    if not config.lora.per_subject:  # per-subject runs keep a checkpoint folder per group
+      check_resumable(workdir, config)
     if config.lora.per_subject:  # one adapter per concept (validate: only with lora.rank > 0)
       return run_subjects(config, workdir, concepts, instance, skipped)
     return _run(config, workdir, concepts, instance)
