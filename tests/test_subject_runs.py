@@ -118,6 +118,20 @@ def test_a_finished_per_subject_run_resumes_without_training(folders, together):
     np.testing.assert_array_equal(_flat(_weights(workdir, n)), before[n])
 
 
+def test_a_per_subject_run_resumes_on_a_mesh_that_pads_its_group_otherwise(folders, tmp_path, monkeypatch):
+  """Three subjects on two devices train as a group padded to four; the checkpoint keeps the three real rows, so
+  the run goes on on one device (a group of three)."""
+  workdir = str(tmp_path / 'run')
+  c = _config(folders, ['a', 'b', 'c'])
+  c.mesh.data = 2
+  with monkeypatch.context() as mp:
+    mp.setattr(subject_run, 'make_mesh', lambda *sizes: make_mesh(*sizes, devices=jax.devices()[:2]))
+    train(c, workdir)
+  c.mesh.data, c.train.num_steps = 1, 3
+  summary = train(c, workdir)
+  assert {n: [s for s, _ in v] for n, v in summary['losses'].items()} == {n: [3] for n in 'abc'}
+
+
 def test_bad_subjects_fail_the_run_by_default_and_per_subject_keys_need_per_subject(folders, tmp_path):
   c = _config(folders, ['a', 'bad'])
   c.data.on_bad_subject = 'fail'

@@ -222,7 +222,7 @@ def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
       mngr = _checkpointer(os.path.join(workdir, 'groups', _group_folder(group)), config)
       members = [by_name[n] for n in group]
       try:
-        state = _restore(mngr, state, iterators, config)
+        state = _restore_group(mngr, state, iterators, config, len(group), size, shardings[0])
         for step in range(int(state['step'][0]), config.train.num_steps):
           batches = [
             _next_batch(
@@ -254,7 +254,7 @@ def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
               per_subject = {f'{k}/{n}': mi[k] for n, mi in zip(group, m) for k in ('loss', 'grad_norm')}
               writer.scalars(done, learning_rate=lr(done // config.train.grad_accum_steps), **per_subject)
           if done % config.checkpoint.every_steps == 0 or done == config.train.num_steps or stop:
-            _save(mngr, done, state, iterators, config)
+            _save(mngr, done, _real_rows(state, len(group)), iterators, config)  # the padding depends on the mesh
           if (
             config.validation.every_steps
             and done % config.validation.every_steps == 0
@@ -286,3 +286,18 @@ def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
     'skipped': [s['name'] for s in skipped],
     'losses': losses,
   }
+
+
+def _real_rows(state, k: int):
+  """The group's own subjects' rows of a padded stacked state."""
+  return jax.tree.map(lambda a: a[:k], state)
+
+
+def _restore_group(mngr, state, iterators, config, k: int, size: int, sharding):
+  """A group's newest checkpoint (its k subjects' rows; a checkpoint of the padded group, as written before, also
+  restores), padded again to this mesh's group size: a run resumes on a mesh that pads the group otherwise."""
+  try:
+    restored = _restore(mngr, _real_rows(state, k), iterators, config)
+  except config_lib.RunConfigError:
+    restored = _real_rows(_restore(mngr, state, iterators, config), k)
+  return jax.device_put(stack(padded(unstack(restored), size)), sharding)
