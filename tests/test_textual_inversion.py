@@ -58,6 +58,11 @@ def test_sd_embeddings_equal_diffusers_for_multi_vector_tokens_and_the_pipeline_
   # A1111 prompts: the token's vectors are tokens of the chunk, weighted like the words around them.
   a1111, _ = _embeds(ti, ['a photo of (<cat-toy>:1.0) on a table'], 'a1111')
   assert rel_err(a1111[0], want[0]) < 1e-5
+  # A1111 keeps an embedding's vectors in one 75-token chunk: one that would straddle the end starts the next.
+  ids, _, counts = ti.tokenize_chunks(['a ' * 73 + '<cat-toy> dog'], 'a1111')
+  row = ids['text_encoder'][0]
+  assert counts[0] == 2 and 49408 not in row[0] and list(row[1][1:5]) == [49408, 49409, 49410, row[1][4]]
+  assert row[0][74] == row[0][75] == 49407  # the first chunk padded after its 73 words
   # Sampling compiles once more for the longer table; the token changes the image.
   kw = dict(num_inference_steps=2, guidance_scale=1.0, seed=0, height=32, width=32, output_type='latent')
   assert not np.allclose(txt2img(ti, PROMPTS[:1], **kw), txt2img(pipe, PROMPTS[:1], **kw))

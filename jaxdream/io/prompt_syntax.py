@@ -138,6 +138,7 @@ def chunk_prompt(tokenizer, text: str, *, comma_backtrack: int = COMMA_BACKTRACK
   tokens: list[int] = []
   weights: list[float] = []
   last_comma = -1
+  vectors = _embedding_lengths(tokenizer)
 
   def next_chunk():
     nonlocal tokens, weights, last_comma
@@ -149,7 +150,9 @@ def chunk_prompt(tokenizer, text: str, *, comma_backtrack: int = COMMA_BACKTRACK
     if piece == 'BREAK' and weight == -1:
       next_chunk()
       continue
-    for token in ids:
+    k = 0
+    while k < len(ids):
+      token = ids[k]
       if token == comma:
         last_comma = len(tokens)
       elif (
@@ -162,8 +165,15 @@ def chunk_prompt(tokenizer, text: str, *, comma_backtrack: int = COMMA_BACKTRACK
         tokens, weights = list(moved[0]), list(moved[1])
       if len(tokens) == per_chunk:
         next_chunk()
-      tokens.append(token)
-      weights.append(weight)
+      # A multi-vector textual inversion embedding's tokens stay in one chunk, as A1111 keeps an embedding whole.
+      n = vectors.get(token, 1)
+      if n > 1 and ids[k + 1 : k + n] != _rest(tokenizer, token):
+        n = 1  # T_1 ... written out of order: tokens as any others
+      if n > 1 and len(tokens) + n > per_chunk:
+        next_chunk()
+      tokens += ids[k : k + n]
+      weights += [weight] * n
+      k += n
   if tokens or not chunks:
     next_chunk()
   ids = np.asarray([c[0] for c in chunks], np.int32)
@@ -176,6 +186,29 @@ def chunk_prompt(tokenizer, text: str, *, comma_backtrack: int = COMMA_BACKTRACK
     after = np.cumsum(ids == eos, axis=1) - (ids == eos) > 0
     ids = np.where(after, pad, ids)
   return ids, weights
+
+
+def _embedding_lengths(tokenizer) -> dict[int, int]:
+  """{id of T: n} for each multi-vector textual inversion token T (added with T_1 ... T_{n-1})."""
+  added = tokenizer.added_tokens_encoder
+  out = {}
+  for token, i in added.items():
+    n = 1
+    while f'{token}_{n}' in added:
+      n += 1
+    if n > 1:
+      out[i] = n
+  return out
+
+
+def _rest(tokenizer, token_id: int) -> list[int]:
+  """The ids of T_1 ... T_{n-1} following a multi-vector token T."""
+  name, added = tokenizer.convert_ids_to_tokens(token_id), tokenizer.added_tokens_encoder
+  out, n = [], 1
+  while f'{name}_{n}' in added:
+    out.append(added[f'{name}_{n}'])
+    n += 1
+  return out
 
 
 def empty_chunk(tokenizer) -> tuple[np.ndarray, np.ndarray]:
