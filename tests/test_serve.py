@@ -487,10 +487,19 @@ def test_inpainting_from_a_data_url_image_and_a_base64_mask(served):
 def test_embeddings_are_named_by_their_files_as_words_in_any_case_and_other_models_ones_are_skipped(served):
   server, client = served
   listed = client.get('/sdapi/v1/embeddings').json()
-  assert listed['loaded'] == {
-    'shinystyle': {'step': None, 'sd_checkpoint': None, 'sd_checkpoint_name': None, 'shape': 32, 'vectors': 2}
+  assert listed['loaded'] == {  # named as the file is, as A1111 lists them
+    'ShinyStyle': {'step': None, 'sd_checkpoint': None, 'sd_checkpoint_name': None, 'shape': 32, 'vectors': 2}
   }
   assert listed['skipped']['wide']['shape'] == 33
+  # A file added to a subfolder (A1111 walks it) is read on refresh-embeddings; removed, it is gone again.
+  folder = os.path.join(server.engine.embeddings_dir, 'more')
+  os.makedirs(folder, exist_ok=True)
+  write_safetensors(os.path.join(folder, 'laterzq.safetensors'), {'emb_params': np.ones((1, 32), np.float32)})
+  assert client.post('/sdapi/v1/refresh-embeddings').status_code == 200
+  assert set(client.get('/sdapi/v1/embeddings').json()['loaded']) == {'ShinyStyle', 'laterzq'}
+  os.remove(os.path.join(folder, 'laterzq.safetensors'))
+  assert client.post('/sdapi/v1/refresh-embeddings').status_code == 200
+  assert set(client.get('/sdapi/v1/embeddings').json()['loaded']) == {'ShinyStyle'}
   pipe = server.engine.pipeline(server.engine.current)
   ids = {p: list(pipe.tokenize([p])['text_encoder'][0][:6]) for p in ('a ShinyStyle', 'a shinystyle', 'a shinystyles')}
   n = 49408  # the vocabulary: the embedding's two vectors are the next two tokens
@@ -670,7 +679,20 @@ def test_a_stopped_batch_returns_its_last_reported_latents_finished_and_one_that
     started.clear()
     f = q.submit(key, [Task('bare', '', 0, 7.0)])
     assert started.wait(10) and q.interrupt()  # a loop that reported no latents: nothing to return
-    assert f.result(10) == [None]
+    assert f.result(10) == [None] and f.result().interrupted
+    # batch_size 1, n_iter 3, packed into one batch: a stop ends the first iteration (the job A1111 runs); skip runs
+    # the other two again, whole, interrupt drops them. Either way the result says whether an interrupt stopped it.
+    for skip in (True, False):
+      f = q.submit(key, [Task(f'n{i}', '', i, 7.0) for i in range(3)], per_iteration=1)
+      while q.progress()['state']['sampling_step'] < 3:
+        time.sleep(0.01)
+      assert q.interrupt(skip=skip)
+      images = f.result(10)
+      assert images[0][0, 0, 0] > 0  # partial (a finished image of this fake run is 0)
+      if skip:
+        assert [im[0, 0, 0] for im in images[1:]] == [0, 0] and not images.interrupted
+      else:
+        assert images[1:] == [None, None] and images.interrupted
   finally:
     release.set()
     q.close()

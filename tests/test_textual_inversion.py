@@ -118,6 +118,13 @@ def test_a1111_and_pickle_formats_and_bad_files_are_named(small_sd_folder, tmp_p
   ti = load_textual_inversion(pipe, a1111, token='mystyle')
   row = ti.tokenize(['mystyle'])['text_encoder'][0]
   assert list(row[:4]) == [49406, 49408, 49409, 49407]  # BOS, the two vectors' tokens, EOS
+  # A1111's embeddings folder (the server's): a file's name, as a word in any case, even one of the vocabulary.
+  word = load_textual_inversion(pipe, a1111, token='Style', as_word=True)
+  ids = {p: list(word.tokenize([p])['text_encoder'][0][:5]) for p in ('a STYLE photo', 'a style, photo', 'stylish')}
+  assert ids['a STYLE photo'][2:4] == [49408, 49409] and ids['a style, photo'][2:4] == [49408, 49409]
+  assert 49408 not in ids['stylish'] and 49408 not in pipe.tokenize(['a style photo'])['text_encoder'][0]
+  with pytest.raises(ValueError, match="an embedding named 'STYLE' is already loaded"):
+    load_textual_inversion(word, a1111, token='STYLE', as_word=True)
   # A1111's .pt (a pickle): refused unless allowed; then the same vectors under its own name.
   pt = str(tmp_path / 'mystyle.pt')
   torch.save({'string_to_param': {'*': torch.from_numpy(vectors)}, 'name': 'mystyle', 'step': 100}, pt)
@@ -142,6 +149,17 @@ def test_a1111_and_pickle_formats_and_bad_files_are_named(small_sd_folder, tmp_p
   write_safetensors(xl, {'clip_l': vectors, 'clip_g': vectors})
   with pytest.raises(ValueError, match='clip_l/clip_g tables, but the model has text encoders text_encoder'):
     load_textual_inversion(pipe, xl, token='<x>')
+  huge = str(tmp_path / 'huge.safetensors')  # more vectors than a prompt chunk holds
+  write_safetensors(huge, {'<h>': np.zeros((76, dim), np.float32)})
+  with pytest.raises(ValueError, match='76 vectors do not fit a prompt of 75 tokens'):
+    load_textual_inversion(pipe, huge)
+  uneven = str(tmp_path / 'uneven.safetensors')  # SDXL's two encoders' outputs are joined token by token
+  write_safetensors(uneven, {'clip_l': vectors, 'clip_g': vectors[:1]})
+  with pytest.raises(WeightsError, match='different numbers of vectors'):
+    read_embedding(uneven)
+  other_key = str(tmp_path / 'other.pt')  # A1111 takes string_to_param's one entry whatever its key
+  torch.save({'string_to_param': {'x': torch.from_numpy(vectors)}, 'name': 'other'}, other_key)
+  assert np.array_equal(read_embedding(other_key, allow_pickle=True)[1][''], vectors)
   nan = str(tmp_path / 'nan.safetensors')
   write_safetensors(nan, {'<n>': np.full((1, dim), np.nan, np.float32)})
   with pytest.raises(WeightsError, match='finite'):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdream.io.tokenizer import EMBEDDING_WORDS
 from jaxdream.io.weights import PICKLE_SUFFIXES, WeightsError, read_safetensors
 
 # SDXL files name their tables by the OpenCLIP model each encoder comes from.
@@ -56,6 +57,11 @@ def read_embedding(path: str, *, allow_pickle: bool = False) -> tuple[str | None
     if v.ndim != 2 or not v.shape[0] or not np.isfinite(v).all():
       raise WeightsError(f'{path}: embedding {key or "vectors"} of shape {v.shape} is not (n, dim) finite vectors')
     out[key] = v
+  if len({v.shape[0] for v in out.values()}) > 1:  # SDXL's two encoders' outputs are joined token by token
+    raise WeightsError(
+      f'{path}: clip_l and clip_g hold different numbers of vectors ({out["clip_l"].shape[0]} and '
+      f'{out["clip_g"].shape[0]}); the two text encoders need the same'
+    )
   return name, out
 
 
@@ -76,9 +82,9 @@ def _read_pickle_embedding(path: str, allow_pickle: bool) -> tuple[dict[str, np.
   elif isinstance(sd, dict) and isinstance(sd.get('string_to_param'), dict):  # A1111's .pt
     name = sd.get('name') if isinstance(sd.get('name'), str) else None
     params = sd['string_to_param']
-    if set(params) != {'*'}:
-      raise WeightsError(f"{path}: string_to_param holds {sorted(params)}, expected one entry '*'")
-    sd = {'emb_params': params['*']}
+    if len(params) != 1:  # A1111 takes its one entry, whatever its key ('*' as A1111 writes it)
+      raise WeightsError(f'{path}: string_to_param holds {sorted(params)}, expected one entry')
+    sd = {'emb_params': next(iter(params.values()))}
   if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
     raise WeightsError(f'{path}: not a textual inversion embedding')
   return {k: v.detach().float().numpy() for k, v in sd.items()}, name
@@ -89,13 +95,13 @@ def load_textual_inversion(
 ):
   """A copy of `pipeline` that knows the embedding in `path` as `token` (default: the token the file names; A1111
   files name none: pass their file name's stem, as A1111 does). Its tokenizers and text encoders are new; the
-  other components and the original pipeline are shared and unchanged. as_word: the token is read only as a
-  whole word, in any case, as A1111 finds embedding names in prompts (diffusers: as written, anywhere)."""
+  other components and the original pipeline are shared and unchanged. as_word: the token is a name read only
+  as a whole word, in any case, as A1111 finds embedding names in prompts (diffusers: as written, anywhere); it
+  may be a word of the vocabulary (the embedding then replaces that word, as in A1111)."""
   name, vectors = read_embedding(path, allow_pickle=allow_pickle)
   token = token or name
   if not token or not token.strip() or token != token.strip():
     raise ValueError(f'{path}: the file names no token; pass token= (A1111 uses the file name)')
-  token = token.lower() if as_word else token  # matched after the tokenizer lower-cases the prompt
   encoders = list(pipeline.tokenizers)
   if '' in vectors:
     if len(encoders) != 1:
@@ -116,11 +122,18 @@ def load_textual_inversion(
   return dataclasses.replace(pipeline, components=components, tokenizers=tokenizers)
 
 
-def _extend(tokenizer, model, token: str, vectors: np.ndarray, path: str, encoder: str, as_word: bool):
+def _extend(tokenizer, model, name: str, vectors: np.ndarray, path: str, encoder: str, as_word: bool):
   """(tokenizer with the token(s) added, text encoder whose token table has their rows), as diffusers adds them:
   ids len(tokenizer), len(tokenizer) + 1, ... ; the table resized to len(tokenizer) rows first."""
   from transformers import AddedToken
 
+  words = dict(getattr(tokenizer, EMBEDDING_WORDS, None) or {})
+  if as_word:  # the name becomes a token of its own, which prompts get in place of the name as a word
+    if name.lower() in words:
+      raise ValueError(f'{path}: an embedding named {name!r} is already loaded ({encoder})')
+    token = f'<embedding:{name.lower()}>'
+  else:
+    token = name
   names = [token] + [f'{token}_{i}' for i in range(1, len(vectors))]
   vocab = tokenizer.get_vocab()
   taken = [t for t in names if t in vocab]
@@ -135,11 +148,17 @@ def _extend(tokenizer, model, token: str, vectors: np.ndarray, path: str, encode
       '(an embedding trained for another model)'
     )
   n = len(tokenizer)
+  if len(vectors) > tokenizer.model_max_length - 2:
+    raise ValueError(
+      f'{path}: {len(vectors)} vectors do not fit a prompt of {tokenizer.model_max_length - 2} tokens ({encoder})'
+    )
   if old.shape[0] < n:
     raise ValueError(f'{encoder}: {old.shape[0]} token rows for a tokenizer of {n} tokens')
   tokenizer = copy.deepcopy(tokenizer)
   # diffusers adds plain strings: AddedToken(t, normalized=True), matched anywhere
-  tokenizer.add_tokens([AddedToken(t, single_word=as_word, normalized=True) for t in names])
+  tokenizer.add_tokens([AddedToken(t, normalized=True) for t in names])
+  if as_word:
+    setattr(tokenizer, EMBEDDING_WORDS, {**words, name.lower(): token})
   ids = tokenizer.convert_tokens_to_ids(names)
   if ids != list(range(n, n + len(names))):
     raise ValueError(f'{encoder}: the tokenizer gave the new tokens ids {ids}, expected {n}..{n + len(names) - 1}')

@@ -94,24 +94,28 @@ def load_tokenizer(folder: str):
       raise WeightsError(f'{folder}: cannot read the tokenizer files ({type(e).__name__}: {e})') from None
 
 
+# A tokenizer attribute: {embedding name, lower-cased: its token}, for embeddings named as words (A1111's).
+EMBEDDING_WORDS = 'jaxdream_embedding_words'
+
+
 def expand_vector_tokens(tokenizer, prompt: str) -> str:
   """A prompt with each multi-vector textual inversion token T written out as `T T_1 ... T_{n-1}` (the tokens
-  that hold its other vectors), as diffusers' `maybe_convert_prompt` does (a plain text replacement)."""
+  that hold its other vectors), as diffusers' `maybe_convert_prompt` does (a plain text replacement). Embeddings
+  named as words (A1111's) are first replaced by their tokens wherever the name stands as a word, in any case."""
   added = tokenizer.added_tokens_encoder
   if len(added) <= 2:  # only CLIP's own start and end tokens: nothing to expand
     return prompt
+  words = getattr(tokenizer, EMBEDDING_WORDS, None)
+  if words:
+    names = '|'.join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    prompt = re.sub(rf'(?<!\w)(?:{names})(?!\w)', lambda m: words[m.group(0).lower()], prompt, flags=re.IGNORECASE)
   for token in set(tokenizer.tokenize(prompt)):
     if token in added and f'{token}_1' in added:
       i, replacement = 1, token
       while f'{token}_{i}' in added:
         replacement += f' {token}_{i}'
         i += 1
-      spec = tokenizer.added_tokens_decoder.get(added[token])
-      if spec is not None and spec.single_word:  # a name read as a word, in any case (A1111's embedding names)
-        flags = re.IGNORECASE if spec.normalized else 0
-        prompt = re.sub(rf'(?<!\w){re.escape(token)}(?!\w)', lambda _: replacement, prompt, flags=flags)
-      else:
-        prompt = prompt.replace(token, replacement)
+      prompt = prompt.replace(token, replacement)
   return prompt
 
 

@@ -309,7 +309,7 @@ def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list, out
     'job_timestamp': time.strftime('%Y%m%d%H%M%S'),
     'clip_skip': key.clip_skip + 1,
     'is_using_inpainting_conditioning': key.kind == 'inpaint',
-    'interrupted': len(done) < n,
+    'interrupted': bool(getattr(images, 'interrupted', False)) or len(done) < n,
     'version': f'jaxdream {_version()}',
   }
   params = req.model_dump()
@@ -322,7 +322,7 @@ def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list, out
 async def _generate(server: Server, req: Txt2ImgRequest, kind: str) -> dict:
   key, tasks, facts = await run_in_threadpool(_plan, server, req, kind)
   try:
-    future = server.queue.submit(key, tasks)
+    future = server.queue.submit(key, tasks, per_iteration=req.batch_size)
   except QueueFull as e:
     raise ApiError(429, None, f'{e}; retry later', 'queue_full') from None
   except ShuttingDown as e:
@@ -535,8 +535,12 @@ def create_app(server: Server) -> FastAPI:
     ('/sdapi/v1/cmd-flags', {}),
   ):
     app.add_api_route(path, _constant(empty), methods=['GET'])
-  for path in ('/sdapi/v1/refresh-vae', '/sdapi/v1/refresh-embeddings'):
-    app.add_api_route(path, _constant(None), methods=['POST'])
+  app.add_api_route('/sdapi/v1/refresh-vae', _constant(None), methods=['POST'])
+
+  @app.post('/sdapi/v1/refresh-embeddings')
+  async def refresh_embeddings():
+    await run_in_threadpool(server.engine.refresh_embeddings)
+    return None
 
   @app.post('/sdapi/v1/refresh-checkpoints')
   async def refresh_checkpoints():

@@ -244,27 +244,52 @@ class Engine:
     (A1111's embeddings folder); the others are listed as skipped, with why."""
     from jaxdream.diffusion.textual_inversion import load_textual_inversion, read_embedding
 
-    loaded, skipped = {}, {}
-    folder = self.embeddings_dir
-    names = sorted(os.listdir(folder)) if folder else []
-    suffixes = ('.safetensors', *(PICKLE_SUFFIXES if self.allow_pickle else ()))
-    for file in names:
-      path, stem = os.path.join(folder, file), os.path.splitext(file)[0]
-      if not file.endswith(suffixes) or not os.path.isfile(path) or stem.lower() in loaded:
+    loaded, skipped, taken = {}, {}, set()
+    for path in self._embedding_files():
+      stem = os.path.splitext(os.path.basename(path))[0]
+      if stem.lower() in taken:  # names match in any case: the first of a name (by path) is the one
         continue
       facts = {'step': None, 'sd_checkpoint': None, 'sd_checkpoint_name': None, 'shape': None, 'vectors': None}
       try:
         _, tables = read_embedding(path, allow_pickle=self.allow_pickle)
-        first = next(iter(tables.values()))
-        facts.update(shape=int(first.shape[1]), vectors=int(first.shape[0]))
+        # A1111's shape: the vectors' width, SDXL's two tables' together
+        facts.update(
+          shape=sum(int(t.shape[1]) for t in tables.values()), vectors=int(next(iter(tables.values())).shape[0])
+        )
         pipe = load_textual_inversion(pipe, path, stem, allow_pickle=self.allow_pickle, as_word=True)
       except (WeightsError, ValueError, OSError) as e:  # another model's embedding, a broken file: listed, not fatal
         skipped[stem] = facts
         log.warning('embedding %s skipped: %s', path, e)
         continue
-      loaded[stem.lower()] = facts
+      loaded[stem] = facts
+      taken.add(stem.lower())
     self._embeddings = {'loaded': loaded, 'skipped': skipped}
+    self._embeddings_seen = self._embeddings_stamp()
     return pipe
+
+  def _embedding_files(self) -> list[str]:
+    """The embedding files of --embeddings-dir and the folders under it (as A1111 walks it), in path order."""
+    if not self.embeddings_dir:
+      return []
+    suffixes = ('.safetensors', *(PICKLE_SUFFIXES if self.allow_pickle else ()))
+    out = []
+    for root, folders, files in os.walk(self.embeddings_dir):
+      folders[:] = sorted(f for f in folders if not f.startswith('.'))
+      out += [os.path.join(root, f) for f in sorted(files) if f.endswith(suffixes) and not f.startswith('.')]
+    return out
+
+  def _embeddings_stamp(self) -> tuple:
+    return tuple((p, os.stat(p).st_mtime_ns) for p in self._embedding_files())
+
+  def refresh_embeddings(self) -> bool:
+    """POST refresh-embeddings: when the folder changed, the loaded model is read again with its embeddings (the
+    longer token tables compile anew). Returns whether it did."""
+    with self._lock:
+      if self._loaded is None or self._embeddings_stamp() == getattr(self, '_embeddings_seen', None):
+        return False
+      name, self._loaded = self._loaded[0], None
+      self.pipeline(name)
+      return True
 
   # -- LoRA files
   def loras(self) -> list[dict]:

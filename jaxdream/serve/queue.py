@@ -5,7 +5,10 @@ and every queued image with the same key, in queue order, up to max_batch; a req
 served over several. The HTTP handlers only submit and await a future: sampling never runs on the event loop.
 Interrupt (A1111's /interrupt) stops the running batch between two steps (the progress callback raises) and
 ends its requests with the images they have; skip stops the running batch only. As in A1111, a stopped batch's
-images are the clean latents of its last step decoded (`finish`), not nothing.
+images are the clean latents of its last step decoded (`finish`), not nothing, for each request's images of one
+iteration (A1111's batch_size images of one n_iter round, the job A1111 was running): its later iterations packed
+into the same batch are run again after a skip and dropped by an interrupt, as A1111 would not have started them.
+A stopped request's result says so (`.interrupted`), whichever client asked.
 """
 
 from __future__ import annotations
@@ -52,7 +55,14 @@ class _Request:
   future: concurrent.futures.Future
   images: list  # per task: uint8 image, or None (not generated: interrupted, skipped)
   pending: int
+  per_iteration: int  # tasks per A1111 iteration (its batch_size)
   stopped: bool = False
+
+
+class Images(list):
+  """A request's images (None where none was made), and whether an interrupt stopped it."""
+
+  interrupted: bool = False
 
 
 @dataclasses.dataclass(eq=False)
@@ -91,14 +101,16 @@ class BatchQueue:
     self._thread.start()
 
   # -- clients
-  def submit(self, key: BatchKey, tasks: list[Task]) -> concurrent.futures.Future:
+  def submit(self, key: BatchKey, tasks: list[Task], per_iteration: int | None = None) -> concurrent.futures.Future:
+    """A future of the request's `Images`; `per_iteration`: tasks per A1111 iteration (its batch_size; default
+    all of them)."""
     future = concurrent.futures.Future()
     with self._cond:
       if self._closing:
         raise ShuttingDown('the server is shutting down')
       if len(self._requests) >= self.max_requests:
         raise QueueFull(f'the queue is full ({self.max_requests} requests)')
-      req = _Request(key, list(tasks), future, [None] * len(tasks), len(tasks))
+      req = _Request(key, list(tasks), future, [None] * len(tasks), len(tasks), max(1, per_iteration or len(tasks)))
       self._requests.add(req)
       self._units.extend(_Unit(req, i) for i in range(len(tasks)))
       self._cond.notify_all()
@@ -218,16 +230,26 @@ class BatchQueue:
         stop, self._running, self._stop = self._stop, [], None
         if self._metrics:
           self._metrics.batch(len(batch), time.monotonic() - t0, 0 if images is None else len(batch))
+        first = {}  # per request, the first iteration it has in this batch: the one a stop ends
+        for unit in batch:
+          it = unit.index // unit.request.per_iteration
+          first[unit.request] = min(first.get(unit.request, it), it)
+        again = []
         for j, unit in enumerate(batch):
           req = unit.request
-          if images is not None:
+          later = error is not None and stop and unit.index // req.per_iteration > first[req]
+          if later and stop == 'skip':  # A1111 goes on with the next iteration: run it again, whole
+            again.append(unit)
+            continue
+          if images is not None and not later:
             req.images[unit.index] = images[j]
-          elif stop is None:
+          elif images is None and stop is None:
             self._fail(req, error)
             continue
           if stop == 'interrupt':
             req.stopped = True
           req.pending -= 1
+        self._units.extendleft(reversed(again))
         self._finish_stopped()
         for unit in batch:
           if unit.request.pending == 0 and not unit.request.future.done():
@@ -255,7 +277,9 @@ class BatchQueue:
 
   def _done(self, req: _Request):
     self._requests.discard(req)
-    req.future.set_result(req.images)
+    result = Images(req.images)
+    result.interrupted = req.stopped
+    req.future.set_result(result)
 
   def _fail(self, req: _Request, error: Exception):
     self._requests.discard(req)
