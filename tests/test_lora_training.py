@@ -41,6 +41,12 @@ def _config(tmp_path, **lora):
     (dict(rank=0, text_encoder=True), {}, 'lora.text_encoder=True needs lora.rank > 0'),
     (dict(rank=0, conv_rank=2), {}, 'lora.conv_rank=2 needs lora.rank > 0'),
     (dict(unet_targets=[]), {}, 'lora.unet_targets is empty'),
+    # Settings that would do nothing are refused, not ignored: a typo in conv_targets would otherwise pass.
+    (dict(conv_targets=['conv_in_typo']), {}, "lora.conv_targets=['conv_in_typo'] does nothing without lora.conv_rank"),
+    (dict(conv_alpha=3.0), {}, 'lora.conv_alpha=3.0 does nothing without lora.conv_rank > 0'),
+    (dict(text_encoder_targets=['nope']), {}, 'does nothing without lora.text_encoder=True'),
+    (dict(rank=0, alpha=8.0), {}, 'lora.alpha=8.0 does nothing without lora.rank > 0'),
+    (dict(per_subject=True, export_merged=True), {}, 'lora.export_merged writes one merged model'),
     (dict(text_encoder=True, text_encoder_targets=[]), {}, 'lora.text_encoder_targets is empty'),
     ({}, dict(train_text_encoder=True), 'train.train_text_encoder trains the whole text encoder'),
     (

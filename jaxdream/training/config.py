@@ -450,6 +450,24 @@ def _lora_problems(config) -> list[str]:
     for key, default in (('train.subjects_per_step', 0), ('data.on_bad_subject', 'fail')):
       if _get(config, key) != default:
         problems.append(f'{key}={_get(config, key)!r} needs lora.per_subject=True')
+  # Settings that would do nothing: changed from their defaults, they are refused, not ignored.
+  default = base_config().lora
+  unused = [] if lo.rank > 0 else ['alpha', 'rslora', 'init', 'unet_targets']
+  unused += [] if lo.text_encoder else ['text_encoder_targets']
+  unused += [] if lo.conv_rank > 0 else ['conv_alpha', 'conv_targets']
+  needs = {'text_encoder_targets': 'lora.text_encoder=True', 'conv_alpha': 'lora.conv_rank > 0'}
+  needs['conv_targets'] = needs['conv_alpha']
+  for key in unused:
+    value, usual = lo[key], default[key]
+    if isinstance(usual, list | tuple):
+      value, usual = list(value), list(usual)
+    if value != usual and not (key in ('alpha', 'conv_alpha') and value < 0):  # negative: named above
+      problems.append(f'lora.{key}={lo[key]!r} does nothing without {needs.get(key, "lora.rank > 0")}')
+  if lo.per_subject and lo.export_merged:
+    problems.append(
+      'lora.export_merged writes one merged model; a per-subject run has an adapter per subject (merge one with '
+      '`jaxdream lora merge`)'
+    )
   if lo.rank <= 0:
     for key in ('text_encoder', 'conv_rank', 'per_subject', 'export_kohya', 'export_merged'):
       if lo[key]:
