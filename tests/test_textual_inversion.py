@@ -103,6 +103,16 @@ def test_sdxl_files_give_each_encoder_its_table_as_diffusers_with_clip_l_and_cli
   got, extra = _embeds(ti, PROMPTS)
   assert rel_err(got, want.numpy()) < 1e-5
   assert rel_err(extra['text_embeds'], want_pooled.numpy()) < 1e-5
+  # A1111 pools SDXL's prompt embedding at the end token, the embedding's tokens read as 0 (diffusers: at the
+  # largest id, the embedding's last token, by the legacy eos_token_id=2 rule).
+  _, a1111 = _embeds(ti, PROMPTS, 'a1111')
+  ids = ti.tokenize(PROMPTS)['text_encoder_2']
+  with torch.no_grad():
+    out = ref.text_encoder_2(torch.from_numpy(ids.astype(np.int64)))
+    end = torch.from_numpy(np.argmax(ids == 49407, axis=1))
+    at_end = ref.text_encoder_2.text_projection(out.last_hidden_state[torch.arange(len(ids)), end]).numpy()
+  assert rel_err(a1111['text_embeds'], at_end) < 1e-5
+  assert rel_err(a1111['text_embeds'][:2], want_pooled.numpy()[:2]) > 1e-3  # prompts naming the embedding differ
 
 
 def test_a1111_and_pickle_formats_and_bad_files_are_named(small_sd_folder, tmp_path):

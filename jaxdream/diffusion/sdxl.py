@@ -21,12 +21,21 @@ def _encoder_order(name: str) -> int:
   return int(name.removeprefix('text_encoder').removeprefix('_') or 1)
 
 
+def _a1111_pool_ids(model, ids):
+  """`ids` with textual inversion tokens (ids past the tokenizer's own, `tokenizer_vocab`) as 0, or None."""
+  n = getattr(model, 'tokenizer_vocab', None)
+  return None if n is None else jnp.where(ids >= n, 0, ids)
+
+
 def encode_prompt(models: dict, ids: dict, clip_skip: int = 0, emphasis=None) -> tuple[jax.Array, dict]:
   """(context (B, L, sum of hidden sizes), {'text_embeds': (B, projection_dim)}) from token ids per text encoder:
   each encoder's penultimate hidden state (`clip_skip` layers earlier: diffusers' hidden_states[-(clip_skip + 2)]).
   `emphasis`: A1111 prompts' per-token weights (conditioning.Emphasis), applied to each encoder's states on its own."""
   names = sorted(ids, key=_encoder_order)
-  outs = [models[name].forward(ids[name]) for name in names]
+  # A1111 (its prompts come with emphasis) pools at the end token with textual inversion tokens read as 0;
+  # diffusers at the largest id, which an embedding's token is (the legacy eos_token_id=2 rule)
+  pool = lambda name: _a1111_pool_ids(models[name], ids[name]) if emphasis is not None else None
+  outs = [models[name].forward(ids[name], pool_ids=pool(name)) for name in names]
   states = [out['hidden_states'][-(clip_skip + 2)] for out in outs]
   if emphasis is not None:
     states = [emphasis(h, name) for h, name in zip(states, names)]

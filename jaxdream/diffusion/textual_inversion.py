@@ -165,4 +165,6 @@ def _extend(tokenizer, model, name: str, vectors: np.ndarray, path: str, encoder
   table.value = jnp.asarray(np.concatenate([old[:n], vectors.astype(old.dtype)]))
   model = nnx.merge(graphdef, state)
   model.config = dict(model.config, vocab_size=n + len(names))
+  # the ids below are the tokenizer's own (A1111 pools SDXL's prompt embedding with the others read as 0)
+  model.tokenizer_vocab = getattr(model, 'tokenizer_vocab', n)
   return tokenizer, model

@@ -116,8 +116,9 @@ class CLIPTextTransformer(nnx.Module):
     self.encoder = CLIPEncoder(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
     self.final_layer_norm = LayerNorm(cfg['hidden_size'], eps=cfg['layer_norm_eps'], dtype=dtype)
 
-  def forward(self, input_ids, attention_mask, eos_token_id: int) -> dict:
-    """{'last_hidden_state', 'pooler_output' (at the EOS token), 'hidden_states' (embeddings and every layer)}."""
+  def forward(self, input_ids, attention_mask, eos_token_id: int, pool_ids=None) -> dict:
+    """{'last_hidden_state', 'pooler_output' (at the EOS token), 'hidden_states' (embeddings and every layer)}.
+    `pool_ids`: the ids that place the EOS token, if not `input_ids` (A1111 pools with embeddings' ids as 0)."""
     b, n = input_ids.shape
     mask = jnp.tril(jnp.ones((n, n), bool))[None, None]
     if attention_mask is not None:
@@ -130,7 +131,8 @@ class CLIPTextTransformer(nnx.Module):
     last = self.final_layer_norm(x)
     # Old CLIP configs have eos_token_id=2 while the real EOS is the largest id: transformers then
     # pools at argmax(input_ids), otherwise at the first EOS.
-    eos = input_ids.argmax(-1) if eos_token_id == 2 else (input_ids == eos_token_id).astype(jnp.int32).argmax(-1)
+    where = input_ids if pool_ids is None else pool_ids
+    eos = where.argmax(-1) if eos_token_id == 2 else (where == eos_token_id).astype(jnp.int32).argmax(-1)
     pooled = last[jnp.arange(b), eos]
     return dict(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
 
@@ -161,8 +163,8 @@ class CLIPTextModel(nnx.Module):
       cfg, attention_impl=check_implementation(attention_impl), dtype=dtype, rngs=rngs
     )
 
-  def forward(self, input_ids, attention_mask=None):
-    return self.text_model.forward(input_ids, attention_mask, self.eos_token_id)
+  def forward(self, input_ids, attention_mask=None, pool_ids=None):
+    return self.text_model.forward(input_ids, attention_mask, self.eos_token_id, pool_ids)
 
   def __call__(self, input_ids, attention_mask=None, clip_skip: int = 0):
     out = self.forward(input_ids, attention_mask)
@@ -187,6 +189,6 @@ class CLIPTextModelWithProjection(CLIPTextModel):
     cfg = self.resolve_config(config)
     self.text_projection = Linear(cfg['hidden_size'], cfg['projection_dim'], use_bias=False, dtype=dtype, rngs=rngs)
 
-  def forward(self, input_ids, attention_mask=None):
-    out = super().forward(input_ids, attention_mask)
+  def forward(self, input_ids, attention_mask=None, pool_ids=None):
+    out = super().forward(input_ids, attention_mask, pool_ids)
     return dict(out, text_embeds=self.text_projection(out['pooler_output']))
