@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from jaxdream.cli.args import check_model_output, check_output
+
 
 def _convert(args):
   from jaxdream.cli.model_files import model_file_options
@@ -17,6 +19,9 @@ def _convert(args):
     raise ValueError(f'{args.output}: a model folder converts to a single .safetensors file')
   if not to_file and (os.path.isfile(args.output) or args.output.endswith(('.safetensors', '.ckpt'))):
     raise ValueError(f'{args.output}: a single file converts to a model folder, and this names a file')
+  check_output('OUT', args.output, folder=not to_file, inputs=[args.input])
+  if not to_file:
+    check_model_output('OUT', args.output)
   pipe = load_pipeline(args.input, allow_pickle=args.allow_pickle, **model_file_options(args))
   save_pipeline(pipe, args.output, weights_dtype='float16' if args.fp16 else None, single_file=to_file)
   kind = 'single file' if to_file else 'diffusers folder'

@@ -13,6 +13,7 @@ import sys
 import time
 
 from jaxdream.cli.args import check_output
+from jaxdream.cli.sample import MAX_SIDE
 
 LORA_FILE = 'pytorch_lora_weights.safetensors'
 GENERATION_FILE = 'generation.json'  # in the generated-images folder: what its images were made with
@@ -128,6 +129,8 @@ def _check_sampling(args, factor: int, scheduler_config: dict) -> str:
   for flag, v in (('--height', args.height), ('--width', args.width)):
     if v is not None and (v <= 0 or v % factor):
       raise ValueError(f"{flag} {v}: must be a positive multiple of {factor} (this model's VAE downsampling factor)")
+    if v is not None and v > MAX_SIDE:  # a typo, not an image: its latents alone would not fit in memory
+      raise ValueError(f'{flag} {v}: larger than {MAX_SIDE} pixels')
   name = args.scheduler or scheduler_name_for_config(scheduler_config)
   make_scheduler(name, scheduler_config, args.steps)
   return name
@@ -406,6 +409,7 @@ def _compare(args) -> int:
 
   if len(args.scores) < 2:
     raise ValueError(f'give at least two scores.json files to compare, got {len(args.scores)}')
+  check_output('--out', args.out, folder=False, inputs=args.scores)
   runs = [load_scores(p) for p in args.scores]
   for path, run in zip(args.scores[1:], runs[1:]):
     diff = manifest_differences(runs[0], run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from jaxdream.cli.args import check_output
+from jaxdream.cli.args import check_model_output, check_output
 from jaxdream.lora.tags import lora_in_dir, lora_name, lora_scale_value, prompt_loras, with_tags  # noqa: F401
 
 
@@ -55,7 +55,8 @@ def _merge(args):
 
   loras = [parse_lora_spec(s) for s in args.lora]
   check_lora_files(loras)
-  check_output('--out', args.out, folder=True)
+  check_output('--out', args.out, folder=True, inputs=[args.model])
+  check_model_output('--out', args.out)
   pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
   merged = merge_lora(pipe, loras, strict=not args.skip_unmatched)
   for skipped in getattr(merged, 'lora_skipped', []):

@@ -69,7 +69,7 @@ def main(argv=None, *, cache=None):
     if args.fn is _sample:  # successive `sample` commands given one cache share the loaded model
       return _sample(args, args.cache.get(('sample-session',), SampleSession))
     return args.fn(args)
-  except (WeightsError, ConfigError, FileNotFoundError, ValueError) as e:
+  except (WeightsError, ConfigError, OSError, ValueError) as e:  # OSError: a path the command cannot write or read
     print(f'jaxdream {args.command}: error: {e}', file=sys.stderr)
     return 2
   except Exception as e:

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 import threading
 import time
 
@@ -28,6 +29,7 @@ def _demo(args):
   from jaxdream.diffusion.pipeline import load_pipeline
   from jaxdream.diffusion.tiny_model import create_tiny_pipeline
 
+  check_output('--out', args.out, folder=True)
   model_dir = os.path.join(args.out, 'tiny-sd')
   t0 = time.perf_counter()
   create_tiny_pipeline(model_dir)
@@ -292,6 +294,11 @@ def _plan(args) -> _Plan:
   if args.num_images < 1:
     raise ValueError(f'--num-images must be at least 1, got {args.num_images}')
   check_output('--out', args.out, folder=True)
+  for flag, given in (('--init-image', args.init_image), ('--mask', args.mask)):
+    # this run writes NNNNN.png and grids into --out: an input there under such a name would be overwritten
+    if given and os.path.realpath(os.path.dirname(os.path.abspath(given))) == os.path.realpath(args.out):
+      if re.fullmatch(r'\d{5}\.png|grid\.png|xyz_grid(_z\d+)?\.png', os.path.basename(given)):
+        raise ValueError(f'{flag} {given}: this run writes a file of that name in --out; move it or use another --out')
   axes = [_parse_sweep(s) for s in args.sweep or []]
   keys = [a.key for a in axes]
   if len(axes) > 3 or len(set(keys)) < len(keys):

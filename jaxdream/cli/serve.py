@@ -109,12 +109,15 @@ def _add_serve_parser(sub):
   )
   s.add_argument(
     '--lora-cache',
-    type=int,
+    type=int_between(0),
     default=64,
     help='LoRA adapters (files, and combinations of several tags) kept read, least recently used dropped (default 64)',
   )
   s.add_argument(
-    '--lora-cache-mb', type=float, default=1024, help='and at most this many MiB of their factors (default 1024)'
+    '--lora-cache-mb',
+    type=positive_float,
+    default=1024,
+    help='and at most this many MiB of their factors (default 1024)',
   )
   s.add_argument('--host', default='127.0.0.1', help='address to bind (default 127.0.0.1: this machine only)')
   s.add_argument('--port', type=int_between(1, 65535), default=7860)

@@ -50,7 +50,7 @@ def dreambench_concepts(folder: str, identifier: str = 'sks', num_class_images: 
 def _subjects(args) -> int:
   from jaxdream.io.files import atomic_write
 
-  check_output('--out', args.out, folder=False)
+  check_output('--out', args.out, folder=False, inputs=[os.path.join(args.dreambench, 'prompts_and_classes.txt')])
   concepts = dreambench_concepts(args.dreambench, args.identifier, args.num_class_images, args.class_dir)
   atomic_write(args.out, json.dumps(concepts, indent=2) + '\n')
   classes = sorted({c['class_prompt'] for c in concepts})

@@ -130,12 +130,14 @@ def main(argv=None):
   )
   flags.DEFINE_string('workdir', None, _WORKDIR_FLAG, flag_values=fv)
   try:
-    fv(argv)
+    rest = fv(argv)[1:]
   except (flags.Error, AttributeError, KeyError, IndexError, TypeError, ValueError) as e:
     config = _load_config_file(argv)
     msg = _unknown_key(config, argv[1:]) if config is not None else None
     text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # a KeyError's str() is its repr
     return _error(msg or ' '.join(str(text).split()))
+  if rest:  # a stray word (a typo in an override) would be dropped and the whole run trained
+    return _error(f'unexpected arguments {rest}: give --config, --workdir and --config.key=value overrides only')
   if fv.config is None or fv.workdir is None:
     return _error('--config and --workdir are required (see jaxdream train --help)')
   multihost.initialize()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from jaxdream.cli.args import check_output, int_between
+from jaxdream.cli.args import check_not_input, check_output, int_between
 from jaxdream.io.files import atomic_write
 
 GET_VLM = (
@@ -63,10 +63,15 @@ def _load_vlm(args):
   return args.cache.get(key, load)
 
 
-def _check_outputs(args):
-  check_output('--json', args.json, folder=False)
+def _check_outputs(args, paths=()):
+  """Output paths that can be written and overwrite no input image (an annotated copy DIR/STEM.png)."""
+  check_output('--json', args.json, folder=False, inputs=paths)
   for flag in ('draw', 'heatmaps', 'write_captions'):
     check_output(f'--{flag.replace("_", "-")}', getattr(args, flag, None), folder=True)
+  if getattr(args, 'draw', None):
+    stems = [os.path.join(args.draw, os.path.splitext(os.path.basename(p))[0] + '.png') for p in paths]
+    for path, out in zip(paths, stems):
+      check_not_input('--draw', out, [path])
 
 
 def _vlm_generation(args) -> dict:
@@ -93,7 +98,7 @@ def _caption(args):
   from jaxdream import vlm
 
   paths = _image_paths(args.images)
-  _check_outputs(args)
+  _check_outputs(args, paths)
   results = vlm.caption(
     _load_vlm(args), paths, prompt=args.prompt, heatmaps=bool(args.heatmaps), **_vlm_generation(args)
   )
@@ -123,7 +128,7 @@ def _ask(args):
   from jaxdream import vlm
 
   paths = _image_paths(args.image)
-  _check_outputs(args)
+  _check_outputs(args, paths)
   results = vlm.ask(_load_vlm(args), paths, args.question, **_vlm_generation(args))
   for path, r in zip(paths, results):
     _print_result(path, r)
@@ -137,7 +142,7 @@ def _check_subject(args):
   from jaxdream import vlm
 
   paths = _image_paths(args.images)
-  _check_outputs(args)
+  _check_outputs(args, paths)
   summary = vlm.check_subject(_load_vlm(args), paths, args.phrase, mode=args.mode, **_vlm_generation(args))
   print(json.dumps(summary, indent=2))
   if args.json:
