@@ -53,6 +53,24 @@ def test_outputs_that_would_overwrite_an_input_or_sit_under_a_file_are_refused_b
   (out / '00000.png').write_bytes(b'')
   argv = ['sample', '--model', 'builtin:tiny-base', '--prompt', 'a', '--out', str(out)]
   assert 'this run writes a file of that name' in error([*argv, '--init-image', str(out / '00000.png')])
+  assert f'--embedding {tmp_path}/nope.safetensors: no such file' in error(
+    [*argv, '--embedding', str(tmp_path / 'nope.safetensors')]
+  )
+  bench_argv = [
+    'eval',
+    'dreambench',
+    '--dataset',
+    str(bench),
+    '--images',
+    str(out),
+    '--clip',
+    str(out),
+    '--dino',
+    str(out),
+  ]
+  assert '--num-prompts must be at least 1, got 0' in error(
+    [*bench_argv, '--out', str(tmp_path / 'e'), '--num-prompts', '0']
+  )
   other = tmp_path / 'other'
   (other / 'vae').mkdir(parents=True)
   (other / 'vae' / 'notes.txt').write_text('mine')

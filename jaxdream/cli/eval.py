@@ -147,6 +147,9 @@ def _plan(args):
   subjects = [s.strip() for s in args.subjects.split(',') if s.strip()] if args.subjects is not None else None
   if subjects == []:  # not 'all': an empty list is a slip, and all 30 subjects are hours of work
     raise ValueError(f'--subjects {args.subjects!r}: no subject named')
+  for flag, value in (('--num-prompts', args.num_prompts), ('--images-per-prompt', args.images_per_prompt)):
+    if value is not None and value < 1:
+      raise ValueError(f'{flag} must be at least 1, got {value}')
   protocol = make_protocol(
     args.dataset,
     subjects,

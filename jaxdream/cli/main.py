@@ -73,6 +73,9 @@ def main(argv=None, *, cache=None):
     print(f'jaxdream {args.command}: error: {e}', file=sys.stderr)
     return 2
   except Exception as e:
+    if isinstance(e, RuntimeError) and 'Unable to initialize backend' in str(e):  # JAX_PLATFORMS names a missing one
+      print(f'jaxdream {args.command}: error: {str(e).splitlines()[0]}', file=sys.stderr)
+      return 2
     if type(e).__name__ != 'JaxRuntimeError' or 'RESOURCE_EXHAUSTED' not in str(e):
       raise
     first = str(e).strip().splitlines()[0]

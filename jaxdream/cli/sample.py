@@ -294,6 +294,12 @@ def _plan(args) -> _Plan:
   if args.num_images < 1:
     raise ValueError(f'--num-images must be at least 1, got {args.num_images}')
   check_output('--out', args.out, folder=True)
+  for spec in args.embedding or []:  # read with the model; named here, before it loads
+    path = spec.partition('=')[0]
+    if not os.path.isfile(path):
+      raise ValueError(f'--embedding {path}: no such file')
+    if not path.endswith(('.safetensors', '.pt', '.bin')):
+      raise ValueError(f'--embedding {path}: expected a .safetensors embedding (.pt/.bin with --allow-pickle)')
   for flag, given in (('--init-image', args.init_image), ('--mask', args.mask)):
     # this run writes NNNNN.png and grids into --out: an input there under such a name would be overwritten
     if given and os.path.realpath(os.path.dirname(os.path.abspath(given))) == os.path.realpath(args.out):

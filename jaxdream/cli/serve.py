@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 
-from jaxdream.cli.args import int_between, positive_float
+from jaxdream.cli.args import check_output, int_between, positive_float
 
 
 def _model_folder(model: str) -> str:
@@ -38,6 +38,7 @@ def _serve(args):
 
   check_bind(args.host, args.api_auth, args.insecure)
   users = parse_auth(args.api_auth)
+  check_output('--outdir', args.outdir, folder=True)  # save_images writes there: a file would fail each request
   limits = Limits(max_size=args.max_size, max_steps=args.max_steps, max_body_bytes=int(args.max_body_mb * 2**20))
   logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stderr)
   logging.getLogger('jaxdream.serve').setLevel(logging.INFO)
