@@ -10,6 +10,8 @@ Rows (float32 unless marked):
   clip_mlp    1600x768 @ 768x3072: CLIP ViT-B/32's MLP at batch 32
   conv320     3x3 conv, 320 -> 320 channels, 2x64x64: SD 1.5's top level at 512 px
   conv1280    3x3 conv, 1280 -> 1280 channels, 2x32x32: SDXL's lowest level at 1024 px (16x16 at 512)
+  conv320_grad  conv320's forward and both gradients (jax.vjp; torch autograd), as a training step runs it
+  conv320_grad_256  the same at 2x32x32: SD 1.5's top level in the 256 px training benchmark
   gemv_f32    4x2048 @ 2048x11008: one decode step's MLP product for Qwen2.5-VL-3B at batch 4 (memory bound:
               GB/s of weights read)
   gemv_bf16   the same in bfloat16 weights (float32 accumulation)
@@ -39,6 +41,8 @@ KERNELS = {
   'clip_mlp': ('mm', (1600, 768, 3072), 'float32'),
   'conv320': ('conv', (2, 64, 64, 320, 320), 'float32'),
   'conv1280': ('conv', (2, 32, 32, 1280, 1280), 'float32'),
+  'conv320_grad': ('conv_grad', (2, 64, 64, 320, 320), 'float32'),
+  'conv320_grad_256': ('conv_grad', (2, 32, 32, 320, 320), 'float32'),
   'gemv_f32': ('mm', GEMV, 'float32'),
   'gemv_bf16': ('mm', GEMV, 'bfloat16'),
   'mm_bf16': ('mm', (6304, 384, 1536), 'bfloat16'),
@@ -68,7 +72,8 @@ def _work(kind, shape, dtype):
     m, k, n = shape
     return 2 * m * k * n, k * n * size
   b, h, w, ci, co = shape
-  return 2 * b * h * w * ci * co * 9, int(np.prod((3, 3, ci, co))) * size
+  passes = 3 if kind == 'conv_grad' else 1  # forward, input gradient, kernel gradient
+  return passes * 2 * b * h * w * ci * co * 9, int(np.prod((3, 3, ci, co))) * size
 
 
 def _sides(kind, shape, dtype):
@@ -104,6 +109,17 @@ def _sides(kind, shape, dtype):
   # torch's fastest CPU layout for this: channels-last activations (oneDNN), as diffusers on CPU can use.
   tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last).to(tdt)
   tk = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous().to(tdt)
+  if kind == 'conv_grad':  # both gradients against a fixed output gradient
+    g = rng.standard_normal((bsz, h, w, co), np.float32)
+    jg = jnp.asarray(g, jdt)
+    grads = jax.jit(lambda x, k, g: jax.vjp(f, x, k)[1](g))
+    tg = torch.from_numpy(g).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last).to(tdt)
+    tx.requires_grad_(), tk.requires_grad_()
+
+    def torch_grads():
+      return torch.autograd.grad(torch.nn.functional.conv2d(tx, tk, padding=1), (tx, tk), tg)
+
+    return (lambda: jax.block_until_ready(grads(jx, jk, jg))), torch_grads
   return (lambda: f(jx, jk).block_until_ready()), (lambda: torch.nn.functional.conv2d(tx, tk, padding=1))
 
 

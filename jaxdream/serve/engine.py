@@ -125,6 +125,7 @@ class Engine:
         raise ValueError(f'{flag} {folder}: no such folder')
     self.embeddings_dir = embeddings_dir
     self._embeddings = {'loaded': {}, 'skipped': {}}  # GET /sdapi/v1/embeddings, for the loaded model
+    self._embeddings_seen = ()  # (path, mtime) of the folder's files when the loaded model read them
     self.model_path, self.models_dir, self.lora_dir, self.config_dir = model, models_dir, lora_dir, config_dir
     self._hashes: dict = {}  # (path, size, mtime) -> sha256 of a single file, computed once (A1111 caches it too)
     self.max_batch, self.allow_pickle = max_batch, allow_pickle
@@ -285,7 +286,7 @@ class Engine:
     """POST refresh-embeddings: when the folder changed, the loaded model is read again with its embeddings (the
     longer token tables compile anew). Returns whether it did."""
     with self._lock:
-      if self._loaded is None or self._embeddings_stamp() == getattr(self, '_embeddings_seen', None):
+      if self._loaded is None or self._embeddings_stamp() == self._embeddings_seen:
         return False
       name, self._loaded = self._loaded[0], None
       self.pipeline(name)
