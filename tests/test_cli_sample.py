@@ -207,6 +207,22 @@ def test_clip_skip_changes_the_image_and_is_recorded_as_a1111s_clip_skip(files, 
   assert not np.array_equal(load(tmp_path / 'skip' / '00000.png'), load(tmp_path / 'plain' / '00000.png'))
 
 
+def test_hires_scale_samples_again_at_the_larger_size_and_records_a1111s_hires_fields(files, tmp_path):
+  argv = ['--model', files['model'], '--prompt', PROMPT, '--steps', 2, '--seed', 5, '--height', 32, '--width', 48]
+  hires = ['--hires-scale', 1.5, '--hires-steps', 1, '--hires-strength', 0.5, '--hires-upscaler', 'Lanczos']
+  assert sample(*argv, *hires, '--out', tmp_path / 'hires') == 0
+  assert load(tmp_path / 'hires' / '00000.png').shape == (48, 72, 3)
+  text = params(tmp_path / 'hires', 0)
+  for field in (
+    'Size: 48x32',
+    'Denoising strength: 0.5',
+    'Hires upscale: 1.5',
+    'Hires steps: 1',
+    'Hires upscaler: Lanczos',
+  ):
+    assert field in text, text
+
+
 def test_prompt_syntax_a1111_reads_emphasis_and_plain_keeps_the_brackets(files, tmp_path):
   runs = {
     'plain': ['--prompt', 'a dog'],
@@ -423,6 +439,10 @@ def test_three_sweeps_write_one_grid_per_z_value_and_prompts_split_on_bars(files
     (['--init-image', '{root}/missing.png'], 'no such file'),
     (['--steps', 'two'], "invalid int value: 'two'"),
     (['--init-image', '{init}', '--steps', 1], 'runs no denoising step'),  # int(1 * 0.8) = 0, as diffusers
+    (['--hires-strength', 0.5], '--hires-strength needs --hires-scale'),
+    (['--hires-scale', 2, '--init-image', '{init}'], 'is for txt2img'),
+    (['--hires-scale', 2, '--hires-upscaler', 'R-ESRGAN 4x+'], 'model upscalers such as ESRGAN are not supported'),
+    (['--hires-scale', 200], 'must be in (0, 8]'),
   ],
   ids=[
     'missing-model',
@@ -435,6 +455,10 @@ def test_three_sweeps_write_one_grid_per_z_value_and_prompts_split_on_bars(files
     'missing-init-image',
     'non-number',
     'no-step-at-strength',
+    'hires-flag-without-scale',
+    'hires-with-init',
+    'hires-model-upscaler',
+    'hires-scale-too-large',
   ],
 )
 def test_bad_arguments_exit_2_with_a_message_before_any_output(files, tmp_path, capsys, argv, message):

@@ -7,6 +7,7 @@ txt2img with adapters, inpainting) are compiled once and shared by every test, t
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -34,7 +35,7 @@ from jaxdream.lora import save_lora
 from jaxdream.nn.adapters import add_lora, lora_layers
 from jaxdream.serve import inpainting
 from jaxdream.serve.app import Server, create_app, make_server
-from jaxdream.serve.engine import BatchKey, Engine, Task
+from jaxdream.serve.engine import BatchKey, Engine, Hires, Task
 from jaxdream.serve.limits import Limits, check_bind, parse_auth
 from jaxdream.serve.metrics import Metrics
 from jaxdream.serve.queue import BatchQueue, ShuttingDown
@@ -298,7 +299,15 @@ def test_bad_requests_are_refused_naming_the_field(served):
   assert 'at most 8' in refused(422, 'prompt', {'prompt': 'x' + ' <lora:subject:0.1>' * 9})['detail']
   refused(422, None, {'steps': 'many'})  # a type error: FastAPI's own 422
   # Features that would change the image and that jaxdream does not have: refused, not silently left out.
-  assert 'hires fix' in refused(422, 'enable_hr', {'enable_hr': True, 'hr_scale': 2})['detail']
+  hires = {'enable_hr': True, 'hr_scale': 1.5}
+  assert 'ESRGAN' in refused(422, 'hr_upscaler', {**hires, 'hr_upscaler': 'R-ESRGAN 4x+'})['detail']
+  assert '[4, 64]' in refused(422, 'hr_scale (hires width)', {**hires, 'hr_scale': 3})['detail']  # 96 px
+  refused(422, 'hr_resize_y', {**hires, 'hr_resize_x': 32, 'hr_resize_y': 128})
+  refused(422, 'denoising_strength', {**hires, 'denoising_strength': 0})
+  refused(422, 'hr_second_pass_steps', {**hires, 'hr_second_pass_steps': 11})
+  refused(422, 'hr_sampler_name', {**hires, 'hr_sampler_name': 'Heun++'})
+  refused(422, 'hr_checkpoint_name', {**hires, 'hr_checkpoint_name': 'other'})  # another checkpoint
+  assert 'tags' in refused(422, 'hr_prompt', {**hires, 'hr_prompt': 'x <lora:subject:1>'})['detail']
   refused(422, 'alwayson_scripts', {'alwayson_scripts': {'controlnet': {'args': []}}})
   refused(422, 'script_name', {'script_name': 'x/y/z plot'})
   for clip in (0, 13, 'two'):
@@ -482,6 +491,43 @@ def test_inpainting_from_a_data_url_image_and_a_base64_mask(served):
   assert 'Denoising strength: 0.5' in info['infotexts'][0]
   assert r.json()['parameters']['init_images'] is None
   assert pixels(r.json()['images'][0]).shape == (32, 32, 3)
+
+
+def test_hires_fix_gives_the_librarys_hires_images_alone_and_batched_with_a1111_infotext(served):
+  from jaxdream.diffusion.sampling import hires_fix
+  from jaxdream.serve import samplers
+
+  server, client = served
+  hires = dict(enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2, denoising_strength=0.5, hr_sampler_name='DDIM')
+  request = dict(prompt='a red fox', seed=11, **hires)
+  alone = txt2img(client, **request)
+  image = pixels(alone['images'][0])
+  assert image.shape == (48, 48, 3)
+  info = json.loads(alone['info'])
+  assert (info['width'], info['height'], info['denoising_strength']) == (32, 32, 0.5)  # A1111: the first pass's size
+  for field in ('Size: 32x32', 'Denoising strength: 0.5', 'Hires upscale: 1.5', 'Hires steps: 2',
+                'Hires upscaler: Latent', 'Hires sampler: DDIM'):  # fmt: skip
+    assert field in info['infotexts'][0], info['infotexts'][0]
+  # The engine's call (a batch padded to --max-batch, the progress program) made with the library's function.
+  pipe = server.engine.pipeline(server.engine.current)
+  expected = hires_fix(
+    pipe, ['a red fox'] * MAX_BATCH, negative_prompts=[None] * MAX_BATCH, num_inference_steps=2,
+    guidance_scale=[7.0] * MAX_BATCH, scheduler=samplers.resolve('Euler'), seed=[11] * MAX_BATCH, height=32, width=32,
+    progress=lambda *a: None, progress_latents='denoised', prompt_syntax='a1111', scale=1.5, strength=0.5,
+    hires_steps=2, hires_scheduler=samplers.resolve('DDIM'),
+  )  # fmt: skip
+  assert np.array_equal(image, expected[0])
+  others = [dict(prompt='a castle', seed=1, **hires), dict(prompt='a cat', seed=2, cfg_scale=9.0, **hires)]
+  got = batched(server, client, [others[0], request, others[1]])
+  assert np.array_equal(pixels(got[1]['images'][0]), image)
+  assert not np.array_equal(pixels(got[0]['images'][0]), image)
+  key = BatchKey(server.engine.current, 'txt2img', 32, 32, 2, samplers.resolve('Euler'), True)
+  hires_key = dataclasses.replace(key, hires=Hires(1.5, 0, 0, 'Latent', 2, samplers.resolve('DDIM'), 0.5))
+  assert server.engine.num_steps(hires_key) == server.engine.num_steps(key) + 2  # /progress counts both passes
+  names = [m['name'] for m in client.get('/sdapi/v1/latent-upscale-modes').json()]
+  names += [u['name'] for u in client.get('/sdapi/v1/upscalers').json()]
+  for name in names:  # every upscaler listed is one hires fix takes
+    assert txt2img(client, prompt='a red fox', seed=11, **dict(hires, hr_upscaler=name))['images']
 
 
 def test_embeddings_are_named_by_their_files_as_words_in_any_case_and_other_models_ones_are_skipped(served):

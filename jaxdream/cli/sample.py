@@ -236,9 +236,10 @@ def _model_name(path: str) -> str:
   return os.path.splitext(name)[0] if os.path.isfile(path) else name
 
 
-def _check_job(job: _Job, scheduler_config: dict, num_images: int, refiner=None) -> int:
+def _check_job(job: _Job, scheduler_config: dict, num_images: int, refiner=None, hires=None) -> int:
   """Raise ValueError for a bad setting; return how many steps the job runs (for the progress bar), the
-  refiner's included (`refiner`: its scheduler config and start fraction)."""
+  refiner's included (`refiner`: its scheduler config and start fraction), or the hires pass's (`hires`)."""
+  from jaxdream.diffusion.sampling import hires_schedule
   from jaxdream.schedulers import make_scheduler
 
   if job.steps < 1:
@@ -251,6 +252,10 @@ def _check_job(job: _Job, scheduler_config: dict, num_images: int, refiner=None)
     raise ValueError(f'strength must be in [0, 1], got {job.strength}')
   sch = make_scheduler(job.scheduler, scheduler_config, job.steps)
   start = 0 if job.strength is None else sch.start_index(job.strength)
+  if hires is not None:
+    total, strength = hires_schedule(hires['hires_steps'] or job.steps, hires['strength'])
+    second = make_scheduler(job.scheduler, scheduler_config, total)
+    return sch.num_steps + second.num_steps - second.start_index(strength)
   if refiner is None:
     return sch.num_steps - start
   refiner_config, refiner_start = refiner
@@ -280,6 +285,7 @@ class _Plan:
   micro: dict = dataclasses.field(default_factory=dict)  # the model's micro-conditioning settings (SDXL)
   refiner_micro: dict = dataclasses.field(default_factory=dict)
   loras: tuple = ()  # (path, scale) of each --lora
+  hires: dict | None = None  # hires fix's settings (--hires-scale ...), as sampling.hires_fix takes them
   lora_dir: str | None = None  # where prompt tags' <lora:name> files are
 
 
@@ -345,9 +351,49 @@ def _plan(args) -> _Plan:
   plan = _Plan(jobs=jobs, axes=axes, size=(h, w), init=init, mask=mask, mesh=_sample_mesh(args), options=options)
   refiner_config = _plan_sdxl(plan, args, spec)
   refiner = None if plan.refiner is None else (refiner_config, plan.refiner[1])
-  plan.total_steps = sum(_check_job(job, scheduler_config, args.num_images, refiner) for job in jobs)
+  plan.hires = _plan_hires(args, plan, f)
+  plan.total_steps = sum(_check_job(job, scheduler_config, args.num_images, refiner, plan.hires) for job in jobs)
   _plan_loras(plan, args)
   return plan
+
+
+def _plan_hires(args, plan: _Plan, f: int) -> dict | None:
+  """hires_fix's settings of --hires-scale and its flags (None without them), checked."""
+  from jaxdream.diffusion import upscale
+
+  flags = {'--hires-upscaler': args.hires_upscaler, '--hires-strength': args.hires_strength,
+           '--hires-steps': args.hires_steps}  # fmt: skip
+  if args.hires_scale is None:
+    given = [flag for flag, v in flags.items() if v is not None]
+    if given:
+      raise ValueError(f'{", ".join(given)} needs --hires-scale (hires fix)')
+    return None
+  if plan.init is not None or plan.refiner is not None:
+    raise ValueError('--hires-scale (hires fix) is for txt2img: not with --init-image or --refiner')
+  if not 0 < args.hires_scale <= 8:
+    raise ValueError(f'--hires-scale {args.hires_scale}: must be in (0, 8]')
+  strength = 0.7 if args.hires_strength is None else args.hires_strength  # A1111's web UI default
+  if not 0 < strength <= 1:
+    raise ValueError(f'--hires-strength {strength}: must be in (0, 1]')
+  if args.hires_steps is not None and args.hires_steps < 1:
+    raise ValueError(f'--hires-steps {args.hires_steps}: must be at least 1')
+  h, w = plan.size
+  out_w, out_h = upscale.output_size(w, h, args.hires_scale, factor=f)
+  if not (f <= out_w <= MAX_SIDE and f <= out_h <= MAX_SIDE):
+    raise ValueError(
+      f'--hires-scale {args.hires_scale}: {w}x{h} becomes {out_w}x{out_h}; each side in [{f}, {MAX_SIDE}]'
+    )
+  upscaler = upscale.check_upscaler(args.hires_upscaler or upscale.DEFAULT_UPSCALER)
+  return dict(scale=args.hires_scale, upscaler=upscaler, strength=strength, hires_steps=args.hires_steps)
+
+
+def _hires_fields(hires: dict) -> dict:
+  """A1111's infotext fields of a hires fix."""
+  from jaxdream.io.images import format_number
+
+  fields = {'Hires upscale': format_number(hires['scale']), 'Hires steps': hires['hires_steps'],
+            'Hires upscaler': hires['upscaler']}  # fmt: skip
+  return {k: v for k, v in fields.items() if v is not None}
 
 
 def _plan_sdxl(plan: _Plan, args, spec) -> dict | None:
@@ -469,6 +515,10 @@ def _run_job(pipe, job: _Job, plan: _Plan, args, progress, refiner=None):
       **kw,
     )
   kw['micro_conditioning'] = plan.micro
+  if plan.hires is not None:
+    return sampling.hires_fix(
+      pipe, [job.prompt], **dict(plan.hires, hires_steps=plan.hires['hires_steps'] or job.steps), **kw
+    )
   if plan.mask is not None:
     return sampling.inpaint(pipe, [job.prompt], plan.init, plan.mask, strength=job.strength, **kw)
   if plan.init is not None:
@@ -537,10 +587,11 @@ def _sample(args, session: SampleSession | None = None):
             width=plan.size[1],
             height=plan.size[0],
             model=model,
-            strength=job.strength,
+            strength=job.strength if plan.hires is None else plan.hires['strength'],
             refiner=plan.refiner and _model_name(plan.refiner[0]),
             refiner_start=plan.refiner and plan.refiner[1],
             clip_skip=args.clip_skip,
+            extra=plan.hires and _hires_fields(plan.hires),
           )
         )
         save_png(os.path.join(args.out, f'{len(texts) - 1:05d}.png'), image, texts[-1])
@@ -643,6 +694,27 @@ def _add_sample_parser(sub):
     help='with --refiner: the fraction of the schedule, in (0, 1), at which the refiner takes over (default 0.8)',
   )
   add_model_file_arguments(s, prefix='refiner-', what='--refiner')
+  s.add_argument(
+    '--hires-scale',
+    type=float,
+    metavar='SCALE',
+    help="hires fix (A1111's): generate at --width x --height, upscale by SCALE, then denoise again at that size",
+  )
+  s.add_argument(
+    '--hires-upscaler',
+    metavar='NAME',
+    help="with --hires-scale: A1111's 'Latent' (default), 'Latent (antialiased)', 'Latent (bicubic)', 'Latent "
+    "(bicubic antialiased)', 'Latent (nearest)', 'Latent (nearest-exact)', or an image upscaler: 'None', 'Lanczos', "
+    "'Nearest'",
+  )
+  s.add_argument(
+    '--hires-strength', type=float, help="with --hires-scale: the second pass's denoising strength (default 0.7)"
+  )
+  s.add_argument(
+    '--hires-steps',
+    type=int,
+    help='with --hires-scale: steps of the second pass (default: --steps), as A1111 runs them',
+  )
   s.add_argument(
     '--original-size',
     type=int,

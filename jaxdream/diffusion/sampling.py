@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxdream.diffusion import adapters as per_image_adapters
-from jaxdream.diffusion import sdxl
+from jaxdream.diffusion import sdxl, upscale
 from jaxdream.diffusion.conditioning import Emphasis, encode_chunks
 from jaxdream.distributed.mesh import as_auto
 from jaxdream.distributed.multihost import run_together, to_global, to_host
@@ -1038,3 +1038,117 @@ def refine(
   if masks is None:
     return img2img(refiner, prompts, x, **second)
   return inpaint(refiner, prompts, x, masks, **second)
+
+
+def hires_schedule(hires_steps: int, strength: float) -> tuple[int, float]:
+  """(schedule steps, img2img strength) of a hires pass, as the webui's setup_img2img_steps sets it up when given
+  the steps: `hires_steps` steps at the end of a schedule of int(hires_steps / min(strength, 0.999)) steps."""
+  total = int(hires_steps / min(strength, 0.999))
+  return total, min(1.0, (hires_steps + 0.5) / total)  # int(total * strength) == hires_steps
+
+
+def hires_fix(
+  pipeline,
+  prompts,
+  *,
+  scale: float = 2.0,
+  resize_x: int = 0,
+  resize_y: int = 0,
+  upscaler: str = upscale.DEFAULT_UPSCALER,
+  strength: float = 0.7,
+  hires_steps: int | None = None,
+  hires_scheduler: str | None = None,
+  hires_prompts=None,
+  hires_negative_prompts=None,
+  negative_prompts=None,
+  num_inference_steps: int = 50,
+  guidance_scale=7.5,
+  scheduler: str | None = None,
+  seed=0,
+  height: int | None = None,
+  width: int | None = None,
+  latents=None,
+  num_images_per_prompt: int = 1,
+  eta: float = 0.0,
+  mesh=None,
+  progress=None,
+  progress_latents: bool | str = False,
+  adapters: dict | None = None,
+  adapter_ids=None,
+  adapter_scales=None,
+  micro_conditioning: dict | None = None,
+  clip_skip: int = 0,
+  prompt_syntax: str = 'plain',
+  output_type: str = 'uint8',
+) -> np.ndarray:
+  """A1111's hires fix (txt2img's `enable_hr`): txt2img at height x width, upscaled, then img2img at the larger size
+  from those latents with the same seeds, as the webui's sample_hr_pass runs it.
+
+  scale / resize_x / resize_y: the larger size, `scale` times the first pass's, or resize_x x resize_y (0: from the
+    aspect ratio; both: covered, then cropped), in A1111's arithmetic (`upscale.hires_size`, `upscale.output_size`).
+  upscaler: an A1111 latent mode ('Latent', 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic
+    antialiased)', 'Latent (nearest)', 'Latent (nearest-exact)': the latents resized as torch's interpolate) or an
+    image upscaler ('None', 'Lanczos', 'Nearest': the decoded images resized with PIL, then encoded).
+  strength: the second pass's denoising strength (A1111's denoising_strength). As in the webui's hires pass, it runs
+    `hires_steps` (default: num_inference_steps) steps, the last ones of a schedule of int(hires_steps / min(strength,
+    0.999)) steps.
+  hires_scheduler, hires_prompts, hires_negative_prompts: the second pass's (default: the first pass's).
+  progress is called for the steps of both passes, with each pass's step index in its schedule. Other arguments as
+  in txt2img; `latents` is the first pass's initial noise."""
+  upscale.check_upscaler(upscaler)
+  if not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0):
+    raise ValueError(f'hires scale must be a number > 0, got {scale!r}')
+  for what, v in (('resize_x', resize_x), ('resize_y', resize_y)):
+    _count(v, what, least=0)
+  if not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):
+    raise ValueError(f'hires strength must be in (0, 1], got {strength!r}')
+  hires_steps = _count(num_inference_steps if hires_steps is None else hires_steps, 'hires_steps')
+  f = pipeline.vae_scale_factor
+  height, width = _check_size(pipeline, height, width)
+  up_x, up_y, tx, ty = upscale.hires_size(width, height, scale, resize_x, resize_y, f)
+  out_w, out_h = upscale.output_size(width, height, scale, resize_x, resize_y, f)
+  if out_w < f or out_h < f:
+    raise ValueError(f'hires size {up_x}x{up_y} of a {width}x{height} first pass leaves no image')
+  common = dict(
+    negative_prompts=negative_prompts,
+    guidance_scale=guidance_scale,
+    seed=seed,
+    num_images_per_prompt=num_images_per_prompt,
+    eta=eta,
+    mesh=mesh,
+    progress=progress,
+    progress_latents=progress_latents,
+    adapters=adapters,
+    adapter_ids=adapter_ids,
+    adapter_scales=adapter_scales,
+    clip_skip=clip_skip,
+    prompt_syntax=prompt_syntax,
+  )
+  first = dict(
+    common,
+    num_inference_steps=num_inference_steps,
+    scheduler=scheduler,
+    height=height,
+    width=width,
+    latents=latents,
+    micro_conditioning=micro_conditioning,
+  )
+  if upscaler in upscale.LATENT_MODES:
+    x = txt2img(pipeline, prompts, output_type='latent', **first)
+    x = upscale.resize_latents(x, up_y // f, up_x // f, *upscale.LATENT_MODES[upscaler])
+  else:
+    images = upscale.upscale_images(txt2img(pipeline, prompts, **first), up_x, up_y, upscaler)
+    seeds = _seeds(seed, len(images))
+    x = _encode(pipeline, images.astype(np.float32) / 127.5 - 1.0, seeds, _ENCODE)
+  x = x[:, ty // 2 : x.shape[1] - (ty + 1) // 2, tx // 2 : x.shape[2] - (tx + 1) // 2]
+  total, second_strength = hires_schedule(hires_steps, strength)
+  second = dict(
+    common,
+    negative_prompts=negative_prompts if hires_negative_prompts is None else hires_negative_prompts,
+    num_inference_steps=total,
+    strength=second_strength,
+    scheduler=scheduler if hires_scheduler is None else hires_scheduler,
+    micro_conditioning=micro_conditioning,
+    output_type=output_type,
+  )
+  return img2img(pipeline, prompts if hires_prompts is None else hires_prompts, np.asarray(x), **second)

@@ -85,8 +85,9 @@ def format_parameters(
   refiner: str | None = None,
   refiner_start: float | None = None,
   clip_skip: int = 0,
+  extra: dict | None = None,
 ) -> str:
-  """The A1111 infotext of one image; `scheduler` is our name (SAMPLER_NAMES), `strength` the
+  """The A1111 infotext of one image (`extra`: more fields, after these, such as hires fix's); `scheduler` is our name (SAMPLER_NAMES), `strength` the
   img2img/inpaint denoising strength (None for txt2img), `refiner` the SDXL refiner's name and `refiner_start` the
   fraction of the schedule at which it took over (A1111's 'Refiner switch at'); a `clip_skip` (diffusers') is A1111's
   'Clip skip' (CLIP_stop_at_last_layers: one more)."""
@@ -101,6 +102,7 @@ def format_parameters(
     'Refiner': refiner,
     'Refiner switch at': None if refiner_start is None else format_number(refiner_start),
     'Clip skip': clip_skip + 1 if clip_skip else None,
+    **(extra or {}),
   }
   line = ', '.join(f'{k}: {_quote(v)}' for k, v in fields.items() if v is not None)
   negative = f'\n{NEGATIVE} {negative_prompt}' if negative_prompt else ''

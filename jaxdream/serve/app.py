@@ -23,12 +23,13 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
+from jaxdream.diffusion import sampling, upscale
 from jaxdream.diffusion.sampling import check_clip_skip, prompt_chunks
-from jaxdream.io.images import format_parameters, parse_parameters, png_bytes, read_parameters
+from jaxdream.io.images import format_number, format_parameters, parse_parameters, png_bytes, read_parameters
 from jaxdream.lora.tags import parse_tags
 from jaxdream.schedulers.common import strength_steps
 from jaxdream.serve import inpainting, samplers
-from jaxdream.serve.engine import BatchKey, Engine, Task
+from jaxdream.serve.engine import BatchKey, Engine, Hires, Task
 from jaxdream.serve.limits import ApiError, Limits, check_range, check_size, decode_image, image_bytes, resized
 from jaxdream.serve.metrics import Metrics
 from jaxdream.serve.outputs import DEFAULT_OUTDIR, save_pngs
@@ -110,7 +111,6 @@ def warm_up(server: Server, steps: int = 20, sampler: str = samplers.DEFAULT_SAM
 # A1111 features that change the image and that jaxdream does not have: asked for, they are refused (as A1111
 # refuses a script it does not have), never silently left out.
 _UNSUPPORTED = {
-  'enable_hr': 'hires fix (enable_hr)',
   'restore_faces': 'face restoration (restore_faces)',
   'tiling': 'tiling',
   'script_name': 'scripts (script_name)',
@@ -196,12 +196,76 @@ def _plan(server: Server, req: Txt2ImgRequest, kind: str):
     _prompt_chunks(pipe, field, p, req.steps, lim)
     for field, p in (('negative_prompt', req.negative_prompt), ('prompt', text))
   )
+  hires, hires_texts = None, (None, None)
+  if kind == 'txt2img' and req.enable_hr:  # A1111's img2img has no hires fix: the field is ignored there
+    hires, hires_texts = _hires(server, pipe, req, model, sampler, text, tags, width, height)
   key = BatchKey(
-    model, kind, height, width, req.steps, sampler, req.cfg_scale > 1, strength, signature, fill, clip_skip, chunks
-  )
-  tasks = [Task(text, req.negative_prompt, seed + i, req.cfg_scale, lora, *inputs[i % len(inputs)]) for i in range(n)]
+    model, kind, height, width, req.steps, sampler, req.cfg_scale > 1, strength, signature, fill, clip_skip, chunks,
+    hires,
+  )  # fmt: skip
+  tasks = [
+    Task(text, req.negative_prompt, seed + i, req.cfg_scale, lora, *inputs[i % len(inputs)], *hires_texts)
+    for i in range(n)
+  ]
   facts = dict(model=model, width=width, height=height, seed=seed, sampler=sampler, strength=strength)
   return key, tasks, dict(facts, model_hash=eng.describe(model)['hash'])
+
+
+_SAME = ('', 'Use same checkpoint', 'Use same sampler', 'Use same scheduler')  # A1111's "as the first pass"
+
+
+def _hires(
+  server: Server, pipe, req: Txt2ImgRequest, model: str, sampler: str, text: str, tags, width: int, height: int
+):
+  """(Hires, (hires prompt, hires negative prompt)) of a txt2img request with enable_hr, as A1111 reads its hr_*
+  fields; an ApiError naming the field at fault."""
+  eng, lim, f = server.engine, server.limits, pipe.vae_scale_factor
+  if (
+    req.hr_checkpoint_name not in (None, *_SAME)
+    and eng.model_name(req.hr_checkpoint_name, 'hr_checkpoint_name') != model
+  ):
+    raise ApiError(422, 'hr_checkpoint_name', 'a hires pass on another checkpoint is not supported by jaxdream serve')
+  try:
+    upscaler = upscale.check_upscaler(req.hr_upscaler or upscale.DEFAULT_UPSCALER)
+  except ValueError as e:
+    raise ApiError(422, 'hr_upscaler', str(e)) from None
+  check_range('hr_scale', req.hr_scale, 0, 8)
+  check_range('hr_resize_x', req.hr_resize_x, 0, lim.max_size)
+  check_range('hr_resize_y', req.hr_resize_y, 0, lim.max_size)
+  out_w, out_h = upscale.output_size(width, height, req.hr_scale, req.hr_resize_x, req.hr_resize_y, f)
+  resized_by = 'hr_resize_x' if req.hr_resize_x or req.hr_resize_y else 'hr_scale'
+  check_size(f'{resized_by} (hires width)', out_w, f, lim)
+  check_size(f'{resized_by} (hires height)', out_h, f, lim)
+  check_range('hr_second_pass_steps', req.hr_second_pass_steps, 0, lim.max_steps)
+  strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's txt2img default
+  check_range('denoising_strength', strength, 0, 1)
+  if strength == 0:
+    raise ApiError(422, 'denoising_strength', 'denoising_strength 0 leaves the hires pass no step')
+  second = sampler
+  if req.hr_sampler_name not in (None, *_SAME) or req.hr_scheduler not in (None, *_SAME):
+    name = req.hr_sampler_name if req.hr_sampler_name not in (None, *_SAME) else req.sampler_name or req.sampler_index
+    try:
+      second = samplers.resolve(name, req.hr_scheduler if req.hr_scheduler not in (None, *_SAME) else req.scheduler)
+    except samplers.UnknownSampler as e:
+      raise ApiError(422, f'hr_{e.field}', str(e)) from None
+  steps = req.hr_second_pass_steps or req.steps
+  prompt, negative = None, None
+  if req.hr_prompt:
+    try:
+      prompt, hr_tags = parse_tags(req.hr_prompt)
+    except ValueError as e:
+      raise ApiError(422, 'hr_prompt', str(e)) from None
+    if sorted(hr_tags) != sorted(tags):  # one set of adapters per image for both passes
+      raise ApiError(422, 'hr_prompt', "hr_prompt's <lora:...> tags must be the prompt's (the passes share adapters)")
+  if req.hr_negative_prompt:
+    negative = req.hr_negative_prompt
+  total = sampling.hires_schedule(steps, strength)[0]
+  chunks = tuple(
+    _prompt_chunks(pipe, field, p, total, lim)
+    for field, p in (('hr_negative_prompt', negative or req.negative_prompt), ('hr_prompt', prompt or text))
+  )
+  hires = Hires(req.hr_scale, req.hr_resize_x, req.hr_resize_y, upscaler, steps, second, strength, chunks)
+  return hires, (prompt, negative)
 
 
 def _prompt_chunks(pipe, field: str, prompt: str, steps: int, lim: Limits) -> int:
@@ -256,6 +320,9 @@ def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list, out
   save_images, the PNGs written under `outdir` too."""
   n = len(images)
   seeds = [facts['seed'] + i for i in range(n)]
+  h = key.hires
+  strength = key.strength if h is None else h.strength
+  extra = {} if h is None else _hires_parameters(req, key)
   texts = [
     format_parameters(
       req.prompt,
@@ -267,8 +334,9 @@ def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list, out
       width=key.width,
       height=key.height,
       model=key.model,
-      strength=key.strength,
+      strength=strength,
       clip_skip=key.clip_skip,
+      extra=extra,
     )
     for s in seeds
   ]
@@ -301,8 +369,8 @@ def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list, out
     'sd_vae_hash': None,
     'seed_resize_from_w': -1,
     'seed_resize_from_h': -1,
-    'denoising_strength': key.strength,
-    'extra_generation_params': {},
+    'denoising_strength': strength,
+    'extra_generation_params': extra,
     'index_of_first_image': 0,
     'infotexts': [texts[i] for i in done],
     'styles': req.styles or [],
@@ -317,6 +385,22 @@ def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list, out
   if isinstance(req, Img2ImgRequest):
     params['init_images'] = params['mask'] = None  # as A1111: the inputs are not sent back
   return {'images': encoded if req.send_images else [], 'parameters': params, 'info': json.dumps(info)}
+
+
+def _hires_parameters(req: Txt2ImgRequest, key: BatchKey) -> dict:
+  """A1111's infotext fields of a hires fix."""
+  h = key.hires
+  resized = h.resize_x or h.resize_y
+  fields = {
+    'Hires upscale': None if resized else format_number(h.scale),
+    'Hires resize': f'{h.resize_x}x{h.resize_y}' if resized else None,
+    'Hires steps': h.steps if req.hr_second_pass_steps else None,
+    'Hires upscaler': h.upscaler,
+    'Hires sampler': samplers.a1111_name(h.sampler) if h.sampler != key.sampler else None,
+    'Hires prompt': req.hr_prompt or None,
+    'Hires negative prompt': req.hr_negative_prompt or None,
+  }
+  return {k: v for k, v in fields.items() if v is not None}
 
 
 async def _generate(server: Server, req: Txt2ImgRequest, kind: str) -> dict:
@@ -512,6 +596,16 @@ def create_app(server: Server) -> FastAPI:
   async def scheduler_list():
     return list(samplers.SCHEDULERS)
 
+  @app.get('/sdapi/v1/upscalers')
+  async def upscaler_list():  # the image upscalers hires fix takes (no model upscalers)
+    return [
+      dict(name=name, model_name=None, model_path=None, model_url=None, scale=4) for name in upscale.IMAGE_UPSCALERS
+    ]
+
+  @app.get('/sdapi/v1/latent-upscale-modes')
+  async def latent_upscale_modes():
+    return [{'name': name} for name in upscale.LATENT_MODES]
+
   @app.get('/sdapi/v1/embeddings')
   async def embeddings():
     return server.engine.embeddings()
@@ -523,8 +617,6 @@ def create_app(server: Server) -> FastAPI:
   # What A1111 clients also list or call at start-up, and that jaxdream has none of (or nothing to do for).
   for path, empty in (
     ('/sdapi/v1/sd-vae', []),
-    ('/sdapi/v1/upscalers', []),
-    ('/sdapi/v1/latent-upscale-modes', []),
     ('/sdapi/v1/prompt-styles', []),
     ('/sdapi/v1/hypernetworks', []),
     ('/sdapi/v1/face-restorers', []),

@@ -52,6 +52,22 @@ class Task:
   init: np.ndarray | None = None  # uint8 (H, W, 3), img2img / inpainting
   mask: np.ndarray | None = None  # uint8 (H, W), white: repaint
   overlay: Overlay | None = None  # inpainting: what the result is pasted back into
+  hires_prompt: str | None = None  # hires fix's second pass (None: the prompt's)
+  hires_negative_prompt: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Hires:
+  """A1111's hires fix settings (txt2img's enable_hr), as sampling.hires_fix takes them."""
+
+  scale: float
+  resize_x: int
+  resize_y: int
+  upscaler: str
+  steps: int  # the second pass's
+  sampler: str
+  strength: float
+  chunks: tuple[int, int] = (1, 1)  # the second pass's prompts' 75-token chunks (BatchKey.chunks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +87,7 @@ class BatchKey:
   clip_skip: int = 0  # diffusers' clip_skip (A1111's CLIP_stop_at_last_layers - 1)
   # 75-token chunks of the negative prompt and the prompt (A1111 prompts): images of other counts would pad theirs
   chunks: tuple[int, int] = (1, 1)
+  hires: Hires | None = None  # txt2img with A1111's hires fix
 
 
 def _signature(tree: dict) -> tuple:
@@ -376,8 +393,14 @@ class Engine:
   # -- sampling
   def num_steps(self, key: BatchKey) -> int:
     """Steps the loop runs for this key (img2img starts part way)."""
-    sch = make_scheduler(key.sampler, self.pipeline(key.model).scheduler_config, key.steps)
-    return sch.num_steps - (0 if key.strength is None else sch.start_index(key.strength))
+    config = self.pipeline(key.model).scheduler_config
+    sch = make_scheduler(key.sampler, config, key.steps)
+    steps = sch.num_steps - (0 if key.strength is None else sch.start_index(key.strength))
+    if key.hires is not None:
+      total, strength = sampling.hires_schedule(key.hires.steps, key.hires.strength)
+      second = make_scheduler(key.hires.sampler, config, total)
+      steps += second.num_steps - second.start_index(strength)
+    return steps
 
   def preview(self, key: BatchKey, latents: np.ndarray) -> np.ndarray:
     """uint8 (H, W, 3) of one image's current latents (A1111's live preview)."""
@@ -433,7 +456,26 @@ class Engine:
       if key.adapters is not None:
         pipe, kw['adapters'], kw['adapter_ids'], kw['adapter_scales'] = self._with_adapters(pipe, key, padded)
       prompts = [t.prompt for t in padded]
-      if key.kind == 'txt2img':
+      if key.kind == 'txt2img' and key.hires is not None:
+        h = key.hires
+        images = sampling.hires_fix(
+          pipe,
+          prompts,
+          scale=h.scale,
+          resize_x=h.resize_x,
+          resize_y=h.resize_y,
+          upscaler=h.upscaler,
+          strength=h.strength,
+          hires_steps=h.steps,
+          hires_scheduler=h.sampler,
+          hires_prompts=[t.prompt if t.hires_prompt is None else t.hires_prompt for t in padded],
+          hires_negative_prompts=[
+            n if t.hires_negative_prompt is None else (t.hires_negative_prompt or None)
+            for n, t in zip(kw['negative_prompts'], padded, strict=True)
+          ],
+          **kw,
+        )
+      elif key.kind == 'txt2img':
         images = sampling.txt2img(pipe, prompts, **kw)
       else:
         init = np.stack([t.init for t in padded])

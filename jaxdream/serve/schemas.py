@@ -51,6 +51,16 @@ class Txt2ImgRequest(_Request):
   alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
   infotext: str | None = None
   enable_hr: bool = False
+  hr_scale: float = 2.0
+  hr_upscaler: str | None = None
+  hr_second_pass_steps: int = 0
+  hr_resize_x: int = 0
+  hr_resize_y: int = 0
+  hr_checkpoint_name: str | None = None
+  hr_sampler_name: str | None = None
+  hr_scheduler: str | None = None
+  hr_prompt: str = ''
+  hr_negative_prompt: str = ''
 
 
 class Img2ImgRequest(Txt2ImgRequest):
