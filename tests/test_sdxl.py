@@ -204,7 +204,17 @@ def test_the_server_zeroes_an_empty_negative_prompt_for_sdxl_as_a1111(sdxl_folde
   assert np.abs(served - zeroed).max() <= 1 < np.abs(served - empty).max()
 
 
-def test_refiner_img2img_with_aesthetic_scores_matches_diffusers(refiner_folder, monkeypatch):
+@pytest.mark.parametrize(
+  'settings',
+  [
+    dict(aesthetic_score=7.0, negative_aesthetic_score=2.0),
+    # the negative half's crop is (0, 0) unless given: not the prompt's
+    dict(aesthetic_score=7.0, original_size=(100, 60), crops_coords_top_left=(3, 4)),
+    dict(crops_coords_top_left=(3, 4), negative_crops_coords_top_left=(5, 1), negative_original_size=(40, 90)),
+  ],
+  ids=['scores', 'crop', 'negative-sizes'],
+)
+def test_refiner_img2img_with_aesthetic_scores_matches_diffusers(refiner_folder, monkeypatch, settings):
   """text_encoder_2 alone as context, time ids with the aesthetic score and the negative one for the negative
   half, the empty negative prompt encoded (force_zeros_for_empty_prompt false)."""
   import diffusers.models.autoencoders.vae as vae_module
@@ -220,12 +230,25 @@ def test_refiner_img2img_with_aesthetic_scores_matches_diffusers(refiner_folder,
   monkeypatch.setattr(vae_module, 'randn_tensor', _FixedNoise(image_noise(seeds, (16, 16, 4), _ENCODE)))
   monkeypatch.setattr(img2img_module, 'randn_tensor', _FixedNoise(noise))
   kw = dict(strength=0.6, num_inference_steps=3, guidance_scale=5.0)
-  scores = dict(aesthetic_score=7.0, negative_aesthetic_score=2.0)
   with torch.no_grad():
-    expected = ref(PROMPTS[0], image=Image.fromarray(image), output_type='np', **kw, **scores).images
-  ours = img2img(pipe, PROMPTS[0], image, seed=seeds, latents=noise, micro_conditioning=scores, **kw)
+    expected = ref(PROMPTS[0], image=Image.fromarray(image), output_type='np', **kw, **settings).images
+  ours = img2img(pipe, PROMPTS[0], image, seed=seeds, latents=noise, micro_conditioning=settings, **kw)
   diff = np.abs(ours / 255.0 - expected).max()
   assert diff <= 0.51 / 255, diff
+
+
+@pytest.mark.parametrize(
+  'settings, match',
+  [
+    (dict(aesthetic_score=None), 'aesthetic_score must be a finite number'),
+    (dict(original_size=8), 'original_size must be two finite numbers'),
+    (dict(crops_coords_top_left=(0, float('nan'))), 'crops_coords_top_left must be two'),
+    (dict(target_size=(1, 2)), 'target_size is not a setting of this model; it takes original_size'),
+  ],
+)
+def test_bad_micro_conditioning_settings_are_named_before_sampling(refiner_folder, settings, match):
+  with pytest.raises(ValueError, match=match):
+    txt2img(refiner_folder[2], PROMPTS[0], num_inference_steps=1, height=32, width=32, micro_conditioning=settings)
 
 
 def test_inpainting_with_the_base_model_matches_diffusers_latent_blending(sdxl_folder, monkeypatch):

@@ -527,6 +527,7 @@ def _generate(
   )
   if mode.init == 'noise' and init_images is not None:
     start = 0  # inpainting at full strength starts from pure noise
+  _check_micro_settings(pipeline, micro_conditioning or {})
   micro = lambda negative: {
     k: jnp.broadcast_to(jnp.asarray(v, jnp.float32), (b, *np.shape(v)))
     for k, v in pipeline.micro_conditioning(height, width, negative=negative, **(micro_conditioning or {})).items()
@@ -568,6 +569,21 @@ def _generate(
     if progress is not None:
       jax.effects_barrier()  # every step's callback has run before the token is forgotten
   return images
+
+
+def _check_micro_settings(pipeline, settings: dict):
+  """A ValueError naming micro-conditioning settings the model's function does not take (and those it does)."""
+  import inspect
+
+  params = inspect.signature(pipeline.micro_conditioning).parameters
+  if any(p.kind == p.VAR_KEYWORD for p in params.values()):  # it names what it refuses itself
+    return
+  known = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n != 'negative']
+  unknown = sorted(set(settings) - set(known))
+  if unknown:
+    raise ValueError(
+      f'micro_conditioning: {", ".join(unknown)} is not a setting of this model; it takes {", ".join(known)}'
+    )
 
 
 def _preview_kind(progress_latents) -> str:

@@ -45,6 +45,25 @@ def encode_prompt(models: dict, ids: dict, clip_skip: int = 0, emphasis=None) ->
   return context, {'text_embeds': outs[-1]['text_embeds']}
 
 
+def _pair(name: str, value, default) -> tuple[float, float]:
+  """A micro-conditioning size or corner: two finite numbers (None: `default`)."""
+  if value is None:
+    return default
+  try:
+    pair = tuple(float(v) for v in value)
+  except (TypeError, ValueError):
+    pair = ()
+  if len(pair) != 2 or not all(np.isfinite(pair)):
+    raise ValueError(f'{name} must be two finite numbers (height, width) / (top, left), got {value!r}')
+  return pair
+
+
+def _score(name: str, value) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
+    raise ValueError(f'{name} must be a finite number, got {value!r}')
+  return float(value)
+
+
 def size_time_ids(
   height: int,
   width: int,
@@ -57,7 +76,11 @@ def size_time_ids(
   """SDXL base's micro-conditioning: {'time_ids': original_size + crops_coords_top_left + target_size}, both sizes
   (height, width) of the output unless given; the same for the prompt and the negative prompt."""
   del negative
-  ids = (*(original_size or (height, width)), *crops_coords_top_left, *(target_size or (height, width)))
+  ids = (
+    *_pair('original_size', original_size, (height, width)),
+    *_pair('crops_coords_top_left', crops_coords_top_left, (0.0, 0.0)),
+    *_pair('target_size', target_size, (height, width)),
+  )
   return {'time_ids': np.asarray(ids, np.float32)}
 
 
@@ -70,11 +93,26 @@ def aesthetic_time_ids(
   crops_coords_top_left: tuple[int, int] = (0, 0),
   aesthetic_score: float = AESTHETIC_SCORE,
   negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
+  negative_original_size: tuple[int, int] | None = None,
+  negative_crops_coords_top_left: tuple[int, int] = (0, 0),
 ) -> dict:
   """The refiner's micro-conditioning (requires_aesthetics_score): {'time_ids': original_size +
-  crops_coords_top_left + (score,)}, the score the negative one for the negative prompt."""
-  score = negative_aesthetic_score if negative else aesthetic_score
-  ids = (*(original_size or (height, width)), *crops_coords_top_left, score)
+  crops_coords_top_left + (aesthetic_score,)}; for the negative prompt negative_original_size (default
+  original_size) + negative_crops_coords_top_left (default (0, 0), not the prompt's crop) + (negative_aesthetic_score,),
+  as diffusers' SDXL img2img and inpaint pipelines make them."""
+  original = _pair('original_size', original_size, (height, width))
+  if negative:
+    ids = (
+      *_pair('negative_original_size', negative_original_size, original),
+      *_pair('negative_crops_coords_top_left', negative_crops_coords_top_left, (0.0, 0.0)),
+      _score('negative_aesthetic_score', negative_aesthetic_score),
+    )
+  else:
+    ids = (
+      *original,
+      *_pair('crops_coords_top_left', crops_coords_top_left, (0.0, 0.0)),
+      _score('aesthetic_score', aesthetic_score),
+    )
   return {'time_ids': np.asarray(ids, np.float32)}
 
 
