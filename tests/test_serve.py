@@ -546,6 +546,12 @@ def test_embeddings_are_named_by_their_files_as_words_in_any_case_and_other_mode
   os.remove(os.path.join(folder, 'laterzq.safetensors'))
   assert client.post('/sdapi/v1/refresh-embeddings').status_code == 200
   assert set(client.get('/sdapi/v1/embeddings').json()['loaded']) == {'ShinyStyle'}
+  # As A1111, the folder is also rescanned before each generation: a file added is a word from the next request on.
+  write_safetensors(os.path.join(folder, 'laterzq.safetensors'), {'emb_params': np.ones((1, 32), np.float32)})
+  txt2img(client, prompt='a laterzq')
+  assert set(client.get('/sdapi/v1/embeddings').json()['loaded']) == {'ShinyStyle', 'laterzq'}
+  os.remove(os.path.join(folder, 'laterzq.safetensors'))
+  assert client.post('/sdapi/v1/refresh-embeddings').status_code == 200
   pipe = server.engine.pipeline(server.engine.current)
   ids = {p: list(pipe.tokenize([p])['text_encoder'][0][:6]) for p in ('a ShinyStyle', 'a shinystyle', 'a shinystyles')}
   n = 49408  # the vocabulary: the embedding's two vectors are the next two tokens

@@ -174,3 +174,45 @@ def test_a1111_and_pickle_formats_and_bad_files_are_named(small_sd_folder, tmp_p
   write_safetensors(nan, {'<n>': np.full((1, dim), np.nan, np.float32)})
   with pytest.raises(WeightsError, match='finite'):
     read_embedding(nan)
+
+
+def test_a1111_names_match_where_the_prompt_holds_their_tokens_whatever_the_spaces_and_case(small_sd_folder, tmp_path):
+  """A1111 finds an embedding's name by its token ids (EmbeddingDatabase.find_embedding_at_position): the name is
+  used wherever its tokens stand in the prompt's, so 'bad-hands-5' also in 'Bad - Hands - 5', but not in 'xbad-hands-5'
+  (another token). The reference here is that rule, run on the model's own tokenizer."""
+  pipe = load_pipeline(small_sd_folder[1])
+  tokenizer = pipe.tokenizer
+
+  def ids(text):
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+  def holds(prompt, name):
+    p, n = ids(prompt), ids(name)
+    return any(p[i : i + len(n)] == n for i in range(len(p) - len(n) + 1))
+
+  dim = pipe.text_encoder.text_model.embeddings.token_embedding.embedding.shape[1]
+  path = str(tmp_path / 'e.safetensors')
+  write_safetensors(path, {'emb_params': np.ones((1, dim), np.float32)})
+  prompts = [
+    'a {}', 'a {} photo', '{},{}', '({}:1.2)', 'x{}', '{}x', '{}5', '5{}', '{}-', '-{}', '{}_', 'a {}s',
+    'a {}, b', '[{}]',
+  ]  # fmt: skip
+  spellings = {
+    'bad-hands-5': ['bad-hands-5', 'Bad - Hands - 5', 'bad -hands- 5', 'bad--hands-5', 'badhands5', 'bad-hands-56'],
+    'ShinyStyle': ['shinystyle', 'SHINYSTYLE', 'shiny style', 'shinystyles'],
+    'style2k': ['style2k', 'style 2 k', 'Style2K', 'style2kk', 'style22k'],
+    'x--y': ['x--y', 'x - - y', 'x -- y', 'x---y'],
+    'neg_v2': ['neg_v2', 'neg _ v 2', 'neg__v2', 'negv2'],
+  }
+  checked = 0
+  for name, variants in spellings.items():
+    word = load_textual_inversion(pipe, path, token=name, as_word=True)
+    new_id = int(np.max(word.tokenize(['a ' + name])['text_encoder'][0]))
+    assert new_id >= 49408
+    for variant in variants:
+      for template in prompts:
+        prompt = template.format(variant, variant)
+        ours = new_id in word.tokenize([prompt])['text_encoder'][0]
+        assert ours == holds(prompt, name), (name, prompt)
+        checked += ours
+  assert checked > 50  # both outcomes are exercised

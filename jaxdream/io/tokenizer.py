@@ -98,17 +98,49 @@ def load_tokenizer(folder: str):
 EMBEDDING_WORDS = 'jaxdream_embedding_words'
 
 
+def _name_ids(tokenizer, words: dict) -> list[tuple[tuple, str]]:
+  """(token ids of each embedding name, its token), longest first; kept on the tokenizer for its words."""
+  cached = getattr(tokenizer, '_jaxdream_name_ids', None)
+  if cached is None or cached[0] is not words:
+    ids = [(tuple(tokenizer(name, add_special_tokens=False).input_ids), token) for name, token in words.items()]
+    cached = (words, sorted((x for x in ids if x[0]), key=lambda x: -len(x[0])))
+    tokenizer._jaxdream_name_ids = cached
+  return cached[1]
+
+
+def _replace_names(tokenizer, prompt: str, words: dict) -> str:
+  """The prompt with each embedding name replaced by its token wherever the prompt's token ids hold the name's, as
+  A1111 finds embeddings (EmbeddingDatabase.find_embedding_at_position: left to right, the longest name first), so
+  in any case and with any spaces between the name's pieces ('Bad - Hands - 5' for bad-hands-5)."""
+  if not getattr(tokenizer, 'is_fast', True):  # transformers 4's slow tokenizer has no offsets: whole words only
+    pattern = '|'.join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    return re.sub(rf'(?<!\w)(?:{pattern})(?!\w)', lambda m: words[m.group(0).lower()], prompt, flags=re.IGNORECASE)
+  names = _name_ids(tokenizer, words)
+  encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+  ids, spans = encoded.input_ids, encoded.offset_mapping
+  out, done, i = [], 0, 0
+  while i < len(ids):
+    for name, token in names:
+      if tuple(ids[i : i + len(name)]) == name:
+        out += [prompt[done : spans[i][0]], f' {token} ']
+        done, i = spans[i + len(name) - 1][1], i + len(name)
+        break
+    else:
+      i += 1
+  return ''.join(out) + prompt[done:]
+
+
 def expand_vector_tokens(tokenizer, prompt: str) -> str:
   """A prompt with each multi-vector textual inversion token T written out as `T T_1 ... T_{n-1}` (the tokens
   that hold its other vectors), as diffusers' `maybe_convert_prompt` does (a plain text replacement). Embeddings
-  named as words (A1111's) are first replaced by their tokens wherever the name stands as a word, in any case."""
+  named as words (A1111's) are first replaced by their tokens wherever the prompt holds the name's tokens, as A1111
+  matches them (any case, any spaces between the name's pieces; the longest name first)."""
   added = tokenizer.added_tokens_encoder
   if len(added) <= 2:  # only CLIP's own start and end tokens: nothing to expand
     return prompt
   words = getattr(tokenizer, EMBEDDING_WORDS, None)
   if words:
-    names = '|'.join(re.escape(w) for w in sorted(words, key=len, reverse=True))
-    prompt = re.sub(rf'(?<!\w)(?:{names})(?!\w)', lambda m: words[m.group(0).lower()], prompt, flags=re.IGNORECASE)
+    prompt = _replace_names(tokenizer, prompt, words)
   for token in set(tokenizer.tokenize(prompt)):
     if token in added and f'{token}_1' in added:
       i, replacement = 1, token

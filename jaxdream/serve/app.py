@@ -145,6 +145,7 @@ def _clip_skip(value) -> int:
 def _plan(server: Server, req: Txt2ImgRequest, kind: str):
   """(BatchKey, tasks, facts for the response) of a request, or an ApiError naming the field at fault."""
   eng, lim = server.engine, server.limits
+  eng.refresh_embeddings()  # files added to --embeddings-dir are words from the next request on, as in A1111
   override = req.override_settings or {}
   model = eng.model_name(override['sd_model_checkpoint']) if 'sd_model_checkpoint' in override else eng.current
   pipe = eng.pipeline(model)

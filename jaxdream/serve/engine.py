@@ -300,8 +300,11 @@ class Engine:
     return tuple((p, os.stat(p).st_mtime_ns) for p in self._embedding_files())
 
   def refresh_embeddings(self) -> bool:
-    """POST refresh-embeddings: when the folder changed, the loaded model is read again with its embeddings (the
-    longer token tables compile anew). Returns whether it did."""
+    """When --embeddings-dir changed, the loaded model is read again with its embeddings (the longer token tables
+    compile anew): on POST refresh-embeddings and before each request, as A1111 rescans the folder before each
+    generation. Returns whether it did. Unchanged, it costs a walk of the folder and never waits for sampling."""
+    if not self.embeddings_dir or self._loaded is None or self._embeddings_stamp() == self._embeddings_seen:
+      return False
     with self._lock:
       if self._loaded is None or self._embeddings_stamp() == self._embeddings_seen:
         return False
