@@ -120,6 +120,35 @@ def test_ask_decodes_transformers_answer_and_reports_the_input_size(qwen):
   assert bundle.model_type == kind
 
 
+def test_repetition_penalty_is_transformers_and_generation_config_json_sets_its_default(qwen, tmp_path):
+  """transformers' RepetitionPenaltyLogitsProcessor in greedy and beam search, and the folder's
+  generation_config.json's repetition_penalty applied by default, as transformers' generate does (Qwen2.5-VL
+  Instruct's file sets 1.05)."""
+  kind, torch_model, path, bundle = qwen
+  images, question = _images()[:1], ['Describe this image.']
+  inputs = bundle.processor(images, question)
+  t_in = _torch_inputs(inputs, torch_model.config.image_token_id)
+  args = (inputs['pixel_values'], inputs['image_grid_thw'], inputs['input_ids'], inputs['attention_mask'])
+  kw = dict(max_new_tokens=8, eos_token_id=bundle.eos_token_id, pad_token_id=bundle.pad_token_id)
+  refs = {}
+  for name, extra in (('greedy', {}), ('beam', dict(num_beams=3))):
+    with torch.no_grad():
+      refs[name] = torch_model.generate(**t_in, do_sample=False, repetition_penalty=2.0, **extra, **kw).numpy()
+      plain = torch_model.generate(**t_in, do_sample=False, **extra, **kw).numpy()
+    assert not np.array_equal(refs[name], plain), 'the penalty changes nothing here: the test proves nothing'
+    np.testing.assert_array_equal(vlm.generate(bundle.model, *args, repetition_penalty=2.0, **extra, **kw), refs[name])
+  folder = str(tmp_path / kind)
+  shutil.copytree(path, folder)
+  with open(os.path.join(folder, 'generation_config.json')) as f:
+    config = json.load(f)
+  with open(os.path.join(folder, 'generation_config.json'), 'w') as f:
+    json.dump(dict(config, repetition_penalty=2.0), f)
+  answer = vlm.ask(vlm.load(folder), images, question, max_new_tokens=8)[0]['text']
+  assert answer == bundle.processor.decode(refs['greedy'][:, inputs['input_ids'].shape[1] :])[0]
+  with pytest.raises(ValueError, match='repetition_penalty must be a positive number'):
+    vlm.generate(bundle.model, *args, repetition_penalty=0.0, **kw)
+
+
 def test_generation_on_a_tensor_parallel_mesh_equals_one_device(qwen):
   """Attention heads and MLP split over 8 devices' 'tensor' axis (`vlm.load(..., tensor_parallel=8)`; kv
   heads 2, split mid-head where the width divides): the same tokens as one device, the parameters really

@@ -113,6 +113,9 @@ def test_images_load_from_paths_and_arrays_as_transformers_reads_them(images, tm
   np.testing.assert_array_equal(np.asarray(vlm.load_image(str(tmp_path / 'rgba.png'))), want)
   gray = np.asarray(images[0].convert('L'))
   np.testing.assert_array_equal(np.asarray(vlm.load_image(gray[..., None])), gray)  # (H, W, 1) is grayscale
+  for shape in ((3, 40, 50), (40, 50, 5)):  # channels first, or 5 channels: named, not PIL's TypeError
+    with pytest.raises(ValueError, match='channels last'):
+      vlm.load_image(np.zeros(shape, np.uint8))
 
 
 def test_bare_xlmr_tokenizer_and_preprocessor_config_folder_works_like_the_processor(tmp_path, images):
@@ -538,6 +541,8 @@ def test_parse_qwen_grounding_reads_json_boxes_and_survives_malformed_answers():
     assert [(p, [tuple(round(v, 9) for v in b) for b in bs]) for p, _, bs in entities] == expected, text
     for phrase, (start, end), _ in entities:  # the span: the label's first occurrence, else (0, 0)
       assert (start, end) == ((text.index(phrase), text.index(phrase) + len(phrase)) if phrase else (0, 0))
+  for deep in ('[' * 5000, '[' * 5000 + ']' * 5000, '```json\n' + '{"a":' * 5000):  # past the JSON parser's recursion
+    assert vlm.parse_qwen_grounding(deep, 'qwen2_5_vl', (100, 50)) == []
   with pytest.raises(ValueError, match='input_size'):
     vlm.parse_qwen_grounding(FENCED, 'qwen2_5_vl', None)
   with pytest.raises(ValueError, match='qwen3_vl'):

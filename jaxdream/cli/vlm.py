@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from jaxdream.cli.args import check_not_input, check_output, int_between
+from jaxdream.cli.args import check_not_input, check_output, int_between, positive_float
 from jaxdream.io.files import atomic_write
 
 GET_VLM = (
@@ -75,7 +75,10 @@ def _check_outputs(args, paths=()):
 
 
 def _vlm_generation(args) -> dict:
-  return dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, batch_size=args.batch_size)
+  kw = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, batch_size=args.batch_size)
+  if args.repetition_penalty is not None:
+    kw['repetition_penalty'] = args.repetition_penalty
+  return kw
 
 
 def _print_result(path: str, r: dict):
@@ -155,6 +158,11 @@ def _add_vlm_parsers(sub):
     parser.add_argument('--max-new-tokens', type=int_between(1), default=64)
     parser.add_argument('--num-beams', type=int_between(1), default=1, help='beam search width (default 1: greedy)')
     parser.add_argument('--batch-size', type=int_between(1), default=8, help='images per generation batch')
+    parser.add_argument(
+      '--repetition-penalty',
+      type=positive_float,
+      help="transformers' repetition penalty (1.0: off; default: Qwen folders' generation_config.json, else 1.0)",
+    )
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='compute dtype')
     parser.add_argument('--int8', action='store_true', help='weight-only int8 (a quarter of the parameter memory)')
     parser.add_argument(

@@ -97,17 +97,27 @@ def _step(model, tokens, index, cache, kv_valid, decode_state):
   return logits, cache, kv_valid
 
 
-def _sample(model, inputs, eos, key, temperature, top_p, *, max_new_tokens, do_sample, top_k, pad):
-  b, n = inputs['input_ids'].shape
+def penalize_repetition(logits, seen, penalty):
+  """transformers' RepetitionPenaltyLogitsProcessor: the logits of tokens already in the sequence (`seen`, (B, V)
+  bool) divided by `penalty` where positive, multiplied where negative."""
+  return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
 
-  def pick(logits, key):
+
+def _sample(model, inputs, eos, key, temperature, top_p, penalty, *, max_new_tokens, do_sample, top_k, pad, repeat):
+  b, n = inputs['input_ids'].shape
+  rows = jnp.arange(b)
+
+  def pick(logits, seen, key):
+    if repeat:  # a logits processor: before sampling's warpers, as in transformers
+      logits = penalize_repetition(logits, seen, penalty)
     if not do_sample:
       return jnp.argmax(logits, -1).astype(jnp.int32)
     return jax.random.categorical(key, warp_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
 
   logits, cache, kv_valid, decode_state = _prefill(model, inputs, n + max_new_tokens)
+  seen = _prompt_seen(inputs, logits.shape[-1]) if repeat else jnp.zeros((b, 1), bool)
   key, sub = jax.random.split(key)
-  token = pick(logits, sub)
+  token = pick(logits, seen, sub)
   out = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(token)
   done = jnp.isin(token, eos)
 
@@ -115,20 +125,41 @@ def _sample(model, inputs, eos, key, temperature, top_p, *, max_new_tokens, do_s
     return (s[0] < max_new_tokens) & ~jnp.all(s[4])
 
   def body(s):
-    i, token, cache, kv_valid, done, out, key = s
+    i, token, cache, kv_valid, done, out, key, seen = s
+    seen = seen.at[rows, token].set(True) if repeat else seen
     logits, cache, kv_valid = _step(model, token, n + i - 1, cache, kv_valid, decode_state)
     key, sub = jax.random.split(key)
-    token = jnp.where(done, pad, pick(logits, sub))  # finished rows are padded, as transformers does
-    return i + 1, token, cache, kv_valid, done | jnp.isin(token, eos), out.at[:, i].set(token), key
+    token = jnp.where(done, pad, pick(logits, seen, sub))  # finished rows are padded, as transformers does
+    return i + 1, token, cache, kv_valid, done | jnp.isin(token, eos), out.at[:, i].set(token), key, seen
 
-  steps, *_, out, _ = jax.lax.while_loop(cond, body, (1, token, cache, kv_valid, done, out, key))
+  steps, *_, out, _, _ = jax.lax.while_loop(cond, body, (1, token, cache, kv_valid, done, out, key, seen))
   return out, steps
 
 
+def _prompt_seen(inputs, vocab: int):
+  """(B, vocab) bool: the tokens of each row's prompt, its left padding not counted (a row's tokens are those it
+  has alone, as everywhere here), for the repetition penalty."""
+  ids = inputs['input_ids']
+  rows = jnp.arange(ids.shape[0])[:, None]
+  return jnp.zeros((ids.shape[0], vocab), bool).at[rows, ids].max(inputs['attention_mask'].astype(bool))
+
+
 def _beam_search(
-  model, inputs, eos, *, max_new_tokens, num_beams, num_return_sequences, length_penalty, early_stopping, pad
+  model,
+  inputs,
+  eos,
+  penalty,
+  *,
+  max_new_tokens,
+  num_beams,
+  num_return_sequences,
+  length_penalty,
+  early_stopping,
+  pad,
+  repeat=False,
 ):
-  """transformers' vectorised beam search (same candidates, scores, length penalty, stopping heuristics)."""
+  """transformers' vectorised beam search (same candidates, scores, length penalty, stopping heuristics, and its
+  repetition penalty on each beam's log-probabilities)."""
   b, n = inputs['input_ids'].shape
   k, steps = num_beams, max_new_tokens
   keep = max(2, 1 + eos.shape[0]) * k  # candidates per step: enough to continue k beams when some end
@@ -138,6 +169,7 @@ def _beam_search(
   # Every beam starts from the same prefill.
   cache, kv_valid, decode_state = jax.tree.map(lambda x: jnp.repeat(x, k, 0), (cache, kv_valid, decode_state))
   logits = jnp.repeat(logits, k, 0)
+  prompt_seen = _prompt_seen(inputs, logits.shape[-1])[:, None] if repeat else None
   state = dict(
     t=0,
     logits=logits,
@@ -157,6 +189,11 @@ def _beam_search(
     t = s['t']
     log_probs = jax.nn.log_softmax(s['logits'].astype(jnp.float32), -1).reshape(b, k, -1)
     vocab = log_probs.shape[-1]
+    if repeat:  # each beam's prompt and tokens so far
+      made = jnp.arange(steps)[None, None] < t
+      seen = jnp.broadcast_to(prompt_seen, (b, k, vocab))
+      seen = seen.at[jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None], s['running']].max(made)
+      log_probs = penalize_repetition(log_probs, seen, penalty)
     log_probs = (log_probs + s['running_scores'][..., None]).reshape(b, k * vocab)
     top_scores, top_idx = jax.lax.top_k(log_probs, keep)
     parent, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
@@ -212,6 +249,11 @@ def _beam_search(
   return s['sequences'][:, :r], s['scores'][:, :r], s['lengths'][:, :r]
 
 
+def check_repetition_penalty(penalty):
+  if isinstance(penalty, bool) or not (np.ndim(penalty) == 0 and math.isfinite(float(penalty)) and float(penalty) > 0):
+    raise ValueError(f'repetition_penalty must be a positive number (1.0: off), got {penalty!r}')
+
+
 def _special_ids(model, eos_token_id, pad_token_id) -> tuple[tuple[int, ...], int]:
   """(EOS ids, pad id): the arguments, else the model's."""
   eos = eos_token_id if eos_token_id is not None else model.eos_token_id
@@ -248,11 +290,13 @@ def beam_search(
   early_stopping=False,
   eos_token_id=None,
   pad_token_id=None,
+  repetition_penalty: float = 1.0,
 ) -> np.ndarray:
   """Beam search from `inputs` (what `model.generation_inputs` returns): token ids
   (B * num_return_sequences, L + generated), prompt included, best beams first. One beam is greedy search."""
   if not 1 <= num_return_sequences <= num_beams:
     raise ValueError('num_return_sequences must be between 1 and num_beams')
+  check_repetition_penalty(repetition_penalty)
   eos, pad = _special_ids(model, eos_token_id, pad_token_id)
   inputs = _prepared(inputs, max_new_tokens)
   fn = compiled(
@@ -264,8 +308,9 @@ def beam_search(
     length_penalty=float(length_penalty),
     early_stopping=early_stopping,
     pad=pad,
+    repeat=float(repetition_penalty) != 1.0,
   )
-  seqs, _, lengths = fn(inputs, jnp.asarray(eos, jnp.int32))
+  seqs, _, lengths = fn(inputs, jnp.asarray(eos, jnp.int32), jnp.float32(repetition_penalty))
   ids = np.repeat(np.asarray(inputs['input_ids']), num_return_sequences, 0)
   seqs = np.asarray(seqs).reshape(len(ids), -1)
   return np.concatenate([ids, seqs[:, : int(np.max(lengths))]], 1)
@@ -283,11 +328,13 @@ def sample(
   seed: int = 0,
   eos_token_id=None,
   pad_token_id=None,
+  repetition_penalty: float = 1.0,
 ) -> np.ndarray:
   """Greedy search (or, with do_sample, sampling) from `inputs` (what `model.generation_inputs` returns):
-  token ids (B, L + generated), prompt included."""
+  token ids (B, L + generated), prompt included. repetition_penalty: transformers' (1.0: off)."""
   if do_sample:
     check_sampling(temperature, top_k, top_p)
+  check_repetition_penalty(repetition_penalty)
   eos, pad = _special_ids(model, eos_token_id, pad_token_id)
   inputs = _prepared(inputs, max_new_tokens)
   fn = compiled(
@@ -297,9 +344,15 @@ def sample(
     do_sample=bool(do_sample),
     top_k=int(top_k) if do_sample else 0,
     pad=pad,
+    repeat=float(repetition_penalty) != 1.0,
   )
   seqs, steps = fn(
-    inputs, jnp.asarray(eos, jnp.int32), jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p)
+    inputs,
+    jnp.asarray(eos, jnp.int32),
+    jax.random.key(seed),
+    jnp.float32(temperature),
+    jnp.float32(top_p),
+    jnp.float32(repetition_penalty),
   )
   return np.concatenate([np.asarray(inputs['input_ids']), np.asarray(seqs)[:, : int(steps)]], 1)
 
@@ -319,6 +372,7 @@ def generate(
   seed: int = 0,
   eos_token_id=None,
   pad_token_id=None,
+  repetition_penalty: float = 1.0,
   **kwargs,
 ) -> np.ndarray:
   """Token ids (B * num_return_sequences, L + generated), prompt included, as transformers' generate
@@ -327,8 +381,10 @@ def generate(
   *args, **kwargs: the model's inputs, as its `generation_inputs` takes them (Kosmos-2: pixel_values (B, H, W,
   3) NHWC, input_ids, attention_mask, image_embeds_position_mask, as the processor makes them, left-padded for
   batches). Greedy by default; do_sample=True samples (temperature, top_k (0 = off), top_p); num_beams > 1 is
-  beam search.
+  beam search. repetition_penalty: transformers' RepetitionPenaltyLogitsProcessor over the prompt's and the
+  generated tokens (1.0: off; greedy and sampling).
   """
+  check_repetition_penalty(repetition_penalty)
   inputs = model.generation_inputs(*args, **kwargs)
   common = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
   if num_beams > 1:
@@ -341,10 +397,19 @@ def generate(
       num_return_sequences=num_return_sequences,
       length_penalty=length_penalty,
       early_stopping=early_stopping,
+      repetition_penalty=repetition_penalty,
       **common,
     )
   if num_return_sequences != 1:
     raise ValueError('num_return_sequences > 1 needs beam search (num_beams > 1)')
   return sample(
-    model, inputs, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **common
+    model,
+    inputs,
+    do_sample=do_sample,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    seed=seed,
+    repetition_penalty=repetition_penalty,
+    **common,
   )

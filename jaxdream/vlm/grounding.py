@@ -75,11 +75,11 @@ def _json_objects(text: str) -> list:
     try:
       value = json.loads(block)
       found += value if isinstance(value, list) else [value]
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting too deep for the parser, as any model may write
       for m in _FLAT_OBJECT.finditer(block):
         try:
           found.append(json.loads(m.group(0)))
-        except ValueError:
+        except (ValueError, RecursionError):
           continue
   return [obj for obj in found if isinstance(obj, dict)]
 

@@ -129,8 +129,11 @@ def load_image(image, *, upright: bool = True):
   if isinstance(image, Image.Image):
     return image
   a = np.asarray(image)
-  if a.dtype != np.uint8 or a.ndim not in (2, 3):
-    raise ValueError(f'images must be paths, PIL images or uint8 (H, W[, C]) arrays; got {a.dtype} {a.shape}')
+  if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (1, 3, 4)):
+    raise ValueError(
+      f'images must be paths, PIL images or uint8 (H, W[, C]) arrays, channels last (C 1, 3 or 4); got {a.dtype} '
+      f'{a.shape}'
+    )
   return Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a)  # (H, W, 1): grayscale
 
 

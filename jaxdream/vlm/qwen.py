@@ -51,8 +51,11 @@ def qwen_generate(
   """Answers to one question per image, each asked as one user turn of the folder's chat template (the
   image, then the text, then the generation prompt). Returns per image {'text': the new tokens decoded with
   skip_special_tokens=True, 'input_size': (width, height) of the image as resized for the model}.
-  generate_kwargs: do_sample, temperature, top_k, top_p, num_beams, seed, ..."""
+  generate_kwargs: do_sample, temperature, top_k, top_p, num_beams, seed, repetition_penalty (default: the
+  folder's generation_config.json's, as transformers' generate applies it; its sampling settings are not taken:
+  decoding is greedy unless asked), ..."""
   images, texts = list(images), list(texts)
+  generate_kwargs.setdefault('repetition_penalty', bundle.processor.repetition_penalty)
   if len(images) != len(texts):
     raise ValueError(f'{len(texts)} questions for {len(images)} images')
   proc, results = bundle.processor, []

@@ -158,7 +158,7 @@ class QwenVLProcessor:
   """`processor(images, texts)` -> the model inputs for one image and one question per row (left-padded);
   `decode(ids)` -> strings. Attributes the model needs: image_token_id, vision_start_token_id,
   vision_end_token_id, eos_token_ids (generation_config.json's, else config.json's), pad_token_id,
-  merge_size, patch_size."""
+  repetition_penalty (generation_config.json's, else 1.0), merge_size, patch_size."""
 
   def __init__(self, folder: str):
     if not os.path.isdir(folder):
@@ -181,7 +181,10 @@ class QwenVLProcessor:
     for key in ('image_token_id', 'vision_start_token_id'):
       if key in config and config[key] != getattr(self, key):
         raise WeightsError(f'{folder}: config.json {key}={config[key]} but the tokenizer gives {getattr(self, key)}')
-    eos = _read_json(folder, 'generation_config.json').get('eos_token_id')
+    generation = _read_json(folder, 'generation_config.json')
+    eos = generation.get('eos_token_id')
+    # transformers' generate applies the file's repetition penalty by default (Qwen2.5-VL Instruct: 1.05)
+    self.repetition_penalty = float(generation.get('repetition_penalty') or 1.0)
     if eos is None:
       eos = (config.get('text_config') or {}).get('eos_token_id', config.get('eos_token_id'))
     if eos is None:
