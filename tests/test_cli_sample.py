@@ -223,6 +223,14 @@ def test_hires_scale_samples_again_at_the_larger_size_and_records_a1111s_hires_f
     assert field in text, text
 
 
+def test_guidance_rescale_changes_the_image_and_is_recorded_as_sdnexts_cfg_rescale(files, tmp_path):
+  argv = ['--model', files['model'], '--prompt', PROMPT, '--steps', 2, '--seed', 3]
+  assert sample(*argv, '--out', tmp_path / 'plain') == 0
+  assert sample(*argv, '--guidance-rescale', 0.7, '--out', tmp_path / 'rescaled') == 0
+  assert 'CFG rescale: 0.7' in params(tmp_path / 'rescaled', 0) and 'CFG rescale' not in params(tmp_path / 'plain', 0)
+  assert not np.array_equal(load(tmp_path / 'plain' / '00000.png'), load(tmp_path / 'rescaled' / '00000.png'))
+
+
 def test_prompt_syntax_a1111_reads_emphasis_and_plain_keeps_the_brackets(files, tmp_path):
   runs = {
     'plain': ['--prompt', 'a dog'],
@@ -443,6 +451,7 @@ def test_three_sweeps_write_one_grid_per_z_value_and_prompts_split_on_bars(files
     (['--hires-scale', 2, '--init-image', '{init}'], 'is for txt2img'),
     (['--hires-scale', 2, '--hires-upscaler', 'R-ESRGAN 4x+'], 'model upscalers such as ESRGAN are not supported'),
     (['--hires-scale', 200], 'must be in (0, 8]'),
+    (['--guidance-rescale', 1.5], '--guidance-rescale 1.5: must be in [0, 1]'),
   ],
   ids=[
     'missing-model',
@@ -459,6 +468,7 @@ def test_three_sweeps_write_one_grid_per_z_value_and_prompts_split_on_bars(files
     'hires-with-init',
     'hires-model-upscaler',
     'hires-scale-too-large',
+    'guidance-rescale-out-of-range',
   ],
 )
 def test_bad_arguments_exit_2_with_a_message_before_any_output(files, tmp_path, capsys, argv, message):

@@ -299,6 +299,8 @@ def _plan(args) -> _Plan:
     raise ValueError('--mask needs --init-image (the image to paint into)')
   if args.num_images < 1:
     raise ValueError(f'--num-images must be at least 1, got {args.num_images}')
+  if not 0 <= args.guidance_rescale <= 1:
+    raise ValueError(f'--guidance-rescale {args.guidance_rescale}: must be in [0, 1]')
   check_output('--out', args.out, folder=True)
   for spec in args.embedding or []:  # read with the model; named here, before it loads
     path = spec.partition('=')[0]
@@ -500,6 +502,7 @@ def _run_job(pipe, job: _Job, plan: _Plan, args, progress, refiner=None):
     mesh=plan.mesh,
     clip_skip=args.clip_skip,
     prompt_syntax=args.prompt_syntax,
+    guidance_rescale=args.guidance_rescale,
   )
   if refiner is not None:
     return sampling.refine(
@@ -547,7 +550,7 @@ def _sample(args, session: SampleSession | None = None):
 
   from jaxdream.cli.lora import with_loras, with_tags
   from jaxdream.diffusion.tiny_model import builtin_model_folder
-  from jaxdream.io.images import format_parameters, grid_shape, make_grid, save_png
+  from jaxdream.io.images import format_number, format_parameters, grid_shape, make_grid, save_png
   from jaxdream.lora import check_lora
 
   args.model = builtin_model_folder(args.model)  # builtin:tiny-base: the shipped folder
@@ -591,7 +594,10 @@ def _sample(args, session: SampleSession | None = None):
             refiner=plan.refiner and _model_name(plan.refiner[0]),
             refiner_start=plan.refiner and plan.refiner[1],
             clip_skip=args.clip_skip,
-            extra=plan.hires and _hires_fields(plan.hires),
+            extra={
+              **({'CFG rescale': format_number(args.guidance_rescale)} if args.guidance_rescale else {}),
+              **(_hires_fields(plan.hires) if plan.hires else {}),
+            },
           )
         )
         save_png(os.path.join(args.out, f'{len(texts) - 1:05d}.png'), image, texts[-1])
@@ -654,6 +660,13 @@ def _add_sample_parser(sub):
   s.add_argument('--negative-prompt', default='')
   s.add_argument('--steps', type=int, default=20, help='number of denoising steps (default 20)')
   s.add_argument('--guidance', type=float, default=7.5, help='classifier-free guidance scale (default 7.5)')
+  s.add_argument(
+    '--guidance-rescale',
+    type=float,
+    default=0.0,
+    help="diffusers' guidance_rescale in [0, 1] (0: off; about 0.7 for zero terminal SNR models), recorded as SD.Next's "
+    "'CFG rescale'",
+  )
   s.add_argument(
     '--clip-skip',
     type=int_between(0),

@@ -70,6 +70,7 @@ class _Mode:
   clip_skip: int = 0  # the pipeline's encode_prompt skips this many of the text encoders' last layers
   clip_skip_negative: bool = False  # for the negative prompts too (A1111); diffusers skips for the prompts only
   chunks: tuple[int, int] = (1, 1)  # prompt chunks of the negative and the positive prompts (A1111 prompts)
+  rescale: bool = False  # diffusers' guidance_rescale for some image (the values are arguments)
 
 
 def _split(pipeline) -> tuple[dict, dict]:
@@ -123,6 +124,7 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
     adapter_ids,
     adapter_scales,
     guidance,
+    guidance_rescale,
     start,
     end,
     image_latents,
@@ -213,6 +215,8 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
       if mode.cfg:
         uncond, cond = jnp.split(eps, 2)
         eps = uncond + guidance.reshape((-1,) + (1,) * (eps.ndim - 1)) * (cond - uncond)
+        if mode.rescale:
+          eps = _rescale_guidance(eps, cond, guidance_rescale)
       keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(step_keys, i)
       x, state = per_image_step(state, eps, i, x, keys)
       if mode.blend:  # known region: the original latents noised to the next step's level (none after the last)
@@ -231,6 +235,15 @@ def _build_sampler(graphdefs: dict, encode_prompt, callbacks, sch, mode: _Mode):
     return decode_uint8(models['vae'], x)
 
   return jax.jit(run)
+
+
+def _rescale_guidance(guided, cond, rescale):
+  """diffusers' rescale_noise_cfg (Lin et al. 2023, 3.4): the guided prediction scaled to the standard deviation
+  (torch's, unbiased) of the prompt's, mixed in by each image's `rescale` (0: as it was)."""
+  axes = tuple(range(1, guided.ndim))
+  ratio = jnp.std(cond, axis=axes, keepdims=True, ddof=1) / jnp.std(guided, axis=axes, keepdims=True, ddof=1)
+  r = rescale.reshape((-1,) + (1,) * (guided.ndim - 1))
+  return jnp.where(r > 0, r * (guided * ratio) + (1 - r) * guided, guided)
 
 
 def decode_uint8(vae, latents):
@@ -421,6 +434,7 @@ def _generate(
   denoising_end: float | None = None,
   clip_skip: int = 0,
   prompt_syntax: str = 'plain',
+  guidance_rescale=0.0,
 ):
   if output_type not in ('uint8', 'latent'):
     raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
@@ -462,6 +476,11 @@ def _generate(
   ]
   if not all(np.isfinite(guidance)):
     raise ValueError(f'guidance scales must be finite numbers, got {guidance_scale}')
+  rescale = per_image_adapters.per_image(guidance_rescale, b, num_images_per_prompt, 'guidance rescales')
+  if not all(isinstance(r, (int, float, np.number)) and np.isfinite(r) and r >= 0 for r in rescale):
+    raise ValueError(f'guidance_rescale must be numbers >= 0, got {guidance_rescale}')
+  # as diffusers: only where the image is guided (its scale > 1)
+  rescale = [float(r) if g > 1.0 else 0.0 for r, g in zip(rescale, guidance, strict=True)]
   cond, uncond, chunks = _tokenized(pipeline, prompts, negatives, prompt_syntax, num_inference_steps)
   ids, scales = _adapter_choice(pipeline, adapters, adapter_ids, adapter_scales, b, num_images_per_prompt)
   sch = make_scheduler(scheduler, pipeline.scheduler_config, num_inference_steps, eta=eta)
@@ -524,6 +543,7 @@ def _generate(
     clip_skip=clip_skip,
     clip_skip_negative=prompt_syntax == 'a1111',
     chunks=chunks,
+    rescale=max(guidance) > 1.0 and max(rescale) > 0,
   )
   if mode.init == 'noise' and init_images is not None:
     start = 0  # inpainting at full strength starts from pure noise
@@ -556,6 +576,7 @@ def _generate(
       # diffusers guides only with a scale > 1: an image at <= 1 is its prompt's prediction alone (scale 1), also
       # in a batch guided for the others
       guidance=jnp.asarray([max(g, 1.0) for g in guidance], jnp.float32),
+      guidance_rescale=jnp.asarray(rescale, jnp.float32),
       start=jnp.int32(start),
       end=jnp.int32(sch.num_steps if denoising_end is None else sch.denoising_end_index(denoising_end, start)),
       image_latents=jnp.asarray(image_latents),
@@ -763,6 +784,7 @@ def txt2img(
   micro_conditioning: dict | None = None,
   clip_skip: int = 0,
   prompt_syntax: str = 'plain',
+  guidance_rescale=0.0,
   denoising_end: float | None = None,
 ) -> np.ndarray:
   """Images for prompts, uint8 (B, H, W, 3), B = len(prompts) * num_images_per_prompt.
@@ -792,6 +814,9 @@ def txt2img(
   micro_conditioning: the model's micro-conditioning settings (SDXL, diffusion/sdxl.py): original_size,
     crops_coords_top_left, target_size (base; sizes (height, width), default the output size), aesthetic_score,
     negative_aesthetic_score (refiner); new values never recompile.
+  guidance_rescale: diffusers' guidance_rescale (one for all images, or one per prompt; 0: off), the guided
+    prediction rescaled to the prompt's standard deviation by that fraction (Lin et al. 2023, for zero terminal SNR
+    schedules); new values never recompile (turning it on for a loop does, once).
   clip_skip: skip this many of the text encoders' last layers, as diffusers' clip_skip (A1111's
     CLIP_stop_at_last_layers is clip_skip + 1): for the prompts only, as diffusers; with prompt_syntax='a1111' for
     the negative prompts too, as A1111. Each value compiles its own loop.
@@ -826,6 +851,7 @@ def txt2img(
     micro_conditioning=micro_conditioning,
     clip_skip=clip_skip,
     prompt_syntax=prompt_syntax,
+    guidance_rescale=guidance_rescale,
     denoising_end=denoising_end,
   )
 
@@ -855,6 +881,7 @@ def img2img(
   micro_conditioning: dict | None = None,
   clip_skip: int = 0,
   prompt_syntax: str = 'plain',
+  guidance_rescale=0.0,
   denoising_start: float | None = None,
   denoising_end: float | None = None,
   output_type: str = 'uint8',
@@ -897,6 +924,7 @@ def img2img(
     micro_conditioning=micro_conditioning,
     clip_skip=clip_skip,
     prompt_syntax=prompt_syntax,
+    guidance_rescale=guidance_rescale,
     denoising_start=denoising_start,
     denoising_end=denoising_end,
     output_type=output_type,
@@ -929,6 +957,7 @@ def inpaint(
   micro_conditioning: dict | None = None,
   clip_skip: int = 0,
   prompt_syntax: str = 'plain',
+  guidance_rescale=0.0,
   masked_content: str = 'original',
   denoising_start: float | None = None,
   denoising_end: float | None = None,
@@ -970,6 +999,7 @@ def inpaint(
     micro_conditioning=micro_conditioning,
     clip_skip=clip_skip,
     prompt_syntax=prompt_syntax,
+    guidance_rescale=guidance_rescale,
     denoising_start=denoising_start,
     denoising_end=denoising_end,
     output_type=output_type,
@@ -1002,6 +1032,7 @@ def refine(
   output_type: str = 'uint8',
   clip_skip: int = 0,
   prompt_syntax: str = 'plain',
+  guidance_rescale=0.0,
 ) -> np.ndarray:
   """SDXL's ensemble of experts: the base denoises the first `refiner_start` of the schedule (txt2img, or img2img /
   inpaint with `init_images` / `masks`), the refiner the rest from the base's latents (img2img, or inpaint with the
@@ -1025,6 +1056,7 @@ def refine(
     progress=progress,
     clip_skip=clip_skip,
     prompt_syntax=prompt_syntax,
+    guidance_rescale=guidance_rescale,
   )
   first = dict(
     common,
@@ -1095,6 +1127,7 @@ def hires_fix(
   micro_conditioning: dict | None = None,
   clip_skip: int = 0,
   prompt_syntax: str = 'plain',
+  guidance_rescale=0.0,
   output_type: str = 'uint8',
 ) -> np.ndarray:
   """A1111's hires fix (txt2img's `enable_hr`): txt2img at height x width, upscaled, then img2img at the larger size
@@ -1139,6 +1172,7 @@ def hires_fix(
     adapter_scales=adapter_scales,
     clip_skip=clip_skip,
     prompt_syntax=prompt_syntax,
+    guidance_rescale=guidance_rescale,
   )
   first = dict(
     common,
