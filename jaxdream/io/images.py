@@ -54,6 +54,8 @@ SAMPLER_NAMES = {
   'euler_a': 'Euler a',
   'dpmpp_2m': 'DPM++ 2M',
   'dpmpp_2m_karras': 'DPM++ 2M Karras',
+  'dpmpp_2m_sde': 'DPM++ 2M SDE',
+  'dpmpp_2m_sde_karras': 'DPM++ 2M SDE Karras',
 }
 NEGATIVE = 'Negative prompt:'
 # One "Key: value" field of the last line, as A1111's infotext parser matches them.

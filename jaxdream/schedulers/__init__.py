@@ -48,6 +48,7 @@ from jaxdream.schedulers.sigma import LMS, DPMSolverPP2M, Euler, EulerAncestral
 from jaxdream.schedulers.training import NoiseSchedule
 
 _DPM_PP_2M = {'algorithm_type': 'dpmsolver++', 'solver_order': 2}
+_DPM_PP_2M_SDE = {'algorithm_type': 'sde-dpmsolver++', 'solver_order': 2}
 # name -> (class, options the name itself fixes)
 _REGISTRY = {
   'ddpm': (DDPM, {}),
@@ -58,6 +59,8 @@ _REGISTRY = {
   'euler_a': (EulerAncestral, {}),
   'dpmpp_2m': (DPMSolverPP2M, {**_DPM_PP_2M, 'use_karras_sigmas': False}),
   'dpmpp_2m_karras': (DPMSolverPP2M, {**_DPM_PP_2M, 'use_karras_sigmas': True}),
+  'dpmpp_2m_sde': (DPMSolverPP2M, {**_DPM_PP_2M_SDE, 'use_karras_sigmas': False}),
+  'dpmpp_2m_sde_karras': (DPMSolverPP2M, {**_DPM_PP_2M_SDE, 'use_karras_sigmas': True}),
 }
 SCHEDULER_NAMES = tuple(_REGISTRY)
 
@@ -83,9 +86,9 @@ def scheduler_name_for_config(scheduler_config: dict) -> str:
   name = _CLASS_NAMES[cls]
   if name == 'dpmpp_2m':
     cfg = resolve_config(scheduler_config, DPMSolverPP2M.DEFAULTS)
-    if cfg['algorithm_type'] not in ('dpmsolver++', 'deis') or cfg['solver_order'] != 2:
+    if cfg['algorithm_type'] not in ('dpmsolver++', 'sde-dpmsolver++', 'deis') or cfg['solver_order'] != 2:
       raise ValueError(
-        f"only DPMSolverMultistepScheduler with algorithm_type 'dpmsolver++' and solver_order 2 "
+        f"only DPMSolverMultistepScheduler with algorithm_type 'dpmsolver++' or 'sde-dpmsolver++' and solver_order 2 "
         f'is supported, got {cfg["algorithm_type"]!r} / {cfg["solver_order"]}; '
         f'pick one of {SCHEDULER_NAMES} by name instead.'
       )
@@ -94,8 +97,10 @@ def scheduler_name_for_config(scheduler_config: dict) -> str:
         "DPMSolverMultistepScheduler: final_sigmas_type 'zero' is not supported for algorithm_type 'deis' (diffusers "
         "refuses it too); use 'sigma_min', or pick one of the scheduler names"
       )
+    if cfg['algorithm_type'] == 'sde-dpmsolver++':
+      name = 'dpmpp_2m_sde'
     if cfg['use_karras_sigmas']:
-      name = 'dpmpp_2m_karras'
+      name += '_karras'
   return name
 
 

@@ -160,7 +160,8 @@ class LMS(_KDiffusion):
 
 class DPMSolverPP2M(Scheduler):
   """DPM-Solver++(2M) of Lu et al. (2022), as diffusers' DPMSolverMultistepScheduler with
-  algorithm_type 'dpmsolver++' and solver_order 2: prev = c0 x + c1 x0 + c2 x0_prev.
+  algorithm_type 'dpmsolver++' and solver_order 2: prev = c0 x + c1 x0 + c2 x0_prev; with 'sde-dpmsolver++' (A1111's
+  DPM++ 2M SDE) the SDE solver's coefficients, plus noise_std * fresh noise.
   """
 
   name = 'dpmpp_2m'
@@ -189,7 +190,7 @@ class DPMSolverPP2M(Scheduler):
       cfg,
       **_UNSUPPORTED,
       variance_type=('learned', 'learned_range'),
-      algorithm_type=lambda v: v not in ('dpmsolver++', 'deis'),
+      algorithm_type=lambda v: v not in ('dpmsolver++', 'sde-dpmsolver++', 'deis'),
       solver_order=lambda v: v != 2,
       solver_type=lambda v: v not in ('midpoint', 'heun', 'logrho', 'bh1', 'bh2'),
     )
@@ -223,12 +224,18 @@ class DPMSolverPP2M(Scheduler):
     # Coefficients in log-SNR lambda = -log(sigma): h = lambda_{i+1} - lambda_i, exp(-h) = s_{i+1} / s_i.
     s = self.sigmas.astype(np.float64)
     decay = s[1:] / s[:-1]
-    c0, c1 = sig[1:] / sig[:-1], alpha[1:] * (1 - decay)
+    sde = cfg['algorithm_type'] == 'sde-dpmsolver++'
+    if sde:  # diffusers' sde-dpmsolver++ updates: exp(-h) -> exp(-2h) in the data term, and noise
+      c0, c1 = sig[1:] / sig[:-1] * decay, alpha[1:] * (1 - decay**2)
+      self._noise_std = (sig[1:] * np.sqrt(1 - decay**2)).astype(np.float32)
+      self.stochastic = True
+    else:
+      c0, c1 = sig[1:] / sig[:-1], alpha[1:] * (1 - decay)
     with np.errstate(divide='ignore', invalid='ignore'):
       h = np.log(s[:-1] / s[1:])
-      inv_r = h / np.log(np.roll(s[:-1], 1) / s[:-1])  # h over the previous step's h
+      inv_r = h / np.roll(h, 1)  # h over the previous step's h (diffusers' 1 / r0)
       if cfg['solver_type'] == 'heun':
-        d1 = alpha[1:] * ((decay - 1) / h + 1) * inv_r
+        d1 = alpha[1:] * (((1 - decay**2) / (-2 * h) if sde else (decay - 1) / h) + 1) * inv_r
       else:  # midpoint
         d1 = 0.5 * c1 * inv_r
       second = np.nan_to_num(np.stack([c0, c1 + d1, -d1]), nan=0.0, posinf=0.0, neginf=0.0)
@@ -250,4 +257,6 @@ class DPMSolverPP2M(Scheduler):
     first = (state['count'] == 0) | at(self._first_only, i)  # first order until a previous x0 exists
     c = jnp.where(first, at(self._first, i), at(self._second, i))
     prev = c[0] * x + c[1] * x0 + c[2] * state['prev_x0']
+    if self.stochastic:
+      prev = prev + at(self._noise_std, i) * self._noise(key, sample).astype(prev.dtype)
     return prev.astype(sample.dtype), {'count': state['count'] + 1, 'prev_x0': x0}

@@ -20,6 +20,8 @@ _ALIASES = {
   'euler_a': ('k_euler_a', 'k_euler_ancestral'),
   'dpmpp_2m': ('k_dpmpp_2m',),
   'dpmpp_2m_karras': ('k_dpmpp_2m_ka',),
+  'dpmpp_2m_sde': ('k_dpmpp_2m_sde',),
+  'dpmpp_2m_sde_karras': ('k_dpmpp_2m_sde_ka',),
 }
 # A1111 schedule types we have: 'automatic' is each sampler's own, and A1111's 'uniform' is the same (the
 # model's own timesteps, evenly spaced); 'normal' and 'simple', its other evenly spaced schedules (the default of
@@ -33,7 +35,12 @@ SCHEDULERS = (
   {'name': 'karras', 'label': 'Karras', 'aliases': None, 'default_rho': 7.0, 'need_inner_model': False},
 )
 _EVENLY_SPACED = ('automatic', '', 'uniform', 'normal', 'simple')
-_KARRAS = {'dpmpp_2m': 'dpmpp_2m_karras', 'dpmpp_2m_karras': 'dpmpp_2m_karras'}
+_KARRAS = {
+  'dpmpp_2m': 'dpmpp_2m_karras',
+  'dpmpp_2m_karras': 'dpmpp_2m_karras',
+  'dpmpp_2m_sde': 'dpmpp_2m_sde_karras',
+  'dpmpp_2m_sde_karras': 'dpmpp_2m_sde_karras',
+}
 
 
 class UnknownSampler(ValueError):
@@ -77,7 +84,8 @@ def resolve(sampler_name: str | None, scheduler: str | None = None) -> str:
   valid = ', '.join(s['label'] for s in SCHEDULERS)
   raise UnknownSampler(
     'scheduler',
-    f'scheduler {scheduler!r} with sampler {name!r} is not supported; valid: {valid} (Karras with DPM++ 2M only; '
+    f'scheduler {scheduler!r} with sampler {name!r} is not supported; valid: {valid} (Karras with DPM++ 2M and DPM++ '
+    '2M SDE only; '
     'the others with any sampler)',
   )
 
