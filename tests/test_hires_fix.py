@@ -34,10 +34,10 @@ def _nhwc(x):
 def test_latent_modes_resize_as_torch_interpolate_up_down_and_to_odd_sizes(name):
   mode, antialias = upscale.LATENT_MODES[name]
   rng = np.random.default_rng(0)
-  for (h, w), (oh, ow) in itertools.product(
-    [(8, 8), (7, 13), (64, 48)], [(16, 16), (11, 9), (31, 17), (96, 72), (5, 3)]
-  ):
-    x = rng.standard_normal((2, h, w, 4)).astype(np.float32)
+  sizes = list(itertools.product([(8, 8), (7, 13), (64, 48)], [(16, 16), (11, 9), (31, 17), (96, 72), (5, 3)]))
+  sizes += [((264, 155), (290, 266)), ((257, 268), (108, 258))]  # source coordinates past 128: torch's rounding
+  for (h, w), (oh, ow) in sizes:
+    x = rng.standard_normal((1, h, w, 4)).astype(np.float32)
     ref = _nhwc(torch.nn.functional.interpolate(_nchw(x), size=(oh, ow), mode=mode, antialias=antialias))
     got = np.asarray(upscale.resize_latents(x, oh, ow, mode, antialias))
     assert got.shape == ref.shape
@@ -131,8 +131,8 @@ def test_image_upscaler_hires_fix_decodes_resizes_with_pil_and_encodes(pipes, mo
     height=64, width=64, latents=noise, output_type='latent',
   )  # fmt: skip
 
-  def resize(images):  # diffusers' float images as the sampler's uint8, then A1111's Lanczos upscaler
-    im = Image.fromarray(np.round(np.clip(images[0], 0, 1) * 255).astype(np.uint8))
+  def resize(images):  # diffusers' float images truncated to uint8 as A1111 does it, then A1111's Lanczos upscaler
+    im = Image.fromarray((np.clip(images[0], 0, 1) * 255).astype(np.uint8))
     im = im.resize((96, 96), Image.Resampling.LANCZOS)  # 96 is a multiple of 8: one Lanczos pass
     return im
 
@@ -162,6 +162,8 @@ def test_second_pass_runs_hires_steps_and_crops_to_the_resize(pipes):
     (dict(scale=float('nan')), 'scale'),
     (dict(hires_steps=0), 'hires_steps'),
     (dict(scale=0.05), 'leaves no image'),
+    (dict(strength=0.001), 'hires strength 0.001 with 2 hires steps needs a schedule of'),
+    (dict(strength=5e-324), 'needs a schedule of'),
   ],
 )
 def test_bad_hires_settings_are_named_before_sampling(pipes, kw, match):

@@ -193,6 +193,50 @@ def test_guidance_rescale_matches_diffusers_and_zero_is_the_plain_loop(pipes):
     txt2img(pipe, PROMPTS, guidance_rescale=float('nan'), **kw)
 
 
+def _a1111_slerp(val, low, high):
+  """A1111's slerp (modules/rng.py) on its (C, H, W) noise, as written there."""
+  low_norm = low / torch.norm(low, dim=1, keepdim=True)
+  high_norm = high / torch.norm(high, dim=1, keepdim=True)
+  dot = (low_norm * high_norm).sum(1)
+  if dot.mean() > 0.9995:
+    return low * val + high * (1 - val)
+  omega = torch.acos(dot)
+  so = torch.sin(omega)
+  return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
+
+
+def _a1111_resized(noise, full, shape):
+  """A1111's ImageRNG.first: `noise` of another size pasted into the middle of `full` ((C, H, W) each)."""
+  x = full.clone()
+  dx, dy = (shape[2] - noise.shape[2]) // 2, (shape[1] - noise.shape[1]) // 2
+  w = noise.shape[2] if dx >= 0 else noise.shape[2] + 2 * dx
+  h = noise.shape[1] if dy >= 0 else noise.shape[1] + 2 * dy
+  tx, ty, dx, dy = (0 if dx < 0 else dx), (0 if dy < 0 else dy), max(-dx, 0), max(-dy, 0)
+  x[:, ty : ty + h, tx : tx + w] = noise[:, dy : dy + h, dx : dx + w]
+  return x
+
+
+@pytest.mark.parametrize('resize_from', [None, (6, 9), (14, 4)])
+@pytest.mark.parametrize('strength', [0.0, 0.3, 1.0])
+def test_variation_noise_is_a1111s_slerp_toward_the_subseed_and_its_seed_resize(strength, resize_from):
+  from jaxdream.diffusion.sampling import variation_noise
+
+  shape = (10, 8, 4)
+  ours = np.asarray(variation_noise([7, 8], [30, 31], strength, shape, resize_from))
+  chw = lambda a: torch.from_numpy(np.asarray(a)).permute(2, 0, 1)
+  small = shape if resize_from is None else (*resize_from, 4)
+  for b, (seed, subseed) in enumerate([(7, 30), (8, 31)]):
+    noise, sub = chw(image_noise([seed], small)[0]), chw(image_noise([subseed], small)[0])
+    expected = _a1111_slerp(strength, noise, sub) if strength else noise
+    if resize_from is not None:
+      expected = _a1111_resized(expected, chw(image_noise([seed], shape)[0]), (4, *shape[:2]))
+    np.testing.assert_allclose(ours[b], expected.permute(1, 2, 0).numpy(), rtol=1e-5, atol=1e-6)
+  same = np.asarray(variation_noise([7], [7], 0.5, shape))  # a subseed equal to the seed: nearly parallel columns
+  np.testing.assert_allclose(
+    same, np.asarray(image_noise([7], shape)) * 0.5 + np.asarray(image_noise([7], shape)) * 0.5
+  )
+
+
 def test_model_folders_own_scheduler_is_the_default(pipes):
   ref_pipe, pipe = pipes
   pipe = _with_scheduler(ref_pipe, pipe, 'pndm', 'epsilon')

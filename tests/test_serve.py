@@ -304,6 +304,12 @@ def test_bad_requests_are_refused_naming_the_field(served):
   assert '[4, 64]' in refused(422, 'hr_scale (hires width)', {**hires, 'hr_scale': 3})['detail']  # 96 px
   refused(422, 'hr_resize_y', {**hires, 'hr_resize_x': 32, 'hr_resize_y': 128})
   refused(422, 'denoising_strength', {**hires, 'denoising_strength': 0})
+  for tiny in (0.001, 5e-324):  # a schedule of steps / strength past the model's timesteps: named, the worker lives
+    assert 'needs a schedule' in refused(422, 'denoising_strength', {**hires, 'denoising_strength': tiny})['detail']
+  r = client.post(
+    '/sdapi/v1/txt2img', content=b'{"steps": NaN, "hr_resize_x": NaN}', headers={'Content-Type': 'application/json'}
+  )
+  assert r.status_code == 422 and 'nan' in r.text, r.text  # FastAPI's own 422, its echoed NaN made JSON
   refused(422, 'hr_second_pass_steps', {**hires, 'hr_second_pass_steps': 11})
   refused(422, 'hr_sampler_name', {**hires, 'hr_sampler_name': 'Heun++'})
   refused(422, 'hr_checkpoint_name', {**hires, 'hr_checkpoint_name': 'other'})  # another checkpoint
@@ -528,6 +534,27 @@ def test_hires_fix_gives_the_librarys_hires_images_alone_and_batched_with_a1111_
   names += [u['name'] for u in client.get('/sdapi/v1/upscalers').json()]
   for name in names:  # every upscaler listed is one hires fix takes
     assert txt2img(client, prompt='a red fox', seed=11, **dict(hires, hr_upscaler=name))['images']
+
+
+def test_variation_seeds_slerp_toward_the_subseed_as_a1111_and_report_it(served):
+  server, client = served
+  plain = {seed: pixels(txt2img(client, prompt='a red fox', seed=seed)['images'][0]) for seed in (11, 5)}
+  # Strength 1 is the subseed's noise (Euler: no other randomness), 0 the seed's.
+  full = txt2img(client, prompt='a red fox', seed=11, subseed=5, subseed_strength=1.0)
+  assert np.array_equal(pixels(full['images'][0]), plain[5])
+  assert np.array_equal(pixels(txt2img(client, prompt='a red fox', seed=11, subseed=5)['images'][0]), plain[11])
+  some = txt2img(client, prompt='a red fox', seed=11, subseed=5, subseed_strength=0.3, batch_size=2)
+  info = json.loads(some['info'])
+  assert (info['subseed'], info['all_subseeds'], info['subseed_strength']) == (5, [5, 6], 0.3)
+  assert 'Variation seed: 6, Variation seed strength: 0.3' in info['infotexts'][1]
+  assert not any(np.array_equal(pixels(some['images'][0]), p) for p in plain.values())
+  # The seed's noise drawn at the same size and pasted in the middle: the seed's own image.
+  same = txt2img(client, prompt='a red fox', seed=11, seed_resize_from_w=32, seed_resize_from_h=32)
+  assert np.array_equal(pixels(same['images'][0]), plain[11]) and 'Seed resize from: 32x32' in same['info']
+  body = {**SMALL, 'seed': 11, 'subseed_strength': 0.5}
+  r = client.post('/sdapi/v1/txt2img', json={**body, 'enable_hr': True, 'hr_scale': 1.5})
+  assert r.status_code == 422 and r.json()['field'] == 'subseed_strength'
+  assert client.post('/sdapi/v1/txt2img', json={**body, 'subseed_strength': 1.5}).status_code == 422
 
 
 def test_embeddings_are_named_by_their_files_as_words_in_any_case_and_other_models_ones_are_skipped(served):

@@ -239,7 +239,7 @@ def _model_name(path: str) -> str:
 def _check_job(job: _Job, scheduler_config: dict, num_images: int, refiner=None, hires=None) -> int:
   """Raise ValueError for a bad setting; return how many steps the job runs (for the progress bar), the
   refiner's included (`refiner`: its scheduler config and start fraction), or the hires pass's (`hires`)."""
-  from jaxdream.diffusion.sampling import hires_schedule
+  from jaxdream.diffusion.sampling import check_hires_schedule
   from jaxdream.schedulers import make_scheduler
 
   if job.steps < 1:
@@ -253,9 +253,9 @@ def _check_job(job: _Job, scheduler_config: dict, num_images: int, refiner=None,
   sch = make_scheduler(job.scheduler, scheduler_config, job.steps)
   start = 0 if job.strength is None else sch.start_index(job.strength)
   if hires is not None:
-    total, strength = hires_schedule(hires['hires_steps'] or job.steps, hires['strength'])
-    second = make_scheduler(job.scheduler, scheduler_config, total)
-    return sch.num_steps + second.num_steps - second.start_index(strength)
+    return sch.num_steps + check_hires_schedule(
+      job.scheduler, scheduler_config, hires['hires_steps'] or job.steps, hires['strength']
+    )
   if refiner is None:
     return sch.num_steps - start
   refiner_config, refiner_start = refiner

@@ -54,6 +54,41 @@ def image_noise(seeds: Sequence[int], shape: tuple[int, ...], stream: int = _NOI
   return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(image_keys(seeds, stream))
 
 
+def slerp_noise(strength: float, low, high):
+  """A1111's slerp of two noise arrays (B, H, W, C): per image, column by column (its `dim=1` of (C, H, W) noise is
+  the height), along the great circle from `low` to `high` by `strength`; nearly parallel columns (a mean cosine
+  over 0.9995) mixed linearly, with A1111's weights."""
+  low, high = jnp.asarray(low, jnp.float32), jnp.asarray(high, jnp.float32)
+  unit = lambda a: a / jnp.linalg.norm(a, axis=1, keepdims=True)
+  dot = jnp.sum(unit(low) * unit(high), axis=1, keepdims=True)  # (B, 1, W, C)
+  omega = jnp.arccos(dot)
+  so = jnp.sin(omega)
+  curved = jnp.sin((1.0 - strength) * omega) / so * low + jnp.sin(strength * omega) / so * high
+  straight = low * strength + high * (1 - strength)  # A1111's (its weights, as written)
+  return jnp.where(jnp.mean(dot, axis=(1, 2, 3), keepdims=True) > 0.9995, straight, curved)
+
+
+def variation_noise(seeds, subseeds, strength: float, shape: tuple, resize_from: tuple | None = None):
+  """Initial noise (B, *shape) with A1111's variation seeds: each image's seed's noise slerped toward its
+  subseed's by `strength`, drawn at `resize_from` (latent (height, width): A1111's seed_resize_from_h/w // 8) and
+  pasted into the middle of the seed's noise at `shape` (cropped when larger), as A1111's ImageRNG makes it. Pass
+  it as the samplers' `latents`."""
+  if not 0.0 <= strength <= 1.0:
+    raise ValueError(f'subseed_strength must be in [0, 1], got {strength}')
+  small = shape if resize_from is None else (*resize_from, shape[-1])
+  noise = image_noise(seeds, small)
+  if strength:
+    noise = slerp_noise(strength, noise, image_noise(subseeds, small))
+  if small == shape:
+    return noise
+  full = image_noise(seeds, shape)
+  (h, w), (sh, sw) = shape[:2], small[:2]
+  dy, dx = (h - sh) // 2, (w - sw) // 2
+  ph, pw = (sh if dy >= 0 else sh + 2 * dy), (sw if dx >= 0 else sw + 2 * dx)
+  ty, tx, dy, dx = max(dy, 0), max(dx, 0), max(-dy, 0), max(-dx, 0)
+  return full.at[:, ty : ty + ph, tx : tx + pw].set(noise[:, dy : dy + ph, dx : dx + pw])
+
+
 @dataclasses.dataclass(frozen=True)
 class _Mode:
   cfg: bool  # classifier-free guidance (a guidance_scale > 1), as diffusers decides
@@ -246,10 +281,18 @@ def _rescale_guidance(guided, cond, rescale):
   return jnp.where(r > 0, r * (guided * ratio) + (1 - r) * guided, guided)
 
 
-def decode_uint8(vae, latents):
-  """uint8 NHWC images of scaled latents, as the sampler returns them (traceable)."""
-  images = vae.decode_latents(latents).astype(jnp.float32)
-  return jnp.round(jnp.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
+def decode_uint8(vae, latents, truncate: bool = False):
+  """uint8 NHWC images of scaled latents, as the sampler returns them (traceable); `truncate`: 255 * the [0, 1] image
+  truncated, not rounded, as A1111 makes the image its hires fix upscales."""
+  images = jnp.clip(vae.decode_latents(latents).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0) * 255
+  return (jnp.floor(images) if truncate else jnp.round(images)).astype(jnp.uint8)
+
+
+def _decode_truncated(pipeline, latents):
+  """decode_uint8(..., truncate=True) of latents, compiled once per VAE."""
+  vae_def, vae_params = nnx.split(pipeline.vae)
+  build = lambda: jax.jit(lambda params, x: decode_uint8(nnx.merge(vae_def, params), x, truncate=True))
+  return np.asarray(pipeline.compiled.get(('decode_truncated', Structure(vae_def)), build)(vae_params, latents))
 
 
 def _encode(pipeline, images, seeds, stream):
@@ -1095,6 +1138,23 @@ def hires_schedule(hires_steps: int, strength: float) -> tuple[int, float]:
   return total, min(1.0, (hires_steps + 0.5) / total)  # int(total * strength) == hires_steps
 
 
+def check_hires_schedule(scheduler: str | None, scheduler_config: dict, hires_steps: int, strength) -> int:
+  """The steps a hires pass of `hires_steps` at `strength` runs with `scheduler` (for progress bars); a ValueError
+  naming the hires strength and steps when their schedule cannot run."""
+  if isinstance(strength, bool) or not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):
+    raise ValueError(f'hires strength must be in (0, 1], got {strength!r}')
+  limit = int(scheduler_config.get('num_train_timesteps', 1000))
+  if hires_steps / min(strength, 0.999) >= limit + 1:
+    raise ValueError(
+      f'hires strength {strength:g} with {hires_steps} hires steps needs a schedule of hires_steps / strength = '
+      f"{hires_steps / min(strength, 0.999):.4g} steps, more than the model's {limit} timesteps: raise the strength or "
+      'lower the hires steps'
+    )
+  total, strength = hires_schedule(hires_steps, strength)
+  sch = make_scheduler(scheduler, scheduler_config, total)
+  return sch.num_steps - sch.start_index(strength)
+
+
 def hires_fix(
   pipeline,
   prompts,
@@ -1149,9 +1209,9 @@ def hires_fix(
     raise ValueError(f'hires scale must be a number > 0, got {scale!r}')
   for what, v in (('resize_x', resize_x), ('resize_y', resize_y)):
     _count(v, what, least=0)
-  if not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):
-    raise ValueError(f'hires strength must be in (0, 1], got {strength!r}')
   hires_steps = _count(num_inference_steps if hires_steps is None else hires_steps, 'hires_steps')
+  check_hires_schedule(scheduler if hires_scheduler is None else hires_scheduler, pipeline.scheduler_config,
+                       hires_steps, strength)  # fmt: skip
   f = pipeline.vae_scale_factor
   height, width = _check_size(pipeline, height, width)
   up_x, up_y, tx, ty = upscale.hires_size(width, height, scale, resize_x, resize_y, f)
@@ -1183,11 +1243,11 @@ def hires_fix(
     latents=latents,
     micro_conditioning=micro_conditioning,
   )
+  x = txt2img(pipeline, prompts, output_type='latent', **first)
   if upscaler in upscale.LATENT_MODES:
-    x = txt2img(pipeline, prompts, output_type='latent', **first)
     x = upscale.resize_latents(x, up_y // f, up_x // f, *upscale.LATENT_MODES[upscaler])
-  else:
-    images = upscale.upscale_images(txt2img(pipeline, prompts, **first), up_x, up_y, upscaler)
+  else:  # A1111 truncates the decoded image to uint8 (it rounds the images it returns)
+    images = upscale.upscale_images(_decode_truncated(pipeline, jnp.asarray(x)), up_x, up_y, upscaler)
     seeds = _seeds(seed, len(images))
     x = _encode(pipeline, images.astype(np.float32) / 127.5 - 1.0, seeds, _ENCODE)
   x = x[:, ty // 2 : x.shape[1] - (ty + 1) // 2, tx // 2 : x.shape[2] - (tx + 1) // 2]

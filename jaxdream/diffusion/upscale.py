@@ -98,7 +98,8 @@ def resize_weights(n_in: int, n_out: int, mode: str, antialias: bool = False) ->
       total = taps.sum()
       w[i, lo:hi] = taps / total if total != 0 else taps
     return w
-  src = np.float32(scale) * (rows.astype(np.float32) + np.float32(0.5)) - np.float32(0.5)
+  # scale * (i + 0.5) - 0.5 rounded once, as torch's kernel computes it (a fused multiply-add)
+  src = (np.float64(scale) * (rows + 0.5) - 0.5).astype(np.float32)
   if mode == 'bilinear':
     src = np.maximum(src, np.float32(0))
     i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)

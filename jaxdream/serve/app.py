@@ -13,13 +13,14 @@ import importlib.metadata
 import io
 import json
 import logging
+import math
 import random
 import time
 from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
@@ -122,8 +123,6 @@ def _refuse_unsupported(req):
   for field, what in _UNSUPPORTED.items():
     if getattr(req, field, None):
       raise ApiError(422, field, f'{what} is not supported by jaxdream serve')
-  if req.subseed_strength:
-    raise ApiError(422, 'subseed_strength', 'variation seeds (subseed_strength) are not supported by jaxdream serve')
 
 
 def _version() -> str:
@@ -200,16 +199,41 @@ def _plan(server: Server, req: Txt2ImgRequest, kind: str):
   hires, hires_texts = None, (None, None)
   if kind == 'txt2img' and req.enable_hr:  # A1111's img2img has no hires fix: the field is ignored there
     hires, hires_texts = _hires(server, pipe, req, model, sampler, text, tags, width, height)
+  variation = _variation(req, n, f, lim)
+  if variation is not None and hires is not None:
+    raise ApiError(422, 'subseed_strength', 'variation seeds with hires fix are not supported by jaxdream serve')
   key = BatchKey(
     model, kind, height, width, req.steps, sampler, req.cfg_scale > 1, strength, signature, fill, clip_skip, chunks,
     hires,
   )  # fmt: skip
   tasks = [
-    Task(text, req.negative_prompt, seed + i, req.cfg_scale, lora, *inputs[i % len(inputs)], *hires_texts)
+    Task(
+      text, req.negative_prompt, seed + i, req.cfg_scale, lora, *inputs[i % len(inputs)], *hires_texts,
+      variation=variation and (variation[0] + i, *variation[1:]),
+    )
     for i in range(n)
-  ]
-  facts = dict(model=model, width=width, height=height, seed=seed, sampler=sampler, strength=strength)
+  ]  # fmt: skip
+  facts = dict(
+    model=model, width=width, height=height, seed=seed, sampler=sampler, strength=strength, variation=variation
+  )
   return key, tasks, dict(facts, model_hash=eng.describe(model)['hash'])
+
+
+def _variation(req: Txt2ImgRequest, n: int, factor: int, lim: Limits):
+  """(first subseed, subseed_strength, noise size to resize from (latent height, width) or None) of A1111's variation
+  seeds, or None when the request has none."""
+  check_range('subseed_strength', req.subseed_strength, 0, 1)
+  resize = req.seed_resize_from_h > 0 and req.seed_resize_from_w > 0  # A1111: both, else off
+  if not req.subseed_strength and not resize:
+    return None
+  subseed = req.subseed if req.subseed != -1 else random.randrange(2**32 - n)
+  check_range('subseed', subseed, 0, 2**32 - n)
+  size = None
+  if resize:
+    for field in ('seed_resize_from_h', 'seed_resize_from_w'):
+      check_range(field, getattr(req, field), factor, lim.max_size)
+    size = (req.seed_resize_from_h // factor, req.seed_resize_from_w // factor)
+  return subseed, float(req.subseed_strength), size
 
 
 _SAME = ('', 'Use same checkpoint', 'Use same sampler', 'Use same scheduler')  # A1111's "as the first pass"
@@ -230,7 +254,8 @@ def _hires(
     upscaler = upscale.check_upscaler(req.hr_upscaler or upscale.DEFAULT_UPSCALER)
   except ValueError as e:
     raise ApiError(422, 'hr_upscaler', str(e)) from None
-  check_range('hr_scale', req.hr_scale, 0, 8)
+  if not (req.hr_resize_x or req.hr_resize_y):  # A1111 reads hr_scale only without a resize
+    check_range('hr_scale', req.hr_scale, 0, 8)
   check_range('hr_resize_x', req.hr_resize_x, 0, lim.max_size)
   check_range('hr_resize_y', req.hr_resize_y, 0, lim.max_size)
   out_w, out_h = upscale.output_size(width, height, req.hr_scale, req.hr_resize_x, req.hr_resize_y, f)
@@ -260,6 +285,10 @@ def _hires(
       raise ApiError(422, 'hr_prompt', "hr_prompt's <lora:...> tags must be the prompt's (the passes share adapters)")
   if req.hr_negative_prompt:
     negative = req.hr_negative_prompt
+  try:
+    sampling.check_hires_schedule(second, pipe.scheduler_config, steps, strength)
+  except ValueError as e:
+    raise ApiError(422, 'denoising_strength', str(e)) from None
   total = sampling.hires_schedule(steps, strength)[0]
   chunks = tuple(
     _prompt_chunks(pipe, field, p, total, lim)
@@ -321,9 +350,18 @@ def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list, out
   save_images, the PNGs written under `outdir` too."""
   n = len(images)
   seeds = [facts['seed'] + i for i in range(n)]
-  h = key.hires
+  h, variation = key.hires, facts['variation']
   strength = key.strength if h is None else h.strength
   extra = {} if h is None else _hires_parameters(req, key)
+  subseeds = seeds if variation is None else [variation[0] + i for i in range(n)]
+
+  def fields(i):  # A1111's infotext fields of image i's variation seed
+    if variation is None:
+      return extra
+    varied = {'Variation seed': subseeds[i], 'Variation seed strength': format_number(variation[1])}
+    resized = {'Seed resize from': f'{req.seed_resize_from_w}x{req.seed_resize_from_h}'}
+    return {**(varied if variation[1] else {}), **(resized if variation[2] else {}), **extra}
+
   texts = [
     format_parameters(
       req.prompt,
@@ -337,9 +375,9 @@ def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list, out
       model=key.model,
       strength=strength,
       clip_skip=key.clip_skip,
-      extra=extra,
+      extra=fields(i),
     )
-    for s in seeds
+    for i, s in enumerate(seeds)
   ]
   done = [i for i, im in enumerate(images) if im is not None]
   pngs = [png_bytes(images[i], texts[i]) for i in done]
@@ -353,9 +391,9 @@ def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list, out
     'all_negative_prompts': [req.negative_prompt] * n,
     'seed': facts['seed'],
     'all_seeds': seeds,
-    'subseed': facts['seed'],
-    'all_subseeds': seeds,
-    'subseed_strength': 0,
+    'subseed': subseeds[0],
+    'all_subseeds': subseeds,
+    'subseed_strength': 0 if variation is None else variation[1],
     'width': key.width,
     'height': key.height,
     'sampler_name': samplers.a1111_name(key.sampler),
@@ -368,8 +406,8 @@ def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list, out
     'sd_model_hash': facts['model_hash'] or '',  # a folder model has no file hash; typed clients want a string
     'sd_vae_name': None,  # the model's own VAE
     'sd_vae_hash': None,
-    'seed_resize_from_w': -1,
-    'seed_resize_from_h': -1,
+    'seed_resize_from_w': req.seed_resize_from_w if variation and variation[2] else -1,
+    'seed_resize_from_h': req.seed_resize_from_h if variation and variation[2] else -1,
     'denoising_strength': strength,
     'extra_generation_params': extra,
     'index_of_first_image': 0,
@@ -486,6 +524,17 @@ class _BodyLimit:
     return await self.app(scope, replay, send)
 
 
+def _json_safe(value):
+  """`value` with non-finite floats as their names ('nan', 'inf'), which JSON cannot hold."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return repr(value)
+  if isinstance(value, dict):
+    return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(v) for v in value]
+  return value
+
+
 def _constant(value):
   """A route handler without parameters that answers `value`."""
   return lambda: value
@@ -537,7 +586,8 @@ def create_app(server: Server) -> FastAPI:
   @app.exception_handler(RequestValidationError)
   async def invalid(request: Request, e: RequestValidationError):
     server.metrics.error('invalid_request')
-    return await request_validation_exception_handler(request, e)
+    # FastAPI's own answer, with the inputs it repeats made JSON (a NaN literal sent for an int is not)
+    return JSONResponse({'detail': _json_safe(jsonable_encoder(e.errors()))}, status_code=422)
 
   @app.get('/', response_class=HTMLResponse, include_in_schema=False)
   async def page():

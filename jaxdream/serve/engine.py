@@ -54,6 +54,8 @@ class Task:
   overlay: Overlay | None = None  # inpainting: what the result is pasted back into
   hires_prompt: str | None = None  # hires fix's second pass (None: the prompt's)
   hires_negative_prompt: str | None = None
+  # A1111's variation seed: (subseed, subseed_strength, latent (height, width) to resize the seed's noise from or None)
+  variation: tuple | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,9 +402,7 @@ class Engine:
     sch = make_scheduler(key.sampler, config, key.steps)
     steps = sch.num_steps - (0 if key.strength is None else sch.start_index(key.strength))
     if key.hires is not None:
-      total, strength = sampling.hires_schedule(key.hires.steps, key.hires.strength)
-      second = make_scheduler(key.hires.sampler, config, total)
-      steps += second.num_steps - second.start_index(strength)
+      steps += sampling.check_hires_schedule(key.hires.sampler, config, key.hires.steps, key.hires.strength)
     return steps
 
   def preview(self, key: BatchKey, latents: np.ndarray) -> np.ndarray:
@@ -458,6 +458,13 @@ class Engine:
       )
       if key.adapters is not None:
         pipe, kw['adapters'], kw['adapter_ids'], kw['adapter_scales'] = self._with_adapters(pipe, key, padded)
+      if any(t.variation for t in padded):  # each image's noise, varied or its seed's own
+        f = pipe.vae_scale_factor
+        shape = (key.height // f, key.width // f, pipe.vae.latent_channels)
+        kw['latents'] = np.concatenate(
+          [sampling.variation_noise([t.seed], [t.variation[0]], t.variation[1], shape, t.variation[2]) if t.variation
+           else sampling.image_noise([t.seed], shape) for t in padded]
+        )  # fmt: skip
       prompts = [t.prompt for t in padded]
       if key.kind == 'txt2img' and key.hires is not None:
         h = key.hires

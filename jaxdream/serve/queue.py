@@ -199,7 +199,11 @@ class BatchQueue:
       self._units = collections.deque(u for u in self._units if id(u) not in taken)
       self._running, self._stop, self._running_key = batch, None, key
       self._batches, self._latents = self._batches + 1, None
-      steps = self._num_steps(key)
+      try:
+        steps = self._num_steps(key)
+      except Exception:  # noqa: BLE001 (only the progress count: the batch itself will report what is wrong)
+        log.exception('counting the steps of a batch failed')
+        steps = key.steps
       self._progress = dict(step=0, steps=steps, started=time.monotonic(), batch=len(batch))
       return batch
 
