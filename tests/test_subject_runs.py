@@ -113,7 +113,8 @@ def test_a_finished_per_subject_run_resumes_without_training(folders, together):
   workdir, _ = together
   before = {n: _flat(_weights(workdir, n)) for n in 'abc'}
   summary = train(_config(folders, ['a', 'bad', 'b', 'c'], subjects_per_step=2), workdir)
-  assert summary['losses'] == {}  # every group restored at its last step
+  # every group restored at its last step: nothing trained, each subject's losses those of the run
+  assert summary['losses'] == {n: [tuple(x) for x in v] for n, v in together[1]['losses'].items()}
   for n in 'abc':
     np.testing.assert_array_equal(_flat(_weights(workdir, n)), before[n])
 
@@ -129,7 +130,7 @@ def test_a_per_subject_run_resumes_on_a_mesh_that_pads_its_group_otherwise(folde
     train(c, workdir)
   c.mesh.data, c.train.num_steps = 1, 3
   summary = train(c, workdir)
-  assert {n: [s for s, _ in v] for n, v in summary['losses'].items()} == {n: [3] for n in 'abc'}
+  assert {n: [s for s, _ in v] for n, v in summary['losses'].items()} == {n: [1, 2, 3] for n in 'abc'}
 
 
 def test_bad_subjects_fail_the_run_by_default_and_per_subject_keys_need_per_subject(folders, tmp_path):
@@ -208,7 +209,9 @@ def test_sigterm_mid_group_saves_it_and_the_resumed_run_ends_with_the_uninterrup
 
   second = train(c, workdir)
   assert 'resumed from the checkpoint at step 1' in capsys.readouterr().out
-  assert [s for s, _ in second['losses']['a']] == [2] and [s for s, _ in second['losses']['c']] == [1, 2]
+  # each subject's whole history, the steps before the resume included, as a single run's summary
+  assert [s for s, _ in second['losses']['a']] == [1, 2] and [s for s, _ in second['losses']['c']] == [1, 2]
+  assert second['losses']['a'][0] == first['losses']['a'][0]
   for n in 'abc':
     ours, ref = _weights(workdir, n), _weights(together[0], n)
     assert sorted(ours) == sorted(ref)
@@ -292,7 +295,8 @@ def test_a_per_subject_run_killed_resumes_to_identical_adapters(devices, folders
   capsys.readouterr()
   summary = train(config, killed)
   resumed = int(capsys.readouterr().out.split('resumed from the checkpoint at step ')[1].split()[0])
-  assert 1 <= resumed < 3 and summary['losses']['a'][0][0] == resumed + 1
+  steps = [s for s, _ in summary['losses']['a']]  # the history saved with the checkpoints, then the new steps
+  assert 1 <= resumed < 3 and steps == sorted(set(steps)) and steps[-(3 - resumed) :] == list(range(resumed + 1, 4))
   for n in 'abc':
     ours, ref = _weights(killed, n), _weights(straight, n)
     assert sorted(ours) == sorted(ref)

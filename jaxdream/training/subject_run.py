@@ -105,6 +105,22 @@ def _adapted(pipeline, plan, seed: int, name: str):
   )
 
 
+LOSSES_FILE = 'losses.json'  # a group's per-subject losses so far, beside its checkpoints
+
+
+def _group_losses(group_dir: str, group: list, step: int) -> dict:
+  """{subject: [(step, loss), ...]} of a group's steps up to `step` (its restored checkpoint's), as saved with its
+  checkpoints: a resumed run's summary has each subject's whole history, as a single run's has."""
+  try:
+    with open(os.path.join(group_dir, LOSSES_FILE)) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):  # none yet (a new group), or unreadable: the history starts here
+    saved = {}
+  if not isinstance(saved, dict):
+    saved = {}
+  return {n: [tuple(x) for x in saved.get(n, []) if x[0] <= step] for n in group} if step else {}
+
+
 def _group_folder(names: list[str]) -> str:
   return f'subjects-{zlib.crc32(",".join(names).encode()):08x}'
 
@@ -219,10 +235,12 @@ def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
           latents[n] = _cache_latents(pipeline, folders[n], splits, config.resolution)
         if config.train.cache_text_embeddings:
           contexts[n] = _cache_text_embeddings(pipeline, folders[n], splits)
-      mngr = _checkpointer(os.path.join(workdir, 'groups', _group_folder(group)), config)
+      group_dir = os.path.join(workdir, 'groups', _group_folder(group))
+      mngr = _checkpointer(group_dir, config)
       members = [by_name[n] for n in group]
       try:
         state = _restore_group(mngr, state, iterators, config, len(group), size, shardings[0])
+        losses.update(_group_losses(group_dir, group, int(state['step'][0])))  # the steps before a resume
         for step in range(int(state['step'][0]), config.train.num_steps):
           batches = [
             _next_batch(
@@ -255,6 +273,8 @@ def run_subjects(config, workdir, concepts, instance, skipped) -> dict:
               writer.scalars(done, learning_rate=lr(done // config.train.grad_accum_steps), **per_subject)
           if done % config.checkpoint.every_steps == 0 or done == config.train.num_steps or stop:
             _save(mngr, done, _real_rows(state, len(group)), iterators, config)  # the padding depends on the mesh
+            if multihost.is_primary():
+              atomic_write(os.path.join(group_dir, LOSSES_FILE), json.dumps({n: losses.get(n, []) for n in group}))
           if (
             config.validation.every_steps
             and done % config.validation.every_steps == 0
