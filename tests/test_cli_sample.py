@@ -452,6 +452,7 @@ def test_three_sweeps_write_one_grid_per_z_value_and_prompts_split_on_bars(files
     (['--hires-scale', 2, '--hires-upscaler', 'R-ESRGAN 4x+'], 'model upscalers such as ESRGAN are not supported'),
     (['--hires-scale', 200], 'must be in (0, 8]'),
     (['--guidance-rescale', 1.5], '--guidance-rescale 1.5: must be in [0, 1]'),
+    (['--clip-skip', 40], '--clip-skip 40: clip_skip must be in [0, '),  # before the model loads
   ],
   ids=[
     'missing-model',
@@ -469,6 +470,7 @@ def test_three_sweeps_write_one_grid_per_z_value_and_prompts_split_on_bars(files
     'hires-model-upscaler',
     'hires-scale-too-large',
     'guidance-rescale-out-of-range',
+    'clip-skip-past-the-layers',
   ],
 )
 def test_bad_arguments_exit_2_with_a_message_before_any_output(files, tmp_path, capsys, argv, message):

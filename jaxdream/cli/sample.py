@@ -293,6 +293,7 @@ def _plan(args) -> _Plan:
   """Check every argument against the model's configs, reading no weights and compiling nothing."""
   from jaxdream.cli.model_files import model_file_options
   from jaxdream.diffusion.pipeline import read_model
+  from jaxdream.diffusion.sampling import check_clip_skip
   from jaxdream.schedulers import scheduler_name_for_config
 
   if args.mask and not args.init_image:
@@ -321,6 +322,10 @@ def _plan(args) -> _Plan:
     raise ValueError('strength (denoising strength) needs --init-image')
   options = model_file_options(args)
   spec = read_model(args.model, allow_pickle=args.allow_pickle, **options)  # a bad model fails here
+  try:
+    check_clip_skip(spec, args.clip_skip)
+  except ValueError as e:
+    raise ValueError(f'--clip-skip {args.clip_skip}: {e}') from None
   f, (h, w), scheduler_config = spec.vae_scale_factor, spec.default_size, spec.scheduler_config
   init = mask = None
   if args.init_image:

@@ -313,14 +313,22 @@ def _encode(pipeline, images, seeds, stream):
 
 
 def check_clip_skip(pipeline, clip_skip) -> int:
-  """`clip_skip` as an int, if the pipeline's text encoders have the layers to skip (a ValueError if not)."""
+  """`clip_skip` as an int, if the pipeline's text encoders have the layers to skip (a ValueError if not). `pipeline`
+  may also be a ModelSpec (its configs' layer counts: checked before any weight is read)."""
   clip_skip = int(clip_skip or 0)
   if not clip_skip:
     return 0
-  encoders = [m for n, m in pipeline.components.items() if n.startswith('text_encoder')]
-  layers = [len(m.text_model.encoder.layers) for m in encoders if hasattr(getattr(m, 'text_model', None), 'encoder')]
+  if hasattr(pipeline, 'configs'):  # a ModelSpec
+    encode_prompt = pipeline.conditioning['encode_prompt']
+    layers = [
+      c.get('num_hidden_layers', 12) for n, c in pipeline.configs.items() if n.startswith('text_encoder')
+    ]  # CLIP's default
+  else:
+    encode_prompt = pipeline.encode_prompt
+    encoders = [m for n, m in pipeline.components.items() if n.startswith('text_encoder')]
+    layers = [len(m.text_model.encoder.layers) for m in encoders if hasattr(getattr(m, 'text_model', None), 'encoder')]
   # SD reads hidden_states[-(clip_skip + 1)] (the embeddings at most), SDXL hidden_states[-(clip_skip + 2)].
-  most = max(min(layers, default=0) - (pipeline.encode_prompt is sdxl.encode_prompt), 0)
+  most = max(min(layers, default=0) - (encode_prompt is sdxl.encode_prompt), 0)
   if not 0 <= clip_skip <= most:
     raise ValueError(f'clip_skip must be in [0, {most}] for these text encoders, got {clip_skip}')
   return clip_skip
