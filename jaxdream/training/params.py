@@ -116,17 +116,19 @@ def group_optimizer(config, lr: float) -> optax.GradientTransformation:
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
-  """optax.clip_by_global_norm (same state, same numbers) that takes the norm as the extra argument
+  """optax.clip_by_global_norm (same state; the same numbers to rounding) that takes the norm as the extra argument
   `grad_norm` when its caller already has it: the training step computes it for its finite check, outside
   the conditional update. A second reduction over every gradient inside the conditional made XLA:CPU keep a
   relaid-out copy of each convolution kernel's gradient alive at once until the update (2 GiB of SD 1.5's
-  step; docs/performance.md); with the norm given, each gradient is used by its own update only."""
+  step; docs/performance.md); with the norm given, each gradient is used by its own update only. The gradients are
+  multiplied by one scalar factor, as torch's clip_grad_norm_ scales them: XLA fuses that product into each moment's
+  update (a division per element it kept as a fusion of its own, one per trained array)."""
 
   def update(updates, state, params=None, *, grad_norm=None, **extra_args):
     del params, extra_args
     norm = optax.global_norm(updates) if grad_norm is None else grad_norm
-    keep = norm < max_norm
-    return jax.tree.map(lambda t: jnp.where(keep, t, (t / norm.astype(t.dtype)) * max_norm), updates), state
+    scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
 
   return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
