@@ -161,7 +161,7 @@ def test_txt2img_matches_diffusers_from_the_same_noise_with_and_without_negative
     assert ours.shape == (2, 32, 32, 3) and ours.dtype == np.uint8
     diff = np.abs(ours / 255.0 - expected[case]).max()
     assert diff <= 0.51 / 255, (case, diff)  # rounding to uint8 (half a level) plus float error (measured: 0.0003)
-  with pytest.raises(TypeError, match='aesthetic_score'):  # the base model has no aesthetic score
+  with pytest.raises(ValueError, match='aesthetic_score is not a setting'):  # the base model has no aesthetic score
     txt2img(pipe, PROMPTS, latents=latents, micro_conditioning=dict(aesthetic_score=6.0), **kw)
   # Per image: a None entry is no negative prompt (zeros), the others are encoded (A1111's empty negative: None).
   mixed = txt2img(pipe, PROMPTS, negative_prompts=[None, NEGATIVES[1]], latents=latents, **kw)
