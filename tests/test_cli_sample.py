@@ -453,6 +453,7 @@ def test_three_sweeps_write_one_grid_per_z_value_and_prompts_split_on_bars(files
     (['--hires-scale', 200], 'must be in (0, 8]'),
     (['--guidance-rescale', 1.5], '--guidance-rescale 1.5: must be in [0, 1]'),
     (['--clip-skip', 40], '--clip-skip 40: clip_skip must be in [0, '),  # before the model loads
+    (['--prompt-2', 'a castle'], '--prompt-2: for SDXL base models'),
   ],
   ids=[
     'missing-model',
@@ -471,6 +472,7 @@ def test_three_sweeps_write_one_grid_per_z_value_and_prompts_split_on_bars(files
     'hires-scale-too-large',
     'guidance-rescale-out-of-range',
     'clip-skip-past-the-layers',
+    'prompt-2-without-sdxl',
   ],
 )
 def test_bad_arguments_exit_2_with_a_message_before_any_output(files, tmp_path, capsys, argv, message):

@@ -231,6 +231,8 @@ def test_variation_noise_is_a1111s_slerp_toward_the_subseed_and_its_seed_resize(
     if resize_from is not None:
       expected = _a1111_resized(expected, chw(image_noise([seed], shape)[0]), (4, *shape[:2]))
     np.testing.assert_allclose(ours[b], expected.permute(1, 2, 0).numpy(), rtol=1e-5, atol=1e-6)
+  one_row = np.asarray(variation_noise([7], [8], 0.3, shape, (1, 8)))  # A1111's 0/0 there: mixed linearly here
+  assert np.isfinite(one_row).all()
   same = np.asarray(variation_noise([7], [7], 0.5, shape))  # a subseed equal to the seed: nearly parallel columns
   np.testing.assert_allclose(
     same, np.asarray(image_noise([7], shape)) * 0.5 + np.asarray(image_noise([7], shape)) * 0.5

@@ -169,6 +169,27 @@ def test_txt2img_matches_diffusers_from_the_same_noise_with_and_without_negative
   assert np.abs(mixed[1] / 255.0 - expected['negatives'][1]).max() <= 0.51 / 255
 
 
+def test_prompt_2_and_negative_prompt_2_go_to_the_second_text_encoder_as_diffusers(sdxl_folder):
+  ref, _, pipe = sdxl_folder
+  latents = np.asarray(image_noise([11, 12], (16, 16, 4)))
+  kw = dict(num_inference_steps=2, guidance_scale=5.0)
+  second, negative_second = ['a castle at night', 'a boat'], ['grainy', 'dark']
+  with torch.no_grad():
+    expected = ref(
+      PROMPTS, prompt_2=second, negative_prompt=NEGATIVES, negative_prompt_2=negative_second,
+      latents=torch.from_numpy(nchw(latents)), output_type='np', **kw,
+    ).images  # fmt: skip
+    plain = ref(PROMPTS, negative_prompt=NEGATIVES, latents=torch.from_numpy(nchw(latents)), output_type='np', **kw)
+  assert np.abs(expected - plain.images).max() > 0.05  # the second texts count
+  ours = txt2img(
+    pipe, PROMPTS, prompts_2=second, negative_prompts=NEGATIVES, negative_prompts_2=negative_second, latents=latents,
+    **kw,
+  )  # fmt: skip
+  assert np.abs(ours / 255.0 - expected).max() <= 0.51 / 255
+  with pytest.raises(ValueError, match="prompt_syntax='plain'"):
+    txt2img(pipe, PROMPTS, prompts_2=second, prompt_syntax='a1111', **kw)
+
+
 def test_the_server_zeroes_an_empty_negative_prompt_for_sdxl_as_a1111(sdxl_folder):
   """A1111's SDXL conditioning zeroes the negative half when the negative prompt is empty
   (force_zero_negative_prompt): the A1111 API's default '' is no negative prompt, not the empty prompt's encoding."""
@@ -430,6 +451,14 @@ def test_sample_cli_hands_over_to_the_refiner_with_micro_conditioning_flags(
   )
   for b in range(2):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / f'{b:05d}.png')), expected[b])
+  # --prompt-2 is the base's second encoder's text: other images from the same seeds (the loops already compiled)
+  assert (
+    sample(
+      *argv, '--refiner', refiner_dir, '--refiner-start', 0.5, *flags, '--prompt-2', 'a castle', out=tmp_path / 'p2'
+    )
+    == 0
+  )
+  assert not np.array_equal(np.asarray(Image.open(tmp_path / 'p2' / '00000.png')), expected[0])
   for args, message in (
     (('--refiner', refiner_dir, '--model', sd1), 'takes over from an SDXL base model, not from a StableDiffusionPip'),
     (('--refiner', base_dir), 'must be an SDXL refiner'),

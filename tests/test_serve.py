@@ -546,6 +546,9 @@ def test_variation_seeds_slerp_toward_the_subseed_as_a1111_and_report_it(served)
   some = txt2img(client, prompt='a red fox', seed=11, subseed=5, subseed_strength=0.3, batch_size=2)
   info = json.loads(some['info'])
   assert (info['subseed'], info['all_subseeds'], info['subseed_strength']) == (5, [5, 6], 0.3)
+  assert info['all_seeds'] == [11, 11]  # A1111: with a variation strength every image keeps the seed
+  alone = txt2img(client, prompt='a red fox', seed=11, subseed=6, subseed_strength=0.3)
+  assert np.array_equal(pixels(alone['images'][0]), pixels(some['images'][1]))
   assert 'Variation seed: 6, Variation seed strength: 0.3' in info['infotexts'][1]
   assert not any(np.array_equal(pixels(some['images'][0]), p) for p in plain.values())
   # The seed's noise drawn at the same size and pasted in the middle: the seed's own image.

@@ -326,6 +326,13 @@ def _plan(args) -> _Plan:
     check_clip_skip(spec, args.clip_skip)
   except ValueError as e:
     raise ValueError(f'--clip-skip {args.clip_skip}: {e}') from None
+  second = [
+    f for f, v in (('--prompt-2', args.prompt_2), ('--negative-prompt-2', args.negative_prompt_2)) if v is not None
+  ]
+  if second and not {'text_encoder', 'text_encoder_2'} <= set(spec.configs):
+    raise ValueError(f'{", ".join(second)}: for SDXL base models (a second text encoder); {args.model} has none')
+  if second and args.prompt_syntax != 'plain':
+    raise ValueError(f"{', '.join(second)}: plain prompts only (diffusers'), not --prompt-syntax a1111")
   f, (h, w), scheduler_config = spec.vae_scale_factor, spec.default_size, spec.scheduler_config
   init = mask = None
   if args.init_image:
@@ -509,6 +516,8 @@ def _run_job(pipe, job: _Job, plan: _Plan, args, progress, refiner=None):
     prompt_syntax=args.prompt_syntax,
     guidance_rescale=args.guidance_rescale,
   )
+  if args.prompt_2 is not None or args.negative_prompt_2 is not None:
+    kw.update(prompts_2=None if args.prompt_2 is None else [args.prompt_2], negative_prompts_2=args.negative_prompt_2)
   if refiner is not None:
     return sampling.refine(
       pipe,
@@ -663,6 +672,10 @@ def _add_sample_parser(sub):
   add_model_file_arguments(s)
   s.add_argument('--prompt', required=True)
   s.add_argument('--negative-prompt', default='')
+  s.add_argument('--prompt-2', help="SDXL: the second text encoder's prompt (diffusers' prompt_2; default --prompt)")
+  s.add_argument(
+    '--negative-prompt-2', help="SDXL: the second text encoder's negative prompt (default --negative-prompt)"
+  )
   s.add_argument('--steps', type=int, default=20, help='number of denoising steps (default 20)')
   s.add_argument('--guidance', type=float, default=7.5, help='classifier-free guidance scale (default 7.5)')
   s.add_argument(

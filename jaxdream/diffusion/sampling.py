@@ -37,6 +37,7 @@ from jaxdream.distributed.multihost import run_together, to_global, to_host
 from jaxdream.distributed.sharding import split_batch
 from jaxdream.io import prompt_syntax
 from jaxdream.io.prompt_syntax import prompt_schedule
+from jaxdream.io.tokenizer import tokenize
 from jaxdream.runtime import Structure
 from jaxdream.schedulers import make_scheduler
 
@@ -57,15 +58,18 @@ def image_noise(seeds: Sequence[int], shape: tuple[int, ...], stream: int = _NOI
 def slerp_noise(strength: float, low, high):
   """A1111's slerp of two noise arrays (B, H, W, C): per image, column by column (its `dim=1` of (C, H, W) noise is
   the height), along the great circle from `low` to `high` by `strength`; nearly parallel columns (a mean cosine
-  over 0.9995) mixed linearly, with A1111's weights."""
+  over 0.9995) mixed linearly, with A1111's weights, and so are columns of one element (A1111 divides 0 by 0 there:
+  a black image)."""
   low, high = jnp.asarray(low, jnp.float32), jnp.asarray(high, jnp.float32)
   unit = lambda a: a / jnp.linalg.norm(a, axis=1, keepdims=True)
   dot = jnp.sum(unit(low) * unit(high), axis=1, keepdims=True)  # (B, 1, W, C)
   omega = jnp.arccos(dot)
   so = jnp.sin(omega)
-  curved = jnp.sin((1.0 - strength) * omega) / so * low + jnp.sin(strength * omega) / so * high
+  safe = jnp.where(so == 0, 1.0, so)  # one-row noise: every column (anti)parallel, where A1111's 0/0 is NaN
+  curved = jnp.sin((1.0 - strength) * omega) / safe * low + jnp.sin(strength * omega) / safe * high
   straight = low * strength + high * (1 - strength)  # A1111's (its weights, as written)
-  return jnp.where(jnp.mean(dot, axis=(1, 2, 3), keepdims=True) > 0.9995, straight, curved)
+  near = jnp.mean(dot, axis=(1, 2, 3), keepdims=True) > 0.9995
+  return jnp.where(near | (so == 0), straight, curved)
 
 
 def variation_noise(seeds, subseeds, strength: float, shape: tuple, resize_from: tuple | None = None):
@@ -486,6 +490,8 @@ def _generate(
   clip_skip: int = 0,
   prompt_syntax: str = 'plain',
   guidance_rescale=0.0,
+  prompts_2=None,
+  negative_prompts_2=None,
 ):
   if output_type not in ('uint8', 'latent'):
     raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
@@ -493,6 +499,7 @@ def _generate(
   num_inference_steps = _count(num_inference_steps, 'num_inference_steps')
   if not (np.isfinite(eta) and eta >= 0):
     raise ValueError(f'eta must be a number >= 0, got {eta}')
+  prompts_raw = prompts
   prompts = _expand(prompts, num_images_per_prompt, 'prompts')
   b = len(prompts)
   if negative_prompts is None:
@@ -533,6 +540,11 @@ def _generate(
   # as diffusers: only where the image is guided (its scale > 1)
   rescale = [float(r) if g > 1.0 else 0.0 for r, g in zip(rescale, guidance, strict=True)]
   cond, uncond, chunks = _tokenized(pipeline, prompts, negatives, prompt_syntax, num_inference_steps)
+  if prompts_2 is not None or negative_prompts_2 is not None:
+    second = prompts_raw if prompts_2 is None else prompts_2
+    cond, uncond = _second_prompts(
+      pipeline, cond, uncond, prompt_syntax, num_images_per_prompt, second, negative_prompts_2, negatives
+    )
   ids, scales = _adapter_choice(pipeline, adapters, adapter_ids, adapter_scales, b, num_images_per_prompt)
   sch = make_scheduler(scheduler, pipeline.scheduler_config, num_inference_steps, eta=eta)
   if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
@@ -718,6 +730,27 @@ def _tokenized(pipeline, prompts, negatives, syntax: str, steps: int):
   return out[0], out[1], (chunks[1], chunks[0])
 
 
+def _second_prompts(pipeline, cond, uncond, syntax: str, per_prompt: int, prompts_2, negatives_2, negatives):
+  """(cond, uncond) with SDXL's second text encoder reading its own texts, as diffusers' prompt_2 and
+  negative_prompt_2 (default: the prompts and negative prompts)."""
+  if not {'text_encoder', 'text_encoder_2'} <= set(pipeline.tokenizers):
+    raise ValueError('prompts_2 / negative_prompts_2 are for SDXL base models (a second text encoder of their own)')
+  if prompt_syntax.check_syntax(syntax) != 'plain':
+    raise ValueError("prompts_2 / negative_prompts_2 take prompt_syntax='plain' (diffusers'), not A1111 prompts")
+  second = _expand(prompts_2, per_prompt, 'prompts_2')
+  if negatives_2 is None:
+    negatives_2 = negatives
+  elif isinstance(negatives_2, str):
+    negatives_2 = [negatives_2] * len(second)
+  else:
+    negatives_2 = ['' if n is None else n for n in _expand(negatives_2, per_prompt, 'negative_prompts_2', True)]
+  if not len(second) == len(negatives_2) == len(negatives):
+    raise ValueError(f'{len(second)} prompts_2 and {len(negatives_2)} negative_prompts_2 for {len(negatives)} images')
+  tok = pipeline.tokenizers['text_encoder_2']
+  own = lambda half, texts: (dict(half[0], text_encoder_2=tokenize(tok, texts)[:, None, None]), *half[1:])
+  return own(cond, second), own(uncond, negatives_2)
+
+
 def _masked_content(image_latents, mask, noise, masked_content: str):
   """What the masked area starts from (A1111's inpainting_fill): the image's latents ('original'), the image's own
   initial noise in their place ('latent_noise', as A1111 draws it from the same seed), or zeros
@@ -836,6 +869,8 @@ def txt2img(
   clip_skip: int = 0,
   prompt_syntax: str = 'plain',
   guidance_rescale=0.0,
+  prompts_2=None,
+  negative_prompts_2=None,
   denoising_end: float | None = None,
 ) -> np.ndarray:
   """Images for prompts, uint8 (B, H, W, 3), B = len(prompts) * num_images_per_prompt.
@@ -868,6 +903,8 @@ def txt2img(
   guidance_rescale: diffusers' guidance_rescale (one for all images, or one per prompt; 0: off), the guided
     prediction rescaled to the prompt's standard deviation by that fraction (Lin et al. 2023, for zero terminal SNR
     schedules); new values never recompile (turning it on for a loop does, once).
+  prompts_2, negative_prompts_2: SDXL's second text encoder's texts (diffusers' prompt_2 / negative_prompt_2; default
+    the prompts and negative prompts; plain prompts; a refiner's one encoder reads the prompts).
   clip_skip: skip this many of the text encoders' last layers, as diffusers' clip_skip (A1111's
     CLIP_stop_at_last_layers is clip_skip + 1): for the prompts only, as diffusers; with prompt_syntax='a1111' for
     the negative prompts too, as A1111. Each value compiles its own loop.
@@ -903,6 +940,8 @@ def txt2img(
     clip_skip=clip_skip,
     prompt_syntax=prompt_syntax,
     guidance_rescale=guidance_rescale,
+    prompts_2=prompts_2,
+    negative_prompts_2=negative_prompts_2,
     denoising_end=denoising_end,
   )
 
@@ -933,6 +972,8 @@ def img2img(
   clip_skip: int = 0,
   prompt_syntax: str = 'plain',
   guidance_rescale=0.0,
+  prompts_2=None,
+  negative_prompts_2=None,
   denoising_start: float | None = None,
   denoising_end: float | None = None,
   output_type: str = 'uint8',
@@ -976,6 +1017,8 @@ def img2img(
     clip_skip=clip_skip,
     prompt_syntax=prompt_syntax,
     guidance_rescale=guidance_rescale,
+    prompts_2=prompts_2,
+    negative_prompts_2=negative_prompts_2,
     denoising_start=denoising_start,
     denoising_end=denoising_end,
     output_type=output_type,
@@ -1009,6 +1052,8 @@ def inpaint(
   clip_skip: int = 0,
   prompt_syntax: str = 'plain',
   guidance_rescale=0.0,
+  prompts_2=None,
+  negative_prompts_2=None,
   masked_content: str = 'original',
   denoising_start: float | None = None,
   denoising_end: float | None = None,
@@ -1051,6 +1096,8 @@ def inpaint(
     clip_skip=clip_skip,
     prompt_syntax=prompt_syntax,
     guidance_rescale=guidance_rescale,
+    prompts_2=prompts_2,
+    negative_prompts_2=negative_prompts_2,
     denoising_start=denoising_start,
     denoising_end=denoising_end,
     output_type=output_type,
@@ -1084,6 +1131,8 @@ def refine(
   clip_skip: int = 0,
   prompt_syntax: str = 'plain',
   guidance_rescale=0.0,
+  prompts_2=None,
+  negative_prompts_2=None,
 ) -> np.ndarray:
   """SDXL's ensemble of experts: the base denoises the first `refiner_start` of the schedule (txt2img, or img2img /
   inpaint with `init_images` / `masks`), the refiner the rest from the base's latents (img2img, or inpaint with the
@@ -1111,6 +1160,8 @@ def refine(
   )
   first = dict(
     common,
+    prompts_2=prompts_2,  # the base's second text encoder (diffusers' refiner does not read them)
+    negative_prompts_2=negative_prompts_2,
     height=height,
     width=width,
     latents=latents,
@@ -1196,6 +1247,8 @@ def hires_fix(
   clip_skip: int = 0,
   prompt_syntax: str = 'plain',
   guidance_rescale=0.0,
+  prompts_2=None,
+  negative_prompts_2=None,
   output_type: str = 'uint8',
 ) -> np.ndarray:
   """A1111's hires fix (txt2img's `enable_hr`): txt2img at height x width, upscaled, then img2img at the larger size
@@ -1241,6 +1294,8 @@ def hires_fix(
     clip_skip=clip_skip,
     prompt_syntax=prompt_syntax,
     guidance_rescale=guidance_rescale,
+    prompts_2=prompts_2,
+    negative_prompts_2=negative_prompts_2,
   )
   first = dict(
     common,

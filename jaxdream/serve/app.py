@@ -206,16 +206,19 @@ def _plan(server: Server, req: Txt2ImgRequest, kind: str):
     model, kind, height, width, req.steps, sampler, req.cfg_scale > 1, strength, signature, fill, clip_skip, chunks,
     hires,
   )  # fmt: skip
+  # A1111: images count their seeds up, but with a variation strength all keep the seed and count the subseed up
+  seeds = [seed + (0 if variation and variation[1] else i) for i in range(n)]
   tasks = [
     Task(
-      text, req.negative_prompt, seed + i, req.cfg_scale, lora, *inputs[i % len(inputs)], *hires_texts,
+      text, req.negative_prompt, seeds[i], req.cfg_scale, lora, *inputs[i % len(inputs)], *hires_texts,
       variation=variation and (variation[0] + i, *variation[1:]),
     )
     for i in range(n)
   ]  # fmt: skip
   facts = dict(
-    model=model, width=width, height=height, seed=seed, sampler=sampler, strength=strength, variation=variation
-  )
+    model=model, width=width, height=height, seed=seed, seeds=seeds, sampler=sampler, strength=strength,
+    variation=variation,
+  )  # fmt: skip
   return key, tasks, dict(facts, model_hash=eng.describe(model)['hash'])
 
 
@@ -349,7 +352,7 @@ def _response(req: Txt2ImgRequest, key: BatchKey, facts: dict, images: list, out
   """A1111's {images, parameters, info}: base64 PNGs carrying their infotext, info a JSON string; with
   save_images, the PNGs written under `outdir` too."""
   n = len(images)
-  seeds = [facts['seed'] + i for i in range(n)]
+  seeds = facts['seeds'][:n]
   h, variation = key.hires, facts['variation']
   strength = key.strength if h is None else h.strength
   extra = {} if h is None else _hires_parameters(req, key)
