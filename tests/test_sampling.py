@@ -20,6 +20,7 @@ DIFFUSERS_CLASS = {
   'euler': 'EulerDiscreteScheduler',
   'dpmpp_2m': 'DPMSolverMultistepScheduler',
   'pndm': 'PNDMScheduler',
+  'heun': 'HeunDiscreteScheduler',
 }
 
 
@@ -171,6 +172,15 @@ def test_clip_skip_encodes_the_prompt_as_diffusers_clip_skip(pipes):
   )
   with pytest.raises(ValueError, match='clip_skip'):
     txt2img(pipe, PROMPTS[:1], clip_skip=99, **kw)
+
+
+def test_heun_interleaves_its_two_calls_a_step_as_diffusers(pipes):
+  ref_pipe, pipe = pipes
+  pipe = _with_scheduler(ref_pipe, pipe, 'heun', 'epsilon')
+  latents = np.asarray(image_noise([11, 12], (16, 16, 4)))
+  ours = txt2img(pipe, PROMPTS, negative_prompts=NEGATIVES, num_inference_steps=4, scheduler='heun', latents=latents,
+                 output_type='latent')  # fmt: skip
+  _assert_same_latents(ours, ref_pipe, latents, prompt=PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=4)
 
 
 def test_guidance_rescale_matches_diffusers_and_zero_is_the_plain_loop(pipes):
@@ -327,7 +337,7 @@ def test_seeds_outside_uint32_are_an_error_naming_the_range(pipes, seed):
 
 def test_unknown_scheduler_lists_the_valid_names(pipes):
   with pytest.raises(ValueError, match='dpmpp_2m_karras'):
-    txt2img(pipes[1], PROMPTS, scheduler='heun', num_inference_steps=2)
+    txt2img(pipes[1], PROMPTS, scheduler='unipc', num_inference_steps=2)
 
 
 class _FixedNoise:
@@ -348,7 +358,7 @@ def _init_image(seed=0):
   return np.clip(base + rng.normal(0, 30, (64, 64, 3)), 0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize('name', ['ddim', 'euler'])
+@pytest.mark.parametrize('name', ['ddim', 'euler', 'heun'])  # heun: a second-order start (twice the index)
 def test_img2img_matches_diffusers_with_the_same_noise(pipes, monkeypatch, name):
   import diffusers.models.autoencoders.vae as vae_module
   import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img_module

@@ -40,6 +40,7 @@ REFERENCE = {
   'lms': (diffusers.LMSDiscreteScheduler, {}),
   'euler': (diffusers.EulerDiscreteScheduler, {}),
   'euler_a': (diffusers.EulerAncestralDiscreteScheduler, {}),
+  'heun': (diffusers.HeunDiscreteScheduler, {}),
   'dpmpp_2m': (diffusers.DPMSolverMultistepScheduler, {}),
   'dpmpp_2m_karras': (diffusers.DPMSolverMultistepScheduler, {'use_karras_sigmas': True}),
   'dpmpp_2m_sde': (diffusers.DPMSolverMultistepScheduler, {'algorithm_type': 'sde-dpmsolver++'}),
@@ -383,7 +384,7 @@ def test_name_for_config_rejects_unsupported():
 
 def test_unknown_name_lists_valid_names():
   with pytest.raises(ValueError, match='unknown scheduler') as err:
-    make_scheduler('heun', SD_CONFIG, 10)
+    make_scheduler('unipc', SD_CONFIG, 10)
   assert all(name in str(err.value) for name in SCHEDULER_NAMES)
 
 
@@ -482,7 +483,7 @@ def test_denoising_start_and_end_pick_diffusers_sdxl_timesteps_for_every_schedul
     for spacing in ('leading', 'trailing'):
       for n, start_at, end_at in ((10, 0.8, None), (25, 0.35, 0.8), (7, 0.5, 0.9)):
         ref, sch = build(name.removesuffix('_prk'), n, timestep_spacing=spacing, **overrides)
-        assert ref.order == 1  # diffusers' +1 for second-order schedulers never applies to ours
+        assert ref.order == sch.order  # diffusers' +1 for second-order schedulers (Heun) included
         ref_ts = ref.timesteps.numpy()
         # the base: txt2img to end_at or start_at
         cutoff = round(1000 - start_at * 1000)

@@ -52,6 +52,7 @@ SAMPLER_NAMES = {
   'lms': 'LMS',
   'euler': 'Euler',
   'euler_a': 'Euler a',
+  'heun': 'Heun',
   'dpmpp_2m': 'DPM++ 2M',
   'dpmpp_2m_karras': 'DPM++ 2M Karras',
   'dpmpp_2m_sde': 'DPM++ 2M SDE',

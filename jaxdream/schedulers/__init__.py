@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from jaxdream.schedulers.alpha import DDIM, DDPM, PNDM
 from jaxdream.schedulers.common import Scheduler, resolve_config
-from jaxdream.schedulers.sigma import LMS, DPMSolverPP2M, Euler, EulerAncestral
+from jaxdream.schedulers.sigma import LMS, DPMSolverPP2M, Euler, EulerAncestral, Heun
 from jaxdream.schedulers.training import NoiseSchedule
 
 _DPM_PP_2M = {'algorithm_type': 'dpmsolver++', 'solver_order': 2}
@@ -57,6 +57,7 @@ _REGISTRY = {
   'lms': (LMS, {}),
   'euler': (Euler, {}),
   'euler_a': (EulerAncestral, {}),
+  'heun': (Heun, {}),
   'dpmpp_2m': (DPMSolverPP2M, {**_DPM_PP_2M, 'use_karras_sigmas': False}),
   'dpmpp_2m_karras': (DPMSolverPP2M, {**_DPM_PP_2M, 'use_karras_sigmas': True}),
   'dpmpp_2m_sde': (DPMSolverPP2M, {**_DPM_PP_2M_SDE, 'use_karras_sigmas': False}),
@@ -71,6 +72,7 @@ _CLASS_NAMES = {
   'LMSDiscreteScheduler': 'lms',
   'EulerDiscreteScheduler': 'euler',
   'EulerAncestralDiscreteScheduler': 'euler_a',
+  'HeunDiscreteScheduler': 'heun',
   'DPMSolverMultistepScheduler': 'dpmpp_2m',
 }
 

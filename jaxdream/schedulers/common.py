@@ -161,6 +161,7 @@ class Scheduler:
 
   name: str = ''
   stochastic: bool = False  # whether `step` needs a PRNG key
+  order: int = 1  # model calls per step of the method (Heun: 2, its calls interleaved in the timesteps)
   init_noise_sigma: float = 1.0
   _input_scales: np.ndarray | None = None
 
@@ -220,9 +221,11 @@ class Scheduler:
 
   def denoising_start_index(self, denoising_start: float) -> int:
     """First step of a run that takes over at `denoising_start` (the SDXL refiner's): the steps whose timestep is
-    below the cutoff remain, as diffusers' img2img `get_timesteps(denoising_start=...)` counts them. (Its +1 for
-    second-order schedulers does not apply: all of ours are first order.)"""
-    return self.num_steps - int(np.sum(self.timesteps < self.timestep_cutoff(denoising_start)))
+    below the cutoff remain, as diffusers' img2img `get_timesteps(denoising_start=...)` counts them, with its +1 for
+    second-order schedulers."""
+    remaining = int(np.sum(self.timesteps < self.timestep_cutoff(denoising_start)))
+    # a second-order scheduler starts on a step's first call: diffusers' +1 when the count is even
+    return self.num_steps - remaining - (self.order == 2 and remaining % 2 == 0)
 
   def denoising_end_index(self, denoising_end: float, start: int = 0) -> int:
     """Step index at which a run from `start` stops to hand over at `denoising_end` (the SDXL base's): it keeps as

@@ -123,6 +123,55 @@ class Euler(_KDiffusion):
     self._coefs = np.diff(self.sigmas.astype(np.float64))[:, None].astype(np.float32)
 
 
+class Heun(_KDiffusion):
+  """Heun's method of Karras et al. (2022), as diffusers' HeunDiscreteScheduler: each step an Euler step (one model
+  call) corrected with the derivative at its end (a second call), the sigmas and timesteps interleaved so that every
+  call is one step of the loop (2n - 1 calls; the last step, to sigma 0, Euler's alone).
+  """
+
+  name = 'heun'
+  order = 2
+  DEFAULTS = {
+    **_KDiffusion.DEFAULTS,
+    'beta_start': 0.00085,
+    'beta_end': 0.012,
+    'clip_sample': False,
+    'clip_sample_range': 1.0,
+  }
+
+  def __init__(self, cfg, num_inference_steps):
+    super().__init__(cfg, num_inference_steps)  # the n steps' sigmas (n + 1) and timesteps (n)
+    s, t = self.sigmas, self.timesteps
+    self.sigmas = np.concatenate([s[:1], np.repeat(s[1:-1], 2), s[-1:]]).astype(np.float32)
+    self.timesteps = np.concatenate([t[:1], np.repeat(t[1:], 2)]).astype(np.float32)
+    self._input_scales = np.sqrt(self.sigmas[:-1] ** 2 + np.float32(1))
+    self._vp = _vp_scales(self.sigmas[:-1]).astype(np.float32)
+    self._noise_scales = np.stack([np.ones_like(self.sigmas[:-1]), self.sigmas[:-1]]).astype(np.float32)
+
+  def init_state(self, sample):
+    zeros = jnp.zeros(sample.shape, compute_dtype(sample))
+    return {'count': jnp.zeros((), jnp.int32), 'derivative': zeros, 'sample': zeros, 'dt': jnp.zeros((), zeros.dtype)}
+
+  def step(self, state, model_output, i, sample, key=None):
+    x, m = sample.astype(compute_dtype(sample)), model_output.astype(compute_dtype(sample))
+    sigma = at(self.sigmas, i)  # where the model looked: the step's start (even i) or its Euler end (odd i)
+    alpha, vp_sigma = at(self._vp, (slice(None), i))
+    x0, _ = predict_x0_eps(self.prediction_type, alpha * x, m, alpha, vp_sigma)
+    if self.config['clip_sample']:
+      x0 = jnp.clip(x0, -self.config['clip_sample_range'], self.config['clip_sample_range'])
+    d = (x - x0) / sigma
+    first = i % 2 == 0
+    dt = jnp.where(first, at(self.sigmas, i + 1) - sigma, state['dt'])
+    # even i: an Euler step, remembered; odd i: from the remembered sample with the two derivatives' mean
+    prev = jnp.where(first, x + d * dt, state['sample'] + (state['derivative'] + d) / 2 * dt)
+    new = {'count': state['count'] + 1, 'derivative': d, 'sample': x, 'dt': dt}
+    return prev.astype(sample.dtype), new
+
+  def start_index(self, strength: float) -> int:
+    """diffusers' img2img pipelines start a second-order scheduler at twice the first-order index."""
+    return super().start_index(strength) * self.order
+
+
 class EulerAncestral(_KDiffusion):
   """Euler ancestral: an Euler step down to sigma_down, then fresh noise back up to sigma_{i+1}."""
 

@@ -18,6 +18,7 @@ _ALIASES = {
   'lms': ('k_lms',),
   'euler': ('k_euler',),
   'euler_a': ('k_euler_a', 'k_euler_ancestral'),
+  'heun': ('k_heun',),
   'dpmpp_2m': ('k_dpmpp_2m',),
   'dpmpp_2m_karras': ('k_dpmpp_2m_ka',),
   'dpmpp_2m_sde': ('k_dpmpp_2m_sde',),
