@@ -41,6 +41,9 @@ REFERENCE = {
   'euler': (diffusers.EulerDiscreteScheduler, {}),
   'euler_a': (diffusers.EulerAncestralDiscreteScheduler, {}),
   'heun': (diffusers.HeunDiscreteScheduler, {}),
+  'euler_karras': (diffusers.EulerDiscreteScheduler, {'use_karras_sigmas': True}),
+  'lms_karras': (diffusers.LMSDiscreteScheduler, {'use_karras_sigmas': True}),
+  'heun_karras': (diffusers.HeunDiscreteScheduler, {'use_karras_sigmas': True}),
   'dpmpp_2m': (diffusers.DPMSolverMultistepScheduler, {}),
   'dpmpp_2m_karras': (diffusers.DPMSolverMultistepScheduler, {'use_karras_sigmas': True}),
   'dpmpp_2m_sde': (diffusers.DPMSolverMultistepScheduler, {'algorithm_type': 'sde-dpmsolver++'}),
@@ -355,11 +358,14 @@ def test_config_resolution_matches_from_config(name, config):
   ref = cls.from_config(config, **implied)
   sch = make_scheduler(name, config, 10)
   forced = {'use_karras_sigmas', 'solver_order', 'algorithm_type'} if name.startswith('dpmpp') else set()
+  forced |= {'use_karras_sigmas'} if name.endswith('karras') else set()
   for key, value in sch.config.items():
     if key not in forced:
       assert value == ref.config[key], key
   if forced:
-    assert sch.config['solver_order'] == 2 and sch.config['use_karras_sigmas'] == name.endswith('karras')
+    assert sch.config['use_karras_sigmas'] == name.endswith('karras')
+  if name.startswith('dpmpp'):
+    assert sch.config['solver_order'] == 2
 
 
 @pytest.mark.parametrize('name', SCHEDULER_NAMES)

@@ -58,6 +58,10 @@ _REGISTRY = {
   'euler': (Euler, {}),
   'euler_a': (EulerAncestral, {}),
   'heun': (Heun, {}),
+  # A1111's Karras schedule type with these samplers (its 'Euler' + 'Karras'; 'LMS Karras' of older versions)
+  'euler_karras': (Euler, {'use_karras_sigmas': True}),
+  'lms_karras': (LMS, {'use_karras_sigmas': True}),
+  'heun_karras': (Heun, {'use_karras_sigmas': True}),
   'dpmpp_2m': (DPMSolverPP2M, {**_DPM_PP_2M, 'use_karras_sigmas': False}),
   'dpmpp_2m_karras': (DPMSolverPP2M, {**_DPM_PP_2M, 'use_karras_sigmas': True}),
   'dpmpp_2m_sde': (DPMSolverPP2M, {**_DPM_PP_2M_SDE, 'use_karras_sigmas': False}),
@@ -103,6 +107,11 @@ def scheduler_name_for_config(scheduler_config: dict) -> str:
       name = 'dpmpp_2m_sde'
     if cfg['use_karras_sigmas']:
       name += '_karras'
+  elif (
+    name in ('euler', 'lms', 'heun')
+    and resolve_config(scheduler_config, {'use_karras_sigmas': False})['use_karras_sigmas']
+  ):
+    name += '_karras'
   return name
 
 

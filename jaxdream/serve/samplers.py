@@ -19,6 +19,9 @@ _ALIASES = {
   'euler': ('k_euler',),
   'euler_a': ('k_euler_a', 'k_euler_ancestral'),
   'heun': ('k_heun',),
+  'euler_karras': (),
+  'lms_karras': ('k_lms_ka',),
+  'heun_karras': (),
   'dpmpp_2m': ('k_dpmpp_2m',),
   'dpmpp_2m_karras': ('k_dpmpp_2m_ka',),
   'dpmpp_2m_sde': ('k_dpmpp_2m_sde',),
@@ -27,7 +30,7 @@ _ALIASES = {
 # A1111 schedule types we have: 'automatic' is each sampler's own, and A1111's 'uniform' is the same (the
 # model's own timesteps, evenly spaced); 'normal' and 'simple', its other evenly spaced schedules (the default of
 # some clients), run as it too: they differ from it only in where the evenly spaced steps start and end.
-# 'karras' exists for DPM++ 2M only.
+# 'karras' exists for Euler, LMS, Heun, DPM++ 2M and DPM++ 2M SDE.
 SCHEDULERS = (
   {'name': 'automatic', 'label': 'Automatic', 'aliases': None, 'default_rho': -1, 'need_inner_model': False},
   {'name': 'uniform', 'label': 'Uniform', 'aliases': None, 'default_rho': -1, 'need_inner_model': True},
@@ -37,6 +40,8 @@ SCHEDULERS = (
 )
 _EVENLY_SPACED = ('automatic', '', 'uniform', 'normal', 'simple')
 _KARRAS = {
+  **{name: f'{name}_karras' for name in ('euler', 'lms', 'heun')},
+  **{f'{name}_karras': f'{name}_karras' for name in ('euler', 'lms', 'heun')},
   'dpmpp_2m': 'dpmpp_2m_karras',
   'dpmpp_2m_karras': 'dpmpp_2m_karras',
   'dpmpp_2m_sde': 'dpmpp_2m_sde_karras',
@@ -85,8 +90,8 @@ def resolve(sampler_name: str | None, scheduler: str | None = None) -> str:
   valid = ', '.join(s['label'] for s in SCHEDULERS)
   raise UnknownSampler(
     'scheduler',
-    f'scheduler {scheduler!r} with sampler {name!r} is not supported; valid: {valid} (Karras with DPM++ 2M and DPM++ '
-    '2M SDE only; '
+    f'scheduler {scheduler!r} with sampler {name!r} is not supported; valid: {valid} (Karras with Euler, LMS, Heun, '
+    'DPM++ 2M and DPM++ 2M SDE only; '
     'the others with any sampler)',
   )
 
