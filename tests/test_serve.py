@@ -899,6 +899,8 @@ def test_the_web_page_generates_an_image_in_headless_chromium(served, tmp_path):
       wait = WebDriverWait(browser, 120)
       wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, '#sampler_name option')) > 1)
       wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, '#loras span')) == 2)
+      upscalers = [o.text for o in browser.find_elements(By.CSS_SELECTOR, '#hr_upscaler option')]
+      assert upscalers[0] == 'Latent' and 'Lanczos' in upscalers  # hires fix's, from the two upscaler routes
       browser.find_element(By.ID, 'prompt').send_keys('a photo of sks dog')
       scale = browser.find_element(By.ID, 'lora_scale')
       scale.clear()
