@@ -21,6 +21,7 @@ DIFFUSERS_CLASS = {
   'dpmpp_2m': 'DPMSolverMultistepScheduler',
   'pndm': 'PNDMScheduler',
   'heun': 'HeunDiscreteScheduler',
+  'unipc': 'UniPCMultistepScheduler',
 }
 
 
@@ -174,11 +175,12 @@ def test_clip_skip_encodes_the_prompt_as_diffusers_clip_skip(pipes):
     txt2img(pipe, PROMPTS[:1], clip_skip=99, **kw)
 
 
-def test_heun_interleaves_its_two_calls_a_step_as_diffusers(pipes):
+@pytest.mark.parametrize('name', ['heun', 'unipc'])  # two calls a step interleaved; a corrector with each call
+def test_heun_and_unipc_match_diffusers_latents_from_the_same_noise(pipes, name):
   ref_pipe, pipe = pipes
-  pipe = _with_scheduler(ref_pipe, pipe, 'heun', 'epsilon')
+  pipe = _with_scheduler(ref_pipe, pipe, name, 'epsilon')
   latents = np.asarray(image_noise([11, 12], (16, 16, 4)))
-  ours = txt2img(pipe, PROMPTS, negative_prompts=NEGATIVES, num_inference_steps=4, scheduler='heun', latents=latents,
+  ours = txt2img(pipe, PROMPTS, negative_prompts=NEGATIVES, num_inference_steps=4, scheduler=name, latents=latents,
                  output_type='latent')  # fmt: skip
   _assert_same_latents(ours, ref_pipe, latents, prompt=PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=4)
 
@@ -358,7 +360,7 @@ def _init_image(seed=0):
   return np.clip(base + rng.normal(0, 30, (64, 64, 3)), 0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize('name', ['ddim', 'euler', 'heun'])  # heun: a second-order start (twice the index)
+@pytest.mark.parametrize('name', ['ddim', 'euler', 'heun', 'unipc'])  # heun: twice the index; unipc: a cold start
 def test_img2img_matches_diffusers_with_the_same_noise(pipes, monkeypatch, name):
   import diffusers.models.autoencoders.vae as vae_module
   import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img_module

@@ -44,6 +44,8 @@ REFERENCE = {
   'euler_karras': (diffusers.EulerDiscreteScheduler, {'use_karras_sigmas': True}),
   'lms_karras': (diffusers.LMSDiscreteScheduler, {'use_karras_sigmas': True}),
   'heun_karras': (diffusers.HeunDiscreteScheduler, {'use_karras_sigmas': True}),
+  'unipc': (diffusers.UniPCMultistepScheduler, {}),
+  'unipc_karras': (diffusers.UniPCMultistepScheduler, {'use_karras_sigmas': True}),
   'dpmpp_2m': (diffusers.DPMSolverMultistepScheduler, {}),
   'dpmpp_2m_karras': (diffusers.DPMSolverMultistepScheduler, {'use_karras_sigmas': True}),
   'dpmpp_2m_sde': (diffusers.DPMSolverMultistepScheduler, {'algorithm_type': 'sde-dpmsolver++'}),
@@ -359,12 +361,13 @@ def test_config_resolution_matches_from_config(name, config):
   sch = make_scheduler(name, config, 10)
   forced = {'use_karras_sigmas', 'solver_order', 'algorithm_type'} if name.startswith('dpmpp') else set()
   forced |= {'use_karras_sigmas'} if name.endswith('karras') else set()
+  forced |= {'use_karras_sigmas', 'solver_order'} if name.startswith('unipc') else set()
   for key, value in sch.config.items():
     if key not in forced:
       assert value == ref.config[key], key
   if forced:
     assert sch.config['use_karras_sigmas'] == name.endswith('karras')
-  if name.startswith('dpmpp'):
+  if name.startswith(('dpmpp', 'unipc')):
     assert sch.config['solver_order'] == 2
 
 
@@ -377,8 +380,8 @@ def test_name_for_config_roundtrip(name):
 
 
 def test_name_for_config_rejects_unsupported():
-  with pytest.raises(ValueError, match='UniPCMultistepScheduler'):
-    scheduler_name_for_config({'_class_name': 'UniPCMultistepScheduler'})
+  with pytest.raises(ValueError, match='DEISMultistepScheduler'):
+    scheduler_name_for_config({'_class_name': 'DEISMultistepScheduler'})
   with pytest.raises(ValueError, match='sde-dpmsolver'):
     scheduler_name_for_config({'_class_name': 'DPMSolverMultistepScheduler', 'algorithm_type': 'sde-dpmsolver'})
   sde = {'_class_name': 'DPMSolverMultistepScheduler', 'algorithm_type': 'sde-dpmsolver++'}
@@ -390,7 +393,7 @@ def test_name_for_config_rejects_unsupported():
 
 def test_unknown_name_lists_valid_names():
   with pytest.raises(ValueError, match='unknown scheduler') as err:
-    make_scheduler('unipc', SD_CONFIG, 10)
+    make_scheduler('restart', SD_CONFIG, 10)
   assert all(name in str(err.value) for name in SCHEDULER_NAMES)
 
 

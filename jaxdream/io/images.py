@@ -56,6 +56,8 @@ SAMPLER_NAMES = {
   'euler_karras': 'Euler Karras',
   'lms_karras': 'LMS Karras',
   'heun_karras': 'Heun Karras',
+  'unipc': 'UniPC',
+  'unipc_karras': 'UniPC Karras',
   'dpmpp_2m': 'DPM++ 2M',
   'dpmpp_2m_karras': 'DPM++ 2M Karras',
   'dpmpp_2m_sde': 'DPM++ 2M SDE',

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from jaxdream.schedulers.alpha import DDIM, DDPM, PNDM
 from jaxdream.schedulers.common import Scheduler, resolve_config
-from jaxdream.schedulers.sigma import LMS, DPMSolverPP2M, Euler, EulerAncestral, Heun
+from jaxdream.schedulers.sigma import LMS, DPMSolverPP2M, Euler, EulerAncestral, Heun, UniPC
 from jaxdream.schedulers.training import NoiseSchedule
 
 _DPM_PP_2M = {'algorithm_type': 'dpmsolver++', 'solver_order': 2}
@@ -62,6 +62,8 @@ _REGISTRY = {
   'euler_karras': (Euler, {'use_karras_sigmas': True}),
   'lms_karras': (LMS, {'use_karras_sigmas': True}),
   'heun_karras': (Heun, {'use_karras_sigmas': True}),
+  'unipc': (UniPC, {'solver_order': 2, 'use_karras_sigmas': False}),
+  'unipc_karras': (UniPC, {'solver_order': 2, 'use_karras_sigmas': True}),
   'dpmpp_2m': (DPMSolverPP2M, {**_DPM_PP_2M, 'use_karras_sigmas': False}),
   'dpmpp_2m_karras': (DPMSolverPP2M, {**_DPM_PP_2M, 'use_karras_sigmas': True}),
   'dpmpp_2m_sde': (DPMSolverPP2M, {**_DPM_PP_2M_SDE, 'use_karras_sigmas': False}),
@@ -77,6 +79,7 @@ _CLASS_NAMES = {
   'EulerDiscreteScheduler': 'euler',
   'EulerAncestralDiscreteScheduler': 'euler_a',
   'HeunDiscreteScheduler': 'heun',
+  'UniPCMultistepScheduler': 'unipc',
   'DPMSolverMultistepScheduler': 'dpmpp_2m',
 }
 
@@ -107,8 +110,13 @@ def scheduler_name_for_config(scheduler_config: dict) -> str:
       name = 'dpmpp_2m_sde'
     if cfg['use_karras_sigmas']:
       name += '_karras'
-  elif (
-    name in ('euler', 'lms', 'heun')
+  elif name == 'unipc' and resolve_config(scheduler_config, UniPC.DEFAULTS)['solver_order'] != 2:
+    raise ValueError(
+      'only UniPCMultistepScheduler with solver_order 2 (its default) is supported, got '
+      f'{resolve_config(scheduler_config, UniPC.DEFAULTS)["solver_order"]}; pick one of {SCHEDULER_NAMES} by name instead.'
+    )
+  if (
+    name in ('euler', 'lms', 'heun', 'unipc')
     and resolve_config(scheduler_config, {'use_karras_sigmas': False})['use_karras_sigmas']
   ):
     name += '_karras'

@@ -207,6 +207,34 @@ class LMS(_KDiffusion):
         self._coefs[i, k] = np.polyval(basis, s[i + 1]) - np.polyval(basis, s[i])
 
 
+def _multistep_schedule(cfg, n: int, lambda_min_clipped: float = -float('inf'), round_cosine: bool = False):
+  """(sigmas (n + 1,) float32, timesteps (n,) int64) of diffusers' multistep solvers (DPMSolverMultistep, UniPC):
+  n + 1 spaced points with the clean end dropped, or Karras sigmas over the training range; the last sigma 0 or the
+  training minimum (final_sigmas_type)."""
+  n_train, spacing = cfg['num_train_timesteps'], cfg['timestep_spacing']
+  ac, train_sigmas = _train_sigmas(cfg)
+  # timesteps whose log-SNR is below lambda_min_clipped are never visited
+  lambdas = 0.5 * np.log(ac / (1 - ac))
+  last = n_train - int(np.searchsorted(lambdas[::-1], lambda_min_clipped))
+  if spacing == 'trailing':
+    ts = np.round(np.arange(last, 0, -n_train / n)) - 1
+  else:  # one extra point, dropped at the clean end
+    ts = np.round(spaced_timesteps(spacing, last, n + 1, cfg['steps_offset'])[:-1])
+  if cfg['use_karras_sigmas']:  # over the whole training range
+    # In float32, as diffusers holds them: DPMSolverMultistep truncates cosine schedules' timesteps (UniPC rounds
+    # them), and the top one is 998.99999996 -> 998 from float32 sigmas, 999.0 -> 999 from float64 ones.
+    train32 = train_sigmas.astype(np.float32)
+    sigmas = karras_sigmas(float(train32[0]), float(train32[-1]), n)
+    ts = sigma_to_t(sigmas, train32)
+    ts = ts if cfg['beta_schedule'] == 'squaredcos_cap_v2' and not round_cosine else np.round(ts)
+  else:
+    sigmas = np.interp(ts, np.arange(n_train), train_sigmas)
+  final = cfg['final_sigmas_type']
+  if final not in ('zero', 'sigma_min'):
+    raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final!r}")
+  return np.append(sigmas, train_sigmas[0] if final == 'sigma_min' else 0.0).astype(np.float32), ts.astype(np.int64)
+
+
 class DPMSolverPP2M(Scheduler):
   """DPM-Solver++(2M) of Lu et al. (2022), as diffusers' DPMSolverMultistepScheduler with
   algorithm_type 'dpmsolver++' and solver_order 2: prev = c0 x + c1 x0 + c2 x0_prev; with 'sde-dpmsolver++' (A1111's
@@ -243,29 +271,8 @@ class DPMSolverPP2M(Scheduler):
       solver_order=lambda v: v != 2,
       solver_type=lambda v: v not in ('midpoint', 'heun', 'logrho', 'bh1', 'bh2'),
     )
-    n_train, n, spacing = cfg['num_train_timesteps'], num_inference_steps, cfg['timestep_spacing']
-    ac, train_sigmas = _train_sigmas(cfg)
-    # timesteps whose log-SNR is below lambda_min_clipped are never visited
-    lambdas = 0.5 * np.log(ac / (1 - ac))
-    last = n_train - int(np.searchsorted(lambdas[::-1], cfg['lambda_min_clipped']))
-    if spacing == 'trailing':
-      ts = np.round(np.arange(last, 0, -n_train / n)) - 1
-    else:  # one extra point, dropped at the clean end
-      ts = np.round(spaced_timesteps(spacing, last, n + 1, cfg['steps_offset'])[:-1])
-    if cfg['use_karras_sigmas']:  # over the whole training range
-      # In float32, as diffusers holds them: cosine schedules' timesteps are truncated, not rounded, and the
-      # top one is 998.99999996 -> 998 from float32 sigmas, 999.0 -> 999 from float64 ones.
-      train32 = train_sigmas.astype(np.float32)
-      sigmas = karras_sigmas(float(train32[0]), float(train32[-1]), n)
-      ts = sigma_to_t(sigmas, train32)
-      ts = ts if cfg['beta_schedule'] == 'squaredcos_cap_v2' else np.round(ts)
-    else:
-      sigmas = np.interp(ts, np.arange(n_train), train_sigmas)
+    self.sigmas, self.timesteps = _multistep_schedule(cfg, num_inference_steps, cfg['lambda_min_clipped'])
     final = cfg['final_sigmas_type']
-    if final not in ('zero', 'sigma_min'):
-      raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final!r}")
-    self.sigmas = np.append(sigmas, train_sigmas[0] if final == 'sigma_min' else 0.0).astype(np.float32)
-    self.timesteps = ts.astype(np.int64)
     n = len(self.timesteps)
     alpha, sig = _vp_scales(self.sigmas)
     self._noise_scales = np.stack([alpha[:-1], sig[:-1]]).astype(np.float32)
@@ -309,3 +316,101 @@ class DPMSolverPP2M(Scheduler):
     if self.stochastic:
       prev = prev + at(self._noise_std, i) * self._noise(key, sample).astype(prev.dtype)
     return prev.astype(sample.dtype), {'count': state['count'] + 1, 'prev_x0': x0}
+
+
+class UniPC(Scheduler):
+  """UniPC of Zhao et al. (2023), as diffusers' UniPCMultistepScheduler with solver_order 2 and predict_x0 (its
+  defaults; bh1 or bh2): each call first corrects the sample the model just saw with that output (UniC, from the
+  previous step's sample and outputs), then predicts the next sample from the corrected one (UniP). Both are linear
+  in the samples and the clean-sample estimates, so their coefficients are tables; the first call of a run (no
+  previous step) predicts to first order only, as does the last step (lower_order_final).
+  """
+
+  name = 'unipc'
+  DEFAULTS = {
+    **BASE_DEFAULTS,
+    **THRESHOLD_DEFAULTS,
+    **_SIGMA_SCHEDULES,
+    'solver_order': 2,
+    'predict_x0': True,
+    'solver_type': 'bh2',
+    'lower_order_final': True,
+    'disable_corrector': [],
+    'solver_p': None,
+    'use_flow_sigmas': False,
+    'timestep_spacing': 'linspace',
+    'final_sigmas_type': 'zero',
+    'rescale_betas_zero_snr': False,
+    'use_dynamic_shifting': False,
+  }
+
+  def __init__(self, cfg, num_inference_steps):
+    super().__init__(cfg, num_inference_steps)
+    check_unsupported(
+      cfg,
+      **_UNSUPPORTED,
+      solver_order=lambda v: v != 2,
+      predict_x0=(False,),
+      solver_type=lambda v: v not in ('bh1', 'bh2'),
+      disable_corrector=lambda v: bool(v),
+      solver_p=lambda v: v is not None,
+    )
+    if self.prediction_type not in ('epsilon', 'v_prediction', 'sample'):
+      raise ValueError(f'unipc: prediction_type {self.prediction_type!r} is not supported')
+    self.sigmas, self.timesteps = _multistep_schedule(cfg, num_inference_steps, round_cosine=True)
+    n = len(self.timesteps)
+    alpha, sig = _vp_scales(self.sigmas)
+    self._noise_scales = np.stack([alpha[:-1], sig[:-1]]).astype(np.float32)
+    with np.errstate(divide='ignore', invalid='ignore'):
+      lam = np.log(alpha) - np.log(sig)  # log-SNR, +inf at a final sigma 0
+      bh2 = cfg['solver_type'] == 'bh2'
+      # UniP at step i, from the corrected x_i to x_{i+1}: P0 x_i + P1 m_i (+ P2 m_{i-1} at second order)
+      h = lam[1:] - lam[:-1]
+      hh = -h
+      phi1 = np.expm1(hh)
+      b_h = np.expm1(hh) if bh2 else hh
+      r1 = (np.roll(lam[:-1], 1) - lam[:-1]) / h  # (lambda_{i-1} - lambda_i) / h
+      p_first = np.stack([sig[1:] / sig[:-1], -alpha[1:] * phi1, np.zeros(n)])
+      d = alpha[1:] * b_h * 0.5 / r1  # rho_p = 1/2: x - alpha B_h rho (m_{i-1} - m_i) / r1
+      p_second = np.stack([sig[1:] / sig[:-1], -alpha[1:] * phi1 + d, -d])
+      # UniC at step i (i >= 1), correcting the sample the model saw at i from x_{i-1} (corrected) and m_{i-1}, m_i,
+      # (and m_{i-2} at second order): C0 x_{i-1} + C1 m_{i-1} + C2 m_{i-2} + C3 m_i
+      hc = np.concatenate([[np.nan], h[:-1]])  # lambda_i - lambda_{i-1}
+      hhc = -hc
+      phi1c = np.expm1(hhc)
+      bc = np.expm1(hhc) if bh2 else hhc
+      a_i, s_ratio = alpha[:-1], sig[:-1] / np.roll(sig[:-1], 1)
+      c_first = np.stack([s_ratio, -a_i * phi1c + a_i * bc * 0.5, np.zeros(n), -a_i * bc * 0.5])
+      rc = (np.roll(lam[:-1], 2) - np.roll(lam[:-1], 1)) / hc  # (lambda_{i-2} - lambda_{i-1}) / h
+      phik = phi1c / hhc - 1
+      b1 = phik / bc
+      b2 = (phik / hhc - 0.5) * 2 / bc
+      # solve([[1, 1], [rc, 1]], [b1, b2]) for (rho_0, rho_1)
+      rho0 = (b1 - b2) / (1 - rc)
+      rho1 = b1 - rho0
+      c_second = np.stack(
+        [s_ratio, -a_i * phi1c + a_i * bc * (rho0 / rc + rho1), -a_i * bc * rho0 / rc, -a_i * bc * rho1]
+      )
+    # (n, 2 orders, coefficients); entries a step never uses (no earlier step to read) are 0
+    table = lambda *orders: np.nan_to_num(np.stack(orders).transpose(2, 0, 1), posinf=0, neginf=0).astype(np.float32)
+    self._predict, self._correct = table(p_first, p_second), table(c_first, c_second)
+    self._last = n - 1 if cfg['lower_order_final'] else -1
+
+  def init_state(self, sample):
+    zeros = jnp.zeros(sample.shape, compute_dtype(sample))
+    return {'count': jnp.zeros((), jnp.int32), 'x': zeros, 'm1': zeros, 'm2': zeros}
+
+  def step(self, state, model_output, i, sample, key=None):
+    x, out = sample.astype(compute_dtype(sample)), model_output.astype(compute_dtype(sample))
+    alpha, sigma = at(self._noise_scales, (slice(None), i))
+    m, _ = predict_x0_eps(self.prediction_type, x, out, alpha, sigma)
+    if self.config['thresholding']:
+      m = threshold_sample(m, self.config['dynamic_thresholding_ratio'], self.config['sample_max_value'])
+    n = state['count']
+    # UniC with the order the previous call predicted with (first after a run's first call), none on the first
+    c = at(self._correct, i)[jnp.where(n == 1, 0, 1)]
+    corrected = c[0] * state['x'] + c[1] * state['m1'] + c[2] * state['m2'] + c[3] * m
+    x = jnp.where(n == 0, x, corrected)
+    p = at(self._predict, i)[jnp.where((n == 0) | (i == self._last), 0, 1)]
+    prev = p[0] * x + p[1] * m + p[2] * state['m1']
+    return prev.astype(sample.dtype), {'count': n + 1, 'x': x, 'm1': m, 'm2': state['m1']}

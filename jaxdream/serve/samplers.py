@@ -22,6 +22,8 @@ _ALIASES = {
   'euler_karras': (),
   'lms_karras': ('k_lms_ka',),
   'heun_karras': (),
+  'unipc': (),
+  'unipc_karras': (),
   'dpmpp_2m': ('k_dpmpp_2m',),
   'dpmpp_2m_karras': ('k_dpmpp_2m_ka',),
   'dpmpp_2m_sde': ('k_dpmpp_2m_sde',),
@@ -40,8 +42,8 @@ SCHEDULERS = (
 )
 _EVENLY_SPACED = ('automatic', '', 'uniform', 'normal', 'simple')
 _KARRAS = {
-  **{name: f'{name}_karras' for name in ('euler', 'lms', 'heun')},
-  **{f'{name}_karras': f'{name}_karras' for name in ('euler', 'lms', 'heun')},
+  **{name: f'{name}_karras' for name in ('euler', 'lms', 'heun', 'unipc')},
+  **{f'{name}_karras': f'{name}_karras' for name in ('euler', 'lms', 'heun', 'unipc')},
   'dpmpp_2m': 'dpmpp_2m_karras',
   'dpmpp_2m_karras': 'dpmpp_2m_karras',
   'dpmpp_2m_sde': 'dpmpp_2m_sde_karras',
@@ -91,7 +93,7 @@ def resolve(sampler_name: str | None, scheduler: str | None = None) -> str:
   raise UnknownSampler(
     'scheduler',
     f'scheduler {scheduler!r} with sampler {name!r} is not supported; valid: {valid} (Karras with Euler, LMS, Heun, '
-    'DPM++ 2M and DPM++ 2M SDE only; '
+    'UniPC, DPM++ 2M and DPM++ 2M SDE only; '
     'the others with any sampler)',
   )
 
