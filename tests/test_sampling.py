@@ -339,7 +339,7 @@ def test_seeds_outside_uint32_are_an_error_naming_the_range(pipes, seed):
 
 def test_unknown_scheduler_lists_the_valid_names(pipes):
   with pytest.raises(ValueError, match='dpmpp_2m_karras'):
-    txt2img(pipes[1], PROMPTS, scheduler='unipc', num_inference_steps=2)
+    txt2img(pipes[1], PROMPTS, scheduler='restart', num_inference_steps=2)
 
 
 class _FixedNoise:
