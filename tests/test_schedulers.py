@@ -191,10 +191,10 @@ def test_matches_diffusers(name, variant, n, patch_randn):
     ('ddim', {'eta': 1.0}),
     ('ddim', {'rescale_betas_zero_snr': True, 'prediction_type': 'v_prediction', 'timestep_spacing': 'trailing'}),
     ('pndm', {'trained_betas': np.linspace(1e-4, 0.02, 1000).tolist(), 'set_alpha_to_one': True}),
-    ('lms', {'use_karras_sigmas': True}),
+    ('lms_karras', {}),
     ('lms', {'prediction_type': 'sample', 'timestep_spacing': 'leading'}),
-    ('euler', {'use_karras_sigmas': True, 'timestep_spacing': 'leading'}),
-    ('euler', {'use_karras_sigmas': True, 'sigma_min': 0.1, 'sigma_max': 10.0}),
+    ('euler_karras', {'timestep_spacing': 'leading'}),
+    ('euler_karras', {'sigma_min': 0.1, 'sigma_max': 10.0}),
     ('euler', {'final_sigmas_type': 'sigma_min', 'prediction_type': 'sample'}),
     ('euler', {'timestep_type': 'continuous', 'prediction_type': 'v_prediction'}),
     # From sigma_max = 4096 the first step cancels ~40x, magnifying diffusers' own float32 rounding of
@@ -360,7 +360,7 @@ def test_config_resolution_matches_from_config(name, config):
   ref = cls.from_config(config, **implied)
   sch = make_scheduler(name, config, 10)
   forced = {'use_karras_sigmas', 'solver_order', 'algorithm_type'} if name.startswith('dpmpp') else set()
-  forced |= {'use_karras_sigmas'} if name.endswith('karras') else set()
+  forced |= {'use_karras_sigmas'} if name.endswith('karras') or name in ('euler', 'lms', 'heun') else set()
   forced |= {'use_karras_sigmas', 'solver_order'} if name.startswith('unipc') else set()
   for key, value in sch.config.items():
     if key not in forced:

@@ -54,10 +54,11 @@ _REGISTRY = {
   'ddpm': (DDPM, {}),
   'ddim': (DDIM, {}),
   'pndm': (PNDM, {}),
-  'lms': (LMS, {}),
-  'euler': (Euler, {}),
+  # A name is one schedule: the plain names run their evenly spaced sigmas whatever a folder's use_karras_sigmas says
+  'lms': (LMS, {'use_karras_sigmas': False}),
+  'euler': (Euler, {'use_karras_sigmas': False}),
   'euler_a': (EulerAncestral, {}),
-  'heun': (Heun, {}),
+  'heun': (Heun, {'use_karras_sigmas': False}),
   # A1111's Karras schedule type with these samplers (its 'Euler' + 'Karras'; 'LMS Karras' of older versions)
   'euler_karras': (Euler, {'use_karras_sigmas': True}),
   'lms_karras': (LMS, {'use_karras_sigmas': True}),
