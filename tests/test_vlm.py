@@ -595,6 +595,7 @@ def test_ask_cli_prints_and_writes_the_answers(kosmos2_folder, bundle, images, t
   for bad, message in [
     (['--image', str(tmp_path / 'missing.png')], f'{tmp_path / "missing.png"}: no such image or folder'),
     (['--model', str(tmp_path / 'clip')], "model_type 'clip' is not a supported vision-language model; supported:"),
+    (['--repetition-penalty', '0'], 'argument --repetition-penalty: 0 is not a positive finite number'),
   ]:
     assert main([*argv, *bad, 'q']) == 2
     err = capsys.readouterr().err
