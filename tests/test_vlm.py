@@ -595,11 +595,15 @@ def test_ask_cli_prints_and_writes_the_answers(kosmos2_folder, bundle, images, t
   for bad, message in [
     (['--image', str(tmp_path / 'missing.png')], f'{tmp_path / "missing.png"}: no such image or folder'),
     (['--model', str(tmp_path / 'clip')], "model_type 'clip' is not a supported vision-language model; supported:"),
-    (['--repetition-penalty', '0'], 'argument --repetition-penalty: 0 is not a positive finite number'),
   ]:
     assert main([*argv, *bad, 'q']) == 2
     err = capsys.readouterr().err
     assert err.startswith('jaxdream ask: error: ') and message in err and err.count('\n') == 1, err
+  with pytest.raises(SystemExit) as e:  # argparse's own check, before loading
+    main([*argv, '--repetition-penalty', '0', 'q'])
+  assert (
+    e.value.code == 2 and 'argument --repetition-penalty: 0 is not a positive finite number' in capsys.readouterr().err
+  )
 
 
 def test_load_dispatches_on_model_type_and_names_the_supported_types(kosmos2_folder, tmp_path):
