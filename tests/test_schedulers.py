@@ -211,12 +211,30 @@ def test_matches_diffusers(name, variant, n, patch_randn):
     ('dpmpp_2m', {'lambda_min_clipped': -5.1, 'timestep_spacing': 'leading'}),
     ('dpmpp_2m_karras', {'rescale_betas_zero_snr': True, 'prediction_type': 'v_prediction'}),
     ('dpmpp_2m', {'beta_schedule': 'squaredcos_cap_v2'}),
+    (
+      'unipc',
+      {'solver_type': 'bh1', 'thresholding': True, 'prediction_type': 'sample', 'final_sigmas_type': 'sigma_min'},
+    ),
+    ('unipc', {'solver_type': 'midpoint', 'final_sigmas_type': 'sigma_min'}),  # DPM-Solver's name: diffusers' bh2
+    ('unipc_karras', {'sigma_min': 0.1, 'sigma_max': 10.0, 'final_sigmas_type': 'sigma_min'}),
   ],
 )
 def test_options_match_diffusers(name, options, patch_randn):
   options = dict(options)
   eta, rtol = options.pop('eta', 0.0), options.pop('rtol', 1e-5)
   check_trajectory(name, 20, patch_randn, eta=eta, rtol=rtol, **options)
+
+
+def test_unipc_steps_to_a_final_sigma_zero_at_first_order_even_without_lower_order_final():
+  """Second order's coefficients are infinite at sigma 0 (diffusers' step gives inf): the last step is first order,
+  the clean-sample estimate."""
+  sch = make_scheduler('unipc', SD_CONFIG, 6, lower_order_final=False)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal(SHAPE), jnp.float32)
+  state = sch.init_state(x)
+  for i in range(sch.num_steps):
+    out = 0.5 * x
+    x, state = sch.step(state, out, i, x)
+  assert np.isfinite(np.asarray(x)).all() and np.abs(np.asarray(x)).max() > 0
 
 
 def test_an_override_against_what_the_name_sets_is_an_error():

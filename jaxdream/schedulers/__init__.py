@@ -19,17 +19,19 @@ Sampling::
 `step(state, model_output, i, sample, key=None) -> (prev_sample, state)` takes the step index `i`
 (a Python or traced int); everything per-step is a precomputed table, so `step`, `scale_model_input`
 and `add_noise` work under `jit`/`fori_loop`, and the state is a fixed-shape pytree (a `count` of
-calls since `init_state`, plus history for pndm/lms/dpmpp_2m). `key` is required by stochastic
-schedulers (`sch.stochastic`: ddpm, euler_a, ddim with eta > 0), which draw
+calls since `init_state`, plus history for pndm/lms/heun/unipc/dpmpp). `key` is required by stochastic
+schedulers (`sch.stochastic`: ddpm, euler_a, dpmpp_2m_sde(_karras), ddim with eta > 0), which draw
 `jax.random.normal(key, sample.shape, sample.dtype)`; pass a fresh key per step.
 
 img2img: `i0 = sch.start_index(strength)`, `x = sch.add_noise(latents, noise, i0)`, then run steps
 `i0 .. sch.num_steps - 1` from a fresh `init_state`, as diffusers' img2img pipeline does.
 
-Names (`SCHEDULER_NAMES`): ddpm, ddim, pndm, lms, euler, euler_a, dpmpp_2m, dpmpp_2m_karras.
+Names (`SCHEDULER_NAMES`): ddpm, ddim, pndm, lms, euler, euler_a, heun, unipc, dpmpp_2m, dpmpp_2m_sde, and
+the Karras ones lms_karras, euler_karras, heun_karras, unipc_karras, dpmpp_2m_karras, dpmpp_2m_sde_karras.
 Settings are read from a diffusers scheduler config as `XScheduler.from_config(config, **overrides)`
-reads them: keys the class does not take are ignored, missing keys take that class's defaults. The
-dpmpp names fix algorithm_type='dpmsolver++', solver_order=2 and use_karras_sigmas (False / True).
+reads them: keys the class does not take are ignored, missing keys take that class's defaults. A name fixes
+use_karras_sigmas (False / True: one schedule per name); the dpmpp names also fix algorithm_type ('dpmsolver++' /
+'sde-dpmsolver++') and solver_order=2, the unipc names solver_order=2 (a folder asking for another order is refused).
 Supported: beta_schedule linear / scaled_linear / squaredcos_cap_v2, trained_betas,
 rescale_betas_zero_snr, prediction_type epsilon / v_prediction / sample (where diffusers has it),
 timestep_spacing leading / trailing / linspace, steps_offset, set_alpha_to_one, clip_sample(_range),

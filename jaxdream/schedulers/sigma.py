@@ -207,10 +207,11 @@ class LMS(_KDiffusion):
         self._coefs[i, k] = np.polyval(basis, s[i + 1]) - np.polyval(basis, s[i])
 
 
-def _multistep_schedule(cfg, n: int, lambda_min_clipped: float = -float('inf'), round_cosine: bool = False):
+def _multistep_schedule(cfg, n: int, lambda_min_clipped: float = -float('inf'), unipc: bool = False):
   """(sigmas (n + 1,) float32, timesteps (n,) int64) of diffusers' multistep solvers (DPMSolverMultistep, UniPC):
-  n + 1 spaced points with the clean end dropped, or Karras sigmas over the training range; the last sigma 0 or the
-  training minimum (final_sigmas_type)."""
+  n + 1 spaced points with the clean end dropped, or Karras sigmas over the training range (UniPC: between the
+  config's sigma_min / sigma_max when given); the last sigma 0 or the training minimum (final_sigmas_type; UniPC's
+  Karras sigmas: their own last)."""
   n_train, spacing = cfg['num_train_timesteps'], cfg['timestep_spacing']
   ac, train_sigmas = _train_sigmas(cfg)
   # timesteps whose log-SNR is below lambda_min_clipped are never visited
@@ -224,15 +225,17 @@ def _multistep_schedule(cfg, n: int, lambda_min_clipped: float = -float('inf'), 
     # In float32, as diffusers holds them: DPMSolverMultistep truncates cosine schedules' timesteps (UniPC rounds
     # them), and the top one is 998.99999996 -> 998 from float32 sigmas, 999.0 -> 999 from float64 ones.
     train32 = train_sigmas.astype(np.float32)
-    sigmas = karras_sigmas(float(train32[0]), float(train32[-1]), n)
+    lo, hi = (cfg['sigma_min'], cfg['sigma_max']) if unipc else (None, None)
+    sigmas = karras_sigmas(float(train32[0]) if lo is None else lo, float(train32[-1]) if hi is None else hi, n)
     ts = sigma_to_t(sigmas, train32)
-    ts = ts if cfg['beta_schedule'] == 'squaredcos_cap_v2' and not round_cosine else np.round(ts)
+    ts = ts if cfg['beta_schedule'] == 'squaredcos_cap_v2' and not unipc else np.round(ts)
   else:
     sigmas = np.interp(ts, np.arange(n_train), train_sigmas)
   final = cfg['final_sigmas_type']
   if final not in ('zero', 'sigma_min'):
     raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final!r}")
-  return np.append(sigmas, train_sigmas[0] if final == 'sigma_min' else 0.0).astype(np.float32), ts.astype(np.int64)
+  least = sigmas[-1] if unipc and cfg['use_karras_sigmas'] else train_sigmas[0]
+  return np.append(sigmas, least if final == 'sigma_min' else 0.0).astype(np.float32), ts.astype(np.int64)
 
 
 class DPMSolverPP2M(Scheduler):
@@ -342,10 +345,14 @@ class UniPC(Scheduler):
     'final_sigmas_type': 'zero',
     'rescale_betas_zero_snr': False,
     'use_dynamic_shifting': False,
+    'sigma_min': None,
+    'sigma_max': None,
   }
 
   def __init__(self, cfg, num_inference_steps):
     super().__init__(cfg, num_inference_steps)
+    if cfg['solver_type'] in ('midpoint', 'heun', 'logrho'):  # DPM-Solver's names: diffusers runs them as bh2
+      cfg = self.config = {**cfg, 'solver_type': 'bh2'}
     check_unsupported(
       cfg,
       **_UNSUPPORTED,
@@ -357,7 +364,7 @@ class UniPC(Scheduler):
     )
     if self.prediction_type not in ('epsilon', 'v_prediction', 'sample'):
       raise ValueError(f'unipc: prediction_type {self.prediction_type!r} is not supported')
-    self.sigmas, self.timesteps = _multistep_schedule(cfg, num_inference_steps, round_cosine=True)
+    self.sigmas, self.timesteps = _multistep_schedule(cfg, num_inference_steps, unipc=True)
     n = len(self.timesteps)
     alpha, sig = _vp_scales(self.sigmas)
     self._noise_scales = np.stack([alpha[:-1], sig[:-1]]).astype(np.float32)
@@ -394,7 +401,9 @@ class UniPC(Scheduler):
     # (n, 2 orders, coefficients); entries a step never uses (no earlier step to read) are 0
     table = lambda *orders: np.nan_to_num(np.stack(orders).transpose(2, 0, 1), posinf=0, neginf=0).astype(np.float32)
     self._predict, self._correct = table(p_first, p_second), table(c_first, c_second)
-    self._last = n - 1 if cfg['lower_order_final'] else -1
+    # first order at the last step: lower_order_final, and always to a final sigma 0 (second order's coefficients are
+    # infinite there: diffusers' result is inf)
+    self._last = n - 1 if cfg['lower_order_final'] or self.sigmas[-1] == 0 else -1
 
   def init_state(self, sample):
     zeros = jnp.zeros(sample.shape, compute_dtype(sample))
