@@ -299,7 +299,15 @@ class Engine:
     return out
 
   def _embeddings_stamp(self) -> tuple:
-    return tuple((p, os.stat(p).st_mtime_ns) for p in self._embedding_files())
+    """(path, mtime) of each embedding file; one removed while the folder is read counts as gone (this runs before
+    every request: a file deleted meanwhile must not fail it)."""
+    stamp = []
+    for path in self._embedding_files():
+      try:
+        stamp.append((path, os.stat(path).st_mtime_ns))
+      except OSError:
+        continue
+    return tuple(stamp)
 
   def refresh_embeddings(self) -> bool:
     """When --embeddings-dir changed, the loaded model is read again with its embeddings (the longer token tables
