@@ -89,6 +89,12 @@ def test_prompts_are_read_as_the_python_literals_they_are_and_a_byte_order_mark_
   (bench / 'prompts_and_classes.txt').write_text(text.replace("'a {0} {1} in the jungle'", "'a {0} \\N{nope} {1}'"))
   with pytest.raises(ValueError, match=r'prompts_and_classes.txt:\d+: not a Python string literal'):
     read_dreambench(str(bench))
+  for field in ('{place}', '{2}', '{'):  # filled with .format(identifier, class) when scored: fail when read
+    (bench / 'prompts_and_classes.txt').write_text(
+      text.replace("'a {0} {1} in the jungle'", f"'a {{0}} {{1}} in {field}'")
+    )
+    with pytest.raises(ValueError, match=r'prompts_and_classes.txt:\d+: .* fields \{0\} \(identifier\)'):
+      read_dreambench(str(bench))
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason='the shared DreamBench copy is not next to this checkout')

@@ -237,6 +237,39 @@ def test_bad_inputs_are_errors_naming_them_before_any_compile(models, scorers):
     dino_embed(dino, [np.zeros((8, 8, 3), np.float32)])
 
 
+def test_scoring_folders_the_preprocessing_cannot_follow_fail_at_load(models, tmp_path):
+  """Image processor settings were read only when the first image was scored, after a run had generated its
+  images: a size form or resampling the processor cannot follow, a crop size without height and width, or
+  no center crop (images of other shapes than the model's) are errors naming the folder at load, and so is a
+  tower that does not take RGB images."""
+  from jaxdream.evaluation.preprocess import ClipTransform
+
+  clip_dir = models['clip'][1]
+  config = json.load(open(os.path.join(clip_dir, 'preprocessor_config.json')))
+  size = load_clip(clip_dir).model.image_size
+  for i, (change, message) in enumerate(
+    (
+      (dict(size={'max_height': 40, 'max_width': 40}), 'image processor settings'),
+      (dict(resample='bicubic'), 'image processor settings'),
+      (dict(crop_size={'shortest_edge': size}), 'crop_size'),
+      (dict(do_center_crop=False), 'do_center_crop'),
+    )
+  ):
+    folder = tmp_path / f'clip{i}'
+    os.makedirs(folder)
+    json.dump(dict(config, **change), open(folder / 'preprocessor_config.json', 'w'))
+    with pytest.raises(ValueError, match=f'{folder}: .*{message}'):
+      ClipTransform(str(folder), size)
+  vit = json.load(open(os.path.join(models['dino'][1], 'config.json')))
+  os.makedirs(tmp_path / 'gray')
+  for name in os.listdir(models['dino'][1]):
+    if name != 'config.json':
+      os.symlink(os.path.join(models['dino'][1], name), tmp_path / 'gray' / name)
+  json.dump(dict(vit, num_channels=1), open(tmp_path / 'gray' / 'config.json', 'w'))
+  with pytest.raises(ConfigError, match='num_channels=1'):
+    load_dino(str(tmp_path / 'gray'))
+
+
 def _numbers(scores) -> np.ndarray:
   """Every score of a dreambench_scores result, in a fixed order: per image, per subject, overall, CIs, real."""
   out = [im[m] for s in SUBJECTS for im in scores['images'][s] for m in ('dino', 'clip_i', 'clip_t')]

@@ -344,6 +344,49 @@ def test_token_lookup_and_tied_head_in_a_decoding_loop_read_the_bfloat16_table_i
   np.testing.assert_array_equal(loop(embed, ids), expected)
 
 
+@pytest.mark.parametrize('int8', [False, True], ids=['bfloat16', 'int8'])
+def test_a_lone_row_in_a_decoding_loop_converts_its_half_precision_weight_as_it_reads_it(int8):
+  """Batch-1 decoding against (out, in) bfloat16 or int8 weights: `matmul` computes the row as a float32
+  vector-matrix product of the converted weight, which XLA:CPU fuses into the conversion (in parts below its
+  4,095-float limit: 5,000 inputs here), and generation compiles its loops without hoisting loop invariants
+  (`compiler_options(decoding=True)`), so no float32 copy of a weight is made; the numbers are the exact
+  products summed in float32, rounded once to bfloat16."""
+  from jaxdream.nn.adapters import quantize_int8
+  from jaxdream.nn.layers import LinearOutIn
+  from jaxdream.runtime import compiler_options
+
+  layers = nnx.Sequential(
+    LinearOutIn(5000, 64, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)),
+    LinearOutIn(64, 5000, dtype=jnp.bfloat16, rngs=nnx.Rngs(1)),
+  )
+  for m in layers.layers:
+    m.kernel.set_value(m.kernel[...].astype(jnp.bfloat16))
+  if int8:
+    quantize_int8(layers)
+
+  def decode(layers, x):
+    return jax.lax.fori_loop(0, 3, lambda i, x: layers(x) * 0.5, x)
+
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1, 5000)), jnp.bfloat16)
+  compiled = jax.jit(decode, compiler_options=compiler_options(jnp.bfloat16, decoding=True)).lower(layers, x).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < 5000 * 64 * 2  # less than one bfloat16 weight
+  y = np.asarray(x, np.float32)
+  for _ in range(3):
+    for m in layers.layers:
+      w = np.asarray(m.kernel[...], np.float32)
+      if int8:
+        w = np.asarray(jnp.asarray(w, jnp.bfloat16), np.float32)  # the int8 layer's weight in bfloat16
+        y = np.asarray(jnp.asarray(y @ w.T, jnp.bfloat16), np.float32)
+        y = y * np.asarray(m.scale[...].astype(jnp.bfloat16), np.float32)
+      else:
+        y = np.asarray(jnp.asarray(y @ w.T, jnp.bfloat16), np.float32)
+      y = np.asarray(
+        jnp.asarray(y + np.asarray(m.bias[...].astype(jnp.bfloat16), np.float32), jnp.bfloat16), np.float32
+      )
+    y = np.asarray(jnp.asarray(y * 0.5, jnp.bfloat16), np.float32)
+  np.testing.assert_allclose(np.asarray(compiled(layers, x), np.float32), y, rtol=0.02, atol=0.02)
+
+
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16], ids=['float32', 'bfloat16'])
 def test_int8_layers_in_a_decoding_loop_convert_one_weight_at_a_time(dtype):
   """XLA:CPU multiplies int8 weights as converted copies. Independent of the input, the conversions were hoisted

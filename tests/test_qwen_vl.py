@@ -238,6 +238,32 @@ def test_sharded_checkpoint_loads_the_same_weights_and_bad_inputs_are_named(qwen
   limit = bundle.model.max_position_embeddings
   with pytest.raises(ValueError, match=rf'{limit}'):
     vlm.ask(bundle, _images()[:1], ['word ' * limit], max_new_tokens=2)
+  # Settings and ids that transformers refuses (or that gave NaN embeddings and token 0 under jit).
+  inputs = bundle.processor(_images()[:1], ['Describe this image.'])
+  bad = inputs['input_ids'].copy()
+  bad[0, -1] = bundle.model.vocab_size
+  with pytest.raises(ValueError, match=f'token id {bundle.model.vocab_size}, outside the vocabulary'):
+    vlm.generate(bundle.model, inputs['pixel_values'], inputs['image_grid_thw'], bad, max_new_tokens=2)
+  for setting in (dict(num_beams=0), dict(max_new_tokens=2.5)):
+    with pytest.raises(ValueError, match=f'{next(iter(setting))} must be a whole number'):
+      vlm.generate(bundle.model, inputs['pixel_values'], inputs['image_grid_thw'], inputs['input_ids'], **setting)
+  with pytest.raises(ValueError, match='at least one pixel'):
+    bundle.processor([np.zeros((0, 8, 3), np.uint8)], ['?'])
+  for name, content, message in (
+    ('preprocessor_config.json', dict(size={'min_pixels': 3136, 'max_pixels': 12544}), 'expected ..shortest_edge'),
+    ('preprocessor_config.json', dict(min_pixels=0), 'min_pixels 0 must be a whole number'),
+    ('generation_config.json', '{"eos_token_id": ', 'not valid JSON'),
+  ):
+    folder = tmp_path / f'bad-{len(os.listdir(tmp_path))}'
+    os.makedirs(folder)
+    for other in os.listdir(path):
+      if other != name:
+        os.symlink(os.path.join(path, other), folder / other)
+    if isinstance(content, dict):
+      content = json.dumps(dict(json.load(open(os.path.join(path, name))), **content))
+    (folder / name).write_text(content)
+    with pytest.raises(Exception, match=f'{name}: .*{message}'):
+      vlm.load(str(folder))
   # An unsupported model type in an otherwise Qwen-like folder names the supported ones.
   config = json.load(open(os.path.join(path, 'config.json')))
   os.makedirs(tmp_path / 'other')

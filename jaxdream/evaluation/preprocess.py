@@ -29,12 +29,29 @@ class ClipTransform:
     default = {'size': {'shortest_edge': image_size}, 'crop_size': {'height': image_size, 'width': image_size}}
     self.config = read_image_processor_config(folder, default=default)
     crop = self.config.get('crop_size') or {'height': 224, 'width': 224}
+    if isinstance(crop, int):
+      crop = {'height': crop, 'width': crop}
+    if not isinstance(crop, dict) or not {'height', 'width'} <= set(crop):
+      raise ValueError(f"{folder}: crop_size {crop!r}: expected {{'height': ..., 'width': ...}}")
     if self.config.get('do_center_crop', True) and (crop['height'], crop['width']) != (image_size, image_size):
       raise ValueError(
         f'{folder}: the image processor crops to {crop["height"]}x{crop["width"]} but the model takes '
         f'{image_size}x{image_size} images'
       )
     self.image_size = image_size
+    # Every other setting is read when an image is processed: try one now (not square, as photos are), so a
+    # setting the processor cannot follow fails at load, naming the folder, not after images are generated.
+    from PIL import Image
+
+    try:
+      probe = self([Image.new('RGB', (45, 30), (128, 64, 32))])
+    except Exception as e:  # noqa: BLE001 - any failure here is the folder's settings
+      raise ValueError(f'{folder}: image processor settings {self.config}: {e}') from None
+    if probe.shape[1:] != (image_size, image_size, 3):
+      raise ValueError(
+        f'{folder}: the image processor makes {probe.shape[2]}x{probe.shape[1]} pixels of a 45x30 image; the '
+        f'model takes {image_size}x{image_size} (a center crop, do_center_crop, makes every image fit)'
+      )
 
   def describe(self) -> dict:
     return {'kind': 'CLIPImageProcessor', **self.config}

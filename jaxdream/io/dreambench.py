@@ -53,6 +53,13 @@ def read_dreambench(folder: str) -> DreamBench:
           raise DreamBenchError(
             f'{path}:{number}: not a Python string literal ({e.msg if isinstance(e, SyntaxError) else e})'
           ) from None
+        try:  # the templates are filled with .format(identifier, class): no other field
+          template.format('', '')
+        except (IndexError, KeyError, ValueError) as e:
+          raise DreamBenchError(
+            f'{path}:{number}: {template!r} is not a prompt template with fields {{0}} (identifier) and {{1}} '
+            f'(class) only ({type(e).__name__}: {e})'
+          ) from None
         lists[section].append(template)
   missing = [s for s in classes if not os.path.isdir(os.path.join(folder, s))]
   if not classes or not lists['object'] or not lists['live'] or missing:

@@ -39,6 +39,8 @@ def resolve_vision_config(config: dict, defaults: dict = VISION_DEFAULTS, *, mod
   cfg = resolve_config(config, defaults, model=model, supported=VISION_SUPPORTED, strict=False)
   cfg['image_size'] = square_size(cfg['image_size'], 'image_size', model)
   cfg['patch_size'] = square_size(cfg['patch_size'], 'patch_size', model)
+  if cfg['num_channels'] != 3:  # the processors (and DreamBench's photos) give RGB
+    raise ConfigError(f'{model} config: num_channels={cfg["num_channels"]}; jaxdream takes RGB images (3)')
   if cfg['hidden_size'] % cfg['num_attention_heads']:
     raise ConfigError(
       f'{model} config: hidden_size={cfg["hidden_size"]} is not divisible by '

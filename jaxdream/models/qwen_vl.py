@@ -82,6 +82,7 @@ class QwenVLForConditionalGeneration(nnx.Module):
         text['hidden_size'], text['vocab_size'], use_bias=False, axes=('embed', 'vocab'), dtype=dtype, rngs=rngs
       )
     )
+    self.vocab_size = int(text['vocab_size'])  # generation checks prompt ids against it
     self.image_token_id = _token_id(config, 'image_token_id')
     self.vision_start_token_id = _token_id(config, 'vision_start_token_id')
     self.merge_size = self.model.visual.merge_size
@@ -225,7 +226,10 @@ def load_qwen_vl(
   generation = os.path.join(path, 'generation_config.json')
   if os.path.exists(generation):  # what transformers' generate defaults to, over config.json's
     with open(generation) as f:
-      generation = json.load(f)
+      try:
+        generation = json.load(f)
+      except json.JSONDecodeError as e:
+        raise WeightsError(f'{generation}: not valid JSON ({e})') from None
     eos, pad = generation.get('eos_token_id'), generation.get('pad_token_id')
     if eos is not None:
       model.eos_token_id = tuple(eos) if isinstance(eos, (list, tuple)) else eos

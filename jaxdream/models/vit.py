@@ -161,6 +161,8 @@ class ViTModel(nnx.Module):
     cfg = resolve_config(config, DEFAULTS, model='ViTModel', supported=SUPPORTED, strict=False)
     cfg['image_size'] = square_size(cfg['image_size'], 'image_size', 'ViTModel')
     cfg['patch_size'] = square_size(cfg['patch_size'], 'patch_size', 'ViTModel')
+    if cfg['num_channels'] != 3:  # the processors (and DreamBench's photos) give RGB
+      raise ConfigError(f'ViTModel config: num_channels={cfg["num_channels"]}; jaxdream takes RGB images (3)')
     if cfg['hidden_size'] % cfg['num_attention_heads']:
       raise ConfigError(
         f'ViTModel config: hidden_size={cfg["hidden_size"]} is not divisible by '

@@ -68,11 +68,16 @@ def compiled(model, fn, **static):
   its structure, so it compiles anew)."""
   import jax
 
-  # XLA's defaults, not runtime.compiler's float32 options: the VLMs' decode loops run here, and XLA:CPU's
-  # own kernels made the tiny Qwen2.5-VL's batch-4 decoding 7x slower (docs/performance.md).
+  from jaxdream.runtime.compiler import compiler_options
+
+  # Not runtime.compiler's float32 kernel options: the VLMs' decode loops run here, and XLA:CPU's own kernels
+  # made the tiny Qwen2.5-VL's batch-4 decoding 7x slower (docs/performance.md). `decoding`: the loops keep
+  # their weight conversions inside (fused into the products, not a copy of every weight).
+  options = compiler_options(decoding=True)
   graphdef, state = nnx.split(model)
   key = (fn, tuple(sorted(static.items())), Structure(graphdef))
   jitted = model.compile_cache.get(
-    key, lambda: jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args, **static))
+    key,
+    lambda: jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args, **static), compiler_options=options),
   )
   return lambda *args: jitted(state, *args)

@@ -26,6 +26,10 @@ import jax.numpy as jnp
 
 _CPU_XLA_KERNELS = {'xla_cpu_experimental_ynn_fusion_type': ''}  # '': no YNNPACK fusion of any kind
 _CPU_MEMORY_SCHEDULER = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
+# Loop-invariant code motion moves a decoding loop's weight conversions (bfloat16 or int8 -> float32) out of
+# the loop: a float32 copy of every weight, made on each call and held through it. Left in the loop, each
+# conversion fuses into its matrix-vector product and reads the weight once (nn.layers.matmul).
+_CPU_NO_LOOP_HOISTING = {'xla_disable_hlo_passes': 'while-loop-invariant-code-motion'}
 
 
 @functools.cache
@@ -41,12 +45,18 @@ def _accepted(backend: str, options: tuple) -> bool:
 
 
 def compiler_options(
-  dtype=jnp.float32, *, xla_kernels: bool = False, low_memory: bool = False, backend: str | None = None
+  dtype=jnp.float32,
+  *,
+  xla_kernels: bool = False,
+  low_memory: bool = False,
+  decoding: bool = False,
+  backend: str | None = None,
 ) -> dict | None:
   """The options for a program computing in `dtype` (its models' compute dtype) on `backend` (default: jax's
   default backend): on CPU, with `xla_kernels`, XLA's own matmul/convolution kernels for a float32 program
-  (for programs measured to gain: the scoring models) and, with `low_memory`, the memory-optimized scheduler;
-  None (the defaults) elsewhere."""
+  (for programs measured to gain: the scoring models), with `low_memory`, the memory-optimized scheduler, and
+  with `decoding` (loops that read the weights at every step), no hoisting of loop invariants; None (the
+  defaults) elsewhere."""
   backend = backend or jax.default_backend()
   if backend != 'cpu':
     return None
@@ -55,6 +65,8 @@ def compiler_options(
     options.update(_CPU_XLA_KERNELS)
   if low_memory:
     options.update(_CPU_MEMORY_SCHEDULER)
+  if decoding:
+    options.update(_CPU_NO_LOOP_HOISTING)
   if not options or not _accepted(backend, tuple(sorted(options.items()))):
     return None
   return options

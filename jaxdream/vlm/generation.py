@@ -263,10 +263,15 @@ def _special_ids(model, eos_token_id, pad_token_id) -> tuple[tuple[int, ...], in
   return eos, int(pad_token_id)
 
 
-def _prepared(inputs: dict, max_new_tokens: int) -> dict:
-  """`generation_inputs`' dict, checked, with the attention mask filled in, as device arrays."""
-  if max_new_tokens < 1:
-    raise ValueError('max_new_tokens must be at least 1')
+def _check_count(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f'{name} must be a whole number of at least 1; got {value!r}')
+
+
+def _prepared(inputs: dict, max_new_tokens: int, vocab_size: int | None = None) -> dict:
+  """`generation_inputs`' dict, checked, with the attention mask filled in, as device arrays. Token ids outside
+  the vocabulary are an error (a lookup out of range gives NaN embeddings, not an exception, under jit)."""
+  _check_count('max_new_tokens', max_new_tokens)
   inputs = dict(inputs)
   ids = np.asarray(inputs['input_ids'])
   if ids.ndim != 2:
@@ -275,6 +280,10 @@ def _prepared(inputs: dict, max_new_tokens: int) -> dict:
   mask = np.ones(ids.shape, np.int32) if mask is None else np.asarray(mask)
   if mask.shape != ids.shape:
     raise ValueError(f'attention_mask has shape {mask.shape}, input_ids {ids.shape}')
+  valid = ids[mask > 0]
+  if vocab_size is not None and valid.size and (valid.min() < 0 or valid.max() >= vocab_size):
+    bad = int(valid.min()) if valid.min() < 0 else int(valid.max())
+    raise ValueError(f'input_ids hold token id {bad}, outside the vocabulary of {vocab_size} tokens')
   inputs['input_ids'], inputs['attention_mask'] = ids.astype(np.int32), mask.astype(np.int32)
   return {k: jnp.asarray(v) for k, v in inputs.items()}
 
@@ -298,7 +307,7 @@ def beam_search(
     raise ValueError('num_return_sequences must be between 1 and num_beams')
   check_repetition_penalty(repetition_penalty)
   eos, pad = _special_ids(model, eos_token_id, pad_token_id)
-  inputs = _prepared(inputs, max_new_tokens)
+  inputs = _prepared(inputs, max_new_tokens, getattr(model, 'vocab_size', None))
   fn = compiled(
     model,
     _beam_search,
@@ -336,7 +345,7 @@ def sample(
     check_sampling(temperature, top_k, top_p)
   check_repetition_penalty(repetition_penalty)
   eos, pad = _special_ids(model, eos_token_id, pad_token_id)
-  inputs = _prepared(inputs, max_new_tokens)
+  inputs = _prepared(inputs, max_new_tokens, getattr(model, 'vocab_size', None))
   fn = compiled(
     model,
     _sample,
@@ -385,6 +394,8 @@ def generate(
   generated tokens (1.0: off; greedy and sampling).
   """
   check_repetition_penalty(repetition_penalty)
+  _check_count('num_beams', num_beams)
+  _check_count('max_new_tokens', max_new_tokens)
   inputs = model.generation_inputs(*args, **kwargs)
   common = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
   if num_beams > 1:

@@ -45,6 +45,8 @@ PAD_FALLBACK_TOKEN = '<|endoftext|>'
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
   """(height, width) rounded to multiples of `factor`, scaled (keeping the aspect ratio as closely as that
   allows) into [min_pixels, max_pixels] when the rounding falls outside; transformers' smart_resize."""
+  if min(height, width) < 1:
+    raise ValueError(f'image of {width}x{height}: an image needs at least one pixel each way')
   if max(height, width) / min(height, width) > 200:
     raise ValueError(f'image of {width}x{height}: the aspect ratio must be below 200 (Qwen-VL image processor)')
   h_bar = round(height / factor) * factor
@@ -82,8 +84,18 @@ def read_qwen_image_config(folder: str) -> dict:
       raise WeightsError(f'{path}: image processor {kind!r} is not a Qwen-VL one (Qwen2VLImageProcessor)')
     out = {k: cfg.get(k, v) for k, v in IMAGE_DEFAULTS.items()}
     size = cfg.get('size') or {}
-    out['min_pixels'] = int(cfg.get('min_pixels') or size.get('shortest_edge') or DEFAULT_MIN_PIXELS)
-    out['max_pixels'] = int(cfg.get('max_pixels') or size.get('longest_edge') or DEFAULT_MAX_PIXELS)
+    if not isinstance(size, dict) or set(size) - {'shortest_edge', 'longest_edge'}:
+      # transformers refuses these (e.g. an older {'min_pixels', 'max_pixels'} size): not a budget to guess
+      raise WeightsError(f"{path}: size {size!r}: expected {{'shortest_edge': ..., 'longest_edge': ...}}")
+    for name, edge, default in (
+      ('min_pixels', 'shortest_edge', DEFAULT_MIN_PIXELS),
+      ('max_pixels', 'longest_edge', DEFAULT_MAX_PIXELS),
+    ):
+      value = cfg.get(name)
+      value = size.get(edge, default) if value is None else value
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1 or value != int(value):
+        raise WeightsError(f'{path}: {name} {value!r} must be a whole number of pixels, at least 1')
+      out[name] = int(value)
     if out['min_pixels'] > out['max_pixels']:
       raise WeightsError(f'{path}: min_pixels {out["min_pixels"]} exceeds max_pixels {out["max_pixels"]}')
     return out
@@ -151,7 +163,10 @@ def _read_json(folder: str, name: str) -> dict:
   if not os.path.exists(path):
     return {}
   with open(path) as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise WeightsError(f'{path}: not valid JSON ({e})') from None
 
 
 class QwenVLProcessor:
