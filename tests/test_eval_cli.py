@@ -9,6 +9,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -225,6 +226,15 @@ def test_compare_gives_paired_differences_with_ci_p_value_and_warns_on_other_set
   path_b.write_text(json.dumps(b))
   assert main(['eval', 'compare', str(first_run / 'scores.json'), str(path_b)]) == 2
   assert 'subjects.dog.clip_t is None, not a score' in capsys.readouterr().err
+  b['subjects']['dog']['clip_t'] = 0.3
+  for damage, message in (
+    (dict(manifest=[]), 'manifest is a list, not a mapping'),
+    (dict(manifest=dict(b['manifest'], config=[])), 'manifest.config is not a mapping'),
+    (dict(overall=dict(b['overall'], vlm=0.5)), r'subjects.\w+.vlm is None, not a score'),
+  ):
+    path_b.write_text(json.dumps(dict(b, **damage)))
+    assert main(['eval', 'compare', str(first_run / 'scores.json'), str(path_b)]) == 2
+    assert re.search(message, capsys.readouterr().err), message
 
 
 def test_bad_input_is_one_clear_line_and_exit_2_before_anything_loads(setup, first_run, tmp_path, capsys):

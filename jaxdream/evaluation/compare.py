@@ -31,9 +31,15 @@ def load_scores(path: str) -> dict:
     raise ValueError(f'{path}: not a scores.json file ({e})') from None
   if not isinstance(scores, dict) or not {'subjects', 'overall', 'manifest'} <= set(scores):
     raise ValueError(f'{path}: not a jaxdream eval scores.json (no subjects/overall/manifest)')
+  for key in ('subjects', 'overall', 'manifest'):
+    if not isinstance(scores[key], dict):
+      raise ValueError(f'{path}: {key} is a {type(scores[key]).__name__}, not a mapping (an edited or damaged file?)')
+  if 'config' in scores['manifest'] and not isinstance(scores['manifest']['config'], dict):
+    raise ValueError(f'{path}: manifest.config is not a mapping (an edited or damaged file?)')
   subjects = scores['subjects']
-  for name, values in subjects.items() if isinstance(subjects, dict) else [('subjects', subjects)]:
-    for m in METRICS:
+  metrics = list(METRICS) + ['vlm'] * ('vlm' in scores['overall'])  # vlm: compared when both runs have it
+  for name, values in subjects.items():
+    for m in metrics:
       v = values.get(m) if isinstance(values, dict) else None
       if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v):
         raise ValueError(f'{path}: subjects.{name}.{m} is {v!r}, not a score (an edited or damaged file?)')
