@@ -252,6 +252,8 @@ def test_sharded_checkpoint_loads_the_same_weights_and_bad_inputs_are_named(qwen
   for name, content, message in (
     ('preprocessor_config.json', dict(size={'min_pixels': 3136, 'max_pixels': 12544}), 'expected ..shortest_edge'),
     ('preprocessor_config.json', dict(min_pixels=0), 'min_pixels 0 must be a whole number'),
+    ('preprocessor_config.json', dict(max_pixels=float('inf')), 'max_pixels inf must be a whole number'),
+    ('preprocessor_config.json', dict(size={'longest_edge': 12544}), 'expected ..shortest_edge'),
     ('generation_config.json', '{"eos_token_id": ', 'not valid JSON'),
   ):
     folder = tmp_path / f'bad-{len(os.listdir(tmp_path))}'

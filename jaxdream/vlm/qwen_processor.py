@@ -84,8 +84,8 @@ def read_qwen_image_config(folder: str) -> dict:
       raise WeightsError(f'{path}: image processor {kind!r} is not a Qwen-VL one (Qwen2VLImageProcessor)')
     out = {k: cfg.get(k, v) for k, v in IMAGE_DEFAULTS.items()}
     size = cfg.get('size') or {}
-    if not isinstance(size, dict) or set(size) - {'shortest_edge', 'longest_edge'}:
-      # transformers refuses these (e.g. an older {'min_pixels', 'max_pixels'} size): not a budget to guess
+    if not isinstance(size, dict) or (size and set(size) != {'shortest_edge', 'longest_edge'}):
+      # transformers refuses these (an older {'min_pixels', 'max_pixels'} size, one edge alone): not a budget to guess
       raise WeightsError(f"{path}: size {size!r}: expected {{'shortest_edge': ..., 'longest_edge': ...}}")
     for name, edge, default in (
       ('min_pixels', 'shortest_edge', DEFAULT_MIN_PIXELS),
@@ -93,7 +93,8 @@ def read_qwen_image_config(folder: str) -> dict:
     ):
       value = cfg.get(name)
       value = size.get(edge, default) if value is None else value
-      if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1 or value != int(value):
+      whole = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+      if not whole or value < 1 or value != int(value):
         raise WeightsError(f'{path}: {name} {value!r} must be a whole number of pixels, at least 1')
       out[name] = int(value)
     if out['min_pixels'] > out['max_pixels']:
